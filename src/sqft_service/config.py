@@ -74,9 +74,7 @@ class LoraSection(_Section):
             try:
                 ranks = [int(tok) for tok in str(text).split(",") if tok.strip()]
             except ValueError:
-                raise ValueError(
-                    f"`search_space[{i}]` = {text!r} is not a comma-separated list of integers"
-                ) from None
+                raise ValueError(f"`search_space[{i}]` = {text!r} is not a comma-separated list of integers") from None
             if not ranks:
                 raise ValueError(f"`search_space[{i}]` is empty")
             if len(set(ranks)) != len(ranks):

@@ -1,0 +1,138 @@
+"""Wrap a causal LM with a stock PEFT LoRA adapter, plus the SQFT extras (NLS, SparsePEFT).
+
+Everything here runs on unpatched ``peft``: the adapter is created with ``peft.get_peft_model`` and a
+plain ``LoraConfig``; NLS (elastic ranks) and SparsePEFT are attached afterwards by
+:mod:`sqft_service.adapters.nls` and :mod:`sqft_service.adapters.sparse` without changing what
+``save_pretrained`` writes, so every checkpoint is a standard PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..config import LoraSection
+from .nls import ElasticRankController
+from .sparse import SparseAdapter, enable_sparse_peft
+
+# The attention and MLP projections of Llama-style decoders (SQFT's default targets).
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterConfigError(ValueError):
+    """A LoRA setting that does not fit the model; ``param`` names the offending config field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class AdapterHandles:
+    """The optional SQFT controllers of one PEFT model, for the training loop.
+
+    Attributes:
+        nls: The elastic-rank controller (call ``nls.sample(step)`` before each step and
+            ``nls.record_loss(loss)`` after it), or ``None`` without Neural Low-rank Adapter Search.
+        sparse: The SparsePEFT handle (masks of the sparse base), or ``None``.
+    """
+
+    nls: ElasticRankController | None = None
+    sparse: SparseAdapter | None = None
+
+
+def _linear_leaf_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def _matches(module_name: str, key: str) -> bool:
+    # PEFT's list form of `target_modules` matches the full name or a dotted suffix
+    # (peft.tuners.tuners_utils.check_target_module_exists).
+    return module_name == key or module_name.endswith("." + key)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The attention and MLP projection names the model has (SQFT targets all of them).
+
+    Args:
+        model: The base causal LM.
+
+    Returns:
+        The subset of ``q_proj .. down_proj`` present as ``nn.Linear`` leaves, in canonical order;
+        if none is present, every ``nn.Linear`` leaf name except ``lm_head``.
+    """
+    leaves = _linear_leaf_names(model)
+    found = [n for n in PROJECTION_NAMES if n in leaves]
+    return found or [n for n in leaves if n != "lm_head"]
+
+
+def check_target_modules(model: nn.Module, names: list[str], param: str = "General.lora_config.target_modules"):
+    """Raise :class:`AdapterConfigError` naming the first entry that matches no linear layer.
+
+    Args:
+        model: The base causal LM.
+        names: Target module names (PEFT list semantics: full name or dotted suffix).
+        param: The config field reported in the error.
+
+    Raises:
+        AdapterConfigError: If some name matches no ``nn.Linear`` of ``model``.
+    """
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for key in names:
+        if not any(_matches(n, key) for n in linear):
+            have = ", ".join(_linear_leaf_names(model))
+            raise AdapterConfigError(
+                f"target module {key!r} matches no linear layer of the model (it has: {have})", param
+            )
+
+
+def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tuple[PeftModel, AdapterHandles]:
+    """Freeze ``model`` and wrap it with a stock PEFT LoRA adapter; attach NLS / SparsePEFT if asked.
+
+    Args:
+        model: The base causal LM (modified in place by PEFT: its linears become ``lora.Linear``).
+        lora: The ``General.lora_config`` section.
+        seed: Seed of the NLS sub-adapter sampler (all workers must pass the same one).
+
+    Returns:
+        The PEFT model and the :class:`AdapterHandles` of the enabled SQFT features.
+
+    Raises:
+        AdapterConfigError: If a target module matches no linear layer.
+    """
+    targets = lora.resolved_target_modules()
+    param = (
+        "General.lora_config.target_module_groups" if lora.neural_lora_search else "General.lora_config.target_modules"
+    )
+    if targets:
+        check_target_modules(model, targets, param)
+    else:
+        targets = default_target_modules(model)
+    model.requires_grad_(False)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(targets),
+    )
+    peft_model = get_peft_model(model, config)
+    handles = AdapterHandles()
+    if lora.neural_lora_search:
+        handles.nls = ElasticRankController(
+            peft_model,
+            groups=[list(g) for g in lora.target_module_groups or []],
+            spaces=lora.parsed_search_space(),
+            max_rank=lora.r,
+            seed=seed,
+        )
+    if lora.sparse_adapter:
+        handles.sparse = enable_sparse_peft(peft_model)
+    return peft_model, handles

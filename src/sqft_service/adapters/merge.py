@@ -1,0 +1,84 @@
+"""Merge a trained LoRA adapter into its base model and save a plain transformers checkpoint.
+
+With ``sparse=True`` (SparsePEFT, SQFT Sec. 3.2) the merge adds ``M * delta`` where ``M`` is the
+base weight's non-zero mask, so the merged weights keep every zero of the pruned base. PEFT's
+``merge_and_unload`` adds the unmasked ``B @ A`` delta; we therefore switch the loaded layers to
+:class:`~sqft_service.adapters.sparse.SparseLoraLinear` first, whose ``get_delta_weight`` is masked,
+and let PEFT's own merge use it (exact: a zero stays ``0 + 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from .nls.controller import base_of, lora_layers
+from .sparse import enable_sparse_peft, sparsity_report
+
+
+def merge_adapter(
+    base_model_path_or_model: str | Path | nn.Module,
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    sparse: bool,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Merge ``adapter_dir`` into the base model and save the result with ``save_pretrained``.
+
+    Args:
+        base_model_path_or_model: A local HF model directory, or an already loaded model (e.g. from a
+            GGUF file); a passed model is modified in place.
+        adapter_dir: A saved PEFT LoRA adapter.
+        output_dir: Where the merged model goes.
+        sparse: Mask the adapter delta with the base's non-zero pattern (SparsePEFT merge).
+        dtype: The dtype to load and save in (default: the base model's own dtype).
+        tokenizer_dir: If given, its tokenizer is saved beside the merged model.
+
+    Returns:
+        ``path``, ``dtype``, ``sparse``, ``adapted_modules`` and the sparsity reports ``before`` /
+        ``after`` (overall over all decoder linears, and per adapted layer), plus
+        ``zeros_preserved`` (every zero of an adapted base weight is still zero).
+    """
+    if isinstance(base_model_path_or_model, nn.Module):
+        model = base_model_path_or_model
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_model_path_or_model), dtype=dtype or "auto")
+    save_dtype = dtype or next(model.parameters()).dtype
+    before_all = sparsity_report(model)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    layers = lora_layers(peft_model, peft_model.active_adapter)
+    adapted = [name for name, _ in layers]
+    before = sparsity_report(base_of(peft_model), names=adapted)
+    zero_masks = {name: layer.get_base_layer().weight.detach() == 0 for name, layer in layers}
+    if sparse:
+        enable_sparse_peft(peft_model, peft_model.active_adapter)
+    merged = peft_model.merge_and_unload()
+    modules = dict(merged.named_modules())
+    preserved = all(bool((modules[name].weight[mask] == 0).all()) for name, mask in zero_masks.items())
+    merged = merged.to(save_dtype)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    after = sparsity_report(merged, names=adapted)
+    return {
+        "path": str(out),
+        "dtype": str(save_dtype).removeprefix("torch."),
+        "sparse": sparse,
+        "adapted_modules": len(adapted),
+        "before": {"overall": before_all["overall"], "adapted": before},
+        "after": {"overall": sparsity_report(merged)["overall"], "adapted": after},
+        "zeros_preserved": preserved,
+    }

@@ -1,0 +1,277 @@
+"""The elastic-rank super-adapter of Neural Low-rank Adapter Search (SQFT, arXiv 2410.03750, Sec. 3.1).
+
+NLS trains one LoRA super-adapter of maximal rank ``r`` and, at every step, activates a random
+sub-adapter: each search dimension (one target-module group inside one decoder layer) picks an
+active rank ``r' <= r`` from its search space, and the adapters of that dimension compute with
+``A[:r']`` and ``B[:, :r']`` only. The reference implementation patches PEFT's ``lora.Linear`` to slice
+the weights; here stock PEFT is kept and the slice is expressed as a mask:
+
+* the controller owns one tensor ``rank_mask`` of shape ``[n_dims, max_rank]`` (row ``d`` is 1 on the
+  first ``r'_d`` entries, 0 elsewhere);
+* a forward hook on every ``lora_A[adapter]`` multiplies its output (the rank-``r`` bottleneck
+  activation) by the row of its dimension. ``B @ diag(m) @ A`` equals ``B[:, :r'] @ A[:r']``, and the
+  masked rows/columns receive exactly zero gradient, so forward and backward match the sliced
+  computation while the scaling stays ``lora_alpha / r`` (a sub-adapter is a slice, not rescaled);
+* switching sub-adapters is one in-place write into ``rank_mask``: no walk over modules, no retracing.
+
+Hooks live outside the state dict, so ``save_pretrained`` writes an ordinary PEFT LoRA checkpoint
+(the full super-adapter). PEFT's own ``merge`` of the live model ignores the mask (except under
+SparsePEFT, whose delta reads it): to deploy a sub-adapter, use ``extract_sub_adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+STATS_FILE = "nls_stats.json"
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_SLOT_ATTR = "_sqft_nls_slot"
+
+
+@dataclass
+class SearchDimension:
+    """One searchable rank: the adapters of one module group inside one decoder layer.
+
+    Attributes:
+        index: Position in the (group-major) configuration vector.
+        layer: Decoder layer index, parsed from the module path (``...layers.<i>...``).
+        group: Index into ``target_module_groups``.
+        modules: Full module names (relative to the base model, as PEFT's ``rank_pattern`` sees them).
+        space: The candidate ranks, in the order given by the user.
+    """
+
+    index: int
+    layer: int
+    group: int
+    modules: list[str]
+    space: list[int]
+
+
+def base_of(peft_model: nn.Module) -> nn.Module:
+    """The wrapped transformers model of a ``PeftModel`` (module names there are PEFT's keys)."""
+    inner = getattr(peft_model, "base_model", peft_model)
+    return getattr(inner, "model", inner)
+
+
+def lora_layers(peft_model: nn.Module, adapter: str) -> list[tuple[str, LoraLayer]]:
+    """``(name, layer)`` for every LoRA layer that carries ``adapter``, in module order."""
+    return [
+        (name, module)
+        for name, module in base_of(peft_model).named_modules()
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {})
+    ]
+
+
+def layer_index(name: str) -> int:
+    """The decoder layer of a module path: its first all-digit component (``model.layers.3.mlp`` -> 3)."""
+    match = _LAYER_RE.search(name)
+    if match is None:
+        raise ValueError(f"module {name!r} has no layer index in its path (expected '...layers.<i>...')")
+    return int(match.group(1))
+
+
+def nls_rank_mask(module: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """The active-rank mask row of a LoRA layer under NLS (``None`` without NLS).
+
+    Used by the SparsePEFT fused forward, which does not call ``lora_A`` and so bypasses the hook.
+    """
+    slot = getattr(module, _SLOT_ATTR, None)
+    if slot is None:
+        return None
+    controller = slot[0]()
+    return None if controller is None else controller.mask_row(slot[1], like)
+
+
+class ElasticRankController:
+    """Holds the rank mask of an NLS super-adapter and samples / activates sub-adapters.
+
+    Args:
+        peft_model: A ``PeftModel`` whose LoRA adapters all have rank ``max_rank``.
+        groups: ``target_module_groups``: each group lists module names (PEFT suffix semantics).
+        spaces: One rank list per group (``LoraSection.parsed_search_space()``).
+        max_rank: The super-adapter rank ``r``.
+        seed: Seed of the sampler; with ``(seed, step)`` every worker draws the same sub-adapter.
+        adapter: The PEFT adapter name.
+    """
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        groups: list[list[str]],
+        spaces: list[list[int]],
+        max_rank: int,
+        seed: int,
+        adapter: str = "default",
+    ) -> None:
+        if len(groups) != len(spaces):
+            raise ValueError(f"{len(groups)} module groups but {len(spaces)} search spaces")
+        self.max_rank, self.seed, self.adapter = int(max_rank), int(seed), adapter
+        self.groups = [list(g) for g in groups]
+        members: dict[tuple[int, int], list[tuple[str, LoraLayer]]] = {}
+        for name, module in lora_layers(peft_model, adapter):
+            leaf_hits = [g for g, keys in enumerate(groups) if any(_suffix(name, k) for k in keys)]
+            if not leaf_hits:
+                continue
+            rank = module.r[adapter]
+            if rank != self.max_rank:
+                raise ValueError(f"LoRA layer {name!r} has rank {rank}, expected the super-adapter rank {max_rank}")
+            members.setdefault((leaf_hits[0], layer_index(name)), []).append((name, module))
+        if not members:
+            raise ValueError("no LoRA layer matches `target_module_groups`")
+        # Group-major order (all layers of group 0, then group 1, ...), as in the reference README.
+        self.dimensions: list[SearchDimension] = []
+        self._modules: list[list[nn.Module]] = []
+        for d, (group, layer) in enumerate(sorted(members)):
+            entries = members[(group, layer)]
+            space = [int(r) for r in spaces[group]]
+            if any(not 1 <= r <= self.max_rank for r in space):
+                raise ValueError(f"search space {space} of group {group} leaves [1, {max_rank}]")
+            self.dimensions.append(SearchDimension(d, layer, group, [n for n, _ in entries], space))
+            self._modules.append([m for _, m in entries])
+        n, width = len(self.dimensions), max(len(d.space) for d in self.dimensions)
+        self._space = torch.zeros(n, width, dtype=torch.long)
+        self._space_len = torch.tensor([len(d.space) for d in self.dimensions])
+        for d in self.dimensions:
+            self._space[d.index, : len(d.space)] = torch.tensor(d.space)
+        self._arange = torch.arange(self.max_rank)
+        device = next(iter(self._modules[0][0].lora_A[adapter].parameters())).device
+        self.rank_mask = torch.ones(n, self.max_rank, device=device)
+        self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.active: list[int] = [d.space[0] for d in self.dimensions]
+        self._draws = torch.zeros(n, self.max_rank + 1, dtype=torch.long)
+        self._loss_sum = torch.zeros(n, self.max_rank + 1, dtype=torch.float64)
+        self._loss_n = torch.zeros(n, self.max_rank + 1, dtype=torch.long)
+        self._handles = []
+        me = weakref.ref(self)
+        for d, modules in enumerate(self._modules):
+            for module in modules:
+                setattr(module, _SLOT_ATTR, (me, d))
+                self._handles.append(module.lora_A[adapter].register_forward_hook(_make_hook(me, d)))
+        self.activate_maximal()
+
+    # -- mask plumbing -------------------------------------------------------------------------------
+    def mask_row(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Row ``index`` of the rank mask on ``like``'s device and dtype (a cached view, no copy)."""
+        key = (like.device, like.dtype)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = self.rank_mask.to(device=like.device, dtype=like.dtype)
+            self._mask_cache[key] = mask
+        return mask[index]
+
+    def _write(self, ranks: torch.Tensor) -> None:
+        ranks = ranks.to(self.rank_mask.device)
+        arange = self._arange.to(self.rank_mask.device)
+        # One in-place op per cached copy (usually exactly one): rows become [1]*r' + [0]*(r-r').
+        self.rank_mask.copy_(arange.unsqueeze(0) < ranks.unsqueeze(1))
+        for mask in self._mask_cache.values():
+            if mask.data_ptr() != self.rank_mask.data_ptr():
+                mask.copy_(self.rank_mask)
+
+    # -- public API ----------------------------------------------------------------------------------
+    def sample(self, step: int) -> list[int]:
+        """Draw and activate a sub-adapter: each dimension's rank uniformly from its space.
+
+        Args:
+            step: The global optimisation step; the generator is seeded from ``(seed, step)``.
+
+        Returns:
+            The active rank of every dimension (group-major order).
+        """
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        pick = (torch.rand(len(self.dimensions), generator=gen) * self._space_len).long()
+        pick = torch.minimum(pick, self._space_len - 1)
+        ranks = self._space.gather(1, pick.unsqueeze(1)).squeeze(1)
+        self._draws[torch.arange(len(ranks)), ranks] += 1
+        self._write(ranks)
+        self.active = ranks.tolist()
+        return list(self.active)
+
+    def activate(self, ranks: list[int]) -> None:
+        """Activate an explicit sub-adapter (one rank per dimension, each in its space).
+
+        Raises:
+            ValueError: On a wrong length or a rank outside its dimension's space.
+        """
+        if len(ranks) != len(self.dimensions):
+            raise ValueError(f"expected {len(self.dimensions)} ranks (one per dimension), got {len(ranks)}")
+        for d, r in zip(self.dimensions, ranks, strict=True):
+            if int(r) not in d.space:
+                raise ValueError(
+                    f"ranks[{d.index}] = {r} is not in the search space {d.space} of dimension {d.index} "
+                    f"(layer {d.layer}, group {d.group})"
+                )
+        self._write(torch.tensor([int(r) for r in ranks]))
+        self.active = [int(r) for r in ranks]
+
+    def activate_maximal(self) -> None:
+        """Activate the full super-adapter (every dimension at rank ``max_rank``)."""
+        self._write(torch.full((len(self.dimensions),), self.max_rank))
+        self.active = [self.max_rank] * len(self.dimensions)
+
+    def record_loss(self, loss: float) -> None:
+        """Attribute a step's loss to the ranks active in that step (search statistics)."""
+        ranks = torch.tensor(self.active)
+        rows = torch.arange(len(ranks))
+        self._loss_sum[rows, ranks] += float(loss)
+        self._loss_n[rows, ranks] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable search statistics: per dimension, draws and mean loss per rank."""
+        dims = []
+        for d in self.dimensions:
+            per_rank = {}
+            for r in d.space:
+                n = int(self._loss_n[d.index, r])
+                per_rank[str(r)] = {
+                    "draws": int(self._draws[d.index, r]),
+                    "loss_steps": n,
+                    "mean_loss": float(self._loss_sum[d.index, r]) / n if n else None,
+                }
+            dims.append({"index": d.index, "layer": d.layer, "group": d.group, "ranks": per_rank})
+        return {"n_dimensions": len(dims), "seed": self.seed, "dimensions": dims}
+
+    def save_stats(self, path: str | Path) -> Path:
+        """Write :meth:`stats` to ``path`` (a directory gets ``nls_stats.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATS_FILE
+        path.write_text(json.dumps(self.stats(), indent=2))
+        return path
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The dimensions as plain dicts (for ``elastic_adapter_config.json``)."""
+        return [asdict(d) for d in self.dimensions]
+
+    def remove(self) -> None:
+        """Detach the hooks: the model computes with its full-rank adapters again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for modules in self._modules:
+            for module in modules:
+                if hasattr(module, _SLOT_ATTR):
+                    delattr(module, _SLOT_ATTR)
+
+
+def _suffix(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _make_hook(controller_ref: weakref.ref, index: int):
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        controller = controller_ref()
+        if controller is None:
+            return output
+        return output * controller.mask_row(index, output)
+
+    return hook

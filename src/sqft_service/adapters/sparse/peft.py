@@ -1,0 +1,157 @@
+"""SparsePEFT: sparsity-preserving LoRA on a pruned base (SQFT, arXiv 2410.03750, Sec. 3.2).
+
+On a sparse base weight ``W`` with non-zero mask ``M = (W != 0)``, SparsePEFT computes with
+``W + M * (scaling * B @ A)``: the adapter update is masked like the base, so merging it keeps every
+zero of ``W`` exactly (a merged model stays as sparse as the pruned base) and what is trained is what
+is deployed. ``M`` is computed once, when SparsePEFT is enabled, and kept as a non-persistent bool
+buffer (never written to the adapter checkpoint, never re-derived per step).
+
+Stock PEFT's ``lora.Linear.forward`` computes ``base(x) + B(A(dropout(x))) * scaling``; its
+``LoraVariant`` protocol only adds to the base result, so it can't express a fused weight. We swap the
+class of each ``lora.Linear`` instance for a subclass that overrides ``forward`` and
+``get_delta_weight`` (so PEFT's own ``merge``/``unmerge``/``merge_and_unload`` use the masked delta):
+
+* fused path: one ``F.linear(x, W + M * delta)``; used when the adapter dropout is inactive
+  (``lora_dropout == 0`` or eval mode). Computed in the base weight's dtype, exactly as the merged
+  model will compute;
+* dropout path (training with ``lora_dropout > 0``): LoRA dropout only perturbs the adapter branch
+  input, which a single fused weight can't express, so it is ``base(x) + F.linear(dropout(x), M * delta)``.
+
+Under NLS the delta is ``B @ diag(m) @ A`` with the controller's rank-mask row ``m`` (the fused path
+does not call ``lora_A``, so it reads the mask directly instead of relying on the hook).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layer
+from torch import nn
+
+from ..nls.controller import base_of, nls_rank_mask
+
+MASK_BUFFER = "sqft_sparse_mask"
+
+
+class SparseLoraLinear(lora_layer.Linear):
+    """A ``peft.tuners.lora.Linear`` whose adapter delta is masked by the base's non-zero pattern.
+
+    Never constructed directly: :func:`enable_sparse_peft` switches the class of existing instances.
+    """
+
+    def masked_delta(self, adapter: str) -> torch.Tensor:
+        """``M * scaling * B @ diag(m) @ A`` in the adapter dtype (``m``: NLS rank mask, or all ones)."""
+        weight_a = self.lora_A[adapter].weight
+        weight_b = self.lora_B[adapter].weight
+        rank_mask = nls_rank_mask(self, weight_b)
+        if rank_mask is not None:
+            weight_b = weight_b * rank_mask
+        delta = (weight_b @ weight_a) * self.scaling[adapter]
+        return delta * getattr(self, MASK_BUFFER).to(delta.dtype)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The masked delta, used by PEFT's merge/unmerge (keeps the base's zeros exactly)."""
+        return self.masked_delta(adapter)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError("SparsePEFT does not support mixed-adapter batches (adapter_names)")
+        for key in lora_layer.VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight
+        fused, with_dropout = [], []
+        for adapter in active:
+            dropout = self.lora_dropout[adapter]
+            live = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+            (with_dropout if live else fused).append(adapter)
+        for adapter in fused:
+            weight = weight + self.masked_delta(adapter).to(weight.dtype)
+        result = F.linear(x, weight, base.bias)
+        for adapter in with_dropout:
+            delta = self.masked_delta(adapter)
+            x_lora = self._cast_input_dtype(x, delta.dtype)
+            result = result + F.linear(self.lora_dropout[adapter](x_lora), delta).to(result.dtype)
+        return result
+
+
+@dataclass
+class SparseAdapter:
+    """Handle of SparsePEFT on one PEFT model.
+
+    Attributes:
+        modules: Module name (relative to the base model) -> the switched LoRA layer.
+    """
+
+    modules: dict[str, SparseLoraLinear] = field(default_factory=dict)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Module name -> bool non-zero mask of its base weight."""
+        return {name: getattr(m, MASK_BUFFER) for name, m in self.modules.items()}
+
+    def density(self) -> dict[str, float]:
+        """Module name -> fraction of base weights that may change (non-zero in the base)."""
+        return {name: float(mask.float().mean()) for name, mask in self.masks.items()}
+
+    def remove(self) -> None:
+        """Restore the stock ``lora.Linear`` class and drop the masks (unmasked LoRA again)."""
+        for module in self.modules.values():
+            if module.merged:
+                module.unmerge()
+            module.__class__ = lora_layer.Linear
+            delattr(module, MASK_BUFFER)
+        self.modules.clear()
+
+
+def enable_sparse_peft(peft_model: nn.Module, adapter: str = "default") -> SparseAdapter:
+    """Switch every LoRA ``Linear`` of ``peft_model`` to the SparsePEFT computation.
+
+    Must run before any merge (the mask is taken from the current, unmerged base weight).
+
+    Args:
+        peft_model: A ``PeftModel`` with plain LoRA adapters on ``nn.Linear`` layers.
+        adapter: The adapter name to check.
+
+    Returns:
+        The :class:`SparseAdapter` handle.
+
+    Raises:
+        ValueError: For layers SparsePEFT can't handle (merged, DoRA/variants, lora_bias,
+            fan_in_fan_out or non-``nn.Linear`` base layers).
+    """
+    handle = SparseAdapter()
+    for name, module in base_of(peft_model).named_modules():
+        if not isinstance(module, lora_layer.Linear) or adapter not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        problem = None
+        if module.merged:
+            problem = "is merged"
+        elif module.lora_variant:
+            problem = "uses a LoRA variant (DoRA, ...)"
+        elif any(module.lora_bias.values()):
+            problem = "uses lora_bias"
+        elif module.fan_in_fan_out or type(base) is not nn.Linear:
+            problem = f"wraps a {type(base).__name__} (only nn.Linear is supported)"
+        if problem:
+            raise ValueError(f"SparsePEFT can't be enabled on {name!r}: it {problem}")
+        if not isinstance(module, SparseLoraLinear):
+            module.register_buffer(MASK_BUFFER, base.weight.detach() != 0, persistent=False)
+            module.__class__ = SparseLoraLinear
+        handle.modules[name] = module
+    if not handle.modules:
+        raise ValueError(f"SparsePEFT found no LoRA linear layer with adapter {adapter!r}")
+    return handle

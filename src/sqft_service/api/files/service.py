@@ -1,0 +1,92 @@
+"""Upload, list, fetch and delete files. Uploads stream to a staging file (hashing as they go), are
+checked, then moved into place atomically: a rejected upload leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from ...errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from ...store.files import FileRecord, FileStore
+from ...training.data import DataValidationError, inspect_training_file
+from .protocol import UPLOAD_PURPOSES
+
+CHUNK = 1 << 20
+
+
+def safe_filename(name: str | None) -> str:
+    """The last path component of a client's filename, never ``..`` or empty.
+
+    The name is only a label (blobs are stored by id), but it is shown back and used as a lookup
+    key, so strip directories the way browsers do.
+    """
+    base = (name or "").replace("\\", "/").split("/")[-1].strip()
+    base = "".join(ch for ch in base if ch.isprintable())
+    if base in ("", ".", ".."):
+        raise InvalidRequestError("the uploaded file has no usable filename", param="file")
+    return base[:255]
+
+
+class FileService:
+    def __init__(self, store: FileStore, max_upload_bytes: int) -> None:
+        self.store = store
+        self.max_upload_bytes = max_upload_bytes
+
+    def upload(self, stream: BinaryIO, filename: str | None, purpose: str) -> FileRecord:
+        if purpose not in UPLOAD_PURPOSES:
+            raise InvalidRequestError(
+                f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}",
+                param="purpose",
+            )
+        name = safe_filename(filename)
+        fd, staged_name = tempfile.mkstemp(dir=self.store.files_dir, prefix=".staging-")
+        staged = Path(staged_name)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.max_upload_bytes:
+                        raise PayloadTooLargeError(
+                            f"file is larger than the limit of {self.max_upload_bytes} bytes", param="file"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            meta = {}
+            if purpose == "fine-tune":
+                try:
+                    stats = inspect_training_file(staged)
+                except DataValidationError as exc:
+                    raise InvalidRequestError(
+                        f"invalid training file '{name}': {exc}", param="file", code="invalid_file"
+                    ) from exc
+                meta = {"format": stats.format, "n_records": stats.n_records}
+            return self.store.add(
+                filename=name, purpose=purpose, staged_path=staged, sha256=digest.hexdigest(), meta=meta
+            )
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def get(self, file_id: str) -> FileRecord:
+        record = self.store.get(file_id)
+        if record is None:
+            raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+        return record
+
+    def resolve(self, ref: str, param: str) -> FileRecord:
+        """A file by id or filename (the reference service names training files by filename)."""
+        record = self.store.resolve(ref)
+        if record is None:
+            raise NotFoundError(f"No such File object: {ref}", param=param)
+        return record
+
+    def list(self, *, purpose: str | None, after: str | None, limit: int, order: str) -> tuple[list[FileRecord], bool]:
+        return self.store.list(purpose=purpose, after=after, limit=limit, order=order)
+
+    def delete(self, file_id: str) -> None:
+        if not self.store.delete(file_id):
+            raise NotFoundError(f"No such File object: {file_id}", param="file_id")

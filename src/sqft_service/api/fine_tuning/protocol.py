@@ -1,0 +1,193 @@
+"""Fine-tuning request and response shapes: OpenAI's objects plus the reference service's sections."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...config import DatasetSection, GeneralSection, Hyperparameters, TrainingSection
+from ...store.events import CheckpointRecord, EventRecord
+from ...store.jobs import JobRecord
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    """OpenAI's create-job body, extended with the reference's ``General`` / ``Dataset`` / ``Training``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = None
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    integrations: list[dict[str, Any]] | None = None
+    General: GeneralSection = Field(default_factory=GeneralSection)
+    Dataset: DatasetSection = Field(default_factory=DatasetSection)
+    Training: TrainingSection = Field(default_factory=TrainingSection)
+
+
+class JobIdRequest(BaseModel):
+    """The reference service's ``{"fine_tuning_job_id": ...}`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    fine_tuning_job_id: str
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: JobHyperparameters
+    model: str
+    organization_id: str = "org-local"
+    result_files: list[str] = Field(default_factory=list)
+    seed: int
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    integrations: list[dict[str, Any]] | None = None
+    estimated_finish: int | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    user_provided_suffix: str | None = None
+    # Extensions: what actually ran, and where it went.
+    started_at: int | None = None
+    output_dir: str | None = None
+    config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> FineTuningJob:
+        training = job.config.get("Training", {})
+        base_lr = TrainingSection.model_fields["learning_rate"].default
+        hp = JobHyperparameters(
+            n_epochs=training.get("epochs", 1),
+            batch_size=training.get("batch_size", 2),
+            learning_rate_multiplier=round(training.get("learning_rate", base_lr) / base_lr, 8),
+        )
+        return cls(
+            id=job.id,
+            created_at=job.created_at,
+            error=JobError(**job.error) if job.error else None,
+            fine_tuned_model=job.fine_tuned_model,
+            finished_at=job.finished_at,
+            hyperparameters=hp,
+            model=job.model,
+            result_files=job.result_files,
+            seed=job.seed,
+            status=job.status,  # type: ignore[arg-type]
+            trained_tokens=job.trained_tokens,
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            integrations=[],
+            estimated_finish=job.estimated_finish if job.status == "running" else None,
+            metadata=job.metadata,
+            method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
+            user_provided_suffix=job.suffix,
+            started_at=job.started_at,
+            output_dir=job.output_dir,
+            config=job.config,
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def from_record(cls, e: EventRecord) -> JobEvent:
+        return cls(
+            id=e.id,
+            created_at=e.created_at,
+            level=e.level,
+            message=e.message,
+            type=e.type,
+            data=e.data,  # type: ignore[arg-type]
+        )
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool = False
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+    @classmethod
+    def from_record(cls, c: CheckpointRecord) -> JobCheckpoint:
+        known = set(CheckpointMetrics.model_fields)
+        return cls(
+            id=c.id,
+            created_at=c.created_at,
+            fine_tuned_model_checkpoint=c.path,
+            fine_tuning_job_id=c.job_id,
+            metrics=CheckpointMetrics(**{k: v for k, v in c.metrics.items() if k in known}),
+            step_number=c.step,
+        )
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None

@@ -1,0 +1,103 @@
+"""``/v1/fine_tuning/jobs`` (OpenAI dialect) and the reference service's POST routes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from ...errors import NotFoundError
+from ..body import parse_lenient_json, validate_body
+from .protocol import (
+    CheckpointList,
+    CreateFineTuningJobRequest,
+    EventList,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    JobIdRequest,
+    JobList,
+)
+from .service import FineTuningService
+
+router = APIRouter(tags=["fine-tuning"])
+
+
+def _service(request: Request) -> FineTuningService:
+    return request.app.state.fine_tuning_service
+
+
+async def _job_id(request: Request) -> str:
+    body = validate_body(JobIdRequest, parse_lenient_json(await request.body()))
+    return body.fine_tuning_job_id
+
+
+@router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
+def create_job(request: Request, body: CreateFineTuningJobRequest) -> FineTuningJob:
+    return FineTuningJob.from_record(_service(request).create(body))
+
+
+@router.get("/v1/fine_tuning/jobs", response_model=JobList)
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> JobList:
+    jobs, has_more = _service(request).list(after=after, limit=limit)
+    return JobList(data=[FineTuningJob.from_record(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
+def retrieve_job(request: Request, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_record(_service(request).get(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(request: Request, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_record(_service(request).cancel(job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
+def list_events(
+    request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)
+) -> EventList:
+    events, has_more = _service(request).events_of(job_id, after=after, limit=limit)
+    return EventList(data=[JobEvent.from_record(e) for e in events], has_more=has_more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    request: Request, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000)
+) -> CheckpointList:
+    records, has_more = _service(request).checkpoints_of(job_id, after=after, limit=limit)
+    data = [JobCheckpoint.from_record(c) for c in records]
+    return CheckpointList(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/log", response_class=FileResponse)
+def job_log(request: Request, job_id: str) -> FileResponse:
+    """Extension: the job process's log file."""
+    path = _service(request).log_path(job_id)
+    if not path.is_file():
+        raise NotFoundError(f"Job {job_id} has no log yet (it has not started)", param="job_id")
+    return FileResponse(path, media_type="text/plain", filename=f"{job_id}.log")
+
+
+# ---- the reference service's routes (OPEA finetuning_sqft README, section 3.3)
+@router.post("/v1/fine_tuning/jobs/retrieve", response_model=FineTuningJob)
+async def retrieve_job_ref(request: Request) -> FineTuningJob:
+    job_id = await _job_id(request)
+    return FineTuningJob.from_record(_service(request).get(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/cancel", response_model=FineTuningJob)
+async def cancel_job_ref(request: Request) -> FineTuningJob:
+    job_id = await _job_id(request)
+    return FineTuningJob.from_record(_service(request).cancel(job_id))
+
+
+@router.post("/v1/finetune/list_checkpoints", response_model=list[JobCheckpoint])
+async def list_checkpoints_ref(request: Request) -> list[JobCheckpoint]:
+    job_id = await _job_id(request)
+    records, _ = _service(request).checkpoints_of(job_id, after=None, limit=1000)
+    return [JobCheckpoint.from_record(c) for c in records]

@@ -1,0 +1,100 @@
+"""``create_app(settings)``: the lifespan builds the store, services and job manager onto ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api.body import validation_error_to_service_error
+from .api.files.router import router as files_router
+from .api.files.service import FileService
+from .api.fine_tuning.router import router as fine_tuning_router
+from .api.fine_tuning.service import FineTuningService
+from .errors import ServiceError
+from .jobs.manager import JobManager
+from .settings import Settings
+from .store.db import Database
+from .store.events import EventStore
+from .store.files import FileStore
+from .store.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error_to_service_error(list(exc.errors()))
+        return JSONResponse(status_code=err.status_code, content=err.to_dict())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail) if exc.status_code != 404 else f"Unknown route: {request.method} {request.url.path}"
+        return _error(exc.status_code, message, "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.ensure_dirs()
+        db = Database(settings.db_path)
+        file_store = FileStore(db, settings.files_dir)
+        jobs, events = JobStore(db), EventStore(db)
+        manager = JobManager(settings, jobs, events, file_store)
+        file_service = FileService(file_store, settings.max_upload_bytes)
+        app.state.settings = settings
+        app.state.db = db
+        app.state.file_service = file_service
+        app.state.job_manager = manager
+        app.state.fine_tuning_service = FineTuningService(jobs, events, file_service, manager, settings.jobs_dir)
+        manager.start()
+        log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
+        try:
+            yield
+        finally:
+            manager.shutdown()
+            db.close()
+
+    app = FastAPI(
+        title="sqft-service",
+        version=__version__,
+        description="OpenAI-compatible fine-tuning with SQFT (NLS elastic adapters, SparsePEFT) on stock peft.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(files_router)
+    app.include_router(fine_tuning_router)
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict:
+        counts = {
+            row["status"]: row["n"]
+            for row in app.state.db.query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        }
+        return {"status": "ok", "version": __version__, "jobs": counts}
+
+    return app

@@ -1,0 +1,76 @@
+"""The embedded runner: each job is a ``python -m sqft_service.jobs.worker`` process in its own session.
+
+Its own session (process group) means cancel reaches every process the job started (tokenizer
+threads, data workers), and a crash of the job cannot take the API process with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+
+from .runner import LaunchSpec
+
+
+@dataclass
+class SubprocessHandle:
+    job_id: str
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+class SubprocessRunner:
+    def submit(self, spec: LaunchSpec) -> SubprocessHandle:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_path, "ab") as log:
+            process = subprocess.Popen(
+                spec.argv,
+                cwd=spec.cwd,
+                env=spec.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return SubprocessHandle(spec.job_id, process)
+
+    def poll(self, handle: SubprocessHandle) -> int | None:
+        return handle.process.poll()
+
+    def _signal_group(self, handle: SubprocessHandle, sig: int) -> None:
+        try:
+            os.killpg(handle.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self, handle: SubprocessHandle) -> None:
+        self._signal_group(handle, signal.SIGTERM)
+
+    def kill(self, handle: SubprocessHandle) -> None:
+        self._signal_group(handle, signal.SIGKILL)
+
+
+def kill_orphan_job(pid: int, job_id: str) -> bool:
+    """Kill a job process left by an earlier service run, if that pid is still our worker for ``job_id``.
+
+    The pid may have been reused by an unrelated process, so the command line must name the job.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    if "sqft_service.jobs.worker" not in cmdline or job_id not in cmdline:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,105 @@
+"""Job events and checkpoints: appended by job processes, read by the API (newest first)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Database
+from .ids import new_id, now
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: str
+    job_id: str
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    id: str
+    job_id: str
+    created_at: int
+    step: int
+    path: str
+    metrics: dict[str, Any]
+
+
+class EventStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        type: str = "message",
+        data: dict | None = None,
+    ) -> EventRecord:
+        record = EventRecord(new_id("ftevent"), job_id, now(), level, message, type, data)
+        self.db.execute(
+            "INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.id, job_id, record.created_at, level, message, type, json.dumps(data) if data else None),
+        )
+        return record
+
+    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> tuple[list[EventRecord], bool]:
+        params: list[Any] = [job_id]
+        extra = ""
+        if after:
+            anchor = self.db.query_one("SELECT seq FROM events WHERE id = ?", (after,))
+            if anchor is not None:
+                extra = "AND seq < ?"
+                params.append(anchor["seq"])
+        rows = self.db.query(
+            f"SELECT * FROM events WHERE job_id = ? {extra} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
+        )
+        events = [
+            EventRecord(
+                r["id"],
+                r["job_id"],
+                r["created_at"],
+                r["level"],
+                r["message"],
+                r["type"],
+                json.loads(r["data"]) if r["data"] else None,
+            )
+            for r in rows[:limit]
+        ]
+        return events, len(rows) > limit
+
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict[str, Any]) -> CheckpointRecord:
+        record = CheckpointRecord(new_id("ftckpt"), job_id, now(), step, path, metrics)
+        self.db.execute(
+            "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.id, job_id, record.created_at, step, path, json.dumps(metrics)),
+        )
+        return record
+
+    def list_checkpoints(
+        self, job_id: str, *, after: str | None = None, limit: int = 10
+    ) -> tuple[list[CheckpointRecord], bool]:
+        params: list[Any] = [job_id]
+        extra = ""
+        if after:
+            anchor = self.db.query_one("SELECT seq FROM checkpoints WHERE id = ?", (after,))
+            if anchor is not None:
+                extra = "AND seq < ?"
+                params.append(anchor["seq"])
+        rows = self.db.query(
+            f"SELECT * FROM checkpoints WHERE job_id = ? {extra} ORDER BY seq DESC LIMIT ?",
+            (*params, limit + 1),
+        )
+        records = [
+            CheckpointRecord(r["id"], r["job_id"], r["created_at"], r["step"], r["path"], json.loads(r["metrics"]))
+            for r in rows[:limit]
+        ]
+        return records, len(rows) > limit

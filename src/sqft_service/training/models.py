@@ -1,0 +1,139 @@
+"""Where base models come from: a local Hugging Face directory, a ``.gguf`` file, or a hub id.
+
+GGUF files are de-quantized by transformers (through the ``gguf`` package) into an ordinary
+fp32 model. That conversion takes tens of seconds for a 135M model (mostly the tokenizer), so
+the result is cached once as a plain safetensors directory keyed by the file's identity; every
+later job loads the cache in well under a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or its tokenizer cannot be loaded; the message is meant for the user."""
+
+
+def clear_gguf_quantization_flag(model: PreTrainedModel) -> None:
+    """A GGUF-loaded model is flagged as quantized although its weights are plain tensors.
+
+    ``Trainer`` and ``save_pretrained`` refuse quantized models; the flag lives in
+    ``hf_quantizer`` and ``config.quantization_config`` (transformers ``modeling_utils``).
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+@contextmanager
+def _file_lock(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """De-quantize ``gguf_path`` into ``cache_dir/<key>`` once (process-safe) and return that dir."""
+    target = cache_dir / _gguf_cache_key(gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(cache_dir / f".{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process finished it while we waited
+            return target
+        log.info("converting %s to a safetensors cache at %s", gguf_path, target)
+        staging = cache_dir / f".{target.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        clear_gguf_quantization_flag(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    return target
+
+
+def resolve_model_dir(model_ref: str, cache_dir: Path | None) -> str:
+    """Map a job's ``model`` to something ``from_pretrained`` loads (a dir or a hub id)."""
+    path = Path(model_ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file {model_ref!r} does not exist")
+        return str(convert_gguf(path, cache_dir or path.parent / ".sqft-cache"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {model_ref!r} has no config.json")
+        return str(path)
+    if model_ref.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"model path {model_ref!r} does not exist")
+    return model_ref  # a hub id
+
+
+def _token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def load_tokenizer(
+    model_dir: str,
+    tokenizer_name: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_name or model_dir, trust_remote_code=trust_remote_code, token=_token(token)
+        )
+    except Exception as exc:  # transformers raises many types; the user needs one sentence
+        raise ModelLoadError(f"could not load tokenizer {tokenizer_name or model_dir!r}: {_first_line(exc)}") from exc
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked from attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    model_dir: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token)
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
+    clear_gguf_quantization_flag(model)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__

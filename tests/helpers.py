@@ -1,0 +1,43 @@
+"""Test data and polling helpers (tests write their own data; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+
+
+def alpaca_records(n: int) -> list[dict[str, str]]:
+    """A small, learnable instruction set: short, repetitive answers so loss falls within a few steps."""
+    records = []
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        if i % 2:
+            records.append({"instruction": "Name the color.", "input": f"The sky is {color}.", "output": color})
+        else:
+            records.append({"instruction": f"Repeat the word {color}.", "input": "", "output": f"{color} {color}"})
+    return records
+
+
+def write_json(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,280 @@
+"""/v1/fine_tuning/jobs: the real app, real SQLite, real job subprocesses on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sqft_service.app import create_app
+from tests.helpers import alpaca_records, wait_until, write_json
+from tests.integration.conftest import make_settings, upload, wait_status
+
+
+def tiny_job(model_dir, training_file: str, **extra) -> dict:
+    body = {
+        "model": str(model_dir),
+        "training_file": training_file,
+        "Training": {"batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "logging_steps": 1},
+        "Dataset": {"validation_split_percentage": 20},
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body
+
+
+def test_job_runs_to_success_with_events_checkpoints_and_results(client, tiny_model_dir, train_file):
+    body = tiny_job(
+        tiny_model_dir,
+        train_file["filename"],  # the reference refers to files by name
+        General={"save_strategy": "epoch", "lora_config": {"r": 4, "lora_alpha": 8}},
+        hyperparameters={"learning_rate_multiplier": 2},
+        suffix="colors",
+        metadata={"team": "x"},
+        seed=7,
+    )
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] in ("queued", "running")
+    assert job["training_file"] == train_file["id"] and job["seed"] == 7
+    assert job["user_provided_suffix"] == "colors" and job["metadata"] == {"team": "x"}
+    # learning_rate_multiplier multiplies the base rate (the reference copied it in as the rate).
+    assert job["config"]["Training"]["learning_rate"] == pytest.approx(2e-3)
+    assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["batch_size"] == 4
+
+    done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["finished_at"] >= done["created_at"] and done["trained_tokens"] > 0
+    assert done["fine_tuned_model"].endswith("/adapter")
+
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    metrics = [e for e in events if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert metrics, events
+    for e in metrics:
+        assert {"step", "epoch", "train_loss", "learning_rate", "tokens_per_s", "eta_s"} <= set(e["data"])
+    assert any("valid_loss" in e["data"] for e in events if e["type"] == "metrics")
+    assert events[0]["message"] == "The job has successfully completed"  # newest first
+    assert all(e["level"] in ("info", "warn", "error") for e in events)
+
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    # Two epoch checkpoints plus the final adapter, newest first.
+    assert [c["step_number"] for c in ckpts] == sorted((c["step_number"] for c in ckpts), reverse=True)
+    assert len(ckpts) == 3
+    assert all(c["metrics"]["train_loss"] is not None for c in ckpts)
+    ref = client.post("/v1/finetune/list_checkpoints", json={"fine_tuning_job_id": job["id"]}).json()
+    assert [c["id"] for c in ref] == [c["id"] for c in ckpts]
+
+    (result_id,) = done["result_files"]
+    meta = client.get(f"/v1/files/{result_id}").json()
+    assert meta["purpose"] == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/v1/files/{result_id}/content").text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, ckpts[0]["step_number"] + 1))
+    assert {"step", "train_loss", "valid_loss"} <= set(rows[0])
+
+    log = client.get(f"/v1/fine_tuning/jobs/{job['id']}/log")
+    assert log.status_code == 200 and "job process started" in log.text
+
+
+def test_state_survives_a_restart(data_dir, tmp_path, tiny_model_dir):
+    with TestClient(create_app(make_settings(data_dir))) as first:
+        f = upload(first, write_json(tmp_path / "t.json", alpaca_records(8)))
+        job = first.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
+        done = wait_status(first, job["id"], ("succeeded", "failed"))
+        assert done["status"] == "succeeded", done["error"]
+        n_events = len(first.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"])
+        ckpts = first.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    with TestClient(create_app(make_settings(data_dir))) as second:
+        assert second.get(f"/v1/files/{f['id']}").status_code == 200
+        again = second.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert again["status"] == "succeeded" and again["trained_tokens"] == done["trained_tokens"]
+        assert len(second.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]) == n_events
+        assert second.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == ckpts
+
+
+def test_running_job_is_marked_failed_after_a_crash(data_dir, tmp_path, tiny_model_dir):
+    """A service that died mid-job: on restart the job must not stay 'running' forever."""
+    from sqft_service.store.db import Database
+    from sqft_service.store.jobs import JobStore
+
+    with TestClient(create_app(make_settings(data_dir))) as first:
+        f = upload(first, write_json(tmp_path / "t.json", alpaca_records(8)))
+        job = first.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
+        wait_status(first, job["id"], ("succeeded", "failed"))
+    db = Database(data_dir / "sqft.db")  # simulate the crash: the row still says running
+    JobStore(db).update(job["id"], status="running", finished_at=None, pid=999999)
+    db.close()
+    with TestClient(create_app(make_settings(data_dir))) as second:
+        again = second.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert again["status"] == "failed"
+        assert again["error"]["code"] == "service_restarted"
+        assert "resuming interrupted jobs is not supported" in again["error"]["message"]
+
+
+def test_cancel_running_job_keeps_partial_checkpoints(client, tmp_path, tiny_model_dir):
+    f = upload(client, write_json(tmp_path / "t.json", alpaca_records(16)))
+    body = tiny_job(
+        tiny_model_dir,
+        f["id"],
+        Training={"epochs": 1000, "batch_size": 1},
+        General={"save_strategy": "steps", "save_steps": 2},
+    )
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+
+    def has_checkpoint():
+        return client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+
+    wait_until(has_checkpoint, 120, what="a first checkpoint")
+    resp = client.post("/v1/fine_tuning/jobs/cancel", json={"fine_tuning_job_id": job["id"]})
+    assert resp.status_code == 200
+    done = wait_status(client, job["id"], ("cancelled", "failed", "succeeded"), timeout=60)
+    assert done["status"] == "cancelled"
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "job_not_cancellable"
+
+
+def test_queue_honours_max_concurrency_and_cancels_queued(data_dir, tmp_path, tiny_model_dir):
+    with TestClient(create_app(make_settings(data_dir, max_concurrent_jobs=1))) as c:
+        f = upload(c, write_json(tmp_path / "t.json", alpaca_records(16)))
+        slow = tiny_job(tiny_model_dir, f["id"], Training={"epochs": 1000, "batch_size": 1})
+        first = c.post("/v1/fine_tuning/jobs", json=slow).json()
+        second = c.post("/v1/fine_tuning/jobs", json=slow).json()
+        wait_status(c, first["id"], ("running",))
+        assert c.get(f"/v1/fine_tuning/jobs/{second['id']}").json()["status"] == "queued"
+        cancelled = c.post(f"/v1/fine_tuning/jobs/{second['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        c.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel")
+        assert wait_status(c, first["id"], ("cancelled",), timeout=60)["status"] == "cancelled"
+
+
+def test_list_jobs_pagination(client, train_file, tiny_model_dir):
+    ids = []
+    for _ in range(3):
+        body = tiny_job(tiny_model_dir, train_file["id"])
+        ids.append(client.post("/v1/fine_tuning/jobs", json=body).json()["id"])
+        client.post(f"/v1/fine_tuning/jobs/{ids[-1]}/cancel")
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert page["object"] == "list" and [j["id"] for j in page["data"]] == [ids[2], ids[1]] and page["has_more"]
+    rest = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": ids[1]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and rest["has_more"] is False
+
+
+def test_missing_model_fails_the_job_with_a_readable_error(client, train_file, tmp_path):
+    body = tiny_job(tmp_path / "no-such-model", train_file["id"])
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    done = wait_status(client, job["id"], ("failed", "succeeded"))
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "invalid_model" and done["error"]["param"] == "model"
+    assert "does not exist" in done["error"]["message"] and "Traceback" not in done["error"]["message"]
+
+
+def test_reference_routes_accept_unquoted_ids(client, train_file, tiny_model_dir):
+    job = client.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, train_file["id"])).json()
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    raw = '{"fine_tuning_job_id": ' + job["id"] + "}"  # what the reference README's curl sends
+    got = client.post("/v1/fine_tuning/jobs/retrieve", content=raw, headers={"Content-Type": "application/json"})
+    assert got.status_code == 200 and got.json()["id"] == job["id"]
+
+
+BAD_JOBS = [
+    ({"training_file": "nope.json"}, 404, "training_file", "No such File object: nope.json"),
+    ({"trainig_file": "x"}, 400, "trainig_file", "Unknown parameter `trainig_file`"),
+    ({"General": {"lora_config": {"rr": 4}}}, 400, "General.lora_config.rr", "Unknown parameter"),
+    ({"Training": {"batch_size": 0}}, 400, "Training.batch_size", "Invalid value"),
+    ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "Invalid value"),
+    ({"Training": {"optimizer": "adam_w"}}, 400, "Training.optimizer", "Invalid value"),
+    (
+        {
+            "General": {
+                "lora_config": {
+                    "neural_lora_search": True,
+                    "target_module_groups": [["q_proj"], ["v_proj"]],
+                    "search_space": ["8,4"],
+                }
+            }
+        },
+        400,
+        "General.lora_config",
+        "`search_space` has 1 entries but `target_module_groups` has 2",
+    ),
+    (
+        {
+            "General": {
+                "lora_config": {
+                    "r": 8,
+                    "neural_lora_search": True,
+                    "target_module_groups": [["q_proj"]],
+                    "search_space": ["16,8"],
+                }
+            }
+        },
+        400,
+        "General.lora_config",
+        "`search_space[0]` has rank 16, outside [1, r=8]",
+    ),
+    (
+        {
+            "General": {
+                "lora_config": {
+                    "neural_lora_search": True,
+                    "target_module_groups": [["q_proj"]],
+                    "search_space": ["8;4"],
+                }
+            }
+        },
+        400,
+        "General.lora_config",
+        "`search_space[0]` = '8;4' is not a comma-separated list of integers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("patch", "status", "param", "needle"), BAD_JOBS)
+def test_bad_job_requests(client, train_file, tiny_model_dir, patch, status, param, needle):
+    body = {"model": str(tiny_model_dir), "training_file": train_file["id"], **patch}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and needle in err["message"], err
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "body"),
+    [
+        ("get", "/v1/fine_tuning/jobs/ftjob-missing", None),
+        ("get", "/v1/fine_tuning/jobs/ftjob-missing/events", None),
+        ("get", "/v1/fine_tuning/jobs/ftjob-missing/checkpoints", None),
+        ("post", "/v1/fine_tuning/jobs/ftjob-missing/cancel", None),
+        ("post", "/v1/fine_tuning/jobs/retrieve", {"fine_tuning_job_id": "ftjob-missing"}),
+        ("post", "/v1/fine_tuning/jobs/cancel", {"fine_tuning_job_id": "ftjob-missing"}),
+        ("post", "/v1/finetune/list_checkpoints", {"fine_tuning_job_id": "ftjob-missing"}),
+    ],
+)
+def test_unknown_job_is_404_everywhere(client, method, route, body):
+    resp = getattr(client, method)(route, **({"json": body} if body is not None else {}))
+    assert resp.status_code == 404
+    err = resp.json()["error"]
+    assert err["message"] == "No such fine-tuning job: ftjob-missing" and err["type"] == "invalid_request_error"
+
+
+def test_health_and_docs(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/fine_tuning/jobs/{job_id}/checkpoints" in paths and "/v1/finetune/list_checkpoints" in paths
+
+
+def test_reference_json_body_is_accepted_verbatim(client, train_file, tiny_model_dir):
+    raw = json.dumps({"training_file": train_file["filename"], "model": str(tiny_model_dir)})
+    resp = client.post("/v1/fine_tuning/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200
+    client.post(f"/v1/fine_tuning/jobs/{resp.json()['id']}/cancel")

@@ -1,0 +1,78 @@
+"""sparsify_model: magnitude / Wanda pruning, unstructured and N:M, of decoder linears only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sqft_service.adapters.sparsify import prunable_linears, sparsify_model
+
+
+def tiny(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_magnitude_half_per_row():
+    model = tiny()
+    embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    before = {n: m.weight.clone() for n, m in prunable_linears(model).items()}
+    report = sparsify_model(model, "magnitude", 0.5)
+    assert len(report["layers"]) == 14
+    assert all(frac == pytest.approx(0.5, abs=0.02) for frac in report["layers"].values())
+    assert report["overall"] == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, head)
+    for name, module in prunable_linears(model).items():
+        w, orig = module.weight, before[name]
+        assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
+        # Kept weights are untouched, and every pruned one was no larger than the row's kept ones.
+        kept = w != 0
+        assert torch.equal(w[kept], orig[kept])
+        for row in range(w.shape[0]):
+            assert orig[row][~kept[row]].abs().max() <= orig[row][kept[row]].abs().min()
+
+
+def test_two_four_pattern():
+    model = tiny()
+    report = sparsify_model(model, "magnitude", 0.0, pattern="2:4")
+    assert report["sparsity"] == 0.5 and report["pattern"] == "2:4"
+    for module in prunable_linears(model).values():
+        groups = module.weight.reshape(module.weight.shape[0], -1, 4)
+        assert ((groups == 0).sum(-1) >= 2).all()
+
+
+def test_wanda_uses_calibration_norms():
+    calib = [torch.randint(0, 128, (12,)) for _ in range(3)]
+    # Skew the input norms: make the hidden states of feature 0 huge via the input layernorm gain.
+    magnitude, wanda = tiny(), tiny()
+    for model in (magnitude, wanda):
+        with torch.no_grad():
+            model.model.layers[0].input_layernorm.weight[0] = 50.0
+    m_rep = sparsify_model(magnitude, "magnitude", 0.5)
+    w_rep = sparsify_model(wanda, "wanda", 0.5, calibration_input_ids=calib)
+    assert w_rep["overall"] == pytest.approx(0.5, abs=0.01) and m_rep["overall"] == pytest.approx(0.5, abs=0.01)
+    q_mag = magnitude.model.layers[0].self_attn.q_proj.weight
+    q_wanda = wanda.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_mag == 0, q_wanda == 0)
+    # With a 50x larger input norm, Wanda keeps feature 0's weights in every row.
+    assert (q_wanda[:, 0] != 0).all() and (q_mag[:, 0] == 0).any()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="calibration_input_ids"):
+        sparsify_model(tiny(), "wanda", 0.5)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        sparsify_model(tiny(), "random", 0.5)
+    with pytest.raises(ValueError, match="'N:M'"):
+        sparsify_model(tiny(), "magnitude", 0.5, pattern="2-4")
