@@ -83,7 +83,7 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
     job = client.fine_tuning.jobs.create(
         model=str(gguf_path),
         training_file=uploaded.id,
-        hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20},  # 20 * 5e-5 = 1e-3
+        hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 20},  # 20 * 5e-5 = 1e-3
         seed=3,
         extra_body={
             "Training": {"max_train_steps": 10, "logging_steps": 1},

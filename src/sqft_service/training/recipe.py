@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..adapters.lora import AdapterHandles, build_peft_model
+from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
 from ..config import FinetuneConfig
 from . import data as data_mod
 from .events import EventSink
@@ -239,6 +240,9 @@ class FinetuneRecipe:
             if step >= self.total_steps:
                 break
         final = self._last_row()
+        if self.handles.nls is not None:
+            # The cheap search signals (draw counts and loss per sampled rank) for later sub-adapter selection.
+            self.sink.metrics({"step": step, "nls_stats": self.handles.nls.stats()})
         adapter_dir = self.save_adapter(self.output_dir / "adapter")
         self.sink.checkpoint(step, str(adapter_dir), {**self._checkpoint_metrics(final), "final": True})
         csv_path = self.write_metrics_csv()
@@ -334,7 +338,8 @@ class FinetuneRecipe:
         self.model.save_pretrained(directory)
         (directory / "training_config.json").write_text(self.cfg.model_dump_json(indent=2))
         if self.handles.nls is not None:
-            self.handles.nls.save(directory, self.cfg.General.lora_config)
+            write_elastic_adapter_config(self.handles.nls, self.cfg.General.lora_config, directory)
+            self.handles.nls.save_stats(directory / STATS_FILE)
         return directory
 
     def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any]) -> Path:
