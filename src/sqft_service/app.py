@@ -16,6 +16,8 @@ from .api.files.router import router as files_router
 from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
+from .api.sqft.router import router as sqft_router
+from .api.sqft.service import SqftService
 from .errors import ServiceError
 from .jobs.manager import JobManager
 from .settings import Settings
@@ -71,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.file_service = file_service
         app.state.job_manager = manager
         app.state.fine_tuning_service = FineTuningService(jobs, events, file_service, manager, settings.jobs_dir)
+        app.state.sqft_service = SqftService(settings, app.state.fine_tuning_service, file_service)
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
         try:
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(files_router)
     app.include_router(fine_tuning_router)
+    app.include_router(sqft_router)
 
     @app.get("/health", tags=["service"])
     def health() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -42,6 +43,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(result: dict, json_out: str | None) -> None:
+    text = json.dumps(result, indent=2, default=str)
+    if json_out:
+        Path(json_out).write_text(text)
+    print(text)
+
+
+def _sparsify(args: argparse.Namespace) -> int:
+    from .model_ops import sparsify
+
+    result = sparsify(
+        args.model,
+        Path(args.output),
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        calibration_file=args.calibration_file,
+        n_calibration=args.n_calibration,
+        model_cache_dir=Path(args.model_cache),
+    )
+    _emit(result, args.json_out)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .model_ops import merge
+
+    result = merge(
+        args.model, Path(args.adapter), Path(args.output), sparse=args.sparse, model_cache_dir=Path(args.model_cache)
+    )
+    _emit(result, args.json_out)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
+
+    adapter = Path(args.adapter)
+    elastic = json.loads((adapter / ELASTIC_CONFIG_FILE).read_text())
+    custom = [int(v) for v in args.custom_config.split(",")] if args.custom_config else None
+    ranks = select_ranks(elastic, args.version, custom)
+    _emit(extract_sub_adapter(adapter, Path(args.output), ranks), args.json_out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,12 +104,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="output directory")
     train.add_argument("--model-cache", default="./sqft-data/models", help="where converted GGUF models go")
     train.set_defaults(func=_train)
+
+    sparsify = sub.add_parser("sparsify", help="prune a base model (magnitude or Wanda) into a model directory")
+    sparsify.add_argument("--model", required=True, help="a model directory or a .gguf file")
+    sparsify.add_argument("--method", choices=["magnitude", "wanda"], default="magnitude")
+    sparsify.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero per row")
+    sparsify.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
+    sparsify.add_argument("--calibration-file", default=None, help="Alpaca/chat file for Wanda (default: built-in)")
+    sparsify.add_argument("--n-calibration", type=int, default=32)
+    sparsify.add_argument("--output", required=True)
+    sparsify.set_defaults(func=_sparsify)
+
+    merge = sub.add_parser("merge", help="merge a PEFT adapter into its base model")
+    merge.add_argument("--model", required=True, help="the base: a model directory or a .gguf file")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--sparse", action="store_true", help="SparsePEFT: keep the base's zeros")
+    merge.set_defaults(func=_merge)
+
+    extract = sub.add_parser("extract", help="extract a sub-adapter from an NLS super-adapter")
+    extract.add_argument("--adapter", required=True, help="the super-adapter directory")
+    extract.add_argument("--version", default="heuristic", help="maximal | heuristic | minimal | a custom name")
+    extract.add_argument("--custom-config", default=None, help="comma-separated ranks, group-major")
+    extract.add_argument("--output", required=True)
+    extract.set_defaults(func=_extract)
+
+    for cmd in (sparsify, merge, extract):
+        cmd.add_argument("--json-out", default=None, help="also write the result JSON here")
+    for cmd in (sparsify, merge):
+        cmd.add_argument("--model-cache", default="./sqft-data/models", help="where converted GGUF models go")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from .training.data import DataValidationError
+    from .training.models import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ModelLoadError, DataValidationError, ValueError, FileNotFoundError) as exc:
+        # The user's input was wrong: one line on stderr and exit 2 (the API maps it to a 400).
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

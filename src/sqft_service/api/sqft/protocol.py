@@ -1,0 +1,75 @@
+"""Bodies of the SQFT routes (reference names: ``sub_adapter_version``, ``custom_config``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ExtractAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fine_tuning_job_id: str
+    sub_adapter_version: str | None = None
+    adapter_version: str | None = None
+    custom_config: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_version(self) -> ExtractAdapterRequest:
+        if self.sub_adapter_version is None:
+            self.sub_adapter_version = self.adapter_version or "heuristic"
+        return self
+
+
+class MergeAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fine_tuning_job_id: str
+    adapter_version: str | None = None
+    sub_adapter_version: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.adapter_version or self.sub_adapter_version
+
+
+class SparsifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    method: Literal["magnitude", "wanda"] = "magnitude"
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0)
+    pattern: str | None = Field(None, pattern=r"^\d+:\d+$")
+    calibration_file: str | None = None
+    n_calibration: int = Field(32, ge=1, le=1024)
+    output_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SubAdapter(BaseModel):
+    object: Literal["fine_tuning.sub_adapter"] = "fine_tuning.sub_adapter"
+    fine_tuning_job_id: str
+    adapter_version: str
+    ranks: list[int]
+    path: str
+    n_params: int | None = None
+    dimensions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class MergedModel(BaseModel):
+    object: Literal["fine_tuning.merged_model"] = "fine_tuning.merged_model"
+    fine_tuning_job_id: str
+    adapter_version: str | None
+    path: str
+    sparse: bool
+    dtype: str | None = None
+    zeros_preserved: bool | None = None
+    sparsity: dict[str, Any]
+
+
+class SparseModel(BaseModel):
+    object: Literal["sparse_model"] = "sparse_model"
+    path: str
+    source_model: str
+    method: str
+    sparsity: float
+    pattern: str | None
+    calibration: str | None
+    report: dict[str, Any]

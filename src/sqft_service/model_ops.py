@@ -1,0 +1,109 @@
+"""Whole-model operations behind ``sqft merge`` / ``sqft sparsify`` and their API routes.
+
+They load a full base model, so the API runs them in a child process (``python -m sqft_service.cli``):
+the service process stays small, and a crash or an out-of-memory kill cannot take it down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters.merge import merge_adapter
+from .adapters.sparsify import sparsify_model
+from .training.data import alpaca_prompt, load_records
+from .training.models import load_base_model, load_tokenizer, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+# Used for Wanda's activation statistics when the caller gives no calibration file: generic prose,
+# enough to estimate per-feature input norms (Wanda is robust to the calibration text, Sun et al. 2023 §5).
+BUILTIN_CALIBRATION_TEXT = [
+    "The history of science is the study of the development of science and scientific knowledge, "
+    "including both the natural and social sciences.",
+    "A recipe is a set of instructions that describes how to prepare or make something, especially a dish "
+    "of prepared food. Start by washing the vegetables, then cut them into small pieces.",
+    "Question: Which gas do plants absorb from the air? Answer: Plants absorb carbon dioxide and release "
+    "oxygen during photosynthesis, using energy from sunlight.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "The committee met on Tuesday to discuss the budget for next year. Several members argued that "
+    "spending on public transport should increase, while others wanted lower taxes.",
+    "Water boils at 100 degrees Celsius at sea level. At higher altitudes the air pressure is lower, "
+    "so water boils at a lower temperature and food takes longer to cook.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. Every "
+    "morning he rowed his boat far out beyond the rocks.",
+    "To reset your password, open the settings page, choose Security, and follow the instructions sent "
+    "to your email address. The link expires after one hour.",
+]
+
+
+def calibration_texts(calibration_file: str | None, n_samples: int) -> list[str]:
+    if not calibration_file:
+        return BUILTIN_CALIBRATION_TEXT[:n_samples]
+    texts = []
+    for record in load_records(calibration_file)[:n_samples]:
+        if "messages" in record:
+            texts.append("\n".join(m["content"] for m in record["messages"]))
+        else:
+            texts.append(alpaca_prompt(record) + record["output"])
+    return texts
+
+
+def sparsify(
+    model: str,
+    output_dir: Path,
+    *,
+    method: str = "magnitude",
+    sparsity: float = 0.5,
+    pattern: str | None = None,
+    calibration_file: str | None = None,
+    n_calibration: int = 32,
+    max_calibration_tokens: int = 256,
+    model_cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Prune a base model and save it as a model directory a job can use as ``model``."""
+    model_dir = resolve_model_dir(model, model_cache_dir)
+    tokenizer = load_tokenizer(model_dir)
+    base = load_base_model(model_dir)
+    calibration = None
+    if method == "wanda":
+        texts = calibration_texts(calibration_file, n_calibration)
+        calibration = [
+            torch.tensor([tokenizer(t, truncation=True, max_length=max_calibration_tokens)["input_ids"]]) for t in texts
+        ]
+    report = sparsify_model(base, method, sparsity, pattern, calibration)  # type: ignore[arg-type]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    result = {
+        "path": str(output_dir.resolve()),
+        "source_model": model,
+        "method": method,
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "calibration": calibration_file or ("builtin" if method == "wanda" else None),
+        "report": report,
+    }
+    (output_dir / "sparsity_report.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def merge(
+    model: str,
+    adapter_dir: Path,
+    output_dir: Path,
+    *,
+    sparse: bool,
+    model_cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype."""
+    model_dir = resolve_model_dir(model, model_cache_dir)
+    # "auto": keep the dtype the base was saved in, so the merged model has it too.
+    base = load_base_model(model_dir, dtype="auto", trust_remote_code=trust_remote_code, token=token)
+    return merge_adapter(base, adapter_dir, output_dir, sparse=sparse, tokenizer_dir=model_dir)

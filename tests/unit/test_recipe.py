@@ -1,0 +1,158 @@
+"""The training recipe end to end on a tiny saved model: learning, accumulation, checkpoints, NLS, SparsePEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqft_service.adapters.nls import ELASTIC_CONFIG_FILE, STATS_FILE
+from sqft_service.config import FinetuneConfig, LoraSection
+from sqft_service.training.events import MemorySink
+from sqft_service.training.recipe import FinetuneRecipe, run_training
+from tests.conftest import make_tiny_llama
+from tests.helpers import alpaca_records, write_json
+
+NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_records(32))
+
+
+@pytest.fixture(scope="module")
+def sparse_model_dir(tmp_path_factory, tokenizer) -> Path:
+    from sqft_service.adapters.sparsify import sparsify_model
+
+    out = tmp_path_factory.mktemp("tiny-sparse-llama")
+    model = make_tiny_llama(len(tokenizer))
+    sparsify_model(model, "magnitude", 0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_cfg(model_dir: Path, train_file: Path, *, lora: LoraSection | None = None, **training) -> FinetuneConfig:
+    cfg = FinetuneConfig()
+    cfg.General.base_model = str(model_dir)
+    cfg.General.lora_config = lora or LoraSection(r=4, lora_alpha=8, lora_dropout=0.0)
+    cfg.Dataset.train_file = str(train_file)
+    cfg.Dataset.validation_split_percentage = 0
+    t = cfg.Training
+    t.batch_size, t.learning_rate, t.lr_scheduler, t.seed, t.logging_steps = 4, 2e-2, "constant", 7, 1
+    for key, value in training.items():
+        setattr(t, key, value)
+    return cfg
+
+
+def losses(sink: MemorySink) -> list[float]:
+    return [row["train_loss"] for row in sink.metric_rows if "train_loss" in row]
+
+
+def test_loss_falls_on_a_repetitive_dataset(tiny_model_dir, train_file, tmp_path):
+    sink = MemorySink()
+    result = run_training(make_cfg(tiny_model_dir, train_file, epochs=3), tmp_path, sink)
+    curve = losses(sink)
+    assert result.steps == 24 and len(curve) == 24
+    assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:4]) / 4, curve
+    assert sink.trained_tokens == result.trained_tokens > 0
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "result.json").is_file()
+    assert sink.checkpoints[-1][2]["final"] is True
+
+
+def _first_update(model_dir: Path, train_file: Path, out: Path, batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+    cfg = make_cfg(
+        model_dir,
+        train_file,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accum,
+        max_train_steps=1,
+        optimizer="sgd",  # Adam's first step is ~lr*sign(g): it would hide a wrongly scaled gradient
+        learning_rate=0.5,
+        max_grad_norm=None,
+    )
+    cfg.Dataset.group_by_length = False  # the same example order for both batch sizes
+    recipe = FinetuneRecipe(cfg, out, MemorySink())
+    recipe.setup()
+    before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    recipe.train()
+    return {n: p.detach() - before[n] for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, train_file, tmp_path):
+    big = _first_update(tiny_model_dir, train_file, tmp_path / "big", batch_size=4, accum=1)
+    accumulated = _first_update(tiny_model_dir, train_file, tmp_path / "acc", batch_size=2, accum=2)
+    assert any(float(d.abs().max()) > 0 for d in big.values())
+    for name, delta in big.items():
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "training", "expected"),
+    [("steps", {"max_train_steps": 5}, [2, 4]), ("epoch", {"epochs": 2, "batch_size": 8}, [4, 8])],
+)
+def test_checkpoints_follow_save_strategy(tiny_model_dir, train_file, tmp_path, strategy, training, expected):
+    cfg = make_cfg(tiny_model_dir, train_file, **training)
+    cfg.General.save_strategy = strategy
+    cfg.General.save_steps = 2
+    sink = MemorySink()
+    run_training(cfg, tmp_path, sink)
+    written = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    assert written == expected
+    for step in expected:
+        ckpt = tmp_path / "checkpoints" / f"step-{step}"
+        assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+        assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == step
+    assert [c[0] for c in sink.checkpoints] == [*expected, expected[-1]]  # then the final adapter
+
+
+def test_no_checkpoints_by_default(tiny_model_dir, train_file, tmp_path):
+    run_training(make_cfg(tiny_model_dir, train_file, max_train_steps=2), tmp_path, MemorySink())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_nls_job_writes_search_files(tiny_model_dir, train_file, tmp_path):
+    lora = LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["4,3,2", "4,3,2", "4,3,2"],
+    )
+    sink = MemorySink()
+    result = run_training(make_cfg(tiny_model_dir, train_file, lora=lora, max_train_steps=6), tmp_path, sink)
+    adapter = Path(result.adapter_dir)
+    elastic = json.loads((adapter / ELASTIC_CONFIG_FILE).read_text())
+    stats = json.loads((adapter / STATS_FILE).read_text())
+    assert elastic and stats["n_dimensions"] == 2 * len(NLS_GROUPS)  # 2 layers x 3 groups
+    draws = [sum(r["draws"] for r in d["ranks"].values()) for d in stats["dimensions"]]
+    assert draws == [6] * stats["n_dimensions"]
+    assert any("nls_stats" in row for row in sink.metric_rows)
+    assert all(torch.isfinite(torch.tensor(losses(sink))))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_sparse_peft_job_keeps_the_base_zeros(sparse_model_dir, train_file, tmp_path, dropout):
+    from safetensors.torch import load_file
+
+    lora = LoraSection(r=4, lora_alpha=8, lora_dropout=dropout, sparse_adapter=True)
+    cfg = make_cfg(sparse_model_dir, train_file, lora=lora, max_train_steps=4)
+    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink())
+    recipe.setup()
+    try:
+        assert recipe.handles.sparse is not None
+        recipe.train()
+        # The merged delta of every adapted layer is zero wherever the base weight is zero.
+        for module in recipe.handles.sparse.modules.values():
+            base = module.get_base_layer().weight
+            delta = module.get_delta_weight("default")
+            assert float(delta.abs().sum()) > 0
+            assert float(delta[base == 0].abs().max()) == 0.0
+    finally:
+        recipe.cleanup()
+    assert load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
