@@ -150,3 +150,59 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
     assert [c.id for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [c.id for c in checkpoints]
     assert client.files.retrieve(uploaded.id).filename == "colors.jsonl"
     assert client.fine_tuning.jobs.retrieve(long_job.id).status == "cancelled"
+
+
+def test_sqft_pipeline_on_smollm2(server, tmp_path, gguf_path):
+    """Sparsify SmolLM2 to 50%, SparsePEFT + NLS for a few steps, extract heuristic, merge, check sparsity."""
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM
+
+    http = httpx.Client(base_url=server.url, timeout=600)
+    sparse = http.post("/v1/finetune/sparsify", json={"model": str(gguf_path), "sparsity": 0.5})
+    assert sparse.status_code == 200, sparse.text
+    sparse_dir = sparse.json()["path"]
+    assert abs(sparse.json()["report"]["overall"] - 0.5) < 0.01
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with open(write_jsonl(tmp_path / "colors.jsonl", alpaca_records(16)), "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=sparse_dir,
+        training_file=uploaded.id,
+        extra_body={
+            "Training": {"max_train_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
+            "General": {
+                "lora_config": {
+                    "r": 16,
+                    "neural_lora_search": True,
+                    "sparse_adapter": True,
+                    "target_module_groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
+                    "search_space": ["16,12,8", "16,12,8", "16,12,8"],
+                }
+            },
+        },
+    )
+    done = wait_until(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+        400,
+        interval=1.0,
+        what="the SparsePEFT + NLS job",
+    )
+    assert done.status == "succeeded", done.error
+
+    sub = http.post(
+        "/v1/finetune/extract_adapter", json={"fine_tuning_job_id": job.id, "sub_adapter_version": "heuristic"}
+    )
+    assert sub.status_code == 200, sub.text
+    assert sub.json()["ranks"] == [12] * (3 * 30)  # 3 groups x 30 layers of SmolLM2
+
+    merged = http.post(
+        "/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job.id, "adapter_version": "heuristic"}
+    )
+    assert merged.status_code == 200, merged.text
+    report = merged.json()
+    assert report["zeros_preserved"] is True
+    assert report["sparsity"]["after"]["overall"] == report["sparsity"]["before"]["overall"]
+    model = AutoModelForCausalLM.from_pretrained(report["path"])  # stock transformers loads it
+    w = model.model.layers[3].mlp.down_proj.weight
+    assert abs((w == 0).float().mean().item() - 0.5) < 0.01

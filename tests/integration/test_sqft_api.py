@@ -159,9 +159,7 @@ def test_sparse_jobs_merge_keeps_every_zero(sqft):
         assert resp.status_code == 200, resp.text
         out = resp.json()
         assert out["sparse"] is True and out["zeros_preserved"] is True
-        assert out["sparsity"]["after"]["overall"] == pytest.approx(
-            out["sparsity"]["before"]["overall"]
-        )
+        assert out["sparsity"]["after"]["overall"] == pytest.approx(out["sparsity"]["before"]["overall"])
         merged = AutoModelForCausalLM.from_pretrained(out["path"]).state_dict()
         changed = 0
         for key, weight in base.items():

@@ -19,6 +19,15 @@ from tests.conftest import make_tiny_llama
 VOCAB = 512
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP spin-waits costly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _examples(seed: int = 0) -> list[TokenizedExample]:
     """Sequences of different lengths whose first half (the prompt) is masked out of the loss."""
     gen = torch.Generator().manual_seed(seed)

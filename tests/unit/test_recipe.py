@@ -18,9 +18,27 @@ from tests.helpers import alpaca_records, write_json
 NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP spin-waits costly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
     return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_records(32))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama + the SmolLM2 tokenizer; a larger init scale lets LoRA move its logits."""
+    out = tmp_path_factory.mktemp("tiny-llama-learnable")
+    make_tiny_llama(len(tokenizer), initializer_range=0.3).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +46,7 @@ def sparse_model_dir(tmp_path_factory, tokenizer) -> Path:
     from sqft_service.adapters.sparsify import sparsify_model
 
     out = tmp_path_factory.mktemp("tiny-sparse-llama")
-    model = make_tiny_llama(len(tokenizer))
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.3)
     sparsify_model(model, "magnitude", 0.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -42,7 +60,7 @@ def make_cfg(model_dir: Path, train_file: Path, *, lora: LoraSection | None = No
     cfg.Dataset.train_file = str(train_file)
     cfg.Dataset.validation_split_percentage = 0
     t = cfg.Training
-    t.batch_size, t.learning_rate, t.lr_scheduler, t.seed, t.logging_steps = 4, 2e-2, "constant", 7, 1
+    t.batch_size, t.learning_rate, t.lr_scheduler, t.seed, t.logging_steps = 4, 1e-2, "constant", 7, 1
     for key, value in training.items():
         setattr(t, key, value)
     return cfg
@@ -52,9 +70,9 @@ def losses(sink: MemorySink) -> list[float]:
     return [row["train_loss"] for row in sink.metric_rows if "train_loss" in row]
 
 
-def test_loss_falls_on_a_repetitive_dataset(tiny_model_dir, train_file, tmp_path):
+def test_loss_falls_on_a_repetitive_dataset(model_dir, train_file, tmp_path):
     sink = MemorySink()
-    result = run_training(make_cfg(tiny_model_dir, train_file, epochs=3), tmp_path, sink)
+    result = run_training(make_cfg(model_dir, train_file, epochs=3), tmp_path, sink)
     curve = losses(sink)
     assert result.steps == 24 and len(curve) == 24
     assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:4]) / 4, curve
@@ -83,20 +101,20 @@ def _first_update(model_dir: Path, train_file: Path, out: Path, batch_size: int,
     return {n: p.detach() - before[n] for n, p in recipe.model.named_parameters() if p.requires_grad}
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, train_file, tmp_path):
-    big = _first_update(tiny_model_dir, train_file, tmp_path / "big", batch_size=4, accum=1)
-    accumulated = _first_update(tiny_model_dir, train_file, tmp_path / "acc", batch_size=2, accum=2)
+def test_gradient_accumulation_matches_one_big_batch(model_dir, train_file, tmp_path):
+    big = _first_update(model_dir, train_file, tmp_path / "big", batch_size=4, accum=1)
+    accumulated = _first_update(model_dir, train_file, tmp_path / "acc", batch_size=2, accum=2)
     assert any(float(d.abs().max()) > 0 for d in big.values())
     for name, delta in big.items():
         torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize(
-    ("strategy", "training", "expected"),
-    [("steps", {"max_train_steps": 5}, [2, 4]), ("epoch", {"epochs": 2, "batch_size": 8}, [4, 8])],
+    ("strategy", "training", "expected", "final"),
+    [("steps", {"max_train_steps": 5}, [2, 4], 5), ("epoch", {"epochs": 2, "batch_size": 8}, [4, 8], 8)],
 )
-def test_checkpoints_follow_save_strategy(tiny_model_dir, train_file, tmp_path, strategy, training, expected):
-    cfg = make_cfg(tiny_model_dir, train_file, **training)
+def test_checkpoints_follow_save_strategy(model_dir, train_file, tmp_path, strategy, training, expected, final):
+    cfg = make_cfg(model_dir, train_file, **training)
     cfg.General.save_strategy = strategy
     cfg.General.save_steps = 2
     sink = MemorySink()
@@ -107,15 +125,15 @@ def test_checkpoints_follow_save_strategy(tiny_model_dir, train_file, tmp_path, 
         ckpt = tmp_path / "checkpoints" / f"step-{step}"
         assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
         assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == step
-    assert [c[0] for c in sink.checkpoints] == [*expected, expected[-1]]  # then the final adapter
+    assert [c[0] for c in sink.checkpoints] == [*expected, final]  # then the final adapter
 
 
-def test_no_checkpoints_by_default(tiny_model_dir, train_file, tmp_path):
-    run_training(make_cfg(tiny_model_dir, train_file, max_train_steps=2), tmp_path, MemorySink())
+def test_no_checkpoints_by_default(model_dir, train_file, tmp_path):
+    run_training(make_cfg(model_dir, train_file, max_train_steps=2), tmp_path, MemorySink())
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_nls_job_writes_search_files(tiny_model_dir, train_file, tmp_path):
+def test_nls_job_writes_search_files(model_dir, train_file, tmp_path):
     lora = LoraSection(
         r=4,
         lora_alpha=8,
@@ -125,7 +143,7 @@ def test_nls_job_writes_search_files(tiny_model_dir, train_file, tmp_path):
         search_space=["4,3,2", "4,3,2", "4,3,2"],
     )
     sink = MemorySink()
-    result = run_training(make_cfg(tiny_model_dir, train_file, lora=lora, max_train_steps=6), tmp_path, sink)
+    result = run_training(make_cfg(model_dir, train_file, lora=lora, max_train_steps=6), tmp_path, sink)
     adapter = Path(result.adapter_dir)
     elastic = json.loads((adapter / ELASTIC_CONFIG_FILE).read_text())
     stats = json.loads((adapter / STATS_FILE).read_text())
@@ -156,3 +174,24 @@ def test_sparse_peft_job_keeps_the_base_zeros(sparse_model_dir, train_file, tmp_
     finally:
         recipe.cleanup()
     assert load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_bf16_falls_back_to_fp32_without_native_support(model_dir, train_file, tmp_path, monkeypatch, native, expected):
+    from sqft_service.training import recipe as recipe_mod
+
+    monkeypatch.setattr(recipe_mod, "native_bf16_supported", lambda: native)
+    sink = MemorySink()
+    recipe = FinetuneRecipe(make_cfg(model_dir, train_file, mixed_precision="bf16", max_train_steps=1), tmp_path, sink)
+    recipe.setup()
+    assert recipe.autocast_dtype is expected
+    warned = [text for level, text, _ in sink.messages if level == "warn" and "bf16" in text]
+    assert bool(warned) is (not native)
+    recipe.train()
+    assert all(torch.isfinite(torch.tensor(losses(sink))))
+
+
+def test_thread_count_follows_the_config(model_dir, train_file, tmp_path):
+    recipe = FinetuneRecipe(make_cfg(model_dir, train_file, num_threads=1, max_train_steps=1), tmp_path, MemorySink())
+    recipe.setup()
+    assert torch.get_num_threads() == 1
