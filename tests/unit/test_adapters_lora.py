@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sqft_service.adapters.lora import (
     AdapterConfigError,
@@ -14,21 +14,11 @@ from sqft_service.adapters.lora import (
     default_target_modules,
 )
 from sqft_service.config import LoraSection
+from tests.conftest import make_tiny_llama
 
 
 def tiny(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(128, seed, max_position_embeddings=64, num_hidden_layers=layers)
 
 
 def test_default_targets_are_the_projections():

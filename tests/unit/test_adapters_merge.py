@@ -5,28 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from sqft_service.adapters.lora import build_peft_model
 from sqft_service.adapters.merge import merge_adapter
 from sqft_service.adapters.sparse import enable_sparse_peft
 from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
+from tests.conftest import make_tiny_llama
 
 
 def tiny(seed: int = 0, sparse: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(128, seed, max_position_embeddings=64)
     if sparse:
         sparsify_model(model, "magnitude", 0.5)
     return model

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sqft_service.adapters.lora import build_peft_model
 from sqft_service.adapters.nls import (
@@ -19,6 +19,7 @@ from sqft_service.adapters.nls import (
     write_elastic_adapter_config,
 )
 from sqft_service.config import LoraSection
+from tests.conftest import make_tiny_llama
 
 GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj", "down_proj"], ["o_proj", "gate_proj"]]
 SPACES = ["8,6,4", "8,4", "8,7,5,2"]
@@ -26,18 +27,7 @@ N_LAYERS = 3
 
 
 def tiny(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(128, seed, max_position_embeddings=64, num_hidden_layers=N_LAYERS)
 
 
 def nls_section(spaces=SPACES, dropout=0.0) -> LoraSection:

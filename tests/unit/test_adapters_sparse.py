@@ -5,27 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sqft_service.adapters.lora import build_peft_model
 from sqft_service.adapters.sparse import MASK_BUFFER, SparseLoraLinear, sparsity_report
 from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
+from tests.conftest import make_tiny_llama
 
 
 def sparse_tiny(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(128, seed, max_position_embeddings=64)
     sparsify_model(model, "magnitude", 0.5)
     return model
 
