@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
-from tests.helpers import alpaca_records, wait_until, write_json
+from tests.helpers import alpaca_records, wait_until, write_json, write_jsonl
 from tests.integration.conftest import make_settings, upload, wait_status
 
 
@@ -278,3 +278,29 @@ def test_reference_json_body_is_accepted_verbatim(client, train_file, tiny_model
     resp = client.post("/v1/fine_tuning/jobs", content=raw, headers={"Content-Type": "application/json"})
     assert resp.status_code == 200
     client.post(f"/v1/fine_tuning/jobs/{resp.json()['id']}/cancel")
+
+
+def test_chat_jsonl_job_trains(client, tmp_path, tiny_model_dir):
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {c}."},
+                      {"role": "assistant", "content": c}]}
+        for c in ["red", "blue", "green", "black"] * 3
+    ]  # fmt: skip
+    f = upload(client, write_jsonl(tmp_path / "chat.jsonl", records))
+    job = client.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
+    done = wait_status(client, job["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["trained_tokens"] > 0
+
+
+def test_data_rejected_in_the_job_fails_only_that_job(client, train_file, tiny_model_dir):
+    # Prompts longer than max_length leave no response token: the job fails naming why, others succeed.
+    bad = tiny_job(tiny_model_dir, train_file["id"], Dataset={"max_length": 8, "max_source_length": 8})
+    good = tiny_job(tiny_model_dir, train_file["id"])
+    bad_id = client.post("/v1/fine_tuning/jobs", json=bad).json()["id"]
+    good_id = client.post("/v1/fine_tuning/jobs", json=good).json()["id"]
+    failed = wait_status(client, bad_id, ("failed", "succeeded"))
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
+    assert "no training example has a token left" in failed["error"]["message"]
+    assert wait_status(client, good_id, ("failed", "succeeded"))["status"] == "succeeded"
