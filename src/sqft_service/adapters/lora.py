@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..config import LoraSection
+from .dropout import share_lora_dropout
 from .nls import ElasticRankController
 from .sparse import SparseAdapter, enable_sparse_peft
 
@@ -124,6 +125,7 @@ def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tupl
         target_modules=list(targets),
     )
     peft_model = get_peft_model(model, config)
+    share_lora_dropout(peft_model)
     handles = AdapterHandles()
     if lora.neural_lora_search:
         handles.nls = ElasticRankController(
