@@ -4,8 +4,8 @@ Profiling SmolLM2-135M LoRA training on this CPU (r=16 on q/k/v/up/down, batch 8
 ``aten::bernoulli_`` — peft's ``nn.Dropout`` on every adapter input — at 15% of the step: CPU
 ``bernoulli_`` draws a double per element. Two changes, same per-adapter distribution:
 
-* the keep decision comes from 15-bit integers (``randint`` into int16, about half the cost of
-  ``bernoulli_``); the keep probability is quantised to 1/32768, ``|Δp| < 1.6e-5``;
+* the keep decision comes from 15-bit integers cut from 64-bit random words (several times cheaper
+  than ``bernoulli_``); the keep probability is quantised to 1/32768, ``|Δp| < 1.6e-5``;
 * adapters that are fed the very same activation tensor in one forward pass (q/k/v of one attention
   block) share one drop mask instead of drawing three. Each adapter still sees ``dropout(x)`` with
   the configured ``p``; only the masks of sibling adapters become identical rather than independent.
@@ -19,6 +19,17 @@ import torch
 from torch import nn
 
 _LEVELS = 1 << 15
+
+
+def _uniform_int15(like: torch.Tensor) -> torch.Tensor:
+    """Uniform integers in [0, 2**15) shaped like ``like``.
+
+    One 64-bit draw yields four 16-bit lanes; the generator's cost is per draw, not per bit, so this
+    is ~3.5x cheaper than ``randint(..., dtype=int16)`` (measured: 0.67 vs 2.34 ms for 405k values).
+    """
+    n = like.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
+    return words.view(torch.int16)[:n].view(like.shape) & (_LEVELS - 1)
 
 
 class SharedInputDropout(nn.Dropout):
@@ -47,8 +58,7 @@ class SharedInputDropout(nn.Dropout):
             and x._version == self._last_version
         ):
             return self._last_output
-        draws = torch.randint(0, _LEVELS, x.shape, dtype=torch.int16, device=x.device)
-        out = x * (draws >= self._threshold).to(x.dtype).mul_(self._scale)
+        out = x * (_uniform_int15(x) >= self._threshold).to(x.dtype).mul_(self._scale)
         self._last_input, self._last_version = weakref.ref(x), x._version
         self._last_output = out
         return out

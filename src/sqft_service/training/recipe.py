@@ -159,7 +159,9 @@ class FinetuneRecipe:
         self.sink.message(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)")
 
         t = cfg.Training
-        self.collator = data_mod.Collator.from_config(self.tokenizer, cfg.Dataset)
+        # Rounding lengths up to a multiple of 8 helps GPU tensor cores; on CPU it is ~6% padding waste.
+        multiple = None if t.device == "cpu" else 8
+        self.collator = data_mod.Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=multiple)
         self.steps_per_epoch = math.ceil(len(self.train_examples) / (t.batch_size * t.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_train_steps is not None:
