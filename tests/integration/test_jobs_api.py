@@ -304,3 +304,12 @@ def test_data_rejected_in_the_job_fails_only_that_job(client, train_file, tiny_m
     assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
     assert "no training example has a token left" in failed["error"]["message"]
     assert wait_status(client, good_id, ("failed", "succeeded"))["status"] == "succeeded"
+
+
+def test_unsupported_worker_count_is_reported_not_silently_dropped(client, train_file, tiny_model_dir):
+    body = tiny_job(tiny_model_dir, train_file["id"], Training={"num_training_workers": 4})
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    warns = [e for e in events if e["level"] == "warn"]
+    assert len(warns) == 1 and "num_training_workers=4 ignored" in warns[0]["message"]

@@ -82,6 +82,13 @@ class FineTuningService:
                 f"General.output_dir {requested_output!r} ignored: outputs are kept in {cfg.General.output_dir}",
                 level="warn",
             )
+        if cfg.Training.num_training_workers > 1:
+            self.events.add_event(
+                job_id,
+                f"Training.num_training_workers={cfg.Training.num_training_workers} ignored: the embedded runner "
+                "trains in one process using every core (multi-worker Ray runs are not available yet)",
+                level="warn",
+            )
         self.events.add_event(
             job_id,
             f"Validated training file: {training.filename} ({training.meta.get('n_records', '?')} records)",
