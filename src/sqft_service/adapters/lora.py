@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import LoraSection
 from .dropout import share_lora_dropout
+from .fused_lora import fuse_lora_layers
 from .nls import ElasticRankController
 from .sparse import SparseAdapter, enable_sparse_peft
 
@@ -137,4 +138,6 @@ def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tupl
         )
     if lora.sparse_adapter:
         handles.sparse = enable_sparse_peft(peft_model)
+    else:
+        fuse_lora_layers(peft_model)
     return peft_model, handles
