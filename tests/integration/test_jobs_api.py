@@ -165,6 +165,13 @@ def test_list_jobs_pagination(client, train_file, tiny_model_dir):
     assert page["object"] == "list" and [j["id"] for j in page["data"]] == [ids[2], ids[1]] and page["has_more"]
     rest = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": ids[1]}).json()
     assert [j["id"] for j in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    every = client.get(f"/v1/fine_tuning/jobs/{ids[0]}/events", params={"limit": 100}).json()["data"]
+    assert len(every) >= 4
+    first = client.get(f"/v1/fine_tuning/jobs/{ids[0]}/events", params={"limit": 2}).json()
+    assert first["has_more"] is True and first["data"] == every[:2]
+    after = {"limit": 100, "after": first["data"][-1]["id"]}
+    second = client.get(f"/v1/fine_tuning/jobs/{ids[0]}/events", params=after).json()
+    assert second["data"] == every[2:] and second["has_more"] is False
 
 
 def test_missing_model_fails_the_job_with_a_readable_error(client, train_file, tmp_path):

@@ -125,6 +125,35 @@ class Database:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
+    def page(
+        self,
+        table: str,
+        *,
+        order_col: str,
+        limit: int,
+        after: str | None = None,
+        where: tuple[str, ...] = (),
+        params: tuple[Any, ...] = (),
+        descending: bool = True,
+    ) -> tuple[list[sqlite3.Row], bool]:
+        """One page of ``table`` in ``order_col`` order, starting after the row whose ``id`` is ``after``.
+
+        Returns the rows and whether more follow (OpenAI's ``has_more``). An unknown ``after`` id is
+        ignored, as OpenAI does.
+        """
+        clauses, args = list(where), list(params)
+        if after:
+            anchor = self.query_one(f"SELECT {order_col} AS k FROM {table} WHERE id = ?", (after,))
+            if anchor is not None:
+                clauses.append(f"{order_col} {'<' if descending else '>'} ?")
+                args.append(anchor["k"])
+        where_sql = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        direction = "DESC" if descending else "ASC"
+        rows = self.query(
+            f"SELECT * FROM {table} {where_sql} ORDER BY {order_col} {direction} LIMIT ?", (*args, limit + 1)
+        )
+        return rows[:limit], len(rows) > limit
+
     def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> int:
         with self.transaction() as cur:
             cur.execute(sql, params)

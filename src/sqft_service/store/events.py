@@ -52,15 +52,8 @@ class EventStore:
         return record
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> tuple[list[EventRecord], bool]:
-        params: list[Any] = [job_id]
-        extra = ""
-        if after:
-            anchor = self.db.query_one("SELECT seq FROM events WHERE id = ?", (after,))
-            if anchor is not None:
-                extra = "AND seq < ?"
-                params.append(anchor["seq"])
-        rows = self.db.query(
-            f"SELECT * FROM events WHERE job_id = ? {extra} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
+        rows, has_more = self.db.page(
+            "events", order_col="seq", limit=limit, after=after, where=("job_id = ?",), params=(job_id,)
         )
         events = [
             EventRecord(
@@ -72,9 +65,9 @@ class EventStore:
                 r["type"],
                 json.loads(r["data"]) if r["data"] else None,
             )
-            for r in rows[:limit]
+            for r in rows
         ]
-        return events, len(rows) > limit
+        return events, has_more
 
     def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict[str, Any]) -> CheckpointRecord:
         record = CheckpointRecord(new_id("ftckpt"), job_id, now(), step, path, metrics)
@@ -87,19 +80,11 @@ class EventStore:
     def list_checkpoints(
         self, job_id: str, *, after: str | None = None, limit: int = 10
     ) -> tuple[list[CheckpointRecord], bool]:
-        params: list[Any] = [job_id]
-        extra = ""
-        if after:
-            anchor = self.db.query_one("SELECT seq FROM checkpoints WHERE id = ?", (after,))
-            if anchor is not None:
-                extra = "AND seq < ?"
-                params.append(anchor["seq"])
-        rows = self.db.query(
-            f"SELECT * FROM checkpoints WHERE job_id = ? {extra} ORDER BY seq DESC LIMIT ?",
-            (*params, limit + 1),
+        rows, has_more = self.db.page(
+            "checkpoints", order_col="seq", limit=limit, after=after, where=("job_id = ?",), params=(job_id,)
         )
         records = [
             CheckpointRecord(r["id"], r["job_id"], r["created_at"], r["step"], r["path"], json.loads(r["metrics"]))
-            for r in rows[:limit]
+            for r in rows
         ]
-        return records, len(rows) > limit
+        return records, has_more

@@ -95,19 +95,12 @@ class FileStore:
     def list(
         self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
     ) -> tuple[list[FileRecord], bool]:
-        direction = "DESC" if order == "desc" else "ASC"
-        clauses, params = [], []
-        if purpose:
-            clauses.append("purpose = ?")
-            params.append(purpose)
-        if after:
-            anchor = self.db.query_one("SELECT rowid FROM files WHERE id = ?", (after,))
-            if anchor is not None:
-                clauses.append("rowid < ?" if order == "desc" else "rowid > ?")
-                params.append(anchor["rowid"])
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self.db.query(f"SELECT * FROM files {where} ORDER BY rowid {direction} LIMIT ?", (*params, limit + 1))
-        return [FileRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+        where, params = (("purpose = ?",), (purpose,)) if purpose else ((), ())
+        rows, has_more = self.db.page(
+            "files", order_col="rowid", limit=limit, after=after, where=where, params=params,
+            descending=order == "desc",
+        )  # fmt: skip
+        return [FileRecord.from_row(r) for r in rows], has_more
 
     def delete(self, file_id: str) -> bool:
         record = self.get(file_id)

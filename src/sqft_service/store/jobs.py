@@ -121,15 +121,8 @@ class JobStore:
         return JobRecord.from_row(row) if row else None
 
     def list(self, *, after: str | None = None, limit: int = 20) -> tuple[list[JobRecord], bool]:
-        params: list[Any] = []
-        where = ""
-        if after:
-            anchor = self.db.query_one("SELECT seq FROM jobs WHERE id = ?", (after,))
-            if anchor is not None:
-                where = "WHERE seq < ?"
-                params.append(anchor["seq"])
-        rows = self.db.query(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
-        return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after)
+        return [JobRecord.from_row(r) for r in rows], has_more
 
     def with_status(self, *statuses: str) -> list[JobRecord]:
         marks = ",".join("?" for _ in statuses)
