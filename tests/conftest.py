@@ -86,3 +86,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
 @pytest.fixture
 def tiny_llama(tokenizer):
     return make_tiny_llama(len(tokenizer))
+
+
+def randomize_b(peft_model, seed: int = 1) -> None:
+    """Non-zero LoRA B matrices (peft initialises B to zero), so an adapter changes the output."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP spin-waits costly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

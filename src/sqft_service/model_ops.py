@@ -7,7 +7,6 @@ the service process stays small, and a crash or an out-of-memory kill cannot tak
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from .adapters.merge import merge_adapter
 from .adapters.sparsify import sparsify_model
 from .training.data import alpaca_prompt, load_records
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
-
-log = logging.getLogger(__name__)
 
 # Used for Wanda's activation statistics when the caller gives no calibration file: generic prose,
 # enough to estimate per-feature input norms (Wanda is robust to the calibration text, Sun et al. 2023 §5).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 
@@ -30,7 +30,6 @@ class Settings:
     max_upload_bytes: int = 512 * 1024 * 1024
     # Threads per job process (None: torch's default, i.e. all cores divided by concurrent jobs).
     threads_per_job: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:

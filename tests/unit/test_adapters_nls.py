@@ -19,7 +19,7 @@ from sqft_service.adapters.nls import (
     write_elastic_adapter_config,
 )
 from sqft_service.config import LoraSection
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, randomize_b
 
 GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj", "down_proj"], ["o_proj", "gate_proj"]]
 SPACES = ["8,6,4", "8,4", "8,7,5,2"]
@@ -39,14 +39,6 @@ def nls_section(spaces=SPACES, dropout=0.0) -> LoraSection:
         target_module_groups=GROUPS,
         search_space=spaces,
     )
-
-
-def randomize_b(peft_model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 @pytest.fixture

@@ -11,21 +11,13 @@ from sqft_service.adapters.lora import build_peft_model
 from sqft_service.adapters.sparse import MASK_BUFFER, SparseLoraLinear, sparsity_report
 from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, randomize_b
 
 
 def sparse_tiny(seed: int = 0) -> LlamaForCausalLM:
     model = make_tiny_llama(128, seed, max_position_embeddings=64)
     sparsify_model(model, "magnitude", 0.5)
     return model
-
-
-def randomize_b(peft_model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 def reference(layer, x, rank_mask=None, dropout=lambda t: t):

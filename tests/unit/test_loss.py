@@ -18,14 +18,7 @@ from tests.conftest import make_tiny_llama
 
 VOCAB = 512
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes OpenMP spin-waits costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples(seed: int = 0) -> list[TokenizedExample]:

@@ -68,34 +68,17 @@ class StoreSink:
         )
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
+def _user_errors() -> dict[type[BaseException], tuple[str, str | None]]:
+    """The user-input errors a job can hit, each with its error ``code`` and default ``param``."""
     from ..adapters.lora import AdapterConfigError
     from ..training.data import DataValidationError
     from ..training.models import ModelLoadError
 
-    return (DataValidationError, ModelLoadError, AdapterConfigError)
-
-
-def _error_param(exc: BaseException) -> str | None:
-    from ..training.data import DataValidationError
-    from ..training.models import ModelLoadError
-
-    if isinstance(exc, DataValidationError):
-        return "training_file"
-    if isinstance(exc, ModelLoadError):
-        return "model"
-    return getattr(exc, "param", None)
-
-
-def _error_code(exc: BaseException) -> str:
-    from ..training.data import DataValidationError
-    from ..training.models import ModelLoadError
-
-    if isinstance(exc, DataValidationError):
-        return "invalid_training_file"
-    if isinstance(exc, ModelLoadError):
-        return "invalid_model"
-    return "invalid_configuration"
+    return {
+        DataValidationError: ("invalid_training_file", "training_file"),
+        ModelLoadError: ("invalid_model", "model"),
+        AdapterConfigError: ("invalid_configuration", None),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         sink.message(f"training stopped: {exc}", level="warn")
         return EXIT_FAILED
-    except _user_error_types() as exc:
+    except tuple(_user_errors()) as exc:
         log.error("%s", exc)
-        error_path.write_text(json.dumps({"code": _error_code(exc), "message": str(exc), "param": _error_param(exc)}))
+        code, param = next(v for t, v in _user_errors().items() if isinstance(exc, t))
+        param = getattr(exc, "param", None) or param
+        error_path.write_text(json.dumps({"code": code, "message": str(exc), "param": param}))
         return EXIT_USER_ERROR
     except Exception as exc:
         traceback.print_exc()

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +280,7 @@ class FinetuneRecipe:
         accum = t.gradient_accumulation_steps
         step = 0
         trained_tokens = 0
-        window: list[tuple[float, int]] = []  # (seconds, real tokens) of recent steps, for tokens/s and ETA
+        window: deque[tuple[float, int]] = deque(maxlen=20)  # (seconds, real tokens) of recent steps
         started = time.time()
         self.sink.message(f"training for {self.total_steps} steps ({t.epochs} epoch(s), {self.steps_per_epoch}/epoch)")
         for epoch in range(t.epochs):
@@ -299,7 +300,7 @@ class FinetuneRecipe:
                 step += 1
                 dt = time.perf_counter() - t0
                 trained_tokens += n_real
-                window = ([*window, (dt, n_real)])[-20:]
+                window.append((dt, n_real))
                 train_loss = loss_sum / max(n_labels, 1)
                 if self.handles.nls is not None:
                     self.handles.nls.record_loss(train_loss)
@@ -356,7 +357,7 @@ class FinetuneRecipe:
         epoch: int,
         train_loss: float,
         accuracy: float,
-        window: list[tuple[float, int]],
+        window: deque[tuple[float, int]],
         trained_tokens: int,
         started: float,
     ) -> dict[str, Any]:

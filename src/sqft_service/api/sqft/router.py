@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..body import parse_lenient_json, validate_body
 from .protocol import (
@@ -36,8 +37,7 @@ def _merge(request: Request, body: MergeAdapterRequest) -> MergedModel:
 @router.post("/v1/finetune/merge_adapter", response_model=MergedModel)
 async def merge_adapter(request: Request) -> MergedModel:
     body = validate_body(MergeAdapterRequest, parse_lenient_json(await request.body()))
-    from starlette.concurrency import run_in_threadpool
-
+    # The merge waits on a child process for seconds to minutes: keep the event loop free.
     return await run_in_threadpool(_merge, request, body)
 
 
