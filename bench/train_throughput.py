@@ -361,6 +361,9 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     cfg.Dataset.train_file = spec["data"]
     cfg.Dataset.max_train_samples = spec["samples"]
     cfg.Dataset.validation_split_percentage = 0
+    # "_unsorted" takes batches in random order like HF's sampler; "_packed" then packs each batch.
+    cfg.Dataset.group_by_length = not (name.endswith("_unsorted") or name.endswith("_packed"))
+    cfg.Dataset.packing = name.endswith("_packed")
     t = cfg.Training
     t.batch_size, t.learning_rate, t.lr_scheduler, t.seed = spec["batch_size"], spec["lr"], "constant", spec["seed"]
     t.max_train_steps = spec["warmup"] + spec["steps"]
@@ -390,7 +393,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         out = train_step(group, max_grad_norm)
         seconds = time.perf_counter() - t0 + sample_s[0]
         loss_sum, _, n_labels, n_real = out
-        padded = sum(int(b["attention_mask"].numel()) for b in group)
+        padded = sum(b["n_padded_tokens"] for b in group)
         steps.append({"seconds": seconds, "tokens": n_real, "padded": padded, "loss": loss_sum / max(n_labels, 1)})
         return out
 
@@ -618,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         plan.append(spec("ours_lora_fp32", mixed_precision="no"))
         plan.append(spec("ours_lora_gradckpt", mixed_precision=best_precision))
+        plan.append(spec("ours_lora_unsorted", mixed_precision=best_precision))
+        plan.append(spec("ours_lora_packed", mixed_precision=best_precision))
         gsm = None if args.no_gsm8k else find_data("gsm8k_train.jsonl")
         if gsm is not None:
             gsm_data = str(gsm8k_as_alpaca(gsm, tmp_root / "gsm8k.json"))

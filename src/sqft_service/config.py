@@ -115,6 +115,9 @@ class DatasetSection(_Section):
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     group_by_length: bool = True
+    # Extension: lay each batch's examples end to end in rows of up to max_length tokens, attention
+    # kept per example (training/packing.py). Same examples per step, less padding.
+    packing: bool = False
 
     @model_validator(mode="after")
     def _check_lengths(self) -> DatasetSection:

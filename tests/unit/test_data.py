@@ -23,6 +23,7 @@ from sqft_service.training.data import (
     split_train_eval,
     tokenize_records,
 )
+from sqft_service.training.packing import PackingCollator, first_fit_decreasing
 
 WITH_INPUT = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
 NO_INPUT = {"instruction": "Name a primary colour.", "output": "Red is a primary colour."}
@@ -428,3 +429,28 @@ def test_collator_from_config_on_real_data(tokenizer):
     assert batch["n_real_tokens"] == sum(data.lengths)
     assert batch["attention_mask"][:, -1].tolist() == [1, 1, 1]
     assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+
+
+# --------------------------------------------------------------------------- packing
+def test_first_fit_decreasing_fills_bins_and_keeps_every_index_once():
+    lengths = [5, 11, 17, 23, 3, 40]
+    bins = first_fit_decreasing(lengths, capacity=25)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert bins[0] == [5]  # longer than the capacity: a bin of its own
+    assert all(sum(lengths[i] for i in b) <= 25 for b in bins[1:])
+    assert len(bins) == 4  # 40 | 23 | 17+5+3 | 11
+    assert first_fit_decreasing([], 10) == []
+
+
+def test_packing_collator_restarts_positions_and_masks_each_first_token():
+    examples = [TokenizedExample([10, 11, 12], [10, 11, 12]), TokenizedExample([20, 21], [-100, 21])]
+    batch = PackingCollator(pad_token_id=0, capacity=8)(examples)
+    assert batch["attention_mask"] is None
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 11, 12, -100, 21]]
+    assert (batch["n_real_tokens"], batch["n_label_tokens"], batch["n_padded_tokens"]) == (5, 3, 5)
+    two_rows = PackingCollator(pad_token_id=0, capacity=3)(examples)
+    assert two_rows["input_ids"].tolist() == [[10, 11, 12], [20, 21, 0]]
+    assert two_rows["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]  # the pad is a segment of its own
+    assert two_rows["labels"][1, 2] == -100 and two_rows["n_padded_tokens"] == 6

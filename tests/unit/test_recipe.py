@@ -75,7 +75,9 @@ def test_loss_falls_on_a_repetitive_dataset(model_dir, train_file, tmp_path):
     assert sink.checkpoints[-1][2]["final"] is True
 
 
-def _first_update(model_dir: Path, train_file: Path, out: Path, batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+def _first_update(
+    model_dir: Path, train_file: Path, out: Path, batch_size: int, accum: int, packing: bool = False
+) -> dict[str, torch.Tensor]:
     cfg = make_cfg(
         model_dir,
         train_file,
@@ -87,6 +89,7 @@ def _first_update(model_dir: Path, train_file: Path, out: Path, batch_size: int,
         max_grad_norm=None,
     )
     cfg.Dataset.group_by_length = False  # the same example order for both batch sizes
+    cfg.Dataset.packing = packing
     recipe = FinetuneRecipe(cfg, out, MemorySink())
     recipe.setup()
     before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
@@ -100,6 +103,14 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, train_file, tmp_
     assert any(float(d.abs().max()) > 0 for d in big.values())
     for name, delta in big.items():
         torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_packing_gives_the_same_update(model_dir, train_file, tmp_path):
+    plain = _first_update(model_dir, train_file, tmp_path / "plain", batch_size=4, accum=1)
+    packed = _first_update(model_dir, train_file, tmp_path / "packed", batch_size=4, accum=1, packing=True)
+    assert any(float(d.abs().max()) > 0 for d in plain.values())
+    for name, delta in plain.items():
+        torch.testing.assert_close(packed[name], delta, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize(

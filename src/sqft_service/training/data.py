@@ -527,8 +527,9 @@ class Collator:
     """Pads a list of :class:`TokenizedExample` to the batch's longest (never to a fixed length).
 
     The result holds tensors ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads), plus
-    python ints ``n_real_tokens`` (attention-mask sum) and ``n_label_tokens`` (labels that take a
-    loss after the causal shift, ``labels[:, 1:] != -100``); pop the ints before calling the model.
+    python ints ``n_real_tokens`` (attention-mask sum), ``n_label_tokens`` (labels that take a
+    loss after the causal shift, ``labels[:, 1:] != -100``) and ``n_padded_tokens`` (the tensor
+    size); pop the ints before calling the model.
 
     Args:
         pad_token_id: Id written into padded positions of ``input_ids``.
@@ -585,5 +586,6 @@ class Collator:
             "labels": labels,
             "n_real_tokens": int(attention.sum()),
             "n_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            "n_padded_tokens": input_ids.numel(),
         }
         return batch

@@ -34,6 +34,7 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
     lm = _causal_lm(model)
     decoder = lm.get_decoder()
+    # A packed batch has no 2-D mask but per-example position_ids (see training/packing.py).
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
@@ -52,7 +53,12 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
 
 def reference_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The plain way (full logits, HF's shift-and-mean) that :func:`causal_lm_loss` must match."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
