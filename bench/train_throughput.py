@@ -11,6 +11,9 @@ in its own process (so peak RSS is per setup):
 * ``ours_lora`` / ``ours_nls`` / ``ours_sparsepeft``: :class:`sqft_service.training.recipe.FinetuneRecipe`
   as a job runs it (NLS search space 16,12,8; SparsePEFT on a 50% magnitude-pruned base).
 
+Setups that are compared run as concurrent processes taking turns step by step (``bench/turns.py``),
+so a drifting shared CPU slows them alike; each keeps its own model and peak RSS.
+
 Reported per setup: real (non-pad) tokens/s as the median over measured steps after warm-up, the
 median step time, peak RSS, MFU against the matmul peak measured on the spot (bf16 and fp32 GEMM),
 first and last training loss. A SparsePEFT layer micro-benchmark compares our fused formulation
@@ -36,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from turns import Turns
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -140,25 +145,66 @@ def gsm8k_as_alpaca(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one setup in a fresh interpreter; its last stdout line is the JSON row."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(spec, handle)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", handle.name]
+def run_group(specs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    """Run setups, each in a fresh interpreter; several at once take turns step by step (bench/turns.py).
+
+    A child's last stdout line is its JSON row.
+    """
+    turns_dir = tempfile.mkdtemp(prefix="sqft-turns-") if len(specs) > 1 else None
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"name": spec["name"], "error": f"timed out after {timeout:.0f} s"}
-    finally:
-        os.unlink(handle.name)
-    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"name": spec["name"], "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    row = json.loads(lines[-1])
-    row["wall_s"] = round(time.perf_counter() - started, 1)
-    return row
+    children = []
+    for index, spec in enumerate(specs):
+        spec = {**spec, "turns_dir": turns_dir, "turns_index": index, "turns_size": len(specs)}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump(spec, handle)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", handle.name]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        children.append((spec, handle.name, proc))
+    rows = []
+    for spec, spec_path, proc in children:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            rows.append({"name": spec["name"], "error": f"timed out after {timeout:.0f} s"})
+            continue
+        finally:
+            os.unlink(spec_path)
+        lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (err or out).strip().splitlines()[-15:]
+            rows.append({"name": spec["name"], "error": f"exit {proc.returncode}: " + " | ".join(tail)})
+            continue
+        row = json.loads(lines[-1])
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        if len(specs) > 1:
+            row["interleaved_with"] = [s["name"] for s in specs if s["name"] != spec["name"]]
+        rows.append(row)
+    if turns_dir:
+        shutil.rmtree(turns_dir, ignore_errors=True)
+    return rows
+
+
+def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    return run_group([spec], timeout)[0]
+
+
+def group_of(name: str) -> str:
+    """Setups compared with each other run in one group, turn by turn (bench/turns.py).
+
+    A group's processes are all resident at once (~3-4 GB each); the 512-padded reference (~14 GB)
+    runs alone.
+    """
+    if name in ("hf_peft_fp32", "hf_peft_bf16", "ours_lora", "ours_nls", "ours_sparsepeft"):
+        return "targets"
+    if name in ("hf_peft_fp32_same_order", "ours_lora_nodropout", "ours_sparsepeft_nodropout"):
+        return "same_order_and_no_dropout"
+    if name.endswith("_gsm8k"):
+        return "gsm8k"
+    if name.startswith("ours_lora_"):
+        return "lora_variants"
+    return name
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -278,6 +324,7 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
     total = spec["warmup"] + spec["steps"]
     steps: list[dict[str, float]] = []
     pending: dict[str, float] = {}
+    turns = Turns.from_spec(spec)
 
     class Timed(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -286,7 +333,11 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
             return super().training_step(model, inputs, num_items_in_batch)
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            turns.ready()
+
         def on_step_begin(self, args, state, control, **kw):
+            turns.acquire()
             pending["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -297,6 +348,7 @@ def child_hf(spec: dict[str, Any]) -> dict[str, Any]:
                     "padded": pending.pop("padded"),
                 }
             )
+            turns.release()
 
     args = TrainingArguments(
         output_dir=spec["tmp"],
@@ -388,16 +440,21 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
         nls.sample = timed_sample
 
+    turns = Turns.from_spec(spec)
+
     def timed_step(group, max_grad_norm):
+        turns.acquire()
         t0 = time.perf_counter()
         out = train_step(group, max_grad_norm)
         seconds = time.perf_counter() - t0 + sample_s[0]
+        turns.release()
         loss_sum, _, n_labels, n_real = out
         padded = sum(b["n_padded_tokens"] for b in group)
         steps.append({"seconds": seconds, "tokens": n_real, "padded": padded, "loss": loss_sum / max(n_labels, 1)})
         return out
 
     recipe._train_step = timed_step
+    turns.ready()
     try:
         recipe.train()
     finally:
@@ -456,11 +513,18 @@ def child_main(spec_path: str) -> None:
         if spec["name"] == "sparse_layer":
             row = child_sparse_layer(spec)
         elif spec["name"] == "peaks":
-            row = {"name": "peaks", **measure_peaks(spec["threads"]), "native_bf16": native_bf16()}
+            row = {
+                "name": "peaks",
+                **measure_peaks(spec["threads"], 4.0 if spec["quick"] else 6.0),
+                "native_bf16": native_bf16(),
+            }
         elif spec["name"].startswith(("hf_", "reference_")):
             row = child_hf(spec)
         else:
             row = child_ours(spec)
+    except BaseException:
+        Turns.from_spec(spec).abort()  # let the rest of the group go on without waiting for this one
+        raise
     finally:
         shutil.rmtree(spec["tmp"], ignore_errors=True)
     row["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -527,6 +591,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ("ours_nls", "ours_lora", "<= 1.03"),
         ("ours_sparsepeft", "ours_lora", "<= 1.25"),
         ("ours_sparsepeft_nodropout", "ours_lora_nodropout", "<= 1.25"),
+        ("ours_lora_gradckpt", "ours_lora_fp32", "memory option"),
+        ("ours_lora_packed", "ours_lora_unsorted", "< 1"),
+        ("ours_lora_gsm8k", "hf_peft_fp32_gsm8k", "-"),
     ]
     ratios = [
         f"| {a} / {b} | {by_name[a]['step_s'] / by_name[b]['step_s']:.2f} | {target} |"
@@ -595,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "warmup": warmup,
         "steps": steps,
-        "reps": 15 if args.quick else 40,
+        "quick": args.quick,
+        "reps": 8 if args.quick else 40,
     }
 
     def spec(name: str, **over: Any) -> dict[str, Any]:
@@ -611,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [s.strip() for s in args.setups.split(",") if s.strip()]:
         over: dict[str, Any] = {}
         if name == "reference_pad512":  # ~8x the tokens per step: fewer steps keep it affordable
-            over = {"steps": 1, "warmup": 0} if args.quick else {"steps": max(2, steps // 2), "warmup": 1}
+            over = {"steps": 1, "warmup": 0} if args.quick else {"steps": max(2, steps // 4), "warmup": 1}
         if name.startswith("ours_"):
             over["mixed_precision"] = best_precision
         plan.append(spec(name, **over))
@@ -629,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(spec("hf_peft_fp32_gsm8k", data=gsm_data, samples=512))
             plan.append(spec("ours_lora_gsm8k", data=gsm_data, samples=512, mixed_precision=best_precision))
 
-    rows: list[dict[str, Any]] = []
+    rows_by_name: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for s in plan:
         if "bf16" in s["name"] and s["name"].startswith("hf_") and not has_bf16 and not args.force_bf16:
             row = {k: None for k in REQUIRED}
@@ -639,26 +708,34 @@ def main(argv: list[str] | None = None) -> int:
                 skipped=f"no native bf16 on this CPU (bf16 GEMM {peaks.get('bf16')} GFLOP/s vs fp32 "
                 f"{peaks.get('fp32')}); --force-bf16 runs it",
             )
-            rows.append(row)
+            rows_by_name[s["name"]] = row
             print(f"{s['name']}: skipped ({row['skipped']})", flush=True)
             continue
-        print(f"{s['name']}: running ({s['warmup']} warm-up + {s['steps']} measured steps) ...", flush=True)
-        load_before = os.getloadavg()[0]
-        row = run_child(s, timeout=3600)
-        row["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        for key in REQUIRED:
-            row.setdefault(key, None)
-        if row.get("real_tokens_per_s"):
-            peak = peaks.get("bf16" if row.get("precision") == "bf16" else "fp32") or 0
-            row["gflops"] = round(row["real_tokens_per_s"] * flops_per_token / 1e9, 2)
-            row["mfu"] = round(row["gflops"] / peak, 4) if peak else None
+        groups.setdefault(group_of(s["name"]), []).append(s)
+    for members in groups.values():
+        names = ", ".join(m["name"] for m in members)
         print(
-            f"  -> {row.get('real_tokens_per_s')} real tok/s, step {row.get('step_s')} s, "
-            f"RSS {row.get('peak_rss_mb')} MB, loss {row.get('loss_first')} -> {row.get('loss_last')}"
-            + (f"  ERROR {row['error']}" if row.get("error") else ""),
+            f"{names}: running, turn by turn ({members[0]['warmup']} warm-up + {members[0]['steps']} measured "
+            "steps each) ...",
             flush=True,
         )
-        rows.append(row)
+        load_before = os.getloadavg()[0]
+        for row in run_group(members, timeout=3600):
+            row["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            for key in REQUIRED:
+                row.setdefault(key, None)
+            if row.get("real_tokens_per_s"):
+                peak = peaks.get("bf16" if row.get("precision") == "bf16" else "fp32") or 0
+                row["gflops"] = round(row["real_tokens_per_s"] * flops_per_token / 1e9, 2)
+                row["mfu"] = round(row["gflops"] / peak, 4) if peak else None
+            print(
+                f"  {row['name']} -> {row.get('real_tokens_per_s')} real tok/s, step {row.get('step_s')} s, "
+                f"RSS {row.get('peak_rss_mb')} MB, loss {row.get('loss_first')} -> {row.get('loss_last')}"
+                + (f"  ERROR {row['error']}" if row.get("error") else ""),
+                flush=True,
+            )
+            rows_by_name[row["name"]] = row
+    rows = [rows_by_name[s["name"]] for s in plan if s["name"] in rows_by_name]
     layer = run_child(spec("sparse_layer"), timeout=300)
 
     now = dt.datetime.now()
