@@ -23,7 +23,7 @@ from sqft_service.training.data import (
     split_train_eval,
     tokenize_records,
 )
-from sqft_service.training.packing import PackingCollator, first_fit_decreasing
+from sqft_service.training.packing import PackingCollator, first_fit_decreasing, pack_rows
 
 WITH_INPUT = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
 NO_INPUT = {"instruction": "Name a primary colour.", "output": "Red is a primary colour."}
@@ -454,3 +454,12 @@ def test_packing_collator_restarts_positions_and_masks_each_first_token():
     assert two_rows["input_ids"].tolist() == [[10, 11, 12], [20, 21, 0]]
     assert two_rows["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]  # the pad is a segment of its own
     assert two_rows["labels"][1, 2] == -100 and two_rows["n_padded_tokens"] == 6
+
+
+def test_pack_rows_balances_an_overflowing_batch():
+    lengths = [200, 200, 100, 48]
+    assert first_fit_decreasing(lengths, 512) == [[0, 1, 2], [3]]  # a 500-wide and a 48-long row
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3] and len(rows) == 2
+    assert max(sum(lengths[i] for i in r) for r in rows) == 300  # 200+100 | 200+48
+    assert pack_rows([5, 11, 17, 23], 64) == [[3, 2, 1, 0]]  # one row: nothing to balance

@@ -14,7 +14,7 @@ from sqft_service.adapters.lora import build_peft_model
 from sqft_service.config import LoraSection
 from sqft_service.training.data import Collator, TokenizedExample
 from sqft_service.training.loss import IGNORE_INDEX, causal_lm_loss, reference_loss
-from sqft_service.training.packing import PackingCollator
+from sqft_service.training.packing import PackingCollator, separates_packed_examples
 from tests.conftest import make_tiny_llama
 
 VOCAB = 512
@@ -147,3 +147,14 @@ def test_packed_loss_matches_the_full_logits_reference():
         model = _peft_model()
         out = causal_lm_loss(model, batch)
         torch.testing.assert_close(out.loss_sum / out.n_labels, reference_loss(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_support_is_detected(monkeypatch):
+    import transformers.masking_utils as masking
+
+    model = make_tiny_llama(VOCAB).train()
+    assert separates_packed_examples(model)
+    assert model.training  # the probe restores the mode
+    # A model whose mask ignores position_ids (as some remote-code models do) attends across examples.
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not separates_packed_examples(model)

@@ -24,7 +24,7 @@ PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 
 class AdapterConfigError(ValueError):
-    """A LoRA setting that does not fit the model; ``param`` names the offending config field."""
+    """A LoRA (or other job) setting that does not fit the model; ``param`` names the config field."""
 
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)

@@ -1,7 +1,7 @@
 """Sequence packing: several examples per row, each attending only to itself.
 
-A micro-batch's examples are laid end to end into as few rows as fit ``capacity`` tokens
-(first-fit decreasing), so no compute goes to padding beyond the last row's tail. Attention stays
+A micro-batch's examples are laid end to end into as few rows as fit ``capacity`` tokens, balanced
+so the rows end up about equally long (:func:`pack_rows`): little compute goes to padding. Attention stays
 per example the way transformers does it for ``DataCollatorWithFlattening``: ``position_ids``
 restart at 0 for every example and the 2-D ``attention_mask`` is left out, so the model's
 ``create_causal_mask`` finds the example boundaries in ``position_ids`` and builds a
@@ -42,6 +42,27 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows for :class:`PackingCollator`: as few as fit ``capacity``, then balanced.
+
+    First-fit decreasing gives the fewest rows, but when the batch just overflows one row it leaves
+    a short last row that still gets padded to the full width (548 tokens at capacity 512 become two
+    512-wide rows). So the same number of rows is refilled longest-first into the emptiest row
+    (LPT), and the layout with the narrower widest row is kept: the padded size is rows x widest.
+    """
+    bins = first_fit_decreasing(lengths, capacity)
+    if len(bins) < 2:
+        return bins
+    rows: list[list[int]] = [[] for _ in bins]
+    loads = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        emptiest = min(range(len(rows)), key=loads.__getitem__)
+        rows[emptiest].append(i)
+        loads[emptiest] += lengths[i]
+    widest_bin = max(sum(lengths[i] for i in b) for b in bins)
+    return rows if max(loads) < widest_bin else bins
+
+
 class PackingCollator:
     """Packs a micro-batch into rows of at most ``capacity`` tokens (see the module docstring).
 
@@ -60,7 +81,7 @@ class PackingCollator:
 
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        rows = first_fit_decreasing([len(ex.input_ids) for ex in examples], self.capacity)
+        rows = pack_rows([len(ex.input_ids) for ex in examples], self.capacity)
         width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
@@ -90,3 +111,30 @@ class PackingCollator:
             "n_padded_tokens": input_ids.numel(),
             "n_rows": len(rows),
         }
+
+
+def separates_packed_examples(model: Any, n_tokens: int = 6) -> bool:
+    """Whether ``model`` keeps packed examples apart (its attention mask reads ``position_ids``).
+
+    Models built on transformers' ``create_causal_mask`` do; custom (remote-code) attention may not
+    and would silently attend across examples. Two short random sequences are run packed in one row
+    and as a padded batch; their hidden states must agree.
+    """
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, n_tokens), generator=torch.Generator().manual_seed(0))
+    decoder = model.get_decoder()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            apart = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+            packed = decoder(
+                input_ids=ids.reshape(1, -1),
+                position_ids=torch.arange(n_tokens).repeat(2).unsqueeze(0),
+                use_cache=False,
+            ).last_hidden_state
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed.reshape(apart.shape), apart, rtol=1e-4, atol=1e-4)

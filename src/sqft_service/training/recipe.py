@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from ..adapters.lora import AdapterHandles, build_peft_model
+from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
 from ..config import FinetuneConfig
 from . import data as data_mod
 from .events import EventSink
 from .loss import LossOutput, causal_lm_loss
 from .models import load_base_model, load_tokenizer, resolve_model_dir
-from .packing import PackingCollator
+from .packing import PackingCollator, separates_packed_examples
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,12 @@ class FinetuneRecipe:
         if cfg.General.enable_gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
+        if cfg.Dataset.packing and not separates_packed_examples(base):
+            raise AdapterConfigError(
+                "this model's attention does not keep packed examples apart (it ignores position_ids); "
+                "train with packing off",
+                param="Dataset.packing",
+            )
         self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
         self.model.train()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
