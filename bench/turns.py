@@ -1,6 +1,6 @@
 """Round-robin turns between benchmark processes, so compared setups see the same machine.
 
-On a shared (virtual) CPU the speed of the same GEMM drifts by up to ~40% from one minute to the
+On a shared (virtual) CPU the speed of the same GEMM drifts by up to ~45% from one minute to the
 next, so setups timed one after another compare machine states as much as trainers. A group of
 setups therefore runs as concurrent processes that take turns: each timed step runs alone, and the
 setups' steps interleave A, B, C, A, B, C, ... Every process keeps its own model and peak RSS.

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     db = Database(args.db)
     sink = StoreSink(db, args.job_id)
     error_path = args.job_dir / "error.json"
+    user_errors = _user_errors()
     try:
         cfg = FinetuneConfig.model_validate_json((args.job_dir / "config.json").read_text())
         output_dir = Path(cfg.General.output_dir or args.job_dir / "output")
@@ -120,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         sink.message(f"training stopped: {exc}", level="warn")
         return EXIT_FAILED
-    except tuple(_user_errors()) as exc:
+    except tuple(user_errors) as exc:
         log.error("%s", exc)
-        code, param = next(v for t, v in _user_errors().items() if isinstance(exc, t))
+        code, param = next(v for t, v in user_errors.items() if isinstance(exc, t))
         param = getattr(exc, "param", None) or param
         error_path.write_text(json.dumps({"code": code, "message": str(exc), "param": param}))
         return EXIT_USER_ERROR

@@ -171,8 +171,8 @@ class FinetuneRecipe:
         multiple = None if t.device == "cpu" else 8
         self.collator = data_mod.Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=multiple)
         if cfg.Dataset.packing:
-            # Rows as long as max_length: measured faster than rows as long as the batch's longest
-            # example (fewer rows beat the extra masked attention; see training/packing.py).
+            # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
+            # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
             longest = max(len(e.input_ids) for e in self.train_examples)
             self.collator = PackingCollator(self.collator.pad_token_id, max(cfg.Dataset.max_length, longest))
         self.steps_per_epoch = math.ceil(len(self.train_examples) / (t.batch_size * t.gradient_accumulation_steps))
@@ -202,22 +202,20 @@ class FinetuneRecipe:
         On a CPU without native support for the asked type, fall back to fp32 with a warning:
         emulated bf16/fp16 matmuls are far slower than fp32 ones.
         """
-        if mixed_precision == "bf16":
-            if native_bf16_supported():
-                return torch.bfloat16
-            self.sink.message(
-                "mixed_precision 'bf16' asked, but this CPU has no native bf16 matmul (AVX512-BF16/AMX): "
-                "training in fp32 instead",
-                level="warn",
-            )
-        elif mixed_precision == "fp16":
-            if native_fp16_supported():
-                return torch.float16
-            self.sink.message(
-                "mixed_precision 'fp16' asked, but this CPU has no native fp16 matmul (AVX512-FP16/AMX-FP16): "
-                "training in fp32 instead",
-                level="warn",
-            )
+        native = {
+            "bf16": (torch.bfloat16, native_bf16_supported, "AVX512-BF16/AMX"),
+            "fp16": (torch.float16, native_fp16_supported, "AVX512-FP16/AMX-FP16"),
+        }
+        if mixed_precision not in native:
+            return None
+        dtype, supported, isa = native[mixed_precision]
+        if supported():
+            return dtype
+        self.sink.message(
+            f"mixed_precision {mixed_precision!r} asked, but this CPU has no native {mixed_precision} matmul "
+            f"({isa}): training in fp32 instead",
+            level="warn",
+        )
         return None
 
     def _load_data(self) -> tuple[list, list]:
