@@ -237,7 +237,7 @@ def measure_peaks(threads: int, budget_s: float = 6.0) -> dict[str, float]:
 
 
 def native_bf16() -> bool:
-    from sqft_service.training.recipe import native_bf16_supported
+    from sqft_service.training.precision import native_bf16_supported
 
     return native_bf16_supported()
 

@@ -182,15 +182,17 @@ def test_sparse_peft_job_keeps_the_base_zeros(sparse_model_dir, train_file, tmp_
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
 def test_bf16_falls_back_to_fp32_without_native_support(model_dir, train_file, tmp_path, monkeypatch, native, expected):
-    from sqft_service.training import recipe as recipe_mod
+    from sqft_service.training import precision
 
-    monkeypatch.setattr(recipe_mod, "native_bf16_supported", lambda: native)
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda: native)
     sink = MemorySink()
     recipe = FinetuneRecipe(make_cfg(model_dir, train_file, mixed_precision="bf16", max_train_steps=1), tmp_path, sink)
     recipe.setup()
     assert recipe.autocast_dtype is expected
     warned = [text for level, text, _ in sink.messages if level == "warn" and "bf16" in text]
     assert bool(warned) is (not native)
+    base_dtype = recipe.model.get_base_model().model.layers[0].mlp.gate_proj.weight.dtype
+    assert base_dtype == (torch.bfloat16 if native else torch.float32)  # the frozen base follows autocast
     recipe.train()
     assert all(torch.isfinite(torch.tensor(losses(sink))))
 

@@ -28,6 +28,7 @@ from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
 from ..config import FinetuneConfig
 from . import data as data_mod
+from . import precision
 from .events import EventSink
 from .loss import LossOutput, causal_lm_loss
 from .models import load_base_model, load_tokenizer, resolve_model_dir
@@ -58,26 +59,6 @@ class TrainingResult:
     adapter_dir: str
     metrics_csv: str
     final_metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def native_bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX via oneDNN).
-
-    Without it PyTorch emulates bf16 GEMMs, which is one to two orders of magnitude slower than
-    fp32, so asking for bf16 there must fall back to fp32.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
-
-
-def native_fp16_supported() -> bool:
-    """Whether this CPU runs fp16 matmuls natively (AVX512-FP16 / AMX-FP16)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover
-        return False
 
 
 def physical_cores() -> int:
@@ -181,7 +162,10 @@ class FinetuneRecipe:
             self.total_steps = min(self.total_steps, t.max_train_steps)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self.autocast_dtype = self._autocast_dtype(t.mixed_precision)
+        self.autocast_dtype = precision.autocast_dtype(t.mixed_precision, lambda text: self.sink.message(text, "warn"))
+        if self.autocast_dtype is not None:
+            saved = precision.cast_frozen_linears(self.model, self.autocast_dtype)
+            self.sink.message(f"frozen base weights stored in {self.autocast_dtype} ({saved / 2**20:.0f} MiB saved)")
 
     def _configure_threads(self) -> None:
         """Intra-op threads = ``Training.num_threads``, else at most one per physical core.
@@ -195,28 +179,6 @@ class FinetuneRecipe:
         if wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
         self.sink.message(f"using {torch.get_num_threads()} intra-op thread(s)")
-
-    def _autocast_dtype(self, mixed_precision: str) -> torch.dtype | None:
-        """The autocast dtype for ``Training.mixed_precision``, or ``None`` (fp32).
-
-        On a CPU without native support for the asked type, fall back to fp32 with a warning:
-        emulated bf16/fp16 matmuls are far slower than fp32 ones.
-        """
-        native = {
-            "bf16": (torch.bfloat16, native_bf16_supported, "AVX512-BF16/AMX"),
-            "fp16": (torch.float16, native_fp16_supported, "AVX512-FP16/AMX-FP16"),
-        }
-        if mixed_precision not in native:
-            return None
-        dtype, supported, isa = native[mixed_precision]
-        if supported():
-            return dtype
-        self.sink.message(
-            f"mixed_precision {mixed_precision!r} asked, but this CPU has no native {mixed_precision} matmul "
-            f"({isa}): training in fp32 instead",
-            level="warn",
-        )
-        return None
 
     def _load_data(self) -> tuple[list, list]:
         ds = self.cfg.Dataset

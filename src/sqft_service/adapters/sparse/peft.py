@@ -41,6 +41,10 @@ class SparseLoraLinear(lora_layer.Linear):
     Never constructed directly: :func:`enable_sparse_peft` switches the class of existing instances.
     """
 
+    # The forward adds the masked delta to the exact base weight; a base stored in bf16 would round
+    # W before the sum (training.precision.cast_frozen_linears leaves such bases alone).
+    exact_base_weight = True
+
     def masked_delta(self, adapter: str) -> torch.Tensor:
         """``M * scaling * B @ diag(m) @ A`` in the adapter dtype (``m``: NLS rank mask, or all ones)."""
         weight_a = self.lora_A[adapter].weight
