@@ -51,12 +51,14 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 5, None], ids=["chunk1", "chunk5", "one-chunk"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_label_only_loss_equals_full_logits_loss(side):
+def test_label_only_loss_equals_full_logits_loss(side, chunk_rows):
+    """Also over chunk sizes: the chunked cross-entropy's early gradients equal autograd's."""
     model = _peft_model()
     batch = Collator(pad_token_id=2, padding_side=side, pad_to_multiple_of=8)(_examples())
 
-    out = causal_lm_loss(model, batch)
+    out = causal_lm_loss(model, batch, chunk_rows=chunk_rows)
     assert out.n_labels == batch["n_label_tokens"]
     (out.loss_sum / out.n_labels).backward()
     fast_grads = _grads(model)
@@ -70,6 +72,38 @@ def test_label_only_loss_equals_full_logits_loss(side):
     assert fast_grads.keys() == ref_grads.keys() and fast_grads
     for name, g in fast_grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adapted_lm_head_takes_the_plain_path_and_still_matches():
+    """LoRA on the lm_head makes it trainable: the loss falls back to autograd and still trains it."""
+    model = make_tiny_llama(VOCAB, seed=0)
+    lora = LoraSection(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"])
+    model, _ = build_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    batch = Collator(pad_token_id=2)(_examples())
+    out = causal_lm_loss(model, batch, chunk_rows=2)
+    (out.loss_sum / out.n_labels).backward()
+    grads = _grads(model)
+    assert any("lm_head" in name for name in grads)
+    model.zero_grad(set_to_none=True)
+    reference_loss(model, batch).backward()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_without_grad_matches():
+    """Evaluation (no grad) takes the same chunks but skips the early gradient."""
+    model = _peft_model()
+    batch = Collator(pad_token_id=2)(_examples())
+    with_grad = causal_lm_loss(model, batch, chunk_rows=3)
+    with torch.no_grad():
+        no_grad = causal_lm_loss(model, batch, chunk_rows=3)
+    assert not no_grad.loss_sum.requires_grad and with_grad.loss_sum.requires_grad
+    torch.testing.assert_close(no_grad.loss_sum, with_grad.loss_sum.detach())
+    assert int(no_grad.n_correct) == int(with_grad.n_correct)
 
 
 def test_label_only_loss_counts_correct_predictions():
