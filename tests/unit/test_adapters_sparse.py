@@ -55,7 +55,7 @@ def test_enable_switches_layers_and_keeps_checkpoint_clean(tmp_path):
 def test_fused_forward_and_grads_match_reference():
     _, handles = sparse_peft()
     layer = handles.sparse.modules["model.layers.1.mlp.down_proj"]
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, requires_grad=True)
     out = layer(x)
     ref = reference(layer, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -63,10 +63,11 @@ def test_fused_forward_and_grads_match_reference():
     assert not torch.allclose(out, plain, atol=1e-3)  # the mask matters
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     g = torch.randn_like(out)
-    ga, gb = torch.autograd.grad((out * g).sum(), (a, b))
-    ra, rb = torch.autograd.grad((ref * g).sum(), (a, b))
+    ga, gb, gx = torch.autograd.grad((out * g).sum(), (a, b, x))
+    ra, rb, rx = torch.autograd.grad((ref * g).sum(), (a, b, x))
     torch.testing.assert_close(ga, ra, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gb, rb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_path_matches_reference_in_training():
@@ -89,7 +90,11 @@ def test_composes_with_nls_rank_mask():
     handles.nls.activate([2, 4, 4, 1])
     layer = handles.sparse.modules["model.layers.1.mlp.gate_proj"]
     x = torch.randn(3, 16)
-    torch.testing.assert_close(layer(x), reference(layer, x, rank_mask=torch.tensor([1.0, 0, 0, 0])), atol=1e-5, rtol=0)
+    out, ref = layer(x), reference(layer, x, rank_mask=torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    for got, want in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # inactive ranks get no gradient
     # Merging under NLS uses the active sub-adapter too: delta = M * scaling * B[:, :1] @ A[:1].
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     expected = (b[:, :1] @ a[:1]) * layer.scaling["default"] * (layer.base_layer.weight != 0)
