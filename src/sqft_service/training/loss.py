@@ -6,12 +6,14 @@ So we run the decoder, gather the hidden states of label positions, and apply th
 rows only. The result equals the full computation (tests/unit/test_loss.py checks it).
 
 Those rows still make a ``rows x vocab`` logits matrix, and autograd keeps it plus the log-softmax
-output for the backward: on long answers (GSM8K, ~1,000 label rows a batch) that is ~0.6 GB of fp32
-for one matmul. :class:`_ChunkedLinearCrossEntropy` does what Liger's fused linear cross-entropy
-does, in plain PyTorch: it walks the rows in chunks, and for each chunk computes the logits, the
-loss and, right away, the gradient with respect to the hidden rows (``(softmax - onehot) @ W``);
+output for the backward: on long answers (GSM8K: up to 2,363 label rows in a batch of 8) that is
+hundreds of MB of fp32 per tensor for one matmul. :class:`_ChunkedLinearCrossEntropy` does what
+Liger's fused linear cross-entropy does, in plain PyTorch: it walks the rows in chunks, and for
+each chunk computes the logits, the loss and, right away, the gradient with respect to the hidden
+rows (``(softmax - onehot) @ W``);
 only that ``rows x hidden`` gradient is kept for the backward. The GEMMs are the ones autograd would
-run; the logits never exist for more than one chunk.
+run; the logits never exist for more than one chunk. Measured on GSM8K's three longest batches:
+8.7 vs 9.7 GB peak RSS, speed unchanged.
 """
 
 from __future__ import annotations
