@@ -15,7 +15,7 @@ from sqft_service.config import LoraSection
 from sqft_service.training.data import Collator, TokenizedExample
 from sqft_service.training.loss import IGNORE_INDEX, causal_lm_loss, reference_loss
 from sqft_service.training.packing import PackingCollator, separates_packed_examples
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, randomize_b
 
 VOCAB = 512
 
@@ -79,10 +79,7 @@ def test_adapted_lm_head_takes_the_plain_path_and_still_matches():
     model = make_tiny_llama(VOCAB, seed=0)
     lora = LoraSection(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"])
     model, _ = build_peft_model(model, lora)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.05)
+    randomize_b(model)
     batch = Collator(pad_token_id=2)(_examples())
     out = causal_lm_loss(model, batch, chunk_rows=2)
     (out.loss_sum / out.n_labels).backward()

@@ -18,7 +18,7 @@ from sqft_service.config import LoraSection
 from sqft_service.training.data import Collator, TokenizedExample
 from sqft_service.training.loss import IGNORE_INDEX, causal_lm_loss
 from sqft_service.training.precision import autocast_dtype, cast_frozen_linears
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, randomize_b
 
 VOCAB = 512
 
@@ -40,11 +40,7 @@ def _model(*, tied: bool = False, sparse: bool = False, dropout: float = 0.0):
         sparsify_model(base, "magnitude", 0.5)
     lora = LoraSection(r=4, lora_alpha=8, lora_dropout=dropout, sparse_adapter=sparse)
     model, _ = build_peft_model(base, lora, seed=0)
-    with torch.no_grad():  # non-zero B: the adapters change the output and get a full gradient path
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_b(model)  # non-zero B: the adapters change the output and get a full gradient path
     return model.train()
 
 
@@ -82,7 +78,7 @@ def test_bf16_frozen_base_matches_autocast_over_fp32(sparse, dropout):
     loss, grads = _loss_and_grads(stored, batch)
     assert torch.isfinite(loss) and ref_grads.keys() == grads.keys() and grads
     # The same roundings in the same order: equal up to float noise (a bf16 W under SparsePEFT's
-    # W + M*delta was 2% off in the gradients).
+    # W + M*delta was up to 3% off in the gradients).
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     for name, grad in grads.items():
         assert grad.dtype == torch.float32

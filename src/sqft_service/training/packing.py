@@ -2,8 +2,8 @@
 
 A micro-batch's examples are laid end to end into as few rows as fit ``capacity`` tokens, balanced
 so the rows end up about equally long (:func:`pack_rows`): little compute goes to padding.
-Attention stays per example the way transformers does it for ``DataCollatorWithFlattening``: ``position_ids``
-restart at 0 for every example and the 2-D ``attention_mask`` is left out, so the model's
+Attention stays per example the way transformers does it for ``DataCollatorWithFlattening``:
+``position_ids`` restart at 0 for every example and the 2-D ``attention_mask`` is left out, so the model's
 ``create_causal_mask`` finds the example boundaries in ``position_ids`` and builds a
 block-diagonal causal mask. Padding at a row's end is its own segment (positions restart there
 too) and carries no labels, so it never touches a real token. ``tests/unit/test_loss.py`` checks

@@ -79,6 +79,6 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
         for param in module.parameters(recurse=False):
             if param.requires_grad or param.dtype == dtype or not param.is_floating_point():
                 continue
-            saved += param.numel() * (param.element_size() - torch.empty((), dtype=dtype).element_size())
+            saved += param.numel() * (param.element_size() - dtype.itemsize)
             param.data = param.data.to(dtype)
     return saved
