@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not e2e" $(ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/train_throughput.py $(ARGS)
+	$(PY) -m bench.throughput $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

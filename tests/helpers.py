@@ -10,6 +10,19 @@ from typing import Any
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
 
+# One record of each shape, shared by the unit tests of training/records, tokenization and batching.
+WITH_INPUT = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
+NO_INPUT = {"instruction": "Name a primary colour.", "output": "Red is a primary colour."}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "That makes 6."},
+    ]
+}
+
 
 def alpaca_records(n: int) -> list[dict[str, str]]:
     """A small, learnable instruction set: short, repetitive answers so loss falls within a few steps."""

@@ -18,7 +18,7 @@ from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
-from .errors import ServiceError
+from .errors import ServiceError, UserError
 from .jobs.manager import JobManager
 from .settings import Settings
 from .store.db import Database
@@ -40,6 +40,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError) -> JSONResponse:
+        return _error(400, exc.message, "invalid_request_error", exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,8 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         app.state.file_service = file_service
         app.state.job_manager = manager
-        app.state.fine_tuning_service = FineTuningService(jobs, events, file_service, manager, settings.jobs_dir)
-        app.state.sqft_service = SqftService(settings, app.state.fine_tuning_service, file_service)
+        app.state.fine_tuning_service = FineTuningService(jobs, events, file_service, manager)
+        app.state.sqft_service = SqftService(
+            settings, app.state.fine_tuning_service, file_service, jobs, events, manager
+        )
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
         try:
@@ -95,10 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health", tags=["service"])
     def health() -> dict:
-        counts = {
-            row["status"]: row["n"]
-            for row in app.state.db.query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
-        }
-        return {"status": "ok", "version": __version__, "jobs": counts}
+        counts: dict[str, dict[str, int]] = {}
+        for row in app.state.db.query("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status"):
+            counts.setdefault(row["kind"], {})[row["status"]] = row["n"]
+        return {"status": "ok", "version": __version__, "jobs": counts.get("fine_tune", {}), "jobs_by_kind": counts}
 
     return app

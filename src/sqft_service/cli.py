@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import UserError
 from .settings import Settings
 
 
@@ -78,13 +79,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
+    from .model_ops import extract, sub_adapter_ranks
 
     adapter = Path(args.adapter)
-    elastic = json.loads((adapter / ELASTIC_CONFIG_FILE).read_text())
     custom = [int(v) for v in args.custom_config.split(",")] if args.custom_config else None
-    ranks = select_ranks(elastic, args.version, custom)
-    _emit(extract_sub_adapter(adapter, Path(args.output), ranks), args.json_out)
+    ranks = sub_adapter_ranks(adapter, args.version, custom)
+    _emit(extract(adapter, Path(args.output), ranks), args.json_out)
     return 0
 
 
@@ -138,14 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .training.data import DataValidationError
-    from .training.models import ModelLoadError
-
     try:
         return int(args.func(args) or 0)
-    except (ModelLoadError, DataValidationError, ValueError, FileNotFoundError) as exc:
-        # The user's input was wrong: one line on stderr and exit 2 (the API maps it to a 400).
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        # The user's input was wrong: one line on stderr (naming the field where known), exit status 2.
+        where = f" ({exc.param})" if isinstance(exc, UserError) and exc.param else ""
+        print(f"error{where}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .adapters.peft_utils import check_rank
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -55,11 +57,13 @@ class LoraSection(_Section):
                 raise ValueError(f"`target_module_groups[{i}]` is empty")
         for i, ranks in enumerate(self.parsed_search_space()):
             for rank in ranks:
-                if rank < 1 or rank > self.r:
-                    raise ValueError(
-                        f"`search_space[{i}]` has rank {rank}, outside [1, r={self.r}] "
-                        "(`r` is the maximal rank of the super-adapter)"
-                    )
+                check_rank(
+                    rank,
+                    self.r,
+                    f"`search_space[{i}]`",
+                    max_name="r",
+                    note=" (`r` is the maximal rank of the super-adapter)",
+                )
         flat = [m for g in self.target_module_groups for m in g]
         if len(set(flat)) != len(flat):
             raise ValueError("`target_module_groups`: a module appears in more than one group")
@@ -138,15 +142,47 @@ class TrainingSection(_Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    # "auto" picks the best device this version trains on (the CPU); "cuda" is refused until GPU
+    # training exists rather than accepted and run on the CPU.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # Multi-worker (data-parallel) training needs the Ray runner: only 1 is accepted until it exists.
     num_training_workers: int = Field(1, ge=1)
-    resources_per_worker: dict[str, Any] = Field(default_factory=lambda: {"CPU": 1})
+    resources_per_worker: dict[str, Any] | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_accumulation_steps: int = Field(1, ge=1)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     seed: int | None = None
     num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _cpu_only(cls, v: str) -> str:
+        if v == "cuda":
+            raise ValueError(
+                "`device` 'cuda': this version trains on the CPU only; use 'cpu' or 'auto' (GPU training is planned)"
+            )
+        return v
+
+    @field_validator("num_training_workers")
+    @classmethod
+    def _one_worker(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(
+                f"`num_training_workers` {v}: multi-worker training needs the Ray runner, which this version "
+                "does not have; use 1 (one process uses every core it is given)"
+            )
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _no_worker_resources(cls, v: dict[str, Any] | None) -> None:
+        if v is not None:
+            raise ValueError(
+                "`resources_per_worker` is only meaningful with the Ray runner, which this version does not have; "
+                "leave it out (SQFT_THREADS_PER_JOB sizes a job's CPU share)"
+            )
+        return v
 
 
 class FinetuneConfig(_Section):

@@ -1,8 +1,44 @@
-"""Typed service errors. One FastAPI handler (in ``app.py``) renders them as OpenAI's envelope:
-``{"error": {"message", "type", "param", "code"}}``. Layers below the API raise these; nothing
-returns error objects."""
+"""Errors, in two families.
+
+* :class:`UserError`: the client's input (a file, a model, a configuration) is wrong. Raised anywhere
+  below the API (data, models, adapters, config checks) and carried across the job boundary as a
+  ``JobOutcome`` error. It knows its ``code`` and ``param`` but not how it is shown: the API renders it
+  as OpenAI's 400 envelope (``app.py``), the CLI as one line on stderr (``cli.py``), a job as its
+  ``error`` object (``jobs/worker.py``).
+* :class:`ServiceError`: an HTTP-level outcome raised by the API services (404, 409, 413, ...). One
+  FastAPI handler renders both as ``{"error": {"message", "type", "param", "code"}}``.
+"""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """The client's input is wrong; the message says what and, where it can, ``param`` names the field.
+
+    Subclasses set class-level defaults for ``code`` and ``param``; a raise site may override either.
+    It is a ``ValueError`` so code that validates values can catch it the usual way.
+    """
+
+    code: str = "invalid_request"
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_error(self) -> dict[str, str | None]:
+        """The OpenAI ``error`` object (also a job's ``error``): code, message, param."""
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+
+class InvalidConfigurationError(UserError):
+    """A job setting that cannot work (on this model, this machine or this version)."""
+
+    code = "invalid_configuration"
 
 
 class ServiceError(Exception):

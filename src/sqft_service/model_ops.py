@@ -1,7 +1,7 @@
-"""Whole-model operations behind ``sqft merge`` / ``sqft sparsify`` and their API routes.
+"""The operations behind ``sqft extract | merge | sparsify`` and the jobs of those kinds (``jobs/tasks.py``).
 
-They load a full base model, so the API runs them in a child process (``python -m sqft_service.cli``):
-the service process stays small, and a crash or an out-of-memory kill cannot take it down.
+Each builds its output in a staging directory beside the target and publishes it with one rename, so a
+reader (or a crash) never sees a half-written model, and two runs never interleave their files.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from typing import Any
 import torch
 
 from .adapters.merge import merge_adapter
+from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
 from .adapters.sparsify import sparsify_model
-from .training.data import alpaca_prompt, load_records
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
+from .training.prompts import alpaca_prompt
+from .training.records import load_records
+from .workspace import publish_dir, staging_dir_for
 
 # Used for Wanda's activation statistics when the caller gives no calibration file: generic prose,
 # enough to estimate per-feature input norms (Wanda is robust to the calibration text, Sun et al. 2023 §5).
@@ -61,8 +64,13 @@ def sparsify(
     n_calibration: int = 32,
     max_calibration_tokens: int = 256,
     model_cache_dir: Path | None = None,
+    calibration_label: str | None = None,
 ) -> dict[str, Any]:
-    """Prune a base model and save it as a model directory a job can use as ``model``."""
+    """Prune a base model and save it as a model directory a job can use as ``model``.
+
+    ``calibration_label`` is how the result names the calibration data (e.g. the uploaded file's id
+    rather than its path on the server).
+    """
     model_dir = resolve_model_dir(model, model_cache_dir)
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir)
@@ -73,19 +81,21 @@ def sparsify(
             torch.tensor([tokenizer(t, truncation=True, max_length=max_calibration_tokens)["input_ids"]]) for t in texts
         ]
     report = sparsify_model(base, method, sparsity, pattern, calibration)  # type: ignore[arg-type]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    base.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     result = {
         "path": str(output_dir.resolve()),
         "source_model": model,
         "method": method,
         "sparsity": sparsity,
         "pattern": pattern,
-        "calibration": calibration_file or ("builtin" if method == "wanda" else None),
+        "calibration": calibration_label or calibration_file or ("builtin" if method == "wanda" else None),
         "report": report,
     }
-    (output_dir / "sparsity_report.json").write_text(json.dumps(result, indent=2))
+    staging = staging_dir_for(output_dir)
+    staging.mkdir(parents=True)
+    base.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "sparsity_report.json").write_text(json.dumps(result, indent=2))
+    publish_dir(staging, output_dir)
     return result
 
 
@@ -96,11 +106,32 @@ def merge(
     *,
     sparse: bool,
     model_cache_dir: Path | None = None,
-    trust_remote_code: bool = False,
-    token: str | None = None,
 ) -> dict[str, Any]:
     """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype."""
     model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
-    base = load_base_model(model_dir, dtype="auto", trust_remote_code=trust_remote_code, token=token)
-    return merge_adapter(base, adapter_dir, output_dir, sparse=sparse, tokenizer_dir=model_dir)
+    base = load_base_model(model_dir, dtype="auto")
+    staging = staging_dir_for(output_dir)
+    report = merge_adapter(base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir)
+    publish_dir(staging, output_dir)
+    return {**report, "path": str(output_dir.resolve())}
+
+
+def sub_adapter_ranks(super_adapter_dir: Path, version: str, custom_config: list[int] | None) -> list[int]:
+    """The per-dimension ranks of a named (or custom) sub-adapter of an NLS super-adapter.
+
+    Raises:
+        ValueError: ``version`` is unknown or ``custom_config`` does not fit the search space.
+    """
+    elastic = json.loads((super_adapter_dir / ELASTIC_CONFIG_FILE).read_text())
+    return select_ranks(elastic, version, custom_config)
+
+
+def extract(super_adapter_dir: Path, output_dir: Path, ranks: list[int]) -> dict[str, Any]:
+    """Write the sub-adapter with ``ranks`` as a stock PEFT adapter at ``output_dir``."""
+    staging = staging_dir_for(output_dir)
+    summary = extract_sub_adapter(super_adapter_dir, staging, ranks)
+    summary["path"] = str(output_dir.resolve())
+    (staging / "sub_adapter.json").write_text(json.dumps(summary, indent=2))
+    publish_dir(staging, output_dir)
+    return summary

@@ -1,20 +1,12 @@
-"""One Settings object: environment variables (``SQFT_*``) with matching CLI flags."""
+"""One Settings object. Every field is settable as ``SQFT_<FIELD>`` (``SQFT_MAX_CONCURRENT_JOBS=2``);
+``sqft serve`` has flags for the common ones (host, port, data dir, concurrent jobs)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,24 +14,29 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8015
     data_dir: Path = Path("./sqft-data")
+    # Jobs of any kind (fine-tune, extract, merge, sparsify) that run at once; the rest wait queued.
     max_concurrent_jobs: int = 1
     # Seconds between SIGTERM and SIGKILL when a job is cancelled.
     cancel_grace_s: float = 10.0
-    # How often the job manager looks at its subprocesses and the queue.
+    # How often the job manager looks at its job processes and the queue.
     poll_interval_s: float = 0.5
     max_upload_bytes: int = 512 * 1024 * 1024
-    # Threads per job process (None: torch's default, i.e. all cores divided by concurrent jobs).
+    # Threads per job process (unset: the physical cores divided by max_concurrent_jobs).
     threads_per_job: int | None = None
+    # How long extract/merge/sparsify requests wait for their result before answering 202 with the operation.
+    operation_wait_s: float = 6 * 3600.0
 
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            host=os.environ.get("SQFT_HOST", cls.host),
-            port=_env_int("SQFT_PORT", cls.port),
-            data_dir=Path(os.environ.get("SQFT_DATA_DIR", str(cls.data_dir))),
-            max_concurrent_jobs=max(1, _env_int("SQFT_MAX_CONCURRENT_JOBS", cls.max_concurrent_jobs)),
-            cancel_grace_s=float(os.environ.get("SQFT_CANCEL_GRACE_S", cls.cancel_grace_s)),
-        )
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"SQFT_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f"SQFT_{f.name.upper()}", raw, f.default)
+        settings = cls(**values)
+        return replace(settings, max_concurrent_jobs=max(1, settings.max_concurrent_jobs))
 
     def with_overrides(self, **overrides: object) -> Settings:
         known = {f.name for f in fields(self)}
@@ -65,3 +62,19 @@ class Settings:
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.files_dir, self.jobs_dir, self.model_cache_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    """``raw`` as the type of the field's default; a bad value stops the service with the variable named."""
+    if default is MISSING or default is None or (isinstance(default, int) and not isinstance(default, bool)):
+        kind: type = int
+    elif isinstance(default, float):
+        kind = float
+    elif isinstance(default, Path):
+        return Path(raw)
+    else:
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None

@@ -99,23 +99,32 @@ def test_state_survives_a_restart(data_dir, tmp_path, tiny_model_dir):
         assert second.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == ckpts
 
 
-def test_running_job_is_marked_failed_after_a_crash(data_dir, tmp_path, tiny_model_dir):
-    """A service that died mid-job: on restart the job must not stay 'running' forever."""
+@pytest.mark.parametrize("outcome_written", [True, False])
+def test_running_job_after_a_crash(data_dir, tmp_path, tiny_model_dir, outcome_written):
+    """A service that died mid-job: on restart the job must not stay 'running' forever. If its process
+    finished meanwhile (outcome written), the job keeps that outcome; otherwise it is marked failed."""
     from sqft_service.store.db import Database
     from sqft_service.store.jobs import JobStore
 
     with TestClient(create_app(make_settings(data_dir))) as first:
         f = upload(first, write_json(tmp_path / "t.json", alpaca_records(8)))
         job = first.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
-        wait_status(first, job["id"], ("succeeded", "failed"))
-    db = Database(data_dir / "sqft.db")  # simulate the crash: the row still says running
-    JobStore(db).update(job["id"], status="running", finished_at=None, pid=999999)
+        assert wait_status(first, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    db = Database(data_dir / "sqft.db")  # the crash as the store saw it: the row still says running
+    JobStore(db).update(job["id"], status="running", finished_at=None, fine_tuned_model=None, pid=999999)
     db.close()
+    if not outcome_written:  # the process died before it could write how it ended
+        (data_dir / "jobs" / job["id"] / "outcome.json").unlink()
     with TestClient(create_app(make_settings(data_dir))) as second:
         again = second.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-        assert again["status"] == "failed"
-        assert again["error"]["code"] == "service_restarted"
-        assert "resuming interrupted jobs is not supported" in again["error"]["message"]
+        if outcome_written:
+            assert again["status"] == "succeeded" and again["fine_tuned_model"].endswith("/output/adapter")
+            messages = [e["message"] for e in second.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+            assert "The job process finished while the service was down" in messages
+        else:
+            assert again["status"] == "failed"
+            assert again["error"]["code"] == "service_restarted"
+            assert "resuming interrupted fine-tuning jobs is not supported" in again["error"]["message"]
 
 
 def test_cancel_running_job_keeps_partial_checkpoints(client, tmp_path, tiny_model_dir):
@@ -313,10 +322,20 @@ def test_data_rejected_in_the_job_fails_only_that_job(client, train_file, tiny_m
     assert wait_status(client, good_id, ("failed", "succeeded"))["status"] == "succeeded"
 
 
-def test_unsupported_worker_count_is_reported_not_silently_dropped(client, train_file, tiny_model_dir):
-    body = tiny_job(tiny_model_dir, train_file["id"], Training={"num_training_workers": 4})
-    job = client.post("/v1/fine_tuning/jobs", json=body).json()
-    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    warns = [e for e in events if e["level"] == "warn"]
-    assert len(warns) == 1 and "num_training_workers=4 ignored" in warns[0]["message"]
+@pytest.mark.parametrize(
+    "training, param, words",
+    [
+        ({"num_training_workers": 4}, "Training.num_training_workers", "Ray runner"),
+        ({"resources_per_worker": {"CPU": 4}}, "Training.resources_per_worker", "Ray runner"),
+        ({"device": "cuda"}, "Training.device", "CPU only"),
+    ],
+)
+def test_config_fields_this_version_cannot_honour_are_rejected(
+    client, train_file, tiny_model_dir, training, param, words
+):
+    before = client.get("/v1/fine_tuning/jobs").json()["data"]
+    resp = client.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, train_file["id"], Training=training))
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and words in error["message"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == before  # nothing was created

@@ -9,17 +9,32 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sqft_service.adapters.lora import build_peft_model
 from sqft_service.config import LoraSection
-from sqft_service.training.data import Collator, TokenizedExample
-from sqft_service.training.loss import IGNORE_INDEX, causal_lm_loss, reference_loss
+from sqft_service.training.batching import Collator
+from sqft_service.training.loss import causal_lm_loss
 from sqft_service.training.packing import PackingCollator, separates_packed_examples
+from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.conftest import make_tiny_llama, randomize_b
 
 VOCAB = 512
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The plain way (full logits, HF's shift-and-mean) that ``causal_lm_loss`` must match."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _examples(seed: int = 0) -> list[TokenizedExample]:

@@ -15,9 +15,10 @@ from sqft_service.adapters.lora import build_peft_model
 from sqft_service.adapters.sparse.peft import SparseLoraLinear
 from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
-from sqft_service.training.data import Collator, TokenizedExample
-from sqft_service.training.loss import IGNORE_INDEX, causal_lm_loss
+from sqft_service.training.batching import Collator
+from sqft_service.training.loss import causal_lm_loss
 from sqft_service.training.precision import autocast_dtype, cast_frozen_linears
+from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.conftest import make_tiny_llama, randomize_b
 
 VOCAB = 512

@@ -71,7 +71,7 @@ def test_loss_falls_on_a_repetitive_dataset(model_dir, train_file, tmp_path):
     assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:4]) / 4, curve
     assert sink.trained_tokens == result.trained_tokens > 0
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "result.json").is_file()
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert sink.checkpoints[-1][2]["final"] is True
 
 
@@ -201,3 +201,33 @@ def test_thread_count_follows_the_config(model_dir, train_file, tmp_path):
     recipe = FinetuneRecipe(make_cfg(model_dir, train_file, num_threads=1, max_train_steps=1), tmp_path, MemorySink())
     recipe.setup()
     assert torch.get_num_threads() == 1
+
+
+def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path):
+    import math
+
+    from sqft_service.training.hooks import StepHook, StepStats
+
+    calls: list[tuple[str, int]] = []
+    stats: list[StepStats] = []
+
+    class Recorder(StepHook):
+        def before_step(self, step: int) -> None:
+            calls.append(("before", step))
+
+        def after_step(self, step: int, step_stats: StepStats) -> None:
+            calls.append(("after", step))
+            stats.append(step_stats)
+
+    sink = MemorySink()
+    cfg = make_cfg(model_dir, train_file, batch_size=2, gradient_accumulation_steps=2, max_train_steps=3)
+    recipe = FinetuneRecipe(cfg, tmp_path, sink, step_hooks=[Recorder()])
+    recipe.setup()
+    result = recipe.train()
+    assert calls == [(kind, step) for step in (1, 2, 3) for kind in ("before", "after")]
+    assert [s.step for s in stats] == [1, 2, 3] and all(s.epoch == 0 for s in stats)
+    assert sum(s.real_tokens for s in stats) == result.trained_tokens > 0
+    for s in stats:
+        assert 0 < s.label_tokens < s.real_tokens <= s.padded_tokens
+        assert 0 < s.seconds < 60 and math.isfinite(s.loss) and s.loss > 0
+    assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report

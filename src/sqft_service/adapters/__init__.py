@@ -8,4 +8,6 @@ Submodules (imported explicitly; this package imports nothing heavy on its own):
 * :mod:`.sparse` — SparsePEFT (masked adapter deltas) and ``sparsity_report``;
 * :mod:`.merge` — ``merge_adapter`` (dense or sparsity-preserving);
 * :mod:`.sparsify` — magnitude / Wanda pruning of a base model.
+* :mod:`.peft_utils` — helpers the methods share: ``base_of``, ``lora_layers``, PEFT module-name
+  matching, decoder layer indices, rank checks.
 """

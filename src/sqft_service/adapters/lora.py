@@ -14,21 +14,28 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..config import LoraSection
+from ..errors import InvalidConfigurationError
 from .dropout import share_lora_dropout
 from .fused_lora import fuse_lora_layers
 from .nls import ElasticRankController
+from .peft_utils import matches_module
 from .sparse import SparseAdapter, enable_sparse_peft
 
 # The attention and MLP projections of Llama-style decoders (SQFT's default targets).
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class AdapterConfigError(ValueError):
-    """A LoRA (or other job) setting that does not fit the model; ``param`` names the config field."""
+class AdapterConfigError(InvalidConfigurationError):
+    """A LoRA (or other job) setting that does not fit the model; ``param`` names the config field.
 
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+    Args:
+        message: What is wrong, for the user.
+        param: The config field at fault (also accepted positionally, as existing raise sites pass it).
+        code: Overrides the ``invalid_configuration`` code.
+    """
+
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
 
 
 @dataclass
@@ -52,12 +59,6 @@ def _linear_leaf_names(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Linear) and leaf not in names:
             names.append(leaf)
     return names
-
-
-def _matches(module_name: str, key: str) -> bool:
-    # PEFT's list form of `target_modules` matches the full name or a dotted suffix
-    # (peft.tuners.tuners_utils.check_target_module_exists).
-    return module_name == key or module_name.endswith("." + key)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -88,7 +89,7 @@ def check_target_modules(model: nn.Module, names: list[str], param: str = "Gener
     """
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for key in names:
-        if not any(_matches(n, key) for n in linear):
+        if not any(matches_module(n, key) for n in linear):
             have = ", ".join(_linear_leaf_names(model))
             raise AdapterConfigError(
                 f"target module {key!r} matches no linear layer of the model (it has: {have})", param

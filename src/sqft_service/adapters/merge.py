@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .nls.controller import base_of, lora_layers
+from .peft_utils import base_of, lora_layers
 from .sparse import enable_sparse_peft, sparsity_report
 
 

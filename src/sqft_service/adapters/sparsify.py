@@ -18,23 +18,23 @@ highest scores instead (``sparsity`` is then implied: ``1 - N/M``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .peft_utils import layer_index
 from .sparse import sparsity_report
-
-_LAYER_RE = re.compile(r"(?:^|\.)\d+\.")
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` modules inside numbered decoder layers (not embeddings / ``lm_head``)."""
+    # "Inside" a numbered layer: the index is in the parent path, so a Linear that is itself the
+    # numbered entry of a ModuleList (``blocks.0``) is not taken for a decoder layer.
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _LAYER_RE.search(name)
+        if isinstance(module, nn.Linear) and layer_index(name.rpartition(".")[0]) is not None
     }
 
 

@@ -1,10 +1,12 @@
-"""Job lifecycle: queue, launch, watch, cancel, finish.
+"""Job lifecycle for every job kind: queue, launch, watch, cancel, finish, recover.
 
 ``validating_files -> queued -> running -> succeeded | failed | cancelled``. A background thread
 launches queued jobs while fewer than ``max_concurrent_jobs`` run, polls the running ones and
-records how each ended. State lives in SQLite, so a restarted service finds every job; a job that
-was running when the service died is marked failed (resume is a later feature) and its orphaned
-process, if any, is killed.
+records how each ended from its :class:`JobOutcome`. State lives in SQLite, so a restarted service
+finds every job. After a restart, a job whose process finished meanwhile keeps its outcome; an
+operation (extract / merge / sparsify) that was cut short is queued again (it is idempotent: it
+publishes its output with one rename); a fine-tune that was cut short is marked failed (resuming it
+from its checkpoint is a later feature) and its orphaned process, if any, is killed.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ from ..settings import Settings
 from ..store.events import EventStore
 from ..store.files import FileStore
 from ..store.ids import now
-from ..store.jobs import JobRecord, JobStore
+from ..store.jobs import FINE_TUNE, JobRecord, JobStore
+from ..threads import job_environment, job_thread_budget
+from ..workspace import JobWorkspace, write_atomically
+from .kinds import DISPLAY_NAMES
+from .outcome import JobError, JobOutcome
 from .runner import LaunchSpec, RunHandle, Runner
 from .subprocess_runner import SubprocessRunner, kill_orphan_job
 
 log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = (
-    "The service stopped while this job was running; resuming interrupted jobs is not supported yet, "
-    "so it was marked failed. Create the job again to retrain (its checkpoints so far are still listed)."
+    "The service stopped while this job was running; resuming interrupted fine-tuning jobs is not supported "
+    "yet, so it was marked failed. Create the job again to retrain (its checkpoints so far are still listed)."
 )
 
 
@@ -62,6 +68,10 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @staticmethod
+    def workspace(job: JobRecord) -> JobWorkspace:
+        return JobWorkspace(Path(job.workspace))
+
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.recover()
@@ -69,7 +79,7 @@ class JobManager:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the loop; jobs still running are stopped and marked failed with the reason."""
+        """Stop the loop and the running jobs: operations go back to the queue, fine-tunes fail."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -77,7 +87,9 @@ class JobManager:
         with self._lock:
             for job_id, running in list(self._running.items()):
                 self.runner.kill(running.handle)
-                self._fail(job_id, "service_stopped", RESTART_MESSAGE.replace("stopped", "was shut down", 1))
+                job = self.jobs.get(job_id)
+                if job is not None:
+                    self._interrupted(job, "service_stopped", "was shut down")
             self._running.clear()
 
     def recover(self) -> None:
@@ -85,17 +97,28 @@ class JobManager:
         for job in self.jobs.with_status("running"):
             if job.pid and kill_orphan_job(job.pid, job.id):
                 log.warning("killed orphaned process %s of job %s", job.pid, job.id)
+            outcome = JobOutcome.read(self.workspace(job).outcome)
             if job.cancel_requested:
                 self._finish_cancelled(job.id)
+            elif outcome is not None:
+                self.events.add_event(job.id, "The job process finished while the service was down")
+                self._apply_outcome(job, outcome)
             else:
-                self._fail(job.id, "service_restarted", RESTART_MESSAGE)
+                self._interrupted(job, "service_restarted", "stopped")
         for job in self.jobs.with_status("validating_files"):
             self.jobs.update(job.id, status="queued")
+
+    def _interrupted(self, job: JobRecord, code: str, how: str) -> None:
+        if job.kind == FINE_TUNE:
+            self._fail(job.id, JobError(code=code, message=RESTART_MESSAGE.replace("stopped", how, 1)))
+            return
+        self.jobs.update(job.id, status="queued", started_at=None, pid=None, only_if_status=("running",))
+        self.events.add_event(job.id, f"The service {how} while this operation ran: queued again", level="warn")
 
     # --------------------------------------------------------------- actions
     def enqueue(self, job: JobRecord) -> None:
         self.jobs.update(job.id, status="queued", only_if_status=("validating_files",))
-        self.events.add_event(job.id, "Job queued")
+        self.events.add_event(job.id, f"{DISPLAY_NAMES[job.kind]} queued")
         self._wake.set()
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -110,7 +133,7 @@ class JobManager:
                     finished_at=now(),
                     only_if_status=("validating_files", "queued"),
                 ):
-                    self.events.add_event(job_id, "Job cancelled before it started")
+                    self.events.add_event(job_id, f"{DISPLAY_NAMES[job.kind]} cancelled before it started")
             elif job.status == "running":
                 self.jobs.update(job_id, cancel_requested=1)
                 running = self._running.get(job_id)
@@ -160,27 +183,13 @@ class JobManager:
         for job in self.jobs.with_status("queued")[:free]:
             self._launch(job)
 
-    def _threads_per_job(self) -> int:
-        if self.settings.threads_per_job:
-            return self.settings.threads_per_job
-        # Split the cores between concurrent jobs: oversubscribed OpenMP threads thrash.
-        return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_jobs)
-
     def _launch(self, job: JobRecord) -> None:
-        job_dir = Path(job.output_dir).parent
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "config.json").write_text(json.dumps(job.config, indent=2))
-        (job_dir / "error.json").unlink(missing_ok=True)
-        threads = str(self._threads_per_job())
+        workspace = self.workspace(job).create()
+        write_atomically(workspace.spec, json.dumps({"kind": job.kind, "params": job.config}, indent=2))
+        workspace.outcome.unlink(missing_ok=True)
         env = dict(os.environ)
-        env.update(
-            {
-                "SQFT_NUM_THREADS": threads,
-                "OMP_NUM_THREADS": threads,
-                "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
+        env.update(job_environment(job_thread_budget(self.settings.max_concurrent_jobs, self.settings.threads_per_job)))
+        env["PYTHONUNBUFFERED"] = "1"
         argv = [
             sys.executable,
             "-m",
@@ -189,61 +198,65 @@ class JobManager:
             job.id,
             "--db",
             str(self.settings.db_path.resolve()),
-            "--job-dir",
-            str(job_dir.resolve()),
+            "--workspace",
+            str(workspace.root),
             "--model-cache",
             str(self.settings.model_cache_dir.resolve()),
         ]
-        spec = LaunchSpec(job.id, argv, env, job_dir / "job.log", Path.cwd())
+        spec = LaunchSpec(job.id, argv, env, workspace.log, Path.cwd())
         try:
             handle = self.runner.submit(spec)
         except OSError as exc:
-            self._fail(job.id, "launch_failed", f"could not start the job process: {exc}")
+            self._fail(job.id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
             return
         self._running[job.id] = _Running(handle)
         self.jobs.update(job.id, status="running", started_at=now(), pid=handle.pid)
-        self.events.add_event(job.id, "Fine-tuning job started")
+        self.events.add_event(job.id, f"{DISPLAY_NAMES[job.kind]} started")
 
     # --------------------------------------------------------------- endings
-    def _finish(self, job_id: str, code: int) -> None:
+    def _finish(self, job_id: str, exit_code: int) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
         if job.cancel_requested:
             self._finish_cancelled(job_id)
             return
-        job_dir = Path(job.output_dir).parent
-        result_path = Path(job.output_dir) / "result.json"
-        if code == 0 and result_path.is_file():
-            self._succeed(job, json.loads(result_path.read_text()))
-            return
-        error_path = job_dir / "error.json"
-        if error_path.is_file():
-            err = json.loads(error_path.read_text())
-            self._fail(job_id, err.get("code") or "training_failed", err["message"], err.get("param"))
-        else:
-            self._fail(
-                job_id,
-                "training_failed",
-                f"the job process exited with code {code} without a result; see its log ({job_dir / 'job.log'})",
+        outcome = JobOutcome.read(self.workspace(job).outcome)
+        if outcome is None:
+            message = (
+                f"the job process exited with code {exit_code} without an outcome (killed, or out of memory?); "
+                "see its log (GET .../log)"
             )
+            outcome = JobOutcome(status="failed", error=JobError(code="job_crashed", message=message))
+        self._apply_outcome(job, outcome)
+
+    def _apply_outcome(self, job: JobRecord, outcome: JobOutcome) -> None:
+        if outcome.status == "succeeded" and outcome.result is not None:
+            self._succeed(job, outcome.result)
+        elif outcome.status == "stopped":
+            self._finish_cancelled(job.id)
+        else:
+            self._fail(job.id, outcome.error or JobError(code=f"{job.kind}_failed", message="no error reported"))
 
     def _succeed(self, job: JobRecord, result: dict) -> None:
-        result_files: list[str] = []
-        csv_path = Path(result["metrics_csv"])
-        if csv_path.is_file():
-            result_files.append(self._register_result_file(job.id, csv_path))
+        values: dict = {"result": result}
+        if job.kind == FINE_TUNE:
+            csv_path = Path(result["metrics_csv"])
+            values.update(
+                trained_tokens=int(result["trained_tokens"]),
+                fine_tuned_model=result["adapter_dir"],
+                result_files=[self._register_result_file(job.id, csv_path)] if csv_path.is_file() else [],
+            )
         self.jobs.update(
             job.id,
             status="succeeded",
             finished_at=now(),
-            trained_tokens=int(result["trained_tokens"]),
-            fine_tuned_model=result["adapter_dir"],
-            result_files=result_files,
             estimated_finish=None,
             only_if_status=("running",),
+            **values,
         )
-        self.events.add_event(job.id, "The job has successfully completed", data={"adapter": result["adapter_dir"]})
+        done = "The job has successfully completed" if job.kind == FINE_TUNE else f"{DISPLAY_NAMES[job.kind]} done"
+        self.events.add_event(job.id, done, data={"path": result.get("adapter_dir") or result.get("path")})
 
     def _register_result_file(self, job_id: str, csv_path: Path) -> str:
         payload = csv_path.read_bytes()
@@ -263,12 +276,22 @@ class JobManager:
         self.jobs.update(job_id, status="cancelled", finished_at=now(), estimated_finish=None)
         self.events.add_event(job_id, "Job cancelled")
 
-    def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+    def _fail(self, job_id: str, error: JobError) -> None:
         self.jobs.update(
             job_id,
             status="failed",
             finished_at=now(),
             estimated_finish=None,
-            error={"code": code, "message": message, "param": param},
+            error={**error.public(), "user_error": error.user_error},
         )
-        self.events.add_event(job_id, f"Job failed: {message}", level="error")
+        self.events.add_event(job_id, f"Job failed: {error.message}", level="error")
+
+    # ------------------------------------------------------------ creation
+    def new_workspace(self, job_id: str) -> JobWorkspace:
+        return JobWorkspace.for_job(self.settings.jobs_dir, job_id)
+
+    def create(self, job_id: str, kind: str, config: dict, **fields: object) -> JobRecord:
+        """Record a new job (status ``validating_files``); :meth:`enqueue` makes it runnable."""
+        return self.jobs.create(
+            job_id=job_id, kind=kind, config=config, workspace=str(self.new_workspace(job_id).root), **fields
+        )

@@ -1,9 +1,9 @@
-"""The job process: ``python -m sqft_service.jobs.worker --job-id ... --db ... --job-dir ...``.
+"""The job process: ``python -m sqft_service.jobs.worker --job-id ... --db ... --workspace ...``.
 
-Runs one training recipe and reports through a sink that appends to the service's SQLite store
-(WAL lets the API read while we write). Its exit tells the manager how it ended:
-0 = succeeded (``result.json`` written), 2 = the user's input was rejected, 1 = anything else;
-``error.json`` carries a message fit for the job object, the traceback goes to the job log only.
+Runs one job of any kind (``jobs/tasks.py``) and reports through a sink that appends to the service's
+SQLite store (WAL lets the API read while we write). How it ended goes to ``outcome.json`` as a
+:class:`JobOutcome`, the only thing the manager reads; a traceback goes to the job log only. A process
+that dies without an outcome (killed, out of memory) is a crash as far as the manager is concerned.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..store.db import Database
 from ..store.events import EventStore
 from ..store.jobs import JobStore
+from ..threads import configure_torch_threads
+from ..workspace import JobWorkspace
+from .outcome import JobError, JobOutcome
 
 log = logging.getLogger("sqft_service.worker")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USER_ERROR = 2
 
 
 class StoreSink:
@@ -68,72 +68,70 @@ class StoreSink:
         )
 
 
-def _user_errors() -> dict[type[BaseException], tuple[str, str | None]]:
-    """The user-input errors a job can hit, each with its error ``code`` and default ``param``."""
-    from ..adapters.lora import AdapterConfigError
-    from ..training.data import DataValidationError
-    from ..training.models import ModelLoadError
+class JobStopped(Exception):
+    """SIGTERM reached a job whose task cannot stop between steps (extract, merge, sparsify)."""
 
-    return {
-        DataValidationError: ("invalid_training_file", "training_file"),
-        ModelLoadError: ("invalid_model", "model"),
-        AdapterConfigError: ("invalid_configuration", None),
-    }
+
+def run_job(
+    job_id: str, workspace: JobWorkspace, db: Database, model_cache_dir: Path | None, stop: threading.Event
+) -> JobOutcome:
+    """Run the job described by ``workspace.spec`` and return how it ended (never raises for job errors)."""
+    from ..training.recipe import TrainingStopped
+    from .tasks import TASKS, TaskContext
+
+    sink = StoreSink(db, job_id)
+    spec = json.loads(workspace.spec.read_text())
+    kind = spec["kind"]
+    try:
+        threads = configure_torch_threads()
+        sink.message(f"job process started (pid {os.getpid()}, {threads} threads)")
+        ctx = TaskContext(workspace, sink, stop.is_set, model_cache_dir)
+        return JobOutcome(status="succeeded", result=TASKS[kind](spec["params"], ctx))
+    except (TrainingStopped, JobStopped) as exc:
+        sink.message(f"stopped: {exc}", level="warn")
+        return JobOutcome(status="stopped")
+    except UserError as exc:
+        log.error("%s", exc)
+        return JobOutcome(status="failed", error=JobError.from_user_error(exc))
+    except Exception as exc:
+        traceback.print_exc()
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        message = f"{kind.replace('_', '-')} failed: {type(exc).__name__}: {first_line}"[:1000]
+        return JobOutcome(status="failed", error=JobError(code=f"{kind}_failed", message=message))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sqft-worker")
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--db", required=True, type=Path)
-    parser.add_argument("--job-dir", required=True, type=Path)
+    parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--model-cache", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    workspace = JobWorkspace(args.workspace)
+    kind = json.loads(workspace.spec.read_text())["kind"]
+
+    from .tasks import COOPERATIVE_STOP
 
     stop = threading.Event()
 
     def on_term(signum: int, _frame: Any) -> None:
-        log.warning("received signal %s: stopping after the current step", signum)
         stop.set()
+        if kind in COOPERATIVE_STOP:
+            log.warning("received signal %s: stopping after the current step", signum)
+        else:
+            raise JobStopped(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
-    threads = os.environ.get("SQFT_NUM_THREADS")
-    import torch
-
-    if threads:
-        torch.set_num_threads(int(threads))
-
-    from ..config import FinetuneConfig
-    from ..training.recipe import TrainingStopped, run_training
-
     db = Database(args.db)
-    sink = StoreSink(db, args.job_id)
-    error_path = args.job_dir / "error.json"
-    user_errors = _user_errors()
     try:
-        cfg = FinetuneConfig.model_validate_json((args.job_dir / "config.json").read_text())
-        output_dir = Path(cfg.General.output_dir or args.job_dir / "output")
-        sink.message(f"job process started (pid {os.getpid()}, {torch.get_num_threads()} threads)")
-        run_training(cfg, output_dir, sink, model_cache_dir=args.model_cache, should_stop=stop.is_set)
-        return EXIT_OK
-    except TrainingStopped as exc:
-        sink.message(f"training stopped: {exc}", level="warn")
-        return EXIT_FAILED
-    except tuple(user_errors) as exc:
-        log.error("%s", exc)
-        code, param = next(v for t, v in user_errors.items() if isinstance(exc, t))
-        param = getattr(exc, "param", None) or param
-        error_path.write_text(json.dumps({"code": code, "message": str(exc), "param": param}))
-        return EXIT_USER_ERROR
-    except Exception as exc:
-        traceback.print_exc()
-        message = f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        error_path.write_text(json.dumps({"code": "training_failed", "message": message[:1000], "param": None}))
-        return EXIT_FAILED
+        outcome = run_job(args.job_id, workspace, db, args.model_cache, stop)
+        outcome.write(workspace.outcome)
     finally:
         db.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -77,6 +77,49 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX checkpoints_job ON checkpoints(job_id, seq);
     """,
+    # 2: one table for every job kind (fine_tune, extract, merge, sparsify). Fine-tune fields become
+    # optional, each job records its kind, the job it works on (parent_job_id), its result and its
+    # workspace; the never-read `hyperparameters` column is gone (the API derives it from `config`).
+    """
+    CREATE TABLE jobs_v2 (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        model TEXT,
+        training_file TEXT,
+        validation_file TEXT,
+        parent_job_id TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        error TEXT,
+        result TEXT,
+        fine_tuned_model TEXT,
+        trained_tokens INTEGER,
+        estimated_finish INTEGER,
+        seed INTEGER,
+        suffix TEXT,
+        metadata TEXT,
+        config TEXT NOT NULL,
+        result_files TEXT NOT NULL DEFAULT '[]',
+        workspace TEXT NOT NULL,
+        pid INTEGER,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO jobs_v2 (id, seq, kind, status, model, training_file, validation_file, created_at, started_at,
+        finished_at, error, fine_tuned_model, trained_tokens, estimated_finish, seed, suffix, metadata, config,
+        result_files, workspace, pid, cancel_requested)
+    SELECT id, seq, 'fine_tune', status, model, training_file, validation_file, created_at, started_at,
+        finished_at, error, fine_tuned_model, trained_tokens, estimated_finish, seed, suffix, metadata, config,
+        result_files, rtrim(substr(output_dir, 1, length(output_dir) - length('output')), '/'), pid,
+        cancel_requested
+    FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v2 RENAME TO jobs;
+    CREATE UNIQUE INDEX jobs_seq ON jobs(seq);
+    CREATE INDEX jobs_kind_status ON jobs(kind, status);
+    """,
 ]
 
 

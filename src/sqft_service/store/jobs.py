@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: one row each, the resolved configuration stored with it."""
+"""Jobs of every kind (fine-tune, extract, merge, sparsify): one row each, the resolved spec stored with it."""
 
 from __future__ import annotations
 
@@ -12,31 +12,39 @@ from .ids import now
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+FINE_TUNE = "fine_tune"
 
 
 @dataclass(frozen=True)
 class JobRecord:
     id: str
-    model: str
-    training_file: str
-    validation_file: str | None
+    kind: str
     status: str
     created_at: int
     started_at: int | None
     finished_at: int | None
     error: dict[str, Any] | None
-    fine_tuned_model: str | None
-    trained_tokens: int | None
-    estimated_finish: int | None
-    seed: int
-    suffix: str | None
-    metadata: dict[str, str] | None
-    hyperparameters: dict[str, Any]
+    result: dict[str, Any] | None
     config: dict[str, Any]
-    result_files: list[str]
-    output_dir: str
+    workspace: str
     pid: int | None
     cancel_requested: bool
+    model: str | None = None
+    parent_job_id: str | None = None
+    # Fine-tune fields (OpenAI's job object).
+    training_file: str | None = None
+    validation_file: str | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    seed: int | None = None
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    result_files: tuple[str, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -45,30 +53,47 @@ class JobRecord:
 
         return cls(
             id=row["id"],
-            model=row["model"],
-            training_file=row["training_file"],
-            validation_file=row["validation_file"],
+            kind=row["kind"],
             status=row["status"],
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             error=js("error"),
+            result=js("result"),
+            config=js("config"),
+            workspace=row["workspace"],
+            pid=row["pid"],
+            cancel_requested=bool(row["cancel_requested"]),
+            model=row["model"],
+            parent_job_id=row["parent_job_id"],
+            training_file=row["training_file"],
+            validation_file=row["validation_file"],
             fine_tuned_model=row["fine_tuned_model"],
             trained_tokens=row["trained_tokens"],
             estimated_finish=row["estimated_finish"],
             seed=row["seed"],
             suffix=row["suffix"],
             metadata=js("metadata"),
-            hyperparameters=js("hyperparameters"),
-            config=js("config"),
-            result_files=js("result_files") or [],
-            output_dir=row["output_dir"],
-            pid=row["pid"],
-            cancel_requested=bool(row["cancel_requested"]),
+            result_files=tuple(js("result_files") or ()),
         )
 
 
-_JSON_FIELDS = {"error", "metadata", "hyperparameters", "config", "result_files"}
+_JSON_FIELDS = {"error", "result", "metadata", "config", "result_files"}
+_CREATE_FIELDS = (
+    "model",
+    "parent_job_id",
+    "training_file",
+    "validation_file",
+    "seed",
+    "suffix",
+    "metadata",
+)
+
+
+def _encode(key: str, value: Any) -> Any:
+    if key in _JSON_FIELDS and value is not None:
+        return json.dumps(list(value) if key == "result_files" else value)
+    return value
 
 
 class JobStore:
@@ -79,49 +104,41 @@ class JobStore:
         self,
         *,
         job_id: str,
-        model: str,
-        training_file: str,
-        validation_file: str | None,
-        seed: int,
-        suffix: str | None,
-        metadata: dict[str, str] | None,
-        hyperparameters: dict[str, Any],
+        kind: str,
         config: dict[str, Any],
-        output_dir: str,
+        workspace: str,
         status: str = "validating_files",
+        **fields: Any,
     ) -> JobRecord:
+        """Insert a job; ``fields`` are the optional columns (model, parent_job_id, training_file, ...)."""
+        unknown = set(fields) - set(_CREATE_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown job fields: {sorted(unknown)}")
+        columns = ["id", "seq", "kind", "status", "created_at", "config", "workspace", *fields]
         with self.db.transaction() as cur:
             seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            values = [job_id, seq, kind, status, now(), json.dumps(config), workspace]
+            values += [_encode(k, v) for k, v in fields.items()]
             cur.execute(
-                "INSERT INTO jobs (id, seq, model, training_file, validation_file, status, created_at, seed, "
-                "suffix, metadata, hyperparameters, config, output_dir) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    seq,
-                    model,
-                    training_file,
-                    validation_file,
-                    status,
-                    now(),
-                    seed,
-                    suffix,
-                    json.dumps(metadata) if metadata is not None else None,
-                    json.dumps(hyperparameters),
-                    json.dumps(config),
-                    output_dir,
-                ),
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                values,
             )
         job = self.get(job_id)
         assert job is not None  # just inserted
         return job
 
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str, kind: str | None = None) -> JobRecord | None:
+        """The job ``job_id``; with ``kind``, only if it is of that kind (ids are one namespace)."""
         row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return JobRecord.from_row(row) if row else None
+        if row is None or (kind is not None and row["kind"] != kind):
+            return None
+        return JobRecord.from_row(row)
 
-    def list(self, *, after: str | None = None, limit: int = 20) -> tuple[list[JobRecord], bool]:
-        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after)
+    def list(
+        self, *, kinds: tuple[str, ...], after: str | None = None, limit: int = 20
+    ) -> tuple[list[JobRecord], bool]:
+        where = (f"kind IN ({','.join('?' for _ in kinds)})",)
+        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after, where=where, params=kinds)
         return [JobRecord.from_row(r) for r in rows], has_more
 
     def with_status(self, *statuses: str) -> list[JobRecord]:
@@ -129,10 +146,17 @@ class JobStore:
         rows = self.db.query(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq ASC", statuses)
         return [JobRecord.from_row(r) for r in rows]
 
+    def active_of_kind(self, kind: str) -> list[JobRecord]:
+        marks = ",".join("?" for _ in ACTIVE_STATUSES)
+        rows = self.db.query(
+            f"SELECT * FROM jobs WHERE kind = ? AND status IN ({marks}) ORDER BY seq ASC", (kind, *ACTIVE_STATUSES)
+        )
+        return [JobRecord.from_row(r) for r in rows]
+
     def update(self, job_id: str, *, only_if_status: tuple[str, ...] | None = None, **values: Any) -> bool:
         """Set columns; with ``only_if_status`` the write happens only from those states (no lost races)."""
         cols = ", ".join(f"{k} = ?" for k in values)
-        params = [json.dumps(v) if k in _JSON_FIELDS and v is not None else v for k, v in values.items()]
+        params = [_encode(k, v) for k, v in values.items()]
         sql = f"UPDATE jobs SET {cols} WHERE id = ?"
         params.append(job_id)
         if only_if_status:

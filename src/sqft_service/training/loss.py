@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .tokenization import IGNORE_INDEX
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: 341 rows of a 49k vocabulary
 
 
@@ -108,16 +109,3 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: in
     targets = labels[keep]
     loss_sum, n_correct = _label_cross_entropy(lm.get_output_embeddings(), selected, targets, chunk_rows)
     return LossOutput(loss_sum=loss_sum, n_correct=n_correct, n_labels=int(targets.numel()))
-
-
-def reference_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The plain way (full logits, HF's shift-and-mean) that :func:`causal_lm_loss` must match."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)

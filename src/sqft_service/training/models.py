@@ -19,11 +19,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
-    """The base model or its tokenizer cannot be loaded; the message is meant for the user."""
+class ModelLoadError(UserError):
+    """The base model or its tokenizer cannot be loaded; the message is meant for the user.
+
+    A :class:`~sqft_service.errors.UserError` (so also a ``ValueError``): the model reference is the
+    client's input, so the API reports it as ``invalid_model`` on ``model`` rather than a server error.
+    """
+
+    code = "invalid_model"
+    param = "model"
 
 
 def clear_gguf_quantization_flag(model: PreTrainedModel) -> None:

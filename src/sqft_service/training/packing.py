@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .data import IGNORE_INDEX, TokenizedExample
+from .tokenization import IGNORE_INDEX, TokenizedExample
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -10,15 +10,13 @@ and ``handles.nls.record_loss(loss)`` after it. Everything the job reports goes 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,17 @@ import torch
 from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
 from ..config import FinetuneConfig
-from . import data as data_mod
+from ..threads import configure_torch_threads
+from ..workspace import TrainingOutputs
 from . import precision
+from .batching import Collator, length_grouped_batches
 from .events import EventSink
+from .hooks import StepHook, StepStats
 from .loss import LossOutput, causal_lm_loss
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
+from .records import DataValidationError, load_records
+from .tokenization import split_train_eval, tokenize_records
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +61,6 @@ class TrainingResult:
     trained_tokens: int
     adapter_dir: str
     metrics_csv: str
-    final_metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use (SMT siblings counted once); the right intra-op thread count."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores: set[tuple[str, str]] = set()
-    try:
-        block: dict[str, str] = {}
-        for line in [*Path("/proc/cpuinfo").read_text().splitlines(), ""]:
-            if line.strip():
-                key, _, value = line.partition(":")
-                block[key.strip()] = value.strip()
-                continue
-            if block and int(block.get("processor", -1)) in allowed:
-                cores.add((block.get("physical id", "0"), block.get("core id", block.get("processor", "0"))))
-            block = {}
-    except (OSError, ValueError):
-        pass
-    return max(1, len(cores) or len(allowed))
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +77,9 @@ class FinetuneRecipe:
         sink: receives messages, metrics, checkpoints and progress.
         model_cache_dir: where converted GGUF models are cached.
         should_stop: polled between steps; True ends training with :class:`TrainingStopped`.
+        step_hooks: objects with ``before_step(step)`` and ``after_step(step, stats)``
+            (:class:`~sqft_service.training.hooks.StepHook`), called around every optimizer step,
+            outside its timing; ``stats`` is a :class:`~sqft_service.training.hooks.StepStats`.
     """
 
     def __init__(
@@ -104,12 +90,15 @@ class FinetuneRecipe:
         *,
         model_cache_dir: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        step_hooks: Iterable[StepHook] = (),
     ) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
+        self.outputs = TrainingOutputs(self.output_dir)
         self.sink = sink
         self.model_cache_dir = model_cache_dir
         self.should_stop = should_stop
+        self.step_hooks: list[StepHook] = list(step_hooks)
         self.seed = cfg.Training.seed if cfg.Training.seed is not None else 42
         self.handles = AdapterHandles()
         self._metric_rows: list[dict[str, Any]] = []
@@ -120,7 +109,7 @@ class FinetuneRecipe:
         seed_everything(self.seed)
         self._configure_threads()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "training_config.json").write_text(cfg.model_dump_json(indent=2))
+        self.outputs.training_config.write_text(cfg.model_dump_json(indent=2))
 
         model_ref = cfg.General.base_model or ""
         model_dir = resolve_model_dir(model_ref, self.model_cache_dir)
@@ -148,9 +137,9 @@ class FinetuneRecipe:
         self.sink.message(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)")
 
         t = cfg.Training
-        # Rounding lengths up to a multiple of 8 helps GPU tensor cores; on CPU it is ~6% padding waste.
-        multiple = None if t.device == "cpu" else 8
-        self.collator = data_mod.Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=multiple)
+        # Every accepted `device` trains on the CPU (config.py refuses "cuda"), where rounding lengths up
+        # to a multiple of 8 (a GPU tensor-core habit) would only add padding.
+        self.collator = Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=None)
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
@@ -168,33 +157,24 @@ class FinetuneRecipe:
             self.sink.message(f"frozen base weights stored in {self.autocast_dtype} ({saved / 2**20:.0f} MiB saved)")
 
     def _configure_threads(self) -> None:
-        """Intra-op threads = ``Training.num_threads``, else at most one per physical core.
-
-        More threads than cores (SMT siblings, or a default taken from a larger host) only adds
-        OpenMP contention to GEMMs that are compute-bound already.
-        """
-        wanted = self.cfg.Training.num_threads
-        if wanted is None:
-            wanted = min(torch.get_num_threads(), physical_cores())
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-        self.sink.message(f"using {torch.get_num_threads()} intra-op thread(s)")
+        threads = configure_torch_threads(self.cfg.Training.num_threads)
+        self.sink.message(f"using {threads} intra-op thread(s)")
 
     def _load_data(self) -> tuple[list, list]:
         ds = self.cfg.Dataset
-        train_records = data_mod.load_records(ds.train_file)
+        train_records = load_records(ds.train_file)
         if ds.max_train_samples is not None:
             train_records = train_records[: ds.max_train_samples]
         train = self._tokenize(train_records, ds.train_file)
         if ds.validation_file:
-            eval_records = data_mod.load_records(ds.validation_file)
+            eval_records = load_records(ds.validation_file)
             evals = self._tokenize(eval_records, ds.validation_file)
         else:
-            train, evals = data_mod.split_train_eval(train, ds.validation_split_percentage, self.seed)
+            train, evals = split_train_eval(train, ds.validation_split_percentage, self.seed)
         if ds.max_eval_samples is not None:
             evals = evals[: ds.max_eval_samples]
         if not train:
-            raise data_mod.DataValidationError("no training example has a token left to learn after truncation")
+            raise DataValidationError("no training example has a token left to learn after truncation")
         n_tokens = sum(len(e.input_ids) for e in train)
         self.sink.message(
             f"data: {len(train)} training and {len(evals)} validation examples, "
@@ -203,7 +183,7 @@ class FinetuneRecipe:
         return train, evals
 
     def _tokenize(self, records: list[dict], source: str | None) -> list:
-        tokenized = data_mod.tokenize_records(records, self.tokenizer, self.cfg.Dataset)
+        tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset)
         examples, dropped = tokenized.examples, tokenized.n_dropped
         if dropped:
             self.sink.message(
@@ -235,7 +215,7 @@ class FinetuneRecipe:
     # ----------------------------------------------------------------- train
     def _batches(self, epoch: int) -> list[list[int]]:
         lengths = [len(e.input_ids) for e in self.train_examples]
-        return data_mod.length_grouped_batches(
+        return length_grouped_batches(
             lengths,
             self.cfg.Training.batch_size,
             seed=self.seed,
@@ -265,6 +245,8 @@ class FinetuneRecipe:
                 group = [
                     self.collator([self.train_examples[i] for i in idx]) for idx in micro_batches[first : first + accum]
                 ]
+                for hook in self.step_hooks:
+                    hook.before_step(step + 1)
                 t0 = time.perf_counter()
                 if self.handles.nls is not None:
                     self.handles.nls.sample(step)
@@ -274,6 +256,18 @@ class FinetuneRecipe:
                 trained_tokens += n_real
                 window.append((dt, n_real))
                 train_loss = loss_sum / max(n_labels, 1)
+                if self.step_hooks:
+                    stats = StepStats(
+                        step=step,
+                        epoch=epoch,
+                        seconds=dt,
+                        real_tokens=n_real,
+                        padded_tokens=sum(b["n_padded_tokens"] for b in group),
+                        label_tokens=n_labels,
+                        loss=train_loss,
+                    )
+                    for hook in self.step_hooks:
+                        hook.after_step(step, stats)
                 if self.handles.nls is not None:
                     self.handles.nls.record_loss(train_loss)
                 row = self._log_step(
@@ -296,10 +290,10 @@ class FinetuneRecipe:
         if self.handles.nls is not None:
             # The cheap search signals (draw counts and loss per sampled rank) for later sub-adapter selection.
             self.sink.metrics({"step": step, "nls_stats": self.handles.nls.stats()})
-        adapter_dir = self.save_adapter(self.output_dir / "adapter")
+        adapter_dir = self.save_adapter(self.outputs.adapter)
         self.sink.checkpoint(step, str(adapter_dir), {**self._checkpoint_metrics(final), "final": True})
         csv_path = self.write_metrics_csv()
-        return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path), final)
+        return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path))
 
     def _train_step(self, group: list[dict[str, Any]], max_grad_norm: float | None) -> tuple[float, int, int, int]:
         """One optimizer step over ``group`` micro-batches.
@@ -397,7 +391,7 @@ class FinetuneRecipe:
 
     def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any]) -> Path:
         """An adapter plus the trainer state (optimizer, scheduler, RNG, data position) for exact resume."""
-        directory = self.save_adapter(self.output_dir / "checkpoints" / f"step-{step}")
+        directory = self.save_adapter(self.outputs.checkpoint(step))
         torch.save(
             {
                 "step": step,
@@ -421,7 +415,7 @@ class FinetuneRecipe:
         return metrics
 
     def write_metrics_csv(self) -> Path:
-        path = self.output_dir / "metrics.csv"
+        path = self.outputs.metrics_csv
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -448,5 +442,4 @@ def run_training(
         result = recipe.train()
     finally:
         recipe.cleanup()
-    (Path(output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     return result

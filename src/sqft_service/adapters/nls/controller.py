@@ -22,7 +22,6 @@ SparsePEFT, whose delta reads it): to deploy a sub-adapter, use ``extract_sub_ad
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from ..peft_utils import check_rank, layer_index, lora_layers, matches_module
+
 STATS_FILE = "nls_stats.json"
-_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _SLOT_ATTR = "_sqft_nls_slot"
 
 
@@ -54,29 +54,6 @@ class SearchDimension:
     group: int
     modules: list[str]
     space: list[int]
-
-
-def base_of(peft_model: nn.Module) -> nn.Module:
-    """The wrapped transformers model of a ``PeftModel`` (module names there are PEFT's keys)."""
-    inner = getattr(peft_model, "base_model", peft_model)
-    return getattr(inner, "model", inner)
-
-
-def lora_layers(peft_model: nn.Module, adapter: str) -> list[tuple[str, LoraLayer]]:
-    """``(name, layer)`` for every LoRA layer that carries ``adapter``, in module order."""
-    return [
-        (name, module)
-        for name, module in base_of(peft_model).named_modules()
-        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {})
-    ]
-
-
-def layer_index(name: str) -> int:
-    """The decoder layer of a module path: its first all-digit component (``model.layers.3.mlp`` -> 3)."""
-    match = _LAYER_RE.search(name)
-    if match is None:
-        raise ValueError(f"module {name!r} has no layer index in its path (expected '...layers.<i>...')")
-    return int(match.group(1))
 
 
 def nls_rank_mask(module: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
@@ -118,13 +95,16 @@ class ElasticRankController:
         self.groups = [list(g) for g in groups]
         members: dict[tuple[int, int], list[tuple[str, LoraLayer]]] = {}
         for name, module in lora_layers(peft_model, adapter):
-            leaf_hits = [g for g, keys in enumerate(groups) if any(_suffix(name, k) for k in keys)]
+            leaf_hits = [g for g, keys in enumerate(groups) if any(matches_module(name, k) for k in keys)]
             if not leaf_hits:
                 continue
             rank = module.r[adapter]
             if rank != self.max_rank:
                 raise ValueError(f"LoRA layer {name!r} has rank {rank}, expected the super-adapter rank {max_rank}")
-            members.setdefault((leaf_hits[0], layer_index(name)), []).append((name, module))
+            layer = layer_index(name)
+            if layer is None:
+                raise ValueError(f"module {name!r} has no layer index in its path (expected '...layers.<i>...')")
+            members.setdefault((leaf_hits[0], layer), []).append((name, module))
         if not members:
             raise ValueError("no LoRA layer matches `target_module_groups`")
         # Group-major order (all layers of group 0, then group 1, ...), as in the reference README.
@@ -133,8 +113,8 @@ class ElasticRankController:
         for d, (group, layer) in enumerate(sorted(members)):
             entries = members[(group, layer)]
             space = [int(r) for r in spaces[group]]
-            if any(not 1 <= r <= self.max_rank for r in space):
-                raise ValueError(f"search space {space} of group {group} leaves [1, {max_rank}]")
+            for r in space:
+                check_rank(r, self.max_rank, f"search space {space} of group {group}")
             self.dimensions.append(SearchDimension(d, layer, group, [n for n, _ in entries], space))
             self._modules.append([m for _, m in entries])
         n, width = len(self.dimensions), max(len(d.space) for d in self.dimensions)
@@ -261,10 +241,6 @@ class ElasticRankController:
             for module in modules:
                 if hasattr(module, _SLOT_ATTR):
                     delattr(module, _SLOT_ATTR)
-
-
-def _suffix(name: str, key: str) -> bool:
-    return name == key or name.endswith("." + key)
 
 
 def _make_hook(controller_ref: weakref.ref, index: int):

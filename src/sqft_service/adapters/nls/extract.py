@@ -21,6 +21,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from ..peft_utils import check_rank
 from .config import ELASTIC_CONFIG_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,9 +59,7 @@ def extract_sub_adapter(super_adapter_dir: str | Path, output_dir: str | Path, r
     alpha_pattern: dict[str, float] = {}
     new_tensors = dict(tensors)
     for dim, rank in zip(dims, ranks, strict=True):
-        rank = int(rank)
-        if not 1 <= rank <= max_rank:
-            raise ValueError(f"ranks[{dim['index']}] = {rank} is outside [1, {max_rank}]")
+        rank = check_rank(int(rank), max_rank, f"ranks[{dim['index']}]")
         for module in dim["modules"]:
             a_key, b_key = f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
             if a_key not in tensors or b_key not in tensors:

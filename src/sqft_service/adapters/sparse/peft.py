@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
-from ..nls.controller import base_of, nls_rank_mask
+from ..nls.controller import nls_rank_mask
+from ..peft_utils import base_of
 
 MASK_BUFFER = "sqft_sparse_mask"
 

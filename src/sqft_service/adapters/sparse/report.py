@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..peft_utils import matches_module
+
 _SKIP = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out")
 
 
@@ -47,7 +49,7 @@ def sparsity_report(
     weights = _linear_weights(source)
     if names is not None:
         keys = list(names)
-        weights = {n: w for n, w in weights.items() if any(n == k or n.endswith("." + k) for k in keys)}
+        weights = {n: w for n, w in weights.items() if any(matches_module(n, k) for k in keys)}
     layers, zeros, total = {}, 0, 0
     for name, weight in weights.items():
         n_zero = int((weight == 0).sum())

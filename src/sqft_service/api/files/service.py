@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from ...errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from ...store.files import FileRecord, FileStore
-from ...training.data import DataValidationError, inspect_training_file
+from ...training.records import DataValidationError, inspect_training_file
 from .protocol import UPLOAD_PURPOSES
 
 CHUNK = 1 << 20

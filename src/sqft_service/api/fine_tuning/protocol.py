@@ -103,7 +103,7 @@ class FineTuningJob(BaseModel):
             finished_at=job.finished_at,
             hyperparameters=hp,
             model=job.model,
-            result_files=job.result_files,
+            result_files=list(job.result_files),
             seed=job.seed,
             status=job.status,  # type: ignore[arg-type]
             trained_tokens=job.trained_tokens,
@@ -115,7 +115,7 @@ class FineTuningJob(BaseModel):
             method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
             user_provided_suffix=job.suffix,
             started_at=job.started_at,
-            output_dir=job.output_dir,
+            output_dir=job.config.get("General", {}).get("output_dir"),
             config=job.config,
         )
 

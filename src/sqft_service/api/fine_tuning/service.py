@@ -10,20 +10,17 @@ from ...errors import InvalidRequestError, NotFoundError
 from ...jobs.manager import JobManager
 from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.ids import new_id
-from ...store.jobs import JobRecord, JobStore
+from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ..files.service import FileService
 from .protocol import CreateFineTuningJobRequest
 
 
 class FineTuningService:
-    def __init__(
-        self, jobs: JobStore, events: EventStore, files: FileService, manager: JobManager, jobs_dir: Path
-    ) -> None:
+    def __init__(self, jobs: JobStore, events: EventStore, files: FileService, manager: JobManager) -> None:
         self.jobs = jobs
         self.events = events
         self.files = files
         self.manager = manager
-        self.jobs_dir = Path(jobs_dir)
 
     def create(self, req: CreateFineTuningJobRequest) -> JobRecord:
         model = req.model or req.General.base_model
@@ -44,7 +41,7 @@ class FineTuningService:
             hyperparameters = req.method.supervised.hyperparameters
 
         job_id = new_id("ftjob")
-        job_dir = (self.jobs_dir / job_id).resolve()
+        workspace = self.manager.new_workspace(job_id)
         base = FinetuneConfig(General=req.General, Dataset=req.Dataset, Training=req.Training)
         seed = (
             req.seed
@@ -62,31 +59,23 @@ class FineTuningService:
         # Outputs always live under the data dir: a client-chosen absolute path would let any
         # client write anywhere the service can.
         requested_output = cfg.General.output_dir
-        cfg.General.output_dir = str(job_dir / "output")
-        job = self.jobs.create(
-            job_id=job_id,
+        cfg.General.output_dir = str(workspace.output.root)
+        job = self.manager.create(
+            job_id,
+            FINE_TUNE,
+            cfg.model_dump(mode="json"),
             model=model,
             training_file=training.id,
             validation_file=validation.id if validation else None,
             seed=seed,
             suffix=req.suffix,
             metadata=req.metadata,
-            hyperparameters=(hyperparameters.model_dump() if hyperparameters else {}),
-            config=cfg.model_dump(mode="json"),
-            output_dir=cfg.General.output_dir,
         )
         self.events.add_event(job_id, f"Created fine-tuning job: {job_id}")
         if requested_output:
             self.events.add_event(
                 job_id,
                 f"General.output_dir {requested_output!r} ignored: outputs are kept in {cfg.General.output_dir}",
-                level="warn",
-            )
-        if cfg.Training.num_training_workers > 1:
-            self.events.add_event(
-                job_id,
-                f"Training.num_training_workers={cfg.Training.num_training_workers} ignored: the embedded runner "
-                "trains in one process using every core (multi-worker Ray runs are not available yet)",
                 level="warn",
             )
         self.events.add_event(
@@ -97,17 +86,17 @@ class FineTuningService:
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id, kind=FINE_TUNE)
         if job is None:
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return job
 
     def list(self, *, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        return self.jobs.list(after=after, limit=limit)
+        return self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=limit)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
-        if job.status in ("succeeded", "failed", "cancelled"):
+        if job.is_final:
             raise InvalidRequestError(
                 f"Job {job_id} has already {'been ' if job.status == 'cancelled' else ''}{job.status}; "
                 "it cannot be cancelled",
@@ -125,5 +114,4 @@ class FineTuningService:
         return self.events.list_checkpoints(job_id, after=after, limit=limit)
 
     def log_path(self, job_id: str) -> Path:
-        job = self.get(job_id)
-        return Path(job.output_dir).parent / "job.log"
+        return JobManager.workspace(self.get(job_id)).log

@@ -1,10 +1,18 @@
-"""Bodies of the SQFT routes (reference names: ``sub_adapter_version``, ``custom_config``)."""
+"""Bodies of the SQFT routes (reference names: ``sub_adapter_version``, ``custom_config``) and the
+operation object that every extract / merge / sparsify request becomes.
+
+``wait`` (extension, default true as the reference behaves): answer with the result once the operation
+has ended; false answers ``202`` with the operation at once (``Prefer: respond-async`` does the same).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...store.jobs import JobRecord
+from ..fine_tuning.protocol import JobError
 
 
 class ExtractAdapterRequest(BaseModel):
@@ -13,6 +21,7 @@ class ExtractAdapterRequest(BaseModel):
     sub_adapter_version: str | None = None
     adapter_version: str | None = None
     custom_config: list[int] | None = None
+    wait: bool = True
 
     @model_validator(mode="after")
     def _one_version(self) -> ExtractAdapterRequest:
@@ -26,6 +35,7 @@ class MergeAdapterRequest(BaseModel):
     fine_tuning_job_id: str
     adapter_version: str | None = None
     sub_adapter_version: str | None = None
+    wait: bool = True
 
     @property
     def version(self) -> str | None:
@@ -41,6 +51,7 @@ class SparsifyRequest(BaseModel):
     calibration_file: str | None = None
     n_calibration: int = Field(32, ge=1, le=1024)
     output_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    wait: bool = True
 
 
 class SubAdapter(BaseModel):
@@ -73,3 +84,42 @@ class SparseModel(BaseModel):
     pattern: str | None
     calibration: str | None
     report: dict[str, Any]
+
+
+class Operation(BaseModel):
+    """An extract, merge or sparsify request as a job: its state, then its result or error."""
+
+    id: str
+    object: Literal["finetune.operation"] = "finetune.operation"
+    kind: Literal["extract", "merge", "sparsify"]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    fine_tuning_job_id: str | None = None
+    model: str | None = None
+    params: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+
+    @classmethod
+    def from_record(cls, op: JobRecord) -> Operation:
+        return cls(
+            id=op.id,
+            kind=op.kind,  # type: ignore[arg-type]
+            status=op.status,  # type: ignore[arg-type]
+            created_at=op.created_at,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            fine_tuning_job_id=op.parent_job_id,
+            model=op.model,
+            params=op.config,
+            result=op.result,
+            error=JobError(**op.error) if op.error else None,
+        )
+
+
+class OperationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Operation]
+    has_more: bool = False

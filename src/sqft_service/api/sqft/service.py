@@ -1,27 +1,35 @@
-"""Extract sub-adapters, merge adapters, sparsify base models.
+"""Extract sub-adapters, merge adapters, sparsify base models: each request becomes a job of that kind.
 
-Merge and sparsify load a whole model, so they run as ``python -m sqft_service.cli ...`` child
-processes; extraction only slices adapter tensors and runs here.
+The request is checked here (the job exists and succeeded, the names are valid, the output is free), so
+a bad request is a 400 at once; the work runs in a job process through the ``JobManager`` like a
+fine-tune, with the same queue, events, log and cancel. :meth:`SqftService.wait` lets the reference's
+routes answer with the result, as the reference does.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import re
-import subprocess
-import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConflictError, InvalidRequestError, ServiceError
+from pydantic import BaseModel
+
+from ...errors import ConflictError, InvalidRequestError, NotFoundError, ServiceError
+from ...jobs.kinds import OPERATION_KINDS, ExtractParams, MergeParams, SparsifyParams
+from ...jobs.manager import JobManager
 from ...settings import Settings
+from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
-from ...store.jobs import JobRecord
+from ...store.jobs import JobRecord, JobStore
 from ..files.service import FileService
 from ..fine_tuning.service import FineTuningService
+from .protocol import SparsifyRequest
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# The NLS search files a super-adapter carries (adapters/nls/config.py writes it).
+ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
 
 
 def check_version_name(version: str, param: str) -> str:
@@ -35,13 +43,25 @@ def check_version_name(version: str, param: str) -> str:
 
 
 class SqftService:
-    def __init__(self, settings: Settings, jobs: FineTuningService, files: FileService) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fine_tuning: FineTuningService,
+        files: FileService,
+        jobs: JobStore,
+        events: EventStore,
+        manager: JobManager,
+    ) -> None:
         self.settings = settings
-        self.jobs = jobs
+        self.fine_tuning = fine_tuning
         self.files = files
+        self.jobs = jobs
+        self.events = events
+        self.manager = manager
 
+    # ------------------------------------------------------------- requests
     def _succeeded_job(self, job_id: str) -> JobRecord:
-        job = self.jobs.get(job_id)
+        job = self.fine_tuning.get(job_id)
         if job.status != "succeeded":
             raise ConflictError(
                 f"Job {job_id} is {job.status}; its adapter is available once the job has succeeded",
@@ -54,92 +74,126 @@ class SqftService:
     def _lora(job: JobRecord) -> dict[str, Any]:
         return job.config.get("General", {}).get("lora_config", {})
 
-    def extract(self, job_id: str, version: str, custom_config: list[int] | None) -> dict[str, Any]:
-        from ...adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
-
+    def extract(self, job_id: str, version: str, custom_config: list[int] | None) -> JobRecord:
         version = check_version_name(version, "sub_adapter_version")
+        if version == "adapter":
+            raise InvalidRequestError("`sub_adapter_version` 'adapter' is reserved", param="sub_adapter_version")
         job = self._succeeded_job(job_id)
-        if not self._lora(job).get("neural_lora_search"):
+        super_adapter = self.manager.workspace(job).output.adapter
+        if not self._lora(job).get("neural_lora_search") or not (super_adapter / ELASTIC_CONFIG_FILE).is_file():
             raise InvalidRequestError(
                 f"Job {job_id} did not train an elastic super-adapter: extraction needs "
                 "`General.lora_config.neural_lora_search: true`",
                 param="fine_tuning_job_id",
             )
-        if version == "adapter":
-            raise InvalidRequestError("`sub_adapter_version` 'adapter' is reserved", param="sub_adapter_version")
-        super_dir = Path(job.output_dir) / "adapter"
-        elastic = json.loads((super_dir / ELASTIC_CONFIG_FILE).read_text())
-        try:
-            ranks = select_ranks(elastic, version, custom_config)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="custom_config") from None
-        summary = extract_sub_adapter(super_dir, Path(job.output_dir) / version, ranks)
-        return {
-            "fine_tuning_job_id": job_id,
-            "adapter_version": version,
-            "ranks": ranks,
-            "path": str(Path(summary["path"]).resolve()),
-            "n_params": summary.get("n_params"),
-            "dimensions": summary.get("dimensions", []),
-        }
+        params = ExtractParams(
+            fine_tuning_job_id=job_id,
+            version=version,
+            super_adapter=str(super_adapter),
+            output=str(self.manager.workspace(job).output.sub_adapter(version)),
+            custom_config=custom_config,
+        )
+        return self._submit("extract", params, model=job.model, parent=job_id)
 
-    def merge(self, job_id: str, version: str | None) -> dict[str, Any]:
+    def merge(self, job_id: str, version: str | None) -> JobRecord:
         job = self._succeeded_job(job_id)
-        output = Path(job.output_dir)
+        outputs = self.manager.workspace(job).output
         if version is not None:
             check_version_name(version, "adapter_version")
-            adapter_dir = output / version
+            adapter_dir = outputs.sub_adapter(version)
             if not (adapter_dir / "adapter_config.json").is_file():
                 raise InvalidRequestError(
                     f"Job {job_id} has no sub-adapter {version!r}: extract it first with /v1/finetune/extract_adapter",
                     param="adapter_version",
                 )
         else:
-            adapter_dir = output / "adapter"
-        target = adapter_dir / "merged_model" if version else output / "merged_model"
-        lora = self._lora(job)
-        argv = ["merge", "--model", job.model, "--adapter", str(adapter_dir), "--output", str(target)]
-        if lora.get("sparse_adapter"):
-            argv.append("--sparse")
-        argv += ["--model-cache", str(self.settings.model_cache_dir.resolve())]
-        report = self._run_cli(argv)
-        return {
-            "fine_tuning_job_id": job_id,
-            "adapter_version": version,
-            "path": str(Path(report["path"]).resolve()),
-            "sparse": bool(lora.get("sparse_adapter")),
-            "dtype": report.get("dtype"),
-            "zeros_preserved": report.get("zeros_preserved"),
-            "sparsity": {"before": report.get("before"), "after": report.get("after")},
-        }
+            adapter_dir = outputs.adapter
+        params = MergeParams(
+            fine_tuning_job_id=job_id,
+            version=version,
+            model=job.model or "",
+            adapter=str(adapter_dir),
+            output=str(outputs.merged_model(version)),
+            sparse=bool(self._lora(job).get("sparse_adapter")),
+        )
+        return self._submit("merge", params, model=job.model, parent=job_id)
 
-    def sparsify(self, body: Any) -> dict[str, Any]:
+    def sparsify(self, body: SparsifyRequest) -> JobRecord:
         name = body.output_name or new_id("sparse")
-        target = self.settings.model_cache_dir / "sparse" / name
-        if target.exists():
+        target = (self.settings.model_cache_dir / "sparse" / name).resolve()
+        claimed = any(op.config.get("output") == str(target) for op in self.jobs.active_of_kind("sparsify"))
+        if target.exists() or claimed:
             raise ConflictError(f"a sparse model named {name!r} already exists at {target}", param="output_name")
-        argv = ["sparsify", "--model", body.model, "--method", body.method, "--sparsity", str(body.sparsity)]
-        argv += ["--output", str(target), "--n-calibration", str(body.n_calibration)]
-        argv += ["--model-cache", str(self.settings.model_cache_dir.resolve())]
-        if body.pattern:
-            argv += ["--pattern", body.pattern]
-        if body.calibration_file:
-            argv += ["--calibration-file", str(self.files.resolve(body.calibration_file, "calibration_file").path)]
-        return self._run_cli(argv)
+        calibration = self.files.resolve(body.calibration_file, "calibration_file") if body.calibration_file else None
+        params = SparsifyParams(
+            model=body.model,
+            output=str(target),
+            method=body.method,
+            sparsity=body.sparsity,
+            pattern=body.pattern,
+            calibration_path=str(calibration.path) if calibration else None,
+            calibration_file=calibration.id if calibration else None,
+            n_calibration=body.n_calibration,
+        )
+        return self._submit("sparsify", params, model=body.model)
 
-    def _run_cli(self, argv: list[str]) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            proc = subprocess.run(
-                [sys.executable, "-m", "sqft_service.cli", *argv, "--json-out", str(out)],
-                capture_output=True,
-                text=True,
-                timeout=6 * 3600,
+    def _submit(self, kind: str, params: BaseModel, *, model: str | None, parent: str | None = None) -> JobRecord:
+        op_id = new_id("op")
+        job = self.manager.create(op_id, kind, params.model_dump(mode="json"), model=model, parent_job_id=parent)
+        self.events.add_event(op_id, f"Created {kind} operation: {op_id}")
+        self.manager.enqueue(job)
+        return self.get(op_id)
+
+    # ----------------------------------------------------------- operations
+    def get(self, op_id: str) -> JobRecord:
+        job = self.jobs.get(op_id)
+        if job is None or job.kind not in OPERATION_KINDS:
+            raise NotFoundError(f"No such operation: {op_id}", param="operation_id")
+        return job
+
+    def list(self, *, kind: str | None, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
+        return self.jobs.list(kinds=(kind,) if kind else OPERATION_KINDS, after=after, limit=limit)
+
+    def cancel(self, op_id: str) -> JobRecord:
+        op = self.get(op_id)
+        if op.is_final:
+            raise InvalidRequestError(
+                f"Operation {op_id} has already {'been ' if op.status == 'cancelled' else ''}{op.status}; "
+                "it cannot be cancelled",
+                param="operation_id",
+                code="operation_not_cancellable",
             )
-            if proc.returncode == 0 and out.is_file():
-                return json.loads(out.read_text())
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit code {proc.returncode}"
-        if proc.returncode == 2:
-            raise InvalidRequestError(reason.removeprefix("error: "))
-        raise ServiceError(f"{argv[0]} failed: {reason}")
+        return self.manager.cancel(op_id)
+
+    def events_of(self, op_id: str, *, after: str | None, limit: int) -> tuple[list[EventRecord], bool]:
+        self.get(op_id)
+        return self.events.list_events(op_id, after=after, limit=limit)
+
+    def log_path(self, op_id: str) -> Path:
+        return self.manager.workspace(self.get(op_id)).log
+
+    async def wait(self, op_id: str, is_disconnected: Any = None) -> JobRecord:
+        """The operation once it has ended, or as it is after ``settings.operation_wait_s`` (or a disconnect)."""
+        deadline = time.monotonic() + self.settings.operation_wait_s
+        delay = 0.05
+        while True:
+            op = self.get(op_id)
+            if op.is_final or time.monotonic() >= deadline:
+                return op
+            if is_disconnected is not None and await is_disconnected():
+                return op
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    @staticmethod
+    def result_of(op: JobRecord) -> dict[str, Any]:
+        """A finished operation's result, or its failure as the error the reference route answers with."""
+        if op.status == "succeeded" and op.result is not None:
+            return op.result
+        if op.status == "cancelled":
+            raise ConflictError(f"Operation {op.id} was cancelled", param="operation_id", code="operation_cancelled")
+        error = op.error or {}
+        message = error.get("message") or f"operation {op.id} failed"
+        if error.get("user_error"):
+            raise InvalidRequestError(message, param=error.get("param"), code=error.get("code"))
+        raise ServiceError(message, code=error.get("code"))

@@ -1,0 +1,241 @@
+"""Training files: the two record formats, JSON/JSONL parsing and validation.
+
+Two record formats are accepted, one per file:
+
+* **Alpaca**: ``{"instruction": str, "input": str (optional), "output": str}``.
+* **Chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the
+  last message must be the assistant's.
+
+A file is either a JSON array of records or JSONL (one object per non-blank line). Validation errors
+name the 1-based line on which the offending record starts, so an upload can be fixed without
+guessing. The API validates uploads with this module, so it must not import torch or transformers
+(directly or through a package ``__init__``), FastAPI or the store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import UserError
+
+Format = Literal["alpaca", "chat"]
+_ROLES = ("system", "user", "assistant")
+
+
+class DataValidationError(UserError):
+    """A training file or record is unusable; the message names the line (1-based) or record.
+
+    Attributes:
+        line: The 1-based line the problem is on, or ``None`` when it is not tied to a line.
+    """
+
+    code = "invalid_training_file"
+    param = "training_file"
+
+    def __init__(
+        self, message: str, line: int | None = None, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(f"line {line}: {message}" if line is not None else message, param=param, code=code)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class FileStats:
+    """What :func:`inspect_training_file` learned about a file."""
+
+    format: Format
+    n_records: int
+    n_lines: int
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _record_format(rec: dict[str, Any], line: int) -> Format:
+    if "messages" in rec:
+        return "chat"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    raise DataValidationError(
+        "record has neither 'instruction'/'output' (Alpaca format) nor 'messages' (chat format)", line
+    )
+
+
+def _require_str(rec: dict[str, Any], key: str, line: int, *, required: bool) -> None:
+    if key not in rec:
+        if required:
+            raise DataValidationError(f"record is missing required field '{key}'", line)
+        return
+    if not isinstance(rec[key], str):
+        raise DataValidationError(f"field '{key}' must be a string, got {_json_type(rec[key])}", line)
+
+
+def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
+    """Check one record; returns its format. ``expected`` is the format of the file's first record."""
+    if not isinstance(rec, dict):
+        raise DataValidationError(f"expected a JSON object, got {_json_type(rec)}", line)
+    fmt = _record_format(rec, line)
+    if expected is not None and fmt != expected:
+        raise DataValidationError(
+            f"record is in {fmt} format but earlier records are in {expected} format (a file must use one format)",
+            line,
+        )
+    if fmt == "alpaca":
+        _require_str(rec, "instruction", line, required=True)
+        _require_str(rec, "output", line, required=True)
+        _require_str(rec, "input", line, required=False)
+        return fmt
+    messages = rec["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataValidationError("field 'messages' must be a non-empty array", line)
+    for j, msg in enumerate(messages):
+        where = f"messages[{j}]"
+        if not isinstance(msg, dict):
+            raise DataValidationError(f"{where} must be an object, got {_json_type(msg)}", line)
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise DataValidationError(f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}", line)
+        if not isinstance(msg.get("content"), str):
+            got = _json_type(msg["content"]) if "content" in msg else "nothing"
+            raise DataValidationError(f"{where}.content must be a string, got {got}", line)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataValidationError("'messages' has no assistant message: nothing to train on", line)
+    if messages[-1]["role"] != "assistant":
+        raise DataValidationError("the last message must be from the assistant", line)
+    return fmt
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text, or an error naming the first line that is binary or not UTF-8."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if b"\x00" not in data:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    # Slow path only on failure. Splitting on b"\n" is safe: 0x0A never occurs inside a UTF-8
+    # multi-byte sequence, so each line decodes on its own exactly when the whole file does.
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        if b"\x00" in raw:
+            raise DataValidationError("not valid UTF-8 text (NUL bytes: is this a binary file?)", i)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataValidationError(f"not valid UTF-8 text (bad byte at column {e.start + 1})", i) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bad_json(e: json.JSONDecodeError) -> DataValidationError:
+    return DataValidationError(f"invalid JSON ({e.msg} at column {e.colno})", e.lineno)
+
+
+def _parse_array(text: str) -> list[tuple[int, Any]]:
+    """Records of a JSON array with the line each starts on (a raw_decode scan keeps positions)."""
+    decoder = json.JSONDecoder()
+    n = len(text)
+
+    def skip_ws(pos: int) -> int:
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    out: list[tuple[int, Any]] = []
+    pos = skip_ws(text.index("[") + 1)
+    if pos < n and text[pos] == "]":
+        pos += 1
+    else:
+        while True:
+            if pos >= n:
+                raise DataValidationError("invalid JSON (unterminated array)", line_of(n))
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise _bad_json(e) from None
+            out.append((line_of(pos), value))
+            pos = skip_ws(end)
+            if pos < n and text[pos] == ",":
+                pos = skip_ws(pos + 1)
+                continue
+            if pos < n and text[pos] == "]":
+                pos += 1
+                break
+            raise DataValidationError("invalid JSON (expected ',' or ']' after a record)", line_of(min(pos, n)))
+    pos = skip_ws(pos)
+    if pos < n:
+        raise DataValidationError("invalid JSON (extra data after the array)", line_of(pos))
+    return out
+
+
+def _parse_jsonl(text: str) -> list[tuple[int, Any]]:
+    out: list[tuple[int, Any]] = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(f"invalid JSON ({e.msg} at column {e.colno})", i) from None
+        out.append((i, value))
+    return out
+
+
+def _parse_file(path: str | Path, max_bytes: int | None = None) -> tuple[Format, list[dict[str, Any]], int]:
+    path = Path(path)
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise DataValidationError(f"file is {size} bytes, over the limit of {max_bytes} bytes")
+    text = _decode(path.read_bytes())
+    if not text.strip():
+        raise DataValidationError("file is empty")
+    n_lines = text.count("\n") + (0 if text.endswith("\n") else 1)
+    items = _parse_array(text) if text.lstrip().startswith("[") else _parse_jsonl(text)
+    if not items:
+        raise DataValidationError("file has no records")
+    fmt: Format | None = None
+    for line, rec in items:
+        fmt = _validate_record(rec, line, fmt)
+    assert fmt is not None
+    return fmt, [rec for _, rec in items], n_lines
+
+
+def inspect_training_file(path: str | Path, *, max_bytes: int | None = None) -> FileStats:
+    """Validate a training file without a tokenizer (cheap enough for upload time).
+
+    Args:
+        path: A JSON array or JSONL file of Alpaca or chat records.
+        max_bytes: Reject files larger than this.
+
+    Returns:
+        The detected format, number of records and number of lines.
+
+    Raises:
+        DataValidationError: Naming the first bad line: empty or binary file, invalid JSON, a record
+            with a missing or mistyped field, or records of both formats.
+    """
+    fmt, records, n_lines = _parse_file(path, max_bytes)
+    return FileStats(format=fmt, n_records=len(records), n_lines=n_lines)
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Validate like :func:`inspect_training_file` and return the records in file order."""
+    return _parse_file(path)[1]
