@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from ...store.files import FileRecord
 
-PURPOSES = ("fine-tune", "fine-tune-results", "assistants", "batch", "user_data", "evals", "vision")
+# What clients may upload; "fine-tune-results" files are only ever created by the service (metrics CSVs).
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals", "vision")
 
 

@@ -61,8 +61,9 @@ class FileService:
                 try:
                     stats = inspect_training_file(staged)
                 except DataValidationError as exc:
-                    raise InvalidRequestError(
-                        f"invalid training file '{name}': {exc}", param="file", code="invalid_file"
+                    # The same error, told about the upload (its field is `file`, not a job's `training_file`).
+                    raise DataValidationError(
+                        f"invalid training file '{name}': {exc.message}", param="file", code="invalid_file"
                     ) from exc
                 meta = {"format": stats.format, "n_records": stats.n_records}
             return self.store.add(
