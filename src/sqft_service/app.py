@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .api.auth import ApiKeys, install_auth
 from .api.body import validation_error_to_service_error
+from .api.body_limit import BodyLimitMiddleware
+from .api.content_type import require_json
 from .api.files.router import router as files_router
 from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
+from .api.limits import MULTIPART_OVERHEAD_BYTES
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
 from .errors import ServiceError, UserError
@@ -39,7 +43,7 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+        return JSONResponse(status_code=exc.status_code, content=exc.to_dict(), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
@@ -71,7 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         file_store = FileStore(db, settings.files_dir)
         jobs, events = JobStore(db), EventStore(db)
         manager = JobManager(settings, jobs, events, file_store)
-        file_service = FileService(file_store, settings.max_upload_bytes)
+        file_service = FileService(
+            file_store, settings.upload_limit_bytes, in_use=lambda fid: [j.id for j in jobs.referencing_file(fid)]
+        )
         app.state.settings = settings
         app.state.db = db
         app.state.file_service = file_service
@@ -95,9 +101,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(files_router)
-    app.include_router(fine_tuning_router)
-    app.include_router(sqft_router)
+    # Added before auth so that auth wraps it: an unauthenticated request is refused before its body is read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_json_bytes=settings.max_json_bytes,
+        max_upload_body_bytes=settings.upload_limit_bytes + MULTIPART_OVERHEAD_BYTES,
+    )
+    auth = install_auth(app, ApiKeys.parse(settings.api_key), open_paths=("/health",))
+    # The files router takes multipart uploads; every other router's bodies are JSON.
+    json_only = [*auth, Depends(require_json)]
+    app.include_router(files_router, dependencies=auth)
+    app.include_router(fine_tuning_router, dependencies=json_only)
+    app.include_router(sqft_router, dependencies=json_only)
 
     @app.get("/health", tags=["service"])
     def health() -> dict:

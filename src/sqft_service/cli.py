@@ -11,10 +11,13 @@ from pathlib import Path
 from .errors import UserError
 from .settings import Settings
 
+log = logging.getLogger("sqft_service.cli")
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .api.auth import ApiKeys, is_loopback
     from .app import create_app
 
     settings = Settings.from_env().with_overrides(
@@ -24,6 +27,23 @@ def _serve(args: argparse.Namespace) -> int:
         max_concurrent_jobs=args.max_concurrent_jobs,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = ApiKeys.parse(settings.api_key)
+    if not keys and not is_loopback(settings.host):
+        # Without a key anyone who can reach the port could train, read files and cancel jobs.
+        print(
+            f"error: set SQFT_API_KEY to listen on {settings.host}: without an API key the service "
+            "only listens on a loopback address (127.0.0.1, ::1, localhost)",
+            file=sys.stderr,
+        )
+        return 2
+    if keys:
+        log.info("API keys: %d, projects: %s", len(keys), ", ".join(keys.projects))
+    else:
+        log.warning(
+            "no SQFT_API_KEY: the API is unauthenticated; any local user or process that can reach %s:%s can use it",
+            settings.host,
+            settings.port,
+        )
     print(
         f"sqft-service on http://{settings.host}:{settings.port}  (docs: /docs, data: {settings.data_dir})",
         flush=True,

@@ -10,32 +10,52 @@ its payloads work verbatim; ``extra="forbid"`` turns a misspelt key into an erro
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .adapters.peft_utils import check_rank
+from .errors import InvalidConfigurationError
+
+# Bounds that keep every number of a job inside what SQLite stores (int64) and what a run can mean.
+MAX_SEED = 2**31 - 1  # as OpenAI's top-level `seed`; every RNG we seed takes it
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 4096
+MAX_STEPS = 10_000_000  # optimizer steps, warmup, and the logging / eval / save intervals
+MAX_TOKENS = 1 << 20  # sequence lengths
+MAX_SAMPLES = 2**31 - 1
+MAX_PATH_CHARS = 4096  # PATH_MAX: model, tokenizer and file paths
+MAX_NAME_CHARS = 256  # module names, rank lists
+MAX_LIST_ITEMS = 1024  # target modules, groups, search spaces
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: JSON's `Infinity` / `NaN` (Python's json accepts them) would be stored, shown
+    # as null and trained with; every float here must be finite.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelLoadConfig(_Section):
     trust_remote_code: bool = False
-    token: str | None = None
+    # A secret: the API shows it as "***" and keeps it out of the job's stored config (job_secrets.py).
+    token: str | None = Field(None, max_length=MAX_PATH_CHARS)
 
 
 class LoraSection(_Section):
     task_type: str = "CAUSAL_LM"
     r: int = Field(8, ge=1, le=1024)
-    lora_alpha: float = Field(16, gt=0)
+    lora_alpha: float = Field(16, gt=0, le=65536)
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = None
+    target_modules: list[Name] | None = Field(None, max_length=MAX_LIST_ITEMS)
     # SQFT: Neural Low-rank Adapter Search (elastic ranks) and SparsePEFT.
     neural_lora_search: bool = False
-    target_module_groups: list[list[str]] | None = None
-    search_space: list[str] | None = None
+    target_module_groups: list[Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)]] | None = Field(
+        None, max_length=MAX_LIST_ITEMS
+    )
+    search_space: list[Name] | None = Field(None, max_length=MAX_LIST_ITEMS)
     sparse_adapter: bool = False
 
     @model_validator(mode="after")
@@ -93,11 +113,11 @@ class LoraSection(_Section):
 
 
 class GeneralSection(_Section):
-    base_model: str | None = None
-    tokenizer_name: str | None = None
-    output_dir: str | None = None
+    base_model: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    tokenizer_name: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    output_dir: str | None = Field(None, max_length=MAX_PATH_CHARS)
     save_strategy: Literal["no", "steps", "epoch"] = "no"
-    save_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1, le=MAX_STEPS)
     config: ModelLoadConfig = Field(default_factory=ModelLoadConfig)
     lora_config: LoraSection = Field(default_factory=LoraSection)
     enable_gradient_checkpointing: bool = False
@@ -105,19 +125,19 @@ class GeneralSection(_Section):
 
 
 class DatasetSection(_Section):
-    train_file: str | None = None
-    validation_file: str | None = None
+    train_file: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    validation_file: str | None = Field(None, max_length=MAX_PATH_CHARS)
     validation_split_percentage: float = Field(5, ge=0, lt=100)
-    max_length: int = Field(512, ge=8)
-    max_source_length: int = Field(384, ge=1)
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS)
+    max_source_length: int = Field(384, ge=1, le=MAX_TOKENS)
     truncation_side: Literal["left", "right"] = "right"
     padding_side: Literal["left", "right"] = "right"
     truncation: bool = True
     padding: bool = True
     mask_input: bool = True
     mask_response: bool = False
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
+    max_eval_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
     group_by_length: bool = True
     # Extension: lay each batch's examples end to end in rows of up to max_length tokens, attention
     # kept per example (training/packing.py). Same examples per step, less padding.
@@ -134,13 +154,14 @@ class DatasetSection(_Section):
 
 class TrainingSection(_Section):
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = "adamw_torch"
-    batch_size: int = Field(2, ge=1, le=4096)
-    epochs: int = Field(1, ge=1, le=1000)
-    max_train_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH_SIZE)
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    max_train_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     learning_rate: float = Field(5e-5, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    # AdamW decays each weight by lr * weight_decay per step; with lr <= 1 a bound of 1 keeps that a decay.
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     # "auto" picks the best device this version trains on (the CPU); "cuda" is refused until GPU
     # training exists rather than accepted and run on the CPU.
@@ -149,11 +170,12 @@ class TrainingSection(_Section):
     num_training_workers: int = Field(1, ge=1)
     resources_per_worker: dict[str, Any] | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    seed: int | None = None
-    num_threads: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    # The same range as the top-level `seed` (it becomes the job's seed column, an SQLite integer).
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_threads: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("device")
     @classmethod
@@ -204,11 +226,25 @@ class Hyperparameters(_Section):
     batch_size: AutoInt = "auto"
     learning_rate_multiplier: AutoFloat = "auto"
 
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier", mode="before")
+    @classmethod
+    def _numbers_in_range(cls, v: Any, info: Any) -> Any:
+        # Before the int | "auto" union: past it, Infinity or 1e20 fail both arms and the error would
+        # name `n_epochs.int` instead of the field.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number or 'auto'")
+        if info.field_name != "learning_rate_multiplier":
+            cls._positive_int(v, info)
+        return v
+
     @field_validator("n_epochs", "batch_size")
     @classmethod
-    def _positive_int(cls, v: AutoInt) -> AutoInt:
-        if v != "auto" and v < 1:
-            raise ValueError("must be >= 1 or 'auto'")
+    def _positive_int(cls, v: AutoInt, info: Any) -> AutoInt:
+        most = MAX_EPOCHS if info.field_name == "n_epochs" else MAX_BATCH_SIZE
+        if v != "auto" and not 1 <= v <= most:
+            raise ValueError(f"must be between 1 and {most}, or 'auto'")
         return v
 
     @field_validator("learning_rate_multiplier")
@@ -246,4 +282,31 @@ def resolve_config(
     if hp.learning_rate_multiplier != "auto":
         cfg.Training.learning_rate = cfg.Training.learning_rate * float(hp.learning_rate_multiplier)
     cfg.Training.seed = seed
-    return cfg
+    # Attribute assignment skips validation: check the result against the same bounds, so that a
+    # multiplier cannot push the rate past 1.0 (nor a file path past its length).
+    try:
+        return FinetuneConfig.model_validate(cfg.model_dump())
+    except ValidationError as exc:
+        raise _resolved_error(exc, hp) from None
+
+
+# Where a resolved value came from when the OpenAI hyperparameter set it.
+_FROM_HYPERPARAMETERS = {
+    ("Training", "learning_rate"): "learning_rate_multiplier",
+    ("Training", "epochs"): "n_epochs",
+    ("Training", "batch_size"): "batch_size",
+}
+
+
+def _resolved_error(exc: ValidationError, hp: Hyperparameters) -> InvalidConfigurationError:
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    name = ".".join(loc)
+    source = _FROM_HYPERPARAMETERS.get(loc)  # type: ignore[call-overload]
+    if source is not None and getattr(hp, source) != "auto":
+        param = f"hyperparameters.{source}"
+        value = err.get("input")
+        return InvalidConfigurationError(
+            f"`{param}` {getattr(hp, source)!r} makes `{name}` {value!r}: {err['msg']}", param=param
+        )
+    return InvalidConfigurationError(f"Invalid value for `{name}`: {err['msg']}", param=name)

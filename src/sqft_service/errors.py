@@ -76,3 +76,25 @@ class ConflictError(ServiceError):
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     type = "invalid_request_error"
+
+
+class AuthenticationError(ServiceError):
+    """401: no API key, or not one of the configured keys (``api/auth.py``)."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": "Bearer"}
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "invalid_api_key") -> None:
+        super().__init__(message, param=param, code=code)
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """415: a JSON route got a body that is not declared ``application/json`` (``api/content_type.py``)."""
+
+    status_code = 415
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "unsupported_media_type") -> None:
+        super().__init__(message, param=param, code=code)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,30 @@ class Settings:
     cancel_grace_s: float = 10.0
     # How often the job manager looks at its job processes and the queue.
     poll_interval_s: float = 0.5
-    max_upload_bytes: int = 512 * 1024 * 1024
+    # Largest upload in MiB. It is enforced while the body is read, so a bigger one is cut off there.
+    max_upload_mb: int = 512
+    # The same limit in bytes; when set it wins over max_upload_mb (tests use small limits).
+    max_upload_bytes: int | None = None
+    # Largest JSON request body, checked as it arrives (413); nothing a client sends here is bigger.
+    max_json_bytes: int = 1024 * 1024
     # Threads per job process (unset: the physical cores divided by max_concurrent_jobs).
     threads_per_job: int | None = None
+    # How often a running fine-tune writes its rolling resume point (it also writes one when stopped).
+    checkpoint_interval_s: float = 300.0
+    # Launches of one job's process before a job that keeps dying (crash, kill -9, OOM) is failed.
+    max_job_attempts: int = 3
     # How long extract/merge/sparsify requests wait for their result before answering 202 with the operation.
     operation_wait_s: float = 6 * 3600.0
+    # API keys, comma-separated, each `key` or `project:key` (api/auth.py). Empty: no authentication,
+    # and `sqft serve` only binds to loopback. Kept out of repr so the keys never reach a log.
+    api_key: str = field(default="", repr=False)
+    # Directories a request may name models in, besides the data dir's models/ and the bundled SmolLM2
+    # (model_access.py); SQFT_MODEL_ROOTS lists them separated by os.pathsep (":" on Linux).
+    model_roots: tuple[Path, ...] = ()
+    # Hugging Face Hub ids as models (downloads); off, a Hub id is refused at once.
+    allow_hub: bool = False
+    # `General.config.trust_remote_code: true`, which runs Python shipped with a model, in the job process.
+    allow_remote_code: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -42,6 +61,11 @@ class Settings:
         known = {f.name for f in fields(self)}
         clean = {k: v for k, v in overrides.items() if k in known and v is not None}
         return replace(self, **clean)
+
+    @property
+    def upload_limit_bytes(self) -> int:
+        """The upload limit in effect: ``max_upload_bytes`` if set, else ``max_upload_mb`` MiB."""
+        return self.max_upload_bytes if self.max_upload_bytes is not None else self.max_upload_mb * 1024 * 1024
 
     @property
     def db_path(self) -> Path:
@@ -64,8 +88,23 @@ class Settings:
             d.mkdir(parents=True, exist_ok=True)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise SystemExit(f"{name}={raw!r} is not a boolean (use 1/true/yes or 0/false/no)")
+    return word in _TRUE
+
+
 def _parse(name: str, raw: str, default: Any) -> Any:
     """``raw`` as the type of the field's default; a bad value stops the service with the variable named."""
+    # bool before int: bool is an int subclass, and int("true") would fail (or "0" read as a number).
+    if isinstance(default, bool):
+        return _parse_bool(name, raw)
+    if isinstance(default, tuple):  # a list of directories
+        return tuple(Path(p) for p in raw.split(os.pathsep) if p)
     if default is MISSING or default is None or (isinstance(default, int) and not isinstance(default, bool)):
         kind: type = int
     elif isinstance(default, float):

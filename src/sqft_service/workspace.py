@@ -5,6 +5,7 @@ A job owns one directory under the data dir (``jobs/<job-id>/``)::
     spec.json       what to run: {"kind": ..., "params": ...} (written by the manager at launch)
     job.log         the job process's stdout and stderr (downloadable through the API)
     outcome.json    how it ended (``jobs.outcome.JobOutcome``), written once by the job process
+    secrets.json    secrets kept out of the stored config (``job_secrets.py``), mode 0600
     output/         a fine-tune's artifacts (:class:`TrainingOutputs`)
 
 The layout is shared by the service (``jobs/``, ``api/``) and the job process (``training/``), so it
@@ -39,6 +40,11 @@ class TrainingOutputs:
         return self.checkpoints / f"step-{step}"
 
     @property
+    def resume_state(self) -> Path:
+        """The rolling resume point (adapter + trainer state), rewritten every few minutes and on stop."""
+        return self.root / "resume-state"
+
+    @property
     def metrics_csv(self) -> Path:
         return self.root / "metrics.csv"
 
@@ -53,6 +59,16 @@ class TrainingOutputs:
     def merged_model(self, version: str | None = None) -> Path:
         """The base with the adapter (or the named sub-adapter) merged in."""
         return (self.sub_adapter(version) if version else self.root) / "merged_model"
+
+    @classmethod
+    def reserved_names(cls) -> frozenset[str]:
+        """What a fine-tune writes at the top of ``output/``: a sub-adapter named so would overwrite it.
+
+        Read off the properties above (and ``merged_model``), so a new output entry is reserved too.
+        """
+        probe = cls(Path("/"))
+        names = {getattr(probe, name).name for name, attr in vars(cls).items() if isinstance(attr, property)}
+        return frozenset({*names, probe.merged_model().name})
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,11 @@ class JobWorkspace:
     @property
     def outcome(self) -> Path:
         return self.root / "outcome.json"
+
+    @property
+    def secrets(self) -> Path:
+        """The job's secrets (``General.config.token``), mode 0600, read by the job process only."""
+        return self.root / "secrets.json"
 
     @property
     def output(self) -> TrainingOutputs:

@@ -34,7 +34,15 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, SQFT_DATA_DIR=str(self.data_dir), SQFT_PORT=str(self.port), HF_HUB_OFFLINE="1")
+        env = dict(
+            os.environ,
+            SQFT_DATA_DIR=str(self.data_dir),
+            SQFT_PORT=str(self.port),
+            HF_HUB_OFFLINE="1",
+            # Models come from the SmolLM2 package and the data dir's models/ (roots by default); the
+            # test's own directory is listed too, for anything a test builds there.
+            SQFT_MODEL_ROOTS=str(self.data_dir.parent),
+        )
         self.log = open(  # noqa: SIM115 - closed in stop()
             self.data_dir.parent / f"server-{self.port}.log", "ab"
         )

@@ -10,11 +10,24 @@ from sqft_service.app import create_app
 from sqft_service.settings import Settings
 from tests.helpers import alpaca_records, wait_until, write_json
 
+# The service loads models only under its model roots (model_access.py); the tests build theirs in
+# pytest's temporary directory, so that directory is a root of every service they start.
+PYTEST_TMP_ROOT: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pytest_tmp_root(tmp_path_factory) -> None:
+    PYTEST_TMP_ROOT[:] = [tmp_path_factory.getbasetemp()]
+
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
-    return Settings(data_dir=data_dir, poll_interval_s=0.1, cancel_grace_s=5.0, threads_per_job=1).with_overrides(
-        **overrides
-    )
+    return Settings(
+        data_dir=data_dir,
+        poll_interval_s=0.1,
+        cancel_grace_s=5.0,
+        threads_per_job=1,
+        model_roots=tuple(PYTEST_TMP_ROOT),
+    ).with_overrides(**overrides)
 
 
 @pytest.fixture

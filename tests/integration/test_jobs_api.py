@@ -99,32 +99,42 @@ def test_state_survives_a_restart(data_dir, tmp_path, tiny_model_dir):
         assert second.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == ckpts
 
 
-@pytest.mark.parametrize("outcome_written", [True, False])
-def test_running_job_after_a_crash(data_dir, tmp_path, tiny_model_dir, outcome_written):
+@pytest.mark.parametrize("case", ["outcome_written", "no_outcome", "launches_used_up"])
+def test_running_job_after_a_crash(data_dir, tmp_path, tiny_model_dir, case):
     """A service that died mid-job: on restart the job must not stay 'running' forever. If its process
-    finished meanwhile (outcome written), the job keeps that outcome; otherwise it is marked failed."""
+    finished meanwhile (outcome written), the job keeps that outcome; otherwise it is queued again and
+    completes, unless it has used up its launches."""
     from sqft_service.store.db import Database
     from sqft_service.store.jobs import JobStore
 
-    with TestClient(create_app(make_settings(data_dir))) as first:
+    settings = make_settings(data_dir, max_job_attempts=2)
+    with TestClient(create_app(settings)) as first:
         f = upload(first, write_json(tmp_path / "t.json", alpaca_records(8)))
         job = first.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
         assert wait_status(first, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
     db = Database(data_dir / "sqft.db")  # the crash as the store saw it: the row still says running
-    JobStore(db).update(job["id"], status="running", finished_at=None, fine_tuned_model=None, pid=999999)
+    attempts = 2 if case == "launches_used_up" else 1
+    JobStore(db).update(
+        job["id"], status="running", finished_at=None, fine_tuned_model=None, pid=999999, attempts=attempts
+    )
     db.close()
-    if not outcome_written:  # the process died before it could write how it ended
+    if case != "outcome_written":  # the process died before it could write how it ended
         (data_dir / "jobs" / job["id"] / "outcome.json").unlink()
-    with TestClient(create_app(make_settings(data_dir))) as second:
-        again = second.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-        if outcome_written:
-            assert again["status"] == "succeeded" and again["fine_tuned_model"].endswith("/output/adapter")
-            messages = [e["message"] for e in second.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    with TestClient(create_app(settings)) as second:
+        again = wait_status(second, job["id"], ("succeeded", "failed"))
+        messages = [
+            e["message"] for e in second.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
+        ]
+        if case == "outcome_written":
+            assert again["fine_tuned_model"].endswith("/output/adapter")
             assert "The job process finished while the service was down" in messages
+        elif case == "no_outcome":
+            assert again["status"] == "succeeded" and again["fine_tuned_model"].endswith("/output/adapter")
+            assert any(m.startswith("Interrupted: the service stopped; queued again") for m in messages)
+            assert "Fine-tuning job started again (launch 2)" in messages
         else:
-            assert again["status"] == "failed"
-            assert again["error"]["code"] == "service_restarted"
-            assert "resuming interrupted fine-tuning jobs is not supported" in again["error"]["message"]
+            assert again["status"] == "failed" and again["error"]["code"] == "service_restarted"
+            assert "interrupted on each of its 2 launches" in again["error"]["message"]
 
 
 def test_cancel_running_job_keeps_partial_checkpoints(client, tmp_path, tiny_model_dir):
@@ -183,13 +193,16 @@ def test_list_jobs_pagination(client, train_file, tiny_model_dir):
     assert second["data"] == every[2:] and second["has_more"] is False
 
 
-def test_missing_model_fails_the_job_with_a_readable_error(client, train_file, tmp_path):
-    body = tiny_job(tmp_path / "no-such-model", train_file["id"])
-    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+def test_missing_model_is_a_400_and_an_unloadable_one_fails_the_job_readably(client, train_file, tmp_path):
+    resp = client.post("/v1/fine_tuning/jobs", json=tiny_job(tmp_path / "no-such-model", train_file["id"]))
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
+    assert resp.json()["error"]["code"] == "model_not_found"
+    (tmp_path / "not-a-model").mkdir()  # exists under a model root, but nothing loads from it
+    job = client.post("/v1/fine_tuning/jobs", json=tiny_job(tmp_path / "not-a-model", train_file["id"])).json()
     done = wait_status(client, job["id"], ("failed", "succeeded"))
     assert done["status"] == "failed"
     assert done["error"]["code"] == "invalid_model" and done["error"]["param"] == "model"
-    assert "does not exist" in done["error"]["message"] and "Traceback" not in done["error"]["message"]
+    assert "no config.json" in done["error"]["message"] and "Traceback" not in done["error"]["message"]
 
 
 def test_reference_routes_accept_unquoted_ids(client, train_file, tiny_model_dir):

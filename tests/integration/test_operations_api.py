@@ -107,7 +107,9 @@ def test_async_operation_runs_as_a_job_with_events_log_and_result(client, traine
 
 def test_prefer_respond_async_header_answers_202(client, trained):
     route, body = operation_request("extract", trained, "prefer")
-    resp = client.post(route, content=json.dumps(body), headers={"Prefer": "respond-async"})
+    resp = client.post(
+        route, content=json.dumps(body), headers={"Prefer": "respond-async", "Content-Type": "application/json"}
+    )
     assert resp.status_code == 202 and resp.json()["kind"] == "extract"
     assert wait_op(client, resp.json()["id"], ("succeeded", "failed"))["status"] == "succeeded"
 
@@ -153,7 +155,8 @@ def test_operations_survive_a_service_restart(trained, kind):
             done = wait_op(second, op["id"], ("succeeded", "failed", "cancelled"))
             assert done["status"] == "succeeded", done["error"]
             assert Path(done["result"]["path"]).is_dir()
-        assert "The service was shut down while this operation ran: queued again" in messages(second, running["id"])
+        expected = "Interrupted: the service was shut down; queued again, it will run again"
+        assert expected in messages(second, running["id"])
 
 
 def test_waiting_request_gets_a_user_error_as_400_and_the_operation_records_it(client, trained):

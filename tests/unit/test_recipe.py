@@ -12,6 +12,7 @@ from sqft_service.adapters.nls import ELASTIC_CONFIG_FILE, STATS_FILE
 from sqft_service.config import FinetuneConfig, LoraSection
 from sqft_service.training.events import MemorySink
 from sqft_service.training.recipe import FinetuneRecipe, run_training
+from sqft_service.training.resume import saved_step
 from tests.conftest import make_tiny_llama
 from tests.helpers import alpaca_records, write_json
 
@@ -128,7 +129,7 @@ def test_checkpoints_follow_save_strategy(model_dir, train_file, tmp_path, strat
     for step in expected:
         ckpt = tmp_path / "checkpoints" / f"step-{step}"
         assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
-        assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == step
+        assert saved_step(ckpt) == step  # resumable: adapter + trainer state of that step
     assert [c[0] for c in sink.checkpoints] == [*expected, final]  # then the final adapter
 
 

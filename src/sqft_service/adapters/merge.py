@@ -51,7 +51,9 @@ def merge_adapter(
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_model_path_or_model), dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_model_path_or_model), dtype=dtype or "auto", use_safetensors=True
+        )  # safetensors only: never unpickle a checkpoint
     save_dtype = dtype or next(model.parameters()).dtype
     before_all = sparsity_report(model)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -23,12 +23,16 @@ def parse_lenient_json(raw: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
+    except RecursionError:  # `[` x 100000: json recurses once per level and gives up
+        raise InvalidRequestError("the request body is not valid JSON: it is nested too deeply") from None
     repaired = _BARE_VALUE.sub(lambda m: f'{m.group(1)}"{m.group(2)}"{m.group(3)}', text)
     repaired = re.sub(r",\s*}", "}", repaired)  # the README's custom_config example ends with "],\n}"
     try:
         return json.loads(repaired)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is not valid JSON: it is nested too deeply") from None
 
 
 def validate_body(model: type[BaseModel], payload: Any) -> Any:

@@ -1,12 +1,15 @@
 """Job lifecycle for every job kind: queue, launch, watch, cancel, finish, recover.
 
-``validating_files -> queued -> running -> succeeded | failed | cancelled``. A background thread
-launches queued jobs while fewer than ``max_concurrent_jobs`` run, polls the running ones and
-records how each ended from its :class:`JobOutcome`. State lives in SQLite, so a restarted service
-finds every job. After a restart, a job whose process finished meanwhile keeps its outcome; an
-operation (extract / merge / sparsify) that was cut short is queued again (it is idempotent: it
-publishes its output with one rename); a fine-tune that was cut short is marked failed (resuming it
-from its checkpoint is a later feature) and its orphaned process, if any, is killed.
+``validating_files -> queued -> running -> succeeded | failed | cancelled`` (and ``running -> paused
+-> queued`` for a paused fine-tune). A background thread launches queued jobs while fewer than
+``max_concurrent_jobs`` run, polls the running ones and records how each ended from its
+:class:`JobOutcome`. State lives in SQLite, so a restarted service finds every job.
+
+A job cut short without an outcome (the service restarted or was killed, or the job process died) is
+queued again, up to ``max_job_attempts`` launches: a fine-tune resumes from its most advanced
+resumable checkpoint (``training/resume.py``), an operation (extract / merge / sparsify) runs again
+(it is idempotent: it publishes its output with one rename). A job whose process finished while the
+service was down keeps its outcome; an orphaned job process is killed.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..model_access import ModelAccess
 from ..settings import Settings
 from ..store.events import EventStore
 from ..store.files import FileStore
 from ..store.ids import now
-from ..store.jobs import FINE_TUNE, JobRecord, JobStore
+from ..store.jobs import FINE_TUNE, STOP_CANCEL, STOP_PAUSE, JobRecord, JobStore
 from ..threads import job_environment, job_thread_budget
 from ..workspace import JobWorkspace, write_atomically
 from .kinds import DISPLAY_NAMES
@@ -35,11 +39,6 @@ from .runner import LaunchSpec, RunHandle, Runner
 from .subprocess_runner import SubprocessRunner, kill_orphan_job
 
 log = logging.getLogger(__name__)
-
-RESTART_MESSAGE = (
-    "The service stopped while this job was running; resuming interrupted fine-tuning jobs is not supported "
-    "yet, so it was marked failed. Create the job again to retrain (its checkpoints so far are still listed)."
-)
 
 
 @dataclass
@@ -79,17 +78,28 @@ class JobManager:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the loop and the running jobs: operations go back to the queue, fine-tunes fail."""
+        """Stop the loop and the running jobs; each is queued again (a fine-tune resumes where it stopped).
+
+        Job processes get SIGTERM first: a fine-tune then writes its resume point at the next step
+        boundary. Whatever still runs after the grace period is killed.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self._lock:
+            for running in self._running.values():
+                self.runner.terminate(running.handle)
+            deadline = time.monotonic() + self.settings.cancel_grace_s
+            while time.monotonic() < deadline and any(
+                self.runner.poll(r.handle) is None for r in self._running.values()
+            ):
+                time.sleep(0.05)
             for job_id, running in list(self._running.items()):
                 self.runner.kill(running.handle)
                 job = self.jobs.get(job_id)
                 if job is not None:
-                    self._interrupted(job, "service_stopped", "was shut down")
+                    self._settle(job, None, interrupted=("service_stopped", "the service was shut down"))
             self._running.clear()
 
     def recover(self) -> None:
@@ -98,22 +108,37 @@ class JobManager:
             if job.pid and kill_orphan_job(job.pid, job.id):
                 log.warning("killed orphaned process %s of job %s", job.pid, job.id)
             outcome = JobOutcome.read(self.workspace(job).outcome)
-            if job.cancel_requested:
-                self._finish_cancelled(job.id)
-            elif outcome is not None:
+            if outcome is not None and outcome.status != "stopped" and not job.stop_request:
                 self.events.add_event(job.id, "The job process finished while the service was down")
-                self._apply_outcome(job, outcome)
-            else:
-                self._interrupted(job, "service_restarted", "stopped")
+            self._settle(job, outcome, interrupted=("service_restarted", "the service stopped"))
         for job in self.jobs.with_status("validating_files"):
             self.jobs.update(job.id, status="queued")
 
-    def _interrupted(self, job: JobRecord, code: str, how: str) -> None:
-        if job.kind == FINE_TUNE:
-            self._fail(job.id, JobError(code=code, message=RESTART_MESSAGE.replace("stopped", how, 1)))
+    def _settle(self, job: JobRecord, outcome: JobOutcome | None, *, interrupted: tuple[str, str]) -> None:
+        """Record how a job's process ended: cancel and pause requests first, then its outcome; a process
+        that ended without one (or was stopped by the service itself) was interrupted."""
+        if job.cancel_requested:
+            self._finish_cancelled(job.id)
+        elif job.pause_requested and (outcome is None or outcome.status == "stopped"):
+            self.jobs.update(job.id, status="paused", pid=None, estimated_finish=None)
+            self.events.add_event(job.id, "Job paused: resume it to continue from where it stopped")
+        elif outcome is not None and outcome.status != "stopped":
+            self._apply_outcome(job, outcome)
+        else:
+            self._interrupted(job, *interrupted)
+
+    def _interrupted(self, job: JobRecord, code: str, reason: str) -> None:
+        """Queue a job cut short again, unless it has used up its launches."""
+        if job.attempts >= self.settings.max_job_attempts:
+            message = (
+                f"The job was interrupted on each of its {job.attempts} launches (last: {reason}); "
+                "see its log (GET .../log)"
+            )
+            self._fail(job.id, JobError(code=code, message=message))
             return
-        self.jobs.update(job.id, status="queued", started_at=None, pid=None, only_if_status=("running",))
-        self.events.add_event(job.id, f"The service {how} while this operation ran: queued again", level="warn")
+        self.jobs.update(job.id, status="queued", pid=None, estimated_finish=None, only_if_status=("running",))
+        what = "it will resume from its last checkpoint" if job.kind == FINE_TUNE else "it will run again"
+        self.events.add_event(job.id, f"Interrupted: {reason}; queued again, {what}", level="warn")
 
     # --------------------------------------------------------------- actions
     def enqueue(self, job: JobRecord) -> None:
@@ -126,21 +151,50 @@ class JobManager:
         with self._lock:
             job = self.jobs.get(job_id)
             assert job is not None  # the API checked it exists
-            if job.status in ("validating_files", "queued"):
+            if job.status in ("validating_files", "queued", "paused"):
                 if self.jobs.update(
                     job_id,
                     status="cancelled",
                     finished_at=now(),
-                    only_if_status=("validating_files", "queued"),
+                    only_if_status=("validating_files", "queued", "paused"),
                 ):
                     self.events.add_event(job_id, f"{DISPLAY_NAMES[job.kind]} cancelled before it started")
             elif job.status == "running":
-                self.jobs.update(job_id, cancel_requested=1)
+                self.jobs.update(job_id, cancel_requested=STOP_CANCEL)
                 running = self._running.get(job_id)
                 if running is not None and running.term_sent_at is None:
                     self.runner.terminate(running.handle)
                     running.term_sent_at = time.monotonic()
                     self.events.add_event(job_id, "Cancellation requested: stopping the job process")
+        self._wake.set()
+        job = self.jobs.get(job_id)
+        assert job is not None
+        return job
+
+    def pause(self, job_id: str) -> JobRecord:
+        """Pause a fine-tune: a queued one at once; a running one stops at the next step, keeping its state."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            assert job is not None  # the API checked it exists and can be paused
+            if job.status in ("validating_files", "queued"):
+                if self.jobs.update(job_id, status="paused", only_if_status=("validating_files", "queued")):
+                    self.events.add_event(job_id, "Job paused before it started")
+            elif job.status == "running" and not job.stop_request:
+                self.jobs.update(job_id, cancel_requested=STOP_PAUSE)
+                running = self._running.get(job_id)
+                if running is not None and running.term_sent_at is None:
+                    self.runner.terminate(running.handle)
+                    running.term_sent_at = time.monotonic()
+                    self.events.add_event(job_id, "Pause requested: the job stops after the current step")
+        self._wake.set()
+        job = self.jobs.get(job_id)
+        assert job is not None
+        return job
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Queue a paused job again; it continues from the state it saved when it paused."""
+        if self.jobs.update(job_id, status="queued", cancel_requested=0, only_if_status=("paused",)):
+            self.events.add_event(job_id, "Job resumed: queued")
         self._wake.set()
         job = self.jobs.get(job_id)
         assert job is not None
@@ -185,11 +239,15 @@ class JobManager:
 
     def _launch(self, job: JobRecord) -> None:
         workspace = self.workspace(job).create()
-        write_atomically(workspace.spec, json.dumps({"kind": job.kind, "params": job.config}, indent=2))
+        spec = {"kind": job.kind, "params": job.config, "inputs": self._inputs(job)}
+        write_atomically(workspace.spec, json.dumps(spec, indent=2))
         workspace.outcome.unlink(missing_ok=True)
         env = dict(os.environ)
         env.update(job_environment(job_thread_budget(self.settings.max_concurrent_jobs, self.settings.threads_per_job)))
         env["PYTHONUNBUFFERED"] = "1"
+        # The job process checks the models it loads again, under the same policy as the API.
+        env.update(ModelAccess.from_settings(self.settings).job_environment())
+        env["SQFT_CHECKPOINT_INTERVAL_S"] = str(self.settings.checkpoint_interval_s)
         argv = [
             sys.executable,
             "-m",
@@ -210,25 +268,37 @@ class JobManager:
             self._fail(job.id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
             return
         self._running[job.id] = _Running(handle)
-        self.jobs.update(job.id, status="running", started_at=now(), pid=handle.pid)
-        self.events.add_event(job.id, f"{DISPLAY_NAMES[job.kind]} started")
+        self.jobs.update(
+            job.id,
+            status="running",
+            started_at=job.started_at or now(),
+            pid=handle.pid,
+            cancel_requested=0,
+            attempts=job.attempts + 1,
+        )
+        again = f" again (launch {job.attempts + 1})" if job.attempts else ""
+        self.events.add_event(job.id, f"{DISPLAY_NAMES[job.kind]} started{again}")
+
+    def _inputs(self, job: JobRecord) -> list[dict[str, str]]:
+        """The uploaded files the job reads, with the sha256 recorded at upload (checked by the job process)."""
+        refs = [("training_file", job.training_file), ("validation_file", job.validation_file)]
+        refs.append(("calibration_file", job.config.get("calibration_file")))
+        inputs = []
+        for param, file_id in refs:
+            record = self.files.get(file_id) if file_id else None
+            if record is not None:
+                inputs.append({"param": param, "file_id": record.id, "path": str(record.path), "sha256": record.sha256})
+        return inputs
 
     # --------------------------------------------------------------- endings
     def _finish(self, job_id: str, exit_code: int) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        if job.cancel_requested:
-            self._finish_cancelled(job_id)
-            return
         outcome = JobOutcome.read(self.workspace(job).outcome)
         if outcome is None:
-            message = (
-                f"the job process exited with code {exit_code} without an outcome (killed, or out of memory?); "
-                "see its log (GET .../log)"
-            )
-            outcome = JobOutcome(status="failed", error=JobError(code="job_crashed", message=message))
-        self._apply_outcome(job, outcome)
+            log.warning("job %s: its process exited with code %s without an outcome", job_id, exit_code)
+        self._settle(job, outcome, interrupted=("job_crashed", f"the job process died (exit code {exit_code})"))
 
     def _apply_outcome(self, job: JobRecord, outcome: JobOutcome) -> None:
         if outcome.status == "succeeded" and outcome.result is not None:
@@ -245,7 +315,7 @@ class JobManager:
             values.update(
                 trained_tokens=int(result["trained_tokens"]),
                 fine_tuned_model=result["adapter_dir"],
-                result_files=[self._register_result_file(job.id, csv_path)] if csv_path.is_file() else [],
+                result_files=[self._register_result_file(job.id, csv_path, job.owner)] if csv_path.is_file() else [],
             )
         self.jobs.update(
             job.id,
@@ -258,7 +328,7 @@ class JobManager:
         done = "The job has successfully completed" if job.kind == FINE_TUNE else f"{DISPLAY_NAMES[job.kind]} done"
         self.events.add_event(job.id, done, data={"path": result.get("adapter_dir") or result.get("path")})
 
-    def _register_result_file(self, job_id: str, csv_path: Path) -> str:
+    def _register_result_file(self, job_id: str, csv_path: Path, owner: str | None) -> str:
         payload = csv_path.read_bytes()
         fd, staged = tempfile.mkstemp(dir=self.files.files_dir, prefix=".staging-")
         with os.fdopen(fd, "wb") as handle:
@@ -269,6 +339,7 @@ class JobManager:
             staged_path=Path(staged),
             sha256=hashlib.sha256(payload).hexdigest(),
             meta={"job_id": job_id},
+            owner=owner,  # the metrics file belongs to the job's project, so its key can download it
         )
         return record.id
 

@@ -3,12 +3,15 @@ the job process, never in the service."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..job_secrets import restore_secrets
+from ..model_access import ModelAccess
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
 from .kinds import ExtractParams, MergeParams, SparsifyParams
@@ -22,13 +25,30 @@ class TaskContext:
     model_cache_dir: Path | None
 
 
+def _model_access(ctx: TaskContext) -> ModelAccess:
+    """The service's model policy, handed over by the manager in the job's environment."""
+    return ModelAccess.from_job_environment(os.environ, ctx.model_cache_dir)
+
+
 def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from ..config import FinetuneConfig
     from ..training.recipe import run_training
 
-    cfg = FinetuneConfig.model_validate(params)
+    # The stored config shows secrets as "***"; the real values are only in the workspace's secrets file.
+    cfg = FinetuneConfig.model_validate(restore_secrets(params, ctx.workspace.secrets))
+    # Load the real paths checked now, not the names checked at request time (see model_access.py).
+    general = cfg.General
+    general.base_model, general.tokenizer_name = _model_access(ctx).check_fine_tune(
+        general.base_model or "", general.tokenizer_name, general.config.trust_remote_code
+    )
+    interval = os.environ.get("SQFT_CHECKPOINT_INTERVAL_S")
     result = run_training(
-        cfg, ctx.workspace.output.root, ctx.sink, model_cache_dir=ctx.model_cache_dir, should_stop=ctx.should_stop
+        cfg,
+        ctx.workspace.output.root,
+        ctx.sink,
+        model_cache_dir=ctx.model_cache_dir,
+        should_stop=ctx.should_stop,
+        resume_every_s=float(interval) if interval else None,
     )
     return {
         "steps": result.steps,
@@ -62,6 +82,7 @@ def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from .. import model_ops
 
     p = MergeParams.model_validate(params)
+    p.model = _model_access(ctx).check_model(p.model, "model")
     ctx.sink.message(f"merging {p.adapter} into {p.model}{' (SparsePEFT: zeros kept)' if p.sparse else ''}")
     report = model_ops.merge(
         p.model, Path(p.adapter), Path(p.output), sparse=p.sparse, model_cache_dir=ctx.model_cache_dir
@@ -81,9 +102,10 @@ def sparsify(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from .. import model_ops
 
     p = SparsifyParams.model_validate(params)
+    model_path = _model_access(ctx).check_model(p.model, "model")
     ctx.sink.message(f"sparsifying {p.model}: {p.method}, sparsity {p.sparsity}{f', {p.pattern}' if p.pattern else ''}")
-    return model_ops.sparsify(
-        p.model,
+    result = model_ops.sparsify(
+        model_path,
         Path(p.output),
         method=p.method,
         sparsity=p.sparsity,
@@ -93,6 +115,7 @@ def sparsify(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         n_calibration=p.n_calibration,
         model_cache_dir=ctx.model_cache_dir,
     )
+    return {**result, "source_model": p.model}  # as the client named it, not the resolved path
 
 
 TASKS: dict[str, Callable[[dict[str, Any], TaskContext], dict[str, Any]]] = {

@@ -9,6 +9,7 @@ that dies without an outcome (killed, out of memory) is a crash as far as the ma
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -72,6 +73,24 @@ class JobStopped(Exception):
     """SIGTERM reached a job whose task cannot stop between steps (extract, merge, sparsify)."""
 
 
+class InputChanged(Exception):
+    """An uploaded file the job reads is not the file that was uploaded (changed or lost on disk)."""
+
+
+def check_inputs(inputs: list[dict[str, str]]) -> None:
+    """Every input file still has the sha256 it was uploaded with."""
+    for item in inputs:
+        digest = hashlib.sha256()
+        try:
+            with open(item["path"], "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            raise InputChanged(f"`{item['param']}` {item['file_id']} is missing from the service's storage") from None
+        if digest.hexdigest() != item["sha256"]:
+            raise InputChanged(f"`{item['param']}` {item['file_id']} changed on disk since it was uploaded")
+
+
 def run_job(
     job_id: str, workspace: JobWorkspace, db: Database, model_cache_dir: Path | None, stop: threading.Event
 ) -> JobOutcome:
@@ -83,6 +102,7 @@ def run_job(
     spec = json.loads(workspace.spec.read_text())
     kind = spec["kind"]
     try:
+        check_inputs(spec.get("inputs", []))
         threads = configure_torch_threads()
         sink.message(f"job process started (pid {os.getpid()}, {threads} threads)")
         ctx = TaskContext(workspace, sink, stop.is_set, model_cache_dir)
@@ -90,6 +110,9 @@ def run_job(
     except (TrainingStopped, JobStopped) as exc:
         sink.message(f"stopped: {exc}", level="warn")
         return JobOutcome(status="stopped")
+    except InputChanged as exc:
+        log.error("%s", exc)
+        return JobOutcome(status="failed", error=JobError(code="input_file_corrupted", message=str(exc)))
     except UserError as exc:
         log.error("%s", exc)
         return JobOutcome(status="failed", error=JobError.from_user_error(exc))

@@ -120,6 +120,19 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX jobs_seq ON jobs(seq);
     CREATE INDEX jobs_kind_status ON jobs(kind, status);
     """,
+    # 3: how many times a job's process has been launched (a job interrupted by a crash is resumed a
+    # bounded number of times), and `cancel_requested` also carries a pause request (2).
+    """
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 4: the project (API key) that created each file and job (api/auth.py). NULL: created without
+    # authentication; such rows are visible only while no keys are configured (api/owner.py).
+    """
+    ALTER TABLE files ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    CREATE INDEX files_owner_filename ON files(owner, filename);
+    CREATE INDEX jobs_owner_kind ON jobs(owner, kind, seq);
+    """,
 ]
 
 

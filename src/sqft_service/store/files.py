@@ -28,6 +28,8 @@ class FileRecord:
     status_details: str | None
     path: Path
     meta: dict[str, Any]
+    # The project (API key) that uploaded it; None: uploaded without authentication.
+    owner: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -42,7 +44,16 @@ class FileRecord:
             status_details=row["status_details"],
             path=Path(row["path"]),
             meta=json.loads(row["meta"] or "{}"),
+            owner=row["owner"],
         )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileStore:
@@ -63,16 +74,19 @@ class FileStore:
         staged_path: Path,
         sha256: str,
         meta: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> FileRecord:
         """Move a fully written staging file into place and record it (rename is atomic)."""
         file_id = file_id or new_id("file")
         dest = self.blob_path(file_id)
+        _fsync(staged_path)  # the bytes reach the disk before the rename makes them the file
         os.replace(staged_path, dest)
+        _fsync(self.files_dir)  # and the rename itself survives a power cut
         size = dest.stat().st_size
         self.db.execute(
-            "INSERT INTO files (id, filename, bytes, sha256, purpose, created_at, status, path, meta) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'processed', ?, ?)",
-            (file_id, filename, size, sha256, purpose, now(), str(dest), json.dumps(meta or {})),
+            "INSERT INTO files (id, filename, bytes, sha256, purpose, created_at, status, path, meta, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'processed', ?, ?, ?)",
+            (file_id, filename, size, sha256, purpose, now(), str(dest), json.dumps(meta or {}), owner),
         )
         record = self.get(file_id)
         assert record is not None  # just inserted
@@ -82,20 +96,33 @@ class FileStore:
         row = self.db.query_one("SELECT * FROM files WHERE id = ?", (file_id,))
         return FileRecord.from_row(row) if row else None
 
-    def resolve(self, ref: str) -> FileRecord | None:
-        """A file by OpenAI id or, as the reference service does, by its uploaded filename (newest)."""
+    def resolve(self, ref: str, owner: str | None = None) -> FileRecord | None:
+        """A file by OpenAI id or, as the reference service does, by its uploaded filename (newest).
+
+        With ``owner``, only that project's files: a filename never resolves to another project's file.
+        """
         record = self.get(ref)
-        if record is not None:
+        if record is not None and (owner is None or record.owner == owner):
             return record
+        mine, args = ("AND owner = ? ", (ref, owner)) if owner is not None else ("", (ref,))
         row = self.db.query_one(
-            "SELECT * FROM files WHERE filename = ? ORDER BY created_at DESC, rowid DESC LIMIT 1", (ref,)
+            f"SELECT * FROM files WHERE filename = ? {mine}ORDER BY created_at DESC, rowid DESC LIMIT 1", args
         )
         return FileRecord.from_row(row) if row else None
 
     def list(
-        self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+        self,
+        *,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10000,
+        order: str = "desc",
+        owner: str | None = None,
     ) -> tuple[list[FileRecord], bool]:
-        where, params = (("purpose = ?",), (purpose,)) if purpose else ((), ())
+        """One page of files; with ``owner``, only that project's."""
+        clauses = [("purpose = ?", purpose)] if purpose else []
+        clauses += [("owner = ?", owner)] if owner is not None else []
+        where, params = tuple(c for c, _ in clauses), tuple(v for _, v in clauses)
         rows, has_more = self.db.page(
             "files", order_col="rowid", limit=limit, after=after, where=where, params=params,
             descending=order == "desc",

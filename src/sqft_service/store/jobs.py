@@ -13,6 +13,9 @@ from .ids import now
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 FINE_TUNE = "fine_tune"
+# Values of the `cancel_requested` column: why a running job's process is being stopped.
+STOP_CANCEL = 1
+STOP_PAUSE = 2
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class JobRecord:
     config: dict[str, Any]
     workspace: str
     pid: int | None
-    cancel_requested: bool
+    stop_request: int
     model: str | None = None
     parent_job_id: str | None = None
     # Fine-tune fields (OpenAI's job object).
@@ -41,10 +44,21 @@ class JobRecord:
     suffix: str | None = None
     metadata: dict[str, str] | None = None
     result_files: tuple[str, ...] = ()
+    attempts: int = 0
+    # The project (API key) that created it; None: created without authentication.
+    owner: str | None = None
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.stop_request == STOP_CANCEL
+
+    @property
+    def pause_requested(self) -> bool:
+        return self.stop_request == STOP_PAUSE
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -63,7 +77,7 @@ class JobRecord:
             config=js("config"),
             workspace=row["workspace"],
             pid=row["pid"],
-            cancel_requested=bool(row["cancel_requested"]),
+            stop_request=int(row["cancel_requested"]),
             model=row["model"],
             parent_job_id=row["parent_job_id"],
             training_file=row["training_file"],
@@ -75,6 +89,8 @@ class JobRecord:
             suffix=row["suffix"],
             metadata=js("metadata"),
             result_files=tuple(js("result_files") or ()),
+            attempts=row["attempts"],
+            owner=row["owner"],
         )
 
 
@@ -87,6 +103,7 @@ _CREATE_FIELDS = (
     "seed",
     "suffix",
     "metadata",
+    "owner",
 )
 
 
@@ -135,10 +152,14 @@ class JobStore:
         return JobRecord.from_row(row)
 
     def list(
-        self, *, kinds: tuple[str, ...], after: str | None = None, limit: int = 20
+        self, *, kinds: tuple[str, ...], after: str | None = None, limit: int = 20, owner: str | None = None
     ) -> tuple[list[JobRecord], bool]:
-        where = (f"kind IN ({','.join('?' for _ in kinds)})",)
-        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after, where=where, params=kinds)
+        """One page of jobs of these kinds; with ``owner``, only that project's."""
+        where: tuple[str, ...] = (f"kind IN ({','.join('?' for _ in kinds)})",)
+        params: tuple[str, ...] = kinds
+        if owner is not None:
+            where, params = (*where, "owner = ?"), (*params, owner)
+        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after, where=where, params=params)
         return [JobRecord.from_row(r) for r in rows], has_more
 
     def with_status(self, *statuses: str) -> list[JobRecord]:
@@ -150,6 +171,17 @@ class JobStore:
         marks = ",".join("?" for _ in ACTIVE_STATUSES)
         rows = self.db.query(
             f"SELECT * FROM jobs WHERE kind = ? AND status IN ({marks}) ORDER BY seq ASC", (kind, *ACTIVE_STATUSES)
+        )
+        return [JobRecord.from_row(r) for r in rows]
+
+    def referencing_file(self, file_id: str) -> list[JobRecord]:
+        """Jobs not yet ended (paused ones included) that will read the file ``file_id``."""
+        statuses = (*ACTIVE_STATUSES, "paused")
+        marks = ",".join("?" for _ in statuses)
+        rows = self.db.query(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) AND (training_file = ? OR validation_file = ? "
+            "OR json_extract(config, '$.calibration_file') = ?) ORDER BY seq ASC",
+            (*statuses, file_id, file_id, file_id),
         )
         return [JobRecord.from_row(r) for r in rows]
 

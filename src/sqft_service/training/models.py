@@ -134,8 +134,9 @@ def load_base_model(
     token: str | None = None,
 ) -> PreTrainedModel:
     try:
+        # safetensors only: a pickled checkpoint (pytorch_model.bin) could run code when it is read.
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token)
+            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token), use_safetensors=True
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc

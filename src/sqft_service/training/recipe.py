@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file as load_safetensors
 
 from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
 from ..config import FinetuneConfig
+from ..job_secrets import redacted_json
 from ..threads import configure_torch_threads
-from ..workspace import TrainingOutputs
+from ..workspace import TrainingOutputs, publish_dir, staging_dir_for
 from . import precision
 from .batching import Collator, length_grouped_batches
 from .events import EventSink
@@ -35,6 +38,7 @@ from .loss import LossOutput, causal_lm_loss
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .records import DataValidationError, load_records
+from .resume import TrainerState, latest_resume_point
 from .tokenization import split_train_eval, tokenize_records
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,8 @@ class FinetuneRecipe:
         step_hooks: objects with ``before_step(step)`` and ``after_step(step, stats)``
             (:class:`~sqft_service.training.hooks.StepHook`), called around every optimizer step,
             outside its timing; ``stats`` is a :class:`~sqft_service.training.hooks.StepStats`.
+        resume_every_s: write the rolling resume point at most this often (None: only on stop).
+            Training always resumes from the most advanced resumable checkpoint in ``output_dir``.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class FinetuneRecipe:
         model_cache_dir: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         step_hooks: Iterable[StepHook] = (),
+        resume_every_s: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -99,6 +106,8 @@ class FinetuneRecipe:
         self.model_cache_dir = model_cache_dir
         self.should_stop = should_stop
         self.step_hooks: list[StepHook] = list(step_hooks)
+        self.resume_every_s = resume_every_s
+        self._last_resume_save = 0.0
         self.seed = cfg.Training.seed if cfg.Training.seed is not None else 42
         self.handles = AdapterHandles()
         self._metric_rows: list[dict[str, Any]] = []
@@ -109,7 +118,8 @@ class FinetuneRecipe:
         seed_everything(self.seed)
         self._configure_threads()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.outputs.training_config.write_text(cfg.model_dump_json(indent=2))
+        # Redacted: outputs are shared and copied around; the token stays in the job's secrets file.
+        self.outputs.training_config.write_text(redacted_json(cfg.model_dump(mode="json")))
 
         model_ref = cfg.General.base_model or ""
         model_dir = resolve_model_dir(model_ref, self.model_cache_dir)
@@ -230,17 +240,25 @@ class FinetuneRecipe:
     def train(self) -> TrainingResult:
         t = self.cfg.Training
         accum = t.gradient_accumulation_steps
-        step = 0
-        trained_tokens = 0
+        resumed = self._resume()
+        step = resumed.step if resumed else 0
+        trained_tokens = resumed.trained_tokens if resumed else 0
+        first_epoch = resumed.epoch if resumed else 0
+        # Within the epoch it stopped in, skip the optimizer steps already taken (an epoch's batches
+        # depend on (seed, epoch) only, so they are the same batches in the same order).
+        skip_groups = step - first_epoch * self.steps_per_epoch
         window: deque[tuple[float, int]] = deque(maxlen=20)  # (seconds, real tokens) of recent steps
         started = time.time()
+        self._last_resume_save = time.monotonic()
         self.sink.message(f"training for {self.total_steps} steps ({t.epochs} epoch(s), {self.steps_per_epoch}/epoch)")
-        for epoch in range(t.epochs):
+        for epoch in range(first_epoch, t.epochs):
             micro_batches = self._batches(epoch)
-            for first in range(0, len(micro_batches), accum):
+            start = skip_groups * accum if epoch == first_epoch else 0
+            for first in range(start, len(micro_batches), accum):
                 if step >= self.total_steps:
                     break
                 if self.should_stop():
+                    self.save_resume_state(step, epoch, trained_tokens)
                     raise TrainingStopped(f"stopped at step {step}")
                 group = [
                     self.collator([self.train_examples[i] for i in idx]) for idx in micro_batches[first : first + accum]
@@ -277,13 +295,17 @@ class FinetuneRecipe:
                     row.update(self.evaluate())
                     self._emit_metrics(row)
                 if self.cfg.General.save_strategy == "steps" and step % self.cfg.General.save_steps == 0:
-                    self.save_checkpoint(step, epoch, row)
+                    self.save_checkpoint(step, epoch, row, trained_tokens)
+                elif (
+                    self.resume_every_s is not None and time.monotonic() - self._last_resume_save >= self.resume_every_s
+                ):
+                    self.save_resume_state(step, epoch, trained_tokens)
             epoch_row: dict[str, Any] = {"step": step, "epoch": epoch + 1}
             if self.eval_examples:
                 epoch_row.update(self.evaluate())
                 self._emit_metrics(epoch_row)
             if self.cfg.General.save_strategy == "epoch" and step > 0:
-                self.save_checkpoint(step, epoch, self._last_row() | epoch_row)
+                self.save_checkpoint(step, epoch + 1, self._last_row() | epoch_row, trained_tokens)
             if step >= self.total_steps:
                 break
         final = self._last_row()
@@ -383,29 +405,63 @@ class FinetuneRecipe:
         """Save the adapter in standard PEFT format, plus the SQFT search files for NLS jobs."""
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
-        (directory / "training_config.json").write_text(self.cfg.model_dump_json(indent=2))
+        (directory / "training_config.json").write_text(redacted_json(self.cfg.model_dump(mode="json")))
         if self.handles.nls is not None:
             write_elastic_adapter_config(self.handles.nls, self.cfg.General.lora_config, directory)
             self.handles.nls.save_stats(directory / STATS_FILE)
         return directory
 
-    def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any]) -> Path:
-        """An adapter plus the trainer state (optimizer, scheduler, RNG, data position) for exact resume."""
-        directory = self.save_adapter(self.outputs.checkpoint(step))
-        torch.save(
-            {
-                "step": step,
-                "epoch": epoch,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "seed": self.seed,
-            },
-            directory / "trainer_state.pt",
+    def _trainer_state(self, step: int, epoch: int, trained_tokens: int) -> TrainerState:
+        return TrainerState(
+            step=step,
+            epoch=epoch,
+            trained_tokens=trained_tokens,
+            metric_rows=self._metric_rows,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            nls=self.handles.nls.state_dict() if self.handles.nls is not None else None,
+        )
+
+    def _save_resumable(self, target: Path, state: TrainerState) -> Path:
+        """Adapter + trainer state, built beside ``target`` and put in place by one rename."""
+        staging = staging_dir_for(target)
+        self.save_adapter(staging)
+        state.save(staging)
+        return publish_dir(staging, target)
+
+    def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any], trained_tokens: int = 0) -> Path:
+        """A listed checkpoint (OpenAI's ``checkpoints``) that training can also resume from exactly."""
+        directory = self._save_resumable(
+            self.outputs.checkpoint(step), self._trainer_state(step, epoch, trained_tokens)
         )
         self.sink.checkpoint(step, str(directory), self._checkpoint_metrics(row))
         return directory
+
+    def save_resume_state(self, step: int, epoch: int, trained_tokens: int) -> None:
+        """The rolling resume point: not listed as a checkpoint, rewritten in place."""
+        self._save_resumable(self.outputs.resume_state, self._trainer_state(step, epoch, trained_tokens))
+        self._last_resume_save = time.monotonic()
+
+    def _resume_save_due(self) -> bool:
+        every = self.resume_every_s
+        return every is not None and time.monotonic() - self._last_resume_save >= every
+
+    def _resume(self) -> TrainerState | None:
+        """Continue from the most advanced resumable checkpoint in the output dir, if there is one."""
+        point = latest_resume_point(self.outputs)
+        if point is None:
+            return None
+        directory, step = point
+        state = TrainerState.load(directory)
+        adapter = directory / "adapter_model.safetensors"
+        set_peft_model_state_dict(self.model, load_safetensors(str(adapter)))
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.handles.nls is not None and state.nls is not None:
+            self.handles.nls.load_state_dict(state.nls)
+        self._metric_rows = list(state.metric_rows)
+        self.sink.message(f"resuming from step {step} of {self.total_steps} ({directory.name})", data={"step": step})
+        return state
 
     @staticmethod
     def _checkpoint_metrics(row: dict[str, Any]) -> dict[str, Any]:
@@ -435,8 +491,16 @@ def run_training(
     *,
     model_cache_dir: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    resume_every_s: float | None = None,
 ) -> TrainingResult:
-    recipe = FinetuneRecipe(cfg, output_dir, sink, model_cache_dir=model_cache_dir, should_stop=should_stop)
+    recipe = FinetuneRecipe(
+        cfg,
+        output_dir,
+        sink,
+        model_cache_dir=model_cache_dir,
+        should_stop=should_stop,
+        resume_every_s=resume_every_s,
+    )
     recipe.setup()
     try:
         result = recipe.train()

@@ -146,6 +146,11 @@ def _bad_json(e: json.JSONDecodeError) -> DataValidationError:
     return DataValidationError(f"invalid JSON ({e.msg} at column {e.colno})", e.lineno)
 
 
+def _too_deep(line: int) -> DataValidationError:
+    # json gives up on deep nesting with a RecursionError (`[` x 100000 is enough); no record is that deep.
+    return DataValidationError("invalid JSON (nested too deeply)", line)
+
+
 def _parse_array(text: str) -> list[tuple[int, Any]]:
     """Records of a JSON array with the line each starts on (a raw_decode scan keeps positions)."""
     decoder = json.JSONDecoder()
@@ -171,6 +176,8 @@ def _parse_array(text: str) -> list[tuple[int, Any]]:
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as e:
                 raise _bad_json(e) from None
+            except RecursionError:
+                raise _too_deep(line_of(pos)) from None
             out.append((line_of(pos), value))
             pos = skip_ws(end)
             if pos < n and text[pos] == ",":
@@ -195,6 +202,8 @@ def _parse_jsonl(text: str) -> list[tuple[int, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataValidationError(f"invalid JSON ({e.msg} at column {e.colno})", i) from None
+        except RecursionError:
+            raise _too_deep(i) from None
         out.append((i, value))
     return out
 

@@ -220,6 +220,15 @@ class ElasticRankController:
             dims.append({"index": d.index, "layer": d.layer, "group": d.group, "ranks": per_rank})
         return {"n_dimensions": len(dims), "seed": self.seed, "dimensions": dims}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The search statistics as tensors (for exact resume; sampling itself depends on (seed, step) only)."""
+        return {"draws": self._draws.clone(), "loss_sum": self._loss_sum.clone(), "loss_n": self._loss_n.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._draws.copy_(state["draws"])
+        self._loss_sum.copy_(state["loss_sum"])
+        self._loss_n.copy_(state["loss_n"])
+
     def save_stats(self, path: str | Path) -> Path:
         """Write :meth:`stats` to ``path`` (a directory gets ``nls_stats.json``)."""
         path = Path(path)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from starlette.requests import ClientDisconnect
 
-from .protocol import FileDeleted, FileList, FileObject
+from ...errors import InvalidRequestError
+from ..limits import FILES_PAGE
+from .protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from .service import FileService
+from .upload import receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -17,9 +22,46 @@ def _service(request: Request) -> FileService:
     return request.app.state.file_service
 
 
-@router.post("", response_model=FileObject)
-def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("fine-tune")) -> FileObject:
-    record = _service(request).upload(file.file, file.filename, purpose)
+# The body is parsed by api/files/upload.py, not by FastAPI's form support (which spools files to the
+# system temp dir and reads all of it before any limit applies); this documents the form it takes.
+_UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES), "default": "fine-tune"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_FORM)
+async def upload_file(request: Request) -> FileObject:
+    service = _service(request)
+    try:
+        received = await receive_upload(
+            request.headers.get("content-type"),
+            request.stream(),
+            staging_dir=service.store.files_dir,
+            max_file_bytes=service.max_upload_bytes,
+        )
+    except ClientDisconnect:
+        raise InvalidRequestError("the client disconnected during the upload", param="file") from None
+    purpose = received.fields.get("purpose", "fine-tune")
+    try:
+        record = await run_in_threadpool(
+            service.accept, received.staged, filename=received.filename, purpose=purpose, sha256=received.sha256
+        )
+    finally:
+        received.staged.unlink(missing_ok=True)  # accept() moved or removed it; this covers a cancelled request
     return FileObject.from_record(record)
 
 
@@ -28,7 +70,7 @@ def list_files(
     request: Request,
     purpose: str | None = None,
     after: str | None = None,
-    limit: int = Query(10000, ge=1, le=10000),
+    limit: int = Query(FILES_PAGE[0], ge=1, le=FILES_PAGE[1]),
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
     records, has_more = _service(request).list(purpose=purpose, after=after, limit=limit, order=order)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ...errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from ...errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from ...store.files import FileRecord, FileStore
 from ...training.records import DataValidationError, inspect_training_file
+from ..owner import current_owner, owned_by_caller
 from .protocol import UPLOAD_PURPOSES
 
 CHUNK = 1 << 20
@@ -31,17 +33,16 @@ def safe_filename(name: str | None) -> str:
 
 
 class FileService:
-    def __init__(self, store: FileStore, max_upload_bytes: int) -> None:
+    def __init__(
+        self, store: FileStore, max_upload_bytes: int, in_use: Callable[[str], list[str]] | None = None
+    ) -> None:
         self.store = store
         self.max_upload_bytes = max_upload_bytes
+        # The ids of jobs that will still read a file: such a file can't be deleted under them.
+        self.in_use = in_use
 
     def upload(self, stream: BinaryIO, filename: str | None, purpose: str) -> FileRecord:
-        if purpose not in UPLOAD_PURPOSES:
-            raise InvalidRequestError(
-                f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}",
-                param="purpose",
-            )
-        name = safe_filename(filename)
+        """Store a file read from ``stream`` (the HTTP route streams its body through :meth:`accept`)."""
         fd, staged_name = tempfile.mkstemp(dir=self.store.files_dir, prefix=".staging-")
         staged = Path(staged_name)
         try:
@@ -56,6 +57,20 @@ class FileService:
                         )
                     digest.update(chunk)
                     out.write(chunk)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return self.accept(staged, filename=filename, purpose=purpose, sha256=digest.hexdigest())
+
+    def accept(self, staged: Path, *, filename: str | None, purpose: str, sha256: str) -> FileRecord:
+        """Check a fully received staging file (in ``files_dir``) and keep it; it is gone either way."""
+        try:
+            if purpose not in UPLOAD_PURPOSES:
+                raise InvalidRequestError(
+                    f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}",
+                    param="purpose",
+                )
+            name = safe_filename(filename)
             meta = {}
             if purpose == "fine-tune":
                 try:
@@ -67,27 +82,42 @@ class FileService:
                     ) from exc
                 meta = {"format": stats.format, "n_records": stats.n_records}
             return self.store.add(
-                filename=name, purpose=purpose, staged_path=staged, sha256=digest.hexdigest(), meta=meta
+                filename=name,
+                purpose=purpose,
+                staged_path=staged,
+                sha256=sha256,
+                meta=meta,
+                owner=current_owner(),
             )
         finally:
             staged.unlink(missing_ok=True)
 
     def get(self, file_id: str) -> FileRecord:
         record = self.store.get(file_id)
-        if record is None:
+        # Another project's file is a 404 like a missing one: a 403 would confirm that the id exists.
+        if record is None or not owned_by_caller(record.owner):
             raise NotFoundError(f"No such File object: {file_id}", param="file_id")
         return record
 
     def resolve(self, ref: str, param: str) -> FileRecord:
         """A file by id or filename (the reference service names training files by filename)."""
-        record = self.store.resolve(ref)
+        record = self.store.resolve(ref, owner=current_owner())
         if record is None:
             raise NotFoundError(f"No such File object: {ref}", param=param)
         return record
 
     def list(self, *, purpose: str | None, after: str | None, limit: int, order: str) -> tuple[list[FileRecord], bool]:
-        return self.store.list(purpose=purpose, after=after, limit=limit, order=order)
+        return self.store.list(purpose=purpose, after=after, limit=limit, order=order, owner=current_owner())
 
     def delete(self, file_id: str) -> None:
+        self.get(file_id)  # the caller's own file, or 404
+        users = self.in_use(file_id) if self.in_use is not None else []
+        if users:
+            raise ConflictError(
+                f"File {file_id} is used by {len(users)} job(s) not yet ended ({', '.join(users[:5])}); "
+                "delete it once they have finished or been cancelled",
+                param="file_id",
+                code="file_in_use",
+            )
         if not self.store.delete(file_id):
             raise NotFoundError(f"No such File object: {file_id}", param="file_id")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from ...config import DatasetSection, GeneralSection, Hyperparameters, TrainingSection
+from ...config import MAX_PATH_CHARS, MAX_SEED, DatasetSection, GeneralSection, Hyperparameters, TrainingSection
+from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
+from ..limits import check_metadata
+
+# OpenAI's metadata rules, checked before the type so that every violation names `metadata`.
+Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]
 
 
 class SupervisedMethod(BaseModel):
@@ -25,17 +30,17 @@ class Method(BaseModel):
 class CreateFineTuningJobRequest(BaseModel):
     """OpenAI's create-job body, extended with the reference's ``General`` / ``Dataset`` / ``Training``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    model: str | None = None
-    training_file: str
-    validation_file: str | None = None
+    model: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    training_file: str = Field(max_length=MAX_PATH_CHARS)
+    validation_file: str | None = Field(None, max_length=MAX_PATH_CHARS)
     hyperparameters: Hyperparameters | None = None
     suffix: str | None = Field(None, max_length=64)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    metadata: Metadata | None = None
     method: Method | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=16)
     General: GeneralSection = Field(default_factory=GeneralSection)
     Dataset: DatasetSection = Field(default_factory=DatasetSection)
     Training: TrainingSection = Field(default_factory=TrainingSection)
@@ -72,7 +77,7 @@ class FineTuningJob(BaseModel):
     organization_id: str = "org-local"
     result_files: list[str] = Field(default_factory=list)
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
@@ -116,7 +121,8 @@ class FineTuningJob(BaseModel):
             user_provided_suffix=job.suffix,
             started_at=job.started_at,
             output_dir=job.config.get("General", {}).get("output_dir"),
-            config=job.config,
+            # Secrets are "***" in what the API returns, whatever the row holds (older rows held them).
+            config=redact(job.config),
         )
 
 

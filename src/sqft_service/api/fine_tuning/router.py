@@ -7,6 +7,7 @@ from fastapi.responses import FileResponse
 
 from ...errors import NotFoundError
 from ..body import parse_lenient_json, validate_body
+from ..limits import CHECKPOINTS_PAGE, EVENTS_PAGE, JOBS_PAGE
 from .protocol import (
     CheckpointList,
     CreateFineTuningJobRequest,
@@ -37,7 +38,9 @@ def create_job(request: Request, body: CreateFineTuningJobRequest) -> FineTuning
 
 
 @router.get("/v1/fine_tuning/jobs", response_model=JobList)
-def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> JobList:
+def list_jobs(
+    request: Request, after: str | None = None, limit: int = Query(JOBS_PAGE[0], ge=1, le=JOBS_PAGE[1])
+) -> JobList:
     jobs, has_more = _service(request).list(after=after, limit=limit)
     return JobList(data=[FineTuningJob.from_record(j) for j in jobs], has_more=has_more)
 
@@ -52,9 +55,20 @@ def cancel_job(request: Request, job_id: str) -> FineTuningJob:
     return FineTuningJob.from_record(_service(request).cancel(job_id))
 
 
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJob)
+def pause_job(request: Request, job_id: str) -> FineTuningJob:
+    """Stop a job after its current step, keeping its state; ``/resume`` continues it from there."""
+    return FineTuningJob.from_record(_service(request).pause(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob)
+def resume_job(request: Request, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_record(_service(request).resume(job_id))
+
+
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
 def list_events(
-    request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)
+    request: Request, job_id: str, after: str | None = None, limit: int = Query(EVENTS_PAGE[0], ge=1, le=EVENTS_PAGE[1])
 ) -> EventList:
     events, has_more = _service(request).events_of(job_id, after=after, limit=limit)
     return EventList(data=[JobEvent.from_record(e) for e in events], has_more=has_more)
@@ -62,7 +76,10 @@ def list_events(
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
 def list_checkpoints(
-    request: Request, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000)
+    request: Request,
+    job_id: str,
+    after: str | None = None,
+    limit: int = Query(CHECKPOINTS_PAGE[0], ge=1, le=CHECKPOINTS_PAGE[1]),
 ) -> CheckpointList:
     records, has_more = _service(request).checkpoints_of(job_id, after=after, limit=limit)
     data = [JobCheckpoint.from_record(c) for c in records]

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from ...config import FinetuneConfig, resolve_config
 from ...errors import InvalidRequestError, NotFoundError
+from ...job_secrets import split_secrets, write_secrets
 from ...jobs.manager import JobManager
+from ...model_access import ModelAccess
 from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ..files.service import FileService
+from ..owner import current_owner, owned_by_caller
 from .protocol import CreateFineTuningJobRequest
 
 
@@ -26,6 +29,21 @@ class FineTuningService:
         model = req.model or req.General.base_model
         if not model:
             raise InvalidRequestError("`model` is required (or give `General.base_model`)", param="model")
+        # Before anything is created: a model outside the roots, a Hub id or remote code is a 400 at once.
+        ModelAccess.from_settings(self.manager.settings).check_fine_tune(
+            model,
+            req.General.tokenizer_name,
+            req.General.config.trust_remote_code,
+            model_param="model" if req.model else "General.base_model",
+        )
+        # The service fills these with its own paths of the uploaded files; a client's value would be
+        # silently replaced, so it is refused, pointing at the fields that take file ids.
+        for name, instead in (("train_file", "training_file"), ("validation_file", "validation_file")):
+            if getattr(req.Dataset, name) is not None:
+                raise InvalidRequestError(
+                    f"`Dataset.{name}` is set by the service; give the uploaded file's id as `{instead}`",
+                    param=f"Dataset.{name}",
+                )
         training = self.files.resolve(req.training_file, "training_file")
         if training.purpose != "fine-tune":
             raise InvalidRequestError(
@@ -33,7 +51,7 @@ class FineTuningService:
                 param="training_file",
             )
         validation = None
-        validation_ref = req.validation_file or req.Dataset.validation_file
+        validation_ref = req.validation_file
         if validation_ref:
             validation = self.files.resolve(validation_ref, "validation_file")
         hyperparameters = req.hyperparameters
@@ -60,16 +78,21 @@ class FineTuningService:
         # client write anywhere the service can.
         requested_output = cfg.General.output_dir
         cfg.General.output_dir = str(workspace.output.root)
+        # The token goes to the workspace's 0600 secrets file, never into the stored config (job_secrets.py).
+        config, job_secrets = split_secrets(cfg.model_dump(mode="json"))
+        if job_secrets:
+            write_secrets(workspace.secrets, job_secrets)
         job = self.manager.create(
             job_id,
             FINE_TUNE,
-            cfg.model_dump(mode="json"),
+            config,
             model=model,
             training_file=training.id,
             validation_file=validation.id if validation else None,
             seed=seed,
             suffix=req.suffix,
             metadata=req.metadata,
+            owner=current_owner(),
         )
         self.events.add_event(job_id, f"Created fine-tuning job: {job_id}")
         if requested_output:
@@ -87,12 +110,13 @@ class FineTuningService:
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id, kind=FINE_TUNE)
-        if job is None:
+        # Every route reaches a job through here: another project's job is a 404, like a missing one.
+        if job is None or not owned_by_caller(job.owner):
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return job
 
     def list(self, *, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        return self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=limit)
+        return self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=limit, owner=current_owner())
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
@@ -104,6 +128,26 @@ class FineTuningService:
                 code="job_not_cancellable",
             )
         return self.manager.cancel(job_id)
+
+    def pause(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status not in ("validating_files", "queued", "running"):
+            raise InvalidRequestError(
+                f"Job {job_id} is {job.status}; only a queued or running job can be paused",
+                param="fine_tuning_job_id",
+                code="job_not_pausable",
+            )
+        return self.manager.pause(job_id)
+
+    def resume(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status != "paused":
+            raise InvalidRequestError(
+                f"Job {job_id} is {job.status}; only a paused job can be resumed",
+                param="fine_tuning_job_id",
+                code="job_not_paused",
+            )
+        return self.manager.resume(job_id)
 
     def events_of(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[EventRecord], bool]:
         self.get(job_id)

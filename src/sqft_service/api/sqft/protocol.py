@@ -7,12 +7,38 @@ has ended; false answers ``202`` with the operation at once (``Prefer: respond-a
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ...store.jobs import JobRecord
+from ...workspace import TrainingOutputs
 from ..fine_tuning.protocol import JobError
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# A sub-adapter is the directory output/<version>: it must not land on what the fine-tune wrote there.
+RESERVED_VERSIONS = TrainingOutputs.reserved_names()
+
+
+def version_name_problem(version: str, param: str) -> str | None:
+    """Why ``version`` cannot name a sub-adapter directory (the message names ``param``), or None."""
+    if not _VERSION_RE.match(version):
+        return (
+            f"`{param}` {version!r} is not a valid name: use letters, digits, '-' and '_' only "
+            "(it becomes a directory under the job's output)"
+        )
+    if version.casefold() in {name.casefold() for name in RESERVED_VERSIONS}:
+        taken = ", ".join(sorted(RESERVED_VERSIONS))
+        return f"`{param}` {version!r} is reserved: the job's output uses these names ({taken}); choose another"
+    return None
+
+
+def _check_version(version: str | None, info: ValidationInfo) -> str | None:
+    # A field validator, so the error names the field the client sent (adapter_version or sub_adapter_version).
+    if version is not None and (problem := version_name_problem(version, str(info.field_name))):
+        raise ValueError(problem)
+    return version
 
 
 class ExtractAdapterRequest(BaseModel):
@@ -22,6 +48,8 @@ class ExtractAdapterRequest(BaseModel):
     adapter_version: str | None = None
     custom_config: list[int] | None = None
     wait: bool = True
+
+    _versions = field_validator("sub_adapter_version", "adapter_version")(_check_version)
 
     @model_validator(mode="after")
     def _one_version(self) -> ExtractAdapterRequest:
@@ -36,6 +64,8 @@ class MergeAdapterRequest(BaseModel):
     adapter_version: str | None = None
     sub_adapter_version: str | None = None
     wait: bool = True
+
+    _versions = field_validator("adapter_version", "sub_adapter_version")(_check_version)
 
     @property
     def version(self) -> str | None:

@@ -11,6 +11,7 @@ from ...errors import NotFoundError
 from ...store.jobs import JobRecord
 from ..body import parse_lenient_json, validate_body
 from ..fine_tuning.protocol import EventList, JobEvent
+from ..limits import EVENTS_PAGE, OPERATIONS_PAGE
 from .protocol import (
     ExtractAdapterRequest,
     MergeAdapterRequest,
@@ -79,7 +80,7 @@ async def sparsify(request: Request, body: SparsifyRequest) -> object:
 def list_operations(
     request: Request,
     after: str | None = None,
-    limit: int = Query(20, ge=1, le=1000),
+    limit: int = Query(OPERATIONS_PAGE[0], ge=1, le=OPERATIONS_PAGE[1]),
     kind: str | None = Query(None, pattern="^(extract|merge|sparsify)$"),
 ) -> OperationList:
     ops, has_more = _service(request).list(kind=kind, after=after, limit=limit)
@@ -98,7 +99,10 @@ def cancel_operation(request: Request, operation_id: str) -> Operation:
 
 @router.get("/v1/finetune/operations/{operation_id}/events", response_model=EventList)
 def list_operation_events(
-    request: Request, operation_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)
+    request: Request,
+    operation_id: str,
+    after: str | None = None,
+    limit: int = Query(EVENTS_PAGE[0], ge=1, le=EVENTS_PAGE[1]),
 ) -> EventList:
     events, has_more = _service(request).events_of(operation_id, after=after, limit=limit)
     return EventList(data=[JobEvent.from_record(e) for e in events], has_more=has_more)

@@ -9,7 +9,6 @@ routes answer with the result, as the reference does.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,24 @@ from pydantic import BaseModel
 from ...errors import ConflictError, InvalidRequestError, NotFoundError, ServiceError
 from ...jobs.kinds import OPERATION_KINDS, ExtractParams, MergeParams, SparsifyParams
 from ...jobs.manager import JobManager
+from ...model_access import ModelAccess
 from ...settings import Settings
 from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
 from ...store.jobs import JobRecord, JobStore
 from ..files.service import FileService
 from ..fine_tuning.service import FineTuningService
-from .protocol import SparsifyRequest
+from ..owner import current_owner, owned_by_caller
+from .protocol import SparsifyRequest, version_name_problem
 
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # The NLS search files a super-adapter carries (adapters/nls/config.py writes it).
 ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
 
 
 def check_version_name(version: str, param: str) -> str:
-    if not _VERSION_RE.match(version):
-        raise InvalidRequestError(
-            f"`{param}` {version!r} is not a valid name: use letters, digits, '-' and '_' only "
-            "(it becomes a directory under the job's output)",
-            param=param,
-        )
+    """The request models check this already; again here for callers that build no request model."""
+    if problem := version_name_problem(version, param):
+        raise InvalidRequestError(problem, param=param)
     return version
 
 
@@ -76,8 +73,6 @@ class SqftService:
 
     def extract(self, job_id: str, version: str, custom_config: list[int] | None) -> JobRecord:
         version = check_version_name(version, "sub_adapter_version")
-        if version == "adapter":
-            raise InvalidRequestError("`sub_adapter_version` 'adapter' is reserved", param="sub_adapter_version")
         job = self._succeeded_job(job_id)
         super_adapter = self.manager.workspace(job).output.adapter
         if not self._lora(job).get("neural_lora_search") or not (super_adapter / ELASTIC_CONFIG_FILE).is_file():
@@ -119,6 +114,7 @@ class SqftService:
         return self._submit("merge", params, model=job.model, parent=job_id)
 
     def sparsify(self, body: SparsifyRequest) -> JobRecord:
+        ModelAccess.from_settings(self.settings).check_model(body.model, "model")
         name = body.output_name or new_id("sparse")
         target = (self.settings.model_cache_dir / "sparse" / name).resolve()
         claimed = any(op.config.get("output") == str(target) for op in self.jobs.active_of_kind("sparsify"))
@@ -139,7 +135,9 @@ class SqftService:
 
     def _submit(self, kind: str, params: BaseModel, *, model: str | None, parent: str | None = None) -> JobRecord:
         op_id = new_id("op")
-        job = self.manager.create(op_id, kind, params.model_dump(mode="json"), model=model, parent_job_id=parent)
+        job = self.manager.create(
+            op_id, kind, params.model_dump(mode="json"), model=model, parent_job_id=parent, owner=current_owner()
+        )
         self.events.add_event(op_id, f"Created {kind} operation: {op_id}")
         self.manager.enqueue(job)
         return self.get(op_id)
@@ -147,12 +145,14 @@ class SqftService:
     # ----------------------------------------------------------- operations
     def get(self, op_id: str) -> JobRecord:
         job = self.jobs.get(op_id)
-        if job is None or job.kind not in OPERATION_KINDS:
+        # Another project's operation is a 404, like a missing one.
+        if job is None or job.kind not in OPERATION_KINDS or not owned_by_caller(job.owner):
             raise NotFoundError(f"No such operation: {op_id}", param="operation_id")
         return job
 
     def list(self, *, kind: str | None, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        return self.jobs.list(kinds=(kind,) if kind else OPERATION_KINDS, after=after, limit=limit)
+        kinds = (kind,) if kind else OPERATION_KINDS
+        return self.jobs.list(kinds=kinds, after=after, limit=limit, owner=current_owner())
 
     def cancel(self, op_id: str) -> JobRecord:
         op = self.get(op_id)
