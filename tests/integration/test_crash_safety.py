@@ -10,6 +10,7 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ from sqft_service.store.db import Database
 from sqft_service.store.jobs import JobStore
 from tests.helpers import alpaca_records, wait_until, write_json
 from tests.integration.conftest import make_settings, upload, wait_status
+from tests.server import Server
 
 # ~200 tiny steps: long enough to interrupt, short enough for a test.
 STEADY = {
@@ -125,3 +127,74 @@ def test_a_training_file_changed_on_disk_fails_the_job_at_start(tmp_path, tiny_m
         failed = wait_status(client, job["id"], ("failed", "succeeded"))
         assert failed["status"] == "failed" and failed["error"]["code"] == "input_file_corrupted"
         assert "changed on disk since it was uploaded" in failed["error"]["message"]
+
+
+class TestKillNineOfTheService:
+    """``kill -9`` of the real service process while a job runs (the job process lives on in its own session)."""
+
+    @staticmethod
+    def start(data_dir: Path, model_dir: Path, **env: str) -> Server:
+        server = Server(data_dir, SQFT_MODEL_ROOTS=str(model_dir.parent), SQFT_THREADS_PER_JOB="1", **env)
+        server.start()
+        return server
+
+    @staticmethod
+    def submit(server: Server, tmp_path: Path, model_dir: Path, epochs: int = 12) -> str:
+        with open(write_json(tmp_path / "t.json", alpaca_records(16)), "rb") as handle:
+            f = httpx.post(f"{server.url}/v1/files", files={"file": ("t.json", handle)}, data={"purpose": "fine-tune"})
+        assert f.status_code == 200, f.text
+        body = job_body(model_dir, f.json()["id"])
+        body["Training"] = {**body["Training"], "epochs": epochs}
+        job = httpx.post(f"{server.url}/v1/fine_tuning/jobs", json=body)
+        assert job.status_code == 200, job.text
+        job_id = job.json()["id"]
+        wait_until(lambda: steps_done_http(server, job_id) >= 5, 120, interval=0.05, what="a few steps")
+        return job_id
+
+    def test_a_job_that_finished_while_the_service_was_down_keeps_its_result(self, tmp_path, tiny_model_dir):
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        first = self.start(data_dir, tiny_model_dir)
+        job_id = self.submit(first, tmp_path, tiny_model_dir)
+        first.kill()
+        outcome = data_dir / "jobs" / job_id / "outcome.json"
+        wait_until(outcome.is_file, 240, what="the orphaned job process to finish")
+        second = self.start(data_dir, tiny_model_dir)
+        try:
+            job = httpx.get(f"{second.url}/v1/fine_tuning/jobs/{job_id}").json()
+            assert job["status"] == "succeeded" and job["fine_tuned_model"].endswith("/output/adapter")
+            merged = httpx.post(
+                f"{second.url}/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job_id}, timeout=120
+            )
+            assert merged.status_code == 200, merged.text  # the adapter is reachable, not lost
+        finally:
+            second.stop()
+
+    def test_a_job_still_running_at_restart_resumes_from_its_last_resume_point(self, tmp_path, tiny_model_dir):
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        first = self.start(data_dir, tiny_model_dir, SQFT_CHECKPOINT_INTERVAL_S="0.2")
+        job_id = self.submit(first, tmp_path, tiny_model_dir, epochs=60)  # ~1000 steps: still running at restart
+        first.kill()
+        second = self.start(data_dir, tiny_model_dir, SQFT_CHECKPOINT_INTERVAL_S="0.2")
+        try:
+
+            def ended():
+                job = httpx.get(f"{second.url}/v1/fine_tuning/jobs/{job_id}").json()
+                return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+            job = wait_until(ended, 240, what="the job to end after the restart")
+            events = httpx.get(f"{second.url}/v1/fine_tuning/jobs/{job_id}/events?limit=1000").json()["data"]
+            messages = [e["message"] for e in events]
+            assert job["status"] == "succeeded", job["error"]
+            assert any(m.startswith("Interrupted: the service stopped; queued again") for m in messages)
+            assert any(m.startswith("resuming from step ") and " 0 of" not in m for m in messages)
+            steps = [e["data"]["step"] for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {})]
+            assert max(steps) == 60 * 16  # the same number of steps as a job never interrupted
+        finally:
+            second.stop()
+
+
+def steps_done_http(server: Server, job_id: str) -> int:
+    events = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}/events?limit=5").json()["data"]
+    return max([e["data"]["step"] for e in events if e["type"] == "metrics" and "step" in (e["data"] or {})] or [0])
