@@ -76,7 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs, events = JobStore(db), EventStore(db)
         manager = JobManager(settings, jobs, events, file_store)
         file_service = FileService(
-            file_store, settings.upload_limit_bytes, in_use=lambda fid: [j.id for j in jobs.referencing_file(fid)]
+            file_store,
+            settings.upload_limit_bytes,
+            in_use=lambda fid: [j.id for j in jobs.referencing_file(fid)],
+            max_files=settings.max_files,
         )
         app.state.settings = settings
         app.state.db = db

@@ -73,6 +73,16 @@ class ConflictError(ServiceError):
     type = "invalid_request_error"
 
 
+class QuotaExceededError(ServiceError):
+    """A project holds as many objects of a kind as the operator allows (OpenAI answers quotas with 429)."""
+
+    status_code = 429
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "quota_exceeded") -> None:
+        super().__init__(message, param=param, code=code)
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     type = "invalid_request_error"

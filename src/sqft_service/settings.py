@@ -28,6 +28,11 @@ class Settings:
     max_json_bytes: int = 1024 * 1024
     # Threads per job process (unset: the physical cores divided by max_concurrent_jobs).
     threads_per_job: int | None = None
+    # Per project (API key; the whole service without keys): jobs of any kind not yet ended (queued,
+    # running, paused) and stored files. Beyond them creation answers 429: a queue that only grows
+    # would hold the machine for days, and files fill the disk.
+    max_unfinished_jobs: int = 100
+    max_files: int = 10000
     # How often a running fine-tune writes its rolling resume point (it also writes one when stopped).
     checkpoint_interval_s: float = 300.0
     # Launches of one job's process before a job that keeps dying (crash, kill -9, OOM) is failed.

@@ -488,3 +488,28 @@ def test_settings_parse_from_the_environment():
     assert Settings.from_env({"SQFT_MAX_UPLOAD_BYTES": "10"}).upload_limit_bytes == 10
     with pytest.raises(SystemExit, match="SQFT_MAX_UPLOAD_MB"):
         Settings.from_env({"SQFT_MAX_UPLOAD_MB": "lots"})
+
+
+def test_unfinished_jobs_and_stored_files_are_bounded_per_project(tmp_path, tiny_model_dir):
+    data_dir = tmp_path / "quota"
+    with TestClient(create_app(make_settings(data_dir, max_unfinished_jobs=2, max_files=2))) as client:
+        f = upload(client, write_json(tmp_path / "a.json", alpaca_records(16)))
+        upload(client, write_json(tmp_path / "b.json", alpaca_records(8)))
+        with open(write_json(tmp_path / "c.json", alpaca_records(8)), "rb") as handle:
+            third = client.post("/v1/files", files={"file": ("c.json", handle)}, data={"purpose": "fine-tune"})
+        assert third.status_code == 429 and third.json()["error"]["code"] == "quota_exceeded"
+        assert len(client.get("/v1/files").json()["data"]) == 2
+        assert not [p for p in (data_dir / "files").iterdir() if p.name.startswith(".")]  # nothing staged left
+
+        slow = {"epochs": 1000, "batch_size": 1, "learning_rate": 1e-3}
+        body = {"model": str(tiny_model_dir), "training_file": f["id"], "Training": slow}
+        ids = [client.post("/v1/fine_tuning/jobs", json=body).json()["id"] for _ in range(2)]
+        refused = client.post("/v1/fine_tuning/jobs", json=body)
+        assert refused.status_code == 429 and "SQFT_MAX_UNFINISHED_JOBS" in refused.json()["error"]["message"]
+        assert len(client.get("/v1/fine_tuning/jobs").json()["data"]) == 2  # nothing half-created
+        client.post(f"/v1/fine_tuning/jobs/{ids[1]}/cancel")  # a queued job: cancelled at once
+        assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200  # room again
+        for job in client.get("/v1/fine_tuning/jobs").json()["data"]:
+            client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+        for job in client.get("/v1/fine_tuning/jobs").json()["data"]:
+            wait_status(client, job["id"], ("cancelled", "failed", "succeeded"))

@@ -92,6 +92,10 @@ class FileStore:
         assert record is not None  # just inserted
         return record
 
+    def count(self, owner: str | None) -> int:
+        row = self.db.query_one("SELECT COUNT(*) AS n FROM files WHERE owner IS ?", (owner,))
+        return int(row["n"]) if row else 0
+
     def get(self, file_id: str) -> FileRecord | None:
         row = self.db.query_one("SELECT * FROM files WHERE id = ?", (file_id,))
         return FileRecord.from_row(row) if row else None

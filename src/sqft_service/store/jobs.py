@@ -174,6 +174,15 @@ class JobStore:
         )
         return [JobRecord.from_row(r) for r in rows]
 
+    def count_unfinished(self, owner: str | None) -> int:
+        """Jobs of ``owner`` (NULL owner: the unauthenticated service's) that have not ended."""
+        statuses = (*ACTIVE_STATUSES, "paused")
+        marks = ",".join("?" for _ in statuses)
+        row = self.db.query_one(
+            f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({marks}) AND owner IS ?", (*statuses, owner)
+        )
+        return int(row["n"]) if row else 0
+
     def referencing_file(self, file_id: str) -> list[JobRecord]:
         """Jobs not yet ended (paused ones included) that will read the file ``file_id``."""
         statuses = (*ACTIVE_STATUSES, "paused")

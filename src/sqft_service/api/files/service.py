@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ...errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from ...errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError, QuotaExceededError
 from ...store.files import FileRecord, FileStore
 from ...training.records import DataValidationError, inspect_training_file
 from ..owner import current_owner, owned_by_caller
@@ -34,12 +34,17 @@ def safe_filename(name: str | None) -> str:
 
 class FileService:
     def __init__(
-        self, store: FileStore, max_upload_bytes: int, in_use: Callable[[str], list[str]] | None = None
+        self,
+        store: FileStore,
+        max_upload_bytes: int,
+        in_use: Callable[[str], list[str]] | None = None,
+        max_files: int | None = None,
     ) -> None:
         self.store = store
         self.max_upload_bytes = max_upload_bytes
         # The ids of jobs that will still read a file: such a file can't be deleted under them.
         self.in_use = in_use
+        self.max_files = max_files
 
     def upload(self, stream: BinaryIO, filename: str | None, purpose: str) -> FileRecord:
         """Store a file read from ``stream`` (the HTTP route streams its body through :meth:`accept`)."""
@@ -65,6 +70,11 @@ class FileService:
     def accept(self, staged: Path, *, filename: str | None, purpose: str, sha256: str) -> FileRecord:
         """Check a fully received staging file (in ``files_dir``) and keep it; it is gone either way."""
         try:
+            if self.max_files is not None and self.store.count(current_owner()) >= self.max_files:
+                raise QuotaExceededError(
+                    f"this project already stores {self.max_files} files (SQFT_MAX_FILES); delete some first",
+                    param="file",
+                )
             if purpose not in UPLOAD_PURPOSES:
                 raise InvalidRequestError(
                     f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}",
