@@ -7,7 +7,7 @@ SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install serve test test-fast bench lint format clean
+.PHONY: install serve test test-fast bench load fuzz lint format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,19 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.throughput $(ARGS)
+
+# The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
+# ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".
+load: $(STAMP)
+	$(PY) -m bench.load $(ARGS)
+
+# Schemathesis over the OpenAPI schema against the real server (tests/fuzz): no 5xx, no schema violation,
+# no job crashed by its input. FUZZ_CASES cases are generated (spread over the operations) on top of the
+# coverage phase's; `make test` runs the same tests with 300. FUZZ_SEED=<n> replays a run.
+FUZZ_CASES ?= 1000
+FUZZ_SEED ?= random
+fuzz: $(STAMP)
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) FUZZ_JOBS_WAIT_S=180 $(VENV)/bin/pytest -p no:cacheprovider tests/fuzz $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -180,7 +180,9 @@ def populate(
         for step in range(1, max(0, events_per_job - len(messages) - 1) + 1):
             data = {"step": step, "train_loss": round(3.0 / step, 4), "learning_rate": 1e-4, "tokens_per_s": 900.0}
             messages.append(("metrics", f"Step {step}: train_loss {data['train_loss']}", data))
-        messages.append(("message", {"succeeded": "The job has successfully completed"}.get(ending, f"Job {ending}"), None))
+        messages.append(
+            ("message", {"succeeded": "The job has successfully completed"}.get(ending, f"Job {ending}"), None)
+        )
         for type_, message, data in messages[:events_per_job]:
             events.add_event(job_id, message, type=type_, data=data)
             n_events += 1

@@ -39,7 +39,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited during start-up (code {self.proc.returncode}):\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the server exited during start-up (code {self.proc.returncode}):\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return

@@ -57,6 +57,7 @@ class Sample:
     status: int  # 0: no HTTP answer (connection error, timeout)
     seconds: float
     error: str | None = None
+    at: float = 0.0  # when it was sent, seconds after the load started
 
 
 @dataclass
@@ -83,6 +84,7 @@ class LoadState:
     created: dict[str, str] = field(default_factory=dict)  # job id -> load token
     error_samples: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
 
     def anomaly(self, text: str) -> None:
         self.anomalies.append(text)
@@ -100,20 +102,22 @@ class Clients:
 
     async def call(self, route: str, method: str, url: str, **kwargs: Any) -> httpx.Response | None:
         started = time.perf_counter()
+        at = started - self.state.t0
         try:
             resp = await self.http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
-            self.state.samples.append(Sample(route, 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"))
+            error = f"{type(exc).__name__}: {exc}"
+            self.state.samples.append(Sample(route, 0, time.perf_counter() - started, error, at))
             if len(self.state.error_samples) < 20:
-                self.state.error_samples.append(f"{route}: {type(exc).__name__}: {exc}")
+                self.state.error_samples.append(f"{route} at {at:.2f} s: {error}")
             return None
         seconds = time.perf_counter() - started
         if resp.status_code != 200:
-            self.state.samples.append(Sample(route, resp.status_code, seconds, resp.text[:300]))
+            self.state.samples.append(Sample(route, resp.status_code, seconds, resp.text[:300], at))
             if len(self.state.error_samples) < 20:
-                self.state.error_samples.append(f"{route}: {resp.status_code} {resp.text[:300]}")
+                self.state.error_samples.append(f"{route} at {at:.2f} s: {resp.status_code} {resp.text[:300]}")
             return None
-        self.state.samples.append(Sample(route, resp.status_code, seconds))
+        self.state.samples.append(Sample(route, resp.status_code, seconds, None, at))
         return resp
 
     async def run_client(self, k: int) -> None:
@@ -122,12 +126,25 @@ class Clients:
             route = rng.choices(self.routes, self.weights)[0]
             await self.ACTIONS[route](self, rng, k, i)
 
+    async def run_alone(self, per_route: int) -> None:
+        """One client (an id no load client has), each route ``per_route`` times in a row: a route's own
+        latency, without queueing behind other clients. Writes last, so the jobs it queues start after."""
+        rng, k = random.Random(self.plan.seed - 1), self.plan.clients
+        routes = sorted(self.routes, key=lambda r: r in (UPLOAD, CREATE))
+        for n, route in enumerate(routes):
+            for i in range(per_route):
+                await self.ACTIONS[route](self, rng, k, n * per_route + i)
+
     # ------------------------------------------------------------ the routes
     async def upload(self, rng: random.Random, k: int, i: int) -> None:
         name = f"load-c{k:03d}-r{i:04d}.jsonl"
         payload = training_jsonl(4 + rng.randrange(8), salt=f"{k}-{i}")
         resp = await self.call(
-            UPLOAD, "POST", "/v1/files", files={"file": (name, payload, "application/jsonl")}, data={"purpose": "fine-tune"}
+            UPLOAD,
+            "POST",
+            "/v1/files",
+            files={"file": (name, payload, "application/jsonl")},
+            data={"purpose": "fine-tune"},
         )
         if resp is None:
             return
@@ -222,28 +239,52 @@ class Clients:
     }
 
 
-def http_client(base_url: str, api_key: str, connections: int, timeout_s: float) -> httpx.AsyncClient:
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def http_client(base_url: str, api_key: str | None, connections: int, timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=base_url,
-        headers={"Authorization": f"Bearer {api_key}"},
+        headers=auth_headers(api_key),
         timeout=timeout_s,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
     )
 
 
-async def _run(base_url: str, api_key: str, plan: LoadPlan) -> LoadState:
+async def _run(base_url: str, api_key: str | None, plan: LoadPlan, alone_per_route: int | None) -> LoadState:
     state = LoadState()
     async with http_client(base_url, api_key, plan.clients, plan.timeout_s) as http:
         clients = Clients(http, plan, state)
-        started = time.perf_counter()
-        await asyncio.gather(*(clients.run_client(k) for k in range(plan.clients)))
-        state.wall_s = time.perf_counter() - started
+        state.t0 = time.perf_counter()
+        if alone_per_route is None:
+            await asyncio.gather(*(clients.run_client(k) for k in range(plan.clients)))
+        else:
+            await clients.run_alone(alone_per_route)
+        state.wall_s = time.perf_counter() - state.t0
     return state
 
 
-def run_load(base_url: str, api_key: str, plan: LoadPlan) -> LoadState:
+def run_load(base_url: str, api_key: str | None, plan: LoadPlan) -> LoadState:
     """All clients at once; returns when each has sent its ``plan.requests`` requests."""
-    return asyncio.run(_run(base_url, api_key, plan))
+    return asyncio.run(_run(base_url, api_key, plan, None))
+
+
+def run_alone(base_url: str, api_key: str | None, plan: LoadPlan, per_route: int) -> LoadState:
+    """One client, ``per_route`` requests of each route in turn (see :meth:`Clients.run_alone`)."""
+    return asyncio.run(_run(base_url, api_key, plan, per_route))
+
+
+def merged(*states: LoadState) -> LoadState:
+    """The requests, anomalies and created objects of several runs, for the verification."""
+    out = LoadState()
+    for state in states:
+        out.samples += state.samples
+        out.anomalies += state.anomalies
+        out.error_samples += state.error_samples
+        out.uploaded.update(state.uploaded)
+        out.created.update(state.created)
+    return out
 
 
 # ------------------------------------------------------------------ clean-up
@@ -257,7 +298,7 @@ class Cleanup:
     wall_s: float = 0.0
 
 
-async def _cleanup(base_url: str, api_key: str, job_ids: list[str], settle_timeout_s: float) -> Cleanup:
+async def _cleanup(base_url: str, api_key: str | None, job_ids: list[str], settle_timeout_s: float) -> Cleanup:
     """Cancel every created job not yet ended, then wait until all of them have ended."""
     result = Cleanup()
     started = time.perf_counter()
@@ -292,7 +333,7 @@ async def _cleanup(base_url: str, api_key: str, job_ids: list[str], settle_timeo
     return result
 
 
-def cancel_created(base_url: str, api_key: str, state: LoadState, settle_timeout_s: float = 120) -> Cleanup:
+def cancel_created(base_url: str, api_key: str | None, state: LoadState, settle_timeout_s: float = 120) -> Cleanup:
     return asyncio.run(_cleanup(base_url, api_key, list(state.created), settle_timeout_s))
 
 
@@ -332,14 +373,18 @@ def _once(name: str, expected: list[str], seen: list[str]) -> Check:
     return Check(name, not missing and not repeated, detail)
 
 
-def verify_api(base_url: str, api_key: str, plan: LoadPlan, state: LoadState, cleanup: Cleanup) -> list[Check]:
+def verify_api(base_url: str, api_key: str | None, plan: LoadPlan, state: LoadState, cleanup: Cleanup) -> list[Check]:
     """While the server still runs: errors, anomalies, the listings and /health."""
     checks: list[Check] = []
     failures = [s for s in state.samples if s.status != 200]
     by_status = Counter(s.status for s in failures)
-    checks.append(Check("no request failed", not failures, f"{len(failures)} of {len(state.samples)} {dict(by_status)}"))
     checks.append(
-        Check("every answer checked out", not state.anomalies, f"{len(state.anomalies)} anomalies {state.anomalies[:3]}")
+        Check("no request failed", not failures, f"{len(failures)} of {len(state.samples)} {dict(by_status)}")
+    )
+    checks.append(
+        Check(
+            "every answer checked out", not state.anomalies, f"{len(state.anomalies)} anomalies {state.anomalies[:3]}"
+        )
     )
     checks.append(
         Check(
@@ -350,7 +395,7 @@ def verify_api(base_url: str, api_key: str, plan: LoadPlan, state: LoadState, cl
     )
     unfinished = {s: n for s, n in cleanup.statuses.items() if s not in ("cancelled", "succeeded")}
     checks.append(Check("created jobs ended cancelled or succeeded", not unfinished, f"{cleanup.statuses}"))
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as http:
+    with httpx.Client(base_url=base_url, headers=auth_headers(api_key), timeout=120) as http:
         files = _walk(http, "/v1/files", 1000)
         fine_tune_files = [f["id"] for f in files if f["purpose"] == "fine-tune"]
         expected_files = plan.stored_file_ids + list(state.uploaded)
@@ -361,7 +406,9 @@ def verify_api(base_url: str, api_key: str, plan: LoadPlan, state: LoadState, cl
         expected_jobs = plan.stored_job_ids + list(state.created)
         checks.append(_once("each stored and created job listed once", expected_jobs, [j["id"] for j in jobs]))
         tokens = [(j.get("metadata") or {}).get("load_token") for j in jobs]
-        checks.append(_once("each create's load_token listed once", list(state.created.values()), [t for t in tokens if t]))
+        checks.append(
+            _once("each create's load_token listed once", list(state.created.values()), [t for t in tokens if t])
+        )
         health = http.get("/health")
         counted = sum(health.json().get("jobs", {}).values()) if health.status_code == 200 else -1
         checks.append(
@@ -381,7 +428,13 @@ def verify_db(db_path: Path, plan: LoadPlan, state: LoadState) -> list[Check]:
         one = lambda sql, *args: conn.execute(sql, args).fetchone()  # noqa: E731
         n, ids, seqs = one("SELECT COUNT(*), COUNT(DISTINCT id), COUNT(DISTINCT seq) FROM jobs")
         expected = len(plan.stored_job_ids) + len(state.created)
-        checks = [Check("jobs rows: one per job, distinct ids and seqs", n == ids == seqs == expected, f"{n}/{ids}/{seqs} of {expected}")]
+        checks = [
+            Check(
+                "jobs rows: one per job, distinct ids and seqs",
+                n == ids == seqs == expected,
+                f"{n}/{ids}/{seqs} of {expected}",
+            )
+        ]
         rows = conn.execute("SELECT id, json_extract(metadata, '$.load_token') FROM jobs WHERE metadata IS NOT NULL")
         tokens = {job_id: token for job_id, token in rows if token}
         wrong = [j for j, t in state.created.items() if tokens.get(j) != t]
@@ -394,21 +447,41 @@ def verify_db(db_path: Path, plan: LoadPlan, state: LoadState) -> list[Check]:
         )
         (n_files,) = one("SELECT COUNT(*) FROM files WHERE purpose = 'fine-tune'")
         expected_files = len(plan.stored_file_ids) + len(state.uploaded)
-        dup_names = one("SELECT COUNT(*) FROM (SELECT filename FROM files WHERE filename LIKE 'load-%' GROUP BY filename HAVING COUNT(*) > 1)")[0]
+        dup_names = one(
+            "SELECT COUNT(*) FROM (SELECT filename FROM files WHERE filename LIKE 'load-%' "
+            "GROUP BY filename HAVING COUNT(*) > 1)"
+        )[0]
         checks.append(
-            Check("files rows: one per upload", n_files == expected_files and not dup_names, f"{n_files} of {expected_files}, {dup_names} names repeated")
+            Check(
+                "files rows: one per upload",
+                n_files == expected_files and not dup_names,
+                f"{n_files} of {expected_files}, {dup_names} names repeated",
+            )
         )
-        blobs = sum(1 for _ in (db_path.parent / "files").iterdir() if not _.name.startswith("."))
-        staging = sum(1 for _ in (db_path.parent / "files").iterdir() if _.name.startswith("."))
+        names_on_disk = [p.name for p in (db_path.parent / "files").iterdir()]
+        staging = sum(1 for name in names_on_disk if name.startswith("."))  # .staging-* left by an upload
+        blobs = len(names_on_disk) - staging
         (all_files,) = one("SELECT COUNT(*) FROM files")
-        checks.append(Check("one blob per file row, no staging file left", blobs == all_files and not staging, f"{blobs} blobs, {all_files} rows, {staging} staging"))
+        checks.append(
+            Check(
+                "one blob per file row, no staging file left",
+                blobs == all_files and not staging,
+                f"{blobs} blobs, {all_files} rows, {staging} staging",
+            )
+        )
         created_events = dict(
-            conn.execute("SELECT job_id, COUNT(*) FROM events WHERE message LIKE 'Created fine-tuning job: %' GROUP BY job_id")
+            conn.execute(
+                "SELECT job_id, COUNT(*) FROM events WHERE message LIKE 'Created fine-tuning job: %' GROUP BY job_id"
+            )
         )
         bad = [j for j in state.created if created_events.get(j) != 1]
         (orphans,) = one("SELECT COUNT(*) FROM events WHERE job_id NOT IN (SELECT id FROM jobs)")
         checks.append(
-            Check("each created job has one creation event, no orphan event", not bad and not orphans, f"{len(bad)} wrong, {orphans} orphans")
+            Check(
+                "each created job has one creation event, no orphan event",
+                not bad and not orphans,
+                f"{len(bad)} wrong, {orphans} orphans",
+            )
         )
     finally:
         conn.close()
@@ -419,7 +492,11 @@ def verify_server(log_text: str, exit_code: int | None) -> list[Check]:
     tracebacks = log_text.count("Traceback (most recent call last)")
     errors = [line for line in log_text.splitlines() if " ERROR " in line or line.startswith("ERROR:")]
     return [
-        Check("server log: no traceback, no ERROR line", not tracebacks and not errors, f"{tracebacks} tracebacks, {errors[:2]}"),
+        Check(
+            "server log: no traceback, no ERROR line",
+            not tracebacks and not errors,
+            f"{tracebacks} tracebacks, {errors[:2]}",
+        ),
         Check("server stopped cleanly on SIGINT", exit_code == 0, f"exit code {exit_code}"),
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -20,9 +21,10 @@ from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
 from .api.limits import MULTIPART_OVERHEAD_BYTES
+from .api.openapi import document_errors
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
-from .errors import ServiceError, UserError
+from .errors import InvalidRequestError, ServiceError, UserError
 from .jobs.manager import JobManager
 from .settings import Settings
 from .store.db import Database
@@ -33,11 +35,47 @@ from .store.jobs import JobStore
 log = logging.getLogger(__name__)
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """The methods the schema documents for the request's path (``GET`` ones also take ``HEAD``); None
+    for a path the schema leaves out. As in OpenAPI, a concrete path (``/v1/fine_tuning/jobs/retrieve``)
+    comes before a template that also matches it (``/v1/fine_tuning/jobs/{job_id}``)."""
+    paths = request.app.openapi()["paths"]
+    path = request.url.path
+    if path in paths:
+        matches = [paths[path]]
+    else:
+        matches = [
+            operations
+            for template, operations in paths.items()
+            if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path)
+        ]
+    methods = {method.upper() for operations in matches for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods)) or None
+
+
+def single_query_values(request: Request) -> None:
+    """Every query parameter of this API takes one value: a repeated one is a 400 naming it, rather
+    than the last value silently winning (what a proxy or a log reads may be another one)."""
+    for key in request.query_params:
+        if len(values := request.query_params.getlist(key)) > 1:
+            raise InvalidRequestError(f"query parameter `{key}` is given {len(values)} times; give it once", param=key)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -57,7 +95,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail) if exc.status_code != 404 else f"Unknown route: {request.method} {request.url.path}"
-        return _error(exc.status_code, message, "invalid_request_error")
+        headers = exc.headers
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            # RFC 9110: `Allow` lists every method of the path; Starlette names only the first route's.
+            headers = {**(headers or {}), "Allow": allowed}
+        return _error(exc.status_code, message, "invalid_request_error", headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -102,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="OpenAI-compatible fine-tuning with SQFT (NLS elastic adapters, SparsePEFT) on stock peft.",
         lifespan=lifespan,
+        dependencies=[Depends(single_query_values)],
     )
     install_error_handlers(app)
     # Added before auth so that auth wraps it: an unauthenticated request is refused before its body is read.
@@ -116,6 +159,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router, dependencies=auth)
     app.include_router(fine_tuning_router, dependencies=json_only)
     app.include_router(sqft_router, dependencies=json_only)
+
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        # FastAPI's schema plus the errors every route can answer (401/400/413/415/404), without its 422.
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health", tags=["service"])
     def health() -> dict:

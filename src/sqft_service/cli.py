@@ -48,7 +48,13 @@ def _serve(args: argparse.Namespace) -> int:
         f"sqft-service on http://{settings.host}:{settings.port}  (docs: /docs, data: {settings.data_dir})",
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0
 
 

@@ -20,6 +20,10 @@ class Settings:
     cancel_grace_s: float = 10.0
     # How often the job manager looks at its job processes and the queue.
     poll_interval_s: float = 0.5
+    # Seconds an idle keep-alive connection stays open. Longer than clients keep theirs (httpx and the
+    # openai SDK: 5 s, proxies often 60 s): at uvicorn's own 5 s a client could reuse a connection the
+    # server was closing and get a reset (seen by `make load` as a rare ReadError).
+    keep_alive_s: int = 75
     # Largest upload in MiB. It is enforced while the body is read, so a bigger one is cut off there.
     max_upload_mb: int = 512
     # The same limit in bytes; when set it wins over max_upload_mb (tests use small limits).

@@ -1,7 +1,9 @@
-"""The fuzz run's pieces: what it seeds in the real server, the ids it feeds the generator, its tally.
+"""The fuzz run's pieces: the server's settings, what it seeds there, the ids it feeds the generator,
+how it checks the jobs the cases started, and its tally.
 
-``make fuzz`` and the short run in ``make test`` run the same test (``test_openapi_fuzz.py``); they differ
-only in ``FUZZ_CASES``, the number of cases the run must reach in total (spread over the operations).
+``make fuzz`` and the short run in ``make test`` run the same tests (``test_openapi_fuzz.py``). They differ
+in ``FUZZ_CASES`` (how many cases the fuzzing phase generates, spread over the operations; the coverage
+phase adds its own boundary cases on top), ``FUZZ_SEED`` and ``FUZZ_JOBS_WAIT_S``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,34 @@ def target_cases() -> int:
     return int(os.environ.get("FUZZ_CASES", DEFAULT_CASES))
 
 
-def operation_count() -> int:
-    """How many operations the schema has (built in-process: the same routes the server serves)."""
+def fuzz_seed() -> int:
+    """FUZZ_SEED: a number replays that run's cases; ``random`` draws one (`make fuzz`); unset, the
+    short run of `make test` uses 0, so that it asks the same questions every time."""
+    raw = os.environ.get("FUZZ_SEED", "0")
+    return random.SystemRandom().getrandbits(32) if raw == "random" else int(raw)
+
+
+SEED = fuzz_seed()
+
+
+def app_schema() -> dict[str, Any]:
+    """The OpenAPI schema of the app as the fuzz server runs it (with API keys, so with security).
+
+    Built in-process because the tests are generated at collection time, before the server runs;
+    ``test_served_schema_is_the_fuzzed_one`` checks that the server serves exactly this schema.
+    """
     from sqft_service.app import create_app
     from sqft_service.settings import Settings
 
-    schema = create_app(Settings(api_key=API_KEY)).openapi()
-    return sum(len(methods) for methods in schema["paths"].values())
+    return create_app(Settings(api_key=API_KEY)).openapi()
+
+
+def operation_count() -> int:
+    return sum(len(methods) for methods in app_schema()["paths"].values())
 
 
 def examples_per_operation() -> int:
-    """The fuzzing phase's ``max_examples``: the target spread evenly (explicit examples and the
-    coverage phase add their own cases on top)."""
+    """The fuzzing phase's ``max_examples``: FUZZ_CASES spread evenly over the operations."""
     return max(1, math.ceil(target_cases() / operation_count()))
 
 
@@ -55,7 +73,18 @@ SERVER_ENV = {
     "SQFT_OPERATION_WAIT_S": "1",
     "SQFT_MAX_UPLOAD_BYTES": str(1 << 20),
     "SQFT_CHECKPOINT_INTERVAL_S": "3600",
+    # Small quotas: the job queue stays short, and the 429 answers get exercised too.
+    "SQFT_MAX_UNFINISHED_JOBS": "8",
+    "SQFT_MAX_FILES": "30",
 }
+# After the cases, how long the jobs they started get to end (then the rest are cancelled), and how
+# long a fuzzed fine-tune may run before it is cancelled to let the queue move.
+JOBS_WAIT_S = float(os.environ.get("FUZZ_JOBS_WAIT_S", 60))
+FINE_TUNE_RUN_S = 15.0
+# How a job ends when its process raised something other than a UserError: the client's input crashed
+# it (with `wait`, extract / merge / sparsify answer that with a 500).
+CRASH_CODES = {"fine_tune_failed", "extract_failed", "merge_failed", "sparsify_failed", "job_crashed"}
+UNFINISHED = {"validating_files", "queued", "running", "paused"}
 
 NLS_LORA = {
     "r": 16,
@@ -70,16 +99,17 @@ class Known:
     """Ids and paths that exist on the fuzz server: the generator uses them in some positive cases,
     so that the routes answer about real objects, not only 404."""
 
-    model_dir: str
+    model_dir: str = ""
     file_ids: list[str] = field(default_factory=list)
     filenames: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     operation_ids: list[str] = field(default_factory=list)
 
-    def pools(self) -> dict[str, list[str]]:
+    def pools(self, method: str) -> dict[str, list[str]]:
         files = self.file_ids + self.filenames
         return {
-            "file_id": self.file_ids,
+            # DELETE gets only the file kept for it: deleting the others would turn later cases into 404s.
+            "file_id": self.file_ids[-1:] if method == "DELETE" else self.file_ids,
             "job_id": self.job_ids,
             "operation_id": self.operation_ids,
             "fine_tuning_job_id": self.job_ids,
@@ -94,28 +124,33 @@ class Known:
         """``case`` with some of its ids replaced by existing ones (``seed`` picks which, so Hypothesis
         can replay and shrink it). Positive cases only: a negative case stays as invalid as generated."""
         meta = getattr(case, "meta", None)
-        if seed % 2 == 0 or meta is None or not meta.generation.mode.is_positive:
+        if seed % 3 == 0 or meta is None or not meta.generation.mode.is_positive:
             return case
         rng = random.Random(seed)
-        pools = self.pools()
-        for container in (case.path_parameters, case.query):
+        pools = self.pools(case.operation.method.upper())
+        body = case.body if isinstance(case.body, dict) else {}
+        if "training_file" in body:
+            # A create-job body with every section filled at random is refused for one value or
+            # another; without some of them (all optional) it can pass and start a job.
+            for name in ("General", "Dataset", "Training", "method", "integrations"):
+                if rng.random() < 0.7:
+                    body.pop(name, None)
+            body.setdefault("model", None)  # optional, but a job needs it (or General.base_model)
+        for container in (case.path_parameters, case.query, body):
             for name in list(container or {}):
                 if pools.get(name) and rng.random() < 0.8:
                     container[name] = rng.choice(pools[name])
-        if isinstance(case.body, dict):
-            for name in list(case.body):
-                if pools.get(name) and rng.random() < 0.8:
-                    case.body[name] = rng.choice(pools[name])
         return case
 
 
-def seed_server(url: str, tmp: Path, model_dir: Path) -> Known:
+def seed_server(url: str, tmp: Path, model_dir: Path, known: Known) -> None:
     """Upload files, train one tiny NLS job to success, and start an extract operation from it."""
-    known = Known(model_dir=str(model_dir))
+    known.model_dir = str(model_dir)
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
         uploads = [
             (write_json(tmp / "alpaca.json", alpaca_records(16)), "fine-tune"),
             (write_jsonl(tmp / "colors.jsonl", alpaca_records(8)), "fine-tune"),
+            # the last one is the file that DELETE cases may delete
             (write_jsonl(tmp / "notes.jsonl", [{"note": "not training data"}]), "batch"),
         ]
         for path, purpose in uploads:
@@ -147,21 +182,57 @@ def seed_server(url: str, tmp: Path, model_dir: Path) -> Known:
         )
         assert resp.status_code == 202, resp.text
         known.operation_ids.append(resp.json()["id"])
-    return known
+
+
+def settle_jobs(url: str, wait_s: float) -> list[dict[str, Any]]:
+    """Let the jobs and operations the fuzzed requests started run (up to ``wait_s``; a fine-tune for
+    ``FINE_TUNE_RUN_S``), cancel what is left, and return every one that ended as a crash."""
+    deadline = time.monotonic() + wait_s
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+
+        def everything() -> list[dict[str, Any]]:
+            jobs = http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+            ops = http.get("/v1/finetune/operations", params={"limit": 100}).json()["data"]
+            return [{**j, "kind": "fine_tune"} for j in jobs] + ops
+
+        while time.monotonic() < deadline:
+            pending = [j for j in everything() if j["status"] in UNFINISHED]
+            if not pending:
+                break
+            for job in pending:
+                started = job.get("started_at")
+                if job["kind"] == "fine_tune" and (
+                    job["status"] == "paused" or (started and time.time() - started > FINE_TUNE_RUN_S)
+                ):
+                    http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+            time.sleep(1)
+        for job in everything():
+            if job["status"] in UNFINISHED:
+                route = "/v1/fine_tuning/jobs" if job["kind"] == "fine_tune" else "/v1/finetune/operations"
+                http.post(f"{route}/{job['id']}/cancel")
+        crashed = [
+            j for j in everything() if j["status"] == "failed" and (j.get("error") or {}).get("code") in CRASH_CODES
+        ]
+        for job in crashed:
+            route = "/v1/fine_tuning/jobs" if job["kind"] == "fine_tune" else "/v1/finetune/operations"
+            job["log_tail"] = http.get(f"{route}/{job['id']}/log").text[-3000:]
+    return crashed
 
 
 @dataclass
 class Tally:
     """Cases per operation, the statuses they got, and the failures (one message per distinct failure)."""
 
-    cases: Counter = field(default_factory=Counter)
-    statuses: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    cases: Counter[str] = field(default_factory=Counter)
+    phases: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    statuses: dict[str, Counter[int | str]] = field(default_factory=lambda: defaultdict(Counter))
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     started: float = field(default_factory=time.monotonic)
     log_path: str | None = None  # the fuzz server's log (tracebacks of any 500)
 
-    def record(self, label: str, status: int | None) -> None:
+    def record(self, label: str, phase: str, status: int | None) -> None:
         self.cases[label] += 1
+        self.phases[label][phase] += 1
         self.statuses[label][status if status is not None else "error"] += 1
 
     def fail(self, label: str, message: str) -> None:
@@ -172,16 +243,26 @@ class Tally:
     def total(self) -> int:
         return sum(self.cases.values())
 
+    def by_phase(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for per_operation in self.phases.values():
+            counts.update(per_operation)
+        return counts
+
     def report(self) -> str:
         width = max((len(label) for label in self.cases), default=10)
-        lines = [f"{'operation':<{width}}  cases  statuses"]
+        names = sorted(self.by_phase())
+        header = f"({'/'.join(names)})"
+        lines = [f"{'operation':<{width}}  cases  {header}  statuses"]
         for label in sorted(self.cases, key=lambda lab: (lab.split(" ", 1)[1], lab)):
+            phases = "/".join(str(self.phases[label][p]) for p in names)
             statuses = ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses[label].items(), key=str))
-            lines.append(f"{label:<{width}}  {self.cases[label]:>5}  {statuses}")
+            lines.append(f"{label:<{width}}  {self.cases[label]:>5}  {phases:>{len(header)}}  {statuses}")
         n_failures = sum(len(v) for v in self.failures.values())
+        phases = ", ".join(f"{phase} {n}" for phase, n in sorted(self.by_phase().items()))
         lines.append(
-            f"total: {self.total} cases over {len(self.cases)} operations in {time.monotonic() - self.started:.0f} s; "
-            f"failures: {n_failures}"
+            f"total: {self.total} cases ({phases}) over {len(self.cases)} operations "
+            f"in {time.monotonic() - self.started:.0f} s; failures: {n_failures}; FUZZ_SEED={SEED}"
         )
         if self.log_path:
             lines.append(f"server log: {self.log_path}")
@@ -192,3 +273,5 @@ class Tally:
 
 
 TALLY = Tally()
+# Filled by the `fuzz_server` fixture once the seed objects exist, read by the generator's hook.
+KNOWN = Known()

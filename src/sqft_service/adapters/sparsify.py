@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import InvalidConfigurationError
 from .peft_utils import layer_index
 from .sparse import sparsity_report
 
@@ -39,12 +40,15 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _parse_pattern(pattern: str) -> tuple[int, int]:
+    """``N:M`` as two ints; a pattern that cannot work is the client's error (a ValueError too), naming it."""
     try:
         n, m = (int(v) for v in pattern.split(":"))
     except ValueError:
-        raise ValueError(f"sparsity pattern {pattern!r} is not of the form 'N:M' (e.g. '2:4')") from None
+        raise InvalidConfigurationError(
+            f"sparsity pattern {pattern!r} is not of the form 'N:M' (e.g. '2:4')", param="pattern"
+        ) from None
     if not 0 < n < m:
-        raise ValueError(f"sparsity pattern {pattern!r} needs 0 < N < M")
+        raise InvalidConfigurationError(f"sparsity pattern {pattern!r} needs 0 < N < M", param="pattern")
     return n, m
 
 
@@ -124,6 +128,13 @@ def sparsify_model(
     layers = prunable_linears(model)
     if not layers:
         raise ValueError("the model has no linear layer inside numbered decoder layers")
+    if nm is not None and (widths := sorted({m.in_features for m in layers.values() if m.in_features % nm[1]})):
+        # Checked before any weight changes, so the message names every width that does not fit.
+        raise InvalidConfigurationError(
+            f"sparsity pattern {pattern!r} needs M={nm[1]} to divide the input width of every pruned layer; "
+            f"this model has layers {', '.join(map(str, widths))} wide",
+            param="pattern",
+        )
     norms = None
     if method == "wanda":
         if not calibration_input_ids:

@@ -56,6 +56,9 @@ def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRe
     param = _loc(first.get("loc", ())) or None
     kind = first.get("type", "")
     msg = first.get("msg", "invalid value")
+    if kind == "json_invalid":  # FastAPI's own body parsing; its loc ("body", 0) names no field
+        detail = (first.get("ctx") or {}).get("error")
+        return InvalidRequestError(f"the request body is not valid JSON{f': {detail}' if detail else ''}")
     if kind == "extra_forbidden":
         message = f"Unknown parameter `{param}`: not a field of this request (check its spelling)"
     elif kind == "missing":

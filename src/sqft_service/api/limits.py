@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..training.records import json_type
+
 # Page sizes of the list routes: (default, maximum); a bigger `limit` is a 400 naming `limit`.
 # Files keep OpenAI's documented 1..10,000 with a default of 10,000 (a file object is small and bounded).
 FILES_PAGE = (10_000, 10_000)
@@ -46,20 +48,10 @@ def check_metadata(value: Any) -> Any:
                 f"keys are at most {METADATA_KEY_MAX_CHARS}"
             )
         if not isinstance(item, str):
-            raise ValueError(f"`metadata` value of '{key}' must be a string, got {_json_type(item)}")
+            raise ValueError(f"`metadata` value of '{key}' must be a string, got {json_type(item)}")
         if len(item) > METADATA_VALUE_MAX_CHARS:
             raise ValueError(
                 f"`metadata` value of '{key}' is {len(item)} characters long; values are at most "
                 f"{METADATA_VALUE_MAX_CHARS}"
             )
     return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__

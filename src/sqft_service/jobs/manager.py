@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import QuotaExceededError
 from ..model_access import ModelAccess
 from ..settings import Settings
 from ..store.events import EventStore
@@ -368,13 +367,11 @@ class JobManager:
         Raises:
             QuotaExceededError: the job's project already has ``max_unfinished_jobs`` jobs not yet ended.
         """
-        owner = fields.get("owner")
-        limit = self.settings.max_unfinished_jobs
-        if self.jobs.count_unfinished(owner if isinstance(owner, str) else None) >= limit:
-            raise QuotaExceededError(
-                f"this project already has {limit} jobs that have not ended (SQFT_MAX_UNFINISHED_JOBS); "
-                "wait for some to finish or cancel them"
-            )
         return self.jobs.create(
-            job_id=job_id, kind=kind, config=config, workspace=str(self.new_workspace(job_id).root), **fields
+            job_id=job_id,
+            kind=kind,
+            config=config,
+            workspace=str(self.new_workspace(job_id).root),
+            max_unfinished=self.settings.max_unfinished_jobs,
+            **fields,
         )

@@ -133,6 +133,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_owner_filename ON files(owner, filename);
     CREATE INDEX jobs_owner_kind ON jobs(owner, kind, seq);
     """,
+    # 5: queries that read every row once thousands of jobs and files are stored (bench/load): the
+    # manager's jobs by status and the per-project quota count (status, owner); the job list without API
+    # keys, newest first (kind, seq); a project's files newest first, all or of one purpose.
+    """
+    CREATE INDEX jobs_status_owner ON jobs(status, owner);
+    CREATE INDEX jobs_kind_seq ON jobs(kind, seq);
+    CREATE INDEX files_owner ON files(owner);
+    CREATE INDEX files_owner_purpose ON files(owner, purpose);
+    """,
 ]
 
 

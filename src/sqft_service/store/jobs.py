@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import QuotaExceededError
 from .db import Database
 from .ids import now
 
@@ -125,14 +126,31 @@ class JobStore:
         config: dict[str, Any],
         workspace: str,
         status: str = "validating_files",
+        max_unfinished: int | None = None,
         **fields: Any,
     ) -> JobRecord:
-        """Insert a job; ``fields`` are the optional columns (model, parent_job_id, training_file, ...)."""
+        """Insert a job; ``fields`` are the optional columns (model, parent_job_id, training_file, ...).
+
+        Raises:
+            QuotaExceededError: with ``max_unfinished``, the job's owner already has that many jobs not yet
+                ended. Counted inside the insert's write transaction, so concurrent creates cannot overshoot.
+        """
         unknown = set(fields) - set(_CREATE_FIELDS)
         if unknown:
             raise TypeError(f"unknown job fields: {sorted(unknown)}")
         columns = ["id", "seq", "kind", "status", "created_at", "config", "workspace", *fields]
         with self.db.transaction() as cur:
+            if max_unfinished is not None:
+                statuses = (*ACTIVE_STATUSES, "paused")
+                n = cur.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' for _ in statuses)}) AND owner IS ?",
+                    (*statuses, fields.get("owner")),
+                ).fetchone()[0]
+                if n >= max_unfinished:
+                    raise QuotaExceededError(
+                        f"this project already has {max_unfinished} jobs that have not ended "
+                        "(SQFT_MAX_UNFINISHED_JOBS); wait for some to finish or cancel them"
+                    )
             seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             values = [job_id, seq, kind, status, now(), json.dumps(config), workspace]
             values += [_encode(k, v) for k, v in fields.items()]
@@ -173,15 +191,6 @@ class JobStore:
             f"SELECT * FROM jobs WHERE kind = ? AND status IN ({marks}) ORDER BY seq ASC", (kind, *ACTIVE_STATUSES)
         )
         return [JobRecord.from_row(r) for r in rows]
-
-    def count_unfinished(self, owner: str | None) -> int:
-        """Jobs of ``owner`` (NULL owner: the unauthenticated service's) that have not ended."""
-        statuses = (*ACTIVE_STATUSES, "paused")
-        marks = ",".join("?" for _ in statuses)
-        row = self.db.query_one(
-            f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({marks}) AND owner IS ?", (*statuses, owner)
-        )
-        return int(row["n"]) if row else 0
 
     def referencing_file(self, file_id: str) -> list[JobRecord]:
         """Jobs not yet ended (paused ones included) that will read the file ``file_id``."""

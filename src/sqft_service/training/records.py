@@ -51,7 +51,8 @@ class FileStats:
     n_lines: int
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A JSON value's type as JSON names it (for messages: 'got number')."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -83,13 +84,13 @@ def _require_str(rec: dict[str, Any], key: str, line: int, *, required: bool) ->
             raise DataValidationError(f"record is missing required field '{key}'", line)
         return
     if not isinstance(rec[key], str):
-        raise DataValidationError(f"field '{key}' must be a string, got {_json_type(rec[key])}", line)
+        raise DataValidationError(f"field '{key}' must be a string, got {json_type(rec[key])}", line)
 
 
 def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     """Check one record; returns its format. ``expected`` is the format of the file's first record."""
     if not isinstance(rec, dict):
-        raise DataValidationError(f"expected a JSON object, got {_json_type(rec)}", line)
+        raise DataValidationError(f"expected a JSON object, got {json_type(rec)}", line)
     fmt = _record_format(rec, line)
     if expected is not None and fmt != expected:
         raise DataValidationError(
@@ -107,12 +108,12 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     for j, msg in enumerate(messages):
         where = f"messages[{j}]"
         if not isinstance(msg, dict):
-            raise DataValidationError(f"{where} must be an object, got {_json_type(msg)}", line)
+            raise DataValidationError(f"{where} must be an object, got {json_type(msg)}", line)
         role = msg.get("role")
         if role not in _ROLES:
             raise DataValidationError(f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}", line)
         if not isinstance(msg.get("content"), str):
-            got = _json_type(msg["content"]) if "content" in msg else "nothing"
+            got = json_type(msg["content"]) if "content" in msg else "nothing"
             raise DataValidationError(f"{where}.content must be a string, got {got}", line)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataValidationError("'messages' has no assistant message: nothing to train on", line)

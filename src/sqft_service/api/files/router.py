@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 
 from ...errors import InvalidRequestError
 from ..limits import FILES_PAGE
+from ..openapi import error_responses, file_response
 from .protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from .service import FileService
 from .upload import receive_upload
@@ -43,7 +44,8 @@ _UPLOAD_FORM = {
 }
 
 
-@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_FORM)
+# 429: the project already stores SQFT_MAX_FILES files.
+@router.post("", response_model=FileObject, responses=error_responses(429), openapi_extra=_UPLOAD_FORM)
 async def upload_file(request: Request) -> FileObject:
     service = _service(request)
     try:
@@ -88,13 +90,13 @@ def retrieve_file(request: Request, file_id: str) -> FileObject:
     return FileObject.from_record(_service(request).get(file_id))
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(409))
 def delete_file(request: Request, file_id: str) -> FileDeleted:
     _service(request).delete(file_id)
     return FileDeleted(id=file_id)
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=FileResponse, responses=file_response("application/octet-stream"))
 def file_content(request: Request, file_id: str) -> FileResponse:
     record = _service(request).get(file_id)
     return FileResponse(record.path, filename=record.filename, media_type="application/octet-stream")

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from ...errors import NotFoundError
 from ..body import parse_lenient_json, validate_body
 from ..limits import CHECKPOINTS_PAGE, EVENTS_PAGE, JOBS_PAGE
+from ..openapi import error_responses, file_response, json_body
 from .protocol import (
     CheckpointList,
     CreateFineTuningJobRequest,
@@ -32,7 +33,8 @@ async def _job_id(request: Request) -> str:
     return body.fine_tuning_job_id
 
 
-@router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
+# 404: `training_file` / `validation_file` names no file of the caller's; 429: SQFT_MAX_UNFINISHED_JOBS.
+@router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob, responses=error_responses(404, 429))
 def create_job(request: Request, body: CreateFineTuningJobRequest) -> FineTuningJob:
     return FineTuningJob.from_record(_service(request).create(body))
 
@@ -91,7 +93,7 @@ def list_checkpoints(
     )
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/log", response_class=FileResponse)
+@router.get("/v1/fine_tuning/jobs/{job_id}/log", response_class=FileResponse, responses=file_response("text/plain"))
 def job_log(request: Request, job_id: str) -> FileResponse:
     """Extension: the job process's log file."""
     path = _service(request).log_path(job_id)
@@ -101,19 +103,24 @@ def job_log(request: Request, job_id: str) -> FileResponse:
 
 
 # ---- the reference service's routes (OPEA finetuning_sqft README, section 3.3)
-@router.post("/v1/fine_tuning/jobs/retrieve", response_model=FineTuningJob)
+# They parse their body themselves (api/body.py: unquoted ids); JOB_ID_BODY documents it.
+JOB_ID_BODY = json_body(JobIdRequest)
+JOB_ID_ROUTE = {"responses": error_responses(404), "openapi_extra": JOB_ID_BODY}
+
+
+@router.post("/v1/fine_tuning/jobs/retrieve", response_model=FineTuningJob, **JOB_ID_ROUTE)
 async def retrieve_job_ref(request: Request) -> FineTuningJob:
     job_id = await _job_id(request)
     return FineTuningJob.from_record(_service(request).get(job_id))
 
 
-@router.post("/v1/fine_tuning/jobs/cancel", response_model=FineTuningJob)
+@router.post("/v1/fine_tuning/jobs/cancel", response_model=FineTuningJob, **JOB_ID_ROUTE)
 async def cancel_job_ref(request: Request) -> FineTuningJob:
     job_id = await _job_id(request)
     return FineTuningJob.from_record(_service(request).cancel(job_id))
 
 
-@router.post("/v1/finetune/list_checkpoints", response_model=list[JobCheckpoint])
+@router.post("/v1/finetune/list_checkpoints", response_model=list[JobCheckpoint], **JOB_ID_ROUTE)
 async def list_checkpoints_ref(request: Request) -> list[JobCheckpoint]:
     job_id = await _job_id(request)
     records, _ = _service(request).checkpoints_of(job_id, after=None, limit=1000)

@@ -77,11 +77,21 @@ class SparsifyRequest(BaseModel):
     model: str
     method: Literal["magnitude", "wanda"] = "magnitude"
     sparsity: float = Field(0.5, gt=0.0, lt=1.0)
-    pattern: str | None = Field(None, pattern=r"^\d+:\d+$")
+    pattern: str | None = Field(None, pattern=r"^[1-9][0-9]{0,3}:[1-9][0-9]{0,3}$")
     calibration_file: str | None = None
     n_calibration: int = Field(32, ge=1, le=1024)
     output_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     wait: bool = True
+
+    @field_validator("pattern")
+    @classmethod
+    def _n_below_m(cls, pattern: str | None) -> str | None:
+        # Whether M divides the layers' widths depends on the model: the job checks that (a 400 too).
+        if pattern is not None:
+            n, m = (int(v) for v in pattern.split(":"))
+            if n >= m:
+                raise ValueError(f"`pattern` {pattern!r} keeps N of every M weights: it needs N < M (e.g. '2:4')")
+        return pattern
 
 
 class SubAdapter(BaseModel):

@@ -12,6 +12,7 @@ from ...store.jobs import JobRecord
 from ..body import parse_lenient_json, validate_body
 from ..fine_tuning.protocol import EventList, JobEvent
 from ..limits import EVENTS_PAGE, OPERATIONS_PAGE
+from ..openapi import error_responses, file_response, json_body
 from .protocol import (
     ExtractAdapterRequest,
     MergeAdapterRequest,
@@ -26,7 +27,13 @@ from .service import SqftService
 
 router = APIRouter(tags=["sqft"])
 
-ASYNC_RESPONSES = {202: {"model": Operation, "description": "Accepted: the operation runs (`wait: false`)"}}
+# 202 (`wait: false`, or the wait ran out); 404: the job or file the body names; 409: that job has not
+# succeeded, or the sparse output name is taken (a cancelled operation is a 409 too); 429: the project
+# has SQFT_MAX_UNFINISHED_JOBS jobs not yet ended.
+ASYNC_RESPONSES = {
+    202: {"model": Operation, "description": "Accepted: the operation runs (`wait: false`)"},
+    **error_responses(404, 409, 429),
+}
 
 
 def _service(request: Request) -> SqftService:
@@ -49,14 +56,25 @@ async def _answer(request: Request, op: JobRecord, wait: bool, result_model: typ
     return result_model(**service.result_of(op))
 
 
-@router.post("/v1/finetune/extract_adapter", response_model=SubAdapter, responses=ASYNC_RESPONSES)
+# Extract and merge parse their body themselves (api/body.py: unquoted ids); openapi_extra documents it.
+@router.post(
+    "/v1/finetune/extract_adapter",
+    response_model=SubAdapter,
+    responses=ASYNC_RESPONSES,
+    openapi_extra=json_body(ExtractAdapterRequest),
+)
 async def extract_adapter(request: Request) -> object:
     body = validate_body(ExtractAdapterRequest, parse_lenient_json(await request.body()))
     op = _service(request).extract(body.fine_tuning_job_id, body.sub_adapter_version, body.custom_config)
     return await _answer(request, op, body.wait, SubAdapter)
 
 
-@router.post("/v1/finetune/merge_adapter", response_model=MergedModel, responses=ASYNC_RESPONSES)
+@router.post(
+    "/v1/finetune/merge_adapter",
+    response_model=MergedModel,
+    responses=ASYNC_RESPONSES,
+    openapi_extra=json_body(MergeAdapterRequest),
+)
 async def merge_adapter(request: Request) -> object:
     body = validate_body(MergeAdapterRequest, parse_lenient_json(await request.body()))
     op = _service(request).merge(body.fine_tuning_job_id, body.version)
@@ -108,7 +126,9 @@ def list_operation_events(
     return EventList(data=[JobEvent.from_record(e) for e in events], has_more=has_more)
 
 
-@router.get("/v1/finetune/operations/{operation_id}/log", response_class=FileResponse)
+@router.get(
+    "/v1/finetune/operations/{operation_id}/log", response_class=FileResponse, responses=file_response("text/plain")
+)
 def operation_log(request: Request, operation_id: str) -> FileResponse:
     path = _service(request).log_path(operation_id)
     if not path.is_file():
