@@ -104,6 +104,21 @@ def test_killed_job_process_is_relaunched_and_resumes_exactly(tmp_path, tiny_mod
         assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_fine_tune_running_at_shutdown_resumes_after_the_restart(tmp_path, tiny_model_dir):
+    settings = make_settings(tmp_path / "data")  # default interval: the resume point comes from the SIGTERM
+    with TestClient(create_app(settings)) as first:
+        f = upload(first, write_json(tmp_path / "t.json", alpaca_records(16)))
+        job = first.post("/v1/fine_tuning/jobs", json=job_body(tiny_model_dir, f["id"])).json()
+        wait_until(lambda: steps_done(first, job["id"]) >= 5, 120, interval=0.05, what="a few steps")
+    with TestClient(create_app(settings)) as second:
+        done = wait_status(second, job["id"], ("succeeded", "failed"), timeout=240)
+        assert done["status"] == "succeeded", done["error"]
+        log = messages(second, job["id"])
+        assert any(m.startswith("Interrupted: the service was shut down; queued again") for m in log)
+        resumed_from = [m for m in log if m.startswith("resuming from step ")]
+        assert resumed_from and int(resumed_from[0].split()[3]) >= 5
+
+
 def test_a_file_that_a_job_will_read_cannot_be_deleted(tmp_path, tiny_model_dir):
     with TestClient(create_app(make_settings(tmp_path / "data"))) as client:
         f = upload(client, write_json(tmp_path / "t.json", alpaca_records(16)))
