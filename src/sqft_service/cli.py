@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api.auth import ApiKeys, is_loopback
     from .app import create_app
+    from .logs import configure_logging, logging_config
 
     settings = Settings.from_env().with_overrides(
         host=args.host,
@@ -26,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         max_concurrent_jobs=args.max_concurrent_jobs,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     keys = ApiKeys.parse(settings.api_key)
     if not keys and not is_loopback(settings.host):
         # Without a key anyone who can reach the port could train, read files and cancel jobs.
@@ -44,16 +45,19 @@ def _serve(args: argparse.Namespace) -> int:
             settings.host,
             settings.port,
         )
-    print(
-        f"sqft-service on http://{settings.host}:{settings.port}  (docs: /docs, data: {settings.data_dir})",
-        flush=True,
-    )
+    banner = f"sqft-service on http://{settings.host}:{settings.port}  (docs: /docs, data: {settings.data_dir})"
+    if settings.log_format == "json":
+        log.info("%s", banner)  # every line of a JSON log is a JSON object
+    else:
+        print(banner, flush=True)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="info",
         timeout_keep_alive=settings.keep_alive_s,
+        # Text: uvicorn's own format, as before. JSON: uvicorn's loggers go to the root's JSON handler.
+        log_config=logging_config("json") if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     return 0
 

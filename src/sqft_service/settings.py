@@ -53,6 +53,20 @@ class Settings:
     allow_hub: bool = False
     # `General.config.trust_remote_code: true`, which runs Python shipped with a model, in the job process.
     allow_remote_code: bool = False
+    # "text" or "json" (one JSON object per line, for log collectors): the service, uvicorn and job processes.
+    log_format: str = "text"
+    # GET /ready answers 503 when the data dir's file system has less free space than this (MiB).
+    min_free_disk_mb: int = 256
+    # The in-process inference engine (inference/engine.py): torch threads it uses, so that it leaves the
+    # rest of the cores to training jobs, and requests that may wait behind the one generating (then 429).
+    inference_threads: int = 2
+    inference_queue: int = 8
+    # Models (bases and merged models; adapters ride on their base) kept loaded, least recently used evicted.
+    inference_max_models: int = 2
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"SQFT_LOG_FORMAT={self.log_format!r} is not `text` or `json`")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -63,7 +77,10 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f"SQFT_{f.name.upper()}", raw, f.default)
-        settings = cls(**values)
+        try:
+            settings = cls(**values)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         return replace(settings, max_concurrent_jobs=max(1, settings.max_concurrent_jobs))
 
     def with_overrides(self, **overrides: object) -> Settings:

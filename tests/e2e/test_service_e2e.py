@@ -81,7 +81,7 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
     ids = torch.tensor([[1, 504, 3158, 314, 2]])
     with torch.no_grad():
         before = base(ids).logits
-        tuned = PeftModel.from_pretrained(base, done.fine_tuned_model).eval()
+        tuned = PeftModel.from_pretrained(base, done.fine_tuned_model_path).eval()
         after = tuned(ids).logits
     assert not torch.allclose(before, after, atol=1e-4)
 

@@ -60,14 +60,14 @@ def test_served_schema_is_the_fuzzed_one(fuzz_server):
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}"])
 def test_every_operation_needs_the_key(fuzz_server, authorization):
     """Each operation that declares the bearer scheme answers 401 (declared, in the error envelope)
-    without the key, with a wrong one, or with the right one in another scheme; /health stays open."""
+    without the key, with a wrong one, or with the right one in another scheme; /health and /ready stay open."""
     headers = {"Authorization": authorization} if authorization else {}
     for path, operations in app_schema()["paths"].items():
         for method, operation in operations.items():
             url = fuzz_server.url + re.sub(r"\{[^}]+\}", "x", path)
             resp = httpx.request(method, url, headers=headers, json={} if method == "post" else None, timeout=30)
             if not operation.get("security"):
-                assert resp.status_code == 200 and path == "/health", (method, path, resp.status_code)
+                assert resp.status_code == 200 and path in ("/health", "/ready"), (method, path, resp.status_code)
                 continue
             assert resp.status_code == 401 and "401" in operation["responses"], (method, path, resp.text)
             assert resp.json()["error"]["code"] == "invalid_api_key"

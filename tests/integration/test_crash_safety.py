@@ -34,7 +34,7 @@ def job_body(model_dir: Path, file_id: str) -> dict:
 
 
 def adapter_tensors(job: dict) -> dict:
-    return load_file(str(Path(job["fine_tuned_model"]) / "adapter_model.safetensors"))
+    return load_file(str(Path(job["fine_tuned_model_path"]) / "adapter_model.safetensors"))
 
 
 def messages(client: TestClient, job_id: str) -> list[str]:
@@ -177,7 +177,7 @@ class TestKillNineOfTheService:
         second = self.start(data_dir, tiny_model_dir)
         try:
             job = httpx.get(f"{second.url}/v1/fine_tuning/jobs/{job_id}").json()
-            assert job["status"] == "succeeded" and job["fine_tuned_model"].endswith("/output/adapter")
+            assert job["status"] == "succeeded" and job["fine_tuned_model_path"].endswith("/output/adapter")
             merged = httpx.post(
                 f"{second.url}/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job_id}, timeout=120
             )

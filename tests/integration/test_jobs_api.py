@@ -53,7 +53,9 @@ def test_job_runs_to_success_with_events_checkpoints_and_results(client, tiny_mo
     done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=180)
     assert done["status"] == "succeeded", done["error"]
     assert done["finished_at"] >= done["created_at"] and done["trained_tokens"] > 0
-    assert done["fine_tuned_model"].endswith("/adapter")
+    # OpenAI's name (model_names.py); the adapter's path is the extension field beside it.
+    assert done["fine_tuned_model"] == f"ft:{tiny_model_dir.name}:colors:{job['id']}"
+    assert done["fine_tuned_model_path"].endswith("/output/adapter")
 
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     metrics = [e for e in events if e["type"] == "metrics" and "train_loss" in e["data"]]
@@ -126,10 +128,10 @@ def test_running_job_after_a_crash(data_dir, tmp_path, tiny_model_dir, case):
             e["message"] for e in second.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
         ]
         if case == "outcome_written":
-            assert again["fine_tuned_model"].endswith("/output/adapter")
+            assert again["fine_tuned_model_path"].endswith("/output/adapter")
             assert "The job process finished while the service was down" in messages
         elif case == "no_outcome":
-            assert again["status"] == "succeeded" and again["fine_tuned_model"].endswith("/output/adapter")
+            assert again["status"] == "succeeded" and again["fine_tuned_model_path"].endswith("/output/adapter")
             assert any(m.startswith("Interrupted: the service stopped; queued again") for m in messages)
             assert "Fine-tuning job started again (launch 2)" in messages
         else:

@@ -87,7 +87,7 @@ def test_sparsify_reports_per_layer_sparsity(sqft):
 def test_nls_job_writes_group_major_search_files(sqft):
     client, jobs = sqft
     job = client.get(f"/v1/fine_tuning/jobs/{jobs['nls']}").json()
-    adapter = job["fine_tuned_model"]
+    adapter = job["fine_tuned_model_path"]
     with open(f"{adapter}/elastic_adapter_config.json") as handle:
         elastic = json.load(handle)
     dims = elastic["dimensions"]

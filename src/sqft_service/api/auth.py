@@ -1,4 +1,4 @@
-"""API keys: ``Authorization: Bearer <key>`` on every route but ``/health`` and the docs.
+"""API keys: ``Authorization: Bearer <key>`` on every route but ``/health``, ``/ready`` and the docs.
 
 ``SQFT_API_KEY`` holds one or more comma-separated entries, each ``key`` or ``project:key``. A key's
 project owns what the key creates (``api/owner.py``): ``alice:k1,bob:k2`` makes two projects that
@@ -13,9 +13,10 @@ unauthenticated client stream a large upload to disk before being turned away. T
 :func:`require_api_key` as a dependency so the OpenAPI schema declares the bearer scheme (and the
 Swagger UI offers "Authorize").
 
-``/health`` stays open for load balancers and probes. ``/docs``, ``/redoc`` and ``/openapi.json``
-stay open too: they describe the API, not its data, and a browser cannot send a bearer header when it
-opens ``/docs``; the key is entered in the page's "Authorize" dialog.
+``/health`` and ``/ready`` stay open for load balancers and probes (``api/ops/router.py`` says why
+``/metrics`` does not). ``/docs``, ``/redoc`` and ``/openapi.json`` stay open too: they describe the
+API, not its data, and a browser cannot send a bearer header when it opens ``/docs``; the key is
+entered in the page's "Authorize" dialog.
 """
 
 from __future__ import annotations

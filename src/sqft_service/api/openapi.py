@@ -20,11 +20,12 @@ DESCRIPTIONS = {
     202: "Accepted: the operation runs",
     400: "Invalid request: the message names the field",
     401: "Missing or wrong API key (`Authorization: Bearer <key>`)",
+    403: "Not allowed on this object (e.g. deleting a base model)",
     404: "No such object (or another project's)",
     409: "Conflict with the object's state",
     413: "Request body over the size limit",
     415: "Body not declared as JSON (`Content-Type: application/json`)",
-    429: "The project's quota is used up (unfinished jobs, stored files)",
+    429: "The project's quota is used up (unfinished jobs, stored files), or the inference queue is full",
 }
 
 

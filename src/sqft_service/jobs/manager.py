@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..model_access import ModelAccess
+from ..model_names import fine_tuned_name
 from ..settings import Settings
 from ..store.events import EventStore
 from ..store.files import FileStore
@@ -102,11 +103,20 @@ class JobManager:
                     self._settle(job, None, interrupted=("service_stopped", "the service was shut down"))
             self._running.clear()
 
+    def is_alive(self) -> bool:
+        """Whether the manager thread runs (GET /ready): without it nothing queued would ever start."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def running_count(self) -> int:
+        """Job processes this manager has started and not yet reaped (GET /metrics). Read without the lock
+        (len of a dict is atomic), so a scrape never waits for a launch or a shutdown."""
+        return len(self._running)
+
     def recover(self) -> None:
         """Make the store consistent after a restart (or a crash of the previous service)."""
         for job in self.jobs.with_status("running"):
             if job.pid and kill_orphan_job(job.pid, job.id):
-                log.warning("killed orphaned process %s of job %s", job.pid, job.id)
+                log.warning("killed orphaned process %s of job %s", job.pid, job.id, extra={"job_id": job.id})
             outcome = JobOutcome.read(self.workspace(job).outcome)
             if outcome is not None and outcome.status != "stopped" and not job.stop_request:
                 self.events.add_event(job.id, "The job process finished while the service was down")
@@ -248,6 +258,8 @@ class JobManager:
         # The job process checks the models it loads again, under the same policy as the API.
         env.update(ModelAccess.from_settings(self.settings).job_environment())
         env["SQFT_CHECKPOINT_INTERVAL_S"] = str(self.settings.checkpoint_interval_s)
+        # The settings' format, not the service's environment: create_app may have been given other settings.
+        env["SQFT_LOG_FORMAT"] = self.settings.log_format
         argv = [
             sys.executable,
             "-m",
@@ -297,7 +309,8 @@ class JobManager:
             return
         outcome = JobOutcome.read(self.workspace(job).outcome)
         if outcome is None:
-            log.warning("job %s: its process exited with code %s without an outcome", job_id, exit_code)
+            what = "job %s: its process exited with code %s without an outcome"
+            log.warning(what, job_id, exit_code, extra={"job_id": job_id})
         self._settle(job, outcome, interrupted=("job_crashed", f"the job process died (exit code {exit_code})"))
 
     def _apply_outcome(self, job: JobRecord, outcome: JobOutcome) -> None:
@@ -314,7 +327,8 @@ class JobManager:
             csv_path = Path(result["metrics_csv"])
             values.update(
                 trained_tokens=int(result["trained_tokens"]),
-                fine_tuned_model=result["adapter_dir"],
+                # OpenAI's model name; the adapter's path stays in `result` (adapter_dir).
+                fine_tuned_model=fine_tuned_name(job.model or "", job.suffix, job.id),
                 result_files=[self._register_result_file(job.id, csv_path, job.owner)] if csv_path.is_file() else [],
             )
         self.jobs.update(

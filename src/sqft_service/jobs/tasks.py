@@ -33,6 +33,7 @@ def _model_access(ctx: TaskContext) -> ModelAccess:
 def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from ..config import FinetuneConfig
     from ..training.recipe import run_training
+    from ..training.records import inspect_training_file
 
     # The stored config shows secrets as "***"; the real values are only in the workspace's secrets file.
     cfg = FinetuneConfig.model_validate(restore_secrets(params, ctx.workspace.secrets))
@@ -55,6 +56,8 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "trained_tokens": result.trained_tokens,
         "adapter_dir": result.adapter_dir,
         "metrics_csv": result.metrics_csv,
+        # "alpaca" or "chat": inference renders prompts the way this job's training did (inference/render.py).
+        "data_format": inspect_training_file(cfg.Dataset.train_file).format if cfg.Dataset.train_file else None,
     }
 
 

@@ -13,15 +13,16 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..logs import configure_logging
 from ..store.db import Database
 from ..store.events import EventStore
 from ..store.jobs import JobStore
@@ -117,10 +118,21 @@ def run_job(
         log.error("%s", exc)
         return JobOutcome(status="failed", error=JobError.from_user_error(exc))
     except Exception as exc:
-        traceback.print_exc()
+        log.exception("%s failed", kind)  # the traceback, in the job log's format (one JSON record in json mode)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         message = f"{kind.replace('_', '-')} failed: {type(exc).__name__}: {first_line}"[:1000]
         return JobOutcome(status="failed", error=JobError(code=f"{kind}_failed", message=message))
+
+
+def _libraries_log_through_logging() -> None:
+    """transformers logs through its own stderr handler and draws tqdm bars; in json mode its records
+    go to the root handler instead, and the bars (not log records) are off."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--model-cache", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    log_format = os.environ.get("SQFT_LOG_FORMAT", "text")
+    configure_logging(log_format, job_id=args.job_id, stream="stdout")
+    if log_format == "json":
+        _libraries_log_through_logging()
     workspace = JobWorkspace(args.workspace)
     kind = json.loads(workspace.spec.read_text())["kind"]
 
@@ -152,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_job(args.job_id, workspace, db, args.model_cache, stop)
         outcome.write(workspace.outcome)
+        if outcome.status == "succeeded":
+            # The outcome is on disk: nothing will resume this job again, so its resume point is spent.
+            shutil.rmtree(workspace.output.resume_state, ignore_errors=True)
     finally:
         db.close()
     return 0

@@ -182,6 +182,21 @@ class Database:
                 raise
             cur.execute("COMMIT")
 
+    def check_writable(self, timeout_s: float) -> None:
+        """Take the write lock and roll back (GET /ready), waiting at most ``timeout_s`` for another writer
+        rather than the usual 30 s: a probe that hangs tells its caller less than an error.
+
+        Raises:
+            sqlite3.Error: the database is closed, read-only, or locked for longer than ``timeout_s``.
+        """
+        with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("ROLLBACK")
+            finally:
+                self._conn.execute("PRAGMA busy_timeout=30000")
+
     def query(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()

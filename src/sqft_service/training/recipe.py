@@ -296,9 +296,9 @@ class FinetuneRecipe:
                     self._emit_metrics(row)
                 if self.cfg.General.save_strategy == "steps" and step % self.cfg.General.save_steps == 0:
                     self.save_checkpoint(step, epoch, row, trained_tokens)
-                elif (
-                    self.resume_every_s is not None and time.monotonic() - self._last_resume_save >= self.resume_every_s
-                ):
+                elif self._resume_save_due() or step == self.total_steps:
+                    # After the last step too: a stop during the final evaluation and saves then
+                    # resumes there instead of retraining from the last rolling point.
                     self.save_resume_state(step, epoch, trained_tokens)
             epoch_row: dict[str, Any] = {"step": step, "epoch": epoch + 1}
             if self.eval_examples:

@@ -64,6 +64,7 @@ async def upload_file(request: Request) -> FileObject:
         )
     finally:
         received.staged.unlink(missing_ok=True)  # accept() moved or removed it; this covers a cancelled request
+    request.app.state.metrics.upload_bytes.inc(record.bytes)
     return FileObject.from_record(record)
 
 

@@ -89,6 +89,8 @@ class FineTuningJob(BaseModel):
     # Extensions: what actually ran, and where it went.
     started_at: int | None = None
     output_dir: str | None = None
+    # `fine_tuned_model` is the model's name (ft:...); this is where its adapter lies (stock PEFT format).
+    fine_tuned_model_path: str | None = None
     config: dict[str, Any] | None = None
 
     @classmethod
@@ -121,6 +123,7 @@ class FineTuningJob(BaseModel):
             user_provided_suffix=job.suffix,
             started_at=job.started_at,
             output_dir=job.config.get("General", {}).get("output_dir"),
+            fine_tuned_model_path=(job.result or {}).get("adapter_dir") if job.fine_tuned_model else None,
             # Secrets are "***" in what the API returns, whatever the row holds (older rows held them).
             config=redact(job.config),
         )

@@ -18,7 +18,8 @@ from ..fine_tuning.protocol import JobError
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # A sub-adapter is the directory output/<version>: it must not land on what the fine-tune wrote there.
-RESERVED_VERSIONS = TrainingOutputs.reserved_names()
+# "merged" too: model ids end in `:<version>` or `:merged` (model_names.py), so a version so named would be ambiguous.
+RESERVED_VERSIONS = TrainingOutputs.reserved_names() | {"merged"}
 
 
 def version_name_problem(version: str, param: str) -> str | None:

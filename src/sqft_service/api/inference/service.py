@@ -1,0 +1,237 @@
+"""Chat completions and completions on the embedded engine (``inference/engine.py``).
+
+A request resolves its model (404 naming ``model`` if the caller has none such), takes an engine slot
+(429 when the queue is full), then runs on the engine's worker thread: the event loop only awaits.
+A streamed request loads its model and renders its prompt first, so that those errors are still a
+plain 4xx; once the event stream has begun, an error is sent as a last ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ...errors import InvalidRequestError, ServiceError
+from ...inference.engine import InferenceEngine, drain
+from ...inference.render import chat_ids, completion_ids
+from ...inference.spec import Choice, ModelSpec, Sampling
+from ...settings import Settings
+from ..models.service import ModelService
+from .protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+    _Sampling,
+    chat_chunk,
+    completion_chunk,
+)
+
+# OpenAI's defaults when max_tokens is not given: completions 16; chat "up to the context", capped here.
+DEFAULT_MAX_TOKENS = {"chat": 512, "completion": 16}
+
+
+class EngineBusyError(ServiceError):
+    status_code = 429
+    type = "server_busy"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "engine_overloaded") -> None:
+        super().__init__(message, param=param, code=code)
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, models: ModelService) -> None:
+        self.settings = settings
+        self.models = models
+        self._engine: InferenceEngine | None = None
+        self._lock = threading.Lock()
+        models.on_delete = self._forget
+
+    @property
+    def engine(self) -> InferenceEngine:
+        with self._lock:  # created on the first request: a service that never infers starts no thread
+            if self._engine is None:
+                s = self.settings
+                self._engine = InferenceEngine(
+                    threads=s.inference_threads,
+                    max_queue=s.inference_queue,
+                    max_models=s.inference_max_models,
+                    model_cache_dir=s.model_cache_dir,
+                )
+            return self._engine
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+    def _forget(self, path: Path) -> None:
+        if self._engine is not None:  # queued behind any running generation; not awaited
+            self._engine.submit(self._engine.forget, path)
+
+    # ------------------------------------------------------------ plumbing
+    def _reserve(self) -> InferenceEngine:
+        engine = self.engine
+        if not engine.reserve():
+            raise EngineBusyError(
+                f"the inference queue is full ({self.settings.inference_queue} requests wait); retry shortly"
+            )
+        return engine
+
+    @staticmethod
+    def _submit(engine: InferenceEngine, fn: Callable[..., Any], *args: Any, release: bool) -> Future:
+        try:
+            future = engine.submit(fn, *args)
+        except RuntimeError:  # shutting down
+            engine.release()
+            raise
+        if release:  # when the work ends, not when the client stops waiting for it
+            future.add_done_callback(lambda _: engine.release())
+        return future
+
+    @staticmethod
+    def _sampling(req: _Sampling, n_prompt: int, context: int, kind: str, prompt_param: str) -> Sampling:
+        asked, param = req.max_tokens, "max_tokens"
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            asked, param = req.max_completion_tokens, "max_completion_tokens"
+        room = context - n_prompt if context else DEFAULT_MAX_TOKENS["chat"]
+        if room <= 0:
+            raise InvalidRequestError(
+                f"the prompt is {n_prompt} tokens; this model's context holds {context}",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if asked is not None and asked > room:
+            raise InvalidRequestError(
+                f"`{param}` {asked} does not fit: the prompt is {n_prompt} tokens of this model's {context}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_tokens = asked if asked is not None else min(room, DEFAULT_MAX_TOKENS[kind])
+        return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops)
+
+    def _answer(self, engine, spec: ModelSpec, render, req: _Sampling, kind: str, param: str):  # worker thread
+        ids, context = engine.prepare(spec, render)
+        sampling = self._sampling(req, len(ids), context, kind, param)
+        return len(ids), engine.generate(spec, ids, sampling)
+
+    async def _spec(self, model: str) -> ModelSpec:
+        return await asyncio.to_thread(self.models.spec, model)  # store and file reads, off the event loop
+
+    # ------------------------------------------------------------ routes
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | Iterator[str]:
+        spec = await self._spec(req.model)
+        messages = [m.as_dict() for m in req.messages]
+
+        def render(tokenizer: Any) -> list[int]:
+            return chat_ids(tokenizer, messages, spec.data_format)
+
+        if req.stream:
+            return await self._stream(req, spec, render, "chat", "messages")
+        engine = self._reserve()
+        future = self._submit(engine, self._answer, engine, spec, render, req, "chat", "messages", release=True)
+        n_prompt, choices = await asyncio.wrap_future(future)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=req.model,
+            choices=[
+                ChatChoice(index=i, message=ChatMessage(content=c.text), finish_reason=c.finish_reason)
+                for i, c in enumerate(choices)
+            ],
+            usage=Usage.of(n_prompt, choices),
+        )
+
+    async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
+        spec = await self._spec(req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+
+        def renderer(prompt: str) -> Callable[[Any], list[int]]:
+            return lambda tokenizer: completion_ids(tokenizer, prompt)
+
+        if req.stream:
+            if len(prompts) > 1:
+                raise InvalidRequestError("streaming takes one prompt", param="prompt")
+            return await self._stream(req, spec, renderer(prompts[0]), "completion", "prompt")
+        n_prompt, choices = 0, []
+        for prompt in prompts:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
+            engine = self._reserve()
+            future = self._submit(
+                engine, self._answer, engine, spec, renderer(prompt), req, "completion", "prompt", release=True
+            )
+            n, these = await asyncio.wrap_future(future)
+            n_prompt, choices = n_prompt + n, [*choices, *these]
+        return Completion(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=req.model,
+            choices=[
+                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(choices)
+            ],
+            usage=Usage.of(n_prompt, choices),
+        )
+
+    async def _stream(self, req: _Sampling, spec: ModelSpec, render, kind: str, param: str) -> Iterator[str]:
+        if req.n != 1:
+            raise InvalidRequestError("streaming returns one choice: leave `n` at 1", param="n")
+        engine = self._reserve()
+        try:
+            ids, context = await asyncio.wrap_future(self._submit(engine, engine.prepare, spec, render, release=False))
+            sampling = self._sampling(req, len(ids), context, kind, param)
+            sink: queue.Queue = queue.Queue()
+            cancel = threading.Event()
+            self._submit(engine, engine.stream, spec, ids, sampling, sink, cancel, release=True)
+        except BaseException:
+            engine.release()
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return self._events(req.model, kind, len(ids), sink, cancel, include_usage)
+
+    @staticmethod
+    def _events(model: str, kind: str, n_prompt: int, sink: queue.Queue, cancel: threading.Event, usage: bool):
+        """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine)."""
+        cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                return chat_chunk(cid, created, model, delta, finish)
+            return completion_chunk(cid, created, model, text or "", finish)
+
+        try:
+            if kind == "chat":
+                yield _sse(chunk(None, role=True))
+            final: Choice | None = None
+            for item in drain(sink):
+                if isinstance(item, Exception):
+                    error = {"message": str(item) or type(item).__name__, "type": "server_error", "param": None}
+                    yield _sse({"error": {**error, "code": getattr(item, "code", None)}})
+                    return
+                if isinstance(item, Choice):
+                    final = item
+                elif item:
+                    yield _sse(chunk(item))
+            assert final is not None
+            yield _sse(chunk(None, final.finish_reason))
+            if usage:
+                body = chunk(None)
+                body.update(choices=[], usage=Usage.of(n_prompt, [final]).model_dump())
+                yield _sse(body)
+            yield _sse("[DONE]")
+        finally:
+            cancel.set()  # the client left, or the stream ended: stop generating either way

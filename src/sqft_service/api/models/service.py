@@ -1,0 +1,174 @@
+"""The caller's models, derived from the store and the job workspaces (no table of their own).
+
+* base models: every ``model`` the caller's fine-tunes named (id: the reference as given);
+* per succeeded fine-tune (``model_names.py``): its adapter ``ft:…:<job>``, each extracted sub-adapter
+  ``ft:…:<job>:<version>``, each merged model ``ft:…:<job>:merged`` / ``ft:…:<job>:<version>:merged``,
+  listed while their directory exists (deleting one removes the directory, so it leaves the list).
+
+Another project's model is a 404 like a missing one, as for jobs and files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import NotFoundError, ServiceError
+from ...inference.spec import ModelSpec
+from ...jobs.manager import JobManager
+from ...model_access import ModelAccess
+from ...model_names import FineTunedRef, parse_fine_tuned
+from ...settings import Settings
+from ...store.files import FileStore
+from ...store.jobs import FINE_TUNE, JobRecord, JobStore
+from ...workspace import TrainingOutputs
+from ..owner import current_owner, owned_by_caller
+
+BASE_OWNER = "system"
+
+
+class PermissionDeniedError(ServiceError):
+    """403, as OpenAI answers a delete of a model the caller does not own (a base model here)."""
+
+    status_code = 403
+    type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    created: int
+    owned_by: str
+    path: Path | None = None  # a fine-tuned model's directory; None for a base model
+    job: JobRecord | None = None
+    ref: FineTunedRef | None = None
+
+
+def _is_model_dir(path: Path, marker: str) -> bool:
+    return path.is_dir() and (path / marker).is_file()
+
+
+def _mtime(path: Path) -> int:
+    return int(path.stat().st_mtime)
+
+
+class ModelService:
+    def __init__(self, settings: Settings, jobs: JobStore, files: FileStore, manager: JobManager) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.files = files
+        self.manager = manager
+        # Called with a deleted model's directory, so the engine drops what it loaded from it.
+        self.on_delete: Callable[[Path], None] | None = None
+
+    # ---------------------------------------------------------------- reading
+    def _fine_tunes(self) -> Iterator[JobRecord]:
+        after = None
+        while True:
+            page, more = self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=500, owner=current_owner())
+            yield from page
+            if not more or not page:
+                return
+            after = page[-1].id
+
+    def _derived(self, job: JobRecord) -> Iterator[ModelEntry]:
+        """The fine-tuned models of one succeeded job whose directories exist."""
+        outputs = self.manager.workspace(job).output
+        owner = job.owner or "org-local"
+
+        def entry(ref: FineTunedRef, path: Path) -> ModelEntry:
+            return ModelEntry(ref.name(job.model or "", job.suffix), _mtime(path), owner, path, job, ref)
+
+        if _is_model_dir(outputs.adapter, "adapter_config.json"):
+            yield entry(FineTunedRef(job.id), outputs.adapter)
+        if _is_model_dir(outputs.merged_model(), "config.json"):
+            yield entry(FineTunedRef(job.id, merged=True), outputs.merged_model())
+        reserved = TrainingOutputs.reserved_names()
+        children = sorted(outputs.root.iterdir()) if outputs.root.is_dir() else []
+        for child in children:
+            if child.name.startswith(".") or child.name in reserved or not child.is_dir():
+                continue
+            if _is_model_dir(child, "adapter_config.json"):
+                yield entry(FineTunedRef(job.id, child.name), child)
+            if _is_model_dir(outputs.merged_model(child.name), "config.json"):
+                yield entry(FineTunedRef(job.id, child.name, merged=True), outputs.merged_model(child.name))
+
+    def list(self) -> list[ModelEntry]:
+        bases: dict[str, int] = {}
+        tuned: list[ModelEntry] = []
+        for job in self._fine_tunes():
+            if job.model:
+                bases[job.model] = min(bases.get(job.model, job.created_at), job.created_at)
+            if job.status == "succeeded":
+                tuned.extend(self._derived(job))
+        return [ModelEntry(ref, created, BASE_OWNER) for ref, created in sorted(bases.items())] + tuned
+
+    def get(self, model_id: str, param: str = "model") -> ModelEntry:
+        missing = NotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.", param=param)
+        ref = parse_fine_tuned(model_id)
+        if ref is None:
+            created = [job.created_at for job in self._fine_tunes() if job.model == model_id]
+            if not created:
+                raise missing
+            return ModelEntry(model_id, min(created), BASE_OWNER)
+        job = self.jobs.get(ref.job_id, kind=FINE_TUNE)
+        if job is None or not owned_by_caller(job.owner) or job.status != "succeeded":
+            raise missing
+        # The whole name must match, not only the job id: `ft:other:x:<job>` is not this job's model.
+        found = next((e for e in self._derived(job) if e.id == model_id), None)
+        if found is None:
+            raise missing
+        return found
+
+    def spec(self, model_id: str, param: str = "model") -> ModelSpec:
+        """What the engine loads for ``model_id`` (404 naming ``param`` if the caller has no such model)."""
+        entry = self.get(model_id, param)
+        access = ModelAccess.from_settings(self.settings)
+        if entry.job is None:
+            return ModelSpec(name=model_id, model=access.check_model(model_id, param))
+        job, ref = entry.job, entry.ref
+        assert ref is not None and entry.path is not None
+        general = job.config.get("General", {})
+        tokenizer = general.get("tokenizer_name")
+        tokenizer = access.check_model(tokenizer, param) if tokenizer else None
+        if ref.merged:  # a merged model is a model of its own (its directory holds the tokenizer too)
+            return ModelSpec(model_id, str(entry.path), data_format=self._data_format(job))
+        base = access.check_model(job.model or "", param)
+        return ModelSpec(model_id, base, tokenizer, str(entry.path), self._data_format(job))
+
+    def _data_format(self, job: JobRecord) -> str | None:
+        """How the job rendered its records: its result says so (jobs since inference came); older jobs'
+        training file meta says so while the file exists."""
+        if fmt := (job.result or {}).get("data_format"):
+            return fmt
+        record = self.files.get(job.training_file) if job.training_file else None
+        return record.meta.get("format") if record is not None else None
+
+    # ---------------------------------------------------------------- deleting
+    def delete(self, model_id: str) -> str:
+        entry = self.get(model_id)
+        if entry.path is None:
+            raise PermissionDeniedError(
+                f"`{model_id}` is a base model; only fine-tuned models (ft:…) can be deleted",
+                param="model",
+                code="model_not_deletable",
+            )
+        merged_inside = entry.path / TrainingOutputs(Path("/")).merged_model().name
+        if entry.ref is not None and entry.ref.version and not entry.ref.merged and merged_inside.is_dir():
+            # A sub-adapter's directory also holds its merged model, a model of its own: remove only the
+            # adapter's files, its config first (from then on it is no longer listed).
+            (entry.path / "adapter_config.json").unlink()
+            for child in entry.path.iterdir():
+                if child != merged_inside:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            # Renamed away first, so a reader sees the whole model or none of it, then removed.
+            doomed = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}.deleted")
+            entry.path.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        if self.on_delete is not None:
+            self.on_delete(entry.path)
+        return model_id

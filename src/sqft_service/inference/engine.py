@@ -1,0 +1,228 @@
+"""The embedded engine: one worker thread runs every load and generation, one request at a time.
+
+* torch, transformers and peft are imported in that thread when the first request arrives, so the API
+  process starts (and stays, until then) torch-free, and the event loop never waits on a model.
+* Each base model is loaded once, keyed by its resolved directory (a GGUF file goes through the same
+  conversion cache as the jobs), least recently used evicted beyond ``max_models``. A fine-tuned
+  adapter is attached to its base with stock peft (``PeftModel.from_pretrained``, then
+  ``load_adapter``) and chosen per request with ``set_adapter``; base requests run inside
+  ``disable_adapter()``. A merged model is a base of its own.
+* Sharing the machine with training: the engine uses ``threads`` torch threads (``SQFT_INFERENCE_THREADS``,
+  default 2) whether or not a job trains; jobs take their own budget (``SQFT_THREADS_PER_JOB``). Nothing
+  waits for the other; on a small machine both slow down, which an operator tunes with those two.
+* Queueing: ``reserve()`` takes one of ``1 + max_queue`` slots (the API answers 429 when none is
+  free); the single worker thread is the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .spec import Choice, ModelSpec, Sampling
+from .stream import Decoder
+
+T = TypeVar("T")
+_END = object()
+
+
+@dataclass
+class _Loaded:
+    model: Any  # a transformers model, or a PeftModel around it once an adapter is attached
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter key (path@inode) → peft adapter name
+
+
+def _adapter_key(path: str) -> str:
+    # The inode changes when an extract or merge republishes a directory (publish_dir renames a new
+    # one in), so a re-extracted sub-adapter is loaded afresh rather than served stale.
+    return f"{path}@{Path(path).stat().st_ino}"
+
+
+class InferenceEngine:
+    def __init__(self, *, threads: int, max_queue: int, max_models: int, model_cache_dir: Path | None) -> None:
+        self.threads = max(1, threads)
+        self.max_models = max(1, max_models)
+        self.model_cache_dir = model_cache_dir
+        self._slots = threading.BoundedSemaphore(1 + max(0, max_queue))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqft-inference")
+        self._models: OrderedDict[str, _Loaded] = OrderedDict()
+        self._tokenizers: dict[str, Any] = {}
+        self._names = itertools.count()
+        self._torch_ready = False
+
+    # ------------------------------------------------------------ API side
+    def reserve(self) -> bool:
+        """Take a slot for one request (False: the queue is full); ``release()`` when it is answered."""
+        return self._slots.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        return self._executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ worker side
+    def _setup_torch(self) -> None:
+        if not self._torch_ready:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self._torch_ready = True
+
+    def _tokenizer(self, spec: ModelSpec, model_dir: str) -> Any:
+        from ..training.models import load_tokenizer
+
+        source = spec.tokenizer or model_dir
+        if source not in self._tokenizers:
+            self._tokenizers[source] = load_tokenizer(source)
+        return self._tokenizers[source]
+
+    def _activate(self, spec: ModelSpec) -> tuple[Any, Any, AbstractContextManager]:
+        """The model with the spec's adapter active, its tokenizer, and the context to generate in."""
+        from ..training.models import load_base_model, resolve_model_dir
+
+        self._setup_torch()
+        model_dir = resolve_model_dir(spec.model, self.model_cache_dir)
+        loaded = self._models.get(model_dir)
+        if loaded is None:
+            while len(self._models) >= self.max_models:
+                self._models.popitem(last=False)
+            loaded = self._models[model_dir] = _Loaded(load_base_model(model_dir).eval())
+        self._models.move_to_end(model_dir)
+        tokenizer = self._tokenizer(spec, model_dir)
+        if spec.adapter is None:
+            # Adapters attached for other requests are bypassed, not removed.
+            context = loaded.model.disable_adapter() if loaded.adapters else nullcontext()
+            return loaded.model, tokenizer, context
+        key = _adapter_key(spec.adapter)
+        if (name := loaded.adapters.get(key)) is None:
+            name = self._attach(loaded, spec.adapter)
+            loaded.adapters[key] = name
+        loaded.model.set_adapter(name)
+        return loaded.model, tokenizer, nullcontext()
+
+    def _attach(self, loaded: _Loaded, adapter_dir: str) -> str:
+        from peft import PeftModel
+
+        name = f"a{next(self._names)}"
+        try:
+            if loaded.adapters:
+                loaded.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+            else:
+                loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name).eval()
+        except Exception as exc:  # a damaged or foreign adapter directory: the request names it
+            from ..training.models import ModelLoadError
+
+            raise ModelLoadError(f"could not load the adapter of this model: {exc}".splitlines()[0]) from exc
+        return name
+
+    def forget(self, path: Path) -> None:
+        """Drop every loaded model that uses ``path`` (a deleted adapter or merged model)."""
+        prefix = f"{path}@"
+        for model_dir, loaded in list(self._models.items()):
+            if Path(model_dir) == path or any(k.startswith(prefix) for k in loaded.adapters):
+                del self._models[model_dir]
+
+    def prepare(self, spec: ModelSpec, render: Callable[[Any], list[int]]) -> tuple[list[int], int]:
+        """Load what ``spec`` needs and render the prompt: its token ids and the model's context length."""
+        model, tokenizer, _ = self._activate(spec)
+        config = getattr(model, "config", None)
+        return render(tokenizer), int(getattr(config, "max_position_embeddings", 0) or 0)
+
+    def generate(self, spec: ModelSpec, ids: list[int], sampling: Sampling) -> list[Choice]:
+        model, tokenizer, context = self._activate(spec)
+        with context:
+            out = self._run(model, tokenizer, ids, sampling)
+        choices = []
+        for row in out[:, len(ids) :].tolist():
+            decoder = Decoder(tokenizer, self._eos_ids(model, tokenizer), sampling.stop)
+            decoder.push(row)
+            decoder.close()
+            choices.append(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
+        return choices
+
+    def stream(self, spec: ModelSpec, ids: list[int], sampling: Sampling, sink: queue.Queue, cancel: threading.Event):
+        """Generate one choice, putting text pieces on ``sink``, then the final ``Choice``, then the end mark."""
+        from transformers.generation.streamers import BaseStreamer
+
+        try:
+            model, tokenizer, context = self._activate(spec)
+            decoder = Decoder(tokenizer, self._eos_ids(model, tokenizer), sampling.stop)
+
+            class Streamer(BaseStreamer):
+                prompt_seen = False
+
+                def put(self, value: Any) -> None:
+                    if not self.prompt_seen:  # generate() hands the prompt over first
+                        self.prompt_seen = True
+                        return
+                    if piece := decoder.push(value.reshape(-1).tolist()):
+                        sink.put(piece)
+
+                def end(self) -> None:
+                    pass
+
+            with context:
+                self._run(model, tokenizer, ids, sampling, Streamer(), lambda: cancel.is_set() or decoder.done)
+            if piece := decoder.close():
+                sink.put(piece)
+            sink.put(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
+        except Exception as exc:  # handed to the response, which is already under way
+            sink.put(exc)
+        finally:
+            sink.put(_END)
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+        ids = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    def _run(self, model: Any, tokenizer: Any, ids: list[int], s: Sampling, streamer: Any = None, stop: Any = None):
+        import secrets
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool)
+
+        input_ids = torch.tensor([ids])
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_tokens,
+            "num_return_sequences": s.n,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": sorted(self._eos_ids(model, tokenizer)),
+            "attention_mask": torch.ones_like(input_ids),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([Stop()]) if stop else None,
+        }
+        if s.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:  # OpenAI's sampling has no top-k: 0 turns transformers' default (50) off
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=tokenizer)
+        # The worker is the only torch user in this process, so the global RNG is this request's alone.
+        torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
+        with torch.inference_mode():
+            return model.generate(input_ids=input_ids, **kwargs)
+
+
+def drain(sink: queue.Queue) -> Iterator[Any]:
+    """The items ``stream`` puts on ``sink``, until its end mark."""
+    while (item := sink.get()) is not _END:
+        yield item

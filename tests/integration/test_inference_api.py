@@ -1,0 +1,252 @@
+"""/v1/models, /v1/chat/completions, /v1/completions: the real app, real job processes, a tiny Llama.
+
+Two projects (API keys). Alice trains an Alpaca job (high learning rate, so its LoRA B matrices move
+far from zero) and a chat job, and merges the first. Assertions are about structure and behaviour
+(shapes, token counts, determinism, stop, streaming = non-streaming), never about text quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sqft_service.app import create_app
+from sqft_service.store.jobs import JobStore
+from sqft_service.training.prompts import alpaca_prompt
+from tests.helpers import CHAT, alpaca_records, write_json, write_jsonl
+from tests.integration.conftest import make_settings, wait_status
+
+ALICE = {"Authorization": "Bearer ka"}
+BOB = {"Authorization": "Bearer kb"}
+ASK = [{"role": "user", "content": "Repeat the word red."}]
+
+
+def _upload(client: TestClient, path: Path) -> str:
+    with open(path, "rb") as handle:
+        resp = client.post(
+            "/v1/files", files={"file": (path.name, handle)}, data={"purpose": "fine-tune"}, headers=ALICE
+        )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+def _train(client: TestClient, model_dir: Path, file_id: str, **extra) -> dict:
+    body = {
+        "model": str(model_dir),
+        "training_file": file_id,
+        "Training": {"batch_size": 4, "epochs": 2, "learning_rate": 5e-2},
+        "General": {"lora_config": {"r": 4, "lora_alpha": 16}},
+        **extra,
+    }
+    resp = client.post("/v1/fine_tuning/jobs", json=body, headers=ALICE)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("inference")
+    settings = make_settings(root / "data", api_key="alice:ka,bob:kb", inference_threads=1)
+    # Alice's key by default (wait_status polls without headers); Bob's requests override it.
+    with TestClient(create_app(settings), headers=ALICE) as client:
+        alpaca = _train(client, tiny_model_dir, _upload(client, write_json(root / "a.json", alpaca_records(16))))
+        chat = _train(
+            client, tiny_model_dir, _upload(client, write_jsonl(root / "c.jsonl", [CHAT] * 8)), suffix="talk:v1"
+        )
+        jobs = {}
+        for name, job in (("alpaca", alpaca), ("chat", chat)):
+            done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
+            assert done["status"] == "succeeded", done["error"]
+            jobs[name] = done
+        merged = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": alpaca["id"]}, headers=ALICE)
+        assert merged.status_code == 200, merged.text
+        yield client, jobs
+
+
+def _chat(client, model, headers=ALICE, **body):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": ASK, **body}, headers=headers)
+
+
+def _complete(client, model, headers=ALICE, **body):
+    return client.post("/v1/completions", json={"model": model, "prompt": "The sky is", **body}, headers=headers)
+
+
+def _events(resp) -> list:
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text
+    lines = [line[len("data: ") :] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_jobs_are_named_openai_style_and_models_lists_them(served, tiny_model_dir):
+    client, jobs = served
+    alpaca, chat = jobs["alpaca"], jobs["chat"]
+    assert alpaca["fine_tuned_model"] == f"ft:{tiny_model_dir.name}:sqft:{alpaca['id']}"
+    assert chat["fine_tuned_model"] == f"ft:{tiny_model_dir.name}:talk-v1:{chat['id']}"  # ':' is kept out
+    assert Path(alpaca["fine_tuned_model_path"], "adapter_config.json").is_file()
+    # The job records how it rendered its records, for inference to render prompts alike.
+    stored = JobStore(client.app.state.db)
+    assert [stored.get(j["id"]).result["data_format"] for j in (alpaca, chat)] == ["alpaca", "chat"]
+
+    listed = client.get("/v1/models", headers=ALICE).json()
+    assert listed["object"] == "list"
+    by_id = {m["id"]: m for m in listed["data"]}
+    merged = f"{alpaca['fine_tuned_model']}:merged"
+    assert set(by_id) == {str(tiny_model_dir), alpaca["fine_tuned_model"], chat["fine_tuned_model"], merged}
+    assert by_id[str(tiny_model_dir)]["owned_by"] == "system"
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in listed["data"])
+    assert by_id[merged]["path"].endswith("/output/merged_model") and by_id[merged]["owned_by"] == "alice"
+
+    one = client.get(f"/v1/models/{alpaca['fine_tuned_model']}", headers=ALICE)
+    assert one.status_code == 200 and one.json()["fine_tuning_job_id"] == alpaca["id"]
+    assert client.get(f"/v1/models/{tiny_model_dir}", headers=ALICE).json()["id"] == str(tiny_model_dir)
+    # Bob sees none of Alice's models, not even her base model, and cannot name them.
+    assert client.get("/v1/models", headers=BOB).json()["data"] == []
+    other = client.get(f"/v1/models/{alpaca['fine_tuned_model']}", headers=BOB)
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model"
+    assert _chat(client, alpaca["fine_tuned_model"], headers=BOB).status_code == 404
+    # The job id alone does not make a name: the base and suffix must be the job's.
+    assert client.get(f"/v1/models/ft:x:sqft:{alpaca['id']}", headers=ALICE).status_code == 404
+
+
+def test_chat_answers_in_openai_shape_rendered_as_in_training(served, tokenizer):
+    client, jobs = served
+    resp = _chat(client, jobs["alpaca"]["fine_tuned_model"], max_tokens=5, temperature=0)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == jobs["alpaca"]["fine_tuned_model"]
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    # The Alpaca job's model sees the Alpaca template it trained with.
+    expected = tokenizer(alpaca_prompt({"instruction": ASK[0]["content"]}), add_special_tokens=False)["input_ids"]
+    assert usage["prompt_tokens"] == len(expected)
+    assert 1 <= usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    # The chat job's model sees the chat template with the generation prompt.
+    resp = _chat(client, jobs["chat"]["fine_tuned_model"], max_tokens=2, temperature=0)
+    rendered = tokenizer.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True)
+    assert resp.json()["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    # Alpaca has no system prompt or turns: refused, naming the field, rather than rendered unlike training.
+    with_system = [{"role": "system", "content": "Be brief."}, *ASK]
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"model": jobs["alpaca"]["fine_tuned_model"], "messages": with_system},
+        headers=ALICE,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+
+
+def test_max_tokens_seed_n_and_stop(served):
+    client, jobs = served
+    model = jobs["alpaca"]["fine_tuned_model"]
+    long = _complete(client, model, max_tokens=12, temperature=0).json()
+    (choice,) = long["choices"]
+    assert long["object"] == "text_completion" and long["usage"]["completion_tokens"] <= 12
+    short = _complete(client, model, max_tokens=3, temperature=0).json()["choices"][0]
+    assert short["finish_reason"] == "length" and long["choices"][0]["text"].startswith(short["text"])
+
+    sampled = [_complete(client, model, max_tokens=8, temperature=1.0, seed=11).json() for _ in range(2)]
+    assert sampled[0]["choices"] == sampled[1]["choices"]
+
+    two = _chat(client, model, n=2, max_tokens=4, temperature=1.0, seed=3).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert 2 <= two["usage"]["completion_tokens"] <= 8  # both choices counted, each at most max_tokens
+
+    text = choice["text"]
+    assert len(text) >= 4, text
+    stop = text[2:4]
+    cut = _complete(client, model, max_tokens=12, temperature=0, stop=[stop]).json()["choices"][0]
+    assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+
+    listed = client.post(
+        "/v1/completions", json={"model": model, "prompt": ["a", "b"], "max_tokens": 2}, headers=ALICE
+    ).json()
+    assert [c["index"] for c in listed["choices"]] == [0, 1]
+
+
+def test_streaming_concatenates_to_the_greedy_answer(served):
+    client, jobs = served
+    model = jobs["alpaca"]["fine_tuned_model"]
+    whole = _chat(client, model, max_tokens=10, temperature=0).json()
+    resp = _chat(client, model, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = _events(resp)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    plain = _complete(client, model, max_tokens=10, temperature=0).json()["choices"][0]["text"]
+    streamed = _events(_complete(client, model, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in streamed) == plain
+
+
+def test_base_adapter_and_merged_models(served, tiny_model_dir):
+    client, jobs = served
+    tuned = jobs["alpaca"]["fine_tuned_model"]
+    args = {"max_tokens": 12, "temperature": 0}
+    base_text = _complete(client, str(tiny_model_dir), **args).json()["choices"][0]["text"]
+    tuned_text = _complete(client, tuned, **args).json()["choices"][0]["text"]
+    merged_text = _complete(client, f"{tuned}:merged", **args).json()["choices"][0]["text"]
+    assert tuned_text != base_text  # the adapter is applied ...
+    assert _complete(client, str(tiny_model_dir), **args).json()["choices"][0]["text"] == base_text  # ... and bypassed
+    assert merged_text == tuned_text  # the merged model is the base with the adapter folded in
+
+
+def test_bad_requests_name_the_field(served):
+    client, jobs = served
+    model = jobs["alpaca"]["fine_tuned_model"]
+    cases = [
+        (_chat(client, "ft:nope:sqft:ftjob-missing"), 404, "model"),
+        (_chat(client, "/etc"), 404, "model"),
+        (_chat(client, model, temperature=3), 400, "temperature"),
+        (_chat(client, model, logprobs=True), 400, "logprobs"),
+        (_chat(client, model, max_tokens=100000), 400, "max_tokens"),
+        (_complete(client, model, max_tokens=4000), 400, "max_tokens"),  # beyond the tiny model's 512 context
+        (_chat(client, model, stream=True, n=2), 400, "n"),
+    ]
+    for resp, status, param in cases:
+        assert resp.status_code == status, resp.text
+        assert resp.json()["error"]["param"] == param, resp.text
+
+
+def test_delete_removes_the_artifacts(served, tiny_model_dir):
+    client, jobs = served
+    name, path = jobs["chat"]["fine_tuned_model"], Path(jobs["chat"]["fine_tuned_model_path"])
+    assert _chat(client, name, max_tokens=2).status_code == 200  # loaded in the engine first
+    assert client.delete(f"/v1/models/{name}", headers=BOB).status_code == 404
+    base = client.delete(f"/v1/models/{tiny_model_dir}", headers=ALICE)
+    assert base.status_code == 403 and base.json()["error"]["param"] == "model"
+    resp = client.delete(f"/v1/models/{name}", headers=ALICE)
+    assert resp.status_code == 200 and resp.json() == {"id": name, "object": "model", "deleted": True}
+    assert not path.exists()
+    assert client.get(f"/v1/models/{name}", headers=ALICE).status_code == 404
+    assert name not in {m["id"] for m in client.get("/v1/models", headers=ALICE).json()["data"]}
+    gone = _chat(client, name)
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
+    assert client.delete(f"/v1/models/{name}", headers=ALICE).status_code == 404
+
+
+def test_a_full_queue_is_a_429(served):
+    client, jobs = served
+    engine = client.app.state.inference_service.engine
+    held = 0
+    while engine.reserve():  # every slot taken, as by requests waiting behind a long generation
+        held += 1
+    try:
+        resp = _chat(client, jobs["alpaca"]["fine_tuned_model"], max_tokens=2)
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "engine_overloaded", resp.text
+    finally:
+        for _ in range(held):
+            engine.release()
+    assert held == 1 + client.app.state.settings.inference_queue
+    assert _chat(client, jobs["alpaca"]["fine_tuned_model"], max_tokens=2).status_code == 200

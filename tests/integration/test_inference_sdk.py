@@ -1,0 +1,57 @@
+"""The official ``openai`` SDK against a real ``sqft serve`` process: fine-tune a tiny model, then chat with it."""
+
+from __future__ import annotations
+
+from openai import OpenAI
+
+from tests.helpers import alpaca_records, wait_until, write_json
+from tests.integration.conftest import PYTEST_TMP_ROOT
+from tests.server import Server
+
+
+def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(tmp_path, tiny_model_dir):
+    server = Server(
+        tmp_path / "data",
+        SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]),
+        SQFT_THREADS_PER_JOB="1",
+        SQFT_INFERENCE_THREADS="1",
+    )
+    server.start()
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with open(write_json(tmp_path / "train.json", alpaca_records(8)), "rb") as handle:
+            uploaded = client.files.create(file=handle, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=str(tiny_model_dir),
+            training_file=uploaded.id,
+            suffix="sdk",
+            extra_body={"Training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2}},
+        )
+        done = wait_until(
+            lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+            240,
+            what="the job to finish",
+        )
+        assert done.status == "succeeded", done.error
+        name = done.fine_tuned_model
+        assert name == f"ft:{tiny_model_dir.name}:sdk:{job.id}"
+        assert name in [m.id for m in client.models.list()]
+        assert client.models.retrieve(name).id == name
+
+        messages = [{"role": "user", "content": "Repeat the word red."}]
+        answer = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+        assert answer.object == "chat.completion" and answer.model == name
+        assert answer.choices[0].message.role == "assistant"
+        assert 1 <= answer.usage.completion_tokens <= 6
+
+        stream = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, stream=True)
+        chunks = list(stream)
+        assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == answer.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
+
+        assert client.models.delete(name).deleted is True
+        assert name not in [m.id for m in client.models.list()]
+    finally:
+        server.stop()
