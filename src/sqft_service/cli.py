@@ -118,6 +118,27 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_evaluation
+    from .jobs.kinds import EvalCandidate, EvaluateParams
+    from .training.events import MemorySink
+
+    candidates = [EvalCandidate(name=args.model, model=args.model)] + [
+        EvalCandidate(name=a, model=args.model, adapter=a, data_format=args.data_format) for a in args.adapter
+    ]
+    params = EvaluateParams(
+        candidates=candidates,
+        data_path=args.data,
+        file=args.data,
+        max_samples=args.max_samples,
+        generate=not args.no_generate,
+        max_new_tokens=args.max_new_tokens,
+    )
+    rows = run_evaluation(params, MemorySink(echo=True), Path(args.model_cache))
+    _emit({"object": "finetune.evaluation", "file": args.data, "data": rows}, args.json_out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,9 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--output", required=True)
     extract.set_defaults(func=_extract)
 
-    for cmd in (sparsify, merge, extract):
+    evaluate = sub.add_parser("evaluate", help="score a base model and adapters on the same Alpaca/chat records")
+    evaluate.add_argument("--model", required=True, help="the base: a model directory or a .gguf file")
+    evaluate.add_argument("--adapter", action="append", default=[], help="a PEFT adapter directory (repeatable)")
+    evaluate.add_argument("--data", required=True, help="an Alpaca or chat file (JSON / JSONL)")
+    evaluate.add_argument("--data-format", choices=["alpaca", "chat"], default=None, help="how the adapters trained")
+    evaluate.add_argument("--max-samples", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--no-generate", action="store_true", help="loss and token accuracy only")
+    evaluate.set_defaults(func=_evaluate)
+
+    for cmd in (sparsify, merge, extract, evaluate):
         cmd.add_argument("--json-out", default=None, help="also write the result JSON here")
-    for cmd in (sparsify, merge):
+    for cmd in (sparsify, merge, evaluate):
         cmd.add_argument("--model-cache", default="./sqft-data/models", help="where converted GGUF models go")
     return parser
 

@@ -8,12 +8,12 @@ job is queued (so a bad request is a 400 at once, not a failed job later). Torch
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-JobKind = Literal["fine_tune", "extract", "merge", "sparsify"]
-OPERATION_KINDS: tuple[str, ...] = ("extract", "merge", "sparsify")
+JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate"]
+OPERATION_KINDS: tuple[str, ...] = ("extract", "merge", "sparsify", "evaluate")
 
 # What events call a job of each kind ("Merge operation started").
 DISPLAY_NAMES = {
@@ -21,6 +21,7 @@ DISPLAY_NAMES = {
     "extract": "Extract operation",
     "merge": "Merge operation",
     "sparsify": "Sparsify operation",
+    "evaluate": "Evaluate operation",
 }
 
 
@@ -62,4 +63,35 @@ class SparsifyParams(_Params):
     n_calibration: int = 32
 
 
-PARAMS: dict[str, type[_Params]] = {"extract": ExtractParams, "merge": MergeParams, "sparsify": SparsifyParams}
+class EvalCandidate(_Params):
+    """One model to evaluate, resolved by the API: a base reference, or a fine-tune's adapter / merged model."""
+
+    name: str  # as the client named it (echoed in the result)
+    model: str  # a base model reference (checked again in the job) or a merged model's directory
+    merged: bool = False
+    tokenizer: str | None = None  # the job's General.tokenizer_name
+    adapter: str | None = None  # a PEFT adapter directory
+    data_format: str | None = None  # "alpaca" | "chat" as the job trained; None: a base model
+    dataset: dict[str, Any] = {}  # the job's Dataset section (tokenization as in training); {}: defaults
+
+
+class EvaluateParams(_Params):
+    """Score candidate models on the same examples: an uploaded file, or a fine-tune's validation split."""
+
+    candidates: list[EvalCandidate]
+    data_path: str | None = None  # an uploaded file's records, or (None) the validation split below
+    file: str | None = None
+    fine_tuning_job_id: str | None = None
+    # That job's validation examples, re-created as its recipe did: {"model", "tokenizer", "dataset", "seed"}.
+    split: dict[str, Any] | None = None
+    max_samples: int = 64
+    generate: bool = True
+    max_new_tokens: int = 64
+
+
+PARAMS: dict[str, type[_Params]] = {
+    "extract": ExtractParams,
+    "merge": MergeParams,
+    "sparsify": SparsifyParams,
+    "evaluate": EvaluateParams,
+}

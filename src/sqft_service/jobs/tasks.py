@@ -14,7 +14,7 @@ from ..job_secrets import restore_secrets
 from ..model_access import ModelAccess
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
-from .kinds import ExtractParams, MergeParams, SparsifyParams
+from .kinds import EvaluateParams, ExtractParams, MergeParams, SparsifyParams
 
 
 @dataclass
@@ -121,11 +121,36 @@ def sparsify(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     return {**result, "source_model": p.model}  # as the client named it, not the resolved path
 
 
+def evaluate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    from ..evaluation import run_evaluation
+
+    p = EvaluateParams.model_validate(params)
+    access = _model_access(ctx)
+    for c in p.candidates:  # the real paths checked now (a merged model's directory is the job's own)
+        if not c.merged:
+            c.model = access.check_model(c.model, "candidates")
+        if c.tokenizer:
+            c.tokenizer = access.check_model(c.tokenizer, "candidates")
+    if p.split is not None:
+        p.split["model"] = access.check_model(p.split["model"] or "", "fine_tuning_job_id")
+        if p.split.get("tokenizer"):
+            p.split["tokenizer"] = access.check_model(p.split["tokenizer"], "fine_tuning_job_id")
+    rows = run_evaluation(p, ctx.sink, ctx.model_cache_dir)
+    return {
+        "file": p.file,
+        "fine_tuning_job_id": p.fine_tuning_job_id,
+        "max_samples": p.max_samples,
+        "generate": p.generate,
+        "data": rows,
+    }
+
+
 TASKS: dict[str, Callable[[dict[str, Any], TaskContext], dict[str, Any]]] = {
     "fine_tune": fine_tune,
     "extract": extract,
     "merge": merge,
     "sparsify": sparsify,
+    "evaluate": evaluate,
 }
 # Kinds whose task polls ``should_stop`` between steps; the others stop at once on SIGTERM.
 COOPERATIVE_STOP = {"fine_tune"}

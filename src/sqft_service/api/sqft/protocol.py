@@ -95,6 +95,65 @@ class SparsifyRequest(BaseModel):
         return pattern
 
 
+class EvaluateRequest(BaseModel):
+    """``candidates``: base model references or fine-tuned ids (``ft:…``); the records every candidate is
+    scored on (the first ``max_samples``): ``file`` (an uploaded Alpaca or chat file) or
+    ``fine_tuning_job_id`` (that job's validation examples, as its training held them out)."""
+
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[str] = Field(..., min_length=1, max_length=8)
+    file: str | None = None
+    fine_tuning_job_id: str | None = None
+    max_samples: int = Field(64, ge=1, le=1024)
+    generate: bool = True
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    wait: bool = True
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, candidates: list[str]) -> list[str]:
+        if any(not c for c in candidates):
+            raise ValueError("`candidates` holds an empty model reference")
+        if len(set(candidates)) != len(candidates):
+            raise ValueError("`candidates` names a model more than once")
+        return candidates
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluateRequest:
+        if (self.file is None) == (self.fine_tuning_job_id is None):
+            raise ValueError(
+                "give exactly one of `file` (an uploaded file) and `fine_tuning_job_id` (its validation split)"
+            )
+        return self
+
+
+class EvaluationSample(BaseModel):
+    prompt: str
+    reference: str
+    output: str
+
+
+class CandidateScore(BaseModel):
+    candidate: str
+    loss: float | None
+    perplexity: float | None
+    token_accuracy: float | None
+    exact_match: float | None = None
+    contains_match: float | None = None
+    n_examples: int
+    n_label_tokens: int = 0
+    samples: list[EvaluationSample] = Field(default_factory=list)
+
+
+class Evaluation(BaseModel):
+    object: Literal["finetune.evaluation"] = "finetune.evaluation"
+    file: str | None = None
+    fine_tuning_job_id: str | None = None
+    max_samples: int
+    generate: bool
+    data: list[CandidateScore]
+
+
 class SubAdapter(BaseModel):
     object: Literal["fine_tuning.sub_adapter"] = "fine_tuning.sub_adapter"
     fine_tuning_job_id: str
@@ -128,11 +187,11 @@ class SparseModel(BaseModel):
 
 
 class Operation(BaseModel):
-    """An extract, merge or sparsify request as a job: its state, then its result or error."""
+    """An extract, merge, sparsify or evaluate request as a job: its state, then its result or error."""
 
     id: str
     object: Literal["finetune.operation"] = "finetune.operation"
-    kind: Literal["extract", "merge", "sparsify"]
+    kind: Literal["extract", "merge", "sparsify", "evaluate"]
     status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
     created_at: int
     started_at: int | None = None

@@ -14,6 +14,8 @@ from ..fine_tuning.protocol import EventList, JobEvent
 from ..limits import EVENTS_PAGE, OPERATIONS_PAGE
 from ..openapi import error_responses, file_response, json_body
 from .protocol import (
+    EvaluateRequest,
+    Evaluation,
     ExtractAdapterRequest,
     MergeAdapterRequest,
     MergedModel,
@@ -94,12 +96,20 @@ async def sparsify(request: Request, body: SparsifyRequest) -> object:
     return await _answer(request, op, body.wait, SparseModel)
 
 
+@router.post("/v1/finetune/evaluate", response_model=Evaluation, responses=ASYNC_RESPONSES)
+async def evaluate(request: Request, body: EvaluateRequest) -> object:
+    """Score base models and fine-tuned models (``ft:…``) on the same records of an uploaded file: response
+    loss, perplexity, token accuracy and, with ``generate``, exact / contains match of greedy answers."""
+    op = _service(request).evaluate(body, request.app.state.model_service)
+    return await _answer(request, op, body.wait, Evaluation)
+
+
 @router.get("/v1/finetune/operations", response_model=OperationList)
 def list_operations(
     request: Request,
     after: str | None = None,
     limit: int = Query(OPERATIONS_PAGE[0], ge=1, le=OPERATIONS_PAGE[1]),
-    kind: str | None = Query(None, pattern="^(extract|merge|sparsify)$"),
+    kind: str | None = Query(None, pattern="^(extract|merge|sparsify|evaluate)$"),
 ) -> OperationList:
     ops, has_more = _service(request).list(kind=kind, after=after, limit=limit)
     return OperationList(data=[Operation.from_record(op) for op in ops], has_more=has_more)

@@ -16,9 +16,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from ...errors import ConflictError, InvalidRequestError, NotFoundError, ServiceError
-from ...jobs.kinds import OPERATION_KINDS, ExtractParams, MergeParams, SparsifyParams
+from ...jobs.kinds import OPERATION_KINDS, EvalCandidate, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
+from ...model_names import parse_fine_tuned
 from ...settings import Settings
 from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
@@ -26,7 +27,7 @@ from ...store.jobs import JobRecord, JobStore
 from ..files.service import FileService
 from ..fine_tuning.service import FineTuningService
 from ..owner import current_owner, owned_by_caller
-from .protocol import SparsifyRequest, version_name_problem
+from .protocol import EvaluateRequest, SparsifyRequest, version_name_problem
 
 # The NLS search files a super-adapter carries (adapters/nls/config.py writes it).
 ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
@@ -132,6 +133,59 @@ class SqftService:
             n_calibration=body.n_calibration,
         )
         return self._submit("sparsify", params, model=body.model)
+
+    def evaluate(self, body: EvaluateRequest, models: Any) -> JobRecord:
+        """``models``: the app's ModelService, which resolves ``ft:`` ids (another project's are a 404)."""
+        access = ModelAccess.from_settings(self.settings)
+        candidates = []
+        for ref in body.candidates:
+            if parse_fine_tuned(ref) is None:
+                access.check_model(ref, "candidates")
+                candidates.append(EvalCandidate(name=ref, model=ref))
+                continue
+            entry = models.get(ref, "candidates")
+            job = entry.job
+            spec = models.spec(ref, "candidates")
+            candidates.append(
+                EvalCandidate(
+                    name=ref,
+                    model=spec.model if entry.ref.merged else job.model or "",
+                    merged=entry.ref.merged,
+                    tokenizer=None if entry.ref.merged else spec.tokenizer,
+                    adapter=spec.adapter,
+                    data_format=spec.data_format,
+                    dataset=job.config.get("Dataset", {}),
+                )
+            )
+        data = self.files.resolve(body.file, "file") if body.file is not None else None
+        split = None
+        if body.fine_tuning_job_id is not None:
+            job = self._succeeded_job(body.fine_tuning_job_id)
+            dataset = job.config.get("Dataset", {})
+            sources = [dataset.get("validation_file") or dataset.get("train_file")]
+            if not all(src and Path(src).is_file() for src in sources):
+                raise InvalidRequestError(
+                    f"Job {job.id}'s training data is gone (its file was deleted): evaluate on a `file`",
+                    param="fine_tuning_job_id",
+                )
+            access.check_model(job.model or "", "fine_tuning_job_id")
+            split = {
+                "model": job.model,
+                "tokenizer": job.config.get("General", {}).get("tokenizer_name"),
+                "dataset": dataset,
+                "seed": job.config.get("Training", {}).get("seed"),
+            }
+        params = EvaluateParams(
+            candidates=candidates,
+            data_path=str(data.path) if data else None,
+            file=data.id if data else None,
+            fine_tuning_job_id=body.fine_tuning_job_id,
+            split=split,
+            max_samples=body.max_samples,
+            generate=body.generate,
+            max_new_tokens=body.max_new_tokens,
+        )
+        return self._submit("evaluate", params, model=None, parent=body.fine_tuning_job_id)
 
     def _submit(self, kind: str, params: BaseModel, *, model: str | None, parent: str | None = None) -> JobRecord:
         op_id = new_id("op")

@@ -1,0 +1,198 @@
+"""The ``evaluate`` job: score candidate models on the same records (job process only: imports torch).
+
+Each distinct base model is loaded once; fine-tuned adapters are attached to it with stock peft and
+switched with ``set_adapter`` (a base candidate runs inside ``disable_adapter()``), as the inference
+engine does. Per candidate:
+
+* the loss over response tokens, tokenized as the candidate's job trained (``tokenize_records`` with
+  its ``Dataset`` section; a base model: the section's defaults), its exp (perplexity) and the share of
+  label tokens the argmax predicts (token accuracy);
+* with ``generate``: a greedy answer to each prompt, rendered as the candidate trained (Alpaca template
+  or chat template, as ``inference/render.py``), compared with the reference: exact match (both
+  stripped) and contains match (the stripped reference inside the answer), plus three samples.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .jobs.kinds import EvalCandidate, EvaluateParams
+from .training.events import EventSink
+
+BATCH_SIZE = 8
+N_SAMPLES = 3
+
+
+def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> tuple[list[int], str]:
+    """The prompt's token ids as the candidate saw prompts in training, and the reference answer."""
+    from .inference.render import chat_ids
+    from .training.prompts import alpaca_prompt
+    from .training.tokenization import _adds_bos
+
+    if "messages" in record:
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise UserError("a chat record has no assistant message to compare against", param="file")
+        context, reference = messages[:last], messages[last].get("content") or ""
+        if data_format == "alpaca":  # a model trained on Alpaca: the last user turn as the instruction
+            users = [m for m in context if m.get("role") == "user"]
+            record = {"instruction": users[-1]["content"] if users else ""}
+        else:
+            return chat_ids(tokenizer, context, "chat"), reference
+    else:
+        reference = record["output"]
+        if data_format == "chat":  # a model trained on chat: the instruction (and input) as one user turn
+            content = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+            return chat_ids(tokenizer, [{"role": "user", "content": content}], "chat"), reference
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    return bos + tokenizer(alpaca_prompt(record), add_special_tokens=False)["input_ids"], reference
+
+
+def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate) -> dict[str, Any]:
+    import torch
+
+    from .config import DatasetSection
+    from .training.batching import Collator
+    from .training.loss import causal_lm_loss
+    from .training.tokenization import tokenize_records
+
+    cfg = DatasetSection.model_validate(c.dataset)
+    examples = tokenize_records(records, tokenizer, cfg).examples
+    collator = Collator.from_config(tokenizer, cfg, pad_to_multiple_of=None)
+    loss_sum, n_correct, n_labels = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, len(examples), BATCH_SIZE):
+            batch = collator(examples[start : start + BATCH_SIZE])
+            for key in ("n_real_tokens", "n_label_tokens", "n_padded_tokens"):
+                batch.pop(key)
+            out = causal_lm_loss(model, batch)
+            loss_sum += float(out.loss_sum)
+            n_correct += int(out.n_correct)
+            n_labels += out.n_labels
+    if not n_labels:
+        return {"loss": None, "perplexity": None, "token_accuracy": None, "n_label_tokens": 0}
+    loss = loss_sum / n_labels
+    perplexity = math.exp(loss) if loss < 700 else None  # JSON has no infinity
+    return {"loss": loss, "perplexity": perplexity, "token_accuracy": n_correct / n_labels, "n_label_tokens": n_labels}
+
+
+def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int):
+    import torch
+
+    from .inference.engine import InferenceEngine
+
+    eos = sorted(InferenceEngine._eos_ids(model, tokenizer))
+    exact = contains = 0
+    samples = []
+    for record in records:
+        ids, reference = _prompt(tokenizer, record, c.data_format)
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+        output = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+        exact += output.strip() == reference.strip()
+        contains += reference.strip() in output
+        if len(samples) < N_SAMPLES:
+            prompt = tokenizer.decode(ids, skip_special_tokens=True)
+            samples.append({"prompt": prompt, "reference": reference, "output": output})
+    n = len(records)
+    return {"exact_match": exact / n, "contains_match": contains / n, "samples": samples}
+
+
+def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> list[dict[str, Any]]:
+    """The records of a fine-tune's validation examples, held out exactly as ``FinetuneRecipe._load_data``
+    did: records left without a label token by its tokenization dropped, then ``split_train_eval`` with
+    its seed (or its ``validation_file``), then ``max_eval_samples``."""
+    from .config import DatasetSection
+    from .training.models import load_tokenizer, resolve_model_dir
+    from .training.records import load_records
+    from .training.tokenization import split_train_eval, tokenize_records
+
+    cfg = DatasetSection.model_validate(split["dataset"])
+    tokenizer = load_tokenizer(resolve_model_dir(split["model"], model_cache_dir), split.get("tokenizer"))
+
+    def kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Each record is tokenized on its own exactly as within the whole list.
+        return [r for r in records if tokenize_records([r], tokenizer, cfg).examples]
+
+    if cfg.validation_file:
+        evals = kept(load_records(cfg.validation_file))
+    else:
+        train = load_records(cfg.train_file or "")
+        if cfg.max_train_samples is not None:
+            train = train[: cfg.max_train_samples]
+        seed = split.get("seed")
+        _, evals = split_train_eval(kept(train), cfg.validation_split_percentage, 42 if seed is None else seed)
+    if cfg.max_eval_samples is not None:
+        evals = evals[: cfg.max_eval_samples]
+    return evals
+
+
+def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | None) -> list[dict[str, Any]]:
+    from peft import PeftModel
+
+    from .threads import configure_torch_threads
+    from .training.models import ModelLoadError, load_base_model, load_tokenizer, resolve_model_dir
+    from .training.records import load_records
+
+    configure_torch_threads()
+    if p.split is not None:
+        records = _validation_records(p.split, model_cache_dir)[: p.max_samples]
+        source, param = f"job {p.fine_tuning_job_id}'s validation split", "fine_tuning_job_id"
+    else:
+        records = load_records(p.data_path or "")[: p.max_samples]
+        source, param = f"file {p.file}", "file"
+    if not records:
+        raise UserError(f"{source} holds no records to evaluate on", param=param)
+    sink.message(f"evaluating {len(p.candidates)} candidate(s) on {len(records)} record(s) of {source}")
+    models: dict[str, Any] = {}  # model directory → the loaded model (a PeftModel once an adapter is on)
+    rows = []
+    for i, c in enumerate(p.candidates):
+        sink.message(f"candidate {i + 1}/{len(p.candidates)}: {c.name}")
+        model_dir = resolve_model_dir(c.model, model_cache_dir)
+        if model_dir not in models:
+            models[model_dir] = load_base_model(model_dir).eval()
+        tokenizer = load_tokenizer(model_dir, c.tokenizer)
+        context: Any = nullcontext()
+        if c.adapter is not None:
+            name = f"c{i}"
+            try:
+                if isinstance(models[model_dir], PeftModel):
+                    models[model_dir].load_adapter(c.adapter, adapter_name=name, is_trainable=False)
+                else:
+                    models[model_dir] = PeftModel.from_pretrained(models[model_dir], c.adapter, adapter_name=name)
+            except Exception as exc:
+                raise ModelLoadError(f"could not load the adapter of {c.name}: {exc}".splitlines()[0]) from exc
+            models[model_dir].eval()
+            models[model_dir].set_adapter(name)
+        elif isinstance(models[model_dir], PeftModel):
+            context = models[model_dir].disable_adapter()
+        model = models[model_dir]
+        with context:
+            row: dict[str, Any] = {"candidate": c.name, "n_examples": len(records)}
+            row.update(exact_match=None, contains_match=None, samples=[])
+            row.update(_scores(model, tokenizer, records, c))
+            if p.generate:
+                row.update(_generations(model, tokenizer, records, c, p.max_new_tokens))
+        sink.message(
+            f"{c.name}: loss {row['loss']}, token accuracy {row['token_accuracy']}"
+            + (f", exact match {row['exact_match']:.3f}" if p.generate else ""),
+            data={"candidate": c.name, "loss": row["loss"]},
+        )
+        rows.append(row)
+    return rows
