@@ -15,7 +15,7 @@ import httpx
 from tests.helpers import wait_until
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -25,7 +25,7 @@ class Server:
     def __init__(self, data_dir: Path, **env: str) -> None:
         self.data_dir = data_dir
         self.extra_env = env
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from sqft_service.api.auth import ApiKeys
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, wait_until, write_json
 from tests.integration.conftest import PYTEST_TMP_ROOT, make_settings, wait_status
+from tests.server import free_port
 
 KEYS = "alice:key-alice,bob:key-bob"
 FAST = {"Training": {"max_train_steps": 2, "batch_size": 4, "learning_rate": 1e-3}}
@@ -322,12 +322,6 @@ def test_json_routes_refuse_other_content_types_and_leave_the_job_alone(client, 
 
 
 # ---------------------------------------------------------------------------- the real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQFT_")}
     env.update(
@@ -345,7 +339,7 @@ class Server:
     """``python -m sqft_service.cli serve`` on a free loopback port, its output in a log file."""
 
     def __init__(self, tmp_path: Path, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"server-{self.port}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -419,7 +413,7 @@ def test_serve_without_a_key_warns_on_loopback(tmp_path):
 def test_serve_refuses_to_start_unprotected(tmp_path, args, env, needle):
     data_dir = tmp_path / "data"
     proc = subprocess.run(
-        [sys.executable, "-m", "sqft_service.cli", "serve", *args, "--port", str(_free_port())],
+        [sys.executable, "-m", "sqft_service.cli", "serve", *args, "--port", str(free_port())],
         env=_serve_env(data_dir, **env),
         capture_output=True,
         text=True,
