@@ -7,9 +7,12 @@ SMOLLM2_VERSION ?= 0.1.2
 # Extra pip options for the torch install only (the Dockerfile passes the CPU wheel index).
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
+# The `ray` extra, apart: `make serve` runs without it; `make test` and `make serve RUNNER=ray` install it.
+RAY_STAMP := $(VENV)/.ray-installed-stamp
+RUNNER ?=
 ARGS ?=
 
-.PHONY: install serve test test-fast bench load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu load fuzz lint format clean
 
 install: $(STAMP)
 
@@ -24,18 +27,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-serve: $(STAMP)
-	$(VENV)/bin/sqft serve $(ARGS)
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray]"
+	touch $@
 
-test: $(STAMP)
+# RUNNER=ray: jobs run on the Ray cluster at SQFT_RAY_ADDRESS (default: the one `ray start --head` started here).
+serve: $(STAMP) $(if $(filter ray,$(RUNNER)),$(RAY_STAMP))
+	$(VENV)/bin/sqft serve $(if $(RUNNER),--runner $(RUNNER)) $(ARGS)
+
+test: $(STAMP) $(RAY_STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/pytest $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(RAY_STAMP)
 	$(VENV)/bin/pytest -m "not e2e" $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.throughput $(ARGS)
+
+# One GPU: this trainer against transformers.Trainer + peft (bf16), turn by turn (bench/gpu). Without a GPU,
+# ARGS=--tiny checks the script on the CPU. bench/gpu/device_run.sh runs it with the GPU tests on a lent machine.
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu $(ARGS)
 
 # The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
 # ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".

@@ -52,7 +52,7 @@ def make_adapter(model_dir: str, out: Path) -> str:
 
 
 def measure(engine, spec, render, new_tokens: int) -> dict:
-    from sqft_service.inference.spec import Choice, Sampling
+    from sqft_service.inference.spec import Sampling
 
     ids, _ = engine.submit(engine.prepare, spec, render).result()
     sink: queue.Queue = queue.Queue()
@@ -63,8 +63,8 @@ def measure(engine, spec, render, new_tokens: int) -> dict:
     while (item := sink.get()) is not None:
         if isinstance(item, Exception):
             raise item
-        if isinstance(item, Choice):
-            choice = item
+        if isinstance(item, list):  # the final choices (one here); text pieces come as (index, text)
+            choice = item[0]
             break
         first = first or time.perf_counter()
     total = time.perf_counter() - start

@@ -33,6 +33,7 @@ from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
 from .errors import InvalidRequestError, ServiceError, UserError
 from .jobs.manager import JobManager
+from .jobs.runner import build_runner
 from .logs import current_request_id
 from .settings import Settings
 from .store.db import Database
@@ -127,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings.db_path)
         file_store = FileStore(db, settings.files_dir)
         jobs, events = JobStore(db), EventStore(db)
-        manager = JobManager(settings, jobs, events, file_store)
+        manager = JobManager(settings, jobs, events, file_store, runner=build_runner(settings))
         file_service = FileService(
             file_store,
             settings.upload_limit_bytes,

@@ -26,8 +26,13 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         max_concurrent_jobs=args.max_concurrent_jobs,
+        runner=args.runner,
+        ray_address=args.ray_address,
     )
     configure_logging(settings.log_format)
+    if settings.runner == "ray" and (problem := _connect_ray(settings)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     keys = ApiKeys.parse(settings.api_key)
     if not keys and not is_loopback(settings.host):
         # Without a key anyone who can reach the port could train, read files and cancel jobs.
@@ -60,6 +65,20 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=logging_config("json") if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     return 0
+
+
+def _connect_ray(settings: Settings) -> str | None:
+    """Join the Ray cluster before serving (the app's runner then reuses the connection); why not, if not."""
+    try:
+        from .jobs.ray_runner import connect
+    except ImportError as exc:
+        return str(exc)
+    try:
+        connect(settings.ray_address, settings.ray_namespace)
+    except ConnectionError as exc:
+        return str(exc)
+    log.info("jobs run on the Ray cluster at %s", settings.ray_address)
+    return None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -119,12 +138,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import run_evaluation
+    from .evaluation import run_evaluation, trained_sparse
     from .jobs.kinds import EvalCandidate, EvaluateParams
     from .training.events import MemorySink
 
     candidates = [EvalCandidate(name=args.model, model=args.model)] + [
-        EvalCandidate(name=a, model=args.model, adapter=a, data_format=args.data_format) for a in args.adapter
+        EvalCandidate(name=a, model=args.model, adapter=a, sparse=trained_sparse(a), data_format=args.data_format)
+        for a in args.adapter
     ]
     params = EvaluateParams(
         candidates=candidates,
@@ -148,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (env SQFT_PORT, default 8015)")
     serve.add_argument("--data-dir", help="state directory (env SQFT_DATA_DIR, default ./sqft-data)")
     serve.add_argument("--max-concurrent-jobs", type=int, help="jobs run at once (env SQFT_MAX_CONCURRENT_JOBS, 1)")
+    serve.add_argument(
+        "--runner", choices=["subprocess", "ray"], help="where jobs run (env SQFT_RUNNER, default subprocess)"
+    )
+    serve.add_argument("--ray-address", help="the Ray cluster, host:port or auto (env SQFT_RAY_ADDRESS, default auto)")
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="run one fine-tuning configuration in this process")

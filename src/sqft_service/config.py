@@ -28,6 +28,8 @@ MAX_SAMPLES = 2**31 - 1
 MAX_PATH_CHARS = 4096  # PATH_MAX: model, tokenizer and file paths
 MAX_NAME_CHARS = 256  # module names, rank lists
 MAX_LIST_ITEMS = 1024  # target modules, groups, search spaces
+MAX_TRAINING_WORKERS = 64  # data-parallel ranks of one job (one process group)
+MAX_WORKER_RESOURCES = 16  # resource names per worker ("CPU", "GPU", custom Ray resources)
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
@@ -163,13 +165,18 @@ class TrainingSection(_Section):
     # AdamW decays each weight by lr * weight_decay per step; with lr <= 1 a bound of 1 keeps that a decay.
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    # "auto" picks the best device this version trains on (the CPU); "cuda" is refused until GPU
-    # training exists rather than accepted and run on the CPU.
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    # Multi-worker (data-parallel) training needs the Ray runner: only 1 is accepted until it exists.
-    num_training_workers: int = Field(1, ge=1)
+    # "auto": the CUDA GPU when torch sees one, else the CPU. "cuda" on a machine without a GPU is
+    # refused when the job is created (devices.py; config.py stays torch-free) and again in the job.
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    # Data-parallel ranks (training/distributed.py): the global batch per optimizer step is
+    # batch_size x gradient_accumulation_steps x num_training_workers, and learning_rate applies to it.
+    num_training_workers: int = Field(1, ge=1, le=MAX_TRAINING_WORKERS)
+    # Per worker, Ray's names: {"CPU": k} sets each rank's threads (both runners); "GPU" and custom
+    # resources are scheduling requests that only the Ray runner can place.
     resources_per_worker: dict[str, Any] | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "auto": bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX),
+    # fp32 elsewhere (training/precision.py).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
     logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -177,34 +184,35 @@ class TrainingSection(_Section):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_threads: int | None = Field(None, ge=1, le=1024)
 
-    @field_validator("device")
-    @classmethod
-    def _cpu_only(cls, v: str) -> str:
-        if v == "cuda":
-            raise ValueError(
-                "`device` 'cuda': this version trains on the CPU only; use 'cpu' or 'auto' (GPU training is planned)"
-            )
-        return v
-
-    @field_validator("num_training_workers")
-    @classmethod
-    def _one_worker(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(
-                f"`num_training_workers` {v}: multi-worker training needs the Ray runner, which this version "
-                "does not have; use 1 (one process uses every core it is given)"
-            )
-        return v
-
     @field_validator("resources_per_worker")
     @classmethod
-    def _no_worker_resources(cls, v: dict[str, Any] | None) -> None:
-        if v is not None:
-            raise ValueError(
-                "`resources_per_worker` is only meaningful with the Ray runner, which this version does not have; "
-                "leave it out (SQFT_THREADS_PER_JOB sizes a job's CPU share)"
-            )
-        return v
+    def _worker_resources(cls, v: dict[str, Any] | None) -> dict[str, float] | None:
+        return None if v is None else check_worker_resources(v)
+
+
+def check_worker_resources(resources: dict[str, Any]) -> dict[str, float]:
+    """``resources_per_worker`` as Ray reads it: resource name -> a positive, finite amount.
+
+    Raises:
+        ValueError: an empty or over-long name, a lower-case ``cpu`` / ``gpu`` (Ray's names are
+            case-sensitive, so Ray would wait forever for a resource nobody has), or an amount that is
+            not a positive number.
+    """
+    if len(resources) > MAX_WORKER_RESOURCES:
+        raise ValueError(f"`resources_per_worker` names {len(resources)} resources; at most {MAX_WORKER_RESOURCES}")
+    checked: dict[str, float] = {}
+    for name, amount in resources.items():
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"`resources_per_worker` has a resource name of {len(name)} characters")
+        if name.upper() in ("CPU", "GPU") and name != name.upper():
+            raise ValueError(f"`resources_per_worker.{name}`: resource names are case-sensitive; use {name.upper()!r}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+            raise ValueError(f"`resources_per_worker.{name}` = {amount!r} is not a number")
+        most = {"CPU": 1024, "GPU": 64}.get(name, 2**53)
+        if not 0 < amount <= most:
+            raise ValueError(f"`resources_per_worker.{name}` = {amount!r} must be > 0 and at most {most}")
+        checked[name] = amount
+    return checked
 
 
 class FinetuneConfig(_Section):
@@ -220,7 +228,7 @@ AutoFloat = float | Literal["auto"]
 
 
 class Hyperparameters(_Section):
-    """OpenAI's ``hyperparameters``; "auto" keeps the section's value."""
+    """OpenAI's ``hyperparameters``; "auto": the section's value if the client sent one, else the auto rule."""
 
     n_epochs: AutoInt = "auto"
     batch_size: AutoInt = "auto"
@@ -263,12 +271,19 @@ def resolve_config(
     validation_file_path: str | None,
     hyperparameters: Hyperparameters | None,
     seed: int,
+    n_training_records: int | None = None,
 ) -> FinetuneConfig:
     """Fold the OpenAI fields into the sections; OpenAI values win where both are given.
 
     ``learning_rate_multiplier`` multiplies ``Training.learning_rate`` (the reference copied it in as
-    the absolute rate, which silently trains at a rate of e.g. 2.0).
+    the absolute rate, which silently trains at a rate of e.g. 2.0). With ``n_training_records`` (the
+    training file's record count), what neither the sections nor the OpenAI fields set is chosen by
+    the auto rule (auto_hparams.py); ``base`` must be the client's parsed sections, whose
+    ``model_fields_set`` tells a sent value from a default.
     """
+    from . import auto_hparams  # it reads this module's sections; imported here to avoid a cycle
+
+    explicit = auto_hparams.explicit_fields(base)
     cfg = base.model_copy(deep=True)
     cfg.General.base_model = model
     cfg.Dataset.train_file = training_file_path
@@ -281,6 +296,12 @@ def resolve_config(
         cfg.Training.batch_size = int(hp.batch_size)
     if hp.learning_rate_multiplier != "auto":
         cfg.Training.learning_rate = cfg.Training.learning_rate * float(hp.learning_rate_multiplier)
+    if n_training_records is not None:
+        explicit |= {
+            f"Training.{name}" for (_, name), src in _FROM_HYPERPARAMETERS.items() if getattr(hp, src) != "auto"
+        }
+        n_examples = auto_hparams.training_examples(n_training_records, cfg.Dataset, validation_file_path is not None)
+        cfg = auto_hparams.apply(cfg, n_examples, explicit)
     cfg.Training.seed = seed
     # Attribute assignment skips validation: check the result against the same bounds, so that a
     # multiplier cannot push the rate past 1.0 (nor a file path past its length).

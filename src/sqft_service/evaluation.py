@@ -9,21 +9,30 @@ engine does. Per candidate:
   label tokens the argmax predicts (token accuracy);
 * with ``generate``: a greedy answer to each prompt, rendered as the candidate trained (Alpaca template
   or chat template, as ``inference/render.py``), compared with the reference: exact match (both
-  stripped) and contains match (the stripped reference inside the answer), plus three samples.
+  stripped) and contains match (the stripped reference inside the answer), plus three samples. The
+  prompts are generated in left-padded batches, with the answers of one-at-a-time decoding.
+
+A SparsePEFT adapter (``sparse``) is not attached but merged into a fresh copy of its base with its
+mask (``adapters.merge.masked_merge``), as the inference engine serves it: stock peft would apply the
+unmasked update, a model other than the one trained.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import UserError
 from .jobs.kinds import EvalCandidate, EvaluateParams
 from .training.events import EventSink
 
+T = TypeVar("T")
 BATCH_SIZE = 8
+GENERATION_BATCH_SIZE = 8  # bench/evaluation.py measured the gain over one prompt at a time
 N_SAMPLES = 3
 
 
@@ -81,35 +90,54 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
     return {"loss": loss, "perplexity": perplexity, "token_accuracy": n_correct / n_labels, "n_label_tokens": n_labels}
 
 
-def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int):
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, batch_size: int) -> list[str]:
+    """The greedy answer to each prompt, generated ``batch_size`` prompts at a time.
+
+    Prompts of similar length go together (fewer padding tokens); each batch is padded on the left with
+    an attention mask, so every prompt ends where generation begins and sees only its own tokens. A row
+    that reaches an end-of-sequence id is cut there, as a prompt generated alone stops there: the answers
+    are those of one-at-a-time greedy decoding (tests/unit/test_evaluation_generation.py checks it).
+    """
     import torch
 
     from .inference.engine import InferenceEngine
 
-    eos = sorted(InferenceEngine._eos_ids(model, tokenizer))
-    exact = contains = 0
-    samples = []
-    for record in records:
-        ids, reference = _prompt(tokenizer, record, c.data_format)
-        input_ids = torch.tensor([ids])
+    eos = InferenceEngine._eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    for first in range(0, len(order), batch_size):
+        rows = order[first : first + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows])
+        attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                attention_mask=attention_mask,
                 max_new_tokens=max_new,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos),
             )
-        output = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
-        exact += output.strip() == reference.strip()
-        contains += reference.strip() in output
-        if len(samples) < N_SAMPLES:
-            prompt = tokenizer.decode(ids, skip_special_tokens=True)
-            samples.append({"prompt": prompt, "reference": reference, "output": output})
+        for i, row in zip(rows, out[:, width:].tolist(), strict=True):
+            end = next((k + 1 for k, token in enumerate(row) if token in eos), len(row))
+            answers[i] = tokenizer.decode(row[:end], skip_special_tokens=True)
+    return answers
+
+
+def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int):
+    prompts, references = zip(*(_prompt(tokenizer, r, c.data_format) for r in records), strict=True)
+    outputs = greedy_answers(model, tokenizer, list(prompts), max_new, GENERATION_BATCH_SIZE)
+    exact = sum(o.strip() == ref.strip() for o, ref in zip(outputs, references, strict=True))
+    contains = sum(ref.strip() in o for o, ref in zip(outputs, references, strict=True))
+    samples = [
+        {"prompt": tokenizer.decode(ids, skip_special_tokens=True), "reference": ref, "output": o}
+        for ids, ref, o in list(zip(prompts, references, outputs, strict=True))[:N_SAMPLES]
+    ]
     n = len(records)
     return {"exact_match": exact / n, "contains_match": contains / n, "samples": samples}
 
@@ -143,11 +171,59 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
     return evals
 
 
-def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | None) -> list[dict[str, Any]]:
+def trained_sparse(adapter_dir: str | Path) -> bool:
+    """Whether the ``training_config.json`` a fine-tune saves beside its adapter (and an extracted
+    sub-adapter copies) says SparsePEFT trained it; False when there is none."""
+    try:
+        config = json.loads((Path(adapter_dir) / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("General", {}).get("lora_config", {}).get("sparse_adapter"))
+
+
+def _loading_adapter(c: EvalCandidate, load: Callable[[], T]) -> T:
+    from .training.models import ModelLoadError
+
+    try:
+        return load()
+    except Exception as exc:  # a damaged or foreign adapter directory: the job's error names the candidate
+        raise ModelLoadError(f"could not load the adapter of {c.name}: {exc}".splitlines()[0]) from exc
+
+
+def _candidate_model(c: EvalCandidate, name: str, model_dir: str, models: dict[str, Any]) -> tuple[Any, Any]:
+    """The model to score ``c`` with, and the context to score it in (``models``: the loaded bases)."""
     from peft import PeftModel
 
+    from .adapters.merge import masked_merge
+    from .training.models import load_base_model
+
+    def load() -> Any:
+        # Frozen, as peft leaves a base it wraps: every candidate then takes the same loss path
+        # (causal_lm_loss's chunked cross-entropy needs a frozen head), whatever was loaded before it.
+        return load_base_model(model_dir).eval().requires_grad_(False)
+
+    adapter = c.adapter
+    if adapter is not None and c.sparse:  # its own model, freed after the candidate
+        return _loading_adapter(c, lambda: masked_merge(load(), adapter)).eval(), nullcontext()
+    if model_dir not in models:
+        models[model_dir] = load()
+    model = models[model_dir]
+    if adapter is None:
+        return model, model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+    if isinstance(model, PeftModel):
+        _loading_adapter(c, lambda: model.load_adapter(adapter, adapter_name=name, is_trainable=False))
+    else:
+        model = models[model_dir] = _loading_adapter(
+            c, lambda: PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        )
+    model.eval()
+    model.set_adapter(name)
+    return model, nullcontext()
+
+
+def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | None) -> list[dict[str, Any]]:
     from .threads import configure_torch_threads
-    from .training.models import ModelLoadError, load_base_model, load_tokenizer, resolve_model_dir
+    from .training.models import load_tokenizer, resolve_model_dir
     from .training.records import load_records
 
     configure_torch_threads()
@@ -165,24 +241,8 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     for i, c in enumerate(p.candidates):
         sink.message(f"candidate {i + 1}/{len(p.candidates)}: {c.name}")
         model_dir = resolve_model_dir(c.model, model_cache_dir)
-        if model_dir not in models:
-            models[model_dir] = load_base_model(model_dir).eval()
         tokenizer = load_tokenizer(model_dir, c.tokenizer)
-        context: Any = nullcontext()
-        if c.adapter is not None:
-            name = f"c{i}"
-            try:
-                if isinstance(models[model_dir], PeftModel):
-                    models[model_dir].load_adapter(c.adapter, adapter_name=name, is_trainable=False)
-                else:
-                    models[model_dir] = PeftModel.from_pretrained(models[model_dir], c.adapter, adapter_name=name)
-            except Exception as exc:
-                raise ModelLoadError(f"could not load the adapter of {c.name}: {exc}".splitlines()[0]) from exc
-            models[model_dir].eval()
-            models[model_dir].set_adapter(name)
-        elif isinstance(models[model_dir], PeftModel):
-            context = models[model_dir].disable_adapter()
-        model = models[model_dir]
+        model, context = _candidate_model(c, f"c{i}", model_dir, models)
         with context:
             row: dict[str, Any] = {"candidate": c.name, "n_examples": len(records)}
             row.update(exact_match=None, contains_match=None, samples=[])

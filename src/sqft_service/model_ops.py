@@ -15,6 +15,7 @@ import torch
 from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
 from .adapters.sparsify import sparsify_model
+from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
 from .training.records import load_records
@@ -74,6 +75,9 @@ def sparsify(
     model_dir = resolve_model_dir(model, model_cache_dir)
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir)
+    # Wanda's calibration pass and the per-row top-k run on the GPU when the model fits there.
+    device = operation_device(base)
+    base.to(device)
     calibration = None
     if method == "wanda":
         texts = calibration_texts(calibration_file, n_calibration)
@@ -89,6 +93,7 @@ def sparsify(
         "pattern": pattern,
         "calibration": calibration_label or calibration_file or ("builtin" if method == "wanda" else None),
         "report": report,
+        "device": device.type,
     }
     staging = staging_dir_for(output_dir)
     staging.mkdir(parents=True)
@@ -111,6 +116,7 @@ def merge(
     model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")
+    base.to(operation_device(base))  # the adapter loads onto the base's device; saved files are device-free
     staging = staging_dir_for(output_dir)
     report = merge_adapter(base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir)
     publish_dir(staging, output_dir)

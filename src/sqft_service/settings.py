@@ -63,10 +63,18 @@ class Settings:
     inference_queue: int = 8
     # Models (bases and merged models; adapters ride on their base) kept loaded, least recently used evicted.
     inference_max_models: int = 2
+    # Where jobs run: "subprocess" (a child process of this service) or "ray" (a Ray cluster, needs the
+    # `ray` extra; jobs/ray_runner.py). ray_address is what `ray.init` takes: "auto" finds the cluster
+    # `ray start` started on this machine, or "host:port" of the head node.
+    runner: str = "subprocess"
+    ray_address: str = "auto"
+    ray_namespace: str = "sqft"
 
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ValueError(f"SQFT_LOG_FORMAT={self.log_format!r} is not `text` or `json`")
+        if self.runner not in ("subprocess", "ray"):
+            raise ValueError(f"SQFT_RUNNER={self.runner!r} is not `subprocess` or `ray`")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

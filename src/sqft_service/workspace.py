@@ -6,6 +6,10 @@ A job owns one directory under the data dir (``jobs/<job-id>/``)::
     job.log         the job process's stdout and stderr (downloadable through the API)
     outcome.json    how it ended (``jobs.outcome.JobOutcome``), written once by the job process
     secrets.json    secrets kept out of the stored config (``job_secrets.py``), mode 0600
+    journal.jsonl   events, checkpoints and progress of a job that must not write the store itself
+                    (a Ray job, possibly on another node: ``jobs/journal.py``), read by the manager
+    stop-request    a Ray Train job's stop, for its workers outside the job's process group
+    ray-train/      Ray Train's run directory (``RunConfig.storage_path``) of a multi-worker Ray job
     output/         a fine-tune's artifacts (:class:`TrainingOutputs`)
 
 The layout is shared by the service (``jobs/``, ``api/``) and the job process (``training/``), so it
@@ -92,6 +96,18 @@ class JobWorkspace:
     @property
     def outcome(self) -> Path:
         return self.root / "outcome.json"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.jsonl"
+
+    @property
+    def ray_stop_request(self) -> Path:
+        return self.root / "stop-request"
+
+    @property
+    def ray_train_dir(self) -> Path:
+        return self.root / "ray-train"
 
     @property
     def secrets(self) -> Path:

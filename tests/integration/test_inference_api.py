@@ -190,6 +190,40 @@ def test_streaming_concatenates_to_the_greedy_answer(served):
     assert "".join(c["choices"][0]["text"] for c in streamed) == plain
 
 
+def _per_choice(chunks: list, n: int, kind: str) -> tuple[list[str], list[str | None]]:
+    """Each choice's text and finish reason, gathered by ``index`` from interleaved chunks."""
+    texts, finishes = [""] * n, [None] * n
+    for c in chunks:
+        for choice in c["choices"]:
+            piece = choice["delta"].get("content") if kind == "chat" else choice["text"]
+            texts[choice["index"]] += piece or ""
+            if choice["finish_reason"] is not None:
+                assert finishes[choice["index"]] is None  # one finishing chunk per choice
+                finishes[choice["index"]] = choice["finish_reason"]
+    return texts, finishes
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_streaming_n_choices_equals_the_whole_answer(served, kind):
+    client, jobs = served
+    send = _chat if kind == "chat" else _complete
+    model = jobs["alpaca"]["fine_tuned_model"]
+    # Sampled with a seed, and with a stop string: the choices differ and end differently.
+    args = {"n": 3, "max_tokens": 12, "temperature": 1.0, "seed": 5}
+    whole = send(client, model, **args).json()
+    expected = [c["message"]["content"] if kind == "chat" else c["text"] for c in whole["choices"]]
+    assert len(set(expected)) > 1, expected  # three different samples, or the test proves little
+    chunks = _events(send(client, model, **args, stream=True, stream_options={"include_usage": True}))
+    assert {choice["index"] for c in chunks for choice in c["choices"]} == {0, 1, 2}
+    if kind == "chat":  # each choice opens with its role
+        roles = [c["choices"][0]["index"] for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+        assert roles == [0, 1, 2]
+    texts, finishes = _per_choice(chunks[:-1], 3, kind)
+    assert texts == expected
+    assert finishes == [c["finish_reason"] for c in whole["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
 def test_base_adapter_and_merged_models(served, tiny_model_dir):
     client, jobs = served
     tuned = jobs["alpaca"]["fine_tuned_model"]
@@ -212,7 +246,7 @@ def test_bad_requests_name_the_field(served):
         (_chat(client, model, logprobs=True), 400, "logprobs"),
         (_chat(client, model, max_tokens=100000), 400, "max_tokens"),
         (_complete(client, model, max_tokens=4000), 400, "max_tokens"),  # beyond the tiny model's 512 context
-        (_chat(client, model, stream=True, n=2), 400, "n"),
+        (_chat(client, model, stream=True, n=9), 400, "n"),
     ]
     for resp, status, param in cases:
         assert resp.status_code == status, resp.text

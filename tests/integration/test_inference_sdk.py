@@ -51,6 +51,25 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(tmp_path, tiny_model
         assert text == answer.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
 
+        # n sampled choices streamed: the SDK reads each chunk's choice index; per index, the pieces
+        # join into the choice a non-streamed request with the same seed returns.
+        sampled = {"model": name, "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3}
+        whole = client.chat.completions.create(**sampled)
+        texts, finishes = [""] * 3, [None] * 3
+        for chunk in client.chat.completions.create(**sampled, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        assert texts == [c.message.content for c in whole.choices]
+        assert finishes == [c.finish_reason for c in whole.choices]
+        completions = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1, stream=True)
+        streamed = [""] * 2
+        for chunk in completions:
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+        plain = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1)
+        assert streamed == [c.text for c in plain.choices]
+
         assert client.models.delete(name).deleted is True
         assert name not in [m.id for m in client.models.list()]
     finally:

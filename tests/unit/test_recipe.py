@@ -55,6 +55,8 @@ def make_cfg(model_dir: Path, train_file: Path, *, lora: LoraSection | None = No
     cfg.Dataset.validation_split_percentage = 0
     t = cfg.Training
     t.batch_size, t.learning_rate, t.lr_scheduler, t.seed, t.logging_steps = 4, 1e-2, "constant", 7, 1
+    # fp32: these tests compare updates exactly; "auto" would pick bf16 on a CPU with AVX512-BF16.
+    t.mixed_precision = "no"
     for key, value in training.items():
         setattr(t, key, value)
     return cfg

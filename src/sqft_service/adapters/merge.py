@@ -20,6 +20,17 @@ from .peft_utils import base_of, lora_layers
 from .sparse import enable_sparse_peft, sparsity_report
 
 
+def masked_merge(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The base ``model`` (modified in place) with a SparsePEFT adapter's masked update folded in.
+
+    ``W + M * delta`` in the base weight's dtype: what :class:`SparseLoraLinear`'s fused (eval) forward
+    computes, so the result answers exactly as the trained model and keeps every zero of the base.
+    """
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    enable_sparse_peft(peft_model, peft_model.active_adapter)
+    return peft_model.merge_and_unload()
+
+
 def merge_adapter(
     base_model_path_or_model: str | Path | nn.Module,
     adapter_dir: str | Path,

@@ -56,12 +56,15 @@ def _parse_pattern(pattern: str) -> tuple[int, int]:
 def _input_norms(
     model: nn.Module, layers: dict[str, nn.Linear], samples: list[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    sq_sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    # Kept on each layer's device: a GPU calibration pass then never waits on a copy to the host.
+    sq_sums = {
+        name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in layers.items()
+    }
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq_sums[name] += (x * x).sum(0).cpu()
+            sq_sums[name] += (x * x).sum(0)
 
         return hook
 

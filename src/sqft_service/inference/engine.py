@@ -7,6 +7,12 @@
   adapter is attached to its base with stock peft (``PeftModel.from_pretrained``, then
   ``load_adapter``) and chosen per request with ``set_adapter``; base requests run inside
   ``disable_adapter()``. A merged model is a base of its own.
+* A SparsePEFT adapter (trained as ``W + M*(BA)``, ``adapters/sparse``) is not attached: stock peft would
+  add the unmasked ``BA``. It is served as a model of its own, a fresh copy of the base with the masked
+  update merged in (``adapters.merge.masked_merge``): the same weights the trained model computed with
+  in eval mode, the base's zeros kept, the base's speed (attaching it masked would rebuild the dense
+  ``W + M*(BA)`` of every layer at every decoding step). The price is memory, one model per such
+  adapter, bounded like the others by ``max_models``.
 * Sharing the machine with training: the engine uses ``threads`` torch threads (``SQFT_INFERENCE_THREADS``,
   default 2) whether or not a job trains; jobs take their own budget (``SQFT_THREADS_PER_JOB``). Nothing
   waits for the other; on a small machine both slow down, which an operator tunes with those two.
@@ -38,6 +44,7 @@ _END = object()
 class _Loaded:
     model: Any  # a transformers model, or a PeftModel around it once an adapter is attached
     adapters: dict[str, str] = field(default_factory=dict)  # adapter key (path@inode) → peft adapter name
+    merged_from: str | None = None  # a SparsePEFT adapter's key: this model is the base with it merged in
 
 
 def _adapter_key(path: str) -> str:
@@ -88,19 +95,38 @@ class InferenceEngine:
             self._tokenizers[source] = load_tokenizer(source)
         return self._tokenizers[source]
 
+    def _load(self, key: str, build: Callable[[], Any], merged_from: str | None = None) -> _Loaded:
+        """The loaded model under ``key`` (built if absent), least recently used ones evicted beyond the bound."""
+        loaded = self._models.get(key)
+        if loaded is None:
+            while len(self._models) >= self.max_models:
+                self._models.popitem(last=False)
+            loaded = self._models[key] = _Loaded(build().eval(), merged_from=merged_from)
+        self._models.move_to_end(key)
+        return loaded
+
     def _activate(self, spec: ModelSpec) -> tuple[Any, Any, AbstractContextManager]:
         """The model with the spec's adapter active, its tokenizer, and the context to generate in."""
         from ..training.models import load_base_model, resolve_model_dir
 
         self._setup_torch()
         model_dir = resolve_model_dir(spec.model, self.model_cache_dir)
-        loaded = self._models.get(model_dir)
-        if loaded is None:
-            while len(self._models) >= self.max_models:
-                self._models.popitem(last=False)
-            loaded = self._models[model_dir] = _Loaded(load_base_model(model_dir).eval())
-        self._models.move_to_end(model_dir)
         tokenizer = self._tokenizer(spec, model_dir)
+        if spec.adapter is not None and spec.sparse:
+            # SparsePEFT trained W + M*(BA) (the update masked to the base's non-zeros); stock peft would
+            # apply the unmasked BA. Its own model: a fresh base with the masked update merged in, which
+            # computes what the trained model computed, keeps the zeros, and runs at the base's speed.
+            # It counts against `max_models` like any base (the bound on memory).
+            from ..adapters.merge import masked_merge
+
+            adapter, key = spec.adapter, _adapter_key(spec.adapter)
+
+            def build() -> Any:
+                base = load_base_model(model_dir)
+                return self._with_adapter_error(lambda: masked_merge(base, adapter))
+
+            return self._load(f"{model_dir}+{key}", build, key).model, tokenizer, nullcontext()
+        loaded = self._load(model_dir, lambda: load_base_model(model_dir))
         if spec.adapter is None:
             # Adapters attached for other requests are bypassed, not removed.
             context = loaded.model.disable_adapter() if loaded.adapters else nullcontext()
@@ -112,27 +138,37 @@ class InferenceEngine:
         loaded.model.set_adapter(name)
         return loaded.model, tokenizer, nullcontext()
 
-    def _attach(self, loaded: _Loaded, adapter_dir: str) -> str:
-        from peft import PeftModel
-
-        name = f"a{next(self._names)}"
+    @staticmethod
+    def _with_adapter_error(load: Callable[[], T]) -> T:
         try:
-            if loaded.adapters:
-                loaded.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
-            else:
-                loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name).eval()
+            return load()
         except Exception as exc:  # a damaged or foreign adapter directory: the request names it
             from ..training.models import ModelLoadError
 
             raise ModelLoadError(f"could not load the adapter of this model: {exc}".splitlines()[0]) from exc
+
+    def _attach(self, loaded: _Loaded, adapter_dir: str) -> str:
+        from peft import PeftModel
+
+        name = f"a{next(self._names)}"
+        if loaded.adapters:
+            self._with_adapter_error(
+                lambda: loaded.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+            )
+        else:
+            peft_model = self._with_adapter_error(
+                lambda: PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name)
+            )
+            loaded.model = peft_model.eval()
         return name
 
     def forget(self, path: Path) -> None:
         """Drop every loaded model that uses ``path`` (a deleted adapter or merged model)."""
         prefix = f"{path}@"
-        for model_dir, loaded in list(self._models.items()):
-            if Path(model_dir) == path or any(k.startswith(prefix) for k in loaded.adapters):
-                del self._models[model_dir]
+        for key, loaded in list(self._models.items()):
+            keys = [*loaded.adapters, loaded.merged_from or ""]
+            if Path(key) == path or any(k.startswith(prefix) for k in keys):
+                del self._models[key]
 
     def prepare(self, spec: ModelSpec, render: Callable[[Any], list[int]]) -> tuple[list[int], int]:
         """Load what ``spec`` needs and render the prompt: its token ids and the model's context length."""
@@ -153,12 +189,16 @@ class InferenceEngine:
         return choices
 
     def stream(self, spec: ModelSpec, ids: list[int], sampling: Sampling, sink: queue.Queue, cancel: threading.Event):
-        """Generate one choice, putting text pieces on ``sink``, then the final ``Choice``, then the end mark."""
+        """Generate ``sampling.n`` choices in one batch, putting ``(index, text piece)`` pairs on ``sink``
+        as they are decoded, then the list of final ``Choice``s, then the end mark."""
         from transformers.generation.streamers import BaseStreamer
 
         try:
             model, tokenizer, context = self._activate(spec)
-            decoder = Decoder(tokenizer, self._eos_ids(model, tokenizer), sampling.stop)
+            eos = self._eos_ids(model, tokenizer)
+            # One decoder per returned sequence: generate() expands the prompt to n rows and hands over
+            # one token per row each step (a finished row gets padding, which its decoder ignores).
+            decoders = [Decoder(tokenizer, eos, sampling.stop) for _ in range(sampling.n)]
 
             class Streamer(BaseStreamer):
                 prompt_seen = False
@@ -167,17 +207,22 @@ class InferenceEngine:
                     if not self.prompt_seen:  # generate() hands the prompt over first
                         self.prompt_seen = True
                         return
-                    if piece := decoder.push(value.reshape(-1).tolist()):
-                        sink.put(piece)
+                    for index, token in enumerate(value.reshape(len(decoders), -1).tolist()):
+                        if piece := decoders[index].push(token):
+                            sink.put((index, piece))
 
                 def end(self) -> None:
                     pass
 
+            def stopped() -> list[bool]:  # per row: a row whose decoder saw EOS or a stop string ends
+                return [cancel.is_set() or d.done for d in decoders]
+
             with context:
-                self._run(model, tokenizer, ids, sampling, Streamer(), lambda: cancel.is_set() or decoder.done)
-            if piece := decoder.close():
-                sink.put(piece)
-            sink.put(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
+                self._run(model, tokenizer, ids, sampling, Streamer(), stopped)
+            for index, decoder in enumerate(decoders):
+                if piece := decoder.close():
+                    sink.put((index, piece))
+            sink.put([Choice(d.text, d.finish_reason or "length", len(d.ids)) for d in decoders])
         except Exception as exc:  # handed to the response, which is already under way
             sink.put(exc)
         finally:
@@ -198,7 +243,7 @@ class InferenceEngine:
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool)
+                return torch.tensor(stop(), dtype=torch.bool, device=input_ids.device)
 
         input_ids = torch.tensor([ids])
         kwargs: dict[str, Any] = {

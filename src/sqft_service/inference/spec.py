@@ -15,6 +15,9 @@ class ModelSpec:
     adapter: str | None = None  # a PEFT adapter directory
     # How the job's training rendered its records ("alpaca" | "chat"); None: a base model (chat template).
     data_format: str | None = None
+    # The adapter was trained with SparsePEFT (``General.lora_config.sparse_adapter``): its update is
+    # masked by the base's non-zeros, so it is served merged that way (``engine.py``).
+    sparse: bool = False
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class EvalCandidate(_Params):
     merged: bool = False
     tokenizer: str | None = None  # the job's General.tokenizer_name
     adapter: str | None = None  # a PEFT adapter directory
+    sparse: bool = False  # the adapter was trained with SparsePEFT: evaluated merged with its mask
     data_format: str | None = None  # "alpaca" | "chat" as the job trained; None: a base model
     dataset: dict[str, Any] = {}  # the job's Dataset section (tokenization as in training); {}: defaults
 

@@ -34,10 +34,11 @@ from ..store.ids import now
 from ..store.jobs import FINE_TUNE, STOP_CANCEL, STOP_PAUSE, JobRecord, JobStore
 from ..threads import job_environment, job_thread_budget
 from ..workspace import JobWorkspace, write_atomically
+from .journal import ingest
 from .kinds import DISPLAY_NAMES
 from .outcome import JobError, JobOutcome
-from .runner import LaunchSpec, RunHandle, Runner
-from .subprocess_runner import SubprocessRunner, kill_orphan_job
+from .runner import LaunchError, LaunchSpec, RunHandle, Runner
+from .subprocess_runner import SubprocessRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Running:
     handle: RunHandle
+    journal: Path
     term_sent_at: float | None = None
+    # Bytes of the job's journal stored so far (jobs/journal.py); reading it again from 0 adds nothing twice.
+    journal_offset: int = 0
 
 
 class JobManager:
@@ -89,6 +93,12 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self._lock:
+            if self.runner.jobs_outlive_service:
+                # Ray keeps running them; the next start re-attaches (recover -> runner.attach).
+                for job_id in self._running:
+                    self.events.add_event(job_id, "The service stopped; the job keeps running on the Ray cluster")
+                self._running.clear()
+                return
             for running in self._running.values():
                 self.runner.terminate(running.handle)
             deadline = time.monotonic() + self.settings.cancel_grace_s
@@ -115,8 +125,15 @@ class JobManager:
     def recover(self) -> None:
         """Make the store consistent after a restart (or a crash of the previous service)."""
         for job in self.jobs.with_status("running"):
-            if job.pid and kill_orphan_job(job.pid, job.id):
-                log.warning("killed orphaned process %s of job %s", job.pid, job.id, extra={"job_id": job.id})
+            handle = self.runner.attach(job.id, job.pid)
+            if handle is not None:  # still running (Ray): watch it again; the loop settles it when it ends
+                running = self._running[job.id] = _Running(handle, self.workspace(job).journal)
+                self.events.add_event(job.id, "The service restarted and re-attached to the running job")
+                if job.stop_request:  # a cancel or pause asked for before the restart
+                    self.runner.terminate(handle)
+                    running.term_sent_at = time.monotonic()
+                continue
+            ingest(self.workspace(job).journal, 0, job.id, self.events, self.jobs)
             outcome = JobOutcome.read(self.workspace(job).outcome)
             if outcome is not None and outcome.status != "stopped" and not job.stop_request:
                 self.events.add_event(job.id, "The job process finished while the service was down")
@@ -229,6 +246,8 @@ class JobManager:
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
             code = self.runner.poll(running.handle)
+            # After the poll: once the process has exited, everything it journalled is stored before it is settled.
+            running.journal_offset = ingest(running.journal, running.journal_offset, job_id, self.events, self.jobs)
             if code is None:
                 continue
             del self._running[job_id]
@@ -273,13 +292,25 @@ class JobManager:
             "--model-cache",
             str(self.settings.model_cache_dir.resolve()),
         ]
-        spec = LaunchSpec(job.id, argv, env, workspace.log, Path.cwd())
+        if not self.runner.job_writes_store:
+            argv.append("--journal")
+        training = job.config.get("Training", {}) if job.kind == FINE_TUNE else {}
+        spec = LaunchSpec(
+            job.id,
+            argv,
+            env,
+            workspace.log,
+            Path.cwd(),
+            data_paths=[self.settings.files_dir.resolve(), self.settings.model_cache_dir.resolve()],
+            num_workers=int(training.get("num_training_workers") or 1),
+            resources_per_worker=training.get("resources_per_worker"),
+        )
         try:
             handle = self.runner.submit(spec)
-        except OSError as exc:
+        except (OSError, LaunchError) as exc:
             self._fail(job.id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
             return
-        self._running[job.id] = _Running(handle)
+        self._running[job.id] = _Running(handle, workspace.journal)
         self.jobs.update(
             job.id,
             status="running",

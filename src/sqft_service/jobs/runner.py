@@ -1,10 +1,17 @@
-"""How a job process is started and stopped: the embedded subprocess runner, or Ray (later)."""
+"""How a job process is started and stopped: the embedded subprocess runner, or a Ray cluster."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+
+class LaunchError(Exception):
+    """The job could not be started (no node can take it, the node lacks the data dir, ...)."""
 
 
 @dataclass
@@ -14,6 +21,12 @@ class LaunchSpec:
     env: dict[str, str]
     log_path: Path
     cwd: Path
+    # Paths the job reads or writes outside its workspace (database, uploads, models): a Ray node
+    # must see them all (the data dir is shared) before the job starts there.
+    data_paths: list[Path] = field(default_factory=list)
+    # Training.num_training_workers / resources_per_worker of a fine-tune (1 / None for other kinds).
+    num_workers: int = 1
+    resources_per_worker: dict[str, Any] | None = None
 
 
 class RunHandle(Protocol):
@@ -24,8 +37,15 @@ class RunHandle(Protocol):
 
 
 class Runner(Protocol):
+    # True when jobs keep running after the service stops (Ray): shutdown leaves them, and the next
+    # start re-attaches (attach). False (subprocess): shutdown stops them, the next start resumes them.
+    jobs_outlive_service: bool
+    # True when the job process may write the service's SQLite store (same machine); False: it writes a
+    # journal in its workspace that the manager ingests (jobs/journal.py).
+    job_writes_store: bool
+
     def submit(self, spec: LaunchSpec) -> RunHandle:
-        """Start the job; return at once."""
+        """Start the job; return once it runs. Raises LaunchError (or OSError) when it cannot start."""
 
     def poll(self, handle: RunHandle) -> int | None:
         """The exit code once the job has ended, else None."""
@@ -35,3 +55,23 @@ class Runner(Protocol):
 
     def kill(self, handle: RunHandle) -> None:
         """Stop it now (SIGKILL to its process group)."""
+
+    def attach(self, job_id: str, pid: int | None) -> RunHandle | None:
+        """After a restart: a handle on the job if it still runs and can be watched, else None (then any
+        process left of it is stopped, and the manager settles the job from its outcome)."""
+
+
+def build_runner(settings: Settings) -> Runner:
+    """The runner ``settings.runner`` names (``subprocess`` or ``ray``).
+
+    Raises:
+        ImportError: ``ray`` asked for but not installed (the message says what to install).
+        ConnectionError: no Ray cluster answers at ``settings.ray_address``.
+    """
+    if settings.runner == "ray":
+        from .ray_runner import RayRunner
+
+        return RayRunner(settings.ray_address, settings.ray_namespace)
+    from .subprocess_runner import SubprocessRunner
+
+    return SubprocessRunner()

@@ -6,12 +6,15 @@ threads, data workers), and a crash of the job cannot take the API process with 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 from dataclasses import dataclass
 
 from .runner import LaunchSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +28,10 @@ class SubprocessHandle:
 
 
 class SubprocessRunner:
+    # A job process is the service's child: shutdown stops it, and the next start resumes the job.
+    jobs_outlive_service = False
+    job_writes_store = True
+
     def submit(self, spec: LaunchSpec) -> SubprocessHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "ab") as log:
@@ -53,6 +60,12 @@ class SubprocessRunner:
 
     def kill(self, handle: SubprocessHandle) -> None:
         self._signal_group(handle, signal.SIGKILL)
+
+    def attach(self, job_id: str, pid: int | None) -> None:
+        """A job process cannot be watched across a restart (it is no longer our child): kill what is
+        left of it, so the job is settled from its outcome or runs again, never twice at once."""
+        if pid and kill_orphan_job(pid, job_id):
+            log.warning("killed orphaned process %s of job %s", pid, job_id, extra={"job_id": job_id})
 
 
 def kill_orphan_job(pid: int, job_id: str) -> bool:

@@ -43,10 +43,15 @@ class EventStore:
         level: str = "info",
         type: str = "message",
         data: dict | None = None,
+        event_id: str | None = None,
+        created_at: int | None = None,
     ) -> EventRecord:
-        record = EventRecord(new_id("ftevent"), job_id, now(), level, message, type, data)
+        """Append an event. ``event_id`` and ``created_at`` come from a job's journal (``jobs/journal.py``),
+        read again after a restart: an event already stored under that id is not added twice."""
+        record = EventRecord(event_id or new_id("ftevent"), job_id, created_at or now(), level, message, type, data)
         self.db.execute(
-            "INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO events (id, job_id, created_at, level, message, type, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (record.id, job_id, record.created_at, level, message, type, json.dumps(data) if data else None),
         )
         return record
@@ -69,10 +74,18 @@ class EventStore:
         ]
         return events, has_more
 
-    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict[str, Any]) -> CheckpointRecord:
-        record = CheckpointRecord(new_id("ftckpt"), job_id, now(), step, path, metrics)
+    def add_checkpoint(
+        self,
+        job_id: str,
+        step: int,
+        path: str,
+        metrics: dict[str, Any],
+        checkpoint_id: str | None = None,
+        created_at: int | None = None,
+    ) -> CheckpointRecord:
+        record = CheckpointRecord(checkpoint_id or new_id("ftckpt"), job_id, created_at or now(), step, path, metrics)
         self.db.execute(
-            "INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO checkpoints (id, job_id, created_at, step, path, metrics) VALUES (?, ?, ?, ?, ?, ?)",
             (record.id, job_id, record.created_at, step, path, json.dumps(metrics)),
         )
         return record

@@ -53,3 +53,19 @@ class MemorySink:
     def progress(self, trained_tokens: int, estimated_finish: float | None) -> None:
         self.trained_tokens = trained_tokens
         self.estimated_finish = estimated_finish
+
+
+class NullSink:
+    """Drops everything: the sink of data-parallel ranks other than 0, which report nothing themselves."""
+
+    def message(self, text: str, level: Level = "info", data: dict[str, Any] | None = None) -> None:
+        pass
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint(self, step: int, path: str, metrics: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, trained_tokens: int, estimated_finish: float | None) -> None:
+        pass

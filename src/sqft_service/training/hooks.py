@@ -28,7 +28,9 @@ class StepStats:
     real_tokens: int  # non-pad input tokens over all micro-batches (what tokens/s counts)
     padded_tokens: int  # input tensor elements over all micro-batches (real + padding)
     label_tokens: int  # tokens that took a loss
-    loss: float  # the step's training loss: mean over its label tokens
+    # The step's training loss (mean over its label tokens). None on a GPU between logging points:
+    # reading it there would make the host wait for the device every step (training/step_totals.py).
+    loss: float | None
 
 
 class StepHook:

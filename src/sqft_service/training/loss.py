@@ -55,7 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        n_correct = torch.zeros((), dtype=torch.long)
+        n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t = hidden[rows], targets[rows]
@@ -65,7 +65,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             n_correct += (logits.argmax(dim=-1) == t).sum()
             if want_grad:  # d(loss_sum)/d(logits) = softmax - onehot, in place of the logits
                 probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0]), t] -= 1.0
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 grad_hidden[rows] = (probs.to(dtype) @ w).to(hidden.dtype)
         if want_grad:
             ctx.save_for_backward(grad_hidden)
@@ -83,8 +83,9 @@ def _label_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, targets
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad:
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES // (4 * lm_head.out_features))
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        with torch.autocast("cpu", enabled=False):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        with torch.autocast(device_type, enabled=False):
             return _ChunkedLinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_rows, dtype)
     # An adapted or trainable head (LoRA on lm_head): the plain way, gradients through autograd.
     logits = lm_head(hidden).float()
@@ -102,10 +103,32 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: in
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     hidden = decoder(**kwargs, use_cache=False).last_hidden_state
-    # Position t predicts token t+1.
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    selected = hidden[:, :-1][keep]
-    targets = labels[keep]
+    if "label_positions" in batch:
+        # Positions found on the host before the copy (label_positions): a boolean-mask index on a
+        # GPU would wait for the device to learn how many rows it yields.
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"])
+        targets = batch["label_targets"]
+    else:
+        # Position t predicts token t+1.
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        selected = hidden[:, :-1][keep]
+        targets = labels[keep]
     loss_sum, n_correct = _label_cross_entropy(lm.get_output_embeddings(), selected, targets, chunk_rows)
     return LossOutput(loss_sum=loss_sum, n_correct=n_correct, n_labels=int(targets.numel()))
+
+
+def label_positions(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` plus ``label_positions`` / ``label_targets``: where the loss is taken, found on the host.
+
+    ``label_positions`` indexes the flattened ``[batch * seq]`` hidden states of the positions that
+    predict a label (position t predicts token t+1), in row-major order: the same rows, in the same
+    order, as the boolean mask :func:`causal_lm_loss` otherwise applies, without copying the hidden
+    states. Call it on CPU tensors, before they go to a GPU.
+    """
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    positions = predicts.reshape(-1).nonzero().squeeze(1)
+    targets = labels.reshape(-1).index_select(0, positions + 1)
+    return {**batch, "label_positions": positions, "label_targets": targets}

@@ -133,15 +133,27 @@ def load_base_model(
     trust_remote_code: bool = False,
     token: str | None = None,
 ) -> PreTrainedModel:
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) could run code when it is read.
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token), use_safetensors=True)
     try:
-        # safetensors only: a pickled checkpoint (pytorch_model.bin) could run code when it is read.
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token), use_safetensors=True
-        )
+        # SDPA: PyTorch's fused attention (flash / memory-efficient kernels on a GPU). A model class
+        # without it is loaded with its own default attention instead.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+    except ValueError:
+        # transformers refuses an attention implementation a model class lacks with a ValueError; any
+        # other problem of the model fails the default load too, and that error is the one reported.
+        model = _load_default_attention(model_dir, kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
     clear_gguf_quantization_flag(model)
     return model
+
+
+def _load_default_attention(model_dir: str, kwargs: dict) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

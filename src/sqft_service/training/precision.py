@@ -1,5 +1,6 @@
-"""Mixed precision on CPU: which autocast dtype a job gets, and a low-precision frozen base.
+"""Mixed precision: which autocast dtype a job gets on its device, and a low-precision frozen base.
 
+On a CUDA GPU, bf16 (Ampere and later) and fp16 run on the tensor cores. On a CPU,
 bf16/fp16 autocast only pays on CPUs that run those matmuls natively (AVX512-BF16/AMX,
 AVX512-FP16/AMX-FP16). Elsewhere PyTorch emulates them, one to two orders of magnitude slower
 than fp32 (1.3 vs 144 GFLOP/s on our AVX2 EPYC), so a job that asks for them falls back to fp32
@@ -38,26 +39,47 @@ def native_fp16_supported() -> bool:
         return False
 
 
-def autocast_dtype(mixed_precision: str, warn: Callable[[str], None]) -> torch.dtype | None:
-    """The autocast dtype for ``Training.mixed_precision``, or ``None`` (fp32).
+def cuda_bf16_supported() -> bool:
+    """Whether the current CUDA GPU runs bf16 natively (Ampere and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
-    On a CPU without native support for the asked type, fall back to fp32 and ``warn``.
-    Looks the probes up at call time so tests can stand in for a bf16-capable CPU.
+
+def autocast_dtype(mixed_precision: str, warn: Callable[[str], None], device_type: str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for ``Training.mixed_precision`` on ``device_type``, or ``None`` (fp32).
+
+    "auto" is bf16 where the device runs it natively and fp32 elsewhere, silently. An explicit
+    "bf16"/"fp16" the device cannot run natively falls back to fp32 with a ``warn`` (every CUDA GPU
+    runs fp16). Looks the probes up at call time so tests can stand in for other hardware.
     """
-    native = {
-        "bf16": (torch.bfloat16, native_bf16_supported, "AVX512-BF16/AMX"),
-        "fp16": (torch.float16, native_fp16_supported, "AVX512-FP16/AMX-FP16"),
-    }
+    if device_type == "cuda":
+        native = {
+            "bf16": (torch.bfloat16, cuda_bf16_supported, "a GPU with bf16 (compute capability 8.0+)"),
+            "fp16": (torch.float16, lambda: True, ""),
+        }
+    else:
+        native = {
+            "bf16": (torch.bfloat16, native_bf16_supported, "AVX512-BF16/AMX"),
+            "fp16": (torch.float16, native_fp16_supported, "AVX512-FP16/AMX-FP16"),
+        }
+    if mixed_precision == "auto":
+        dtype, supported, _ = native["bf16"]
+        return dtype if supported() else None
     if mixed_precision not in native:
         return None
     dtype, supported, isa = native[mixed_precision]
     if supported():
         return dtype
+    where = "GPU" if device_type == "cuda" else "CPU"
     warn(
-        f"mixed_precision {mixed_precision!r} asked, but this CPU has no native {mixed_precision} matmul "
+        f"mixed_precision {mixed_precision!r} asked, but this {where} has no native {mixed_precision} matmul "
         f"({isa}): training in fp32 instead"
     )
     return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How the job's events name a precision: "bf16 autocast", "fp16 autocast" or "fp32"."""
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(dtype, "fp32")
 
 
 def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:

@@ -32,13 +32,16 @@ from ..threads import configure_torch_threads
 from ..workspace import TrainingOutputs, publish_dir, staging_dir_for
 from . import precision
 from .batching import Collator, length_grouped_batches
+from .device import attention_mask_4d, describe_device, move_batch, resolve_device
+from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
-from .loss import LossOutput, causal_lm_loss
+from .loss import LossOutput, causal_lm_loss, label_positions
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .records import DataValidationError, load_records
 from .resume import TrainerState, latest_resume_point
+from .step_totals import PendingStep, StepTotals
 from .tokenization import split_train_eval, tokenize_records
 
 log = logging.getLogger(__name__)
@@ -111,15 +114,23 @@ class FinetuneRecipe:
         self.seed = cfg.Training.seed if cfg.Training.seed is not None else 42
         self.handles = AdapterHandles()
         self._metric_rows: list[dict[str, Any]] = []
+        self._unsettled: list[PendingStep] = []  # steps whose loss is still on the device
+        # One rank of a data-parallel group when torch.distributed is initialised (training/distributed.py).
+        self.dp = DataParallel.current()
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
         seed_everything(self.seed)
         self._configure_threads()
+        self.device = resolve_device(cfg.Training.device)
+        # On the CPU nothing is queued, so reading a step's loss at once costs nothing; on a GPU it
+        # would stall the queue every step (training/step_totals.py).
+        self.read_losses_every_step = self.device.type == "cpu"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # Redacted: outputs are shared and copied around; the token stays in the job's secrets file.
-        self.outputs.training_config.write_text(redacted_json(cfg.model_dump(mode="json")))
+        if self.dp.is_main:
+            self.outputs.training_config.write_text(redacted_json(cfg.model_dump(mode="json")))
 
         model_ref = cfg.General.base_model or ""
         model_dir = resolve_model_dir(model_ref, self.model_cache_dir)
@@ -141,33 +152,71 @@ class FinetuneRecipe:
                 param="Dataset.packing",
             )
         self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
+        self._place_model()
         self.model.train()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
         self.sink.message(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)")
 
         t = cfg.Training
-        # Every accepted `device` trains on the CPU (config.py refuses "cuda"), where rounding lengths up
-        # to a multiple of 8 (a GPU tensor-core habit) would only add padding.
+        # No rounding of lengths up to a multiple of 8: on the CPU it only adds padding, and on a GPU the
+        # GEMMs' row count (batch x length) needs no alignment; their other dimensions are the model's.
         self.collator = Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=None)
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
             longest = max(len(e.input_ids) for e in self.train_examples)
             self.collator = PackingCollator(self.collator.pad_token_id, max(cfg.Dataset.max_length, longest))
-        self.steps_per_epoch = math.ceil(len(self.train_examples) / (t.batch_size * t.gradient_accumulation_steps))
+        global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
+        if self.dp.enabled:
+            self.sink.message(
+                f"data-parallel over {self.dp.world_size} ranks: global batch {global_batch} examples per step "
+                f"({t.batch_size} x {t.gradient_accumulation_steps} accumulation x {self.dp.world_size} ranks)"
+            )
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_train_steps is not None:
             self.total_steps = min(self.total_steps, t.max_train_steps)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self.autocast_dtype = precision.autocast_dtype(t.mixed_precision, lambda text: self.sink.message(text, "warn"))
+        # fp16 (not bf16) needs loss scaling on a GPU: its small gradients underflow otherwise.
+        fp16_on_gpu = self.device.type == "cuda" and self.autocast_dtype == torch.float16
+        self.grad_scaler = torch.amp.GradScaler("cuda") if fp16_on_gpu else None
+
+    def _place_model(self) -> None:
+        """Pick the precision, store the frozen base in it, and move the model to the job's device.
+
+        The cast happens on the host, before the move, so the GPU never holds an fp32 copy of the base.
+        """
+        t = self.cfg.Training
+        warn = lambda text: self.sink.message(text, "warn")  # noqa: E731
+        self.autocast_dtype = precision.autocast_dtype(t.mixed_precision, warn, self.device.type)
         if self.autocast_dtype is not None:
             saved = precision.cast_frozen_linears(self.model, self.autocast_dtype)
             self.sink.message(f"frozen base weights stored in {self.autocast_dtype} ({saved / 2**20:.0f} MiB saved)")
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+            if self.handles.nls is not None:
+                self.handles.nls.to(self.device)
+        self.sink.message(
+            f"training on {describe_device(self.device)} in {precision.precision_name(self.autocast_dtype)} "
+            f"(mixed_precision {t.mixed_precision!r})",
+            data={
+                "device": str(self.device),
+                "device_name": self._device_name(),
+                "precision": precision.precision_name(self.autocast_dtype),
+            },
+        )
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
 
     def _configure_threads(self) -> None:
-        threads = configure_torch_threads(self.cfg.Training.num_threads)
+        t = self.cfg.Training
+        cpus = (t.resources_per_worker or {}).get("CPU")
+        threads = configure_torch_threads(t.num_threads or (max(1, int(cpus)) if cpus else None))
         self.sink.message(f"using {threads} intra-op thread(s)")
 
     def _load_data(self) -> tuple[list, list]:
@@ -208,8 +257,10 @@ class FinetuneRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if t.optimizer == "sgd":
             return torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        # foreach=True: one fused multi-tensor update instead of a Python loop over ~200 adapter tensors.
-        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, foreach=True)
+        # foreach=True: one fused multi-tensor update instead of a Python loop over ~200 adapter tensors;
+        # on a GPU, fused=True: the whole update in one kernel per dtype group.
+        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, **fused)
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         from transformers import get_scheduler
@@ -225,16 +276,17 @@ class FinetuneRecipe:
     # ----------------------------------------------------------------- train
     def _batches(self, epoch: int) -> list[list[int]]:
         lengths = [len(e.input_ids) for e in self.train_examples]
+        # Global micro-batches (every rank's examples together); each rank trains its `dp.shard`.
         return length_grouped_batches(
             lengths,
-            self.cfg.Training.batch_size,
+            self.cfg.Training.batch_size * self.dp.world_size,
             seed=self.seed,
             epoch=epoch,
             group_by_length=self.cfg.Dataset.group_by_length,
         )
 
     def _forward(self, batch: dict[str, Any]) -> LossOutput:
-        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return causal_lm_loss(self.model, batch)
 
     def train(self) -> TrainingResult:
@@ -242,6 +294,7 @@ class FinetuneRecipe:
         accum = t.gradient_accumulation_steps
         resumed = self._resume()
         step = resumed.step if resumed else 0
+        self.dp.check_same("the step to resume from", step)
         trained_tokens = resumed.trained_tokens if resumed else 0
         first_epoch = resumed.epoch if resumed else 0
         # Within the epoch it stopped in, skip the optimizer steps already taken (an epoch's batches
@@ -257,23 +310,27 @@ class FinetuneRecipe:
             for first in range(start, len(micro_batches), accum):
                 if step >= self.total_steps:
                     break
-                if self.should_stop():
+                # Rank 0 decides for every rank: all stop at the same step boundary.
+                if self.dp.agree_step(self.should_stop(), step):
                     self.save_resume_state(step, epoch, trained_tokens)
                     raise TrainingStopped(f"stopped at step {step}")
-                group = [
-                    self.collator([self.train_examples[i] for i in idx]) for idx in micro_batches[first : first + accum]
-                ]
+                shards = [self.dp.shard(idx) for idx in micro_batches[first : first + accum]]
+                group = [self._prepare(self.collator([self.train_examples[i] for i in idx])) for idx in shards if idx]
                 for hook in self.step_hooks:
                     hook.before_step(step + 1)
                 t0 = time.perf_counter()
                 if self.handles.nls is not None:
-                    self.handles.nls.sample(step)
-                loss_sum, correct, n_labels, n_real = self._train_step(group, t.max_grad_norm)
+                    self.dp.check_sub_adapter(self.handles.nls.sample(step))
+                if self.dp.enabled:  # each rank its own dropout masks, the same ones again after a resume
+                    torch.manual_seed(self.dp.dropout_seed(self.seed, step))
+                totals, n_labels, n_real = self._train_step(group, t.max_grad_norm)
                 step += 1
                 dt = time.perf_counter() - t0
                 trained_tokens += n_real
                 window.append((dt, n_real))
-                train_loss = loss_sum / max(n_labels, 1)
+                nls_ranks = list(self.handles.nls.active) if self.handles.nls is not None else None
+                pending = PendingStep(totals, n_labels, nls_ranks)
+                row = self._log_step(step, epoch, pending, window, trained_tokens, started)
                 if self.step_hooks:
                     stats = StepStats(
                         step=step,
@@ -282,15 +339,10 @@ class FinetuneRecipe:
                         real_tokens=n_real,
                         padded_tokens=sum(b["n_padded_tokens"] for b in group),
                         label_tokens=n_labels,
-                        loss=train_loss,
+                        loss=pending.loss,
                     )
                     for hook in self.step_hooks:
                         hook.after_step(step, stats)
-                if self.handles.nls is not None:
-                    self.handles.nls.record_loss(train_loss)
-                row = self._log_step(
-                    step, epoch, train_loss, correct / max(n_labels, 1), window, trained_tokens, started
-                )
                 if self.eval_examples and t.eval_steps and step % t.eval_steps == 0:
                     row.update(self.evaluate())
                     self._emit_metrics(row)
@@ -300,6 +352,7 @@ class FinetuneRecipe:
                     # After the last step too: a stop during the final evaluation and saves then
                     # resumes there instead of retraining from the last rolling point.
                     self.save_resume_state(step, epoch, trained_tokens)
+            self._settle_losses()
             epoch_row: dict[str, Any] = {"step": step, "epoch": epoch + 1}
             if self.eval_examples:
                 epoch_row.update(self.evaluate())
@@ -308,6 +361,7 @@ class FinetuneRecipe:
                 self.save_checkpoint(step, epoch + 1, self._last_row() | epoch_row, trained_tokens)
             if step >= self.total_steps:
                 break
+        self._settle_losses()
         final = self._last_row()
         if self.handles.nls is not None:
             # The cheap search signals (draw counts and loss per sampled rank) for later sub-adapter selection.
@@ -317,34 +371,70 @@ class FinetuneRecipe:
         csv_path = self.write_metrics_csv()
         return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path))
 
-    def _train_step(self, group: list[dict[str, Any]], max_grad_norm: float | None) -> tuple[float, int, int, int]:
+    def _train_step(self, group: list[dict[str, Any]], max_grad_norm: float | None) -> tuple[StepTotals, int, int]:
         """One optimizer step over ``group`` micro-batches.
 
         The loss is a mean over every label token of the whole step (not a mean of per-batch means),
         so gradient accumulation gives the same update as one big batch: each micro-batch's summed
-        loss is divided by the step's total label count before backward.
+        loss is divided by the step's total label count before backward. With data parallelism that
+        count is summed over the ranks and so are the gradients, which gives the update of one rank
+        training the global batch. Returns the global step's figures: ``(totals, n_labels, n_real)``,
+        the totals still on the device (read them with ``totals.read()``).
         """
-        n_labels = sum(b["n_label_tokens"] for b in group)
-        loss_sum = 0.0
-        correct = 0
+        n_labels = int(self.dp.sum([sum(b["n_label_tokens"] for b in group)])[0])
+        scaler = self.grad_scaler
+        loss_sums, corrects = [], []
         for batch in group:
             out = self._forward(batch)
-            (out.loss_sum / max(n_labels, 1)).backward()
-            loss_sum += float(out.loss_sum.detach())
-            correct += int(out.n_correct)
+            loss = out.loss_sum / max(n_labels, 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sums.append(out.loss_sum.detach())
+            corrects.append(out.n_correct)
+        self.dp.all_reduce_grads(self.optimizer.param_groups[0]["params"])
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip the true gradients
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], max_grad_norm, foreach=True)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips the update when a gradient overflowed
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, correct, n_labels, sum(b["n_real_tokens"] for b in group)
+        totals = StepTotals(loss_sums, corrects)
+        n_real = sum(b["n_real_tokens"] for b in group)
+        if self.dp.enabled:  # the ranks' figures summed: the reduction needs them on the host now
+            loss_sum, correct = totals.read()
+            loss_sum, correct, n_real = self.dp.sum([loss_sum, correct, n_real])
+            totals = StepTotals.known(loss_sum, int(correct))
+        return totals, n_labels, int(n_real)
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch ready for the device: unchanged on the CPU; on a GPU, with its label positions
+        found on the host and its tensors copied asynchronously from pinned memory. With no host sync in
+        the step, the host collates and queues the next step's copies while the GPU computes this one.
+        """
+        if self.device.type == "cpu":
+            return batch
+        batch = label_positions(batch)
+        if "position_ids" not in batch:  # a packed batch has no 2-D mask to expand
+            batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
+        return move_batch(batch, self.device)
+
+    def _settle_losses(self) -> None:
+        """Read the losses of the steps not read yet: fill their rows and the NLS search statistics."""
+        for pending in self._unsettled:
+            loss, _ = pending.settle()
+            if self.handles.nls is not None:
+                self.handles.nls.record_loss(loss, pending.nls_ranks)
+        self._unsettled.clear()
 
     def _log_step(
         self,
         step: int,
         epoch: int,
-        train_loss: float,
-        accuracy: float,
+        pending: PendingStep,
         window: deque[tuple[float, int]],
         trained_tokens: int,
         started: float,
@@ -357,8 +447,8 @@ class FinetuneRecipe:
             "step": step,
             "epoch": round(epoch + (step - epoch * self.steps_per_epoch) / max(self.steps_per_epoch, 1), 4),
             "total_steps": self.total_steps,
-            "train_loss": round(train_loss, 6),
-            "train_accuracy": round(accuracy, 6),
+            "train_loss": None,  # filled by _settle_losses
+            "train_accuracy": None,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tokens_per_s, 2),
             "step_s": round(step_s, 4),
@@ -366,8 +456,13 @@ class FinetuneRecipe:
             "elapsed_s": round(time.time() - started, 1),
         }
         self._metric_rows.append(row)
+        pending.row = row
+        self._unsettled.append(pending)
         self.sink.progress(trained_tokens, time.time() + eta_s)
-        if step == 1 or step % self.cfg.Training.logging_steps == 0 or step == self.total_steps:
+        log_now = step == 1 or step % self.cfg.Training.logging_steps == 0 or step == self.total_steps
+        if log_now or self.read_losses_every_step:  # a GPU's losses are read at logging points only
+            self._settle_losses()
+        if log_now:
             self._emit_metrics(row)
         return row
 
@@ -379,18 +474,25 @@ class FinetuneRecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        self._settle_losses()
         self.model.eval()
         if self.handles.nls is not None:
             self.handles.nls.activate_maximal()
-        loss_sum, correct, n_labels = 0.0, 0, 0
-        bs = self.cfg.Training.batch_size
+        n_labels = 0
+        loss_sums, corrects = [], []  # read once at the end (StepTotals), not after every batch
+        bs = self.cfg.Training.batch_size * self.dp.world_size  # global batches, sharded as in training
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i].input_ids))
         for first in range(0, len(order), bs):
-            batch = self.collator([self.eval_examples[i] for i in order[first : first + bs]])
+            shard = self.dp.shard(order[first : first + bs])
+            if not shard:
+                continue
+            batch = self._prepare(self.collator([self.eval_examples[i] for i in shard]))
             out = self._forward(batch)
-            loss_sum += float(out.loss_sum)
-            correct += int(out.n_correct)
+            loss_sums.append(out.loss_sum)
+            corrects.append(out.n_correct)
             n_labels += batch["n_label_tokens"]
+        loss_sum, correct = StepTotals(loss_sums, corrects).read()
+        loss_sum, correct, n_labels = self.dp.sum([loss_sum, correct, n_labels])
         self.model.train()
         metrics = {
             "valid_loss": round(loss_sum / max(n_labels, 1), 6),
@@ -402,7 +504,9 @@ class FinetuneRecipe:
 
     # ------------------------------------------------------------- checkpoints
     def save_adapter(self, directory: Path) -> Path:
-        """Save the adapter in standard PEFT format, plus the SQFT search files for NLS jobs."""
+        """Save the adapter in standard PEFT format, plus the SQFT search files for NLS jobs (rank 0 only)."""
+        if not self.dp.is_main:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         (directory / "training_config.json").write_text(redacted_json(self.cfg.model_dump(mode="json")))
@@ -412,6 +516,7 @@ class FinetuneRecipe:
         return directory
 
     def _trainer_state(self, step: int, epoch: int, trained_tokens: int) -> TrainerState:
+        self._settle_losses()  # the saved metric rows and NLS statistics must hold every step's loss
         return TrainerState(
             step=step,
             epoch=epoch,
@@ -423,7 +528,9 @@ class FinetuneRecipe:
         )
 
     def _save_resumable(self, target: Path, state: TrainerState) -> Path:
-        """Adapter + trainer state, built beside ``target`` and put in place by one rename."""
+        """Adapter + trainer state, built beside ``target`` and put in place by one rename (rank 0 only)."""
+        if not self.dp.is_main:
+            return target
         staging = staging_dir_for(target)
         self.save_adapter(staging)
         state.save(staging)
@@ -472,6 +579,8 @@ class FinetuneRecipe:
 
     def write_metrics_csv(self) -> Path:
         path = self.outputs.metrics_csv
+        if not self.dp.is_main:
+            return path
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             writer.writeheader()

@@ -47,10 +47,13 @@ class TrainerState:
         }
         (directory / STATE_JSON).write_text(json.dumps(meta))
         tensors = {
-            "optimizer": self.optimizer,
+            # CPU tensors, so a checkpoint of a GPU job opens on a machine without one (and resumes there).
+            "optimizer": _on_cpu(self.optimizer),
             "scheduler": self.scheduler,
             "torch_rng": torch.get_rng_state(),
-            "nls": self.nls,
+            # A GPU job's dropout draws from the CUDA generator: without its state a resume is not exact.
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "nls": _on_cpu(self.nls),
         }
         torch.save(tensors, directory / STATE_TENSORS)
 
@@ -58,10 +61,15 @@ class TrainerState:
     def load(cls, directory: Path) -> TrainerState:
         """Read a state and restore the global RNGs to where they were when it was saved."""
         meta = json.loads((directory / STATE_JSON).read_text())
-        tensors = torch.load(directory / STATE_TENSORS, weights_only=True)
+        # map_location: older GPU checkpoints may hold CUDA tensors; the optimizer moves its state
+        # onto its parameters' device in load_state_dict.
+        tensors = torch.load(directory / STATE_TENSORS, weights_only=True, map_location="cpu")
         version, internal, gauss = meta["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(tensors["torch_rng"])
+        cuda_rng = tensors.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         return cls(
             step=int(meta["step"]),
             epoch=int(meta["epoch"]),
@@ -71,6 +79,17 @@ class TrainerState:
             scheduler=tensors["scheduler"],
             nls=tensors["nls"],
         )
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in its dicts / lists / tuples on the CPU (CPU tensors are not copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def saved_step(directory: Path) -> int | None:

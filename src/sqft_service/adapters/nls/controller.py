@@ -149,10 +149,16 @@ class ElasticRankController:
         return mask[index]
 
     def _write(self, ranks: torch.Tensor) -> None:
-        ranks = ranks.to(self.rank_mask.device)
-        arange = self._arange.to(self.rank_mask.device)
-        # One in-place op per cached copy (usually exactly one): rows become [1]*r' + [0]*(r-r').
-        self.rank_mask.copy_(arange.unsqueeze(0) < ranks.unsqueeze(1))
+        # Rows become [1]*r' + [0]*(r-r'), built on the host where the ranks were drawn. On a GPU
+        # the new mask goes over from pinned memory without waiting for the device (the caching
+        # host allocator keeps the pinned block alive until the copy has run).
+        rows = self._arange.unsqueeze(0) < ranks.cpu().unsqueeze(1)
+        if self.rank_mask.device.type == "cuda":
+            rows = rows.to(self.rank_mask.dtype).pin_memory()
+            self.rank_mask.copy_(rows, non_blocking=True)
+        else:
+            self.rank_mask.copy_(rows)
+        # One in-place op per cached copy (usually none besides the mask itself).
         for mask in self._mask_cache.values():
             if mask.data_ptr() != self.rank_mask.data_ptr():
                 mask.copy_(self.rank_mask)
@@ -198,9 +204,21 @@ class ElasticRankController:
         self._write(torch.full((len(self.dimensions),), self.max_rank))
         self.active = [self.max_rank] * len(self.dimensions)
 
-    def record_loss(self, loss: float) -> None:
-        """Attribute a step's loss to the ranks active in that step (search statistics)."""
-        ranks = torch.tensor(self.active)
+    def to(self, device: torch.device | str) -> ElasticRankController:
+        """Keep the rank mask on ``device`` (call after moving the model there)."""
+        self.rank_mask = self.rank_mask.to(device)
+        self._mask_cache.clear()
+        return self
+
+    def record_loss(self, loss: float, ranks: list[int] | None = None) -> None:
+        """Attribute a step's loss to the ranks active in that step (search statistics).
+
+        Args:
+            loss: The step's training loss.
+            ranks: The sub-adapter of that step (default: the active one). A GPU job reads losses
+                back a few steps late, after other sub-adapters were drawn, so it passes them.
+        """
+        ranks = torch.tensor(self.active if ranks is None else ranks)
         rows = torch.arange(len(ranks))
         self._loss_sum[rows, ranks] += float(loss)
         self._loss_n[rows, ranks] += 1

@@ -6,13 +6,16 @@ import secrets
 from pathlib import Path
 
 from ...config import FinetuneConfig, resolve_config
+from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
 from ...store.events import CheckpointRecord, EventRecord, EventStore
+from ...store.files import FileRecord
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
+from ...training.records import inspect_training_file
 from ..files.service import FileService
 from ..owner import current_owner, owned_by_caller
 from .protocol import CreateFineTuningJobRequest
@@ -36,6 +39,8 @@ class FineTuningService:
             req.General.config.trust_remote_code,
             model_param="model" if req.model else "General.base_model",
         )
+        # A GPU asked for on a machine without one is a 400 now, not a job that fails once launched.
+        check_device_available(req.Training.device)
         # The service fills these with its own paths of the uploaded files; a client's value would be
         # silently replaced, so it is refused, pointing at the fields that take file ids.
         for name, instead in (("train_file", "training_file"), ("validation_file", "validation_file")):
@@ -73,6 +78,7 @@ class FineTuningService:
             validation_file_path=str(validation.path) if validation else None,
             hyperparameters=hyperparameters,
             seed=seed,
+            n_training_records=_n_records(training),
         )
         # Outputs always live under the data dir: a client-chosen absolute path would let any
         # client write anywhere the service can.
@@ -159,3 +165,12 @@ class FineTuningService:
 
     def log_path(self, job_id: str) -> Path:
         return JobManager.workspace(self.get(job_id)).log
+
+
+def _n_records(training: FileRecord) -> int:
+    """The training file's record count, which sizes the auto hyperparameters (auto_hparams.py).
+
+    Counted at upload; a file stored before the count was kept is read once more.
+    """
+    n = training.meta.get("n_records")
+    return int(n) if n is not None else inspect_training_file(training.path).n_records

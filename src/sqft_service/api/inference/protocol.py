@@ -130,11 +130,13 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
-def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+def chat_chunk(
+    cid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None
+) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_chunk(cid: str, created: int, model: str, text: str, finish: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def completion_chunk(cid: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}

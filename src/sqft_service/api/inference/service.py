@@ -187,8 +187,6 @@ class InferenceService:
         )
 
     async def _stream(self, req: _Sampling, spec: ModelSpec, render, kind: str, param: str) -> Iterator[str]:
-        if req.n != 1:
-            raise InvalidRequestError("streaming returns one choice: leave `n` at 1", param="n")
         engine = self._reserve()
         try:
             ids, context = await asyncio.wrap_future(self._submit(engine, engine.prepare, spec, render, release=False))
@@ -200,37 +198,47 @@ class InferenceService:
             engine.release()
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._events(req.model, kind, len(ids), sink, cancel, include_usage)
+        return self._events(req.model, kind, req.n, len(ids), sink, cancel, include_usage)
 
     @staticmethod
-    def _events(model: str, kind: str, n_prompt: int, sink: queue.Queue, cancel: threading.Event, usage: bool):
-        """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine)."""
+    def _events(
+        model: str, kind: str, n: int, n_prompt: int, sink: queue.Queue, cancel: threading.Event, usage: bool
+    ) -> Iterator[str]:
+        """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine).
+
+        As OpenAI streams ``n`` choices: every chunk carries one choice, told apart by its ``index``; the
+        chunks of different choices interleave as they are generated; each choice ends with its own chunk
+        holding its ``finish_reason``; the usage chunk (if asked) counts all of them.
+        """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                return chat_chunk(cid, created, model, delta, finish)
-            return completion_chunk(cid, created, model, text or "", finish)
+                return chat_chunk(cid, created, model, index, delta, finish)
+            return completion_chunk(cid, created, model, index, text or "", finish)
 
         try:
-            if kind == "chat":
-                yield _sse(chunk(None, role=True))
-            final: Choice | None = None
+            if kind == "chat":  # each choice's first chunk names the role, as OpenAI's do
+                for index in range(n):
+                    yield _sse(chunk(index, None, role=True))
+            final: list[Choice] | None = None
             for item in drain(sink):
                 if isinstance(item, Exception):
                     error = {"message": str(item) or type(item).__name__, "type": "server_error", "param": None}
                     yield _sse({"error": {**error, "code": getattr(item, "code", None)}})
                     return
-                if isinstance(item, Choice):
+                if isinstance(item, list):
                     final = item
-                elif item:
-                    yield _sse(chunk(item))
+                    continue
+                index, piece = item
+                yield _sse(chunk(index, piece))
             assert final is not None
-            yield _sse(chunk(None, final.finish_reason))
+            for index, choice in enumerate(final):
+                yield _sse(chunk(index, None, choice.finish_reason))
             if usage:
-                body = chunk(None)
-                body.update(choices=[], usage=Usage.of(n_prompt, [final]).model_dump())
+                body = chunk(0, None)
+                body.update(choices=[], usage=Usage.of(n_prompt, final).model_dump())
                 yield _sse(body)
             yield _sse("[DONE]")
         finally:

@@ -137,7 +137,8 @@ class ModelService:
         if ref.merged:  # a merged model is a model of its own (its directory holds the tokenizer too)
             return ModelSpec(model_id, str(entry.path), data_format=self._data_format(job))
         base = access.check_model(job.model or "", param)
-        return ModelSpec(model_id, base, tokenizer, str(entry.path), self._data_format(job))
+        sparse = bool(general.get("lora_config", {}).get("sparse_adapter"))  # its sub-adapters too
+        return ModelSpec(model_id, base, tokenizer, str(entry.path), self._data_format(job), sparse)
 
     def _data_format(self, job: JobRecord) -> str | None:
         """How the job rendered its records: its result says so (jobs since inference came); older jobs'

@@ -6,8 +6,9 @@ and synced in every directory the service writes to, the free space of the data 
 job manager's thread. A failed check names the problem without paths (``/ready`` needs no key); the
 log gets the details.
 
-Plug-in point: checks of what does not exist yet belong here too, e.g. the Ray cluster answering
-(once a Ray runner exists) and the configured GPU being visible (once jobs can be given one).
+With the Ray runner (``SQFT_RUNNER=ray``) a ``ray_cluster`` check asks the cluster for its live nodes.
+Plug-in point: checks of what does not exist yet belong here too, e.g. the configured GPU being
+visible (once jobs can be given one).
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def check_job_manager(manager: JobManager) -> None:
         raise NotReady("the job manager is not running: queued jobs would not start")
 
 
+def check_runner(manager: JobManager) -> None:
+    """A runner with a cluster behind it (Ray) says whether the cluster answers."""
+    problem = manager.runner.check()  # type: ignore[attr-defined]
+    if problem:
+        raise NotReady(problem)
+
+
 def readiness(settings: Settings, db: Database, manager: JobManager) -> dict[str, dict]:
     """Every check's result, ``{"ok": true}`` or ``{"ok": false, "error": ...}``, by name."""
     data_dirs = [settings.data_dir, settings.files_dir, settings.jobs_dir, settings.model_cache_dir]
@@ -77,6 +85,8 @@ def readiness(settings: Settings, db: Database, manager: JobManager) -> dict[str
         "disk": lambda: check_disk(settings.data_dir, settings.min_free_disk_mb),
         "job_manager": lambda: check_job_manager(manager),
     }
+    if settings.runner == "ray":
+        checks["ray_cluster"] = lambda: check_runner(manager)
     results: dict[str, dict] = {}
     for name, check in checks.items():
         try:

@@ -153,6 +153,7 @@ class SqftService:
                     merged=entry.ref.merged,
                     tokenizer=None if entry.ref.merged else spec.tokenizer,
                     adapter=spec.adapter,
+                    sparse=spec.sparse,
                     data_format=spec.data_format,
                     dataset=job.config.get("Dataset", {}),
                 )

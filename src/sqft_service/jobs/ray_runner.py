@@ -1,0 +1,284 @@
+"""The Ray runner (``SQFT_RUNNER=ray``): each job runs on a Ray cluster, under a detached actor.
+
+Why an actor per job and not the Ray Jobs API: job submission needs the cluster's dashboard (many
+clusters, CI's included, run ``--include-dashboard=false``), and it gives no process group to signal
+for a cooperative stop. A *detached, named* actor (``sqft-job-<id>`` in the ``sqft`` namespace)
+outlives the service that created it, so the service (the Ray driver) can stop or crash while the job
+goes on, and the next service finds it again by name (:meth:`RayRunner.attach`). The actor starts
+the same ``python -m sqft_service.jobs.worker`` command the subprocess runner starts, in its own
+session on the actor's node: SIGTERM to that group is the same cooperative stop (a fine-tune stops
+at the next step and writes its resume point), SIGKILL the same hard stop.
+
+The child gets ``PR_SET_PDEATHSIG``: if the actor dies (its node's raylet killed it, the node went
+away, or :meth:`RayRunner.kill` removed it), the job process dies with it, so a job the manager
+treats as crashed and queues again is never still running somewhere else.
+
+Data: every node must see the service's data dir at the same path (a shared file system), and run
+the same Python environment (``sys.executable`` is in the command). The actor checks both before it
+starts the job and fails the launch with a message naming the node otherwise. See README "Run on a
+Ray cluster".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+except ImportError as exc:  # the optional extra is missing: say what to install
+    raise ImportError(
+        "SQFT_RUNNER=ray needs Ray: pip install -e '.[ray]' (or `make serve RUNNER=ray`, which installs it)"
+    ) from exc
+
+from .ray_train import RAY_JOB_ENV
+from .runner import LaunchError, LaunchSpec
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "sqft"
+# The exit code poll reports when the actor (and so the job process) is gone without an exit status:
+# 128 + SIGKILL, what a shell reports for a process the OOM killer took.
+ACTOR_LOST_EXIT_CODE = 137
+# Seconds one call to a job's actor may take. A busy cluster may need long to place a new actor.
+CALL_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0
+CHECK_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+def actor_name(job_id: str) -> str:
+    return f"sqft-job-{job_id}"
+
+
+def _die_with_parent() -> None:
+    """In the job process, before exec: SIGKILL when the actor process that started it exits."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a lost actor may leave its job process running
+        pass
+
+
+@ray.remote(max_restarts=0)
+class JobProcess:
+    """Owns one job process on its node. Methods run one at a time on the actor's main thread (the
+    thread that started the child, which PR_SET_PDEATHSIG follows)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.process: subprocess.Popen | None = None
+
+    def start(self, argv: list[str], env: dict[str, str], log_path: str, cwd: str, data_paths: list[str]) -> dict:
+        node = socket.gethostname()
+        for path in data_paths:
+            if not os.path.exists(path):
+                raise LaunchError(
+                    f"Ray node {node} does not see {path}: the data dir must be on a file system shared by every "
+                    "node, mounted at the same path"
+                )
+        if not os.access(argv[0], os.X_OK):
+            raise LaunchError(f"Ray node {node} has no {argv[0]}: every node needs the service's Python environment")
+        env = dict(env)
+        # What Ray gave this actor on this node, and the cluster's address for a job that starts Ray
+        # Train workers itself (num_training_workers > 1).
+        for name in ("CUDA_VISIBLE_DEVICES",):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        env[RAY_JOB_ENV] = "1"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        return {"pid": self.process.pid, "node": node, "job_id": self.job_id}
+
+    def poll(self) -> int | None:
+        return self.process.poll() if self.process is not None else ACTOR_LOST_EXIT_CODE
+
+    def signal(self, sig: int) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class RayHandle:
+    job_id: str
+    actor: Any
+    pid: int | None
+    node: str = ""
+
+
+def connect(address: str, namespace: str) -> None:
+    """Join the cluster at ``address`` as a driver (idempotent); a clear error if none answers."""
+    if ray.is_initialized():
+        return
+    _check_reachable(address)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # log_to_driver off: job output goes to each job's log file, not to the service's stdout.
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConnectionError(
+            f"no Ray cluster at SQFT_RAY_ADDRESS={address!r} ({exc}); start one with `ray start --head` or "
+            "point SQFT_RAY_ADDRESS at the head node (host:port)"
+        ) from exc
+    # ray.init replaces the SIGTERM handler with one that ends the process at once; the server's own
+    # (a graceful shutdown) must stay.
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at ``host:port``: ray.init would retry for minutes first."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return  # "auto" fails fast by itself when no cluster runs here
+    try:
+        socket.create_connection((host, int(port)), timeout=CALL_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"no Ray cluster at SQFT_RAY_ADDRESS={address!r} ({exc.strerror or exc}); start one with "
+            "`ray start --head` or point SQFT_RAY_ADDRESS at the head node (host:port)"
+        ) from exc
+
+
+class RayRunner:
+    """Runs each job under a detached :class:`JobProcess` actor; see the module docstring."""
+
+    # Jobs keep running on the cluster when the service stops; the next start re-attaches.
+    jobs_outlive_service = True
+    # The job may run on another node: it reports through its journal (jobs/journal.py).
+    job_writes_store = False
+
+    def __init__(self, address: str = "auto", namespace: str = NAMESPACE) -> None:
+        self.address = address
+        self.namespace = namespace
+        connect(address, namespace)
+        self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqft-ray-check")
+        self._check: concurrent.futures.Future | None = None
+
+    def submit(self, spec: LaunchSpec) -> RayHandle:
+        self._remove_stale(spec.job_id)
+        actor = JobProcess.options(
+            name=actor_name(spec.job_id),
+            namespace=self.namespace,
+            lifetime="detached",
+            **self._actor_resources(spec),
+        ).remote(spec.job_id)
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        data_paths = [str(spec.log_path.parent), *(str(p) for p in spec.data_paths)]
+        try:
+            started = ray.get(
+                actor.start.remote(spec.argv, spec.env, str(spec.log_path), str(spec.cwd), data_paths),
+                timeout=START_TIMEOUT_S,
+            )
+        except GetTimeoutError:
+            ray.kill(actor)
+            raise LaunchError(
+                f"no Ray node could take the job within {START_TIMEOUT_S:.0f} s (resources asked: "
+                f"{self._actor_resources(spec)}); see `ray status`"
+            ) from None
+        except Exception as exc:
+            ray.kill(actor)
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), LaunchError) else exc
+            raise LaunchError(str(cause)) from exc
+        log.info("job %s runs on Ray node %s (pid %s)", spec.job_id, started["node"], started["pid"])
+        return RayHandle(spec.job_id, actor, started["pid"], started["node"])
+
+    @staticmethod
+    def _actor_resources(spec: LaunchSpec) -> dict[str, Any]:
+        """A one-worker job trains inside the actor's job process, so the actor holds the worker's
+        resources (Ray places it on a node that has them). A multi-worker job's process only drives
+        Ray Train, whose workers hold the resources, so the actor asks for none."""
+        if spec.num_workers > 1:
+            return {"num_cpus": 0}
+        wanted = dict(spec.resources_per_worker or {"CPU": 1})
+        options: dict[str, Any] = {"num_cpus": wanted.pop("CPU", 0), "num_gpus": wanted.pop("GPU", 0)}
+        if wanted:
+            options["resources"] = wanted
+        return options
+
+    def _remove_stale(self, job_id: str) -> None:
+        """An actor left by an earlier launch of this job (its cleanup was cut short) would block the name."""
+        try:
+            stale = ray.get_actor(actor_name(job_id), namespace=self.namespace)
+        except ValueError:
+            return
+        ray.kill(stale)
+
+    def poll(self, handle: RayHandle) -> int | None:
+        try:
+            code = ray.get(handle.actor.poll.remote(), timeout=CALL_TIMEOUT_S)
+        except (GetTimeoutError, ActorUnavailableError):
+            return None  # the cluster is slow or reconnecting: ask again at the next tick
+        except RayActorError as exc:
+            # The actor died (node lost, killed): its job process died with it.
+            log.warning("job %s: its Ray actor died: %s", handle.job_id, str(exc).splitlines()[0])
+            return ACTOR_LOST_EXIT_CODE
+        if code is not None:
+            self._release(handle)
+        return code
+
+    def _release(self, handle: RayHandle) -> None:
+        """The job process has exited: its actor has nothing left to do."""
+        try:
+            ray.kill(handle.actor)
+        except Exception:  # already gone
+            pass
+
+    def _signal(self, handle: RayHandle, sig: int) -> None:
+        try:
+            ray.get(handle.actor.signal.remote(int(sig)), timeout=CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, ActorUnavailableError):
+            pass  # gone (poll reports it) or unreachable (the manager escalates after the grace period)
+
+    def terminate(self, handle: RayHandle) -> None:
+        self._signal(handle, signal.SIGTERM)
+
+    def kill(self, handle: RayHandle) -> None:
+        self._signal(handle, signal.SIGKILL)
+
+    def attach(self, job_id: str, pid: int | None) -> RayHandle | None:
+        """The job's actor, if it is still alive on the cluster (the service restarted while it ran)."""
+        try:
+            actor = ray.get_actor(actor_name(job_id), namespace=self.namespace)
+        except ValueError:
+            return None
+        return RayHandle(job_id, actor, pid)
+
+    def check(self) -> str | None:
+        """None while the cluster answers, else why not (GET /ready). Asked on a worker thread: with the
+        head down, Ray's own call waits a minute, far longer than a probe does."""
+        if self._check is None or self._check.done():
+            self._check = self._checker.submit(lambda: [n for n in ray.nodes() if n.get("Alive")])
+        try:
+            nodes = self._check.result(timeout=CHECK_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            return f"the Ray cluster at {self.address} does not answer within {CHECK_TIMEOUT_S:.0f} s"
+        except Exception as exc:
+            return f"the Ray cluster does not answer: {type(exc).__name__}"
+        if not nodes:
+            return "the Ray cluster has no live node"
+        return None

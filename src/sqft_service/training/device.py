@@ -1,0 +1,97 @@
+"""The job's device: which one, how the events name it, and how a batch gets there.
+
+``Training.device`` "auto" takes the first CUDA GPU when torch sees one and the CPU otherwise;
+"cuda" with no GPU fails the job naming the field (the API refuses it earlier, ``devices.py``, but a
+job may be resumed after the GPU went away, or run by ``sqft train`` directly). Merge and sparsify
+take the GPU when the model fits in it (:func:`operation_device`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidConfigurationError
+
+MAX_MASK_BYTES = 64 * 2**20  # a 4-D bool mask of up to 8 rows of 2,896 tokens
+
+
+def resolve_device(requested: str, param: str = "Training.device") -> torch.device:
+    """The ``torch.device`` for ``Training.device`` ("cpu", "cuda" or "auto").
+
+    Raises:
+        InvalidConfigurationError: "cuda" and ``torch.cuda.is_available()`` is false.
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if requested == "cuda":
+        raise InvalidConfigurationError(
+            f"`{param}` 'cuda': no CUDA GPU is available to this job (torch.cuda.is_available() is false); "
+            "use 'auto' or 'cpu'",
+            param=param,
+        )
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for the job's events: the device, and for a GPU its name and memory."""
+    if device.type != "cuda":
+        return f"device cpu ({torch.get_num_threads()} intra-op thread(s))"
+    props = torch.cuda.get_device_properties(device)
+    return (
+        f"device {device} {props.name} ({props.total_memory / 2**30:.1f} GiB, compute capability "
+        f"{props.major}.{props.minor}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+    )
+
+
+def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask to give a GPU forward: a boolean ``[batch, 1, seq, seq]`` SDPA mask built on the host.
+
+    From a 2-D mask, transformers builds this itself and on the way asks the device whether the batch
+    has padding (``mask.all()``), or, with no mask, whether its positions are packed: either is a host
+    sync in every forward. A prepared 4-D mask is used as it is. Causal, and a key is visible when it
+    is a real token; a padding query also sees itself, so no row is empty (an all-masked row makes
+    SDPA return NaN, which would reach the adapters' gradients through ``NaN * 0``). Padding rows take
+    no loss and no real token sees them, so what they see changes nothing. A batch without padding
+    gets one ``[1, 1, seq, seq]`` causal mask, broadcast. A mask over ``MAX_MASK_BYTES`` (long rows)
+    stays 2-D: its copy would cost more than the sync.
+    """
+    batch, seq = attention_mask.shape
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril_()
+    if bool(attention_mask.all()):
+        return causal[None, None]
+    if batch * seq * seq > MAX_MASK_BYTES:
+        return attention_mask
+    visible = attention_mask.bool()[:, None, None, :] | torch.eye(seq, dtype=torch.bool)
+    return causal & visible
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors on ``device``: pinned and copied asynchronously to a GPU.
+
+    ``non_blocking`` from pinned memory lets the copy overlap the previous step's kernels; on the CPU
+    the batch is returned as it is (no copy, no overhead).
+    """
+    if device.type == "cpu":
+        return batch
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.pin_memory().to(device, non_blocking=True)
+        moved[key] = value
+    return moved
+
+
+def operation_device(model: torch.nn.Module, headroom: float = 1.25) -> torch.device:
+    """Where a one-off operation (merge, sparsify) on ``model`` runs: the GPU when it has room, else the CPU.
+
+    An operation has no ``Training.device``; it takes the GPU when there is one and the model (with
+    ``headroom`` for activations and temporaries) fits in its free memory, so a model too big for
+    the card is still merged or pruned, more slowly, on the host.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    need = sum(p.numel() * p.element_size() for p in model.parameters()) * headroom
+    free, _ = torch.cuda.mem_get_info()
+    return torch.device("cuda", torch.cuda.current_device()) if need <= free else torch.device("cpu")

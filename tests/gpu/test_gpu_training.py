@@ -1,0 +1,224 @@
+"""Every method on CUDA as on the CPU: LoRA, NLS, SparsePEFT train, save, merge and prune on the GPU.
+
+A tiny Llama trains a few steps on the GPU and on the CPU from the same weights and data; the losses
+agree (fp32 both, so only the kernels' summation order differs). What a GPU job saves opens on the
+CPU with stock peft; a sparse merge keeps every zero; Wanda calibrates on the GPU; and between
+logging points the training step never makes the host wait for the device.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqft_service.config import FinetuneConfig, LoraSection
+from sqft_service.training.events import MemorySink
+from sqft_service.training.hooks import StepHook
+from sqft_service.training.recipe import FinetuneRecipe, run_training
+from tests.conftest import make_tiny_llama
+from tests.helpers import alpaca_records, write_json
+
+NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
+METHODS = {
+    "lora": dict(r=8, lora_alpha=16, lora_dropout=0.0),
+    "nls": dict(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["8,6,4", "8,4", "8,2"],
+    ),
+    "sparsepeft": dict(r=8, lora_alpha=16, lora_dropout=0.0, sparse_adapter=True),
+}
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_records(48))
+
+
+def _model_dir(root: Path, tokenizer_dir: Path, sparse: bool) -> Path:
+    from transformers import AutoTokenizer
+
+    from sqft_service.adapters.sparsify import sparsify_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.3, hidden_size=64, intermediate_size=128)
+    if sparse:
+        sparsify_model(model, "magnitude", 0.5)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, gpu_tokenizer_dir) -> dict[bool, Path]:
+    return {
+        sparse: _model_dir(tmp_path_factory.mktemp(f"tiny-{sparse}"), gpu_tokenizer_dir, sparse)
+        for sparse in (False, True)
+    }
+
+
+def _cfg(model_dir: Path, train_file: Path, method: str, device: str, **training) -> FinetuneConfig:
+    cfg = FinetuneConfig()
+    cfg.General.base_model = str(model_dir)
+    cfg.General.lora_config = LoraSection(**METHODS[method])
+    cfg.Dataset.train_file = str(train_file)
+    cfg.Dataset.validation_split_percentage = 0
+    t = cfg.Training
+    t.batch_size, t.learning_rate, t.lr_scheduler, t.seed, t.logging_steps = 4, 1e-2, "constant", 7, 1
+    t.max_train_steps, t.device, t.mixed_precision = 6, device, "no"
+    for key, value in training.items():
+        setattr(t, key, value)
+    return cfg
+
+
+def _losses(sink: MemorySink) -> list[float]:
+    return [row["train_loss"] for row in sink.metric_rows if "train_loss" in row]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_on_cuda_as_on_the_cpu(model_dirs, train_file, tmp_path, method):
+    model_dir = model_dirs[method == "sparsepeft"]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        sink = MemorySink()
+        recipe = FinetuneRecipe(_cfg(model_dir, train_file, method, device), tmp_path / device, sink)
+        recipe.setup()
+        assert {p.device.type for p in recipe.model.parameters()} == {device}
+        try:
+            recipe.train()
+            nls = recipe.handles.nls.stats()["dimensions"] if recipe.handles.nls is not None else None
+        finally:
+            recipe.cleanup()
+        runs[device] = (_losses(sink), nls, sink)
+    cpu, cuda = runs["cpu"], runs["cuda"]
+    assert len(cuda[0]) == 6 and cuda[0][-1] < cuda[0][0]
+    torch.testing.assert_close(torch.tensor(cuda[0]), torch.tensor(cpu[0]), rtol=5e-3, atol=5e-3)
+    if method == "nls":  # the same sub-adapters drawn, the same statistics kept
+        assert [[d["ranks"][r]["draws"] for r in d["ranks"]] for d in cuda[1]] == [
+            [d["ranks"][r]["draws"] for r in d["ranks"]] for d in cpu[1]
+        ]
+    placed = next(d for _, _, d in cuda[2].messages if d and "device" in d)
+    assert placed["device"].startswith("cuda") and placed["device_name"] == torch.cuda.get_device_name()
+
+
+def test_auto_precision_on_the_gpu_is_bf16_with_a_bf16_frozen_base(model_dirs, train_file, tmp_path):
+    cfg = _cfg(model_dirs[False], train_file, "lora", "auto", mixed_precision="auto")
+    sink = MemorySink()
+    recipe = FinetuneRecipe(cfg, tmp_path, sink)
+    recipe.setup()
+    assert recipe.device.type == "cuda"
+    assert recipe.autocast_dtype is (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+    base = recipe.model.get_base_model().model.layers[0].mlp.gate_proj.weight
+    assert base.dtype == (recipe.autocast_dtype or torch.float32)
+    assert all(p.dtype == torch.float32 for p in recipe.model.parameters() if p.requires_grad)
+    recipe.train()
+    assert all(torch.isfinite(torch.tensor(_losses(sink))))
+
+
+def test_what_a_gpu_job_saves_opens_on_the_cpu_with_stock_peft(model_dirs, train_file, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(model_dirs[False], train_file, "nls", "cuda")
+    cfg.General.save_strategy, cfg.General.save_steps = "steps", 3
+    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink())
+    recipe.setup()
+    try:
+        recipe.train()
+        trained = {n: p.detach().cpu() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    finally:
+        recipe.cleanup()
+    # Optimizer state and NLS statistics as CPU tensors (torch.load restores tensors where they were saved).
+    state = torch.load(tmp_path / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)
+    tensors = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            [walk(v) for v in value.values()]
+        elif isinstance(value, (list, tuple)):
+            [walk(v) for v in value]
+
+    walk(state)
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    base = AutoModelForCausalLM.from_pretrained(model_dirs[False], dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(t.device.type == "cpu" for t in saved.values())
+    got = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+    for name, value in trained.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+
+
+def test_sparse_job_merged_on_the_gpu_keeps_every_zero(model_dirs, train_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from sqft_service.model_ops import merge
+
+    run_training(_cfg(model_dirs[True], train_file, "sparsepeft", "cuda"), tmp_path / "job", MemorySink())
+    result = merge(str(model_dirs[True]), tmp_path / "job" / "adapter", tmp_path / "merged", sparse=True)
+    assert result["zeros_preserved"] is True
+    before = load_file(str(model_dirs[True] / "model.safetensors"))
+    after = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    changed = 0
+    for name, weight in before.items():
+        if "layers." in name and name.endswith("proj.weight"):
+            assert bool((after[name][weight == 0] == 0).all()), name
+            changed += int(not torch.equal(after[name], weight))
+    assert changed > 0  # the adapter did move the merged weights
+
+
+def test_wanda_calibrates_on_the_gpu(model_dirs, tmp_path):
+    from sqft_service.model_ops import sparsify
+
+    result = sparsify(str(model_dirs[False]), tmp_path / "wanda", method="wanda", sparsity=0.5)
+    assert result["device"] == "cuda"
+    assert abs(result["report"]["overall"] - 0.5) < 0.02
+    assert json.loads((tmp_path / "wanda" / "sparsity_report.json").read_text())["method"] == "wanda"
+
+
+class SyncRecorder(StepHook):
+    """Turns CUDA's sync debug mode on around the steps that are not logging points, and records syncs."""
+
+    def __init__(self, watched: set[int]) -> None:
+        self.watched, self.syncs, self._catcher = watched, [], None
+
+    def before_step(self, step: int) -> None:
+        if step in self.watched:
+            self._catcher = warnings.catch_warnings(record=True)
+            self.caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def after_step(self, step: int, stats) -> None:
+        if self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.syncs += [f"step {step}: {w.message}" for w in self.caught if "synchroniz" in str(w.message)]
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_file, tmp_path, method):
+    cfg = _cfg(
+        model_dirs[method == "sparsepeft"], train_file, method, "cuda", logging_steps=100, mixed_precision="auto"
+    )
+    cfg.Training.max_train_steps = 8
+    recorder = SyncRecorder(watched={3, 4, 5, 6})  # after warm-up, before the last (logged) step
+    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink(), step_hooks=[recorder])
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert recorder.syncs == []

@@ -1,0 +1,140 @@
+"""The models an NLS job leaves behind, through a real ``sqft serve`` process and its job processes.
+
+A tiny Llama is pruned (``/v1/finetune/sparsify``), a SparsePEFT + NLS job trains on it (the reference
+README's search space, a high learning rate so that the adapter moves), its heuristic sub-adapter is
+extracted and merged, and the super-adapter is merged. Then:
+
+* ``/v1/models`` lists each of them under its OpenAI-style id, ``/v1/models/{id}`` finds each;
+* an adapter answers exactly as its (sparse) merged model: the served SparsePEFT update is the masked
+  one, for the super-adapter and for the sub-adapter extracted from it, in completions and in an
+  evaluate job (same loss to the last bit, same greedy answers);
+* ``DELETE /v1/models/{id}`` removes what it names and nothing else: the sub-adapter's merged model
+  (which lives inside its directory) outlives it, and a deleted model is a 404 everywhere.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import alpaca_records, wait_until, write_json
+from tests.integration.conftest import PYTEST_TMP_ROOT
+from tests.server import Server
+
+NLS = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "neural_lora_search": True,
+    "sparse_adapter": True,
+    "target_module_groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
+    "search_space": ["8,6,4", "8,6,4", "8,6,4"],
+}
+
+
+def _ok(resp: httpx.Response) -> dict:
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("models-server")
+    server = Server(
+        root / "data",
+        SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]),
+        SQFT_THREADS_PER_JOB="1",
+        SQFT_INFERENCE_THREADS="1",
+    )
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            with open(write_json(root / "train.json", alpaca_records(16)), "rb") as handle:
+                file_id = _ok(http.post("/v1/files", files={"file": handle}, data={"purpose": "fine-tune"}))["id"]
+            sparse = _ok(http.post("/v1/finetune/sparsify", json={"model": str(tiny_model_dir), "sparsity": 0.5}))
+            body = {
+                "model": sparse["path"],
+                "training_file": file_id,
+                "Training": {"batch_size": 4, "max_train_steps": 8, "learning_rate": 5e-2},
+                "General": {"lora_config": NLS},
+            }
+            job_id = _ok(http.post("/v1/fine_tuning/jobs", json=body))["id"]
+            job = wait_until(
+                lambda: (
+                    (j := http.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j
+                ),
+                300,
+                what="the NLS job to finish",
+            )
+            assert job["status"] == "succeeded", job["error"]
+            extract = {"fine_tuning_job_id": job_id, "sub_adapter_version": "heuristic"}
+            _ok(http.post("/v1/finetune/extract_adapter", json=extract))
+            merged_sub = _ok(http.post("/v1/finetune/merge_adapter", json={**extract}))
+            merged_super = _ok(http.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job_id}))
+            assert merged_sub["sparse"] is True and merged_super["sparse"] is True
+            ft = job["fine_tuned_model"]
+            names = {
+                "base": sparse["path"],
+                "super": ft,
+                "super_merged": f"{ft}:merged",
+                "sub": f"{ft}:heuristic",
+                "sub_merged": f"{ft}:heuristic:merged",
+            }
+            yield http, names, file_id
+    finally:
+        server.stop()
+
+
+def _listed(http: httpx.Client) -> set[str]:
+    return {m["id"] for m in _ok(http.get("/v1/models"))["data"]}
+
+
+def _complete(http: httpx.Client, model: str) -> httpx.Response:
+    body = {"model": model, "prompt": "The sky is", "max_tokens": 12, "temperature": 0}
+    return http.post("/v1/completions", json=body)
+
+
+def test_models_lists_sub_adapters_and_merged_models(served):
+    http, names, _ = served
+    assert _listed(http) == set(names.values())
+    for name in names.values():
+        assert _ok(http.get(f"/v1/models/{name}"))["id"] == name
+
+
+def test_sparse_adapters_answer_as_their_sparse_merges(served):
+    http, names, file_id = served
+    texts = {key: _ok(_complete(http, name))["choices"][0]["text"] for key, name in names.items()}
+    assert texts["super"] != texts["base"]  # the adapter is applied ...
+    assert texts["super"] == texts["super_merged"]  # ... masked, as the sparse merge folded it in
+    assert texts["sub"] == texts["sub_merged"]
+
+    candidates = [names["sub"], names["sub_merged"], names["super"], names["super_merged"]]
+    body = {"candidates": candidates, "file": file_id, "max_samples": 6, "max_new_tokens": 6, "wait": False}
+    op_id = http.post("/v1/finetune/evaluate", json=body).json()["id"]
+    op = wait_until(
+        lambda: (o := http.get(f"/v1/finetune/operations/{op_id}").json())["status"] in ("succeeded", "failed") and o,
+        300,
+        what="the evaluation",
+    )
+    assert op["status"] == "succeeded", op.get("error")
+    sub, sub_merged, sup, sup_merged = op["result"]["data"]
+    for adapter, merged in ((sub, sub_merged), (sup, sup_merged)):
+        assert adapter["loss"] == merged["loss"]
+        assert [s["output"] for s in adapter["samples"]] == [s["output"] for s in merged["samples"]]
+
+
+def test_delete_removes_exactly_the_named_model(served):
+    http, names, _ = served
+    assert _ok(http.delete(f"/v1/models/{names['sub']}")) == {"id": names["sub"], "object": "model", "deleted": True}
+    # The sub-adapter's merged model lives inside its directory and is a model of its own: it stays.
+    assert _listed(http) == {names[k] for k in ("base", "super", "super_merged", "sub_merged")}
+    assert _complete(http, names["sub_merged"]).status_code == 200
+    for key in ("sub_merged", "super_merged"):
+        _ok(http.delete(f"/v1/models/{names[key]}"))
+    assert _listed(http) == {names["base"], names["super"]}
+    for key in ("sub", "sub_merged", "super_merged"):
+        for resp in (http.get(f"/v1/models/{names[key]}"), _complete(http, names[key])):
+            assert resp.status_code == 404 and resp.json()["error"]["param"] == "model", resp.text
+        assert http.delete(f"/v1/models/{names[key]}").status_code == 404
+    # A base model is not the caller's to delete.
+    assert http.delete(f"/v1/models/{names['base']}").status_code == 403

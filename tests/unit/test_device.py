@@ -1,0 +1,222 @@
+"""Device selection and the GPU-shaped parts of the loop, checked on the CPU.
+
+``Training.device`` / ``mixed_precision`` "auto" resolve to what this machine has; "cuda" without a
+GPU is refused naming the field; the host-side label positions a GPU batch carries give the very
+loss and gradients of the boolean-mask path; and reading losses late (as a GPU job does, at logging
+points) logs the same numbers and NLS statistics as reading them after every step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sqft_service.config import FinetuneConfig, LoraSection
+from sqft_service.devices import check_device_available, cuda_available
+from sqft_service.errors import InvalidConfigurationError
+from sqft_service.training import precision
+from sqft_service.training.batching import Collator
+from sqft_service.training.device import attention_mask_4d, describe_device, move_batch, resolve_device
+from sqft_service.training.events import MemorySink
+from sqft_service.training.loss import causal_lm_loss, label_positions
+from sqft_service.training.recipe import FinetuneRecipe
+from sqft_service.training.step_totals import StepTotals
+from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
+from tests.conftest import make_tiny_llama, randomize_b
+from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, train_file  # noqa: F401 (fixtures)
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_defaults_are_auto():
+    t = FinetuneConfig().Training
+    assert (t.device, t.mixed_precision) == ("auto", "auto")
+
+
+def test_auto_picks_cuda_exactly_when_torch_sees_a_gpu():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@no_cuda
+def test_cuda_without_a_gpu_is_refused_naming_the_field():
+    with pytest.raises(InvalidConfigurationError) as job_side:
+        resolve_device("cuda")
+    assert job_side.value.param == "Training.device" and "no CUDA GPU" in job_side.value.message
+    # The service's check (a child process asks torch, so the API process stays torch-free).
+    assert cuda_available() is False
+    with pytest.raises(InvalidConfigurationError) as api_side:
+        check_device_available("cuda")
+    assert api_side.value.param == "Training.device" and api_side.value.code == "invalid_configuration"
+    check_device_available("auto")
+    check_device_available("cpu")
+
+
+def test_the_service_probe_agrees_with_torch():
+    assert cuda_available() is torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda: native)
+    warnings: list[str] = []
+    assert precision.autocast_dtype("auto", warnings.append, "cpu") is expected
+    assert warnings == []  # "auto" falls back silently; only an explicit "bf16" warns
+    assert precision.autocast_dtype("no", warnings.append, "cpu") is None
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16, expected):
+    monkeypatch.setattr(precision, "cuda_bf16_supported", lambda: bf16)
+    warnings: list[str] = []
+    assert precision.autocast_dtype("auto", warnings.append, "cuda") is expected
+    assert warnings == []
+    assert precision.autocast_dtype("fp16", warnings.append, "cuda") is torch.float16  # every CUDA GPU
+    assert precision.autocast_dtype("bf16", warnings.append, "cuda") is expected
+    assert bool(warnings) is (not bf16) and all("GPU" in w for w in warnings)
+
+
+def test_precision_names():
+    assert precision.precision_name(torch.bfloat16) == "bf16 autocast"
+    assert precision.precision_name(None) == "fp32"
+
+
+def _batch() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (6, 13, 21):
+        ids = torch.randint(3, 512, (n,), generator=gen).tolist()
+        examples.append(TokenizedExample(input_ids=ids, labels=[IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
+    return Collator(pad_token_id=2)(examples)
+
+
+def test_host_label_positions_give_the_mask_paths_loss_and_gradients_exactly():
+    from sqft_service.adapters.lora import build_peft_model
+
+    model, _ = build_peft_model(make_tiny_llama(512, seed=1), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    batch = _batch()
+    prepared = label_positions(batch)
+    assert prepared["label_positions"].numel() == batch["n_label_tokens"] == prepared["label_targets"].numel()
+    results = []
+    for b in (batch, prepared):
+        model.zero_grad()
+        out = causal_lm_loss(model, b)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss_sum.detach(), int(out.n_correct), out.n_labels, grads))
+    (loss_a, correct_a, n_a, grads_a), (loss_b, correct_b, n_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and (correct_a, n_a) == (correct_b, n_b)
+    assert grads_a and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_host_built_4d_mask_gives_the_2d_masks_loss_and_gradients(side):
+    from sqft_service.adapters.lora import build_peft_model
+
+    model, _ = build_peft_model(make_tiny_llama(512, seed=2), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (6, 13, 21):
+        ids = torch.randint(3, 512, (n,), generator=gen).tolist()
+        examples.append(TokenizedExample(input_ids=ids, labels=[IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
+    batch = Collator(pad_token_id=2, padding_side=side)(examples)
+    mask = attention_mask_4d(batch["attention_mask"])
+    width = batch["input_ids"].shape[1]
+    assert mask.shape == (3, 1, width, width) and mask.any(dim=-1).all()  # no query row is left empty
+    results = []
+    for b in (batch, {**batch, "attention_mask": mask}):
+        model.zero_grad()
+        out = causal_lm_loss(model, b)
+        out.loss_sum.backward()
+        results.append(
+            (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_2d, grads_2d), (loss_4d, grads_4d) = results
+    torch.testing.assert_close(loss_4d, loss_2d, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_2d.items():
+        assert torch.isfinite(grads_4d[name]).all()
+        torch.testing.assert_close(grads_4d[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    full = torch.ones(2, 5, dtype=torch.long)  # no padding: one causal mask for the whole batch
+    assert torch.equal(attention_mask_4d(full), torch.ones(5, 5, dtype=torch.bool).tril()[None, None])
+    unpadded = Collator(pad_token_id=2, pad_to_multiple_of=None)(examples[:1])
+    assert bool(unpadded["attention_mask"].all())
+    model.zero_grad()
+    plain = causal_lm_loss(model, unpadded).loss_sum
+    masked = causal_lm_loss(model, {**unpadded, "attention_mask": attention_mask_4d(unpadded["attention_mask"])})
+    torch.testing.assert_close(masked.loss_sum, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_moving_a_batch_to_the_cpu_is_free():
+    batch = _batch()
+    assert move_batch(batch, torch.device("cpu")) is batch
+    assert describe_device(torch.device("cpu")).startswith("device cpu")
+
+
+def test_step_totals_add_like_the_loop_always_did():
+    values = [1.1, 2.7, 3.3000001]
+    totals = StepTotals([torch.tensor(v) for v in values], [torch.tensor(3), torch.tensor(4), torch.tensor(5)])
+    expected = 0.0
+    for v in values:
+        expected += float(torch.tensor(v))
+    assert totals.read() == (expected, 12)
+    assert totals.read() == (expected, 12)  # read once, then cached
+    assert StepTotals.known(2.5, 7).read() == (2.5, 7)
+
+
+def test_job_events_name_device_and_precision(model_dir, train_file, tmp_path):  # noqa: F811
+    cfg = make_cfg(model_dir, train_file, max_train_steps=1)
+    cfg.Training.mixed_precision = "auto"
+    sink = MemorySink()
+    recipe = FinetuneRecipe(cfg, tmp_path, sink)
+    recipe.setup()
+    data = [d for _, _, d in sink.messages if d and "device" in d]
+    assert len(data) == 1
+    want = "bf16 autocast" if precision.native_bf16_supported() else "fp32"
+    assert data[0] == {"device": "cpu", "device_name": "cpu", "precision": want}
+    assert recipe.autocast_dtype is (torch.bfloat16 if want != "fp32" else None)
+
+
+def _run(model_dir, train_file, out, *, read_every_step: bool) -> tuple[list[dict], dict]:  # noqa: F811
+    lora = LoraSection(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["8,6,4", "8,4", "8,2"],
+    )
+    cfg = make_cfg(model_dir, train_file, lora=lora, max_train_steps=7, logging_steps=3, batch_size=2)
+    cfg.General.save_strategy = "steps"
+    cfg.General.save_steps = 5
+    sink = MemorySink()
+    recipe = FinetuneRecipe(cfg, out, sink)
+    recipe.setup()
+    recipe.read_losses_every_step = read_every_step  # what a GPU job does: read at logging points
+    try:
+        recipe.train()
+        stats = recipe.handles.nls.stats()
+    finally:
+        recipe.cleanup()
+    rows = [json.loads(json.dumps(r)) for r in recipe._metric_rows]
+    for row in rows:
+        for key in ("tokens_per_s", "step_s", "eta_s", "elapsed_s"):  # timings differ run to run
+            row.pop(key, None)
+    return rows, stats | {"metrics": sink.metric_rows[:-1], "checkpoint": sink.checkpoints[0][2]}
+
+
+def test_reading_losses_late_logs_the_same_numbers(model_dir, train_file, tmp_path):  # noqa: F811
+    eager_rows, eager = _run(model_dir, train_file, tmp_path / "eager", read_every_step=True)
+    late_rows, late = _run(model_dir, train_file, tmp_path / "late", read_every_step=False)
+    assert len(eager_rows) == 7 and all(r["train_loss"] is not None for r in late_rows)
+    assert late_rows == eager_rows  # every step's loss and accuracy, in metrics.csv and resume state
+    assert late["dimensions"] == eager["dimensions"]  # NLS loss per sampled rank
+    assert late["checkpoint"] == eager["checkpoint"]
+    emitted = [(m["step"], m["train_loss"]) for m in late["metrics"] if "train_loss" in m]
+    assert [s for s, _ in emitted] == [1, 3, 6, 7]
+    assert emitted == [(m["step"], m["train_loss"]) for m in eager["metrics"] if "train_loss" in m]

@@ -1,0 +1,59 @@
+"""The evaluate job's batched greedy generation answers exactly as one prompt at a time does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqft_service.evaluation import _prompt, greedy_answers
+from sqft_service.inference.engine import InferenceEngine
+from tests.conftest import make_tiny_llama
+
+WORDS = ["red", "green", "blue", "sky", "tree", "water", "fire", "stone", "cloud"]
+
+
+def one_at_a_time(model, tokenizer, prompts: list[list[int]], max_new: int) -> list[str]:
+    """The evaluate job's former loop: each prompt alone, no padding."""
+    eos = sorted(InferenceEngine._eos_ids(model, tokenizer))
+    answers = []
+    for ids in prompts:
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+        answers.append(tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    # A larger initialisation than the default, so that answers depend on the prompt.
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.5)
+    records = [{"instruction": " ".join(WORDS[: 1 + i % 9] * (1 + i // 3)), "output": "x"} for i in range(11)]
+    prompts = [_prompt(tokenizer, r, "alpaca")[0] for r in records]
+    assert len({len(p) for p in prompts}) > 5  # batches mix lengths, so rows are padded
+    # An end-of-sequence id that the first prompt's answer reaches at its third token: that row ends
+    # early while the others in its batch go on (the padding after an end must not leak into answers).
+    first = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=3, do_sample=False, pad_token_id=2)
+    stop = int(first[0, -1])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    expected = one_at_a_time(model, tokenizer, prompts, 10)
+    assert len(set(expected)) == len(expected)  # distinct answers: a mix-up of rows would show
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in expected]
+    assert min(lengths) < max(lengths)  # some answers ended at the end id, others ran to max_new_tokens
+    return model, prompts, expected
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 8])
+def test_batched_greedy_equals_one_at_a_time(setup, tokenizer, batch_size):
+    model, prompts, expected = setup
+    assert greedy_answers(model, tokenizer, prompts, 10, batch_size) == expected
