@@ -319,6 +319,29 @@ def test_a_node_that_does_not_see_the_data_dir_fails_the_launch_naming_it(ray_he
     spec = LaunchSpec(
         "ftjob-nodata", [sys.executable, "-c", "pass"], dict(os.environ), tmp_path / "job.log", tmp_path, [missing]
     )
-    with pytest.raises(LaunchError, match=f"does not see {missing}: the data dir must be on a file system shared"):
-        runner.submit(spec)
+    handle = runner.submit(spec)  # returns at once: the start is settled by poll
+
+    def launch_refused() -> bool:
+        with pytest.raises(LaunchError, match=f"does not see {missing}: the data dir must be on a file system shared"):
+            while runner.poll(handle) is None:
+                pass
+        return True
+
+    wait_until(launch_refused, 60, what="the launch to be refused")
     assert not actor_alive("ftjob-nodata")
+
+
+def test_a_job_no_node_can_take_waits_without_holding_the_service_and_cancels_at_once(
+    server, train_file, tiny_model_dir
+):
+    # No node has this resource: Ray keeps the actor pending. The service must stay responsive (the
+    # placement wait is not under the manager's lock) and a cancel must end the job at once.
+    training = {**SHORT["Training"], "resources_per_worker": {"CPU": 1, "no_such_accelerator": 1}}
+    job = create_job(server, tiny_model_dir, train_file, {**SHORT, "Training": training})
+    wait_until(lambda: get_job(server, job["id"])["status"] == "running", 30, what="the job to be submitted")
+    assert actor_alive(job["id"])
+    resp = httpx.post(f"{server.url}/v1/fine_tuning/jobs/{job['id']}/cancel", timeout=10)
+    assert resp.status_code == 200
+    assert wait_final(server, job["id"], timeout=20)["status"] == "cancelled"
+    wait_until(lambda: not actor_alive(job["id"]), 15, what="the pending actor to be removed")
+    assert httpx.get(f"{server.url}/v1/fine_tuning/jobs", timeout=5).status_code == 200

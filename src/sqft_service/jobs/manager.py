@@ -50,6 +50,8 @@ class _Running:
     term_sent_at: float | None = None
     # Bytes of the job's journal stored so far (jobs/journal.py); reading it again from 0 adds nothing twice.
     journal_offset: int = 0
+    # The pid stored for the job; a runner that starts jobs asynchronously (Ray) learns it at a later poll.
+    pid: int | None = None
 
 
 class JobManager:
@@ -127,7 +129,7 @@ class JobManager:
         for job in self.jobs.with_status("running"):
             handle = self.runner.attach(job.id, job.pid)
             if handle is not None:  # still running (Ray): watch it again; the loop settles it when it ends
-                running = self._running[job.id] = _Running(handle, self.workspace(job).journal)
+                running = self._running[job.id] = _Running(handle, self.workspace(job).journal, pid=handle.pid)
                 self.events.add_event(job.id, "The service restarted and re-attached to the running job")
                 if job.stop_request:  # a cancel or pause asked for before the restart
                     self.runner.terminate(handle)
@@ -245,7 +247,15 @@ class JobManager:
 
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
-            code = self.runner.poll(running.handle)
+            try:
+                code = self.runner.poll(running.handle)
+            except LaunchError as exc:  # a runner that starts jobs asynchronously (Ray) found it cannot
+                del self._running[job_id]
+                self._fail(job_id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
+                continue
+            if running.handle.pid != running.pid:
+                running.pid = running.handle.pid
+                self.jobs.update(job_id, pid=running.pid)
             # After the poll: once the process has exited, everything it journalled is stored before it is settled.
             running.journal_offset = ingest(running.journal, running.journal_offset, job_id, self.events, self.jobs)
             if code is None:
@@ -310,7 +320,7 @@ class JobManager:
         except (OSError, LaunchError) as exc:
             self._fail(job.id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
             return
-        self._running[job.id] = _Running(handle, workspace.journal)
+        self._running[job.id] = _Running(handle, workspace.journal, pid=handle.pid)
         self.jobs.update(
             job.id,
             status="running",

@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,11 @@ class RayHandle:
     actor: Any
     pid: int | None
     node: str = ""
+    # While Ray places the actor and it starts the job process: the pending ``start`` call and when it
+    # was made. Submit returns at once, so a job no node can take yet never holds the manager (and a
+    # cancel) for the placement wait; poll settles the start.
+    starting: Any = None
+    submitted_at: float = 0.0
 
 
 def connect(address: str, namespace: str) -> None:
@@ -189,23 +195,42 @@ class RayRunner:
         ).remote(spec.job_id)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         data_paths = [str(spec.log_path.parent), *(str(p) for p in spec.data_paths)]
-        try:
-            started = ray.get(
-                actor.start.remote(spec.argv, spec.env, str(spec.log_path), str(spec.cwd), data_paths),
-                timeout=START_TIMEOUT_S,
-            )
-        except GetTimeoutError:
-            ray.kill(actor)
+        starting = actor.start.remote(spec.argv, spec.env, str(spec.log_path), str(spec.cwd), data_paths)
+        return RayHandle(spec.job_id, actor, None, starting=starting, submitted_at=time.monotonic())
+
+    def _settle_start(self, handle: RayHandle) -> int | None:
+        """Follow a pending start: None once the job process runs (or while Ray is still placing it),
+        an exit code if the actor died meanwhile.
+
+        Raises:
+            LaunchError: the node cannot run the job (no shared data dir, no environment), or no node
+                could take it within START_TIMEOUT_S.
+        """
+        ready, _ = ray.wait([handle.starting], timeout=0)
+        if not ready:
+            if time.monotonic() - handle.submitted_at < START_TIMEOUT_S:
+                return None
+            self._release(handle)
             raise LaunchError(
-                f"no Ray node could take the job within {START_TIMEOUT_S:.0f} s (resources asked: "
-                f"{self._actor_resources(spec)}); see `ray status`"
-            ) from None
+                f"no Ray node could take the job within {START_TIMEOUT_S:.0f} s (resources asked in "
+                "`Training.resources_per_worker`); see `ray status`"
+            )
+        try:
+            started = ray.get(handle.starting)
+        except RayActorError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, LaunchError):
+                self._release(handle)
+                raise LaunchError(str(cause)) from exc
+            return ACTOR_LOST_EXIT_CODE  # killed while starting (a cancel) or its node went away
         except Exception as exc:
-            ray.kill(actor)
+            self._release(handle)
             cause = exc.cause if isinstance(getattr(exc, "cause", None), LaunchError) else exc
             raise LaunchError(str(cause)) from exc
-        log.info("job %s runs on Ray node %s (pid %s)", spec.job_id, started["node"], started["pid"])
-        return RayHandle(spec.job_id, actor, started["pid"], started["node"])
+        handle.starting = None
+        handle.pid, handle.node = started["pid"], started["node"]
+        log.info("job %s runs on Ray node %s (pid %s)", handle.job_id, handle.node, handle.pid)
+        return None
 
     @staticmethod
     def _actor_resources(spec: LaunchSpec) -> dict[str, Any]:
@@ -229,6 +254,10 @@ class RayRunner:
         ray.kill(stale)
 
     def poll(self, handle: RayHandle) -> int | None:
+        if handle.starting is not None:
+            code = self._settle_start(handle)
+            if code is not None or handle.starting is not None:
+                return code
         try:
             code = ray.get(handle.actor.poll.remote(), timeout=CALL_TIMEOUT_S)
         except (GetTimeoutError, ActorUnavailableError):
@@ -249,6 +278,11 @@ class RayRunner:
             pass
 
     def _signal(self, handle: RayHandle, sig: int) -> None:
+        if handle.starting is not None and not ray.wait([handle.starting], timeout=0)[0]:
+            # Not started yet: the actor's methods run one at a time, so a signal would wait behind the
+            # start. Removing the actor ends the job (its process, if any, dies with it); poll reports it.
+            self._release(handle)
+            return
         try:
             ray.get(handle.actor.signal.remote(int(sig)), timeout=CALL_TIMEOUT_S)
         except (RayActorError, GetTimeoutError, ActorUnavailableError):
