@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 from bench.throughput.inputs import CACHE, RESULTS, TARGETS, default_model, find_data, generated_data
+from bench.throughput.report import cpu_name
 
 from sqft_service.config import FinetuneConfig, LoraSection
 from sqft_service.threads import physical_cores
@@ -118,7 +118,7 @@ def main() -> None:
     drift = max(abs(a - b) / abs(b) for a, b in zip(rows["2 ranks"]["losses"], base["losses"], strict=True))
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{socket.gethostname()} ({platform.processor() or platform.machine()}, {cores} physical cores)",
+        "machine": f"{socket.gethostname()} ({cpu_name()}, {cores} physical cores)",
         "torch": torch.__version__,
         "model": Path(model_dir).name,
         "global_batch": args.global_batch,

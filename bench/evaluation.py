@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -26,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from bench.throughput.inputs import find_data
+from bench.throughput.report import cpu_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -109,7 +109,7 @@ def main() -> None:
             {
                 "date": str(date.today()),
                 "host": host,
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": cpu_name(),
                 "cores": os.cpu_count(),
                 "torch_threads": args.threads,
                 "torch": torch.__version__,
