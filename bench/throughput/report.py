@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
+import socket
 import statistics
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .inputs import TARGETS
+from .inputs import RESULTS, TARGETS
 from .runner import peak_rss_mb
 
 BASELINE = "hf_peft_fp32"
@@ -87,6 +90,26 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_machine_results(kind: str, torch_threads: int, figures: dict[str, Any]) -> Path:
+    """Write ``bench/results/<date>-<kind>-<host>.json``: the machine the figures were measured on
+    (date, host, CPU, cores, torch threads and version), then ``figures``."""
+    import torch
+
+    host = socket.gethostname()
+    out = RESULTS / f"{date.today()}-{kind}-{host}.json"
+    machine = {
+        "date": str(date.today()),
+        "host": host,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch_threads,
+        "torch": torch.__version__,
+    }
+    out.write_text(json.dumps({**machine, **figures}, indent=1))
+    print(f"wrote {out}")
+    return out
 
 
 def fmt(v: Any, digits: int = 2) -> str:

@@ -24,6 +24,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+# An NLS super-adapter's search space, beside its PEFT files (written by ``adapters/nls/config.py``;
+# the API checks for it before an extract, without importing torch).
+ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
+
 
 @dataclass(frozen=True)
 class TrainingOutputs:

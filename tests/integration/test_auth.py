@@ -4,7 +4,6 @@ tiny model, and the real ``sqft serve`` process where the test is about it (star
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from sqft_service.api.auth import ApiKeys
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, wait_until, write_json
 from tests.integration.conftest import PYTEST_TMP_ROOT, make_settings, wait_status
-from tests.server import free_port
+from tests.server import Server, free_port, serve_env
 
 KEYS = "alice:key-alice,bob:key-bob"
 FAST = {"Training": {"max_train_steps": 2, "batch_size": 4, "learning_rate": 1e-3}}
@@ -322,58 +321,23 @@ def test_json_routes_refuse_other_content_types_and_leave_the_job_alone(client, 
 
 
 # ---------------------------------------------------------------------------- the real server
-def _serve_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SQFT_")}
-    env.update(
-        SQFT_DATA_DIR=str(data_dir),
-        SQFT_MODEL_ROOTS=os.pathsep.join(str(p) for p in PYTEST_TMP_ROOT),
-        SQFT_THREADS_PER_JOB="1",
-        SQFT_POLL_INTERVAL_S="0.1",
-        HF_HUB_OFFLINE="1",
-        **extra,
-    )
-    return env
+def _settings(**extra: str) -> dict[str, str]:
+    """The server's settings; the calling shell's SQFT_* variables are dropped (``clean_env``), since
+    these tests are about the key settings. Read when called: the model root is known once the session is."""
+    roots = os.pathsep.join(str(p) for p in PYTEST_TMP_ROOT)
+    return {"SQFT_MODEL_ROOTS": roots, "SQFT_THREADS_PER_JOB": "1", "SQFT_POLL_INTERVAL_S": "0.1", **extra}
 
 
-class Server:
-    """``python -m sqft_service.cli serve`` on a free loopback port, its output in a log file."""
-
-    def __init__(self, tmp_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"server-{self.port}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sqft_service.cli", "serve", "--port", str(self.port)],
-            env=_serve_env(tmp_path / "data", **env),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def healthy() -> bool:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 60, interval=0.3, what="the server to answer /health")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        return self.log_path.read_text()
+def _started(tmp_path: Path, **env: str) -> Server:
+    server = Server(tmp_path / "data", clean_env=True, **_settings(**env))
+    server.start()
+    return server
 
 
 def test_openai_sdk_sends_its_api_key(tmp_path, tiny_model_dir):
     import openai
 
-    server = Server(tmp_path, SQFT_API_KEY="alice:key-alice")
+    server = _started(tmp_path, SQFT_API_KEY="alice:key-alice")
     try:
         sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="key-alice", max_retries=0)
         path = write_json(tmp_path / "train.json", alpaca_records(16))
@@ -397,7 +361,7 @@ def test_openai_sdk_sends_its_api_key(tmp_path, tiny_model_dir):
 
 
 def test_serve_without_a_key_warns_on_loopback(tmp_path):
-    server = Server(tmp_path)
+    server = _started(tmp_path)
     log = server.stop()
     assert "no SQFT_API_KEY: the API is unauthenticated" in log
 
@@ -414,7 +378,7 @@ def test_serve_refuses_to_start_unprotected(tmp_path, args, env, needle):
     data_dir = tmp_path / "data"
     proc = subprocess.run(
         [sys.executable, "-m", "sqft_service.cli", "serve", *args, "--port", str(free_port())],
-        env=_serve_env(data_dir, **env),
+        env=serve_env(data_dir, clean_env=True, **_settings(**env)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -224,6 +224,25 @@ def test_streaming_n_choices_equals_the_whole_answer(served, kind):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_streaming_a_list_of_prompts_numbers_choices_as_the_whole_answer(served):
+    client, jobs = served
+    model = jobs["alpaca"]["fine_tuned_model"]
+    args = {"prompt": ["The sky is", "Red"], "n": 2, "max_tokens": 6, "temperature": 0}
+    whole = _complete(client, model, **args).json()
+    chunks = _events(_complete(client, model, **args, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = _per_choice(chunks[:-1], 4, "completion")
+    assert texts == [c["text"] for c in whole["choices"]]  # index p * n + i in both answers
+    assert finishes == [c["finish_reason"] for c in whole["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    # Prompt after prompt: the first prompt's choices have finished before the second's begin.
+    first = [at for at, c in enumerate(chunks[:-1]) if c["choices"][0]["index"] < 2]
+    second = [at for at, c in enumerate(chunks[:-1]) if c["choices"][0]["index"] >= 2]
+    assert max(first) < min(second)
+    # Every prompt is checked before the stream begins: a prompt too long for the context is a 400.
+    resp = _complete(client, model, prompt=["The sky is", "red " * 600], stream=True)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", resp.text
+
+
 def test_base_adapter_and_merged_models(served, tiny_model_dir):
     client, jobs = served
     tuned = jobs["alpaca"]["fine_tuned_model"]

@@ -70,6 +70,30 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(tmp_path, tiny_model
         plain = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1)
         assert streamed == [c.text for c in plain.choices]
 
+        # A list of prompts streamed, as OpenAI's: prompt p's choice i has index p * n + i, as in the
+        # non-streamed answer; each index finishes once; the usage chunk counts every prompt and choice.
+        listed = {"model": name, "prompt": ["The sky", "Red is"], "max_tokens": 8, "n": 2, "seed": 3}
+        whole = client.completions.create(**listed, temperature=1.0)
+        assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+        texts, finishes, usage = [""] * 4, [[] for _ in range(4)], None
+        chunks = client.completions.create(
+            **listed, temperature=1.0, stream=True, stream_options={"include_usage": True}
+        )
+        for chunk in chunks:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+        assert texts == [c.text for c in whole.choices] and len(set(texts)) > 1, texts
+        assert finishes == [[c.finish_reason] for c in whole.choices]
+        assert usage == whole.usage
+        greedy = client.completions.create(**listed, temperature=0)
+        streamed = [""] * 4
+        for chunk in client.completions.create(**listed, temperature=0, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+        assert streamed == [c.text for c in greedy.choices]
+
         assert client.models.delete(name).deleted is True
         assert name not in [m.id for m in client.models.list()]
     finally:

@@ -194,6 +194,8 @@ class InferenceEngine:
         from transformers.generation.streamers import BaseStreamer
 
         try:
+            if cancel.is_set():  # the client left while this generation waited (a later prompt of a list)
+                return
             model, tokenizer, context = self._activate(spec)
             eos = self._eos_ids(model, tokenizer)
             # One decoder per returned sequence: generate() expands the prompt to n rows and hands over
@@ -245,10 +247,12 @@ class InferenceEngine:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.tensor(stop(), dtype=torch.bool, device=input_ids.device)
 
-        input_ids = torch.tensor([ids])
+        # transformers refuses num_return_sequences > 1 without sampling, so n greedy choices are n
+        # copies of the prompt in one batch: the same rows for generate() and the streamer either way.
+        input_ids = torch.tensor([ids] * (s.n if s.greedy else 1))
         kwargs: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
-            "num_return_sequences": s.n,
+            "num_return_sequences": 1 if s.greedy else s.n,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos_ids(model, tokenizer)),
             "attention_mask": torch.ones_like(input_ids),

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ...config import LoraSection
+from ...workspace import ELASTIC_CONFIG_FILE
 from .controller import ElasticRankController
 
-ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
 ORDER_DOC = (
     "group-major: dimension index = group * n_layers + layer position; all decoder layers of "
     "target_module_groups[0] first, then group 1, ...; custom_config lists one rank per dimension "

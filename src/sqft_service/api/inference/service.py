@@ -142,7 +142,7 @@ class InferenceService:
             return chat_ids(tokenizer, messages, spec.data_format)
 
         if req.stream:
-            return await self._stream(req, spec, render, "chat", "messages")
+            return await self._stream(req, spec, [render], "chat", "messages")
         engine = self._reserve()
         future = self._submit(engine, self._answer, engine, spec, render, req, "chat", "messages", release=True)
         n_prompt, choices = await asyncio.wrap_future(future)
@@ -165,9 +165,7 @@ class InferenceService:
             return lambda tokenizer: completion_ids(tokenizer, prompt)
 
         if req.stream:
-            if len(prompts) > 1:
-                raise InvalidRequestError("streaming takes one prompt", param="prompt")
-            return await self._stream(req, spec, renderer(prompts[0]), "completion", "prompt")
+            return await self._stream(req, spec, [renderer(p) for p in prompts], "completion", "prompt")
         n_prompt, choices = 0, []
         for prompt in prompts:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
             engine = self._reserve()
@@ -186,29 +184,42 @@ class InferenceService:
             usage=Usage.of(n_prompt, choices),
         )
 
-    async def _stream(self, req: _Sampling, spec: ModelSpec, render, kind: str, param: str) -> Iterator[str]:
+    async def _stream(self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str) -> Iterator[str]:
+        """Start streaming: every prompt is rendered and checked first (so a bad one is still a 4xx),
+        then one generation per prompt is queued, in order, each on its own sink."""
         engine = self._reserve()
+        cancel = threading.Event()
         try:
-            ids, context = await asyncio.wrap_future(self._submit(engine, engine.prepare, spec, render, release=False))
-            sampling = self._sampling(req, len(ids), context, kind, param)
-            sink: queue.Queue = queue.Queue()
-            cancel = threading.Event()
-            self._submit(engine, engine.stream, spec, ids, sampling, sink, cancel, release=True)
+            prepared = []
+            for render in renders:
+                ids, context = await asyncio.wrap_future(engine.submit(engine.prepare, spec, render))
+                prepared.append((ids, self._sampling(req, len(ids), context, kind, param)))
+            sinks: list[queue.Queue] = []
+            for ids, sampling in prepared:
+                sinks.append(sink := queue.Queue())
+                last = engine.submit(engine.stream, spec, ids, sampling, sink, cancel)
         except BaseException:
+            cancel.set()
             engine.release()
             raise
+        # One slot for the whole request; the single worker runs the generations in order, so the
+        # last one ends last. Released when the work ends, not when the client stops reading.
+        last.add_done_callback(lambda _: engine.release())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._events(req.model, kind, req.n, len(ids), sink, cancel, include_usage)
+        n_prompt = sum(len(ids) for ids, _ in prepared)
+        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage)
 
     @staticmethod
     def _events(
-        model: str, kind: str, n: int, n_prompt: int, sink: queue.Queue, cancel: threading.Event, usage: bool
+        model: str, kind: str, n: int, n_prompt: int, sinks: list[queue.Queue], cancel: threading.Event, usage: bool
     ) -> Iterator[str]:
         """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine).
 
         As OpenAI streams ``n`` choices: every chunk carries one choice, told apart by its ``index``; the
         chunks of different choices interleave as they are generated; each choice ends with its own chunk
-        holding its ``finish_reason``; the usage chunk (if asked) counts all of them.
+        holding its ``finish_reason``; the usage chunk (if asked) counts all of them. A list of prompts
+        (completions) is generated prompt after prompt; prompt ``p``'s choice ``i`` has index ``p * n + i``,
+        as in the non-streamed answer, and its choices finish before the next prompt's begin.
         """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
@@ -222,23 +233,26 @@ class InferenceService:
             if kind == "chat":  # each choice's first chunk names the role, as OpenAI's do
                 for index in range(n):
                     yield _sse(chunk(index, None, role=True))
-            final: list[Choice] | None = None
-            for item in drain(sink):
-                if isinstance(item, Exception):
-                    error = {"message": str(item) or type(item).__name__, "type": "server_error", "param": None}
-                    yield _sse({"error": {**error, "code": getattr(item, "code", None)}})
-                    return
-                if isinstance(item, list):
-                    final = item
-                    continue
-                index, piece = item
-                yield _sse(chunk(index, piece))
-            assert final is not None
-            for index, choice in enumerate(final):
-                yield _sse(chunk(index, None, choice.finish_reason))
+            choices: list[Choice] = []
+            for prompt_index, sink in enumerate(sinks):
+                offset, final = prompt_index * n, None
+                for item in drain(sink):
+                    if isinstance(item, Exception):
+                        error = {"message": str(item) or type(item).__name__, "type": "server_error", "param": None}
+                        yield _sse({"error": {**error, "code": getattr(item, "code", None)}})
+                        return
+                    if isinstance(item, list):
+                        final = item
+                        continue
+                    index, piece = item
+                    yield _sse(chunk(offset + index, piece))
+                assert final is not None
+                for index, choice in enumerate(final):
+                    yield _sse(chunk(offset + index, None, choice.finish_reason))
+                choices += final
             if usage:
                 body = chunk(0, None)
-                body.update(choices=[], usage=Usage.of(n_prompt, final).model_dump())
+                body.update(choices=[], usage=Usage.of(n_prompt, choices).model_dump())
                 yield _sse(body)
             yield _sse("[DONE]")
         finally:

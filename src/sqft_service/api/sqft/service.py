@@ -24,13 +24,11 @@ from ...settings import Settings
 from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
 from ...store.jobs import JobRecord, JobStore
+from ...workspace import ELASTIC_CONFIG_FILE
 from ..files.service import FileService
 from ..fine_tuning.service import FineTuningService
 from ..owner import current_owner, owned_by_caller
 from .protocol import EvaluateRequest, SparsifyRequest, version_name_problem
-
-# The NLS search files a super-adapter carries (adapters/nls/config.py writes it).
-ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
 
 
 def check_version_name(version: str, param: str) -> str:

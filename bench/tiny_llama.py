@@ -1,0 +1,33 @@
+"""The tiny random Llama the tests and the load benchmark serve: 2 layers of 16 dimensions.
+
+Small enough to train and answer in well under a second on a CPU, with the shapes of the real thing
+(grouped-query attention, an untied head). The tests (``tests/conftest.py``) and ``bench/load`` build it
+here, so both exercise the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides: Any):
+    """A random-initialised ``LlamaForCausalLM`` in eval mode; ``overrides`` are ``LlamaConfig`` arguments."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
