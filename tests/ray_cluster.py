@@ -51,13 +51,18 @@ def distinct_free_ports(n: int) -> list[int]:
 class RayNode:
     """One ``ray start`` (head, or a worker joining ``address``) with its own temp dir."""
 
-    def __init__(self, *, num_cpus: int, address: str | None = None, resources: str | None = None) -> None:
+    def __init__(
+        self, *, num_cpus: int, address: str | None = None, resources: str | None = None, num_gpus: int = 0
+    ) -> None:
         # Short: Ray puts unix sockets under it, and a socket path has at most 107 bytes.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="sqft-ray-", dir="/tmp"))
         port, *flag_ports = distinct_free_ports(1 + len(_PORT_FLAGS))
         self.port = port
         self.address = address or f"127.0.0.1:{self.port}"
+        # GPUs declared, not detected: a test cluster has the GPUs its test names (Ray schedules on a
+        # declared GPU whether or not the machine has one), the same on a CPU machine and a GPU one.
         argv = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", str(num_cpus)]
+        argv += ["--num-gpus", str(num_gpus)]
         argv += ["--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir)]
         if address is None:
             argv += ["--head", "--port", str(self.port), "--include-dashboard=false"]

@@ -177,17 +177,24 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
     t.batch_size, t.learning_rate, t.lr_scheduler, t.seed = spec["batch_size"], 2e-4, "constant", spec["seed"]
     t.max_train_steps, t.logging_steps = total, total  # losses read at step 1 and at the end
     t.device = "cuda" if device == "cuda" else "cpu"
+    t.torch_compile = setup.endswith("_compile")
 
     class Window(StepHook):
         def __init__(self) -> None:
-            self.tokens, self.t0, self.t1 = 0, 0.0, 0.0
+            self.tokens, self.t0, self.t1, self.first = 0, 0.0, 0.0, 0.0
 
         def before_step(self, step: int) -> None:
+            if step == 1:  # the first step holds torch.compile's compilation
+                _sync(device)
+                self.first = time.perf_counter()
             if step == warmup + 1:
                 _sync(device)
                 self.t0 = time.perf_counter()
 
         def after_step(self, step: int, stats: StepStats) -> None:
+            if step == 1:
+                _sync(device)
+                self.first = time.perf_counter() - self.first
             if step > warmup:
                 self.tokens += stats.real_tokens
             if step == total:
@@ -213,6 +220,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
         "precision": placed["precision"] + (", bf16 frozen base" if recipe.autocast_dtype is torch.bfloat16 else ""),
         "real_tokens_per_s": round(window.tokens / (window.t1 - window.t0), 1),
         "step_s": round((window.t1 - window.t0) / spec["steps"], 4),
+        "first_step_s": round(window.first, 3),
         "peak_gpu_gib": _memory(device),
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),

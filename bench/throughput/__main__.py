@@ -42,7 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps, fewer examples (< 5 min)")
     parser.add_argument("--model", help="a .gguf file, a model directory or a hub id (default: SmolLM2-135M GGUF)")
     parser.add_argument("--data", help="Alpaca JSON/JSONL training file (default: shared ARC-E, else generated)")
-    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of: " + ",".join(SETUPS))
+    parser.add_argument(
+        "--setups",
+        default=",".join(SETUPS),
+        help="comma-separated subset of: " + ",".join(SETUPS) + " (and, opt-in, ours_lora_compile)",
+    )
     parser.add_argument("--steps", type=int, help="measured steps per setup (default: 3 quick, 20 full)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per setup, not measured (default: 1 quick, 3 full)")
     parser.add_argument("--samples", type=int, help="training examples to tokenize (default: 256 quick, 2048 full)")

@@ -35,7 +35,7 @@ def group_of(name: str) -> str:
     A group's processes are all resident at once (~3-4 GB each); the 512-padded reference (~14 GB)
     runs alone.
     """
-    if name in ("hf_peft_fp32", "hf_peft_bf16", "ours_lora", "ours_nls", "ours_sparsepeft"):
+    if name in ("hf_peft_fp32", "hf_peft_bf16", "ours_lora", "ours_nls", "ours_sparsepeft", "ours_lora_compile"):
         return "targets"
     if name in ("hf_peft_fp32_same_order", "ours_lora_nodropout", "ours_sparsepeft_nodropout"):
         return "same_order_and_no_dropout"
@@ -228,6 +228,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
     t.logging_steps = 1
     t.mixed_precision = spec.get("mixed_precision", "no")
     t.num_threads = spec["threads"]
+    t.torch_compile = name.endswith("_compile")  # opt-in row: its first (warm-up) step compiles
     sink = MemorySink()
     turns = Turns.from_spec(spec)
     clock = TurnClock(turns)

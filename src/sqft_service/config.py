@@ -177,6 +177,9 @@ class TrainingSection(_Section):
     # "auto": bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX),
     # fp32 elsewhere (training/precision.py).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Compile the decoder layers with torch.compile (training/compiled.py): tens of seconds of
+    # compilation before the first step, paid back only by long jobs on a GPU (README, "GPU").
+    torch_compile: bool = False
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
     logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)

@@ -222,3 +222,18 @@ def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_f
     finally:
         recipe.cleanup()
     assert recorder.syncs == []
+
+
+def test_packed_steps_never_wait_for_the_gpu(model_dirs, train_file, tmp_path):
+    """A packed batch gets its block mask from the host (training/device.py ``packed_mask_4d``)."""
+    cfg = _cfg(model_dirs[False], train_file, "lora", "cuda", logging_steps=100, mixed_precision="auto")
+    cfg.Dataset.packing = True
+    cfg.Training.max_train_steps = 8
+    recorder = SyncRecorder(watched={3, 4, 5, 6})
+    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink(), step_hooks=[recorder])
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert recorder.syncs == []

@@ -8,6 +8,7 @@ its own temp dir and ports), stopped by its pids at the end, even when a test fa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -345,3 +346,42 @@ def test_a_job_no_node_can_take_waits_without_holding_the_service_and_cancels_at
     assert wait_final(server, job["id"], timeout=20)["status"] == "cancelled"
     wait_until(lambda: not actor_alive(job["id"]), 15, what="the pending actor to be removed")
     assert httpx.get(f"{server.url}/v1/fine_tuning/jobs", timeout=5).status_code == 200
+
+
+def cuda_body() -> dict:
+    return {**SHORT, "Training": {**SHORT["Training"], "device": "cuda"}}
+
+
+def test_cuda_is_refused_when_no_ray_node_declares_a_gpu(server, train_file, tiny_model_dir, ray_head):
+    # The service asks the cluster, not its own machine. The head declares no GPU (and a GPU node of an
+    # earlier test must be gone from the cluster's resources first).
+    wait_until(lambda: not ray.cluster_resources().get("GPU"), 30, what="no GPU in the cluster")
+    before = httpx.get(f"{server.url}/v1/fine_tuning/jobs").json()["data"]
+    body = {"model": str(tiny_model_dir), "training_file": train_file, **cuda_body()}
+    resp = httpx.post(f"{server.url}/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "Training.device" and error["code"] == "invalid_configuration"
+    assert f"no CUDA GPU in the Ray cluster ({ray_head.address})" in error["message"]
+    assert httpx.get(f"{server.url}/v1/fine_tuning/jobs").json()["data"] == before  # nothing was created
+
+
+def test_a_cuda_job_is_placed_on_the_node_that_declares_a_gpu_and_gets_it(server, train_file, tiny_model_dir, ray_head):
+    # A CPU-only head (the service's machine) and a node that declares one GPU: "cuda" is accepted, the
+    # job's actor asks Ray for the GPU and lands on that node. There is no real GPU on this machine, so
+    # the job itself then fails, naming the field.
+    gpu_node = RayNode(num_cpus=1, address=ray_head.address, num_gpus=1)
+    try:
+        gpu_node.wait_started()
+        wait_until(lambda: ray.cluster_resources().get("GPU") == 1, 30, what="the GPU node to join")
+        job = create_job(server, tiny_model_dir, train_file, cuda_body())
+        done = wait_final(server, job["id"], timeout=120)
+        assert done["status"] == "failed"
+        assert done["error"]["param"] == "Training.device" and done["error"]["code"] == "invalid_configuration"
+        assert "no CUDA GPU is available to this job" in done["error"]["message"]
+        # What Ray gave the actor (ray.get_gpu_ids()): the GPU, so it asked for one.
+        placed = rf"job {job['id']} runs on Ray node \S+ \(pid \d+, GPUs: 0\)"
+        service_log = Path(server.log.name).read_text()
+        assert re.search(placed, service_log), service_log[-3000:]
+    finally:
+        gpu_node.stop()

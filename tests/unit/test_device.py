@@ -18,7 +18,14 @@ from sqft_service.devices import check_device_available, cuda_available
 from sqft_service.errors import InvalidConfigurationError
 from sqft_service.training import precision
 from sqft_service.training.batching import Collator
-from sqft_service.training.device import attention_mask_4d, describe_device, move_batch, resolve_device
+from sqft_service.training.device import (
+    MAX_MASK_BYTES,
+    attention_mask_4d,
+    describe_device,
+    move_batch,
+    packed_mask_4d,
+    resolve_device,
+)
 from sqft_service.training.events import MemorySink
 from sqft_service.training.loss import causal_lm_loss, label_positions
 from sqft_service.training.recipe import FinetuneRecipe
@@ -150,6 +157,41 @@ def test_a_host_built_4d_mask_gives_the_2d_masks_loss_and_gradients(side):
     plain = causal_lm_loss(model, unpadded).loss_sum
     masked = causal_lm_loss(model, {**unpadded, "attention_mask": attention_mask_4d(unpadded["attention_mask"])})
     torch.testing.assert_close(masked.loss_sum, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_built_packed_mask_gives_the_models_own_loss_and_gradients():
+    from sqft_service.adapters.lora import build_peft_model
+    from sqft_service.training.packing import PackingCollator
+
+    model, _ = build_peft_model(make_tiny_llama(512, seed=3), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    gen = torch.Generator().manual_seed(2)
+    examples = []
+    for n in (5, 9, 14, 7):
+        ids = torch.randint(3, 512, (n,), generator=gen).tolist()
+        examples.append(TokenizedExample(input_ids=ids, labels=[IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
+    batch = PackingCollator(pad_token_id=2, capacity=20)(examples)
+    assert batch["attention_mask"] is None and batch["n_rows"] == 2  # two rows, each holding several examples
+    mask = packed_mask_4d(batch["position_ids"])
+    width = batch["input_ids"].shape[1]
+    assert mask.shape == (2, 1, width, width) and mask.diagonal(dim1=-2, dim2=-1).all()
+    # A token of the second example in a row sees nothing of the first one.
+    start = int((batch["position_ids"][0, 1:] == 0).nonzero()[0]) + 1
+    assert not mask[0, 0, start, :start].any() and mask[0, 0, start, start]
+    results = []
+    for b in (batch, {**batch, "attention_mask": mask}):
+        model.zero_grad()
+        out = causal_lm_loss(model, b)
+        out.loss_sum.backward()
+        results.append(
+            (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_model, grads_model), (loss_host, grads_host) = results
+    torch.testing.assert_close(loss_host, loss_model, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_model.items():
+        torch.testing.assert_close(grads_host[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    side = int(MAX_MASK_BYTES**0.5) + 1  # too large to build on the host: the model builds it
+    assert packed_mask_4d(torch.zeros(1, side, dtype=torch.long)) is None
 
 
 def test_moving_a_batch_to_the_cpu_is_free():

@@ -37,7 +37,7 @@ from ..workspace import JobWorkspace, write_atomically
 from .journal import ingest
 from .kinds import DISPLAY_NAMES
 from .outcome import JobError, JobOutcome
-from .runner import LaunchError, LaunchSpec, RunHandle, Runner
+from .runner import LaunchError, LaunchSpec, RunHandle, Runner, worker_resources
 from .subprocess_runner import SubprocessRunner
 
 log = logging.getLogger(__name__)
@@ -135,23 +135,43 @@ class JobManager:
                     self.runner.terminate(handle)
                     running.term_sent_at = time.monotonic()
                 continue
+            # Read even when this runner's jobs write the store (once per job and start): a journal here
+            # is from a job launched under the Ray runner before the service restarted with another one.
             ingest(self.workspace(job).journal, 0, job.id, self.events, self.jobs)
-            outcome = JobOutcome.read(self.workspace(job).outcome)
-            if outcome is not None and outcome.status != "stopped" and not job.stop_request:
-                self.events.add_event(job.id, "The job process finished while the service was down")
-            self._settle(job, outcome, interrupted=("service_restarted", "the service stopped"))
+            self._settle(
+                job,
+                JobOutcome.read(self.workspace(job).outcome),
+                interrupted=("service_restarted", "the service stopped"),
+                applied_note="The job process finished while the service was down",
+            )
         for job in self.jobs.with_status("validating_files"):
             self.jobs.update(job.id, status="queued")
 
-    def _settle(self, job: JobRecord, outcome: JobOutcome | None, *, interrupted: tuple[str, str]) -> None:
+    def _settle(
+        self,
+        job: JobRecord,
+        outcome: JobOutcome | None,
+        *,
+        interrupted: tuple[str, str],
+        applied_note: str | None = None,
+    ) -> None:
         """Record how a job's process ended: cancel and pause requests first, then its outcome; a process
-        that ended without one (or was stopped by the service itself) was interrupted."""
+        that ended without one (or was stopped by the service itself) was interrupted.
+
+        Args:
+            job: The job as stored.
+            outcome: What its process wrote, or None.
+            interrupted: The error code and reason when it was cut short.
+            applied_note: An event added just before the outcome is applied (and only then).
+        """
         if job.cancel_requested:
             self._finish_cancelled(job.id)
         elif job.pause_requested and (outcome is None or outcome.status == "stopped"):
             self.jobs.update(job.id, status="paused", pid=None, estimated_finish=None)
             self.events.add_event(job.id, "Job paused: resume it to continue from where it stopped")
         elif outcome is not None and outcome.status != "stopped":
+            if applied_note:
+                self.events.add_event(job.id, applied_note)
             self._apply_outcome(job, outcome)
         else:
             self._interrupted(job, *interrupted)
@@ -251,13 +271,15 @@ class JobManager:
                 code = self.runner.poll(running.handle)
             except LaunchError as exc:  # a runner that starts jobs asynchronously (Ray) found it cannot
                 del self._running[job_id]
-                self._fail(job_id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
+                self._launch_failed(job_id, exc)
                 continue
             if running.handle.pid != running.pid:
                 running.pid = running.handle.pid
                 self.jobs.update(job_id, pid=running.pid)
-            # After the poll: once the process has exited, everything it journalled is stored before it is settled.
-            running.journal_offset = ingest(running.journal, running.journal_offset, job_id, self.events, self.jobs)
+            # After the poll: once the process has exited, everything it journalled is stored before it is
+            # settled. A job that writes the store itself keeps no journal: nothing to open at every poll.
+            if not self.runner.job_writes_store:
+                running.journal_offset = ingest(running.journal, running.journal_offset, job_id, self.events, self.jobs)
             if code is None:
                 continue
             del self._running[job_id]
@@ -313,12 +335,12 @@ class JobManager:
             Path.cwd(),
             data_paths=[self.settings.files_dir.resolve(), self.settings.model_cache_dir.resolve()],
             num_workers=int(training.get("num_training_workers") or 1),
-            resources_per_worker=training.get("resources_per_worker"),
+            resources_per_worker=worker_resources(training) if job.kind == FINE_TUNE else None,
         )
         try:
             handle = self.runner.submit(spec)
         except (OSError, LaunchError) as exc:
-            self._fail(job.id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
+            self._launch_failed(job.id, exc)
             return
         self._running[job.id] = _Running(handle, workspace.journal, pid=handle.pid)
         self.jobs.update(
@@ -401,6 +423,10 @@ class JobManager:
     def _finish_cancelled(self, job_id: str) -> None:
         self.jobs.update(job_id, status="cancelled", finished_at=now(), estimated_finish=None)
         self.events.add_event(job_id, "Job cancelled")
+
+    def _launch_failed(self, job_id: str, exc: Exception) -> None:
+        """The runner could not start the job (at submit, or, for Ray, when the pending start settled)."""
+        self._fail(job_id, JobError(code="launch_failed", message=f"could not start the job process: {exc}"))
 
     def _fail(self, job_id: str, error: JobError) -> None:
         self.jobs.update(

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,9 @@ class JobProcess:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        return {"pid": self.process.pid, "node": node, "job_id": self.job_id}
+        # The GPUs Ray gave this actor (and so the job): none unless it asked for one (worker_resources).
+        gpus = [str(gpu) for gpu in ray.get_gpu_ids()]
+        return {"pid": self.process.pid, "node": node, "job_id": self.job_id, "gpus": gpus}
 
     def poll(self) -> int | None:
         return self.process.poll() if self.process is not None else ACTOR_LOST_EXIT_CODE
@@ -183,7 +186,7 @@ class RayRunner:
         self.namespace = namespace
         connect(address, namespace)
         self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqft-ray-check")
-        self._check: concurrent.futures.Future | None = None
+        self._asked: dict[str, concurrent.futures.Future] = {}
 
     def submit(self, spec: LaunchSpec) -> RayHandle:
         self._remove_stale(spec.job_id)
@@ -213,7 +216,7 @@ class RayRunner:
             self._release(handle)
             raise LaunchError(
                 f"no Ray node could take the job within {START_TIMEOUT_S:.0f} s (resources asked in "
-                "`Training.resources_per_worker`); see `ray status`"
+                "`Training.resources_per_worker`, and a GPU for `Training.device` 'cuda'); see `ray status`"
             )
         try:
             started = ray.get(handle.starting)
@@ -229,14 +232,16 @@ class RayRunner:
             raise LaunchError(str(cause)) from exc
         handle.starting = None
         handle.pid, handle.node = started["pid"], started["node"]
-        log.info("job %s runs on Ray node %s (pid %s)", handle.job_id, handle.node, handle.pid)
+        gpus = ", ".join(started["gpus"]) or "none"
+        log.info("job %s runs on Ray node %s (pid %s, GPUs: %s)", handle.job_id, handle.node, handle.pid, gpus)
         return None
 
     @staticmethod
     def _actor_resources(spec: LaunchSpec) -> dict[str, Any]:
         """A one-worker job trains inside the actor's job process, so the actor holds the worker's
-        resources (Ray places it on a node that has them). A multi-worker job's process only drives
-        Ray Train, whose workers hold the resources, so the actor asks for none."""
+        resources (Ray places it on a node that has them; the manager put them in the spec with
+        ``worker_resources``, a GPU for ``Training.device`` "cuda" included). A multi-worker job's process
+        only drives Ray Train, whose workers hold the resources, so the actor asks for none."""
         if spec.num_workers > 1:
             return {"num_cpus": 0}
         wanted = dict(spec.resources_per_worker or {"CPU": 1})
@@ -302,13 +307,22 @@ class RayRunner:
             return None
         return RayHandle(job_id, actor, pid)
 
+    def _ask_cluster(self, question: str, call: Callable[[], Any]) -> Any:
+        """``call()`` on the checker thread, waited for at most CHECK_TIMEOUT_S: with the head down, Ray's
+        own calls wait a minute. A question still unanswered is waited for again, not asked twice.
+
+        Raises:
+            concurrent.futures.TimeoutError: no answer within CHECK_TIMEOUT_S.
+        """
+        pending = self._asked.get(question)
+        if pending is None or pending.done():
+            pending = self._asked[question] = self._checker.submit(call)
+        return pending.result(timeout=CHECK_TIMEOUT_S)
+
     def check(self) -> str | None:
-        """None while the cluster answers, else why not (GET /ready). Asked on a worker thread: with the
-        head down, Ray's own call waits a minute, far longer than a probe does."""
-        if self._check is None or self._check.done():
-            self._check = self._checker.submit(lambda: [n for n in ray.nodes() if n.get("Alive")])
+        """None while the cluster answers, else why not (GET /ready)."""
         try:
-            nodes = self._check.result(timeout=CHECK_TIMEOUT_S)
+            nodes = self._ask_cluster("nodes", lambda: [n for n in ray.nodes() if n.get("Alive")])
         except concurrent.futures.TimeoutError:
             return f"the Ray cluster at {self.address} does not answer within {CHECK_TIMEOUT_S:.0f} s"
         except Exception as exc:
@@ -316,3 +330,19 @@ class RayRunner:
         if not nodes:
             return "the Ray cluster has no live node"
         return None
+
+    def check_gpu(self) -> str | None:
+        """None while some node of the cluster declares a GPU (``ray.cluster_resources()``), else why not.
+        The cluster, not this machine: the service may run on a CPU-only head while GPU nodes take the jobs.
+
+        A cluster that does not answer within CHECK_TIMEOUT_S refuses nothing: the job is queued and
+        waits for a node like any other (START_TIMEOUT_S), since the client's config is not at fault.
+        """
+        try:
+            resources = self._ask_cluster("resources", ray.cluster_resources)
+        except Exception as exc:  # a timeout, or the cluster is reconnecting
+            log.warning("could not ask the Ray cluster for its GPUs (%s); accepting the job", type(exc).__name__)
+            return None
+        if resources.get("GPU", 0) > 0:
+            return None
+        return f"no CUDA GPU in the Ray cluster ({self.address}): no node declares one (see `ray status`)"

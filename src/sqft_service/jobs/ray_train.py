@@ -3,11 +3,11 @@
 Under the Ray runner a fine-tune with ``Training.num_training_workers = N > 1`` does not start local
 ranks (``jobs/local_ranks.py``): its job process (under the job's actor, ``jobs/ray_runner.py``) joins
 the cluster and runs ``TorchTrainer`` with N workers, each holding ``Training.resources_per_worker``
-(default one CPU) wherever Ray places it. Ray Train initialises the process group (gloo on CPUs, NCCL
-on GPUs, oneCCL where ``oneccl_bindings_for_pytorch`` is installed, as the reference uses) and each
-worker runs :func:`~sqft_service.jobs.worker.run_fine_tune_rank`: rank 0 reports through the job's
-journal and writes the adapter and ``outcome.json``; the data-parallel contract is
-``training/distributed.py``'s.
+(default one CPU; plus one GPU for ``Training.device`` "cuda" when it names none) wherever Ray places
+it. Ray Train initialises the process group (gloo on CPUs, NCCL on GPUs, oneCCL where
+``oneccl_bindings_for_pytorch`` is installed, as the reference uses) and each worker runs
+:func:`~sqft_service.jobs.worker.run_fine_tune_rank`: rank 0 reports through the job's journal and
+writes the adapter and ``outcome.json``; the data-parallel contract is ``training/distributed.py``'s.
 
 Stop (cancel, pause, shutdown): the workers are Ray actors, outside the job's process group, so the
 job process turns its SIGTERM into a file in the shared workspace that rank 0 watches; rank 0 then
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..workspace import JobWorkspace
+from .runner import worker_resources
 
 log = logging.getLogger("sqft_service.worker")
 
@@ -89,7 +90,9 @@ def run_with_ray_train(
 
     training = spec["params"].get("Training", {})
     workers = int(training["num_training_workers"])
-    resources = dict(training.get("resources_per_worker") or {"CPU": 1})
+    # A GPU per worker for Training.device "cuda" (worker_resources): Ray Train then binds each worker to
+    # its GPU and initialises NCCL.
+    resources = worker_resources(training)
     use_gpu = float(resources.get("GPU", 0)) > 0
     threads = max(1, int(resources.get("CPU", 1)))
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)}

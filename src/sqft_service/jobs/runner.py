@@ -24,7 +24,7 @@ class LaunchSpec:
     # Paths the job reads or writes outside its workspace (database, uploads, models): a Ray node
     # must see them all (the data dir is shared) before the job starts there.
     data_paths: list[Path] = field(default_factory=list)
-    # Training.num_training_workers / resources_per_worker of a fine-tune (1 / None for other kinds).
+    # Training.num_training_workers / worker_resources(Training) of a fine-tune (1 / None for other kinds).
     num_workers: int = 1
     resources_per_worker: dict[str, Any] | None = None
 
@@ -59,6 +59,26 @@ class Runner(Protocol):
     def attach(self, job_id: str, pid: int | None) -> RunHandle | None:
         """After a restart: a handle on the job if it still runs and can be watched, else None (then any
         process left of it is stopped, and the manager settles the job from its outcome)."""
+
+    def check_gpu(self) -> str | None:
+        """None when a job that asks for a CUDA GPU (``Training.device`` "cuda") can get one where this
+        runner runs jobs, else why not, naming where it looked (the API's 400 quotes it)."""
+
+
+def worker_resources(training: dict[str, Any]) -> dict[str, float]:
+    """What each training worker of a fine-tune asks Ray for (its actor, or its Ray Train worker).
+
+    ``Training.resources_per_worker`` (default one CPU), plus one GPU when ``Training.device`` is "cuda"
+    and it names none: Ray then places the worker on a node with a GPU and makes that GPU visible to it.
+    Without it Ray gives the worker ``CUDA_VISIBLE_DEVICES=""``, and "cuda" would fail even on a GPU node.
+
+    Args:
+        training: The ``Training`` section of a fine-tune's resolved config.
+    """
+    resources = dict(training.get("resources_per_worker") or {"CPU": 1})
+    if training.get("device") == "cuda" and "GPU" not in resources:
+        resources["GPU"] = 1
+    return resources
 
 
 def build_runner(settings: Settings) -> Runner:

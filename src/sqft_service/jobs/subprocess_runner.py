@@ -12,6 +12,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+from ..devices import check_local_gpu
 from .runner import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class SubprocessRunner:
         left of it, so the job is settled from its outcome or runs again, never twice at once."""
         if pid and kill_orphan_job(pid, job_id):
             log.warning("killed orphaned process %s of job %s", pid, job_id, extra={"job_id": job_id})
+
+    def check_gpu(self) -> str | None:
+        """Jobs run on this machine: whether torch sees a CUDA GPU here (asked in a child process)."""
+        return check_local_gpu()
 
 
 def kill_orphan_job(pid: int, job_id: str) -> bool:

@@ -67,6 +67,22 @@ def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal & visible
 
 
+def packed_mask_4d(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The block-diagonal causal mask of a packed batch (training/packing.py), built on the host.
+
+    Without a mask, transformers finds the packed examples' boundaries in ``position_ids`` on the
+    device, which reads the result back to the host in every forward. An example starts where its
+    position is 0; a token sees the earlier tokens of its own example only. ``None`` (let the model
+    build it) when the mask would exceed ``MAX_MASK_BYTES``.
+    """
+    batch, seq = position_ids.shape
+    if batch * seq * seq > MAX_MASK_BYTES:
+        return None
+    segment = (position_ids == 0).cumsum(dim=1)
+    same = segment[:, None, :, None] == segment[:, None, None, :]
+    return same & torch.ones(seq, seq, dtype=torch.bool).tril_()
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
     """``batch`` with its tensors on ``device``: pinned and copied asynchronously to a GPU.
 

@@ -35,7 +35,7 @@ class LossOutput:
     n_labels: int
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     """The ``*ForCausalLM`` under a PeftModel (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -96,7 +96,7 @@ def _label_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, targets
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: int | None = None) -> LossOutput:
-    lm = _causal_lm(model)
+    lm = causal_lm_of(model)
     decoder = lm.get_decoder()
     # A packed batch has no 2-D mask but per-example position_ids (see training/packing.py).
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -32,7 +32,8 @@ from ..threads import configure_torch_threads
 from ..workspace import TrainingOutputs, publish_dir, staging_dir_for
 from . import precision
 from .batching import Collator, length_grouped_batches
-from .device import attention_mask_4d, describe_device, move_batch, resolve_device
+from .compiled import compile_decoder_layers
+from .device import attention_mask_4d, describe_device, move_batch, packed_mask_4d, resolve_device
 from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
@@ -153,6 +154,9 @@ class FinetuneRecipe:
             )
         self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
         self._place_model()
+        if cfg.Training.torch_compile:
+            n_layers = compile_decoder_layers(self.model)
+            self.sink.message(f"torch.compile: {n_layers} decoder layers (dynamic shapes); the first steps compile")
         self.model.train()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
@@ -418,7 +422,9 @@ class FinetuneRecipe:
         if self.device.type == "cpu":
             return batch
         batch = label_positions(batch)
-        if "position_ids" not in batch:  # a packed batch has no 2-D mask to expand
+        if "position_ids" in batch:  # packed: no 2-D mask, the examples' blocks instead
+            batch["attention_mask"] = packed_mask_4d(batch["position_ids"])
+        else:
             batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
         return move_batch(batch, self.device)
 

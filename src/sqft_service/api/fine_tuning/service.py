@@ -39,8 +39,9 @@ class FineTuningService:
             req.General.config.trust_remote_code,
             model_param="model" if req.model else "General.base_model",
         )
-        # A GPU asked for on a machine without one is a 400 now, not a job that fails once launched.
-        check_device_available(req.Training.device)
+        # A GPU asked for where no job could get one (this machine, or the Ray cluster: the runner says)
+        # is a 400 now, not a job that fails once launched.
+        check_device_available(req.Training.device, runner=self.manager.runner)
         # The service fills these with its own paths of the uploaded files; a client's value would be
         # silently replaced, so it is refused, pointing at the fields that take file ids.
         for name, instead in (("train_file", "training_file"), ("validation_file", "validation_file")):
