@@ -17,6 +17,7 @@ from bench.throughput.inputs import REPO, RESULTS
 
 from . import __doc__ as package_doc
 from .inputs import SHAPES, data_dir, data_file, describe_data, linear_params, tokenizer_dir
+from .profile import PROFILED_STEPS, describe
 
 SETUPS = ["hf", "ours_lora", "ours_nls", "ours_sparsepeft"]
 # Opt-in (a row's own setups): ours_lora with Training.torch_compile; its first_step_s is the compile cost.
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="measured steps per setup (default 10; 2 with --tiny)")
     parser.add_argument("--warmup", type=int, help="unmeasured steps first (default 3; 1 with --tiny)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--no-profile", action="store_true", help="no profiled steps after each timed window (bench/gpu/profile.py)"
+    )
     parser.add_argument("--data-dir", help="holds arce_train_instruct.json and gsm8k_train.jsonl")
     parser.add_argument("--tokenizer", help="a saved tokenizer directory (default: .gpu-carry/tokenizer or SmolLM2's)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
@@ -114,6 +118,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['row']} | {r['setup']} | {r.get('status')} | {r.get('real_tokens_per_s', '-')} | {speedup} | "
             f"{r.get('peak_gpu_gib', '-')} | {r.get('mfu', '-')} | {r.get('first_step_s', '-')} | {loss} |"
         )
+    profiles = [line for line in map(describe, rows) if line]
+    if profiles:
+        lines += ["", "What limits each row (a profile of the steps after the timed window):", *profiles]
     by = {(r["row"], r["setup"]): r for r in rows if r.get("status") == "ok"}
     for setup, ref, target in RATIOS:
         for row in dict.fromkeys(r["row"] for r in rows):
@@ -143,7 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     root = data_dir(args.data_dir)
     tokenizer = tokenizer_dir(args.tokenizer, work)
     started = time.perf_counter()
-    base = {"device": device, "seed": args.seed, "tokenizer": tokenizer, "steps": steps, "warmup": warmup}
+    base = {
+        "device": device,
+        "seed": args.seed,
+        "tokenizer": tokenizer,
+        "steps": steps,
+        "warmup": warmup,
+        "profile": not args.no_profile,
+    }
     peak = run_child({**base, "setup": "gemm_peak", "tmp": str(work / "peak")}, args.child_timeout_s)
     print(f"bf16 GEMM peak: {peak.get('bf16_tflops')} TFLOP/s on {peak.get('device_name')}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                 "shape": shape,
                 "data": path,
                 "batch_size": batch_size,
-                "samples": (warmup + steps) * batch_size * 2,
+                "samples": (warmup + steps + PROFILED_STEPS) * batch_size * 2,
                 "tmp": str(work / f"{shape}-{data}-{batch}-{setup}"),
             }
             row = {"row": plan, "data": describe_data(path), **run_child(spec, args.child_timeout_s)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import NLS_GROUPS, TARGETS, build_model
+from .profile import PROFILED_STEPS, Capture
 
 
 def _sync(device: str) -> None:
@@ -66,6 +67,7 @@ def hf_row(spec: dict[str, Any]) -> dict[str, Any]:
     from sqft_service.training.tokenization import tokenize_records
 
     device, warmup, total = spec["device"], spec["warmup"], spec["warmup"] + spec["steps"]
+    capture = Capture(device, total + 1)  # the steps after the timed window, if profiled
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -100,17 +102,19 @@ def hf_row(spec: dict[str, Any]) -> dict[str, Any]:
             if state.global_step == warmup:
                 _sync(device)
                 clock["t0"] = time.perf_counter()
+            capture.begin(state.global_step + 1)
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == total:
                 _sync(device)
                 clock["t1"] = time.perf_counter()
+            capture.end(state.global_step)
 
     bf16 = device == "cuda" or native_bf16_supported()
     args = TrainingArguments(
         output_dir=spec["tmp"],
         per_device_train_batch_size=spec["batch_size"],
-        max_steps=total,
+        max_steps=total + (PROFILED_STEPS if spec.get("profile") else 0),
         learning_rate=2e-4,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
@@ -136,7 +140,8 @@ def hf_row(spec: dict[str, Any]) -> dict[str, Any]:
         "step_s": round((clock["t1"] - clock["t0"]) / spec["steps"], 4),
         "peak_gpu_gib": _memory(device),
         "loss_first": round(float(losses[0]), 4),
-        "loss_last": round(float(losses[-1]), 4),
+        "loss_last": round(float(losses[total - 1]), 4),
+        "profile": capture.summary,
     }
 
 
@@ -175,9 +180,12 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
     cfg.Dataset.validation_split_percentage = 0
     t = cfg.Training
     t.batch_size, t.learning_rate, t.lr_scheduler, t.seed = spec["batch_size"], 2e-4, "constant", spec["seed"]
-    t.max_train_steps, t.logging_steps = total, total  # losses read at step 1 and at the end
+    # Losses read at step 1 and at the window's end; then, if profiled, PROFILED_STEPS more steps.
+    t.max_train_steps, t.logging_steps = total + (PROFILED_STEPS if spec.get("profile") else 0), total
     t.device = "cuda" if device == "cuda" else "cpu"
     t.torch_compile = setup.endswith("_compile")
+
+    capture = Capture(device, total + 1)
 
     class Window(StepHook):
         def __init__(self) -> None:
@@ -190,6 +198,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
             if step == warmup + 1:
                 _sync(device)
                 self.t0 = time.perf_counter()
+            capture.begin(step)
 
         def after_step(self, step: int, stats: StepStats) -> None:
             if step == 1:
@@ -200,6 +209,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
             if step == total:
                 _sync(device)
                 self.t1 = time.perf_counter()
+            capture.end(step)
 
     window = Window()
     sink = MemorySink()
@@ -212,7 +222,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
         recipe.train()
     finally:
         recipe.cleanup()
-    losses = [row["train_loss"] for row in sink.metric_rows if "train_loss" in row]
+    losses = [row["train_loss"] for row in sink.metric_rows if "train_loss" in row and row["step"] <= total]
     placed = next(d for _, _, d in sink.messages if d and "precision" in d)
     return {
         "setup": setup,
@@ -225,6 +235,7 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
         "warnings": [text for level, text, _ in sink.messages if level == "warn"],
+        "profile": capture.summary,
     }
 
 
