@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--setups",
         default=",".join(SETUPS),
-        help="comma-separated subset of: " + ",".join(SETUPS) + " (and, opt-in, ours_lora_compile)",
+        help="comma-separated subset of: " + ",".join(SETUPS) + " (and, opt-in, ours_lora_compile, ours_lora_sdpa)",
     )
     parser.add_argument("--steps", type=int, help="measured steps per setup (default: 3 quick, 20 full)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per setup, not measured (default: 1 quick, 3 full)")

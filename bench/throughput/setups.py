@@ -35,7 +35,8 @@ def group_of(name: str) -> str:
     A group's processes are all resident at once (~3-4 GB each); the 512-padded reference (~14 GB)
     runs alone.
     """
-    if name in ("hf_peft_fp32", "hf_peft_bf16", "ours_lora", "ours_nls", "ours_sparsepeft", "ours_lora_compile"):
+    targets = ("hf_peft_fp32", "hf_peft_bf16", "ours_lora", "ours_nls", "ours_sparsepeft")
+    if name in (*targets, "ours_lora_compile", "ours_lora_sdpa"):
         return "targets"
     if name in ("hf_peft_fp32_same_order", "ours_lora_nodropout", "ours_sparsepeft_nodropout"):
         return "same_order_and_no_dropout"
@@ -229,6 +230,8 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
     t.mixed_precision = spec.get("mixed_precision", "no")
     t.num_threads = spec["threads"]
     t.torch_compile = name.endswith("_compile")  # opt-in row: its first (warm-up) step compiles
+    if name.endswith("_sdpa"):  # opt-in row: SDPA where "auto" would take eager attention
+        t.attn_implementation = "sdpa"
     sink = MemorySink()
     turns = Turns.from_spec(spec)
     clock = TurnClock(turns)

@@ -180,6 +180,9 @@ class TrainingSection(_Section):
     # Compile the decoder layers with torch.compile (training/compiled.py): tens of seconds of
     # compilation before the first step, paid back only by long jobs on a GPU (README, "GPU").
     torch_compile: bool = False
+    # "auto": eager attention on a CPU under bf16/fp16 while its saved probabilities stay small (a faster
+    # backward than SDPA's there), SDPA elsewhere (training/attention.py).
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
     logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)

@@ -31,6 +31,7 @@ from ..job_secrets import redacted_json
 from ..threads import configure_torch_threads
 from ..workspace import TrainingOutputs, publish_dir, staging_dir_for
 from . import precision
+from .attention import choose_attention
 from .batching import Collator, length_grouped_batches
 from .compiled import compile_decoder_layers
 from .device import attention_mask_4d, describe_device, move_batch, packed_mask_4d, resolve_device
@@ -143,6 +144,9 @@ class FinetuneRecipe:
 
         self.sink.message(f"loading base model {model_ref}")
         base = load_base_model(model_dir, trust_remote_code=load.trust_remote_code, token=load.token)
+        warn = lambda text: self.sink.message(text, "warn")  # noqa: E731
+        self.autocast_dtype = precision.autocast_dtype(cfg.Training.mixed_precision, warn, self.device.type)
+        self._choose_attention(base)
         if cfg.General.enable_gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -169,8 +173,7 @@ class FinetuneRecipe:
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
-            longest = max(len(e.input_ids) for e in self.train_examples)
-            self.collator = PackingCollator(self.collator.pad_token_id, max(cfg.Dataset.max_length, longest))
+            self.collator = PackingCollator(self.collator.pad_token_id, self._longest_row())
         global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
         self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
         if self.dp.enabled:
@@ -187,14 +190,23 @@ class FinetuneRecipe:
         fp16_on_gpu = self.device.type == "cuda" and self.autocast_dtype == torch.float16
         self.grad_scaler = torch.amp.GradScaler("cuda") if fp16_on_gpu else None
 
+    def _longest_row(self) -> int:
+        """Tokens in the longest row of a batch: the longest example, or the packing capacity."""
+        longest = max(len(e.input_ids) for e in self.train_examples)
+        return max(self.cfg.Dataset.max_length, longest) if self.cfg.Dataset.packing else longest
+
+    def _choose_attention(self, base: torch.nn.Module) -> None:
+        t = self.cfg.Training
+        seq = self._longest_row()
+        chosen = choose_attention(base, t.attn_implementation, self.device, self.autocast_dtype, t.batch_size, seq)
+        self.sink.message(f"attention: {chosen} (attn_implementation {t.attn_implementation!r})")
+
     def _place_model(self) -> None:
         """Pick the precision, store the frozen base in it, and move the model to the job's device.
 
         The cast happens on the host, before the move, so the GPU never holds an fp32 copy of the base.
         """
         t = self.cfg.Training
-        warn = lambda text: self.sink.message(text, "warn")  # noqa: E731
-        self.autocast_dtype = precision.autocast_dtype(t.mixed_precision, warn, self.device.type)
         if self.autocast_dtype is not None:
             saved = precision.cast_frozen_linears(self.model, self.autocast_dtype)
             self.sink.message(f"frozen base weights stored in {self.autocast_dtype} ({saved / 2**20:.0f} MiB saved)")

@@ -1,0 +1,64 @@
+"""Training.attn_implementation: "auto" takes eager attention exactly where it was measured faster, and
+a job trains the same with either implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqft_service.training.attention import EAGER_ATTENTION_BYTES, choose_attention, eager_attention_bytes
+from sqft_service.training.events import MemorySink
+from sqft_service.training.recipe import run_training
+from tests.conftest import make_tiny_llama
+from tests.unit.test_recipe import losses, make_cfg, model_dir, train_file  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU, CUDA, BF16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+
+
+def _sdpa_llama():
+    model = make_tiny_llama(64)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "dtype", "seq", "expected"),
+    [
+        ("auto", CPU, BF16, 64, "eager"),  # a CPU under bf16, short rows: eager
+        ("auto", CPU, None, 64, "sdpa"),  # fp32: SDPA
+        ("auto", CUDA, BF16, 64, "sdpa"),  # a GPU: its SDPA kernels
+        ("auto", CPU, BF16, 100_000, "sdpa"),  # rows whose probabilities would not fit
+        ("eager", CPU, None, 100_000, "eager"),  # asked for: taken, whatever it costs
+        ("sdpa", CPU, BF16, 64, "sdpa"),
+    ],
+)
+def test_auto_takes_eager_only_on_a_cpu_under_low_precision_while_it_fits(requested, device, dtype, seq, expected):
+    model = _sdpa_llama()
+    assert choose_attention(model, requested, device, dtype, rows=8, seq=seq) == expected
+    assert model.config._attn_implementation == expected
+
+
+def test_the_eager_estimate_counts_every_layers_probabilities():
+    model = _sdpa_llama()
+    heads, layers = model.config.num_attention_heads, model.config.num_hidden_layers
+    assert eager_attention_bytes(model, rows=8, seq=100) == 8 * heads * 100 * 100 * 6 * layers
+    # SmolLM2-135M (9 heads, 30 layers), batch 8: ARC-E's 114-token rows fit, GSM8K's 467 do not.
+    smol = 8 * 9 * 30 * 6
+    assert smol * 114**2 <= EAGER_ATTENTION_BYTES < smol * 467**2
+
+
+def test_a_job_trains_the_same_with_eager_and_sdpa_attention(model_dir, train_file, tmp_path):  # noqa: F811
+    runs = {}
+    for attention in ("sdpa", "eager"):
+        sink = MemorySink()
+        run_training(
+            make_cfg(model_dir, train_file, max_train_steps=3, attn_implementation=attention),
+            tmp_path / attention,
+            sink,
+        )
+        assert any(
+            text == f"attention: {attention} (attn_implementation '{attention}')" for _, text, _ in sink.messages
+        )
+        runs[attention] = losses(sink)
+    assert runs["eager"] == pytest.approx(runs["sdpa"], rel=1e-5)
