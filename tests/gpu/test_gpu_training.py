@@ -208,28 +208,17 @@ class SyncRecorder(StepHook):
             self._catcher = None
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_file, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "packing"), [*((m, False) for m in METHODS), ("lora", True)], ids=[*METHODS, "lora-packed"]
+)
+def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_file, tmp_path, method, packing):
+    """Packed batches included: their block mask comes from the host (training/device.py ``packed_mask_4d``)."""
     cfg = _cfg(
         model_dirs[method == "sparsepeft"], train_file, method, "cuda", logging_steps=100, mixed_precision="auto"
     )
+    cfg.Dataset.packing = packing
     cfg.Training.max_train_steps = 8
     recorder = SyncRecorder(watched={3, 4, 5, 6})  # after warm-up, before the last (logged) step
-    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink(), step_hooks=[recorder])
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    assert recorder.syncs == []
-
-
-def test_packed_steps_never_wait_for_the_gpu(model_dirs, train_file, tmp_path):
-    """A packed batch gets its block mask from the host (training/device.py ``packed_mask_4d``)."""
-    cfg = _cfg(model_dirs[False], train_file, "lora", "cuda", logging_steps=100, mixed_precision="auto")
-    cfg.Dataset.packing = True
-    cfg.Training.max_train_steps = 8
-    recorder = SyncRecorder(watched={3, 4, 5, 6})
     recipe = FinetuneRecipe(cfg, tmp_path, MemorySink(), step_hooks=[recorder])
     recipe.setup()
     try:

@@ -121,6 +121,24 @@ def test_host_label_positions_give_the_mask_paths_loss_and_gradients_exactly():
     assert grads_a and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
 
 
+def _assert_same_loss_and_grads(model, reference: dict, batch: dict) -> None:
+    """``batch`` gives ``reference``'s loss and adapter gradients (finite), up to float noise."""
+    results = []
+    for b in (reference, batch):
+        model.zero_grad()
+        out = causal_lm_loss(model, b)
+        out.loss_sum.backward()
+        results.append(
+            (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads_ref
+    for name, grad in grads_ref.items():
+        assert torch.isfinite(grads[name]).all()
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_host_built_4d_mask_gives_the_2d_masks_loss_and_gradients(side):
     from sqft_service.adapters.lora import build_peft_model
@@ -136,19 +154,7 @@ def test_a_host_built_4d_mask_gives_the_2d_masks_loss_and_gradients(side):
     mask = attention_mask_4d(batch["attention_mask"])
     width = batch["input_ids"].shape[1]
     assert mask.shape == (3, 1, width, width) and mask.any(dim=-1).all()  # no query row is left empty
-    results = []
-    for b in (batch, {**batch, "attention_mask": mask}):
-        model.zero_grad()
-        out = causal_lm_loss(model, b)
-        out.loss_sum.backward()
-        results.append(
-            (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        )
-    (loss_2d, grads_2d), (loss_4d, grads_4d) = results
-    torch.testing.assert_close(loss_4d, loss_2d, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_2d.items():
-        assert torch.isfinite(grads_4d[name]).all()
-        torch.testing.assert_close(grads_4d[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_grads(model, batch, {**batch, "attention_mask": mask})
     full = torch.ones(2, 5, dtype=torch.long)  # no padding: one causal mask for the whole batch
     assert torch.equal(attention_mask_4d(full), torch.ones(5, 5, dtype=torch.bool).tril()[None, None])
     unpadded = Collator(pad_token_id=2, pad_to_multiple_of=None)(examples[:1])
@@ -178,18 +184,7 @@ def test_a_host_built_packed_mask_gives_the_models_own_loss_and_gradients():
     # A token of the second example in a row sees nothing of the first one.
     start = int((batch["position_ids"][0, 1:] == 0).nonzero()[0]) + 1
     assert not mask[0, 0, start, :start].any() and mask[0, 0, start, start]
-    results = []
-    for b in (batch, {**batch, "attention_mask": mask}):
-        model.zero_grad()
-        out = causal_lm_loss(model, b)
-        out.loss_sum.backward()
-        results.append(
-            (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        )
-    (loss_model, grads_model), (loss_host, grads_host) = results
-    torch.testing.assert_close(loss_host, loss_model, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_model.items():
-        torch.testing.assert_close(grads_host[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_grads(model, batch, {**batch, "attention_mask": mask})
     side = int(MAX_MASK_BYTES**0.5) + 1  # too large to build on the host: the model builds it
     assert packed_mask_4d(torch.zeros(1, side, dtype=torch.long)) is None
 
