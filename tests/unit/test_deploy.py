@@ -4,6 +4,7 @@ entrypoint refuses an unauthenticated 0.0.0.0 (run with a fake `sqft` on PATH, n
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -73,8 +74,15 @@ def dockerfile_arg_default(name: str) -> str:
 
 def make_dry_run(*args: str) -> list[str]:
     """The commands `make` would run (-n), as if nothing were installed yet (-B)."""
+    # Without the calling make's flags: under `make test ARGS=...` they would reach this make as overrides.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
-        ["make", "--no-print-directory", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "-B", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
