@@ -42,21 +42,12 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
         "Training": {"batch_size": 8, "learning_rate": 2e-4},
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]},
     },
-    "cand_b8_lr5e-4_all": {
-        "Training": {"batch_size": 8, "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_frac": 0.06},
-        "lora": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},
-    },
-    "cand_b4_lr5e-4_all": {
-        "Training": {"batch_size": 4, "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_frac": 0.06},
-        "lora": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},
-    },
-    "cand_b2_lr1e-3_all": {
-        "Training": {"batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_frac": 0.06},
-        "lora": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},
-    },
-    "cand_b8_lr1e-3_all": {
-        "Training": {"batch_size": 8, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_frac": 0.06},
-        "lora": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},
+    **{
+        f"cand_b{bs}_lr{lr}_all": {
+            "Training": {"batch_size": bs, "learning_rate": float(lr), "lr_scheduler": "cosine", "warmup_frac": 0.06},
+            "lora": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},
+        }
+        for bs, lr in ((8, "5e-4"), (4, "5e-4"), (2, "1e-3"), (8, "1e-3"))
     },
 }
 

@@ -146,6 +146,7 @@ class FinetuneRecipe:
         base = load_base_model(model_dir, trust_remote_code=load.trust_remote_code, token=load.token)
         warn = lambda text: self.sink.message(text, "warn")  # noqa: E731
         self.autocast_dtype = precision.autocast_dtype(cfg.Training.mixed_precision, warn, self.device.type)
+        self.longest_row = self._longest_row()
         self._choose_attention(base)
         if cfg.General.enable_gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,7 +174,7 @@ class FinetuneRecipe:
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
-            self.collator = PackingCollator(self.collator.pad_token_id, self._longest_row())
+            self.collator = PackingCollator(self.collator.pad_token_id, self.longest_row)
         global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
         self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
         if self.dp.enabled:
@@ -197,12 +198,13 @@ class FinetuneRecipe:
 
     def _choose_attention(self, base: torch.nn.Module) -> None:
         t = self.cfg.Training
-        seq = self._longest_row()
-        chosen = choose_attention(base, t.attn_implementation, self.device, self.autocast_dtype, t.batch_size, seq)
+        chosen = choose_attention(
+            base, t.attn_implementation, self.device, self.autocast_dtype, t.batch_size, self.longest_row
+        )
         self.sink.message(f"attention: {chosen} (attn_implementation {t.attn_implementation!r})")
 
     def _place_model(self) -> None:
-        """Pick the precision, store the frozen base in it, and move the model to the job's device.
+        """Store the frozen base in the job's precision and move the model to the job's device.
 
         The cast happens on the host, before the move, so the GPU never holds an fp32 copy of the base.
         """
