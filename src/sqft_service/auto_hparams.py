@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .training.tokenization import held_out_count  # torch-free, as this module must stay
+
 if TYPE_CHECKING:
     from .config import DatasetSection, FinetuneConfig
 
@@ -63,10 +65,7 @@ def choose(n_examples: int) -> AutoChoice:
 def training_examples(n_records: int, dataset: DatasetSection, has_validation_file: bool) -> int:
     """How many records one epoch trains on: capped by ``max_train_samples``, less the held-out split."""
     n = min(n_records, dataset.max_train_samples or n_records)
-    if not has_validation_file and dataset.validation_split_percentage > 0 and n >= 2:
-        # As training/tokenization.py's split_train_eval holds out (at least one, never all).
-        n -= min(max(1, round(n * dataset.validation_split_percentage / 100)), n - 1)
-    return n
+    return n if has_validation_file else n - held_out_count(n, dataset.validation_split_percentage)
 
 
 def explicit_fields(cfg: FinetuneConfig) -> set[str]:

@@ -149,6 +149,14 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Dat
     return out
 
 
+def held_out_count(n: int, validation_split_percentage: float) -> int:
+    """How many of ``n`` examples :func:`split_train_eval` holds out: none when the percentage is 0 or
+    ``n < 2``, else the rounded percentage, at least one and never all."""
+    if validation_split_percentage <= 0 or n < 2:
+        return 0
+    return min(max(1, round(n * validation_split_percentage / 100)), n - 1)
+
+
 def split_train_eval(
     examples: Sequence[Any], validation_split_percentage: float, seed: int
 ) -> tuple[list[Any], list[Any]]:
@@ -159,9 +167,9 @@ def split_train_eval(
         are fewer than two examples; otherwise it has at least one and ``train`` keeps at least one.
     """
     n = len(examples)
-    if validation_split_percentage <= 0 or n < 2:
+    n_eval = held_out_count(n, validation_split_percentage)
+    if n_eval == 0:
         return list(examples), []
-    n_eval = min(max(1, round(n * validation_split_percentage / 100)), n - 1)
     perm = list(range(n))
     random.Random(seed).shuffle(perm)
     held = set(perm[:n_eval])
