@@ -69,6 +69,42 @@ def summary(sink: MemorySink) -> dict:
     return {"train": curve(sink, "train_loss"), "valid": curve(sink, "valid_loss"), "tokens": sink.trained_tokens}
 
 
+def collectives_per_step(cfg_json: str, out: Path) -> list[int]:
+    """The collectives each of steps 2 and 3 makes (from the end of one step to the end of the next)."""
+    import torch.distributed as dist
+
+    from sqft_service.training.hooks import StepHook
+    from sqft_service.training.recipe import FinetuneRecipe
+
+    calls, marks = [0], []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast")}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    class Mark(StepHook):
+        def after_step(self, step, stats):
+            marks.append(calls[0])
+
+    cfg = FinetuneConfig.model_validate_json(cfg_json)
+    cfg.Training.max_train_steps, cfg.Training.eval_steps = 3, None
+    recipe = FinetuneRecipe(cfg, out, MemorySink(), step_hooks=[Mark()])
+    recipe.setup()
+    for name, fn in originals.items():
+        setattr(dist, name, counted(fn))
+    try:
+        recipe.train()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        recipe.cleanup()
+    return [marks[1] - marks[0], marks[2] - marks[1]]
+
+
 def _rank_main(rank: int, world: int, store_path: str, runs: list[tuple[str, str, str]]) -> None:
     """One rank (spawned): every run, then the cross-rank checks; results go to JSON files."""
     import torch.distributed as dist
@@ -83,14 +119,18 @@ def _rank_main(rank: int, world: int, store_path: str, runs: list[tuple[str, str
             sink = MemorySink()
             run_training(FinetuneConfig.model_validate_json(cfg_json), Path(out_dir) / f"rank{rank}", sink)
             results[name] = summary(sink)
+        results["collectives_per_step"] = collectives_per_step(runs[0][1], Path(runs[0][2]).parent / f"count{rank}")
         dp = DataParallel.current()
-        results["stop_from_rank1_ignored"] = dp.agree_step(rank == 1, 3)
-        results["stop_from_rank0_for_all"] = dp.agree_step(rank == 0, 4)
-        try:
-            dp.check_sub_adapter([4, 2] if rank == 0 else [4, 3])
-            results["sub_adapter_mismatch"] = "not detected"
-        except RanksDisagree as exc:
-            results["sub_adapter_mismatch"] = str(exc)
+        ignored = dp.step_header(rank == 1, 3, [4, 2], 5 + rank, 10 + rank)
+        results["stop_from_rank1_ignored"] = ignored.stop
+        results["header_sums"] = [ignored.n_labels, ignored.n_real]
+        results["stop_from_rank0_for_all"] = dp.step_header(rank == 0, 4, None, 0, 0).stop
+        for name, args in (("sub_adapter_mismatch", (5, [4, 2 + rank])), ("step_mismatch", (6 + rank, [4, 2]))):
+            try:
+                dp.step_header(False, args[0], args[1], 1, 1)
+                results[name] = "not detected"
+            except RanksDisagree as exc:
+                results[name] = str(exc)
         # A rank with no examples in a step still joins the sum and gets the others' gradient.
         p = torch.nn.Parameter(torch.zeros(3))
         p.grad = None if rank == 1 else torch.tensor([1.0, 2.0, 3.0])
@@ -159,6 +199,14 @@ def test_two_ranks_train_like_one_rank_with_the_global_batch(two_rank_results, m
 def test_rank0_decides_stops_and_a_different_sub_adapter_is_caught(two_rank_results):
     for results in two_rank_results[:2]:
         assert results["stop_from_rank1_ignored"] is False
+        assert results["header_sums"] == [11, 21]
         assert results["stop_from_rank0_for_all"] is True
         assert "the NLS sub-adapter" in results["sub_adapter_mismatch"]
+        assert "different steps: [6, 7]" in results["step_mismatch"]
         assert results["grad_sum"] == [1.0, 2.0, 3.0]
+
+
+def test_a_data_parallel_step_makes_two_collectives(two_rank_results):
+    # The step header (stop flag, step, sub-adapter, counts) and the gradients with the loss totals.
+    for results in two_rank_results[:2]:
+        assert results["collectives_per_step"] == [2, 2]

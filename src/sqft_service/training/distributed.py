@@ -12,10 +12,16 @@ The contract, for ``N = world_size > 1``:
   ranks before the backward, each rank backpropagates ``loss_sum / global_labels``, and the adapter
   gradients are summed (one flat buffer, ``all_reduce_grads``). Clipping and the optimizer then see the
   same gradient on every rank, so the replicas stay identical without a broadcast per step;
-* rank 0 alone decides to stop (``agree_step`` hands its flag to all ranks at the start of a step), and
-  under NLS every rank checks that it trains the same sub-adapter in that step (``check_sub_adapter``):
-  the masked super-adapter has the same shapes whatever the ranks, so a mismatch would silently mix
-  sub-adapters in the sum instead of failing.
+* rank 0 alone decides to stop, and under NLS every rank checks that it trains the same sub-adapter
+  in that step: the masked super-adapter has the same shapes whatever the ranks, so a mismatch would
+  silently mix sub-adapters in the sum instead of failing.
+
+A step makes two collectives, and neither makes the host wait for a GPU. ``step_header`` exchanges
+what the host already knows before the step (rank 0's stop flag, the step number, the sub-adapter,
+the label and token counts) in one all-gather of a few integers over gloo on CPU tensors (a side
+group when the main one is NCCL: an NCCL result read on the host would wait for every queued kernel).
+``all_reduce_grads`` sums the gradients with the step's loss sum and correct count appended to the same
+flat buffer, so the loss totals stay on the device and are read at logging points, as with one rank.
 
 We sum the gradients ourselves rather than wrap the model in ``DistributedDataParallel``: a rank whose
 share of the last, short micro-batch is empty must still join the reduction (DDP's hooks fire only
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -52,16 +58,31 @@ def _collective(collective: Callable[..., object], *args: object, **kwargs: obje
 
 
 @dataclass(frozen=True)
+class StepHeader:
+    """What the ranks agreed on before a step: rank 0's stop flag and the global label and token counts."""
+
+    stop: bool
+    n_labels: int
+    n_real: int
+
+
+@dataclass(frozen=True)
 class DataParallel:
-    """This process's place in the job's process group (``world_size`` 1: no group, nothing to do)."""
+    """This process's place in the job's process group (``world_size`` 1: no group, nothing to do).
+
+    ``host_group``: the gloo group for values the host holds (``None``: the default group is gloo).
+    """
 
     rank: int = 0
     world_size: int = 1
+    host_group: object | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def current(cls) -> DataParallel:
+        """This process's place; with an NCCL group, creates the gloo side group (every rank calls this once)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return cls(dist.get_rank(), dist.get_world_size())
+            host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+            return cls(dist.get_rank(), dist.get_world_size(), host)
         return cls()
 
     @property
@@ -87,47 +108,62 @@ class DataParallel:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def agree_step(self, stop: bool, step: int) -> bool:
-        """Rank 0's stop flag, for every rank, at the start of optimizer step ``step + 1``.
+    def step_header(
+        self, stop: bool, step: int, sub_adapter: Sequence[int] | None, n_labels: int, n_real: int
+    ) -> StepHeader:
+        """Agree on optimizer step ``step + 1`` before it runs: one all-gather of host integers.
+
+        Args:
+            stop: This rank's wish to stop (only rank 0's counts: it hands its decision to all).
+            step: The optimizer steps taken so far (every rank must be at the same one).
+            sub_adapter: The NLS ranks this rank drew for the step, or ``None`` without NLS.
+            n_labels: Label tokens in this rank's share of the step.
+            n_real: Real (non-pad) tokens in this rank's share of the step.
+
+        Returns:
+            Rank 0's stop flag and the label and token counts summed over the ranks.
 
         Raises:
-            RanksDisagree: a rank is at another step.
+            RanksDisagree: a rank is at another step or drew another NLS sub-adapter.
         """
         if not self.enabled:
-            return stop
-        mine = torch.tensor([int(stop), step], dtype=torch.long, device=self._device())
+            return StepHeader(stop, n_labels, n_real)
+        digest = fingerprint(sub_adapter) if sub_adapter is not None else -1
+        mine = torch.tensor([int(stop), step, digest, n_labels, n_real], dtype=torch.long)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        _collective(dist.all_gather, gathered, mine)
-        rows = torch.stack(gathered).cpu()
+        _collective(dist.all_gather, gathered, mine, group=self.host_group)
+        rows = torch.stack(gathered)
         if not bool((rows[:, 1] == step).all()):
             raise RanksDisagree(f"ranks are at different steps: {rows[:, 1].tolist()}")
-        return bool(rows[0, 0])
-
-    def check_sub_adapter(self, ranks: Sequence[int]) -> None:
-        """Every rank trains the same NLS sub-adapter this step (each draws it from ``(seed, step)``).
-
-        Raises:
-            RanksDisagree: the sub-adapters differ.
-        """
-        if self.enabled:
-            self.check_same("the NLS sub-adapter", fingerprint(ranks))
+        if not bool((rows[:, 2] == digest).all()):
+            raise RanksDisagree(f"ranks disagree on the NLS sub-adapter of step {step + 1}")
+        return StepHeader(bool(rows[0, 0]), int(rows[:, 3].sum()), int(rows[:, 4].sum()))
 
     def sum(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sum over the ranks, in float64 (label counts, loss sums, token counts)."""
+        """Element-wise sum over the ranks of host values, in float64 (e.g. an evaluation's totals)."""
         if not self.enabled:
             return [float(v) for v in values]
-        buffer = torch.tensor(list(values), dtype=torch.float64, device=self._device())
-        _collective(dist.all_reduce, buffer, op=dist.ReduceOp.SUM)
-        return buffer.cpu().tolist()
+        buffer = torch.tensor(list(values), dtype=torch.float64)
+        _collective(dist.all_reduce, buffer, op=dist.ReduceOp.SUM, group=self.host_group)
+        return buffer.tolist()
 
-    def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+    def all_reduce_grads(
+        self, params: Iterable[torch.nn.Parameter], extras: Sequence[torch.Tensor] = ()
+    ) -> list[torch.Tensor]:
         """Sum the gradients of ``params`` over the ranks, in place, through one flat buffer.
 
         A parameter without a gradient on this rank (no examples this step) contributes zeros and gets
         the sum, so every rank ends with the same ``.grad`` on every parameter.
+
+        Args:
+            params: The trained parameters.
+            extras: 0-dim tensors summed in the same buffer (the step's loss sum and correct count).
+
+        Returns:
+            The summed ``extras``, as fp32 0-dim tensors on the reduction's device (not read here).
         """
         if not self.enabled:
-            return
+            return list(extras)
         params = list(params)
         device = self._device()
         flat = torch.cat(
@@ -135,6 +171,7 @@ class DataParallel:
                 (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, torch.float32)
                 for p in params
             ]
+            + [e.reshape(1).to(device, torch.float32) for e in extras]
         )
         _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
         offset = 0
@@ -146,6 +183,7 @@ class DataParallel:
                 p.grad = summed
             else:
                 p.grad.copy_(summed)
+        return [flat[offset + i] for i in range(len(extras))]
 
     def check_same(self, what: str, value: int) -> None:
         """Fail on every rank when the ranks hold different values (e.g. the step they resume from).
@@ -155,8 +193,8 @@ class DataParallel:
         """
         if not self.enabled:
             return
-        low_high = torch.tensor([-value, value], dtype=torch.long, device=self._device())
-        _collective(dist.all_reduce, low_high, op=dist.ReduceOp.MAX)
+        low_high = torch.tensor([-value, value], dtype=torch.long)
+        _collective(dist.all_reduce, low_high, op=dist.ReduceOp.MAX, group=self.host_group)
         low, high = -int(low_high[0]), int(low_high[1])
         if low != high:
             raise RanksDisagree(f"ranks disagree on {what}: between {low} and {high}")

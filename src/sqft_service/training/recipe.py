@@ -328,20 +328,28 @@ class FinetuneRecipe:
             for first in range(start, len(micro_batches), accum):
                 if step >= self.total_steps:
                     break
-                # Rank 0 decides for every rank: all stop at the same step boundary.
-                if self.dp.agree_step(self.should_stop(), step):
-                    self.save_resume_state(step, epoch, trained_tokens)
-                    raise TrainingStopped(f"stopped at step {step}")
                 shards = [self.dp.shard(idx) for idx in micro_batches[first : first + accum]]
                 group = [self._prepare(self.collator([self.train_examples[i] for i in idx])) for idx in shards if idx]
+                # Rank 0 decides for every rank: all stop at the same step boundary.
+                header = self.dp.step_header(
+                    self.should_stop(),
+                    step,
+                    self.handles.nls.draw(step) if self.handles.nls is not None and self.dp.enabled else None,
+                    sum(b["n_label_tokens"] for b in group),
+                    sum(b["n_real_tokens"] for b in group),
+                )
+                if header.stop:
+                    self.save_resume_state(step, epoch, trained_tokens)
+                    raise TrainingStopped(f"stopped at step {step}")
                 for hook in self.step_hooks:
                     hook.before_step(step + 1)
                 t0 = time.perf_counter()
                 if self.handles.nls is not None:
-                    self.dp.check_sub_adapter(self.handles.nls.sample(step))
+                    self.handles.nls.sample(step)
                 if self.dp.enabled:  # each rank its own dropout masks, the same ones again after a resume
                     torch.manual_seed(self.dp.dropout_seed(self.seed, step))
-                totals, n_labels, n_real = self._train_step(group, t.max_grad_norm)
+                totals = self._train_step(group, header.n_labels, t.max_grad_norm)
+                n_labels, n_real = header.n_labels, header.n_real
                 step += 1
                 dt = time.perf_counter() - t0
                 trained_tokens += n_real
@@ -389,17 +397,16 @@ class FinetuneRecipe:
         csv_path = self.write_metrics_csv()
         return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path))
 
-    def _train_step(self, group: list[dict[str, Any]], max_grad_norm: float | None) -> tuple[StepTotals, int, int]:
-        """One optimizer step over ``group`` micro-batches.
+    def _train_step(self, group: list[dict[str, Any]], n_labels: int, max_grad_norm: float | None) -> StepTotals:
+        """One optimizer step over ``group`` micro-batches; ``n_labels``: the global step's label tokens.
 
         The loss is a mean over every label token of the whole step (not a mean of per-batch means),
         so gradient accumulation gives the same update as one big batch: each micro-batch's summed
         loss is divided by the step's total label count before backward. With data parallelism that
         count is summed over the ranks and so are the gradients, which gives the update of one rank
-        training the global batch. Returns the global step's figures: ``(totals, n_labels, n_real)``,
-        the totals still on the device (read them with ``totals.read()``).
+        training the global batch. Returns the global step's loss totals, still on the device (read
+        them with ``totals.read()``).
         """
-        n_labels = int(self.dp.sum([sum(b["n_label_tokens"] for b in group)])[0])
         scaler = self.grad_scaler
         loss_sums, corrects = [], []
         for batch in group:
@@ -408,7 +415,12 @@ class FinetuneRecipe:
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sums.append(out.loss_sum.detach())
             corrects.append(out.n_correct)
-        self.dp.all_reduce_grads(self.optimizer.param_groups[0]["params"])
+        totals = StepTotals(loss_sums, corrects)
+        if self.dp.enabled:  # the ranks' totals summed with the gradients, still not read
+            zero = torch.zeros((), device=self.device)
+            step_sums = [torch.stack(v).sum() if v else zero for v in (loss_sums, corrects)]
+            summed = self.dp.all_reduce_grads(self.optimizer.param_groups[0]["params"], step_sums)
+            totals = StepTotals(summed[:1], summed[1:])
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip the true gradients
         if max_grad_norm is not None:
@@ -420,13 +432,7 @@ class FinetuneRecipe:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = StepTotals(loss_sums, corrects)
-        n_real = sum(b["n_real_tokens"] for b in group)
-        if self.dp.enabled:  # the ranks' figures summed: the reduction needs them on the host now
-            loss_sum, correct = totals.read()
-            loss_sum, correct, n_real = self.dp.sum([loss_sum, correct, n_real])
-            totals = StepTotals.known(loss_sum, int(correct))
-        return totals, n_labels, int(n_real)
+        return totals
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A collated batch ready for the device: unchanged on the CPU; on a GPU, with its label positions

@@ -20,20 +20,13 @@ class StepTotals:
 
     Args:
         loss_sums: One 0-dim fp32 tensor per micro-batch (detached).
-        corrects: One 0-dim integer tensor per micro-batch.
+        corrects: One 0-dim integer tensor per micro-batch (fp32 once summed over data-parallel ranks).
     """
 
     def __init__(self, loss_sums: list[torch.Tensor], corrects: list[torch.Tensor]) -> None:
         self._loss_sums = loss_sums
         self._corrects = corrects
         self._values: tuple[float, int] | None = None
-
-    @classmethod
-    def known(cls, loss_sum: float, correct: int) -> StepTotals:
-        """Totals already on the host (e.g. summed over data-parallel ranks)."""
-        totals = cls([], [])
-        totals._values = (float(loss_sum), int(correct))
-        return totals
 
     def read(self) -> tuple[float, int]:
         """``(loss_sum, correct)`` on the host: one device-to-host copy per step, the first time only."""

@@ -164,6 +164,16 @@ class ElasticRankController:
                 mask.copy_(self.rank_mask)
 
     # -- public API ----------------------------------------------------------------------------------
+    def _draw(self, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        pick = (torch.rand(len(self.dimensions), generator=gen) * self._space_len).long()
+        pick = torch.minimum(pick, self._space_len - 1)
+        return self._space.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+    def draw(self, step: int) -> list[int]:
+        """The sub-adapter :meth:`sample` would activate at ``step``, without activating or counting it."""
+        return self._draw(step).tolist()
+
     def sample(self, step: int) -> list[int]:
         """Draw and activate a sub-adapter: each dimension's rank uniformly from its space.
 
@@ -173,10 +183,7 @@ class ElasticRankController:
         Returns:
             The active rank of every dimension (group-major order).
         """
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
-        pick = (torch.rand(len(self.dimensions), generator=gen) * self._space_len).long()
-        pick = torch.minimum(pick, self._space_len - 1)
-        ranks = self._space.gather(1, pick.unsqueeze(1)).squeeze(1)
+        ranks = self._draw(step)
         self._draws[torch.arange(len(ranks)), ranks] += 1
         self._write(ranks)
         self.active = ranks.tolist()
