@@ -184,6 +184,8 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
     t.max_train_steps, t.logging_steps = total + (PROFILED_STEPS if spec.get("profile") else 0), total
     t.device = "cuda" if device == "cuda" else "cpu"
     t.torch_compile = setup.endswith("_compile")
+    if spec.get("attn"):  # bench/gpu/launches.py: the GPU's attention on a CPU
+        t.attn_implementation = spec["attn"]
 
     capture = Capture(device, total + 1)
 

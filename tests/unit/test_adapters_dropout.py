@@ -47,3 +47,14 @@ def test_peft_model_uses_one_shared_dropout():
             "default" in getattr(m, "lora_dropout", {})}  # fmt: skip
     assert len(mods) == 1
     assert share_lora_dropout(model) == 0  # already replaced
+
+
+def test_a_bf16_input_is_scaled_by_the_exact_keep_factor():
+    # A mask scaled in bf16 would multiply by bf16(1/0.95) = 1.0547 (+0.2%); scaling after the mask
+    # rounds each product instead, which averages out.
+    torch.manual_seed(0)
+    x = torch.rand(200_000, dtype=torch.bfloat16) + 0.5
+    y = SharedInputDropout(0.05).train()(x)
+    kept = y != 0
+    ratio = (y[kept].double() / x[kept].double()).mean().item()
+    assert abs(ratio - 1 / 0.95) < 1e-4, ratio

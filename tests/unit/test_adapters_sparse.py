@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
 from sqft_service.adapters.lora import build_peft_model
@@ -82,6 +83,34 @@ def test_dropout_path_matches_reference_in_training():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     model.eval()  # dropout inactive -> fused path, no dropout
     torch.testing.assert_close(layer(x), reference(layer, x), atol=1e-5, rtol=0)
+
+
+class _WeightSizedCasts(TorchDispatchMode):
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._to_copy and args[0].numel() == self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_dropout_path_under_autocast_matches_reference_and_casts_only_the_base():
+    model, handles = sparse_peft(dropout=0.3)
+    model.train()
+    layer = handles.sparse.modules["model.layers.0.mlp.up_proj"]
+    x = torch.randn(4, 16)
+    with _WeightSizedCasts(layer.base_layer.weight.numel()) as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(5)
+        out = layer(x)
+    torch.manual_seed(5)
+    ref = reference(layer, x, dropout=layer.lora_dropout["default"])  # fp32, the same keep mask
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+    # The fp32 base weight is cast for the matmul (autocast); the masked delta is made in bf16 at
+    # once, never as an fp32 weight-sized tensor cast afterwards, nor with a cast of the mask.
+    assert casts.count == 1
 
 
 def test_composes_with_nls_rank_mask():

@@ -58,7 +58,9 @@ class SharedInputDropout(nn.Dropout):
             and x._version == self._last_version
         ):
             return self._last_output
-        out = x * (_uniform_int15(x) >= self._threshold).to(x.dtype).mul_(self._scale)
+        # The keep mask multiplies as a bool and the scale comes after, in the kernel's fp32 arithmetic: a
+        # scaled mask made in a bf16 input's dtype would round 1/(1-p) (1/0.95 to 1.0547, +0.2%).
+        out = (x * (_uniform_int15(x) >= self._threshold)).mul_(self._scale)
         self._last_input, self._last_version = weakref.ref(x), x._version
         self._last_output = out
         return out

@@ -9,9 +9,11 @@ the weights; here stock PEFT is kept and the slice is expressed as a mask:
 * the controller owns one tensor ``rank_mask`` of shape ``[n_dims, max_rank]`` (row ``d`` is 1 on the
   first ``r'_d`` entries, 0 elsewhere);
 * a forward hook on every ``lora_A[adapter]`` multiplies its output (the rank-``r`` bottleneck
-  activation) by the row of its dimension. ``B @ diag(m) @ A`` equals ``B[:, :r'] @ A[:r']``, and the
-  masked rows/columns receive exactly zero gradient, so forward and backward match the sliced
-  computation while the scaling stays ``lora_alpha / r`` (a sub-adapter is a slice, not rescaled);
+  activation) by the row of its dimension (``FusedLoraLinear`` and the SparsePEFT layer, which compute
+  ``lora_A`` inline, read the same row through :func:`nls_rank_mask`). ``B @ diag(m) @ A`` equals
+  ``B[:, :r'] @ A[:r']``, and the masked rows/columns receive exactly zero gradient, so forward and
+  backward match the sliced computation while the scaling stays ``lora_alpha / r`` (a sub-adapter is
+  a slice, not rescaled);
 * switching sub-adapters is one in-place write into ``rank_mask``: no walk over modules, no retracing.
 
 Hooks live outside the state dict, so ``save_pretrained`` writes an ordinary PEFT LoRA checkpoint
@@ -59,7 +61,7 @@ class SearchDimension:
 def nls_rank_mask(module: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
     """The active-rank mask row of a LoRA layer under NLS (``None`` without NLS).
 
-    Used by the SparsePEFT fused forward, which does not call ``lora_A`` and so bypasses the hook.
+    Used by the fused LoRA and SparsePEFT forwards, which do not call ``lora_A`` and so bypass the hook.
     """
     slot = getattr(module, _SLOT_ATTR, None)
     if slot is None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
+from ..fused_lora import INPUT_CAST_ATTR, SharedInputCast, autocast_input
 from ..nls.controller import nls_rank_mask
 from ..peft_utils import base_of
 
@@ -47,14 +48,17 @@ class SparseLoraLinear(lora_layer.Linear):
     exact_base_weight = True
 
     def masked_delta(self, adapter: str) -> torch.Tensor:
-        """``M * scaling * B @ diag(m) @ A`` in the adapter dtype (``m``: NLS rank mask, or all ones)."""
+        """``M * (scaling * B @ diag(m)) @ A`` (``m``: NLS rank mask, or all ones).
+
+        In the adapter dtype, or the autocast dtype under autocast. The scale and the rank mask go on
+        ``B`` (out x r), not on the out x in product, and the bool mask ``M`` multiplies in-kernel: the
+        only weight-sized kernels are the product and the mask.
+        """
         weight_a = self.lora_A[adapter].weight
         weight_b = self.lora_B[adapter].weight
         rank_mask = nls_rank_mask(self, weight_b)
-        if rank_mask is not None:
-            weight_b = weight_b * rank_mask
-        delta = (weight_b @ weight_a) * self.scaling[adapter]
-        return delta * getattr(self, MASK_BUFFER).to(delta.dtype)
+        scale = self.scaling[adapter] if rank_mask is None else rank_mask * self.scaling[adapter]
+        return ((weight_b * scale) @ weight_a) * getattr(self, MASK_BUFFER)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The masked delta, used by PEFT's merge/unmerge (keeps the base's zeros exactly)."""
@@ -84,12 +88,19 @@ class SparseLoraLinear(lora_layer.Linear):
             (with_dropout if live else fused).append(adapter)
         for adapter in fused:
             weight = weight + self.masked_delta(adapter).to(weight.dtype)
+        x, autocast = autocast_input(self, x)  # as FusedLoraLinear: one cast shared by q, k and v
         result = F.linear(x, weight, base.bias)
+        if not with_dropout:
+            return result
+        shape = result.shape
+        out = result.reshape(-1, shape[-1])
         for adapter in with_dropout:
             delta = self.masked_delta(adapter)
-            x_lora = self._cast_input_dtype(x, delta.dtype)
-            result = result + F.linear(self.lora_dropout[adapter](x_lora), delta).to(result.dtype)
-        return result
+            x_lora = x if autocast else self._cast_input_dtype(x, delta.dtype)
+            dropped = self.lora_dropout[adapter](x_lora)
+            dropped = dropped.reshape(-1, dropped.shape[-1])
+            out = torch.addmm(out if autocast else out.to(delta.dtype), dropped, delta.t())
+        return out.reshape(shape).to(result.dtype)
 
 
 @dataclass
@@ -138,6 +149,7 @@ def enable_sparse_peft(peft_model: nn.Module, adapter: str = "default") -> Spars
             fan_in_fan_out or non-``nn.Linear`` base layers).
     """
     handle = SparseAdapter()
+    cast = SharedInputCast()
     for name, module in base_of(peft_model).named_modules():
         if not isinstance(module, lora_layer.Linear) or adapter not in module.lora_A:
             continue
@@ -156,6 +168,7 @@ def enable_sparse_peft(peft_model: nn.Module, adapter: str = "default") -> Spars
         if not isinstance(module, SparseLoraLinear):
             module.register_buffer(MASK_BUFFER, base.weight.detach() != 0, persistent=False)
             module.__class__ = SparseLoraLinear
+            setattr(module, INPUT_CAST_ATTR, cast)
         handle.modules[name] = module
     if not handle.modules:
         raise ValueError(f"SparsePEFT found no LoRA linear layer with adapter {adapter!r}")
