@@ -69,3 +69,35 @@ def test_a_decoder_without_layers_is_refused():
     with pytest.raises(InvalidConfigurationError) as info:
         compile_decoder_layers(NoLayers())
     assert info.value.param == "Training.torch_compile"
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["lora", "sparsepeft"])
+def test_a_compiled_layer_is_one_graph_with_dropout_and_autocast(sparse):
+    # The eager paths' Python caches (shared input cast, shared dropout mask) step aside inside a
+    # compiled graph: a graph break per adapter would leave many small graphs and launches between them.
+    from torch._dynamo.utils import counters
+
+    from sqft_service.adapters.lora import build_peft_model
+    from sqft_service.adapters.sparsify import sparsify_model
+    from sqft_service.training.precision import cast_frozen_linears
+    from tests.conftest import make_tiny_llama
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = make_tiny_llama(128)
+    if sparse:
+        sparsify_model(base, "magnitude", 0.5)
+    lora = LoraSection(r=4, lora_alpha=8, lora_dropout=0.1, sparse_adapter=sparse)
+    model, _ = build_peft_model(base, lora, seed=0)
+    cast_frozen_linears(model, torch.bfloat16)
+    compile_decoder_layers(model)
+    model.train()
+    for length in (9, 13):
+        ids = torch.randint(0, 128, (2, length))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # One graph for the first layer (its input needs no gradient) and one for the others.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

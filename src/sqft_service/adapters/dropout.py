@@ -9,6 +9,10 @@ Profiling SmolLM2-135M LoRA training on this CPU (r=16 on q/k/v/up/down, batch 8
 * adapters that are fed the very same activation tensor in one forward pass (q/k/v of one attention
   block) share one drop mask instead of drawing three. Each adapter still sees ``dropout(x)`` with
   the configured ``p``; only the masks of sibling adapters become identical rather than independent.
+
+The first change is for the CPU only: a GPU has a fused dropout kernel (one launch, where the integer
+draw takes five), which it keeps, shared the same way. Inside a ``torch.compile`` graph neither applies:
+the cache would break the graph, and the compiler fuses a plain dropout into its neighbours.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _LEVELS = 1 << 15
@@ -51,6 +56,10 @@ class SharedInputDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph: no Python-side cache (it would break the graph); the compiler
+            # fuses a plain dropout into its neighbours and draws with its own generator anyway.
+            return F.dropout(x, self.p, training=True)
         if (
             self._last_output is not None
             and self._last_input is not None
@@ -60,7 +69,10 @@ class SharedInputDropout(nn.Dropout):
             return self._last_output
         # The keep mask multiplies as a bool and the scale comes after, in the kernel's fp32 arithmetic: a
         # scaled mask made in a bf16 input's dtype would round 1/(1-p) (1/0.95 to 1.0547, +0.2%).
-        out = (x * (_uniform_int15(x) >= self._threshold)).mul_(self._scale)
+        if x.device.type == "cpu":
+            out = (x * (_uniform_int15(x) >= self._threshold)).mul_(self._scale)
+        else:  # a GPU's fused dropout kernel: one launch, where the CPU draw above takes five
+            out = F.dropout(x, self.p, training=True)
         self._last_input, self._last_version = weakref.ref(x), x._version
         self._last_output = out
         return out
