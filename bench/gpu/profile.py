@@ -74,9 +74,13 @@ def summarize(events, device: str, wall_s: float) -> dict[str, Any]:
     from torch.autograd import DeviceType
 
     if device == "cuda":
-        timed = [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        timed = [(e.key, e.self_device_time_total) for e in kernels]
+        # Kernel launches per step: what a launch-bound row pays for (bench/gpu/launches.py is the CPU proxy).
+        launches = round(sum(e.count for e in kernels) / PROFILED_STEPS, 1)
     else:
         timed = [(e.key, e.self_cpu_time_total) for e in events if e.key.startswith("aten::")]
+        launches = None
     total_us = sum(t for _, t in timed) or 1.0
     shares = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for name, t in timed:
@@ -86,6 +90,7 @@ def summarize(events, device: str, wall_s: float) -> dict[str, Any]:
         "steps": PROFILED_STEPS,
         "wall_s": round(wall_s, 4),
         "kernel_s": round(total_us / 1e6, 4),
+        "kernels_per_step": launches,
         "shares": {k: round(v, 3) for k, v in shares.items()},
         "top": [{"name": name[:120], "share": round(t / total_us, 3)} for name, t in top],
     }
@@ -106,6 +111,8 @@ def describe(row: dict[str, Any]) -> str | None:
     if not p:
         return None
     busy = f"GPU busy {p['gpu_busy']:.0%}, " if p.get("gpu_busy") is not None else ""
+    if p.get("kernels_per_step"):
+        busy += f"{p['kernels_per_step']:.0f} kernels/step, "
     s = p["shares"]
     top = ", ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in p["top"][:3])
     return (
