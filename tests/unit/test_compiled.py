@@ -71,8 +71,10 @@ def test_a_decoder_without_layers_is_refused():
     assert info.value.param == "Training.torch_compile"
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["lora", "sparsepeft"])
-def test_a_compiled_layer_is_one_graph_with_dropout_and_autocast(sparse):
+@pytest.mark.parametrize(
+    ("sparse", "nls"), [(False, False), (True, False), (False, True)], ids=["lora", "sparsepeft", "nls"]
+)
+def test_a_compiled_layer_is_one_graph_with_dropout_and_autocast(sparse, nls):
     # The eager paths' Python caches (shared input cast, shared dropout mask) step aside inside a
     # compiled graph: a graph break per adapter would leave many small graphs and launches between them.
     from torch._dynamo.utils import counters
@@ -88,11 +90,15 @@ def test_a_compiled_layer_is_one_graph_with_dropout_and_autocast(sparse):
     if sparse:
         sparsify_model(base, "magnitude", 0.5)
     lora = LoraSection(r=4, lora_alpha=8, lora_dropout=0.1, sparse_adapter=sparse)
-    model, _ = build_peft_model(base, lora, seed=0)
+    if nls:
+        lora = NLS.model_copy(update={"lora_dropout": 0.1})
+    model, handles = build_peft_model(base, lora, seed=0)
     cast_frozen_linears(model, torch.bfloat16)
     compile_decoder_layers(model)
     model.train()
-    for length in (9, 13):
+    for step, length in enumerate((9, 13, 11)):
+        if nls:  # another sub-adapter each step: new mask values, the same graph
+            handles.nls.sample(step)
         ids = torch.randint(0, 128, (2, length))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

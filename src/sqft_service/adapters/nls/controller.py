@@ -128,6 +128,7 @@ class ElasticRankController:
         device = next(iter(self._modules[0][0].lora_A[adapter].parameters())).device
         self.rank_mask = torch.ones(n, self.max_rank, device=device)
         self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._fill_mask_cache()
         self.active: list[int] = [d.space[0] for d in self.dimensions]
         self._draws = torch.zeros(n, self.max_rank + 1, dtype=torch.long)
         self._loss_sum = torch.zeros(n, self.max_rank + 1, dtype=torch.float64)
@@ -141,6 +142,14 @@ class ElasticRankController:
         self.activate_maximal()
 
     # -- mask plumbing -------------------------------------------------------------------------------
+    def _fill_mask_cache(self) -> None:
+        # Every float dtype a forward may ask for, made now: a compiled layer guards on this dict's
+        # keys, so a key added at the first forward would recompile it at the second.
+        self._mask_cache.clear()
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            mask = self.rank_mask if dtype == self.rank_mask.dtype else self.rank_mask.to(dtype)
+            self._mask_cache[(self.rank_mask.device, dtype)] = mask
+
     def mask_row(self, index: int, like: torch.Tensor) -> torch.Tensor:
         """Row ``index`` of the rank mask on ``like``'s device and dtype (a cached view, no copy)."""
         key = (like.device, like.dtype)
@@ -160,7 +169,7 @@ class ElasticRankController:
             self.rank_mask.copy_(rows, non_blocking=True)
         else:
             self.rank_mask.copy_(rows)
-        # One in-place op per cached copy (usually none besides the mask itself).
+        # One small in-place copy per cached dtype besides the mask itself (bf16, fp16).
         for mask in self._mask_cache.values():
             if mask.data_ptr() != self.rank_mask.data_ptr():
                 mask.copy_(self.rank_mask)
@@ -216,7 +225,7 @@ class ElasticRankController:
     def to(self, device: torch.device | str) -> ElasticRankController:
         """Keep the rank mask on ``device`` (call after moving the model there)."""
         self.rank_mask = self.rank_mask.to(device)
-        self._mask_cache.clear()
+        self._fill_mask_cache()
         return self
 
     def record_loss(self, loss: float, ranks: list[int] | None = None) -> None:
