@@ -7,60 +7,18 @@ the same arithmetic in one pass (BLAS ``C = beta*C + alpha*A@B``). Everything el
 NLS rank mask, merge, saving) is stock peft's: only ``forward`` changes, and only for the plain
 path; any other case defers to peft.
 
-Under autocast the layer also casts less (each cast is a kernel forward and one backward, which is what
-a launch-bound GPU step pays for; ``bench/gpu/launches.py`` counts them). Autocast casts a layer's
-input for every matmul that reads it and caches only casts of weights, so q, k and v, each with its
-adapter, would cast the same activation six times: one :class:`SharedInputCast` per model makes it once.
+Under autocast the layer also casts less (:mod:`sqft_service.adapters.autocast`).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
+from .autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_weights, autocast_input, cast_adapter_weights
 from .nls.controller import nls_rank_mask
-
-INPUT_CAST_ATTR = "_sqft_input_cast"
-
-
-class SharedInputCast:
-    """The autocast-dtype copy of the last activation cast, for the sibling layers that read the same one.
-
-    Held like :class:`~sqft_service.adapters.dropout.SharedInputDropout` holds its mask: the input
-    weakly (a freed tensor never matches, even if its memory is reused) and checked by version, the
-    copy strongly; at most one activation-sized tensor is kept between steps.
-    """
-
-    def __init__(self) -> None:
-        self._input: weakref.ref | None = None
-        self._key: tuple[int, torch.dtype, bool] | None = None
-        self._output: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # a compiled graph merges equal casts itself
-            return x.to(dtype)
-        key = (x._version, dtype, torch.is_grad_enabled())
-        if self._output is not None and self._input is not None and self._input() is x and self._key == key:
-            return self._output
-        self._output = x.to(dtype)
-        self._input, self._key = weakref.ref(x), key
-        return self._output
-
-
-def autocast_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(x in the autocast dtype, True)`` under autocast, cast once for the module's siblings;
-    ``(x, False)`` otherwise (or for a module without a :class:`SharedInputCast`)."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return x, False
-    dtype = torch.get_autocast_dtype(x.device.type)
-    cast = getattr(module, INPUT_CAST_ATTR, None)
-    if cast is not None and x.is_floating_point() and x.dtype != dtype:
-        x = cast(x, dtype)
-    return x, True
 
 
 class FusedLoraLinear(lora_layer.Linear):
@@ -91,11 +49,13 @@ class FusedLoraLinear(lora_layer.Linear):
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
-            weight_b = self.lora_B[adapter].weight
+            weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             dropped = self.lora_dropout[adapter](x if autocast else x.to(weight_b.dtype))
+            if autocast:  # this decoder forward's casts of A and B, if it made them
+                weight_a, weight_b = adapter_weights(self, adapter) or (weight_a, weight_b)
             # lora_A's own forward without its module call: no hooks to run, so NLS's rank mask (a hook
             # on lora_A for peft's path) is applied here.
-            h = F.linear(dropped, self.lora_A[adapter].weight)
+            h = F.linear(dropped, weight_a)
             rank_mask = nls_rank_mask(self, h)
             if rank_mask is not None:
                 h = h * rank_mask
@@ -106,11 +66,15 @@ class FusedLoraLinear(lora_layer.Linear):
 
 def fuse_lora_layers(peft_model: nn.Module) -> int:
     """Switch every stock ``lora.Linear`` (exact type) in ``peft_model`` to :class:`FusedLoraLinear`."""
-    switched = 0
+    switched = []
     cast = SharedInputCast()
     for module in peft_model.modules():
         if type(module) is lora_layer.Linear:
             module.__class__ = FusedLoraLinear
             setattr(module, INPUT_CAST_ATTR, cast)
-            switched += 1
-    return switched
+            switched.append(module)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if switched and isinstance(decoder, nn.Module):
+        cast_adapter_weights(decoder, switched)
+    return len(switched)
