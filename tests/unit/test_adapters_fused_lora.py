@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import layer as lora_layer
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sqft_service.adapters.autocast import WEIGHTS_ATTR, SharedInputCast
+from sqft_service.adapters.autocast import SharedInputCast, adapter_weights
 from sqft_service.adapters.fused_lora import FusedLoraLinear, fuse_lora_layers
 from sqft_service.training.precision import cast_frozen_linears
 from tests.conftest import make_tiny_llama
@@ -107,13 +107,12 @@ def test_shared_input_cast_serves_the_same_activation_only():
         assert cast(x, torch.bfloat16) is not c
 
 
-def test_adapter_weights_are_cast_for_one_decoder_forward_and_checkpointing_agrees():
+def test_adapter_weights_are_cast_once_per_decoder_forward_and_checkpointing_agrees():
     _, fused = _pair()
     cast_frozen_linears(fused, torch.bfloat16)
     layer = fused.base_model.model.model.layers[0].self_attn.q_proj
-    seen = []
-    casts = getattr(layer, WEIGHTS_ATTR)
-    layer.register_forward_hook(lambda m, a, o: seen.append({k: w.dtype for k, (w, _) in casts.items()}))
+    used = []
+    layer.register_forward_hook(lambda m, a, o: used.append(adapter_weights(m, "default")))
     ids = torch.randint(0, 64, (3, 9))
 
     def step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,15 +124,56 @@ def test_adapter_weights_are_cast_for_one_decoder_forward_and_checkpointing_agre
 
     fused.train()
     loss, grads = step(fused)
-    assert seen == [{"default": torch.bfloat16}]  # the decoder's casts, during its forward
-    assert getattr(layer, WEIGHTS_ATTR) == {}  # and taken back after it
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(torch.randn(2, layer.in_features))  # a layer called on its own casts its own weights
-    assert seen[-1] == {}
-    # Gradient checkpointing recomputes each layer in the backward, after the decoder's forward: the
-    # layers cast their own weights then, to the same values, so nothing changes.
+    assert used[-1] is not None and used[-1].a.dtype == torch.bfloat16 and not used[-1].masked
+    # An optimizer step changes the weights in place: the casts are stale, a layer casts its own.
+    with torch.no_grad():
+        layer.lora_A["default"].weight.add_(0.0)
+    assert adapter_weights(layer, "default") is None
+    # Gradient checkpointing recomputes each layer in the backward with the forward's casts: the same
+    # arithmetic, so the same loss and gradients to the bit.
     fused.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_ckpt, grads_ckpt = step(fused)
     assert torch.equal(loss_ckpt, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
+    from sqft_service.adapters.lora import build_peft_model
+    from sqft_service.config import LoraSection
+
+    groups = [["q_proj", "v_proj"], ["up_proj"]]
+    lora = LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        neural_lora_search=True,
+        target_module_groups=groups,
+        search_space=["4,2", "4,3,1"],
+    )
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same A initialisation in both
+        model, handles = build_peft_model(make_tiny_llama(64), lora, seed=0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        cast_frozen_linears(model, torch.bfloat16)
+        handles.nls.activate([2, 4, 3, 1])
+        models.append((model.train(), handles))  # the handles hold the controller (layers refer to it weakly)
+    models[1][0].base_model.model.model._forward_pre_hooks.clear()  # the reference: no casts, masks on h
+    ids = torch.randint(0, 64, (3, 9))
+    results = []
+    for model, _ in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    layer = models[0][0].base_model.model.model.layers[0].self_attn.q_proj
+    assert adapter_weights(layer, "default").masked
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=0, atol=0, msg=name)
+    # Rank 2 of 4 in layer 0's q/v group: the masked half of A and B gets no gradient.
+    grad_a = results[0][1]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert grad_a[2:].abs().max() == 0 and grad_a[:2].abs().max() > 0

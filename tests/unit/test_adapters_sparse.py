@@ -8,10 +8,13 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
+from sqft_service.adapters.autocast import adapter_weights
 from sqft_service.adapters.lora import build_peft_model
+from sqft_service.adapters.peft_utils import base_of
 from sqft_service.adapters.sparse import MASK_BUFFER, SparseLoraLinear, sparsity_report
 from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
+from sqft_service.training.precision import cast_frozen_linears
 from tests.conftest import make_tiny_llama, randomize_b
 
 
@@ -192,3 +195,31 @@ def test_sparsity_report_of_state_dict_and_model():
     assert by_model["overall"] == pytest.approx(0.5, abs=0.01)
     only_q = sparsity_report(model, names=["q_proj"])
     assert sorted(only_q["layers"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_decoder_made_casts_give_the_per_use_result_with_nls():
+    groups = [["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]]
+    runs = []
+    for clear_hooks in (False, True):
+        torch.manual_seed(0)
+        spaces = ["4,2", "4,3,1"]
+        model, handles = sparse_peft(neural_lora_search=True, target_module_groups=groups, search_space=spaces)
+        cast_frozen_linears(model, torch.bfloat16)  # leaves the sparse bases in fp32 (exact_base_weight)
+        handles.nls.activate([2, 4, 4, 1])
+        if clear_hooks:  # the reference: every layer casts A and B itself and masks B with its row
+            base_of(model).get_decoder()._forward_pre_hooks.clear()
+        ids = torch.randint(0, 128, (2, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        used = adapter_weights(handles.sparse.modules["model.layers.0.self_attn.q_proj"], "default")
+        assert (used is None) == clear_hooks and (clear_hooks or used.masked)
+    (loss, grads), (ref_loss, ref_grads) = runs
+    # One rounding apart: B*scale is made from the bf16 B here, from the fp32 B in the reference.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+    for name, ref in ref_grads.items():
+        assert torch.nn.functional.cosine_similarity(grads[name].flatten(), ref.flatten(), dim=0) > 0.99, name
+        assert torch.equal(grads[name] == 0, ref == 0), name  # the same ranks get no gradient
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert grads[key][2:].abs().max() == 0 and grads[key][:2].abs().max() > 0  # rank 2 of 4 in layer 0

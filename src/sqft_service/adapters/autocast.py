@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .nls.controller import nls_mask_version, nls_rank_mask
+from .peft_utils import base_of
 
 INPUT_CAST_ATTR = "_sqft_input_cast"
 
@@ -64,17 +68,49 @@ def autocast_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bo
 WEIGHTS_ATTR = "_sqft_weight_casts"
 
 
+@dataclass(frozen=True)
+class WeightCast:
+    """One adapter's A and B in the autocast dtype, as cast at the start of a decoder forward.
+
+    ``masked``: B is already multiplied by the layer's NLS rank-mask row (``B @ diag(m)``), which
+    gives the sliced sub-adapter forward and backward without masking the activation. ``key``: the
+    versions of A, B and the rank mask at the cast, and whether autograd recorded it; a cast is used
+    only while they hold (an optimizer step or a new sub-adapter makes it stale).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    masked: bool
+    key: tuple[int, int, int, bool]
+
+
 class _CastAll(torch.autograd.Function):
-    """Cast many tensors in one kernel: concatenated, cast, split into views. The backward likewise."""
+    """Cast many tensors in one kernel: concatenated, cast, split into views; the backward likewise.
+
+    Args of ``apply``: the dtype, the B rank masks (``[sum of B rows, r]``, or ``None``), the number
+    of A weights, then every A and every B (in that order).
+    """
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.shapes, ctx.dtype = [w.shape for w in weights], weights[0].dtype
-        return _split(torch.cat([w.reshape(-1) for w in weights]).to(dtype), ctx.shapes)
+    def forward(ctx, dtype, b_mask, n_a, *weights):
+        ctx.shapes, ctx.dtype, ctx.b_start = [w.shape for w in weights], weights[0].dtype, _numel(weights[:n_a])
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        if b_mask is not None:
+            flat[ctx.b_start :].mul_(b_mask.reshape(-1))
+        ctx.save_for_backward(b_mask)
+        return _split(flat.to(dtype), ctx.shapes)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (None, *_split(torch.cat([g.reshape(-1) for g in grads]).to(ctx.dtype), ctx.shapes))
+    def backward(ctx, *grads):
+        (b_mask,) = ctx.saved_tensors
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if b_mask is not None:  # masked ranks get no gradient, as if sliced away
+            flat[ctx.b_start :].mul_(b_mask.reshape(-1).to(flat.dtype))
+        return (None, None, None, *_split(flat.to(ctx.dtype), ctx.shapes))
+
+
+def _numel(tensors) -> int:
+    return sum(t.numel() for t in tensors)
 
 
 def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> tuple[torch.Tensor, ...]:
@@ -82,38 +118,69 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> tuple[torch.Tensor, 
     return tuple(part.view(shape) for part, shape in zip(parts, shapes, strict=True))
 
 
-def adapter_weights(module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(A, B)`` of ``adapter`` as cast for the current decoder forward, or ``None`` (use the weights)."""
-    casts = getattr(module, WEIGHTS_ATTR, None)
-    return None if casts is None else casts.get(adapter)
+def _key(module: nn.Module, adapter: str) -> tuple[int, int, int, bool]:
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    return (a._version, b._version, nls_mask_version(module), torch.is_grad_enabled())
 
 
-def cast_adapter_weights(decoder: nn.Module, layers: Iterable[nn.Module]) -> None:
-    """Cast the LoRA weights of ``layers`` once per forward of ``decoder`` under autocast.
+def adapter_weights(module: nn.Module, adapter: str) -> WeightCast | None:
+    """The current :class:`WeightCast` of ``adapter``, or ``None`` (cast the weights at use, as autocast does)."""
+    if torch.compiler.is_compiling():  # a compiled layer casts (and masks) in its own graph
+        return None
+    cast = getattr(module, WEIGHTS_ATTR, {}).get(adapter)
+    if cast is None:
+        return None
+    key = _key(module, adapter)
+    # A cast made without autograd never serves a forward that needs gradients (the reverse is fine).
+    if key[:3] != cast.key[:3] or (key[3] and not cast.key[3]):
+        return None
+    return cast
 
-    A forward pre-hook makes the casts (one :class:`_CastAll`) and hands each layer its pair; a forward
-    hook takes them back, so a layer called outside a decoder forward (or in a gradient-checkpoint
-    recomputation) casts its own weights as before.
+
+def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> None:
+    """Cast the LoRA weights of ``layers`` once per forward of the model's decoder under autocast.
+
+    A model without ``get_decoder`` is left alone (its layers cast their weights at use).
+
+    A forward pre-hook makes the casts (one :class:`_CastAll`, NLS rank masks included) and hands
+    each layer its :class:`WeightCast`. They stay with the layers after the forward, so a
+    gradient-checkpoint recomputation (in the backward) computes exactly what the forward did; they
+    are replaced at the next decoder forward and ignored once stale (see :func:`adapter_weights`).
     """
+    base = base_of(peft_model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     layers = list(layers)
+    if not isinstance(decoder, nn.Module) or not layers:
+        return
 
     def give(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         device = next(iter(layers[0].lora_A.values())).weight.device
         if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device.type):
             return
         pairs = [(m, a) for m in layers for a in m.active_adapters if a in m.lora_A]
-        weights = [w for m, a in pairs for w in (m.lora_A[a].weight, m.lora_B[a].weight)]
-        if not weights or any(w.dtype != weights[0].dtype for w in weights):
+        a_weights = [m.lora_A[a].weight for m, a in pairs]
+        b_weights = [m.lora_B[a].weight for m, a in pairs]
+        weights = a_weights + b_weights
+        if not pairs or any(w.dtype != weights[0].dtype for w in weights):
             return
-        casts = _CastAll.apply(torch.get_autocast_dtype(device.type), *weights)
+        b_mask = _b_masks(pairs, b_weights)
+        casts = _CastAll.apply(torch.get_autocast_dtype(device.type), b_mask, len(pairs), *weights)
         for i, (module, adapter) in enumerate(pairs):
-            getattr(module, WEIGHTS_ATTR)[adapter] = (casts[2 * i], casts[2 * i + 1])
-
-    def take_back(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        for module in layers:
-            getattr(module, WEIGHTS_ATTR).clear()
+            cast = WeightCast(casts[i], casts[len(pairs) + i], b_mask is not None, _key(module, adapter))
+            getattr(module, WEIGHTS_ATTR)[adapter] = cast
 
     for module in layers:
         setattr(module, WEIGHTS_ATTR, {})
     decoder.register_forward_pre_hook(give, with_kwargs=True)
-    decoder.register_forward_hook(take_back, with_kwargs=True)
+
+
+def _b_masks(pairs, b_weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """Each B's NLS rank-mask row repeated over its rows, all stacked: ``[sum of B rows, r]``; or
+    ``None`` without NLS (or with ranks that differ between adapters, where rows can't stack)."""
+    if all(nls_mask_version(m) < 0 for m, _ in pairs) or len({b.shape[1] for b in b_weights}) != 1:
+        return None
+    rows = []
+    for (module, _), b in zip(pairs, b_weights, strict=True):
+        row = nls_rank_mask(module, b)
+        rows.append((row if row is not None else b.new_ones(b.shape[1])).expand(b.shape[0], -1))
+    return torch.cat(rows)

@@ -51,12 +51,13 @@ class FusedLoraLinear(lora_layer.Linear):
                 continue
             weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             dropped = self.lora_dropout[adapter](x if autocast else x.to(weight_b.dtype))
-            if autocast:  # this decoder forward's casts of A and B, if it made them
-                weight_a, weight_b = adapter_weights(self, adapter) or (weight_a, weight_b)
+            cast = adapter_weights(self, adapter) if autocast else None  # the decoder forward's casts
+            if cast is not None:
+                weight_a, weight_b = cast.a, cast.b
             # lora_A's own forward without its module call: no hooks to run, so NLS's rank mask (a hook
-            # on lora_A for peft's path) is applied here.
+            # on lora_A for peft's path) is applied here, unless the cast B already carries it.
             h = F.linear(dropped, weight_a)
-            rank_mask = nls_rank_mask(self, h)
+            rank_mask = None if cast is not None and cast.masked else nls_rank_mask(self, h)
             if rank_mask is not None:
                 h = h * rank_mask
             out = torch.addmm(out if autocast else out.to(weight_b.dtype), h.reshape(-1, h.shape[-1]), weight_b.t(),
@@ -73,8 +74,6 @@ def fuse_lora_layers(peft_model: nn.Module) -> int:
             module.__class__ = FusedLoraLinear
             setattr(module, INPUT_CAST_ATTR, cast)
             switched.append(module)
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if switched and isinstance(decoder, nn.Module):
-        cast_adapter_weights(decoder, switched)
+    if switched:
+        cast_adapter_weights(peft_model, switched)
     return len(switched)

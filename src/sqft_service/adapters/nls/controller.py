@@ -70,6 +70,14 @@ def nls_rank_mask(module: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
     return None if controller is None else controller.mask_row(slot[1], like)
 
 
+def nls_mask_version(module: nn.Module) -> int:
+    """The version counter of the rank mask a LoRA layer reads under NLS (-1 without NLS): it moves
+    whenever another sub-adapter is activated."""
+    slot = getattr(module, _SLOT_ATTR, None)
+    controller = None if slot is None else slot[0]()
+    return -1 if controller is None else controller.rank_mask._version
+
+
 class ElasticRankController:
     """Holds the rank mask of an NLS super-adapter and samples / activates sub-adapters.
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
-from ..fused_lora import INPUT_CAST_ATTR, SharedInputCast, autocast_input
+from ..autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_weights, autocast_input, cast_adapter_weights
 from ..nls.controller import nls_rank_mask
 from ..peft_utils import base_of
 
@@ -56,7 +56,10 @@ class SparseLoraLinear(lora_layer.Linear):
         """
         weight_a = self.lora_A[adapter].weight
         weight_b = self.lora_B[adapter].weight
-        rank_mask = nls_rank_mask(self, weight_b)
+        cast = adapter_weights(self, adapter) if torch.is_autocast_enabled(weight_a.device.type) else None
+        if cast is not None:  # the decoder forward's casts, the rank mask already on B if NLS
+            weight_a, weight_b = cast.a, cast.b
+        rank_mask = None if cast is not None and cast.masked else nls_rank_mask(self, weight_b)
         scale = self.scaling[adapter] if rank_mask is None else rank_mask * self.scaling[adapter]
         return ((weight_b * scale) @ weight_a) * getattr(self, MASK_BUFFER)
 
@@ -172,4 +175,5 @@ def enable_sparse_peft(peft_model: nn.Module, adapter: str = "default") -> Spars
         handle.modules[name] = module
     if not handle.modules:
         raise ValueError(f"SparsePEFT found no LoRA linear layer with adapter {adapter!r}")
+    cast_adapter_weights(peft_model, handle.modules.values())
     return handle
