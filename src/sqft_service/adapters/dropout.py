@@ -67,10 +67,10 @@ class SharedInputDropout(nn.Dropout):
             and x._version == self._last_version
         ):
             return self._last_output
-        # The keep mask multiplies as a bool and the scale comes after, in the kernel's fp32 arithmetic: a
-        # scaled mask made in a bf16 input's dtype would round 1/(1-p) (1/0.95 to 1.0547, +0.2%).
         if x.device.type == "cpu":
-            out = (x * (_uniform_int15(x) >= self._threshold)).mul_(self._scale)
+            # Scaled, then selected: a mask scaled in a bf16 input's dtype would round 1/(1-p) (1/0.95 to
+            # 1.0547, +0.2%), and `where` was the cheapest of the forms tried on a bf16 CPU.
+            out = torch.where(_uniform_int15(x) >= self._threshold, x * self._scale, 0)
         else:  # a GPU's fused dropout kernel: one launch, where the CPU draw above takes five
             out = F.dropout(x, self.p, training=True)
         self._last_input, self._last_version = weakref.ref(x), x._version
