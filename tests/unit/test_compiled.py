@@ -107,3 +107,7 @@ def test_a_compiled_layer_is_one_graph_with_dropout_and_autocast(sparse, nls):
     # One graph for the first layer (its input needs no gradient) and one for the others.
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    # The eager path's once-per-forward weight casts are not made for compiled layers.
+    from sqft_service.adapters.autocast import WEIGHTS_ATTR
+
+    assert all(getattr(m, WEIGHTS_ATTR) == {} for m in model.modules() if hasattr(m, WEIGHTS_ATTR))

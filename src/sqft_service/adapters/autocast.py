@@ -66,6 +66,8 @@ def autocast_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bo
 
 
 WEIGHTS_ATTR = "_sqft_weight_casts"
+# Set on a decoder whose layers run compiled (training/compiled.py): they cast in their own graphs.
+COMPILED_ATTR = "_sqft_layers_compiled"
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,9 @@ def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> 
     if not isinstance(decoder, nn.Module) or not layers:
         return
 
-    def give(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def give(module: nn.Module, args: tuple, kwargs: dict) -> None:
         device = next(iter(layers[0].lora_A.values())).weight.device
-        if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device.type):
+        if getattr(module, COMPILED_ATTR, False) or not torch.is_autocast_enabled(device.type):
             return
         pairs = [(m, a) for m in layers for a in m.active_adapters if a in m.lora_A]
         a_weights = [m.lora_A[a].weight for m, a in pairs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..adapters.autocast import COMPILED_ATTR
 from ..errors import InvalidConfigurationError
 from .loss import causal_lm_of
 
@@ -36,4 +37,5 @@ def compile_decoder_layers(model: nn.Module) -> int:
         )
     for layer in layers:
         layer.compile(dynamic=True)
+    setattr(causal_lm_of(model).get_decoder(), COMPILED_ATTR, True)  # no eager-only weight casts
     return len(layers)
