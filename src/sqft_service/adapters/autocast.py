@@ -7,8 +7,10 @@ layer's input for every matmul that reads it, and an fp32 adapter weight at ever
   :class:`SharedInputCast` per model makes it once for all of them;
 * every adapter would cast its A and B in every forward and their gradients back in every backward,
   four kernels per adapter: :func:`cast_adapter_weights` casts all adapter weights of the model in
-  one kernel at the start of a decoder forward (and their gradients back in one), for that forward
-  only. The values are the very ones autocast would make, so the arithmetic is unchanged.
+  one kernel at the start of a decoder forward (and their gradients back in one); the layers use
+  those casts until the weights change. The values are the very ones autocast would make, so the
+  arithmetic is unchanged; under NLS the cast B carries the rank mask (``B @ diag(m)``), which
+  computes what masking the rank-r activation does, without an operator per adapter.
 
 Both step aside inside a ``torch.compile`` graph, which merges casts itself and would break on the
 Python-side bookkeeping.

@@ -10,7 +10,8 @@ the weights; here stock PEFT is kept and the slice is expressed as a mask:
   first ``r'_d`` entries, 0 elsewhere);
 * a forward hook on every ``lora_A[adapter]`` multiplies its output (the rank-``r`` bottleneck
   activation) by the row of its dimension (``FusedLoraLinear`` and the SparsePEFT layer, which compute
-  ``lora_A`` inline, read the same row through :func:`nls_rank_mask`). ``B @ diag(m) @ A`` equals
+  ``lora_A`` inline, read the same row through :func:`nls_rank_mask`, or find it already applied to
+  their bf16 copy of ``B`` under autocast: ``adapters/autocast.py``). ``B @ diag(m) @ A`` equals
   ``B[:, :r'] @ A[:r']``, and the masked rows/columns receive exactly zero gradient, so forward and
   backward match the sliced computation while the scaling stays ``lora_alpha / r`` (a sub-adapter is
   a slice, not rescaled);
