@@ -4,14 +4,18 @@
 GPU is refused naming the field; the host-side label positions a GPU batch carries give the very
 loss and gradients of the boolean-mask path; and reading losses late (as a GPU job does, at logging
 points) logs the same numbers and NLS statistics as reading them after every step.
+A GPU-shaped step run here never reads a device value back (what CUDA's sync debug mode checks in
+``tests/gpu``), so CI catches a host sync added to the hot path without a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sqft_service.config import FinetuneConfig, LoraSection
 from sqft_service.devices import check_device_available, cuda_available
@@ -22,6 +26,7 @@ from sqft_service.training.device import (
     MAX_MASK_BYTES,
     attention_mask_4d,
     describe_device,
+    device_batch,
     move_batch,
     packed_mask_4d,
     resolve_device,
@@ -32,7 +37,7 @@ from sqft_service.training.recipe import FinetuneRecipe
 from sqft_service.training.step_totals import StepTotals
 from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.conftest import make_tiny_llama, randomize_b
-from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, train_file  # noqa: F401 (fixtures)
+from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, sparse_model_dir, train_file  # noqa: F401 (fixtures)
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
@@ -256,3 +261,80 @@ def test_reading_losses_late_logs_the_same_numbers(model_dir, train_file, tmp_pa
     emitted = [(m["step"], m["train_loss"]) for m in late["metrics"] if "train_loss" in m]
     assert [s for s, _ in emitted] == [1, 3, 6, 7]
     assert emitted == [(m["step"], m["train_loss"]) for m in eager["metrics"] if "train_loss" in m]
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the operators that would make a GPU step wait for the device: a value read back to the
+    host (``.item()``, ``float()``, ``bool()``: ``_local_scalar_dense``, ``is_nonzero``, ``equal``) or an
+    output whose size depends on the values (``nonzero``, ``masked_select``, a boolean-mask index).
+
+    It sees every operator below autograd, forward and backward, so a CPU run of a GPU-shaped step
+    shows what CUDA's sync debug mode would flag (``tests/gpu`` checks that on a GPU). ``host``:
+    storages that stay on the host on a GPU too (reading those costs no sync).
+    """
+
+    READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
+             "aten::unique_consecutive", "aten::_unique2", "aten::repeat_interleave"}  # fmt: skip
+    INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+    def __init__(self, host: set[int]) -> None:
+        super().__init__()
+        self.host, self.reads = host, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        on_device = not tensors or tensors[0].untyped_storage().data_ptr() not in self.host
+        bool_index = name in self.INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
+        )
+        if on_device and (name in self.READS or bool_index):
+            frames = [f for f in traceback.extract_stack() if "site-packages/torch/" not in f.filename]
+            self.reads.append(f"{name} at " + " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:])))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["lora", "nls", "sparsepeft", "lora-packed", "lora-dropout"])
+def test_a_gpu_shaped_step_never_reads_a_value_back(
+    model_dir,  # noqa: F811
+    sparse_model_dir,  # noqa: F811
+    train_file,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    method,
+):
+    """The whole optimizer step of a GPU job (NLS draw, forwards, backwards, clipping, update), run on
+    the CPU on :func:`device_batch` batches under bf16 autocast: no operator in it may need a device
+    value on the host, in our code or in the transformers/peft/torch code it calls."""
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda: True)
+    dropout = 0.05 if method in ("lora-dropout", "sparsepeft") else 0.0
+    lora = LoraSection(r=8, lora_alpha=16, lora_dropout=dropout, sparse_adapter=method == "sparsepeft")
+    if method == "nls":
+        lora = LoraSection(r=8, lora_alpha=16, lora_dropout=dropout, neural_lora_search=True,
+                           target_module_groups=NLS_GROUPS, search_space=["8,6,4", "8,4", "8,2"])  # fmt: skip
+    base = sparse_model_dir if method == "sparsepeft" else model_dir
+    cfg = make_cfg(base, train_file, lora=lora, max_train_steps=4, batch_size=4, gradient_accumulation_steps=2)
+    cfg.Training.mixed_precision, cfg.Training.max_grad_norm = "bf16", 1.0
+    cfg.Dataset.packing = method == "lora-packed"
+    recipe = FinetuneRecipe(cfg, tmp_path, MemorySink())
+    recipe.setup()
+    try:
+        assert recipe.autocast_dtype is torch.bfloat16
+        shards = recipe._batches(0)
+        groups = [[device_batch(recipe.collator([recipe.train_examples[i] for i in idx]), recipe.device)
+                   for idx in shards[first : first + 2]] for first in (0, 2)]  # fmt: skip
+        assert all(b["attention_mask"].dim() == 4 for g in groups for b in g)
+
+        def step(n: int, group: list[dict]) -> None:
+            if recipe.handles.nls is not None:
+                recipe.handles.nls.sample(n)
+            recipe._train_step(group, sum(b["n_label_tokens"] for b in group), cfg.Training.max_grad_norm)
+
+        step(0, groups[0])  # the optimizer makes its state here
+        # AdamW's step counters: CPU tensors on a GPU too (its fused kernel reads them there).
+        host = {s["step"].untyped_storage().data_ptr() for s in recipe.optimizer.state.values()}
+        with _HostReads(host) as mode:
+            step(1, groups[1])
+        assert not mode.reads, "host reads in a GPU step:\n" + "\n".join(mode.reads)
+    finally:
+        recipe.cleanup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidConfigurationError
+from .loss import label_positions
 
 MAX_MASK_BYTES = 64 * 2**20  # a 4-D bool mask of up to 8 rows of 2,896 tokens
 
@@ -81,6 +82,24 @@ def packed_mask_4d(position_ids: torch.Tensor) -> torch.Tensor | None:
     segment = (position_ids == 0).cumsum(dim=1)
     same = segment[:, None, :, None] == segment[:, None, None, :]
     return same & torch.ones(seq, seq, dtype=torch.bool).tril_()
+
+
+def device_batch(batch: dict, device: torch.device) -> dict:
+    """A collated batch as a GPU step takes it: everything that depends on its values found on the host.
+
+    Its label positions (:func:`~sqft_service.training.loss.label_positions`) and its 4-D attention
+    mask (:func:`attention_mask_4d`, or :func:`packed_mask_4d` for a packed batch) are computed here,
+    then the tensors are copied asynchronously from pinned memory (:func:`move_batch`). With nothing
+    left to read back, the step never waits for the GPU, and the host collates and queues the next
+    step's copies while the GPU computes this one. ``tests/unit/test_device.py`` runs such batches on
+    the CPU and fails on any operator that would read a device value back.
+    """
+    batch = label_positions(batch)
+    if "position_ids" in batch:  # packed: no 2-D mask, the examples' blocks instead
+        batch["attention_mask"] = packed_mask_4d(batch["position_ids"])
+    else:
+        batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
+    return move_batch(batch, device)
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:

@@ -34,11 +34,11 @@ from . import precision
 from .attention import choose_attention
 from .batching import Collator, length_grouped_batches
 from .compiled import compile_decoder_layers
-from .device import attention_mask_4d, describe_device, move_batch, packed_mask_4d, resolve_device
+from .device import describe_device, device_batch, resolve_device
 from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
-from .loss import LossOutput, causal_lm_loss, label_positions
+from .loss import LossOutput, causal_lm_loss
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .records import DataValidationError, load_records
@@ -435,18 +435,8 @@ class FinetuneRecipe:
         return totals
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A collated batch ready for the device: unchanged on the CPU; on a GPU, with its label positions
-        found on the host and its tensors copied asynchronously from pinned memory. With no host sync in
-        the step, the host collates and queues the next step's copies while the GPU computes this one.
-        """
-        if self.device.type == "cpu":
-            return batch
-        batch = label_positions(batch)
-        if "position_ids" in batch:  # packed: no 2-D mask, the examples' blocks instead
-            batch["attention_mask"] = packed_mask_4d(batch["position_ids"])
-        else:
-            batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
-        return move_batch(batch, self.device)
+        """A collated batch ready for the device: unchanged on the CPU, :func:`device_batch` on a GPU."""
+        return batch if self.device.type == "cpu" else device_batch(batch, self.device)
 
     def _settle_losses(self) -> None:
         """Read the losses of the steps not read yet: fill their rows and the NLS search statistics."""
