@@ -141,6 +141,16 @@ def adapter_weights(module: nn.Module, adapter: str) -> WeightCast | None:
     return cast
 
 
+def adapter_operands(module: nn.Module, adapter: str, autocast: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(A, B, masked)`` for a layer's forward to compute with: under autocast the decoder forward's
+    current casts (:func:`adapter_weights`), else the weights themselves; ``masked``: B already
+    carries the NLS rank mask (the caller applies :func:`nls_rank_mask` otherwise)."""
+    cast = adapter_weights(module, adapter) if autocast else None
+    if cast is not None:
+        return cast.a, cast.b, cast.masked
+    return module.lora_A[adapter].weight, module.lora_B[adapter].weight, False
+
+
 def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> None:
     """Cast the LoRA weights of ``layers`` once per forward of the model's decoder under autocast.
 

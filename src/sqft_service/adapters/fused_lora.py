@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
-from .autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_weights, autocast_input, cast_adapter_weights
+from .autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_operands, autocast_input, cast_adapter_weights
 from .nls.controller import nls_rank_mask
 
 
@@ -49,15 +49,12 @@ class FusedLoraLinear(lora_layer.Linear):
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
-            weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            weight_a, weight_b, masked = adapter_operands(self, adapter, autocast)
             dropped = self.lora_dropout[adapter](x if autocast else x.to(weight_b.dtype))
-            cast = adapter_weights(self, adapter) if autocast else None  # the decoder forward's casts
-            if cast is not None:
-                weight_a, weight_b = cast.a, cast.b
             # lora_A's own forward without its module call: no hooks to run, so NLS's rank mask (a hook
             # on lora_A for peft's path) is applied here, unless the cast B already carries it.
             h = F.linear(dropped, weight_a)
-            rank_mask = None if cast is not None and cast.masked else nls_rank_mask(self, h)
+            rank_mask = None if masked else nls_rank_mask(self, h)
             if rank_mask is not None:
                 h = h * rank_mask
             out = torch.addmm(out if autocast else out.to(weight_b.dtype), h.reshape(-1, h.shape[-1]), weight_b.t(),

@@ -330,11 +330,13 @@ class FinetuneRecipe:
                     break
                 shards = [self.dp.shard(idx) for idx in micro_batches[first : first + accum]]
                 group = [self._prepare(self.collator([self.train_examples[i] for i in idx])) for idx in shards if idx]
-                # Rank 0 decides for every rank: all stop at the same step boundary.
+                # Rank 0 decides for every rank: all stop at the same step boundary. Each rank's NLS
+                # sub-adapter goes in the header to be checked equal; it is activated only if the step runs.
+                drawn = self.handles.nls.draw(step) if self.handles.nls is not None and self.dp.enabled else None
                 header = self.dp.step_header(
                     self.should_stop(),
                     step,
-                    self.handles.nls.draw(step) if self.handles.nls is not None and self.dp.enabled else None,
+                    drawn,
                     sum(b["n_label_tokens"] for b in group),
                     sum(b["n_real_tokens"] for b in group),
                 )
@@ -345,7 +347,7 @@ class FinetuneRecipe:
                     hook.before_step(step + 1)
                 t0 = time.perf_counter()
                 if self.handles.nls is not None:
-                    self.handles.nls.sample(step)
+                    self.handles.nls.sample(step, drawn)
                 if self.dp.enabled:  # each rank its own dropout masks, the same ones again after a resume
                     torch.manual_seed(self.dp.dropout_seed(self.seed, step))
                 totals = self._train_step(group, header.n_labels, t.max_grad_norm)

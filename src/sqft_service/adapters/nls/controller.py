@@ -194,16 +194,17 @@ class ElasticRankController:
         """The sub-adapter :meth:`sample` would activate at ``step``, without activating or counting it."""
         return self._draw(step).tolist()
 
-    def sample(self, step: int) -> list[int]:
+    def sample(self, step: int, drawn: list[int] | None = None) -> list[int]:
         """Draw and activate a sub-adapter: each dimension's rank uniformly from its space.
 
         Args:
             step: The global optimisation step; the generator is seeded from ``(seed, step)``.
+            drawn: What :meth:`draw` returned for ``step``, if the caller already drew it.
 
         Returns:
             The active rank of every dimension (group-major order).
         """
-        ranks = self._draw(step)
+        ranks = self._draw(step) if drawn is None else torch.tensor(drawn)
         self._draws[torch.arange(len(ranks)), ranks] += 1
         self._write(ranks)
         self.active = ranks.tolist()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
-from ..autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_weights, autocast_input, cast_adapter_weights
+from ..autocast import INPUT_CAST_ATTR, SharedInputCast, adapter_operands, autocast_input, cast_adapter_weights
 from ..nls.controller import nls_rank_mask
 from ..peft_utils import base_of
 
@@ -54,12 +54,9 @@ class SparseLoraLinear(lora_layer.Linear):
         ``B`` (out x r), not on the out x in product, and the bool mask ``M`` multiplies in-kernel: the
         only weight-sized kernels are the product and the mask.
         """
-        weight_a = self.lora_A[adapter].weight
-        weight_b = self.lora_B[adapter].weight
-        cast = adapter_weights(self, adapter) if torch.is_autocast_enabled(weight_a.device.type) else None
-        if cast is not None:  # the decoder forward's casts, the rank mask already on B if NLS
-            weight_a, weight_b = cast.a, cast.b
-        rank_mask = None if cast is not None and cast.masked else nls_rank_mask(self, weight_b)
+        autocast = torch.is_autocast_enabled(self.lora_A[adapter].weight.device.type)
+        weight_a, weight_b, masked = adapter_operands(self, adapter, autocast)
+        rank_mask = None if masked else nls_rank_mask(self, weight_b)
         scale = self.scaling[adapter] if rank_mask is None else rank_mask * self.scaling[adapter]
         return ((weight_b * scale) @ weight_a) * getattr(self, MASK_BUFFER)
 
