@@ -107,10 +107,10 @@ class _CastAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (b_mask,) = ctx.saved_tensors
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if b_mask is not None:  # masked ranks get no gradient, as if sliced away
-            flat[ctx.b_start :].mul_(b_mask.reshape(-1).to(flat.dtype))
-        return (None, None, None, *_split(flat.to(ctx.dtype), ctx.shapes))
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.dtype)
+        if b_mask is not None:  # masked ranks get no gradient, as if sliced away (a 0/1 mask: exact in any dtype)
+            flat[ctx.b_start :].mul_(b_mask.reshape(-1))
+        return (None, None, None, *_split(flat, ctx.shapes))
 
 
 def _numel(tensors) -> int:
