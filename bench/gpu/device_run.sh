@@ -8,7 +8,8 @@
 # the last one cut at BENCH_S + 60 s), leaving device time for a rerun. ROWS picks the benchmark rows
 # (shape:data:batch[:setup+setup]), most important first: SmolLM2-135M and Llama-1B with all four
 # setups, then the Llama-3-8B rows (GSM8K batch 32: where HF ran out of memory on an H200), then
-# ours_lora with torch.compile on two rows (first_step_s: the compile cost), if time is left.
+# ours_lora with torch.compile on two rows (first_step_s: the compile cost), then LoRA and SparsePEFT
+# without dropout on a GEMM-bound row (SparsePEFT's fused path), if time is left.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/sqft-gpu-out}
@@ -29,11 +30,11 @@ timeout "${TESTS_S:-120}" $PY -m pytest -p no:cacheprovider -q -m gpu tests/gpu 
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
 echo "== benchmark"
-ROWS=${ROWS:-"smollm2-135m:arce:8,llama-3.2-1b:gsm8k:32,llama-3-8b:gsm8k:32:hf+ours_lora,llama-3-8b:gsm8k:8:hf+ours_lora,smollm2-135m:gsm8k:32:hf+ours_lora,llama-3.2-1b:arce:8:hf+ours_lora,smollm2-135m:arce:8:ours_lora_compile,llama-3.2-1b:gsm8k:32:ours_lora_compile"}
+ROWS=${ROWS:-"smollm2-135m:arce:8,llama-3.2-1b:gsm8k:32,llama-3-8b:gsm8k:32:hf+ours_lora,llama-3-8b:gsm8k:8:hf+ours_lora,smollm2-135m:gsm8k:32:hf+ours_lora,llama-3.2-1b:arce:8:hf+ours_lora,smollm2-135m:arce:8:ours_lora_compile,llama-3.2-1b:gsm8k:32:ours_lora_compile,llama-3.2-1b:gsm8k:32:ours_lora_nodrop+ours_sparsepeft_nodrop"}
 BENCH_S=${BENCH_S:-150}
 TINY=()
 if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "no CUDA GPU here: a --tiny dry run of the script"; TINY=(--tiny); ROWS="tiny:arce:8,tiny:gsm8k:8:hf+ours_lora+ours_lora_compile"
+  echo "no CUDA GPU here: a --tiny dry run of the script"; TINY=(--tiny); ROWS="tiny:arce:8,tiny:gsm8k:8:hf+ours_lora+ours_lora_compile+ours_lora_nodrop+ours_sparsepeft_nodrop"
 fi
 timeout $((BENCH_S + 60)) $PY -m bench.gpu "${TINY[@]}" --rows "$ROWS" --budget-s "$BENCH_S" --child-timeout-s 150 \
   --data-dir .gpu-carry/data --tokenizer .gpu-carry/tokenizer --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -156,22 +156,24 @@ def ours_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     device, warmup, total = spec["device"], spec["warmup"], spec["warmup"] + spec["steps"]
     setup = spec["setup"]
+    method = setup.removesuffix("_compile").removesuffix("_nodrop")  # ours_lora, ours_nls, ours_sparsepeft
+    dropout = 0.0 if setup.endswith("_nodrop") else 0.05
     # The job loads a model directory; here the same random weights as the HF row, built on the device.
     recipe_module.resolve_model_dir = lambda ref, cache=None: spec["tokenizer"]
     recipe_module.load_base_model = lambda *a, **k: build_model(
-        spec["shape"], device, sparse=setup == "ours_sparsepeft"
+        spec["shape"], device, sparse=method == "ours_sparsepeft"
     )
-    lora = LoraSection(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
-    if setup == "ours_nls":
+    lora = LoraSection(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
+    if method == "ours_nls":
         lora = LoraSection(
             r=16,
             lora_alpha=32,
-            lora_dropout=0.05,
+            lora_dropout=dropout,
             neural_lora_search=True,
             target_module_groups=NLS_GROUPS,
             search_space=["16,12,8"] * len(NLS_GROUPS),
         )
-    lora.sparse_adapter = setup == "ours_sparsepeft"
+    lora.sparse_adapter = method == "ours_sparsepeft"
     cfg = FinetuneConfig()
     cfg.General.base_model = f"random-init {spec['shape']}"
     cfg.General.lora_config = lora
