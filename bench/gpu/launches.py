@@ -8,7 +8,8 @@ adapted projections), not its width, so each shape keeps its layer count at a ti
 
 The counts are split by where the operator comes from: the optimizer and gradient clipping (one fused
 kernel per dtype group on a GPU, so left out of the comparison) and the rest (forward + backward).
-Ours runs with SDPA attention and the bf16 frozen base as on a GPU; both run under bf16 autocast.
+Ours runs with SDPA attention, the bf16 frozen base and the fused dropout kernel as on a GPU; both run
+under bf16 autocast.
 
     python -m bench.gpu.launches [--shapes smollm2-135m,llama-3.2-1b] [--setups hf,ours_lora,...]
 """
@@ -63,6 +64,9 @@ def count_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     width_only(spec["shape"].removesuffix("@w64"))
+    from sqft_service.adapters import dropout
+
+    dropout.INTEGER_DRAW_DEVICES.clear()  # LoRA dropout as on a GPU: its fused kernel, not the CPU's integer draw
 
     class Counter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             for site, n in row.get("sites", {}).items():
                 print(f"    {n:7.1f}  {site}")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{stamp}-launches-cpu.json"
     meta = {"what": __doc__.split("\n\n")[0], "data": args.data, "batch_size": args.batch_size, "date": stamp}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _LEVELS = 1 << 15
+# Devices that take the integer draw; any other keeps its fused dropout kernel. (bench/gpu/launches.py
+# empties it to count, on a CPU, the operators of a GPU step.)
+INTEGER_DRAW_DEVICES = {"cpu"}
 
 
 def _uniform_int15(like: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ class SharedInputDropout(nn.Dropout):
             and x._version == self._last_version
         ):
             return self._last_output
-        if x.device.type == "cpu":
+        if x.device.type in INTEGER_DRAW_DEVICES:
             # Scaled, then selected: a mask scaled in a bf16 input's dtype would round 1/(1-p) (1/0.95 to
             # 1.0547, +0.2%), and `where` was the cheapest of the forms tried on a bf16 CPU.
             out = torch.where(_uniform_int15(x) >= self._threshold, x * self._scale, 0)
