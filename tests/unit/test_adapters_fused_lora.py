@@ -177,3 +177,36 @@ def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
     # Rank 2 of 4 in layer 0's q/v group: the masked half of A and B gets no gradient.
     grad_a = results[0][1]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
     assert grad_a[2:].abs().max() == 0 and grad_a[:2].abs().max() > 0
+
+
+def test_the_casts_follow_a_switch_of_the_active_adapter():
+    """The decoder hook keeps its (layer, adapter) list until the active adapters change; after
+    ``set_adapter`` it casts the new adapter's weights, and the output is stock peft's for that adapter."""
+    stock, fused = _pair()
+    other = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    for model in (stock, fused):
+        model.add_adapter("other", other)
+        for name, p in model.named_parameters():
+            if ".other." in name:  # the same A and B in both models
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    ids = torch.randint(0, 64, (2, 7))
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids).logits
+
+    def cast_of(adapter: str):  # read without autograd, like the forwards that made them
+        with torch.no_grad():
+            return adapter_weights(layer, adapter)
+
+    logits(fused)
+    assert cast_of("default") is not None and cast_of("other") is None
+    for model in (stock, fused):
+        model.set_adapter("other")
+    out = logits(fused)
+    cast = cast_of("other")
+    assert cast is not None and torch.equal(cast.b, layer.lora_B["other"].weight.to(torch.bfloat16))
+    torch.testing.assert_close(out, logits(stock), atol=2e-2, rtol=2e-2)
+    fused.set_adapter("default")
+    assert not torch.allclose(out, logits(fused), atol=1e-3)

@@ -79,13 +79,15 @@ class WeightCast:
     ``masked``: B is already multiplied by the layer's NLS rank-mask row (``B @ diag(m)``), which
     gives the sliced sub-adapter forward and backward without masking the activation. ``key``: the
     versions of A, B and the rank mask at the cast, and whether autograd recorded it; a cast is used
-    only while they hold (an optimizer step or a new sub-adapter makes it stale).
+    only while they hold (an optimizer step or a new sub-adapter makes it stale). ``weights``: the
+    A and B parameters that were cast (their versions are read from them, without module lookups).
     """
 
     a: torch.Tensor
     b: torch.Tensor
     masked: bool
     key: tuple[int, int, int, bool]
+    weights: tuple[torch.Tensor, torch.Tensor]
 
 
 class _CastAll(torch.autograd.Function):
@@ -122,8 +124,7 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> tuple[torch.Tensor, 
     return tuple(part.view(shape) for part, shape in zip(parts, shapes, strict=True))
 
 
-def _key(module: nn.Module, adapter: str) -> tuple[int, int, int, bool]:
-    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+def _key(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, bool]:
     return (a._version, b._version, nls_mask_version(module), torch.is_grad_enabled())
 
 
@@ -134,7 +135,7 @@ def adapter_weights(module: nn.Module, adapter: str) -> WeightCast | None:
     cast = getattr(module, WEIGHTS_ATTR, {}).get(adapter)
     if cast is None:
         return None
-    key = _key(module, adapter)
+    key = _key(module, *cast.weights)
     # A cast made without autograd never serves a forward that needs gradients (the reverse is fine).
     if key[:3] != cast.key[:3] or (key[3] and not cast.key[3]):
         return None
@@ -167,21 +168,32 @@ def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> 
     if not isinstance(decoder, nn.Module) or not layers:
         return
 
+    # (active adapters of every layer, [(layer, adapter)], A weights, B weights): looked up again only
+    # when the active adapters change. The lookups (ModuleDict items, nn.Module attributes) cost ~1 ms
+    # of host time per forward at 16 layers, which a launch-bound GPU step waits for.
+    plan: list = [None, [], [], []]
+
+    def autocast_off() -> bool:
+        return not torch.is_autocast_enabled(plan[2][0].device.type)
+
     def give(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        device = next(iter(layers[0].lora_A.values())).weight.device
-        if getattr(module, COMPILED_ATTR, False) or not torch.is_autocast_enabled(device.type):
+        if getattr(module, COMPILED_ATTR, False) or (plan[2] and autocast_off()):
             return
-        pairs = [(m, a) for m in layers for a in m.active_adapters if a in m.lora_A]
-        a_weights = [m.lora_A[a].weight for m, a in pairs]
-        b_weights = [m.lora_B[a].weight for m, a in pairs]
+        active = tuple(tuple(m.active_adapters) for m in layers)
+        if active != plan[0]:
+            pairs = [(m, a) for m in layers for a in m.active_adapters if a in m.lora_A]
+            plan[:] = [active, pairs, [m.lora_A[a].weight for m, a in pairs], [m.lora_B[a].weight for m, a in pairs]]
+        _, pairs, a_weights, b_weights = plan
         weights = a_weights + b_weights
-        if not pairs or any(w.dtype != weights[0].dtype for w in weights):
+        if not pairs or autocast_off() or any(w.dtype != weights[0].dtype for w in weights):
             return
-        b_mask = _b_masks(pairs, b_weights)
-        casts = _CastAll.apply(torch.get_autocast_dtype(device.type), b_mask, len(pairs), *weights)
-        for i, (module, adapter) in enumerate(pairs):
-            cast = WeightCast(casts[i], casts[len(pairs) + i], b_mask is not None, _key(module, adapter))
-            getattr(module, WEIGHTS_ATTR)[adapter] = cast
+        mask_versions = [nls_mask_version(m) for m, _ in pairs]
+        b_mask = None if all(v < 0 for v in mask_versions) else _b_masks(pairs, b_weights)
+        casts = _CastAll.apply(torch.get_autocast_dtype(weights[0].device.type), b_mask, len(pairs), *weights)
+        masked, grad = b_mask is not None, torch.is_grad_enabled()
+        for i, ((module, adapter), a, b) in enumerate(zip(pairs, a_weights, b_weights, strict=True)):
+            key = (a._version, b._version, mask_versions[i], grad)  # as _key(module, a, b) makes it
+            getattr(module, WEIGHTS_ATTR)[adapter] = WeightCast(casts[i], casts[len(pairs) + i], masked, key, (a, b))
 
     for module in layers:
         setattr(module, WEIGHTS_ATTR, {})
@@ -190,8 +202,8 @@ def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> 
 
 def _b_masks(pairs, b_weights: list[torch.Tensor]) -> torch.Tensor | None:
     """Each B's NLS rank-mask row repeated over its rows, all stacked: ``[sum of B rows, r]``; or
-    ``None`` without NLS (or with ranks that differ between adapters, where rows can't stack)."""
-    if all(nls_mask_version(m) < 0 for m, _ in pairs) or len({b.shape[1] for b in b_weights}) != 1:
+    ``None`` with ranks that differ between adapters, where rows can't stack (called under NLS only)."""
+    if len({b.shape[1] for b in b_weights}) != 1:
         return None
     rows = []
     for (module, _), b in zip(pairs, b_weights, strict=True):
