@@ -76,9 +76,14 @@ def prepare_data(work: Path, n_train: dict[str, int], n_val: dict[str, int]) -> 
 def build_config(
     name: str, model: str, train: Path, val: Path, n_train: int, seed: int, threads: int | None, micro_batch: int | None
 ) -> FinetuneConfig:
-    if name == "auto":
-        # What the service itself picks for a job that leaves everything unset.
-        cfg = apply(FinetuneConfig(), n_train, explicit=set())
+    if name == "auto" or name.startswith("auto_e"):
+        # What the service itself picks for a job that leaves everything unset ("auto_e<k>": the same
+        # with k epochs, as a client sending n_epochs gets it).
+        cfg = FinetuneConfig()
+        explicit: set[str] = set()
+        if name != "auto":
+            cfg.Training.epochs, explicit = int(name.removeprefix("auto_e")), {"Training.epochs"}
+        cfg = apply(cfg, n_train, explicit=explicit)
     else:
         spec = CONFIGS[name]
         training = dict(spec["Training"])
@@ -127,6 +132,7 @@ def run_one(cfg: FinetuneConfig, out_dir: Path, *, base_eval: bool) -> dict[str,
     row.update(
         {
             "valid_loss": evals[-1]["valid_loss"],
+            "valid_loss_by_epoch": [m["valid_loss"] for m in evals],
             "valid_token_accuracy": evals[-1]["valid_mean_token_accuracy"],
             "steps": result.steps,
             "trained_tokens": result.trained_tokens,
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "--runs",
         default="arc_e:reference_defaults,arc_e:fixed_b8_lr2e-4_r16,arc_e:auto,"
         "gsm8k:reference_defaults,gsm8k:fixed_b8_lr2e-4_r16,gsm8k:auto",
-        help="comma-separated data:configuration pairs, run in order (configurations: auto, "
+        help="comma-separated data:configuration pairs, run in order (configurations: auto, auto_e<k> (k epochs), "
         + ", ".join(CONFIGS)
         + ")",
     )

@@ -34,16 +34,17 @@ def upload(http: httpx.Client, path: Path) -> str:
 
 
 def test_a_job_without_hyperparameters_shows_and_trains_with_the_rules_values(http, tmp_path, tiny_model_dir):
-    # 270 records, 5% held out -> 256 training examples -> batch 8 (32 steps), warmup round(0.06 * 32) = 2.
+    # 270 records, 5% held out -> 256 training examples -> batch 8 (32 steps an epoch), 2 epochs (under
+    # 1,000 examples), warmup round(0.06 * 64) = 4.
     file_id = upload(http, write_json(tmp_path / "train.json", alpaca_records(270)))
     created = http.post("/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": file_id})
     assert created.status_code == 200, created.text
     job = created.json()
     # 5e-4 is 10 x the reference's 5e-5, the rate learning_rate_multiplier scales.
-    assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 10.0}
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 10.0}
     assert job["method"]["supervised"]["hyperparameters"] == job["hyperparameters"]
     training, lora = job["config"]["Training"], job["config"]["General"]["lora_config"]
-    assert (training["learning_rate"], training["lr_scheduler"], training["warmup_steps"]) == (5e-4, "cosine", 2)
+    assert (training["learning_rate"], training["lr_scheduler"], training["warmup_steps"]) == (5e-4, "cosine", 4)
     assert (lora["r"], lora["lora_alpha"]) == (16, 32)
 
     def ended() -> dict | None:
@@ -61,8 +62,8 @@ def test_a_job_without_hyperparameters_shows_and_trains_with_the_rules_values(ht
     assert (adapter["r"], adapter["lora_alpha"]) == (16, 32)
     events = http.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
     steps = {e["data"]["step"]: e["data"] for e in events if e["type"] == "metrics" and "total_steps" in e["data"]}
-    assert steps[1]["total_steps"] == 32
-    assert steps[1]["learning_rate"] == pytest.approx(5e-4 / 2)  # step 1 of 2 warmup steps
+    assert steps[1]["total_steps"] == 64
+    assert steps[1]["learning_rate"] == pytest.approx(5e-4 / 4)  # step 1 of 4 warmup steps
 
 
 def test_values_the_client_sends_are_kept_even_at_the_reference_defaults(http, tmp_path, tiny_model_dir):

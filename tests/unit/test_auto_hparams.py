@@ -35,14 +35,22 @@ def resolve(body: dict, n_records: int | None = 1000, validation: str | None = N
 def test_batch_grows_with_the_data_set_while_an_epoch_keeps_32_steps(n_examples, batch):
     choice = auto_hparams.choose(n_examples)
     assert choice.batch_size == batch
-    assert (choice.epochs, choice.learning_rate, choice.lr_scheduler, choice.r) == (1, 5e-4, "cosine", 16)
+    assert (choice.learning_rate, choice.lr_scheduler, choice.r) == (5e-4, "cosine", 16)
+
+
+@pytest.mark.parametrize(("n_examples", "epochs"), [(1, 2), (60, 2), (600, 2), (999, 2), (1000, 1), (100_000, 1)])
+def test_data_sets_under_a_thousand_examples_get_a_second_pass(n_examples, epochs):
+    assert auto_hparams.choose(n_examples).epochs == epochs
 
 
 def test_a_request_without_hyperparameters_gets_the_rule():
-    # 1000 records, 5% held out -> 950 training examples -> batch 8, 119 steps, warmup round(0.06 * 119) = 7.
+    # 1000 records, 5% held out -> 950 training examples -> batch 8, 119 steps an epoch, 2 epochs,
+    # warmup round(0.06 * 238) = 14.
     cfg = resolve({})
     t, lora = cfg.Training, cfg.General.lora_config
-    assert (t.epochs, t.batch_size, t.learning_rate, t.lr_scheduler, t.warmup_steps) == (1, 8, 5e-4, "cosine", 7)
+    assert (t.epochs, t.batch_size, t.learning_rate, t.lr_scheduler, t.warmup_steps) == (2, 8, 5e-4, "cosine", 14)
+    big = resolve({}, n_records=2000).Training  # 1900 examples: one epoch of 238 steps
+    assert (big.epochs, big.batch_size, big.warmup_steps) == (1, 8, 14)
     assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, None)
 
 
@@ -57,10 +65,10 @@ def test_the_size_counts_what_one_epoch_trains_on():
     assert resolve({}, n_records=140, validation="/data/val.json").Training.batch_size == 4
 
 
-def test_tiny_data_sets_train_as_the_reference_default_did():
-    # The test suite's jobs (and any tiny upload) keep batch 2 and one epoch: no more steps than before.
+def test_tiny_data_sets_keep_the_reference_batch():
+    # The test suite's jobs (and any tiny upload) keep the reference's batch of 2, with the second pass.
     cfg = resolve({}, n_records=16)
-    assert (cfg.Training.batch_size, cfg.Training.epochs) == (2, 1)
+    assert (cfg.Training.batch_size, cfg.Training.epochs) == (2, 2)
 
 
 def test_section_values_the_client_sent_win_even_when_they_equal_the_defaults():
@@ -117,9 +125,9 @@ def test_neural_lora_search_keeps_the_rank_its_search_space_was_written_for():
 
 
 def test_warmup_follows_accumulation_steps_and_max_train_steps():
-    # Accumulation 4: micro-batch 8 // 4 = 2, so a step still sees 8 examples.
+    # Accumulation 4: micro-batch 8 // 4 = 2, so a step still sees 8 examples (119 steps x 2 epochs).
     cfg = resolve({"Training": {"gradient_accumulation_steps": 4}})
-    assert (cfg.Training.batch_size, cfg.Training.warmup_steps) == (2, 7)
+    assert (cfg.Training.batch_size, cfg.Training.warmup_steps) == (2, 14)
     capped = resolve({"Training": {"max_train_steps": 50}})
     assert (capped.Training.warmup_steps, capped.Training.epochs) == (3, 1)  # round(0.06 * 50)
 
