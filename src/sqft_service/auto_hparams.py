@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # Optimizer steps the rule aims for in one epoch; fewer, and the batch halves (down to MIN_BATCH).
 TARGET_STEPS_PER_EPOCH = 32
 MAX_BATCH = 8
-MIN_BATCH = 2  # the reference's default: tiny data sets (and the test suite's jobs) train as before
+MIN_BATCH = 2  # the reference's default batch, which tiny data sets (and the test suite's jobs) keep
 EPOCHS = 1
 # Smaller data sets get a second pass: measured better on 60, 260 and 600 examples, and a third pass
 # gained little or lost (README "Auto hyperparameters", bench/results/2026-11-28-auto-hparams-epochs-vm.json).
