@@ -331,7 +331,8 @@ def test_a_gpu_shaped_step_never_reads_a_value_back(
             recipe._train_step(group, sum(b["n_label_tokens"] for b in group), cfg.Training.max_grad_norm)
 
         step(0, groups[0])  # the optimizer makes its state here
-        # AdamW's step counters: CPU tensors on a GPU too (its fused kernel reads them there).
+        # AdamW's step counters: this CPU run's foreach AdamW reads them with .item(); a GPU job's fused
+        # AdamW (training/recipe.py) keeps them on the device and reads them in its kernel, no sync.
         host = {s["step"].untyped_storage().data_ptr() for s in recipe.optimizer.state.values()}
         with _HostReads(host) as mode:
             step(1, groups[1])
