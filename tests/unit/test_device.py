@@ -270,7 +270,7 @@ class _HostReads(TorchDispatchMode):
 
     It sees every operator below autograd, forward and backward, so a CPU run of a GPU-shaped step
     shows what CUDA's sync debug mode would flag (``tests/gpu`` checks that on a GPU). ``host``:
-    storages that stay on the host on a GPU too (reading those costs no sync).
+    storages this CPU run reads that a GPU job does not (AdamW's step counters, see the test).
     """
 
     READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
