@@ -34,7 +34,7 @@ def upload(http: httpx.Client, path: Path) -> str:
 
 
 def test_a_job_without_hyperparameters_shows_and_trains_with_the_rules_values(http, tmp_path, tiny_model_dir):
-    # 270 records, 5% held out -> 256 training examples -> batch 8 (32 steps an epoch), 2 epochs (under
+    # 270 records, 5% held out -> 256 training examples -> batch 8 (32 steps an epoch), 2 epochs (up to
     # 1,000 examples), warmup round(0.06 * 64) = 4.
     file_id = upload(http, write_json(tmp_path / "train.json", alpaca_records(270)))
     created = http.post("/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": file_id})

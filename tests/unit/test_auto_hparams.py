@@ -38,8 +38,8 @@ def test_batch_grows_with_the_data_set_while_an_epoch_keeps_32_steps(n_examples,
     assert (choice.learning_rate, choice.lr_scheduler, choice.r) == (5e-4, "cosine", 16)
 
 
-@pytest.mark.parametrize(("n_examples", "epochs"), [(1, 2), (60, 2), (600, 2), (999, 2), (1000, 1), (100_000, 1)])
-def test_data_sets_under_a_thousand_examples_get_a_second_pass(n_examples, epochs):
+@pytest.mark.parametrize(("n_examples", "epochs"), [(1, 2), (60, 2), (600, 2), (1000, 2), (1001, 1), (100_000, 1)])
+def test_data_sets_of_up_to_a_thousand_examples_get_a_second_pass(n_examples, epochs):
     assert auto_hparams.choose(n_examples).epochs == epochs
 
 
