@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup or (1 if args.tiny else 3)
     rows_plan = (args.rows or ",".join(TINY_ROWS if args.tiny else FULL_ROWS)).split(",")
     setups = args.setups.split(",")
+    # Checked before anything runs: a typo in the last row must not cost a GPU session its earlier rows.
+    for plan in rows_plan:
+        for setup in plan.split(":")[3].split("+") if plan.count(":") >= 3 else setups:
+            if setup not in SETUPS + EXTRA_SETUPS:
+                raise SystemExit(f"unknown setup {setup!r} in row {plan!r} (known: {', '.join(SETUPS + EXTRA_SETUPS)})")
     work = Path(tempfile.mkdtemp(prefix="sqft-bench-gpu-"))
     root = data_dir(args.data_dir)
     tokenizer = tokenizer_dir(args.tokenizer, work)
@@ -175,8 +180,6 @@ def main(argv: list[str] | None = None) -> None:
         batch_size = int(batch)
         path = data_file(data, root, work)
         for setup in own[0].split("+") if own else setups:
-            if setup not in SETUPS + EXTRA_SETUPS:
-                raise SystemExit(f"unknown setup {setup!r} in row {plan!r} (known: {', '.join(SETUPS + EXTRA_SETUPS)})")
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                 rows.append({"row": plan, "setup": setup, "status": "skipped (time budget)"})
                 continue
