@@ -64,6 +64,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_rows(rows: str, setups: list[str]) -> list[tuple[str, str, int, list[str]]]:
+    """``shape:data:batch[:setup+setup]`` rows as ``(shape, data, batch, setups)``, a row's own setups
+    replacing ``setups``. Every row is checked before any runs: a typo in the last row must not cost a
+    GPU session its earlier rows.
+    """
+    plans = []
+    for plan in rows.split(","):
+        shape, data, batch, *own = plan.split(":")
+        row_setups = own[0].split("+") if own else setups
+        if shape not in SHAPES:
+            raise SystemExit(f"unknown shape {shape!r} in row {plan!r} (known: {', '.join(SHAPES)})")
+        for setup in row_setups:
+            if setup not in SETUPS + EXTRA_SETUPS:
+                raise SystemExit(f"unknown setup {setup!r} in row {plan!r} (known: {', '.join(SETUPS + EXTRA_SETUPS)})")
+        plans.append((shape, data, int(batch), row_setups))
+    return plans
+
+
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One setup in a fresh interpreter; its last stdout line is its JSON row."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
@@ -150,13 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no CUDA GPU here: the benchmark is for one GPU (--tiny checks the script on a CPU)")
     steps = args.steps or (2 if args.tiny else 10)
     warmup = args.warmup or (1 if args.tiny else 3)
-    rows_plan = (args.rows or ",".join(TINY_ROWS if args.tiny else FULL_ROWS)).split(",")
-    setups = args.setups.split(",")
-    # Checked before anything runs: a typo in the last row must not cost a GPU session its earlier rows.
-    for plan in rows_plan:
-        for setup in plan.split(":")[3].split("+") if plan.count(":") >= 3 else setups:
-            if setup not in SETUPS + EXTRA_SETUPS:
-                raise SystemExit(f"unknown setup {setup!r} in row {plan!r} (known: {', '.join(SETUPS + EXTRA_SETUPS)})")
+    plans = parse_rows(args.rows or ",".join(TINY_ROWS if args.tiny else FULL_ROWS), args.setups.split(","))
     work = Path(tempfile.mkdtemp(prefix="sqft-bench-gpu-"))
     root = data_dir(args.data_dir)
     tokenizer = tokenizer_dir(args.tokenizer, work)
@@ -172,14 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     peak = run_child({**base, "setup": "gemm_peak", "tmp": str(work / "peak")}, args.child_timeout_s)
     print(f"bf16 GEMM peak: {peak.get('bf16_tflops')} TFLOP/s on {peak.get('device_name')}", flush=True)
     rows: list[dict[str, Any]] = []
-    for plan in rows_plan:
-        shape, data, batch, *own = plan.split(":")
-        plan = f"{shape}:{data}:{batch}"
-        if shape not in SHAPES:
-            raise SystemExit(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-        batch_size = int(batch)
+    for shape, data, batch_size, row_setups in plans:
+        plan = f"{shape}:{data}:{batch_size}"
         path = data_file(data, root, work)
-        for setup in own[0].split("+") if own else setups:
+        for setup in row_setups:
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                 rows.append({"row": plan, "setup": setup, "status": "skipped (time budget)"})
                 continue
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 "data": path,
                 "batch_size": batch_size,
                 "samples": (warmup + steps + PROFILED_STEPS) * batch_size * 2,
-                "tmp": str(work / f"{shape}-{data}-{batch}-{setup}"),
+                "tmp": str(work / f"{shape}-{data}-{batch_size}-{setup}"),
             }
             row = {"row": plan, "data": describe_data(path), **run_child(spec, args.child_timeout_s)}
             complete(row, shape, peak.get("bf16_tflops"))

@@ -68,14 +68,12 @@ def test_the_tiny_dry_run_writes_rows_with_profiles(tmp_path, tokenizer_dir):
 def test_the_device_scripts_rows_name_known_setups_and_a_typo_is_refused_before_any_row_runs(tmp_path):
     import re
 
-    from bench.gpu.__main__ import EXTRA_SETUPS, SETUPS
-    from bench.gpu.inputs import SHAPES
+    from bench.gpu.__main__ import SETUPS, parse_rows
 
     rows = re.search(r'ROWS=\$\{ROWS:-"([^"]+)"\}', (REPO / "bench/gpu/device_run.sh").read_text()).group(1)
-    for plan in rows.split(","):
-        shape, data, batch, *own = plan.split(":")
-        assert shape in SHAPES and data in ("arce", "gsm8k") and int(batch) in (8, 32), plan
-        assert all(s in SETUPS + EXTRA_SETUPS for s in (own[0].split("+") if own else [])), plan
+    plans = parse_rows(rows, SETUPS)  # refuses an unknown shape or setup
+    assert len(plans) == rows.count(",") + 1
+    assert all(data in ("arce", "gsm8k") and batch in (8, 32) for _, data, batch, _ in plans), plans
     cmd = [sys.executable, "-m", "bench.gpu", "--tiny", "--rows", "tiny:arce:8:hf,tiny:arce:8:ours_lora_nodrp"]
     done = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown setup 'ours_lora_nodrp'" in done.stderr

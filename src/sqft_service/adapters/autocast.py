@@ -18,7 +18,6 @@ Python-side bookkeeping.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .memo import LastInputMemo
 from .nls.controller import nls_mask_version, nls_rank_mask
 from .peft_utils import base_of
 
@@ -33,27 +33,19 @@ INPUT_CAST_ATTR = "_sqft_input_cast"
 
 
 class SharedInputCast:
-    """The autocast-dtype copy of the last activation cast, for the sibling layers that read the same one.
-
-    Held like :class:`~sqft_service.adapters.dropout.SharedInputDropout` holds its mask: the input
-    weakly (a freed tensor never matches, even if its memory is reused) and checked by version, the
-    copy strongly; at most one activation-sized tensor is kept between steps.
-    """
+    """The autocast-dtype copy of the last activation cast, for the sibling layers that read the same one
+    (a :class:`~sqft_service.adapters.memo.LastInputMemo`, keyed by the input's version, the dtype and
+    whether autograd records)."""
 
     def __init__(self) -> None:
-        self._input: weakref.ref | None = None
-        self._key: tuple[int, torch.dtype, bool] | None = None
-        self._output: torch.Tensor | None = None
+        self._memo = LastInputMemo()
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled graph merges equal casts itself
             return x.to(dtype)
         key = (x._version, dtype, torch.is_grad_enabled())
-        if self._output is not None and self._input is not None and self._input() is x and self._key == key:
-            return self._output
-        self._output = x.to(dtype)
-        self._input, self._key = weakref.ref(x), key
-        return self._output
+        cast = self._memo.get(x, key)
+        return cast if cast is not None else self._memo.put(x, key, x.to(dtype))
 
 
 def autocast_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -119,8 +111,8 @@ class _CastAll(torch.autograd.Function):
         return (None, None, None, *_unflatten_dense_tensors(flat, grads))
 
 
-def _key(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, bool]:
-    return (a._version, b._version, nls_mask_version(module), torch.is_grad_enabled())
+def _key(a: torch.Tensor, b: torch.Tensor, mask_version: int) -> tuple[int, int, int, bool]:
+    return (a._version, b._version, mask_version, torch.is_grad_enabled())
 
 
 def adapter_weights(module: nn.Module, adapter: str) -> WeightCast | None:
@@ -130,7 +122,7 @@ def adapter_weights(module: nn.Module, adapter: str) -> WeightCast | None:
     cast = getattr(module, WEIGHTS_ATTR, {}).get(adapter)
     if cast is None:
         return None
-    key = _key(module, *cast.weights)
+    key = _key(*cast.weights, nls_mask_version(module))
     # A cast made without autograd never serves a forward that needs gradients (the reverse is fine).
     if key[:3] != cast.key[:3] or (key[3] and not cast.key[3]):
         return None
@@ -163,36 +155,54 @@ def cast_adapter_weights(peft_model: nn.Module, layers: Iterable[nn.Module]) -> 
     if not isinstance(decoder, nn.Module) or not layers:
         return
 
-    # (active adapters of every layer, [(layer, adapter)], A weights, B weights): looked up again only
-    # when the active adapters change. The lookups (ModuleDict items, nn.Module attributes) cost ~1 ms
-    # of host time per forward at 16 layers, which a launch-bound GPU step waits for.
-    plan: list = [None, [], [], []]
-
-    def autocast_off() -> bool:
-        return not torch.is_autocast_enabled(plan[2][0].device.type)
-
-    def give(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if getattr(module, COMPILED_ATTR, False) or (plan[2] and autocast_off()):
-            return
-        active = tuple(tuple(m.active_adapters) for m in layers)
-        if active != plan[0]:
-            pairs = [(m, a) for m in layers for a in m.active_adapters if a in m.lora_A]
-            plan[:] = [active, pairs, [m.lora_A[a].weight for m, a in pairs], [m.lora_B[a].weight for m, a in pairs]]
-        _, pairs, a_weights, b_weights = plan
-        weights = a_weights + b_weights
-        if not pairs or autocast_off() or any(w.dtype != weights[0].dtype for w in weights):
-            return
-        mask_versions = [nls_mask_version(m) for m, _ in pairs]
-        b_mask = None if all(v < 0 for v in mask_versions) else _b_masks(pairs, b_weights)
-        casts = _CastAll.apply(torch.get_autocast_dtype(weights[0].device.type), b_mask, len(pairs), *weights)
-        masked, grad = b_mask is not None, torch.is_grad_enabled()
-        for i, ((module, adapter), a, b) in enumerate(zip(pairs, a_weights, b_weights, strict=True)):
-            key = (a._version, b._version, mask_versions[i], grad)  # as _key(module, a, b) makes it
-            getattr(module, WEIGHTS_ATTR)[adapter] = WeightCast(casts[i], casts[len(pairs) + i], masked, key, (a, b))
-
     for module in layers:
         setattr(module, WEIGHTS_ATTR, {})
-    decoder.register_forward_pre_hook(give, with_kwargs=True)
+    decoder.register_forward_pre_hook(_DecoderCasts(layers), with_kwargs=True)
+
+
+class _DecoderCasts:
+    """The decoder's forward pre-hook of :func:`cast_adapter_weights`.
+
+    The (layer, adapter) pairs and their weights are looked up again only when the layers' active
+    adapters change, and the NLS mask versions are read once per forward: host time a launch-bound
+    GPU step waits for. With torch's C++ flatten in :class:`_CastAll` too, the hook went from 1.95 to
+    0.84 ms per forward at 16 layers (``bench/results/2026-11-28-2123-host-overhead-ab-bf16cpu-vm.json``).
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.active: tuple | None = None
+        self.pairs: list[tuple[nn.Module, str]] = []
+        self.a_weights: list[torch.Tensor] = []
+        self.b_weights: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []  # every A, then every B: _CastAll's order
+
+    def _refresh(self) -> None:
+        active = tuple(tuple(m.active_adapters) for m in self.layers)
+        if active != self.active:
+            self.active = active
+            self.pairs = [(m, a) for m in self.layers for a in m.active_adapters if a in m.lora_A]
+            self.a_weights = [m.lora_A[a].weight for m, a in self.pairs]
+            self.b_weights = [m.lora_B[a].weight for m, a in self.pairs]
+            self.weights = self.a_weights + self.b_weights
+
+    def _autocast_on(self) -> bool:
+        return torch.is_autocast_enabled(self.weights[0].device.type)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Without autocast (known once the weights were looked up) nothing is looked up at all.
+        if getattr(module, COMPILED_ATTR, False) or (self.weights and not self._autocast_on()):
+            return
+        self._refresh()
+        weights, pairs = self.weights, self.pairs
+        if not pairs or not self._autocast_on() or any(w.dtype != weights[0].dtype for w in weights):
+            return
+        mask_versions = [nls_mask_version(m) for m, _ in pairs]
+        b_mask = None if all(v < 0 for v in mask_versions) else _b_masks(pairs, self.b_weights)
+        casts = _CastAll.apply(torch.get_autocast_dtype(weights[0].device.type), b_mask, len(pairs), *weights)
+        for i, ((layer, adapter), a, b) in enumerate(zip(pairs, self.a_weights, self.b_weights, strict=True)):
+            cast = WeightCast(casts[i], casts[len(pairs) + i], b_mask is not None, _key(a, b, mask_versions[i]), (a, b))
+            getattr(layer, WEIGHTS_ATTR)[adapter] = cast
 
 
 def _b_masks(pairs, b_weights: list[torch.Tensor]) -> torch.Tensor | None:

@@ -17,11 +17,11 @@ the cache would break the graph, and the compiler fuses a plain dropout into its
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .memo import LastInputMemo
 
 _LEVELS = 1 << 15
 # Devices that take the integer draw; any other keeps its fused dropout kernel. (bench/gpu/launches.py
@@ -40,31 +40,18 @@ def _uniform_int15(like: torch.Tensor) -> torch.Tensor:
     return words.view(torch.int16)[:n].view(like.shape) & (_LEVELS - 1)
 
 
-class _LastDraw:
-    """The last input (weakly), its version and the output. A plain object: setting an attribute of an
-    ``nn.Module`` takes its slow ``__setattr__`` (~8 µs), paid three times per draw on the host."""
-
-    __slots__ = ("input", "output", "version")
-
-    def __init__(self) -> None:
-        self.input: weakref.ref | None = None
-        self.version = -1
-        self.output: torch.Tensor | None = None
-
-
 class SharedInputDropout(nn.Dropout):
     """``nn.Dropout`` (subclass, so code that checks for dropout still sees one) with the two changes above.
 
-    The input is held weakly (a freed activation can never match again, even if its memory is
-    reused); the last output strongly, because autograd keeps only its storage, not the Python
-    object a weak reference would need. At most one activation-sized tensor is held between steps.
+    The last draw is kept for the sibling adapters in a :class:`~sqft_service.adapters.memo.LastInputMemo`
+    keyed by the input's version.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__(p=p)
         self._threshold = round(p * _LEVELS)
         self._scale = 1.0 / (1.0 - p)
-        self._last = _LastDraw()
+        self._last = LastInputMemo()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -73,17 +60,16 @@ class SharedInputDropout(nn.Dropout):
             # Inside a compiled graph: no Python-side cache (it would break the graph); the compiler
             # fuses a plain dropout into its neighbours and draws with its own generator anyway.
             return F.dropout(x, self.p, training=True)
-        last = self._last
-        if last.output is not None and last.input is not None and last.input() is x and x._version == last.version:
-            return last.output
+        kept = self._last.get(x, x._version)
+        if kept is not None:
+            return kept
         if x.device.type in INTEGER_DRAW_DEVICES:
             # Scaled, then selected: a mask scaled in a bf16 input's dtype would round 1/(1-p) (1/0.95 to
             # 1.0547, +0.2%), and `where` was the cheapest of the forms tried on a bf16 CPU.
             out = torch.where(_uniform_int15(x) >= self._threshold, x * self._scale, 0)
         else:  # a GPU's fused dropout kernel: one launch, where the CPU draw above takes five
             out = F.dropout(x, self.p, training=True)
-        last.input, last.version, last.output = weakref.ref(x), x._version, out
-        return out
+        return self._last.put(x, x._version, out)
 
 
 def share_lora_dropout(peft_model: nn.Module, adapter: str = "default") -> int:
