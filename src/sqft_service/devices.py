@@ -5,9 +5,11 @@ get a GPU is a 400 naming the field, not a job that fails later (or, worse, trai
 *Where* is the runner's to say (``Runner.check_gpu``): the subprocess runner asks this machine, the
 Ray runner asks the cluster, whose GPU nodes may be other machines than the service's. This machine
 is asked without torch in the service process (docs/ARCHITECTURE.md): one short child process imports
-torch and asks ``torch.cuda.is_available()`` (the same question the job process asks), once per
-service process. The job process asks again itself (``training/device.py``): the GPU may have gone
-away, or the node that got the job may not have one.
+torch and asks ``torch.cuda.is_available()`` (the same question the job process asks) and how many
+GPUs it sees, once per service process. A data-parallel job whose workers train on GPUs takes one
+GPU per worker (``Runner.check_gpu_workers``). The job process asks again itself
+(``training/device.py``, ``jobs/local_ranks.py``): the GPU may have gone away, or the node that got the
+job may not have one.
 """
 
 from __future__ import annotations
@@ -22,20 +24,26 @@ from .errors import InvalidConfigurationError
 if TYPE_CHECKING:
     from .jobs.runner import Runner
 
-_PROBE = "import torch; print(int(torch.cuda.is_available()))"
+_PROBE = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 PROBE_TIMEOUT_S = 120  # a cold torch import on a busy 2-core machine takes seconds, not minutes
 
 
 @functools.cache
-def cuda_available() -> bool:
-    """``torch.cuda.is_available()`` in the job processes' interpreter (cached for this process)."""
+def cuda_device_count() -> int:
+    """The CUDA GPUs torch sees in the job processes' interpreter, 0 without CUDA (cached for this process)."""
     try:
         done = subprocess.run(
             [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and done.stdout.strip().endswith("1")
+        return 0
+    last = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+    return int(last[0]) if last and last[0].isdigit() else 0
+
+
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()`` in the job processes' interpreter."""
+    return cuda_device_count() > 0
 
 
 def check_local_gpu() -> str | None:
@@ -45,22 +53,53 @@ def check_local_gpu() -> str | None:
     return "no CUDA GPU is available on this machine (torch.cuda.is_available() is false)"
 
 
-def check_device_available(device: str, param: str = "Training.device", runner: Runner | None = None) -> None:
-    """Refuse a device no job could train on.
+def gpus_short(gpus: int, workers: int, where: str) -> str | None:
+    """Why ``workers`` data-parallel workers on GPUs can't run where ``gpus`` GPUs are, or None when they can.
+
+    A worker on a GPU takes one GPU of its own: NCCL, which reduces the gradients between GPUs, refuses
+    two ranks on one device, and two trainings sharing one GPU would be no faster than one.
+    """
+    if gpus == 0 or gpus >= workers:
+        return None
+    return (
+        f"{workers} data-parallel workers on GPUs take one GPU each, and {where} has {gpus}; ask for at most "
+        f"{gpus} worker(s), or `Training.device` 'cpu' to train on CPU cores"
+    )
+
+
+def check_device_available(
+    device: str, param: str = "Training.device", runner: Runner | None = None, workers: int = 1
+) -> None:
+    """Refuse a device no job could train on, and more GPU workers than there are GPUs.
 
     Args:
         device: ``Training.device``: "cpu", "cuda" or "auto" ("auto" always has a device to pick).
         param: The field named in the error.
-        runner: Where jobs run (its ``check_gpu`` says whether a job can get a GPU); None: this machine.
+        runner: Where jobs run (its ``check_gpu`` and ``check_gpu_workers`` say whether a job can get a
+            GPU, and a GPU per worker); None: this machine.
+        workers: ``Training.num_training_workers``.
 
     Raises:
-        InvalidConfigurationError: ``device`` is "cuda" and no job could get a CUDA GPU.
+        InvalidConfigurationError: ``device`` is "cuda" and no job could get a CUDA GPU (naming ``param``),
+            or the job's workers would train on GPUs and there are fewer GPUs than workers (naming
+            ``Training.num_training_workers``).
     """
-    if device != "cuda":
+    if device == "cpu":
         return
-    missing = runner.check_gpu() if runner is not None else check_local_gpu()
-    if missing is not None:
-        raise InvalidConfigurationError(
-            f"`{param}` 'cuda': {missing}; use 'auto' (the GPU when the job gets one, else the CPU) or 'cpu'",
-            param=param,
-        )
+    if device == "cuda":
+        missing = runner.check_gpu() if runner is not None else check_local_gpu()
+        if missing is not None:
+            raise InvalidConfigurationError(
+                f"`{param}` 'cuda': {missing}; use 'auto' (the GPU when the job gets one, else the CPU) or 'cpu'",
+                param=param,
+            )
+    if workers > 1:
+        if runner is not None:
+            short = runner.check_gpu_workers(device, workers)
+        else:
+            short = gpus_short(cuda_device_count(), workers, "this machine")
+        if short is not None:
+            raise InvalidConfigurationError(
+                f"`Training.num_training_workers` {workers} with `{param}` '{device}': {short}",
+                param="Training.num_training_workers",
+            )

@@ -374,6 +374,15 @@ def test_a_cuda_job_is_placed_on_the_node_that_declares_a_gpu_and_gets_it(server
     try:
         gpu_node.wait_started()
         wait_until(lambda: ray.cluster_resources().get("GPU") == 1, 30, what="the GPU node to join")
+        # Two workers asking for a GPU each where the cluster declares one: a 400 naming the workers.
+        two = cuda_body()
+        two["Training"] = {**two["Training"], "num_training_workers": 2}
+        refused = httpx.post(
+            f"{server.url}/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": train_file, **two}
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "Training.num_training_workers"
+        assert f"the Ray cluster ({ray_head.address}) has 1" in refused.json()["error"]["message"]
         job = create_job(server, tiny_model_dir, train_file, cuda_body())
         done = wait_final(server, job["id"], timeout=120)
         assert done["status"] == "failed"

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sqft_service.config import FinetuneConfig, LoraSection
-from sqft_service.devices import check_device_available, cuda_available
+from sqft_service.devices import check_device_available, cuda_available, cuda_device_count, gpus_short
 from sqft_service.errors import InvalidConfigurationError
 from sqft_service.training import precision
 from sqft_service.training.batching import Collator
@@ -70,6 +70,34 @@ def test_cuda_without_a_gpu_is_refused_naming_the_field():
 
 def test_the_service_probe_agrees_with_torch():
     assert cuda_available() is torch.cuda.is_available()
+    assert cuda_device_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+class _Machine:
+    """A runner's answers for a place with ``gpus`` GPUs (what SubprocessRunner answers from the probe)."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def check_gpu(self) -> str | None:
+        return None if self.gpus else "no CUDA GPU here"
+
+    def check_gpu_workers(self, device: str, workers: int) -> str | None:
+        return gpus_short(self.gpus, workers, "this machine")
+
+
+def test_more_gpu_workers_than_gpus_are_refused_naming_the_workers_field():
+    check_device_available("auto", workers=2)  # this CPU machine: the ranks train on its cores
+    check_device_available("cuda", runner=_Machine(2), workers=2)
+    check_device_available("cpu", runner=_Machine(1), workers=4)  # CPU ranks need no GPU
+    for device in ("auto", "cuda"):
+        with pytest.raises(InvalidConfigurationError) as err:
+            check_device_available(device, runner=_Machine(1), workers=2)
+        assert err.value.param == "Training.num_training_workers"
+        assert "2 data-parallel workers on GPUs take one GPU each, and this machine has 1" in err.value.message
+    with pytest.raises(InvalidConfigurationError) as err:
+        check_device_available("cuda", runner=_Machine(0), workers=2)
+    assert err.value.param == "Training.device"  # no GPU at all: the device is what's wrong
 
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])

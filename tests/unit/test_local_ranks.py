@@ -51,3 +51,25 @@ def test_ranks_that_join_are_waited_for():
     child = subprocess.Popen([sys.executable, "-c", code])
     local_ranks.wait_for_ranks(store, [child])
     assert child.wait(60) == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "world_size", "on_gpus"),
+    [("cpu", 8, 2, False), ("auto", 0, 2, False), ("auto", 2, 2, True), ("cuda", 4, 3, True)],
+)
+def test_ranks_train_on_gpus_one_each_when_the_machine_has_enough(device, gpus, world_size, on_gpus):
+    assert local_ranks.ranks_on_gpus({"device": device}, world_size, gpus) is on_gpus
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "world_size", "param", "says"),
+    [
+        ("cuda", 0, 2, "Training.device", "no CUDA GPU"),
+        ("auto", 1, 2, "Training.num_training_workers", "take one GPU each, and this machine has 1"),
+        ("cuda", 2, 3, "Training.num_training_workers", "ask for at most 2 worker(s)"),
+    ],
+)
+def test_fewer_gpus_than_ranks_fail_naming_the_field(device, gpus, world_size, param, says):
+    with pytest.raises(InvalidConfigurationError) as err:
+        local_ranks.ranks_on_gpus({"device": device}, world_size, gpus)
+    assert err.value.param == param and says in err.value.message

@@ -1,4 +1,4 @@
-"""The subprocess runner's data-parallel launcher: one fine-tune as N ranks of one gloo group on this machine.
+"""The subprocess runner's data-parallel launcher: one fine-tune as N ranks of one process group on this machine.
 
 The job process the manager started is rank 0. It opens the group's rendezvous store on a free
 loopback port and starts ranks ``1..N-1`` as its own children (``python -m sqft_service.jobs.worker
@@ -7,6 +7,12 @@ workers with ``start_new_session=True``, so the manager's ``killpg`` (a cancel's
 orphan after a restart) would reach the agent and leave the ranks running. Here every rank stays in
 the job's session, and each child also asks the kernel for SIGKILL when rank 0 dies
 (``PR_SET_PDEATHSIG``), which covers rank 0 being killed on its own.
+
+Where the ranks train: on the CPU cores (a gloo group, each rank a share of the threads), or, when
+``Training.device`` is "cuda", or "auto" on a machine with GPUs, rank ``r`` on GPU ``r`` (an NCCL
+group for the gradients, plus the gloo side group ``training/distributed.py`` uses for host values).
+A GPU rank takes a GPU of its own (:func:`~sqft_service.devices.gpus_short`): fewer GPUs than ranks
+fail the job naming ``Training.num_training_workers`` (the API refuses it first).
 
 How a multi-rank job ends: rank 0 writes ``outcome.json`` as a single process would; SIGTERM reaches
 every rank, and rank 0's stop flag is handed to all at the next step (``training/distributed.py``). A
@@ -26,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from ..devices import gpus_short
 from ..errors import InvalidConfigurationError
 from ..threads import ENV_VAR as THREADS_ENV
 from ..threads import physical_cores
@@ -65,6 +72,37 @@ def check_local_resources(training: dict[str, Any]) -> None:
         )
 
 
+def ranks_on_gpus(training: dict[str, Any], world_size: int, gpus: int) -> bool:
+    """Whether the ranks of a job train on GPUs, one each, on a machine with ``gpus`` CUDA GPUs.
+
+    Raises:
+        InvalidConfigurationError: ``Training.device`` "cuda" without a GPU, or fewer GPUs than ranks.
+    """
+    device = training.get("device", "auto")
+    if device == "cpu":
+        return False
+    if device == "cuda" and gpus == 0:
+        raise InvalidConfigurationError(
+            "`Training.device` 'cuda': no CUDA GPU is available on this machine (torch.cuda.is_available() "
+            "is false); use 'auto' or 'cpu'",
+            param="Training.device",
+        )
+    short = gpus_short(gpus, world_size, "this machine")
+    if short is not None:
+        raise InvalidConfigurationError(
+            f"`Training.num_training_workers` {world_size} with `Training.device` '{device}': {short}",
+            param="Training.num_training_workers",
+        )
+    return gpus > 0
+
+
+def local_gpu_count() -> int:
+    """The CUDA GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def rank_threads(training: dict[str, Any], world_size: int) -> int:
     """Intra-op threads of each rank: ``resources_per_worker.CPU``, else the job's share split N ways."""
     cpus = (training.get("resources_per_worker") or {}).get("CPU")
@@ -93,12 +131,16 @@ def open_store(world_size: int) -> Any:
     return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
 
 
-def start_ranks(worker_argv: list[str], world_size: int, store_port: int, threads: int) -> list[subprocess.Popen]:
-    """Start ranks ``1..world_size-1`` as children of this process, in its session."""
+def start_ranks(
+    worker_argv: list[str], world_size: int, store_port: int, threads: int, on_gpus: bool = False
+) -> list[subprocess.Popen]:
+    """Start ranks ``1..world_size-1`` as children of this process, in its session (``on_gpus``: one GPU each)."""
     env = dict(os.environ, **rank_environment(threads), **{RANK0_PID_ENV: str(os.getpid())})
     children = []
     for rank in range(1, world_size):
         argv = [*worker_argv, "--rank", str(rank), "--world-size", str(world_size), "--store-port", str(store_port)]
+        if on_gpus:
+            argv.append("--on-gpus")
         children.append(subprocess.Popen([sys.executable, "-m", "sqft_service.jobs.worker", *argv], env=env))
     return children
 
@@ -124,14 +166,25 @@ def wait_for_ranks(store: Any, children: list[subprocess.Popen]) -> None:
         time.sleep(0.05)
 
 
-def join_group(rank: int, world_size: int, store: Any = None, store_port: int | None = None) -> None:
-    """Join the job's gloo process group (rank 0 passes its store, the others its port)."""
+def join_group(
+    rank: int, world_size: int, store: Any = None, store_port: int | None = None, on_gpus: bool = False
+) -> None:
+    """Join the job's process group (rank 0 passes its store, the others its port).
+
+    On CPUs a gloo group. On GPUs rank ``r`` first makes GPU ``r`` its current device (where
+    ``Training.device`` then resolves, ``training/device.py``) and joins an NCCL group.
+    """
+    import torch
     import torch.distributed as dist
 
     if store is None:
         store = dist.TCPStore("127.0.0.1", int(store_port or 0), world_size, is_master=False, timeout=JOIN_TIMEOUT)
         store.set(f"{_JOINED}{rank}", "1")
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=collective_timeout())
+    backend = "gloo"
+    if on_gpus:
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=collective_timeout())
 
 
 def die_with_rank0() -> None:

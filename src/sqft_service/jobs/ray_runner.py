@@ -42,6 +42,7 @@ except ImportError as exc:  # the optional extra is missing: say what to install
         "SQFT_RUNNER=ray needs Ray: pip install -e '.[ray]' (or `make serve RUNNER=ray`, which installs it)"
     ) from exc
 
+from ..devices import gpus_short
 from .ray_train import RAY_JOB_ENV
 from .runner import LaunchError, LaunchSpec
 
@@ -359,3 +360,15 @@ class RayRunner:
         if resources.get("GPU", 0) > 0:
             return None
         return f"no CUDA GPU in the Ray cluster ({self.address}): no node declares one (see `ray status`)"
+
+    def check_gpu_workers(self, device: str, workers: int) -> str | None:
+        """For "cuda", None while the cluster declares a GPU per worker (each Ray Train worker asks for one,
+        ``worker_resources``); "auto" under Ray asks for none. An unanswered question refuses nothing."""
+        if device != "cuda":
+            return None
+        try:
+            resources = self._ask_cluster("resources", ray.cluster_resources)
+        except Exception as exc:
+            log.warning("could not ask the Ray cluster for its GPUs (%s); accepting the job", type(exc).__name__)
+            return None
+        return gpus_short(int(resources.get("GPU", 0)), workers, f"the Ray cluster ({self.address})")

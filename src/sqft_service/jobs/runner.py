@@ -64,6 +64,10 @@ class Runner(Protocol):
         """None when a job that asks for a CUDA GPU (``Training.device`` "cuda") can get one where this
         runner runs jobs, else why not, naming where it looked (the API's 400 quotes it)."""
 
+    def check_gpu_workers(self, device: str, workers: int) -> str | None:
+        """None when ``workers`` data-parallel workers with ``Training.device`` ``device`` ("cuda" or
+        "auto") that train on GPUs can get one GPU each, else why not (the API's 400 quotes it)."""
+
 
 def worker_resources(training: dict[str, Any]) -> dict[str, float]:
     """What each training worker of a fine-tune asks Ray for (its actor, or its Ray Train worker).

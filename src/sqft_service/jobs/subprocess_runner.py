@@ -12,7 +12,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from ..devices import check_local_gpu
+from ..devices import check_local_gpu, cuda_device_count, gpus_short
 from .runner import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class SubprocessRunner:
     def check_gpu(self) -> str | None:
         """Jobs run on this machine: whether torch sees a CUDA GPU here (asked in a child process)."""
         return check_local_gpu()
+
+    def check_gpu_workers(self, device: str, workers: int) -> str | None:
+        """The ranks run on this machine, one GPU each when it has any ("cuda" or "auto"; jobs/local_ranks.py)."""
+        return gpus_short(cuda_device_count(), workers, "this machine")
 
 
 def kill_orphan_job(pid: int, job_id: str) -> bool:

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--store-port", type=int, default=None)
+    parser.add_argument("--on-gpus", action="store_true")  # each rank on its own GPU (rank 0 decides)
     args = parser.parse_args(argv)
     log_format = os.environ.get("SQFT_LOG_FORMAT", "text")
     configure_logging(log_format, job_id=args.job_id, stream="stdout")
@@ -199,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     world_size = args.world_size if args.rank is not None else local_ranks.world_size_of(spec)
     if kind == "fine_tune" and not args.journal:
         # Under the Ray runner (--journal) Ray placed the job by its resources; here only "CPU" means anything.
+        training = spec["params"].get("Training", {})
         try:
-            local_ranks.check_local_resources(spec["params"].get("Training", {}))
+            local_ranks.check_local_resources(training)
+            if world_size > 1 and args.rank is None:  # rank 0 decides where every rank trains
+                args.on_gpus = local_ranks.ranks_on_gpus(training, world_size, local_ranks.local_gpu_count())
         except UserError as exc:
             log.error("%s", exc)
             write_outcome(workspace, JobOutcome(status="failed", error=JobError.from_user_error(exc)))
@@ -294,18 +298,19 @@ def _run_local_rank(
             threads = local_ranks.rank_threads(spec["params"].get("Training", {}), world_size)
             os.environ.update(local_ranks.rank_environment(threads))
             store = local_ranks.open_store(world_size)
-            children = local_ranks.start_ranks(argv, world_size, store.port, threads)
+            children = local_ranks.start_ranks(argv, world_size, store.port, threads, on_gpus=args.on_gpus)
             log.info(
-                "data-parallel: ranks 1-%d started (pids %s), %d thread(s) per rank",
+                "data-parallel: ranks 1-%d started (pids %s), %d thread(s) per rank, %s",
                 world_size - 1,
                 [c.pid for c in children],
                 threads,
+                f"GPUs 0-{world_size - 1} (NCCL)" if args.on_gpus else "on CPU cores (gloo)",
             )
             local_ranks.wait_for_ranks(store, children)
-            local_ranks.join_group(0, world_size, store=store)
+            local_ranks.join_group(0, world_size, store=store, on_gpus=args.on_gpus)
         else:
             local_ranks.die_with_rank0()
-            local_ranks.join_group(args.rank, world_size, store_port=args.store_port)
+            local_ranks.join_group(args.rank, world_size, store_port=args.store_port, on_gpus=args.on_gpus)
         outcome = run_fine_tune_rank(
             args.workspace, None if args.journal else args.db, args.job_id, model_cache_dir=args.model_cache, stop=stop
         )

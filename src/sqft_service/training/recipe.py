@@ -178,8 +178,9 @@ class FinetuneRecipe:
         global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
         self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
         if self.dp.enabled:
+            on = " (one GPU each)" if self.device.type == "cuda" else ""
             self.sink.message(
-                f"data-parallel over {self.dp.world_size} ranks: global batch {global_batch} examples per step "
+                f"data-parallel over {self.dp.world_size} ranks{on}: global batch {global_batch} examples per step "
                 f"({t.batch_size} x {t.gradient_accumulation_steps} accumulation x {self.dp.world_size} ranks)"
             )
         self.total_steps = self.steps_per_epoch * t.epochs

@@ -41,7 +41,9 @@ class FineTuningService:
         )
         # A GPU asked for where no job could get one (this machine, or the Ray cluster: the runner says)
         # is a 400 now, not a job that fails once launched.
-        check_device_available(req.Training.device, runner=self.manager.runner)
+        check_device_available(
+            req.Training.device, runner=self.manager.runner, workers=req.Training.num_training_workers
+        )
         # The service fills these with its own paths of the uploaded files; a client's value would be
         # silently replaced, so it is refused, pointing at the fields that take file ids.
         for name, instead in (("train_file", "training_file"), ("validation_file", "validation_file")):
