@@ -10,15 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from fastapi.testclient import TestClient
 
-from sqft_service.app import create_app
 from sqft_service.jobs import local_ranks
 from sqft_service.jobs.subprocess_runner import SubprocessRunner
 from sqft_service.training.distributed import DataParallel
 from tests.conftest import make_tiny_llama
 from tests.helpers import alpaca_records, write_json
-from tests.integration.conftest import make_settings, upload, wait_status
 
 
 def test_a_rank_joins_an_nccl_group_on_its_own_gpu():
@@ -45,8 +42,14 @@ def test_more_workers_than_gpus_are_refused_by_the_service_probe():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two ranks on GPUs need two GPUs")
 def test_two_workers_train_on_two_gpus_through_the_service(tmp_path, gpu_tokenizer_dir):
+    # Here, not at the top: the GPU image has no FastAPI (bench/gpu/prepare_carry.sh carries no service
+    # wheels), and a failed import at collection would stop every GPU test; a two-GPU machine needs it.
+    from fastapi.testclient import TestClient
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqft_service.app import create_app
+    from tests.integration.conftest import make_settings, upload, wait_status
 
     tokenizer = AutoTokenizer.from_pretrained(gpu_tokenizer_dir)
     model_dir = tmp_path / "tiny"
