@@ -226,3 +226,29 @@ def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_f
     finally:
         recipe.cleanup()
     assert recorder.syncs == []
+
+
+def test_a_real_cuda_out_of_memory_is_retried_in_smaller_passes(model_dirs, train_file, tmp_path):
+    # Any pass of more than 2 examples asks the CUDA caching allocator for 16 TiB: a real
+    # torch.OutOfMemoryError mid-forward. The job goes on in passes of 2, with the same losses.
+    runs = {}
+    for name, holds in (("fits", None), ("tight", 2)):
+        sink = MemorySink()
+        recipe = FinetuneRecipe(_cfg(model_dirs[False], train_file, "lora", "cuda"), tmp_path / name, sink)
+        recipe.setup()
+
+        def limit(_module, args, holds=holds):
+            if holds is not None and args[0].shape[0] > holds:
+                torch.empty(2**44, dtype=torch.uint8, device="cuda")
+
+        recipe.model.get_base_model().model.layers[-1].register_forward_pre_hook(limit)
+        try:
+            recipe.train()
+        finally:
+            recipe.cleanup()
+        runs[name] = sink
+    warned = [text for level, text, _ in runs["tight"].messages if level == "warn"]
+    assert len(warned) == 1 and "out of memory in step 1 with 4 example(s) per pass" in warned[0], warned
+    torch.testing.assert_close(_losses(runs["tight"]), _losses(runs["fits"]), rtol=1e-4, atol=1e-5)
+    peaks = [row["gpu_peak_memory_gib"] for row in runs["fits"].metric_rows if "train_loss" in row]
+    assert peaks and all(0 < p < torch.cuda.get_device_properties(0).total_memory / 2**30 for p in peaks)

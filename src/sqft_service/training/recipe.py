@@ -39,6 +39,7 @@ from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
 from .loss import LossOutput, causal_lm_loss
+from .memory import ForwardSplit, free_cached, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .records import DataValidationError, load_records
@@ -119,6 +120,7 @@ class FinetuneRecipe:
         self._unsettled: list[PendingStep] = []  # steps whose loss is still on the device
         # One rank of a data-parallel group when torch.distributed is initialised (training/distributed.py).
         self.dp = DataParallel.current()
+        self.forward_split = ForwardSplit()  # more passes per micro-batch after running out of memory
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -330,7 +332,7 @@ class FinetuneRecipe:
                 if step >= self.total_steps:
                     break
                 shards = [self.dp.shard(idx) for idx in micro_batches[first : first + accum]]
-                group = [self._prepare(self.collator([self.train_examples[i] for i in idx])) for idx in shards if idx]
+                group = self._collate(shards)
                 # Rank 0 decides for every rank: all stop at the same step boundary. Each rank's NLS
                 # sub-adapter goes in the header to be checked equal; it is activated only if the step runs.
                 drawn = self.handles.nls.draw(step) if self.handles.nls is not None and self.dp.enabled else None
@@ -351,7 +353,7 @@ class FinetuneRecipe:
                     self.handles.nls.sample(step, drawn)
                 if self.dp.enabled:  # each rank its own dropout masks, the same ones again after a resume
                     torch.manual_seed(self.dp.dropout_seed(self.seed, step))
-                totals = self._train_step(group, header.n_labels, t.max_grad_norm)
+                totals = self._train_step(group, header.n_labels, t.max_grad_norm, shards, step)
                 n_labels, n_real = header.n_labels, header.n_real
                 step += 1
                 dt = time.perf_counter() - t0
@@ -400,24 +402,48 @@ class FinetuneRecipe:
         csv_path = self.write_metrics_csv()
         return TrainingResult(step, trained_tokens, str(adapter_dir), str(csv_path))
 
-    def _train_step(self, group: list[dict[str, Any]], n_labels: int, max_grad_norm: float | None) -> StepTotals:
-        """One optimizer step over ``group`` micro-batches; ``n_labels``: the global step's label tokens.
+    def _collate(self, shards: list[list[int]]) -> list[dict[str, Any]]:
+        """A step's passes, ready for the device: this rank's shards, each in ``forward_split`` passes."""
+        return [
+            self._prepare(self.collator([self.train_examples[i] for i in idx]))
+            for idx in self.forward_split.shards(shards)
+        ]
+
+    def _train_step(
+        self,
+        group: list[dict[str, Any]],
+        n_labels: int,
+        max_grad_norm: float | None,
+        shards: list[list[int]] | None = None,
+        step: int = 0,
+    ) -> StepTotals:
+        """One optimizer step over ``group`` passes; ``n_labels``: the global step's label tokens.
 
         The loss is a mean over every label token of the whole step (not a mean of per-batch means),
-        so gradient accumulation gives the same update as one big batch: each micro-batch's summed
-        loss is divided by the step's total label count before backward. With data parallelism that
-        count is summed over the ranks and so are the gradients, which gives the update of one rank
-        training the global batch. Returns the global step's loss totals, still on the device (read
-        them with ``totals.read()``).
+        so gradient accumulation gives the same update as one big batch: each pass's summed loss is
+        divided by the step's total label count before backward. With data parallelism that count is
+        summed over the ranks and so are the gradients, which gives the update of one rank training
+        the global batch. A pass that runs out of device memory is retried with the step's ``shards``
+        in more passes (``training/memory.py``): the same update, before any collective. Returns the
+        global step's loss totals, still on the device (read them with ``totals.read()``).
         """
         scaler = self.grad_scaler
-        loss_sums, corrects = [], []
-        for batch in group:
-            out = self._forward(batch)
-            loss = out.loss_sum / max(n_labels, 1)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sums.append(out.loss_sum.detach())
-            corrects.append(out.n_correct)
+        while True:
+            try:
+                loss_sums, corrects = self._accumulate(group, n_labels)
+                break
+            except torch.OutOfMemoryError as exc:
+                if shards is None:
+                    raise
+                error = (str(exc).splitlines() or ["OutOfMemoryError"])[0][:300]
+            # Out of the except block: the failed pass's activations went with its traceback.
+            group = []
+            self.optimizer.zero_grad(set_to_none=True)
+            free_cached(self.device)
+            self.sink.message(self.forward_split.widen(shards, self.device, step + 1, error), level="warn")
+            if self.dp.enabled:
+                torch.manual_seed(self.dp.dropout_seed(self.seed, step))
+            group = self._collate(shards)
         totals = StepTotals(loss_sums, corrects)
         if self.dp.enabled:  # the ranks' totals summed with the gradients, still not read
             zero = torch.zeros((), device=self.device)
@@ -436,6 +462,18 @@ class FinetuneRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
+
+    def _accumulate(self, group: list[dict[str, Any]], n_labels: int) -> tuple[list, list]:
+        """Forward and backward every pass of a step; its loss sums and correct counts, on the device."""
+        scaler = self.grad_scaler
+        loss_sums, corrects = [], []
+        for batch in group:
+            out = self._forward(batch)
+            loss = out.loss_sum / max(n_labels, 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sums.append(out.loss_sum.detach())
+            corrects.append(out.n_correct)
+        return loss_sums, corrects
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A collated batch ready for the device: unchanged on the CPU, :func:`device_batch` on a GPU."""
@@ -473,6 +511,7 @@ class FinetuneRecipe:
             "step_s": round(step_s, 4),
             "eta_s": round(eta_s, 1),
             "elapsed_s": round(time.time() - started, 1),
+            "gpu_peak_memory_gib": peak_gib(self.device),  # None on the CPU: not emitted
         }
         self._metric_rows.append(row)
         pending.row = row
