@@ -67,6 +67,7 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
 
     from .config import DatasetSection
     from .training.batching import Collator
+    from .training.device import model_device, move_batch
     from .training.loss import causal_lm_loss
     from .training.tokenization import tokenize_records
 
@@ -79,7 +80,7 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
             batch = collator(examples[start : start + BATCH_SIZE])
             for key in ("n_real_tokens", "n_label_tokens", "n_padded_tokens"):
                 batch.pop(key)
-            out = causal_lm_loss(model, batch)
+            out = causal_lm_loss(model, move_batch(batch, model_device(model)))
             loss_sum += float(out.loss_sum)
             n_correct += int(out.n_correct)
             n_labels += out.n_labels
@@ -101,16 +102,19 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     import torch
 
     from .inference.engine import InferenceEngine
+    from .training.device import model_device
 
     eos = InferenceEngine._eos_ids(model, tokenizer)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
         width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows])
-        attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
+        mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows]
+        attention_mask = torch.tensor(mask, device=device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
@@ -195,12 +199,16 @@ def _candidate_model(c: EvalCandidate, name: str, model_dir: str, models: dict[s
     from peft import PeftModel
 
     from .adapters.merge import masked_merge
+    from .training.device import operation_device
     from .training.models import load_base_model
 
     def load() -> Any:
         # Frozen, as peft leaves a base it wraps: every candidate then takes the same loss path
         # (causal_lm_loss's chunked cross-entropy needs a frozen head), whatever was loaded before it.
-        return load_base_model(model_dir).eval().requires_grad_(False)
+        # On the GPU when it fits, in the dtype it was loaded in (the candidates' figures stay comparable
+        # with a CPU run's); adapters attached later follow it (peft).
+        model = load_base_model(model_dir).eval().requires_grad_(False)
+        return model.to(operation_device(model))
 
     adapter = c.adapter
     if adapter is not None and c.sparse:  # its own model, freed after the candidate
@@ -223,6 +231,7 @@ def _candidate_model(c: EvalCandidate, name: str, model_dir: str, models: dict[s
 
 def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | None) -> list[dict[str, Any]]:
     from .threads import configure_torch_threads
+    from .training.device import model_device
     from .training.models import load_tokenizer, resolve_model_dir
     from .training.records import load_records
 
@@ -239,10 +248,10 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     models: dict[str, Any] = {}  # model directory → the loaded model (a PeftModel once an adapter is on)
     rows = []
     for i, c in enumerate(p.candidates):
-        sink.message(f"candidate {i + 1}/{len(p.candidates)}: {c.name}")
         model_dir = resolve_model_dir(c.model, model_cache_dir)
         tokenizer = load_tokenizer(model_dir, c.tokenizer)
         model, context = _candidate_model(c, f"c{i}", model_dir, models)
+        sink.message(f"candidate {i + 1}/{len(p.candidates)}: {c.name} (on {model_device(model)})")
         with context:
             row: dict[str, Any] = {"candidate": c.name, "n_examples": len(records)}
             row.update(exact_match=None, contains_match=None, samples=[])

@@ -63,6 +63,9 @@ class Settings:
     inference_queue: int = 8
     # Models (bases and merged models; adapters ride on their base) kept loaded, least recently used evicted.
     inference_max_models: int = 2
+    # Where the engine serves models: "auto" (a CUDA GPU when torch sees one and the model fits in its free
+    # memory, in bf16; else the CPU) or "cpu" (keeps the GPU to the training jobs).
+    inference_device: str = "auto"
     # Where jobs run: "subprocess" (a child process of this service) or "ray" (a Ray cluster, needs the
     # `ray` extra; jobs/ray_runner.py). ray_address is what `ray.init` takes: "auto" finds the cluster
     # `ray start` started on this machine, or "host:port" of the head node.
@@ -73,6 +76,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ValueError(f"SQFT_LOG_FORMAT={self.log_format!r} is not `text` or `json`")
+        if self.inference_device not in ("auto", "cpu"):
+            raise ValueError(f"SQFT_INFERENCE_DEVICE={self.inference_device!r} is not `auto` or `cpu`")
         if self.runner not in ("subprocess", "ray"):
             raise ValueError(f"SQFT_RUNNER={self.runner!r} is not `subprocess` or `ray`")
 

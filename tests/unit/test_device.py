@@ -367,3 +367,12 @@ def test_a_gpu_shaped_step_never_reads_a_value_back(
         assert not mode.reads, "host reads in a GPU step:\n" + "\n".join(mode.reads)
     finally:
         recipe.cleanup()
+
+
+def test_the_inference_device_setting_is_auto_or_cpu():
+    from sqft_service.settings import Settings
+
+    assert Settings.from_env({}).inference_device == "auto"
+    assert Settings.from_env({"SQFT_INFERENCE_DEVICE": "cpu"}).inference_device == "cpu"
+    with pytest.raises(SystemExit, match="SQFT_INFERENCE_DEVICE='gpu' is not `auto` or `cpu`"):
+        Settings.from_env({"SQFT_INFERENCE_DEVICE": "gpu"})

@@ -54,8 +54,11 @@ def _adapter_key(path: str) -> str:
 
 
 class InferenceEngine:
-    def __init__(self, *, threads: int, max_queue: int, max_models: int, model_cache_dir: Path | None) -> None:
+    def __init__(
+        self, *, threads: int, max_queue: int, max_models: int, model_cache_dir: Path | None, device: str = "auto"
+    ) -> None:
         self.threads = max(1, threads)
+        self.device = device  # "auto": a GPU when there is one and the model fits; "cpu"
         self.max_models = max(1, max_models)
         self.model_cache_dir = model_cache_dir
         self._slots = threading.BoundedSemaphore(1 + max(0, max_queue))
@@ -101,9 +104,25 @@ class InferenceEngine:
         if loaded is None:
             while len(self._models) >= self.max_models:
                 self._models.popitem(last=False)
-            loaded = self._models[key] = _Loaded(build().eval(), merged_from=merged_from)
+            loaded = self._models[key] = _Loaded(self._place(build()).eval(), merged_from=merged_from)
         self._models.move_to_end(key)
         return loaded
+
+    def _place(self, model: Any) -> Any:
+        """``model`` on the GPU in bf16 when ``device`` allows it, one is there and the model fits in its
+        free memory; else as it is, on the CPU. Adapters attached later follow their base (peft)."""
+        if self.device == "cpu":
+            return model
+        import torch
+
+        from ..training.device import gpu_inference_dtype, operation_device
+
+        if not torch.cuda.is_available():
+            return model
+        torch.cuda.empty_cache()  # an evicted model's blocks count as free only once given back
+        dtype = gpu_inference_dtype()
+        device = operation_device(model, dtype=dtype)
+        return model.to(device, dtype=dtype) if device.type == "cuda" else model
 
     def _activate(self, spec: ModelSpec) -> tuple[Any, Any, AbstractContextManager]:
         """The model with the spec's adapter active, its tokenizer, and the context to generate in."""
@@ -249,7 +268,7 @@ class InferenceEngine:
 
         # transformers refuses num_return_sequences > 1 without sampling, so n greedy choices are n
         # copies of the prompt in one batch: the same rows for generate() and the streamer either way.
-        input_ids = torch.tensor([ids] * (s.n if s.greedy else 1))
+        input_ids = torch.tensor([ids] * (s.n if s.greedy else 1), device=next(model.parameters()).device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
             "num_return_sequences": 1 if s.greedy else s.n,

@@ -3,7 +3,8 @@
 ``Training.device`` "auto" takes the first CUDA GPU when torch sees one and the CPU otherwise;
 "cuda" with no GPU fails the job naming the field (the API refuses it earlier, ``devices.py``, but a
 job may be resumed after the GPU went away, or run by ``sqft train`` directly). Merge and sparsify
-take the GPU when the model fits in it (:func:`operation_device`).
+take the GPU when the model fits in it (:func:`operation_device`), and so do evaluate jobs and the
+inference engine (in bf16 there).
 """
 
 from __future__ import annotations
@@ -118,15 +119,28 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return moved
 
 
-def operation_device(model: torch.nn.Module, headroom: float = 1.25) -> torch.device:
-    """Where a one-off operation (merge, sparsify) on ``model`` runs: the GPU when it has room, else the CPU.
+def operation_device(model: torch.nn.Module, headroom: float = 1.25, dtype: torch.dtype | None = None) -> torch.device:
+    """Where a one-off operation (merge, sparsify, evaluate, inference) on ``model`` runs: the GPU when
+    it has room, else the CPU.
 
     An operation has no ``Training.device``; it takes the GPU when there is one and the model (with
-    ``headroom`` for activations and temporaries) fits in its free memory, so a model too big for
-    the card is still merged or pruned, more slowly, on the host.
+    ``headroom`` for activations and temporaries; in ``dtype`` when it will be cast to it there) fits
+    in its free memory, so a model too big for the card is still served, merged or pruned, more slowly,
+    on the host.
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    need = sum(p.numel() * p.element_size() for p in model.parameters()) * headroom
+    size = (lambda p: dtype.itemsize) if dtype is not None else (lambda p: p.element_size())
+    need = sum(p.numel() * size(p) for p in model.parameters()) * headroom
     free, _ = torch.cuda.mem_get_info()
     return torch.device("cuda", torch.cuda.current_device()) if need <= free else torch.device("cpu")
+
+
+def gpu_inference_dtype() -> torch.dtype:
+    """What a model is served in on the GPU: bf16 where the card runs it natively, else fp16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (a PeftModel's too)."""
+    return next(model.parameters()).device

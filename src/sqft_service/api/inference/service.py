@@ -73,6 +73,7 @@ class InferenceService:
                     max_queue=s.inference_queue,
                     max_models=s.inference_max_models,
                     model_cache_dir=s.model_cache_dir,
+                    device=s.inference_device,
                 )
             return self._engine
 
