@@ -99,6 +99,9 @@ class StoreCollector(Collector):
             "sqft_job_tokens_per_second", "A running job's training throughput (its latest step)", labels=labels
         )
         step = GaugeMetricFamily("sqft_job_step_seconds", "A running job's time per optimizer step", labels=labels)
+        gpu = GaugeMetricFamily(
+            "sqft_job_gpu_peak_memory_bytes", "The most GPU memory a running job's tensors held", labels=labels
+        )
         for job_id, kind in stats.running_jobs(self.db):
             row = stats.latest_step_metrics(self.db, job_id)
             if row is None:
@@ -106,8 +109,11 @@ class StoreCollector(Collector):
             tokens.add_metric((job_id, kind), float(row["tokens_per_s"]))
             if row.get("step_s") is not None:
                 step.add_metric((job_id, kind), float(row["step_s"]))
+            if row.get("gpu_peak_memory_gib") is not None:  # GPU jobs only
+                gpu.add_metric((job_id, kind), float(row["gpu_peak_memory_gib"]) * 2**30)
         yield tokens
         yield step
+        yield gpu
 
 
 class RouteTemplates:
