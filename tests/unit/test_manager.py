@@ -44,6 +44,7 @@ class JournallingRunner(SubprocessRunner):
     """The subprocess runner running JOURNALLING_JOB instead of the job worker."""
 
     def __init__(self, job_writes_store: bool) -> None:
+        super().__init__()
         self.job_writes_store = job_writes_store
         self.argvs: list[list[str]] = []
 
@@ -57,6 +58,7 @@ class RefusingRunner(SubprocessRunner):
     """A runner that cannot start the job: at submit, or (like Ray's asynchronous start) at the first poll."""
 
     def __init__(self, when: str) -> None:
+        super().__init__()
         self.when = when
         self.specs: list[LaunchSpec] = []
 

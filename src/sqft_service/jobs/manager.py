@@ -34,6 +34,7 @@ from ..store.ids import now
 from ..store.jobs import FINE_TUNE, STOP_CANCEL, STOP_PAUSE, JobRecord, JobStore
 from ..threads import job_environment, job_thread_budget
 from ..workspace import JobWorkspace, write_atomically
+from .gpus import gpus_wanted
 from .journal import ingest
 from .kinds import DISPLAY_NAMES
 from .outcome import JobError, JobOutcome
@@ -336,6 +337,7 @@ class JobManager:
             data_paths=[self.settings.files_dir.resolve(), self.settings.model_cache_dir.resolve()],
             num_workers=int(training.get("num_training_workers") or 1),
             resources_per_worker=worker_resources(training) if job.kind == FINE_TUNE else None,
+            gpus=gpus_wanted(job.kind, job.config),
         )
         try:
             handle = self.runner.submit(spec)

@@ -27,6 +27,8 @@ class LaunchSpec:
     # Training.num_training_workers / worker_resources(Training) of a fine-tune (1 / None for other kinds).
     num_workers: int = 1
     resources_per_worker: dict[str, Any] | None = None
+    # GPUs the job may use on this machine (jobs/gpus.py): the subprocess runner gives it that many.
+    gpus: int = 0
 
 
 class RunHandle(Protocol):

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..devices import check_local_gpu, cuda_device_count, gpus_short
+from .gpus import GpuPool, visible_gpus
 from .runner import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -33,22 +34,40 @@ class SubprocessRunner:
     jobs_outlive_service = False
     job_writes_store = True
 
+    def __init__(self, gpu_ids: list[str] | None = None) -> None:
+        """``gpu_ids``: the GPUs to hand out to jobs (default: those this machine shows the service)."""
+        self._gpu_ids = gpu_ids
+        self._gpus: GpuPool | None = None
+
+    @property
+    def gpus(self) -> GpuPool:
+        if self._gpus is None:  # asked at the first launch, not at start-up (the probe imports torch)
+            self._gpus = GpuPool(self._gpu_ids if self._gpu_ids is not None else visible_gpus())
+        return self._gpus
+
     def submit(self, spec: LaunchSpec) -> SubprocessHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log_path, "ab") as log:
+        env = spec.env
+        if spec.gpus and (chosen := self.gpus.take(spec.job_id, spec.gpus)):
+            env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(chosen)}
+            log.info("job %s gets GPU(s) %s", spec.job_id, ",".join(chosen), extra={"job_id": spec.job_id})
+        with open(spec.log_path, "ab") as log_file:
             process = subprocess.Popen(
                 spec.argv,
                 cwd=spec.cwd,
-                env=spec.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return SubprocessHandle(spec.job_id, process)
 
     def poll(self, handle: SubprocessHandle) -> int | None:
-        return handle.process.poll()
+        code = handle.process.poll()
+        if code is not None and self._gpus is not None:
+            self._gpus.release(handle.job_id)
+        return code
 
     def _signal_group(self, handle: SubprocessHandle, sig: int) -> None:
         try:
