@@ -9,6 +9,8 @@ inference engine (in bf16 there).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import InvalidConfigurationError
@@ -41,9 +43,11 @@ def describe_device(device: torch.device) -> str:
     if device.type != "cuda":
         return f"device cpu ({torch.get_num_threads()} intra-op thread(s))"
     props = torch.cuda.get_device_properties(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # which of the machine's GPUs cuda:0... are
     return (
         f"device {device} {props.name} ({props.total_memory / 2**30:.1f} GiB, compute capability "
-        f"{props.major}.{props.minor}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+        f"{props.major}.{props.minor}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
     )
 
 
