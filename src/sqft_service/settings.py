@@ -66,6 +66,10 @@ class Settings:
     # Where the engine serves models: "auto" (a CUDA GPU when torch sees one and the model fits in its free
     # memory, in bf16; else the CPU) or "cpu" (keeps the GPU to the training jobs).
     inference_device: str = "auto"
+    # The GPUs the subprocess runner hands out to job processes (jobs/gpus.py): "" all this service sees,
+    # "none" none, or the machine's ids ("1,2,3", as nvidia-smi numbers them, or GPU UUIDs), e.g. to
+    # keep GPU 0 for the inference engine.
+    job_gpus: str = ""
     # Where jobs run: "subprocess" (a child process of this service) or "ray" (a Ray cluster, needs the
     # `ray` extra; jobs/ray_runner.py). ray_address is what `ray.init` takes: "auto" finds the cluster
     # `ray start` started on this machine, or "host:port" of the head node.
@@ -78,6 +82,11 @@ class Settings:
             raise ValueError(f"SQFT_LOG_FORMAT={self.log_format!r} is not `text` or `json`")
         if self.inference_device not in ("auto", "cpu"):
             raise ValueError(f"SQFT_INFERENCE_DEVICE={self.inference_device!r} is not `auto` or `cpu`")
+        ids = self.job_gpu_ids
+        if ids is not None and (len(set(ids)) != len(ids) or any(not i.replace("-", "").isalnum() for i in ids)):
+            raise ValueError(
+                f"SQFT_JOB_GPUS={self.job_gpus!r} is not a list of distinct GPU ids (`0,1`, GPU UUIDs) or `none`"
+            )
         if self.runner not in ("subprocess", "ray"):
             raise ValueError(f"SQFT_RUNNER={self.runner!r} is not `subprocess` or `ray`")
 
@@ -100,6 +109,15 @@ class Settings:
         known = {f.name for f in fields(self)}
         clean = {k: v for k, v in overrides.items() if k in known and v is not None}
         return replace(self, **clean)
+
+    @property
+    def job_gpu_ids(self) -> list[str] | None:
+        """``job_gpus`` as ids (None: every GPU this service sees; []: none)."""
+        if not self.job_gpus.strip():
+            return None
+        if self.job_gpus.strip().lower() == "none":
+            return []
+        return [i.strip() for i in self.job_gpus.split(",")]
 
     @property
     def upload_limit_bytes(self) -> int:

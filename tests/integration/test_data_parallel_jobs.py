@@ -148,3 +148,29 @@ def test_gpu_per_worker_fails_the_job_under_the_subprocess_runner(client, train_
     failed = wait_status(client, job["id"], ("failed", "succeeded"))
     assert failed["status"] == "failed" and failed["error"]["param"] == "Training.resources_per_worker"
     assert "Ray runner" in failed["error"]["message"]
+
+
+def test_jobs_get_the_gpus_the_operator_lists_and_no_more_workers_than_those(tmp_path, tiny_model_dir, caplog):
+    # SQFT_JOB_GPUS names two GPU ids; this machine has no GPU behind them, so the job, given "0",
+    # trains on the CPU, and what is checked is what the service handed out and refused.
+    settings = make_settings(tmp_path / "data", job_gpus="0,1")
+    caplog.set_level("INFO", logger="sqft_service.jobs.subprocess_runner")
+    with TestClient(create_app(settings)) as client:
+        f = upload(client, write_json(tmp_path / "t.json", alpaca_records(8)))
+        three = {**TWO_WORKERS["Training"], "num_training_workers": 3, "device": "auto"}
+        resp = client.post(
+            "/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": f["id"], "Training": three}
+        )
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "Training.num_training_workers"
+        assert "3 data-parallel workers on GPUs take one GPU each, and SQFT_JOB_GPUS has 2" in error["message"]
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": f["id"],
+            "Training": {"max_train_steps": 1, "batch_size": 2},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        assert f"job {job['id']} gets GPU(s) 0" in caplog.text
+        assert any(e["message"].startswith("training on device cpu") for e in events(client, job["id"]))

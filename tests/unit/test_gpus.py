@@ -67,9 +67,30 @@ def test_concurrent_job_processes_see_their_own_gpus(tmp_path):
     two = _spec(tmp_path, "two", 2)
     assert _seen(runner, runner.submit(two), two) == "0,1"  # a data-parallel job: one GPU per rank
     cpu = _spec(tmp_path, "cpu", 0)
-    assert _seen(runner, runner.submit(cpu), cpu) == "None"  # a CPU job is given none
+    assert _seen(runner, runner.submit(cpu), cpu) == ""  # a CPU job is given none, and sees none
     runner.kill(ha)
     assert _seen(runner, ha, a) == "0"
     assert runner.gpus.held() == {}  # every job that ended gave its GPUs back
     c = _spec(tmp_path, "c", 1)
     assert _seen(runner, runner.submit(c), c) == "0"
+
+
+def test_the_operator_names_the_gpus_jobs_get():
+    from sqft_service.settings import Settings
+
+    assert Settings.from_env({}).job_gpu_ids is None  # every GPU the service sees
+    assert Settings.from_env({"SQFT_JOB_GPUS": "1, 2"}).job_gpu_ids == ["1", "2"]
+    assert Settings.from_env({"SQFT_JOB_GPUS": "GPU-8f0c1a2b-77de"}).job_gpu_ids == ["GPU-8f0c1a2b-77de"]
+    assert Settings.from_env({"SQFT_JOB_GPUS": "none"}).job_gpu_ids == []
+    for bad in ("0,0", "0,,1", "0;1"):
+        with pytest.raises(SystemExit, match=r"SQFT_JOB_GPUS=.* is not a list of distinct GPU ids"):
+            Settings.from_env({"SQFT_JOB_GPUS": bad})
+
+
+def test_none_hides_every_gpu_from_every_job(tmp_path):
+    runner = SubprocessRunner(gpu_ids=[])  # SQFT_JOB_GPUS=none
+    assert runner.check_gpu() == "SQFT_JOB_GPUS is `none`: this service gives its jobs no GPU"
+    assert runner.check_gpu_workers("auto", 4) is None  # "auto" workers train on CPU cores then
+    job = _spec(tmp_path, "hidden", 1)
+    job.env["CUDA_VISIBLE_DEVICES"] = "0,1"  # as if the service itself saw two
+    assert _seen(runner, runner.submit(job), job) == ""

@@ -8,7 +8,8 @@ merge, sparsify or evaluate job one (they use it when the model fits), an extrac
 saved tensors). The least busy GPUs are chosen; when every GPU is busy a job shares the least busy
 one rather than wait, as before this existed. The GPUs are those the service sees: its own
 ``CUDA_VISIBLE_DEVICES`` if set, else all that torch counts (asked in a child process, and only on a
-machine with an NVIDIA device node, so a CPU-only machine never pays for the probe).
+machine with an NVIDIA driver, so a CPU-only machine never pays for the probe). ``SQFT_JOB_GPUS``
+narrows them (or names them: the settings' ``job_gpu_ids``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from typing import Any
 
 from ..devices import cuda_device_count
 
-NVIDIA_CONTROL = Path("/dev/nvidiactl")
+# Where an NVIDIA driver shows itself (device nodes, or the kernel module's /proc entry); without any,
+# no GPU can be there and the torch probe is skipped.
+NVIDIA_SIGNS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+
+
+def nvidia_driver_present() -> bool:
+    return any(Path(sign).exists() for sign in NVIDIA_SIGNS)
 
 
 def gpus_wanted(kind: str, config: dict[str, Any]) -> int:
@@ -34,7 +41,7 @@ def gpus_wanted(kind: str, config: dict[str, Any]) -> int:
 
 def visible_gpus() -> list[str]:
     """The GPU ids this service may hand out (``CUDA_VISIBLE_DEVICES`` entries, or indices)."""
-    if not NVIDIA_CONTROL.exists():
+    if not nvidia_driver_present():
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:

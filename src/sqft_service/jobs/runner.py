@@ -100,4 +100,4 @@ def build_runner(settings: Settings) -> Runner:
         return RayRunner(settings.ray_address, settings.ray_namespace)
     from .subprocess_runner import SubprocessRunner
 
-    return SubprocessRunner()
+    return SubprocessRunner(gpu_ids=settings.job_gpu_ids)

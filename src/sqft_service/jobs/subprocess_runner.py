@@ -12,7 +12,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from ..devices import check_local_gpu, cuda_device_count, gpus_short
+from ..devices import check_local_gpu, gpus_short
 from .gpus import GpuPool, visible_gpus
 from .runner import LaunchSpec
 
@@ -48,8 +48,11 @@ class SubprocessRunner:
     def submit(self, spec: LaunchSpec) -> SubprocessHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = spec.env
-        if spec.gpus and (chosen := self.gpus.take(spec.job_id, spec.gpus)):
+        chosen = self.gpus.take(spec.job_id, spec.gpus) if spec.gpus else []
+        # GPUs the operator listed (SQFT_JOB_GPUS) are the only ones any job sees: "" hides the others.
+        if chosen or self._gpu_ids is not None:
             env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(chosen)}
+        if chosen:
             log.info("job %s gets GPU(s) %s", spec.job_id, ",".join(chosen), extra={"job_id": spec.job_id})
         with open(spec.log_path, "ab") as log_file:
             process = subprocess.Popen(
@@ -88,12 +91,17 @@ class SubprocessRunner:
             log.warning("killed orphaned process %s of job %s", pid, job_id, extra={"job_id": job_id})
 
     def check_gpu(self) -> str | None:
-        """Jobs run on this machine: whether torch sees a CUDA GPU here (asked in a child process)."""
+        """Jobs run on this machine: whether torch sees a CUDA GPU here (asked in a child process), and
+        whether the operator lets jobs have one (SQFT_JOB_GPUS)."""
+        if self._gpu_ids == []:
+            return "SQFT_JOB_GPUS is `none`: this service gives its jobs no GPU"
         return check_local_gpu()
 
     def check_gpu_workers(self, device: str, workers: int) -> str | None:
-        """The ranks run on this machine, one GPU each when it has any ("cuda" or "auto"; jobs/local_ranks.py)."""
-        return gpus_short(cuda_device_count(), workers, "this machine")
+        """The ranks run on this machine, one GPU each of those handed out to jobs when there are any
+        ("cuda" or "auto"; jobs/local_ranks.py)."""
+        where = "this machine" if self._gpu_ids is None else "SQFT_JOB_GPUS"
+        return gpus_short(len(self.gpus.ids), workers, where)
 
 
 def kill_orphan_job(pid: int, job_id: str) -> bool:
