@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 
 from ..devices import check_local_gpu, gpus_short
@@ -38,12 +39,14 @@ class SubprocessRunner:
         """``gpu_ids``: the GPUs to hand out to jobs (default: those this machine shows the service)."""
         self._gpu_ids = gpu_ids
         self._gpus: GpuPool | None = None
+        self._gpus_lock = threading.Lock()  # the API's check and the manager's launch may ask first at once
 
     @property
     def gpus(self) -> GpuPool:
-        if self._gpus is None:  # asked at the first launch, not at start-up (the probe imports torch)
-            self._gpus = GpuPool(self._gpu_ids if self._gpu_ids is not None else visible_gpus())
-        return self._gpus
+        with self._gpus_lock:
+            if self._gpus is None:  # asked at the first launch or check, not at start-up (the probe imports torch)
+                self._gpus = GpuPool(self._gpu_ids if self._gpu_ids is not None else visible_gpus())
+            return self._gpus
 
     def submit(self, spec: LaunchSpec) -> SubprocessHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
