@@ -83,6 +83,20 @@ class QuotaExceededError(ServiceError):
         super().__init__(message, param=param, code=code)
 
 
+class EngineOutOfMemoryError(ServiceError):
+    """503: the device has no memory left for this request now (a GPU shared with training jobs, say).
+
+    Not the client's fault and not a crash: the same request may fit later, a smaller one now.
+    """
+
+    status_code = 503
+    type = "server_error"
+    headers = {"Retry-After": "10"}
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "out_of_memory") -> None:
+        super().__init__(message, param=param, code=code)
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     type = "invalid_request_error"

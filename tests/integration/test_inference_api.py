@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
@@ -303,3 +304,34 @@ def test_a_full_queue_is_a_429(served):
             engine.release()
     assert held == 1 + client.app.state.settings.inference_queue
     assert _chat(client, jobs["alpaca"]["fine_tuned_model"], max_tokens=2).status_code == 200
+
+
+def test_running_out_of_device_memory_is_a_503_and_the_engine_goes_on(served, tiny_model_dir):
+    # A GPU shared with training jobs may have no memory left for a large request. This machine has
+    # no such limit, so the loaded model raises what CUDA's allocator raises for more than one row.
+    client, _ = served
+    model = str(tiny_model_dir)
+    assert _complete(client, model, max_tokens=2).status_code == 200  # loaded
+    engine = client.app.state.inference_service.engine
+    [loaded] = [m for key, m in engine._models.items() if Path(key).resolve() == Path(model).resolve()]
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+
+    def tight(_module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    hook = base.register_forward_pre_hook(tight, with_kwargs=True)
+    try:
+        resp = _complete(client, model, max_tokens=4, n=3, temperature=0)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "10", resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "out_of_memory" and error["type"] == "server_error"
+        assert "no memory left for 3 sequence(s)" in error["message"] and "`n`, `max_tokens`" in error["message"]
+        # A stream has answered 200 before generating: the error is its last event.
+        streamed = _complete(client, model, max_tokens=4, n=2, temperature=0, stream=True).text.splitlines()
+        last = json.loads([line for line in streamed if line.startswith("data: ")][-1][len("data: ") :])
+        assert last["error"]["code"] == "out_of_memory"
+        assert _complete(client, model, max_tokens=4, n=1, temperature=0).status_code == 200  # smaller fits
+    finally:
+        hook.remove()
+    assert _complete(client, model, max_tokens=4, n=3, temperature=0).status_code == 200

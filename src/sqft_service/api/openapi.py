@@ -26,6 +26,7 @@ DESCRIPTIONS = {
     413: "Request body over the size limit",
     415: "Body not declared as JSON (`Content-Type: application/json`)",
     429: "The project's quota is used up (unfinished jobs, stored files), or the inference queue is full",
+    503: "The device has no memory left for this generation now (`Retry-After`); a smaller one may fit",
 }
 
 

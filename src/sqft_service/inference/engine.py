@@ -286,8 +286,20 @@ class InferenceEngine:
             kwargs.update(stop_strings=list(s.stop), tokenizer=tokenizer)
         # The worker is the only torch user in this process, so the global RNG is this request's alone.
         torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
-        with torch.inference_mode():
-            return model.generate(input_ids=input_ids, **kwargs)
+        try:
+            with torch.inference_mode():
+                return model.generate(input_ids=input_ids, **kwargs)
+        except torch.OutOfMemoryError:
+            pass  # answered below, once the traceback (and the tensors it holds) is gone
+        from ..errors import EngineOutOfMemoryError
+        from ..training.memory import free_cached
+
+        free_cached(input_ids.device)
+        rows = input_ids.shape[0] * kwargs["num_return_sequences"]
+        raise EngineOutOfMemoryError(
+            f"{input_ids.device} has no memory left for {rows} sequence(s) of {len(ids)} + up to {s.max_tokens} "
+            "tokens now; retry later, or ask for fewer (`n`, `max_tokens`)"
+        )
 
 
 def drain(sink: queue.Queue) -> Iterator[Any]:

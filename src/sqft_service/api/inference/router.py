@@ -13,7 +13,7 @@ from .service import InferenceService
 
 router = APIRouter(tags=["inference"])
 # 404: `model` names no model of the caller's (GET /v1/models lists them); 429: the inference queue is full.
-ERRORS = error_responses(404, 429)
+ERRORS = error_responses(404, 429, 503)
 
 
 def _service(request: Request) -> InferenceService:
