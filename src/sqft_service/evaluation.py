@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,21 +69,26 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
     from .training.batching import Collator
     from .training.device import model_device, move_batch
     from .training.loss import causal_lm_loss
+    from .training.memory import in_fitting_batches
     from .training.tokenization import tokenize_records
 
     cfg = DatasetSection.model_validate(c.dataset)
     examples = tokenize_records(records, tokenizer, cfg).examples
     collator = Collator.from_config(tokenizer, cfg, pad_to_multiple_of=None)
-    loss_sum, n_correct, n_labels = 0.0, 0, 0
-    with torch.inference_mode():
-        for start in range(0, len(examples), BATCH_SIZE):
-            batch = collator(examples[start : start + BATCH_SIZE])
-            for key in ("n_real_tokens", "n_label_tokens", "n_padded_tokens"):
-                batch.pop(key)
-            out = causal_lm_loss(model, move_batch(batch, model_device(model)))
-            loss_sum += float(out.loss_sum)
-            n_correct += int(out.n_correct)
-            n_labels += out.n_labels
+    device = model_device(model)
+
+    def score(chunk: Sequence[Any]) -> tuple[float, int, int]:
+        batch = collator(list(chunk))
+        for key in ("n_real_tokens", "n_label_tokens", "n_padded_tokens"):
+            batch.pop(key)
+        with torch.inference_mode():
+            out = causal_lm_loss(model, move_batch(batch, device))
+        return float(out.loss_sum), int(out.n_correct), out.n_labels
+
+    totals = in_fitting_batches(examples, BATCH_SIZE, score, device)  # a batch that does not fit is halved
+    loss_sum = sum(t[0] for t in totals)
+    n_correct = sum(t[1] for t in totals)
+    n_labels = sum(t[2] for t in totals)
     if not n_labels:
         return {"loss": None, "perplexity": None, "token_accuracy": None, "n_label_tokens": 0}
     loss = loss_sum / n_labels
@@ -103,14 +108,15 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
 
     from .inference.engine import InferenceEngine
     from .training.device import model_device
+    from .training.memory import in_fitting_batches
 
     eos = InferenceEngine._eos_ids(model, tokenizer)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    for first in range(0, len(order), batch_size):
-        rows = order[first : first + batch_size]
+
+    def generate(rows: Sequence[int]) -> None:
         width = max(len(prompts[i]) for i in rows)
         input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
         mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows]
@@ -130,6 +136,8 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
         for i, row in zip(rows, out[:, width:].tolist(), strict=True):
             end = next((k + 1 for k, token in enumerate(row) if token in eos), len(row))
             answers[i] = tokenizer.decode(row[:end], skip_special_tokens=True)
+
+    in_fitting_batches(order, batch_size, generate, device)  # a batch that does not fit is halved
     return answers
 
 

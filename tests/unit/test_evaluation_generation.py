@@ -57,3 +57,22 @@ def setup(tokenizer):
 def test_batched_greedy_equals_one_at_a_time(setup, tokenizer, batch_size):
     model, prompts, expected = setup
     assert greedy_answers(model, tokenizer, prompts, 10, batch_size) == expected
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_answers(setup, tokenizer):
+    # What CUDA's allocator raises when a batch of more than 2 rows does not fit (this CPU has room).
+    model, prompts, expected = setup
+    seen: list[int] = []
+
+    def tight(_module, args, kwargs):
+        rows = kwargs["input_ids"].shape[0] if kwargs.get("input_ids") is not None else args[0].shape[0]
+        seen.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = model.register_forward_pre_hook(tight, with_kwargs=True)
+    try:
+        assert greedy_answers(model, tokenizer, prompts, 10, 8) == expected
+    finally:
+        hook.remove()
+    assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # 8, then 4 ran out; the rest went in pairs

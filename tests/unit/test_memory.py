@@ -130,3 +130,25 @@ def test_out_of_memory_with_one_example_per_pass_fails_naming_what_to_change(set
     assert err.value.code == "out_of_memory"
     assert err.value.message.startswith("cpu out of memory in step 1 with one example per pass: set ")
     assert "`General.enable_gradient_checkpointing`" in err.value.message and "(simulated)" in err.value.message
+
+
+def test_evaluation_batches_are_halved_until_they_fit_with_the_same_results():
+    from sqft_service.training.memory import in_fitting_batches
+
+    tried: list[int] = []
+
+    def run(chunk):
+        tried.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [x * x for x in chunk]
+
+    got = in_fitting_batches(list(range(11)), 16, run, torch.device("cpu"))
+    assert [x for part in got for x in part] == [x * x for x in range(11)]
+    assert tried == [11, 8, 4, 2, 2, 2, 2, 2, 1]  # halved until it fits; the last batch is what is left
+
+    def never(chunk):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(DeviceOutOfMemory, match="cpu out of memory with one example per batch"):
+        in_fitting_batches([1, 2], 2, never, torch.device("cpu"))

@@ -12,10 +12,15 @@ after a restart finds its split again at its first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from ..errors import UserError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DeviceOutOfMemory(UserError):
@@ -80,3 +85,34 @@ class ForwardSplit:
             f"{device} out of memory in step {step} with {largest} example(s) per pass{in_use(device)}: each "
             f"micro-batch now runs in {self.parts} passes of up to {now}; the batch, loss and update are unchanged"
         )
+
+
+def in_fitting_batches(
+    items: Sequence[T], batch_size: int, run: Callable[[Sequence[T]], R], device: torch.device
+) -> list[R]:
+    """``run`` over ``items`` in consecutive batches of ``batch_size``, halving the batch whenever one
+    runs out of device memory (an evaluation's batches: each item's result does not depend on its
+    companions, so the results are the same whatever the batch).
+
+    Raises:
+        DeviceOutOfMemory: a batch of one item does not fit.
+    """
+    results: list[R] = []
+    start, size = 0, max(1, batch_size)
+    while start < len(items):
+        chunk = items[start : start + size]
+        try:
+            results.append(run(chunk))
+            start += len(chunk)
+            continue
+        except torch.OutOfMemoryError as exc:
+            error = (str(exc).splitlines() or ["OutOfMemoryError"])[0][:300]
+        # Out of the except block: the failed batch's tensors went with its traceback.
+        free_cached(device)
+        if size == 1:
+            raise DeviceOutOfMemory(
+                f"{device} out of memory with one example per batch{in_use(device)}: lower `max_new_tokens` "
+                f"or evaluate on a larger device ({error})"
+            )
+        size //= 2
+    return results
