@@ -19,6 +19,7 @@ from sqft_service.store.db import Database
 from sqft_service.store.jobs import JobStore
 from tests.helpers import alpaca_records, wait_until, write_json
 from tests.integration.conftest import make_settings, upload, wait_status
+from tests.integration.test_metrics import scrape, value
 from tests.server import Server
 
 TWO_WORKERS = {
@@ -174,3 +175,17 @@ def test_jobs_get_the_gpus_the_operator_lists_and_no_more_workers_than_those(tmp
         assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
         assert f"job {job['id']} gets GPU(s) 0" in caplog.text
         assert any(e["message"].startswith("training on device cpu") for e in events(client, job["id"]))
+
+        # /metrics: the jobs each listed GPU runs, zeros too.
+        endless = {**body, "Training": {"epochs": 1000, "batch_size": 1}}
+        running = client.post("/v1/fine_tuning/jobs", json=endless).json()
+
+        def gpu0_held():
+            samples = scrape(client)
+            return samples if value(samples, "sqft_gpu_jobs", gpu="0") == 1 else None
+
+        held = wait_until(gpu0_held, 60, what="GPU 0 held")
+        assert value(held, "sqft_gpu_jobs", gpu="1") == 0
+        assert client.post(f"/v1/fine_tuning/jobs/{running['id']}/cancel").status_code == 200
+        wait_status(client, running["id"], ("cancelled",))
+        assert value(scrape(client), "sqft_gpu_jobs", gpu="0") == 0  # given back

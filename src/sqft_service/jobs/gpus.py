@@ -15,6 +15,7 @@ narrows them (or names them: the settings' ``job_gpu_ids``).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,27 @@ class GpuPool:
     def __init__(self, ids: list[str]) -> None:
         self.ids = list(ids)
         self._held: dict[str, list[str]] = {}
+        self._lock = threading.Lock()  # the manager's thread changes it, /metrics reads it
 
     def take(self, job_id: str, wanted: int) -> list[str]:
         """GPUs for ``job_id``: ``wanted`` distinct ones (as many as there are, at most), least busy first."""
-        self.release(job_id)
-        if not self.ids or wanted <= 0:
-            return []
-        load = {gpu: 0 for gpu in self.ids}
-        for held in self._held.values():
-            for gpu in held:
-                load[gpu] += 1
-        chosen = sorted(self.ids, key=lambda gpu: (load[gpu], self.ids.index(gpu)))[:wanted]
-        chosen.sort(key=self.ids.index)
-        self._held[job_id] = chosen
-        return chosen
+        with self._lock:
+            self._held.pop(job_id, None)
+            if not self.ids or wanted <= 0:
+                return []
+            load = {gpu: 0 for gpu in self.ids}
+            for held in self._held.values():
+                for gpu in held:
+                    load[gpu] += 1
+            chosen = sorted(self.ids, key=lambda gpu: (load[gpu], self.ids.index(gpu)))[:wanted]
+            chosen.sort(key=self.ids.index)
+            self._held[job_id] = chosen
+            return list(chosen)
 
     def release(self, job_id: str) -> None:
-        self._held.pop(job_id, None)
+        with self._lock:
+            self._held.pop(job_id, None)
 
     def held(self) -> dict[str, list[str]]:
-        return {job: list(gpus) for job, gpus in self._held.items()}
+        with self._lock:
+            return {job: list(gpus) for job, gpus in self._held.items()}

@@ -92,6 +92,18 @@ class StoreCollector(Collector):
             failures.add_metric((kind, code), n)
         yield failures
         yield from self._throughput()
+        yield from self._gpus()
+
+    def _gpus(self) -> Iterator[Metric]:
+        """Jobs holding each GPU the subprocess runner hands out (none without GPUs, or under Ray)."""
+        pool = getattr(self.manager.runner, "gpus", None)
+        if pool is None or not pool.ids:
+            return
+        per_gpu = GaugeMetricFamily("sqft_gpu_jobs", "Running jobs given this GPU (jobs/gpus.py)", labels=("gpu",))
+        held = [gpu for gpus in pool.held().values() for gpu in gpus]
+        for gpu in pool.ids:
+            per_gpu.add_metric((gpu,), held.count(gpu))
+        yield per_gpu
 
     def _throughput(self) -> Iterator[Metric]:
         labels = ("job_id", "kind")
