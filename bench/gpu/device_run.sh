@@ -26,12 +26,15 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout "${TESTS_S:-150}" $PY -m pytest -p no:cacheprovider -q -m gpu tests/gpu 2>&1 | tee "$OUT/tests.log"
+# Most important first (a timeout cuts the rest): every method on CUDA, then serving, the service, data parallel.
+GPU_TESTS="tests/gpu/test_gpu_training.py tests/gpu/test_gpu_serving.py tests/gpu/test_gpu_service.py tests/gpu/test_gpu_data_parallel.py"
+test "$(ls tests/gpu/test_*.py | wc -l)" -eq 4 || GPU_TESTS=tests/gpu  # a new file: run them all
+timeout "${TESTS_S:-180}" $PY -m pytest -p no:cacheprovider -q -m gpu $GPU_TESTS 2>&1 | tee "$OUT/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
 echo "== benchmark"
 ROWS=${ROWS:-"smollm2-135m:arce:8,llama-3.2-1b:gsm8k:32,llama-3-8b:gsm8k:32:hf+ours_lora,llama-3-8b:gsm8k:8:hf+ours_lora,smollm2-135m:gsm8k:32:hf+ours_lora,llama-3.2-1b:arce:8:hf+ours_lora,smollm2-135m:arce:8:ours_lora_compile,llama-3.2-1b:gsm8k:32:ours_lora_compile,llama-3.2-1b:gsm8k:32:ours_lora_nodrop+ours_sparsepeft_nodrop"}
-BENCH_S=${BENCH_S:-150}
+BENCH_S=${BENCH_S:-130}
 TINY=()
 if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "no CUDA GPU here: a --tiny dry run of the script"; TINY=(--tiny); ROWS="tiny:arce:8,tiny:gsm8k:8:hf+ours_lora+ours_lora_compile+ours_lora_nodrop+ours_sparsepeft_nodrop"

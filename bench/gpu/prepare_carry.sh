@@ -4,8 +4,9 @@
 #               are not carried: bench/gpu and tests/gpu build random-initialised ones there)
 #   data/       ARC-E and GSM8K from ../shared/data (which does not travel)
 #   wheels/     pydantic (+ core, annotated-types, typing-inspection), and the peft and transformers
-#               versions this checkout is tested with (the image's may differ)
-# About 25 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
+#               versions this checkout is tested with (the image's may differ); the service's own
+#               packages (FastAPI, uvicorn, httpx, ...: tests/gpu/test_gpu_service.py runs `sqft serve`)
+# About 27 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -23,7 +24,11 @@ gguf = default_model()
 AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(sys.argv[1])
 PYEOF
 pins=$("$PY" -c 'from importlib.metadata import version as v
-print(" ".join(f"{n}=={v(n)}" for n in ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "peft", "transformers")))')
+names = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions", "peft",
+         "transformers", "fastapi", "starlette", "annotated-doc", "opentelemetry-api", "anyio", "sniffio", "idna",
+         "uvicorn", "h11", "click", "python-multipart", "prometheus_client", "python-json-logger", "httpx",
+         "httpcore", "certifi")
+print(" ".join(f"{n}=={v(n)}" for n in names))')
 rm -f "$CARRY"/wheels/*.whl
 # The GPU image's Python is 3.12 (x86-64); see /work/.library/device/README.md.
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
