@@ -67,6 +67,14 @@ def gpus_short(gpus: int, workers: int, where: str) -> str | None:
     )
 
 
+def too_few_gpus(workers: int, device: str, short: str, param: str = "Training.device") -> InvalidConfigurationError:
+    """The error for ``workers`` GPU workers where :func:`gpus_short` said ``short``."""
+    return InvalidConfigurationError(
+        f"`Training.num_training_workers` {workers} with `{param}` '{device}': {short}",
+        param="Training.num_training_workers",
+    )
+
+
 def check_device_available(
     device: str, param: str = "Training.device", runner: Runner | None = None, workers: int = 1
 ) -> None:
@@ -99,7 +107,4 @@ def check_device_available(
         else:
             short = gpus_short(cuda_device_count(), workers, "this machine")
         if short is not None:
-            raise InvalidConfigurationError(
-                f"`Training.num_training_workers` {workers} with `{param}` '{device}': {short}",
-                param="Training.num_training_workers",
-            )
+            raise too_few_gpus(workers, device, short, param)

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from ..devices import gpus_short
+from ..devices import gpus_short, too_few_gpus
 from ..errors import InvalidConfigurationError
 from ..threads import ENV_VAR as THREADS_ENV
 from ..threads import physical_cores
@@ -89,10 +89,7 @@ def ranks_on_gpus(training: dict[str, Any], world_size: int, gpus: int) -> bool:
         )
     short = gpus_short(gpus, world_size, "this machine")
     if short is not None:
-        raise InvalidConfigurationError(
-            f"`Training.num_training_workers` {world_size} with `Training.device` '{device}': {short}",
-            param="Training.num_training_workers",
-        )
+        raise too_few_gpus(world_size, device, short)
     return gpus > 0
 
 
