@@ -47,12 +47,12 @@ def setup(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     return root / "model", write_json(root / "train.json", alpaca_records(48))
 
 
-def _cfg(model_dir: Path, train_file: Path, **lora) -> FinetuneConfig:
+def _cfg(model_dir: Path, train_file: Path, validation: float = 0, **lora) -> FinetuneConfig:
     cfg = FinetuneConfig()
     cfg.General.base_model = str(model_dir)
     cfg.General.lora_config = LoraSection(r=4, lora_alpha=8, lora_dropout=0.0, **lora)
     cfg.Dataset.train_file = str(train_file)
-    cfg.Dataset.validation_split_percentage = 0
+    cfg.Dataset.validation_split_percentage = validation
     t = cfg.Training
     t.batch_size, t.gradient_accumulation_steps, t.learning_rate, t.seed = 8, 2, 1e-2, 3
     t.max_train_steps, t.logging_steps, t.device, t.mixed_precision = 3, 1, "cpu", "no"
@@ -121,6 +121,15 @@ def test_out_of_memory_after_a_pass_of_the_step_ran_starts_the_step_again(setup,
     got, recipe = _run(_cfg(model_dir, train_file), tmp_path / "once", holds=None, fail_once_at=2)
     assert recipe.forward_split.parts == 2 and recipe.passes[:3] == [8, 8, 4]
     torch.testing.assert_close(_losses(got), _losses(want), rtol=1e-5, atol=0)
+
+
+def test_a_validation_pass_that_runs_out_of_memory_is_halved_with_the_same_figures(setup, tmp_path):
+    model_dir, train_file = setup
+    want, _ = _run(_cfg(model_dir, train_file, validation=25), tmp_path / "fits", holds=None)
+    got, recipe = _run(_cfg(model_dir, train_file, validation=25), tmp_path / "tight", holds=2)
+    valid = [row["valid_loss"] for row in got.metric_rows if "valid_loss" in row]
+    assert valid and valid == [row["valid_loss"] for row in want.metric_rows if "valid_loss" in row]
+    assert recipe.passes.count(8) >= 2  # training's and validation's batches of 8 both ran out first
 
 
 def test_out_of_memory_with_one_example_per_pass_fails_naming_what_to_change(setup, tmp_path):

@@ -39,7 +39,7 @@ from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
 from .loss import LossOutput, causal_lm_loss
-from .memory import ForwardSplit, free_cached, peak_gib
+from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .records import DataValidationError, load_records
@@ -536,20 +536,20 @@ class FinetuneRecipe:
         self.model.eval()
         if self.handles.nls is not None:
             self.handles.nls.activate_maximal()
-        n_labels = 0
-        loss_sums, corrects = [], []  # read once at the end (StepTotals), not after every batch
         bs = self.cfg.Training.batch_size * self.dp.world_size  # global batches, sharded as in training
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i].input_ids))
-        for first in range(0, len(order), bs):
-            shard = self.dp.shard(order[first : first + bs])
-            if not shard:
-                continue
-            batch = self._prepare(self.collator([self.eval_examples[i] for i in shard]))
+        mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
+
+        def score(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+            batch = self._prepare(self.collator([self.eval_examples[i] for i in chunk]))
             out = self._forward(batch)
-            loss_sums.append(out.loss_sum)
-            corrects.append(out.n_correct)
-            n_labels += batch["n_label_tokens"]
-        loss_sum, correct = StepTotals(loss_sums, corrects).read()
+            return out.loss_sum, out.n_correct, batch["n_label_tokens"]
+
+        # This rank's shards in turn (a batch that runs out of device memory is halved: the same sums),
+        # read once at the end (StepTotals), not after every batch.
+        parts = in_fitting_batches(mine, self.cfg.Training.batch_size, score, self.device)
+        loss_sum, correct = StepTotals([p[0] for p in parts], [p[1] for p in parts]).read()
+        n_labels = sum(p[2] for p in parts)
         loss_sum, correct, n_labels = self.dp.sum([loss_sum, correct, n_labels])
         self.model.train()
         metrics = {
