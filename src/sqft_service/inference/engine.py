@@ -122,7 +122,15 @@ class InferenceEngine:
         torch.cuda.empty_cache()  # an evicted model's blocks count as free only once given back
         dtype = gpu_inference_dtype()
         device = operation_device(model, dtype=dtype)
-        return model.to(device, dtype=dtype) if device.type == "cuda" else model
+        if device.type != "cuda":
+            return model
+        try:
+            return model.to(device, dtype=dtype)
+        except torch.OutOfMemoryError:
+            pass  # a job took the memory since it was measured: serve from the CPU (below, traceback gone)
+        model.to("cpu", dtype=torch.float32)  # the part that had moved comes back
+        torch.cuda.empty_cache()
+        return model
 
     def _activate(self, spec: ModelSpec) -> tuple[Any, Any, AbstractContextManager]:
         """The model with the spec's adapter active, its tokenizer, and the context to generate in."""
