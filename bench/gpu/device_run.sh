@@ -3,8 +3,8 @@
 #
 # Prepare here first (CPU machine): bash bench/gpu/prepare_carry.sh
 # Then launch with the device tool, e.g.:
-#   run(command="bash bench/gpu/device_run.sh", carry=[".gpu-carry"], timeout_s=400)
-# It is sized to end within about 6 minutes (tests <= TESTS_S s; no new benchmark row after BENCH_S s,
+#   run(command="bash bench/gpu/device_run.sh", carry=[".gpu-carry"], timeout_s=420)
+# It is sized to end within about 6.5 minutes (tests <= TESTS_S s; no new benchmark row after BENCH_S s,
 # the last one cut at BENCH_S + 60 s), leaving device time for a rerun. ROWS picks the benchmark rows
 # (shape:data:batch[:setup+setup]), most important first: SmolLM2-135M and Llama-1B with all four
 # setups, then the Llama-3-8B rows (GSM8K batch 32: where HF ran out of memory on an H200), then
