@@ -6,7 +6,7 @@
 #   wheels/     pydantic (+ core, annotated-types, typing-inspection), and the peft and transformers
 #               versions this checkout is tested with (the image's may differ); the service's own
 #               packages (FastAPI, uvicorn, httpx, ...: tests/gpu/test_gpu_service.py runs `sqft serve`)
-# About 27 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
+# About 26 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}

@@ -46,11 +46,20 @@ def cuda_available() -> bool:
     return cuda_device_count() > 0
 
 
+NO_LOCAL_GPU = "no CUDA GPU is available on this machine (torch.cuda.is_available() is false)"
+
+
 def check_local_gpu() -> str | None:
     """None when this machine has a usable CUDA GPU, else why not (the subprocess runner's ``check_gpu``)."""
-    if cuda_available():
-        return None
-    return "no CUDA GPU is available on this machine (torch.cuda.is_available() is false)"
+    return None if cuda_available() else NO_LOCAL_GPU
+
+
+def cuda_refused(reason: str, param: str = "Training.device") -> InvalidConfigurationError:
+    """The error for ``param`` 'cuda' where no GPU can be had, ``reason`` saying why (API, launcher, job)."""
+    return InvalidConfigurationError(
+        f"`{param}` 'cuda': {reason}; use 'auto' (the GPU when the job gets one, else the CPU) or 'cpu'",
+        param=param,
+    )
 
 
 def gpus_short(gpus: int, workers: int, where: str) -> str | None:
@@ -97,10 +106,7 @@ def check_device_available(
     if device == "cuda":
         missing = runner.check_gpu() if runner is not None else check_local_gpu()
         if missing is not None:
-            raise InvalidConfigurationError(
-                f"`{param}` 'cuda': {missing}; use 'auto' (the GPU when the job gets one, else the CPU) or 'cpu'",
-                param=param,
-            )
+            raise cuda_refused(missing, param)
     if workers > 1:
         if runner is not None:
             short = runner.check_gpu_workers(device, workers)

@@ -165,8 +165,8 @@ class _DecoderCasts:
 
     The (layer, adapter) pairs and their weights are looked up again only when the layers' active
     adapters change, and the NLS mask versions are read once per forward: host time a launch-bound
-    GPU step waits for. With torch's C++ flatten in :class:`_CastAll` too, the hook went from 1.95 to
-    0.84 ms per forward at 16 layers (``bench/results/2026-11-28-2123-host-overhead-ab-bf16cpu-vm.json``).
+    GPU step waits for (with torch's C++ flatten in :class:`_CastAll` too; measured in
+    ``bench/results/2026-11-28-2123-host-overhead-ab-bf16cpu-vm.json``).
     """
 
     def __init__(self, layers: list[nn.Module]) -> None:

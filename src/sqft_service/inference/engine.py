@@ -124,11 +124,12 @@ class InferenceEngine:
         device = operation_device(model, dtype=dtype)
         if device.type != "cuda":
             return model
+        loaded_dtype = next(model.parameters()).dtype
         try:
             return model.to(device, dtype=dtype)
         except torch.OutOfMemoryError:
             pass  # a job took the memory since it was measured: serve from the CPU (below, traceback gone)
-        model.to("cpu", dtype=torch.float32)  # the part that had moved comes back
+        model.to("cpu", dtype=loaded_dtype)  # the part that had moved comes back, as it was loaded
         torch.cuda.empty_cache()
         return model
 

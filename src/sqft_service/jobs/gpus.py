@@ -65,10 +65,7 @@ class GpuPool:
             self._held.pop(job_id, None)
             if not self.ids or wanted <= 0:
                 return []
-            load = {gpu: 0 for gpu in self.ids}
-            for held in self._held.values():
-                for gpu in held:
-                    load[gpu] += 1
+            load = self._load()
             chosen = sorted(self.ids, key=lambda gpu: (load[gpu], self.ids.index(gpu)))[:wanted]
             chosen.sort(key=self.ids.index)
             self._held[job_id] = chosen
@@ -81,3 +78,15 @@ class GpuPool:
     def held(self) -> dict[str, list[str]]:
         with self._lock:
             return {job: list(gpus) for job, gpus in self._held.items()}
+
+    def load(self) -> dict[str, int]:
+        """Jobs holding each GPU, zeros too."""
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> dict[str, int]:
+        load = dict.fromkeys(self.ids, 0)
+        for held in self._held.values():
+            for gpu in held:
+                load[gpu] += 1
+        return load

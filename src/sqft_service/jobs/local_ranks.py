@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from ..devices import gpus_short, too_few_gpus
+from ..devices import NO_LOCAL_GPU, cuda_refused, gpus_short, too_few_gpus
 from ..errors import InvalidConfigurationError
 from ..threads import ENV_VAR as THREADS_ENV
 from ..threads import physical_cores
@@ -82,11 +82,7 @@ def ranks_on_gpus(training: dict[str, Any], world_size: int, gpus: int) -> bool:
     if device == "cpu":
         return False
     if device == "cuda" and gpus == 0:
-        raise InvalidConfigurationError(
-            "`Training.device` 'cuda': no CUDA GPU is available on this machine (torch.cuda.is_available() "
-            "is false); use 'auto' or 'cpu'",
-            param="Training.device",
-        )
+        raise cuda_refused(NO_LOCAL_GPU)
     short = gpus_short(gpus, world_size, "this machine")
     if short is not None:
         raise too_few_gpus(world_size, device, short)

@@ -48,6 +48,11 @@ class SubprocessRunner:
                 self._gpus = GpuPool(self._gpu_ids if self._gpu_ids is not None else visible_gpus())
             return self._gpus
 
+    def gpu_load(self) -> dict[str, int] | None:
+        """Jobs holding each GPU handed out, or None before the first launch asked which GPUs there are
+        (a /metrics scrape does not start the torch probe)."""
+        return self._gpus.load() if self._gpus is not None else None
+
     def submit(self, spec: LaunchSpec) -> SubprocessHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = spec.env

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..errors import InvalidConfigurationError
+from ..devices import cuda_refused
 from .loss import label_positions
 
 MAX_MASK_BYTES = 64 * 2**20  # a 4-D bool mask of up to 8 rows of 2,896 tokens
@@ -30,11 +30,7 @@ def resolve_device(requested: str, param: str = "Training.device") -> torch.devi
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if requested == "cuda":
-        raise InvalidConfigurationError(
-            f"`{param}` 'cuda': no CUDA GPU is available to this job (torch.cuda.is_available() is false); "
-            "use 'auto' or 'cpu'",
-            param=param,
-        )
+        raise cuda_refused("no CUDA GPU is available to this job (torch.cuda.is_available() is false)", param)
     return torch.device("cpu")
 
 

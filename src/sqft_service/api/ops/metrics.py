@@ -96,13 +96,13 @@ class StoreCollector(Collector):
 
     def _gpus(self) -> Iterator[Metric]:
         """Jobs holding each GPU the subprocess runner hands out (none without GPUs, or under Ray)."""
-        pool = getattr(self.manager.runner, "gpus", None)
-        if pool is None or not pool.ids:
+        gpu_load = getattr(self.manager.runner, "gpu_load", None)
+        load = gpu_load() if gpu_load is not None else None
+        if not load:
             return
         per_gpu = GaugeMetricFamily("sqft_gpu_jobs", "Running jobs given this GPU (jobs/gpus.py)", labels=("gpu",))
-        held = [gpu for gpus in pool.held().values() for gpu in gpus]
-        for gpu in pool.ids:
-            per_gpu.add_metric((gpu,), held.count(gpu))
+        for gpu, jobs in load.items():
+            per_gpu.add_metric((gpu,), jobs)
         yield per_gpu
 
     def _throughput(self) -> Iterator[Metric]:
