@@ -128,7 +128,10 @@ def test_a_validation_pass_that_runs_out_of_memory_is_halved_with_the_same_figur
     want, _ = _run(_cfg(model_dir, train_file, validation=25), tmp_path / "fits", holds=None)
     got, recipe = _run(_cfg(model_dir, train_file, validation=25), tmp_path / "tight", holds=2)
     valid = [row["valid_loss"] for row in got.metric_rows if "valid_loss" in row]
-    assert valid and valid == [row["valid_loss"] for row in want.metric_rows if "valid_loss" in row]
+    expected = [row["valid_loss"] for row in want.metric_rows if "valid_loss" in row]
+    # Batches of 2 instead of 8: the same sum in another order, so equal to float rounding, not bit for bit.
+    assert valid and len(valid) == len(expected)
+    torch.testing.assert_close(valid, expected, rtol=1e-5, atol=1e-6)
     assert recipe.passes.count(8) >= 2  # training's and validation's batches of 8 both ran out first
 
 
