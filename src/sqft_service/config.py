@@ -59,11 +59,17 @@ class LoraSection(_Section):
     )
     search_space: list[Name] | None = Field(None, max_length=MAX_LIST_ITEMS)
     sparse_adapter: bool = False
+    # QA-SparsePEFT (SQFT Sec. 3.3): the sparse adapter trained through the base's integer quantizer,
+    # merged into one INT model (adapters/qa). Group sizes are multiples of 8 (4-bit codes pack in pairs).
+    quantization_aware: bool = False
+    quantization_bits: int = Field(4, ge=2, le=8)
+    quantization_group_size: int = Field(64, ge=8, le=65536, multiple_of=8)
 
     @model_validator(mode="after")
     def _check_search(self) -> LoraSection:
         if self.task_type != "CAUSAL_LM":
             raise ValueError("`task_type` must be 'CAUSAL_LM' (instruction tuning of causal LMs)")
+        self._check_quantization()
         if not self.neural_lora_search:
             return self
         if not self.target_module_groups:
@@ -92,6 +98,20 @@ class LoraSection(_Section):
         if self.target_modules is not None and sorted(self.target_modules) != sorted(flat):
             raise ValueError("`target_modules` must equal the flattened `target_module_groups` (or be omitted)")
         return self
+
+    def _check_quantization(self) -> None:
+        if not self.quantization_aware:
+            for name in ("quantization_bits", "quantization_group_size"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"`{name}` applies only with `quantization_aware: true`")
+            return
+        if not self.sparse_adapter:
+            raise ValueError("`quantization_aware` is QA-SparsePEFT: it needs `sparse_adapter: true`")
+        if self.lora_dropout > 0:
+            raise ValueError(
+                "`lora_dropout` must be 0 with `quantization_aware`: the adapter is trained inside the "
+                "quantized weight, where dropout on its input can't be expressed"
+            )
 
     def parsed_search_space(self) -> list[list[int]]:
         """Each group's ranks in the order given (``"16,12,8"`` -> ``[16, 12, 8]``)."""

@@ -1,4 +1,4 @@
-"""Wrap a causal LM with a stock PEFT LoRA adapter, plus the SQFT extras (NLS, SparsePEFT).
+"""Wrap a causal LM with a stock PEFT LoRA adapter, plus the SQFT extras (NLS, SparsePEFT, QA-SparsePEFT).
 
 Everything here runs on unpatched ``peft``: the adapter is created with ``peft.get_peft_model`` and a
 plain ``LoraConfig``; NLS (elastic ranks) and SparsePEFT are attached afterwards by
@@ -19,6 +19,7 @@ from .dropout import share_lora_dropout
 from .fused_lora import fuse_lora_layers
 from .nls import ElasticRankController
 from .peft_utils import matches_module
+from .qa import QuantAwareAdapter, enable_quantization_aware
 from .sparse import SparseAdapter, enable_sparse_peft
 
 # The attention and MLP projections of Llama-style decoders (SQFT's default targets).
@@ -46,10 +47,12 @@ class AdapterHandles:
         nls: The elastic-rank controller (call ``nls.sample(step)`` before each step and
             ``nls.record_loss(loss)`` after it), or ``None`` without Neural Low-rank Adapter Search.
         sparse: The SparsePEFT handle (masks of the sparse base), or ``None``.
+        quant: The QA-SparsePEFT handle (the base's quantizers; saved beside the adapter), or ``None``.
     """
 
     nls: ElasticRankController | None = None
     sparse: SparseAdapter | None = None
+    quant: QuantAwareAdapter | None = None
 
 
 def _linear_leaf_names(model: nn.Module) -> list[str]:
@@ -137,7 +140,13 @@ def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tupl
             max_rank=lora.r,
             seed=seed,
         )
-    if lora.sparse_adapter:
+    if lora.quantization_aware:
+        try:
+            handles.quant = enable_quantization_aware(peft_model, lora.quantization_bits, lora.quantization_group_size)
+        except ValueError as exc:
+            raise AdapterConfigError(str(exc), param="General.lora_config.quantization_group_size") from None
+        handles.sparse = handles.quant.sparse
+    elif lora.sparse_adapter:
         handles.sparse = enable_sparse_peft(peft_model)
     else:
         fuse_lora_layers(peft_model)

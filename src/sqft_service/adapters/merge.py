@@ -5,6 +5,10 @@ base weight's non-zero mask, so the merged weights keep every zero of the pruned
 ``merge_and_unload`` adds the unmasked ``B @ A`` delta; we therefore switch the loaded layers to
 :class:`~sqft_service.adapters.sparse.SparseLoraLinear` first, whose ``get_delta_weight`` is masked,
 and let PEFT's own merge use it (exact: a zero stays ``0 + 0``).
+
+A QA-SparsePEFT adapter (its quantizers saved beside it, ``adapters/qa``) is merged through the base's
+quantizer: the merged weights are the integers the trained model computed with, kept in float32 in the
+model and as codes + scales + zero points in :data:`~sqft_service.adapters.qa.INT_WEIGHTS_FILE`.
 """
 
 from __future__ import annotations
@@ -17,17 +21,29 @@ from peft import PeftModel
 from torch import nn
 
 from .peft_utils import base_of, lora_layers
+from .qa import enable_quantization_aware, save_int_weights, saved_quantizers
 from .sparse import enable_sparse_peft, sparsity_report
+
+
+def _enable_masked(peft_model: PeftModel, quantizers: dict | None) -> None:
+    """SparsePEFT on the loaded adapter, through its saved quantizers if it is a QA-SparsePEFT one."""
+    if quantizers is None:
+        enable_sparse_peft(peft_model, peft_model.active_adapter)
+        return
+    first = next(iter(quantizers.values()))
+    enable_quantization_aware(peft_model, first.bits, first.group_size, quantizers, peft_model.active_adapter)
 
 
 def masked_merge(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """The base ``model`` (modified in place) with a SparsePEFT adapter's masked update folded in.
 
     ``W + M * delta`` in the base weight's dtype: what :class:`SparseLoraLinear`'s fused (eval) forward
-    computes, so the result answers exactly as the trained model and keeps every zero of the base.
+    computes, so the result answers exactly as the trained model and keeps every zero of the base
+    (for a QA-SparsePEFT adapter: ``Q(Q(W) + M * delta)`` with its saved quantizers).
     """
+    quantizers = saved_quantizers(adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    enable_sparse_peft(peft_model, peft_model.active_adapter)
+    _enable_masked(peft_model, quantizers)
     return peft_model.merge_and_unload()
 
 
@@ -46,15 +62,22 @@ def merge_adapter(
             GGUF file); a passed model is modified in place.
         adapter_dir: A saved PEFT LoRA adapter.
         output_dir: Where the merged model goes.
-        sparse: Mask the adapter delta with the base's non-zero pattern (SparsePEFT merge).
-        dtype: The dtype to load and save in (default: the base model's own dtype).
+        sparse: Mask the adapter delta with the base's non-zero pattern (SparsePEFT merge). A
+            QA-SparsePEFT adapter is always merged masked, through its quantizers.
+        dtype: The dtype to load and save in (default: the base model's own dtype; float32 for a
+            QA-SparsePEFT adapter, whose integer grid bf16 can't hold exactly).
         tokenizer_dir: If given, its tokenizer is saved beside the merged model.
 
     Returns:
         ``path``, ``dtype``, ``sparse``, ``adapted_modules`` and the sparsity reports ``before`` /
         ``after`` (overall over all decoder linears, and per adapted layer), plus
-        ``zeros_preserved`` (every zero of an adapted base weight is still zero).
+        ``zeros_preserved`` (every zero of an adapted base weight is still zero); for a QA-SparsePEFT
+        adapter also ``quantization`` (``bits``, ``group_size``, ``layers``, ``int_weights`` file).
     """
+    quantizers = saved_quantizers(adapter_dir)
+    if quantizers is not None:
+        sparse = True
+        dtype = dtype or torch.float32
     if isinstance(base_model_path_or_model, nn.Module):
         model = base_model_path_or_model
         if dtype is not None:
@@ -73,7 +96,7 @@ def merge_adapter(
     before = sparsity_report(base_of(peft_model), names=adapted)
     zero_masks = {name: layer.get_base_layer().weight.detach() == 0 for name, layer in layers}
     if sparse:
-        enable_sparse_peft(peft_model, peft_model.active_adapter)
+        _enable_masked(peft_model, quantizers)
     merged = peft_model.merge_and_unload()
     modules = dict(merged.named_modules())
     preserved = all(bool((modules[name].weight[mask] == 0).all()) for name, mask in zero_masks.items())
@@ -81,6 +104,16 @@ def merge_adapter(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
+    quantization = None
+    if quantizers is not None:
+        path = save_int_weights({name: modules[name].weight for name in adapted}, quantizers, out)
+        first = next(iter(quantizers.values()))
+        quantization = {
+            "bits": first.bits,
+            "group_size": first.group_size,
+            "layers": len(adapted),
+            "int_weights": path.name,
+        }
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
@@ -94,4 +127,5 @@ def merge_adapter(
         "before": {"overall": before_all["overall"], "adapted": before},
         "after": {"overall": sparsity_report(merged)["overall"], "adapted": after},
         "zeros_preserved": preserved,
+        **({"quantization": quantization} if quantization else {}),
     }

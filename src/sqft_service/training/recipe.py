@@ -571,6 +571,8 @@ class FinetuneRecipe:
         if self.handles.nls is not None:
             write_elastic_adapter_config(self.handles.nls, self.cfg.General.lora_config, directory)
             self.handles.nls.save_stats(directory / STATS_FILE)
+        if self.handles.quant is not None:  # the merge quantizes with these (adapters/qa)
+            self.handles.quant.save(directory)
         return directory
 
     def _trainer_state(self, step: int, epoch: int, trained_tokens: int) -> TrainerState:

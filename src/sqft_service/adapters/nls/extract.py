@@ -80,8 +80,11 @@ def extract_sub_adapter(super_adapter_dir: str | Path, output_dir: str | Path, r
     out.mkdir(parents=True, exist_ok=True)
     save_file(new_tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    # training_config.json says how the super-adapter trained (e.g. SparsePEFT: served and evaluated masked).
-    for extra in ("README.md", "training_config.json"):
+    # training_config.json says how the super-adapter trained (e.g. SparsePEFT: served and evaluated masked);
+    # a QA-SparsePEFT super-adapter's quantizers serve every sub-adapter.
+    from ..qa.peft import QUANT_FILE  # here: adapters.qa imports nls (through sparse)
+
+    for extra in ("README.md", "training_config.json", QUANT_FILE):
         if (src / extra).is_file() and src.resolve() != out.resolve():
             shutil.copy(src / extra, out / extra)
     summary = {

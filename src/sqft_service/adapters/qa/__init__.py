@@ -1,0 +1,25 @@
+"""QA-SparsePEFT: a sparse adapter trained through the base's integer quantizer (one INT model out)."""
+
+from .export import INT_WEIGHTS_FILE, load_int_weights, save_int_weights
+from .peft import (
+    QUANT_FILE,
+    QuantAwareAdapter,
+    QuantAwareSparseLoraLinear,
+    enable_quantization_aware,
+    quantization_summary,
+    saved_quantizers,
+)
+from .quantizer import GroupQuantizer
+
+__all__ = [
+    "INT_WEIGHTS_FILE",
+    "QUANT_FILE",
+    "GroupQuantizer",
+    "QuantAwareAdapter",
+    "QuantAwareSparseLoraLinear",
+    "enable_quantization_aware",
+    "load_int_weights",
+    "quantization_summary",
+    "save_int_weights",
+    "saved_quantizers",
+]

@@ -1,0 +1,208 @@
+"""QA-SparsePEFT: SparsePEFT trained through the quantizer of the base (SQFT, arXiv 2410.03750, Sec. 3.3).
+
+The sparse base ``W`` is quantized group-wise (``quantizer.GroupQuantizer``, RTN, fixed parameters)
+and replaced by its dequantized values ``Q(W)``; each adapted layer then computes with
+
+    ``Q(Q(W) + M * scaling * B @ A)``
+
+(``M`` = non-zero mask of the *unquantized* base, as SparsePEFT). The forward is the exact
+quantize-dequantize of the merged weight, so merging the adapter with :meth:`merge` stores the same
+integers the trained model computed with: one INT``bits`` model, as sparse as the base, with no
+accuracy lost between training and deployment. Gradients reach ``A`` and ``B`` straight through the
+rounding (inside each group's range).
+
+The layer is :class:`~sqft_service.adapters.sparse.SparseLoraLinear` with its fused path only: LoRA
+dropout perturbs the adapter's input, which a weight inside a quantizer can't express, so
+quantization-aware training is refused with ``lora_dropout > 0`` (config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..autocast import autocast_input
+from ..sparse.peft import SparseAdapter, SparseLoraLinear, enable_sparse_peft
+from .quantizer import GroupQuantizer
+
+QUANT_FILE = "sqft_quantization.safetensors"  # beside the adapter: the base's scales and zero points
+SCALE_BUFFER = "sqft_quant_scale"
+ZERO_BUFFER = "sqft_quant_zero"
+
+
+class QuantAwareSparseLoraLinear(SparseLoraLinear):
+    """A SparsePEFT layer whose merged weight goes through the base's fixed fake quantizer.
+
+    Never constructed directly: :func:`enable_quantization_aware` switches the class of SparsePEFT layers.
+    """
+
+    quant_bits: int
+    quant_group_size: int
+
+    @property
+    def quantizer(self) -> GroupQuantizer:
+        return GroupQuantizer(
+            getattr(self, SCALE_BUFFER), getattr(self, ZERO_BUFFER), self.quant_bits, self.quant_group_size
+        )
+
+    def quantized_weight(self, adapters: list[str]) -> torch.Tensor:
+        """``Q(W + M * delta)`` over ``adapters``, in the base weight's dtype."""
+        weight = self.get_base_layer().weight
+        merged = weight
+        for adapter in adapters:
+            merged = merged + self.masked_delta(adapter).to(weight.dtype)
+        return self.quantizer.fake_quantize(merged).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError("QA-SparsePEFT does not support mixed-adapter batches (adapter_names)")
+        for key in lora_layer.VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or self.disable_adapters or not active:
+            # The base is already Q(W) (or the merged Q(Q(W) + delta)): its own forward is exact.
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        x, _ = autocast_input(self, x)
+        return F.linear(x, self.quantized_weight(active), base.bias)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``Q(W + M * delta) - W``; :meth:`merge` writes ``Q(W + M * delta)`` itself (exact)."""
+        weight = self.get_base_layer().weight
+        return self.quantized_weight([adapter]) - weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Store ``Q(W + M * delta)`` in the base weight: the integers the trained layer computed with.
+
+        PEFT's merge adds ``get_delta_weight`` to ``W``; ``W + (Q - W)`` is not always ``Q`` in floating
+        point, so the quantized weight is written directly.
+        """
+        adapters = check_adapters_to_merge(self, adapter_names)
+        if not adapters:
+            return
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            merged = self.quantized_weight(adapters)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError("NaNs detected in the merged weights; the adapter seems broken")
+            weight.data = merged
+        self.merged_adapters.extend(adapters)
+
+    def unmerge(self) -> None:
+        raise ValueError("a quantized merge can't be undone (rounding is not invertible); reload the base")
+
+
+@dataclass
+class QuantAwareAdapter:
+    """Handle of QA-SparsePEFT on one PEFT model.
+
+    Attributes:
+        sparse: The SparsePEFT handle (masks) under it.
+        bits: Bits per weight code.
+        group_size: Inputs per scale.
+        modules: Module name (relative to the base model) -> the switched layer.
+    """
+
+    sparse: SparseAdapter
+    bits: int
+    group_size: int
+    modules: dict[str, QuantAwareSparseLoraLinear] = field(default_factory=dict)
+
+    def quantizers(self) -> dict[str, GroupQuantizer]:
+        return {name: m.quantizer for name, m in self.modules.items()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the scales and zero points beside a saved adapter (:data:`QUANT_FILE`)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, q in self.quantizers().items():
+            tensors[f"{name}.scale"] = q.scale.detach().float().cpu().contiguous()
+            tensors[f"{name}.zero"] = q.zero.detach().to(torch.uint8).cpu().contiguous()
+        meta = {"bits": str(self.bits), "group_size": str(self.group_size), "method": "rtn-minmax-asymmetric"}
+        path = Path(directory) / QUANT_FILE
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+
+def saved_quantizers(adapter_dir: str | Path) -> dict[str, GroupQuantizer] | None:
+    """The quantizers saved beside a QA-SparsePEFT adapter, or ``None`` for any other adapter."""
+    path = Path(adapter_dir) / QUANT_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    bits, group_size = int(meta["bits"]), int(meta["group_size"])
+    tensors = load_file(str(path))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    return {
+        name: GroupQuantizer(tensors[f"{name}.scale"], tensors[f"{name}.zero"].float(), bits, group_size)
+        for name in names
+    }
+
+
+def quantization_summary(adapter_dir: str | Path) -> dict[str, object] | None:
+    """``bits`` and ``group_size`` of a QA adapter (for reports), or ``None``."""
+    path = Path(adapter_dir) / QUANT_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {"bits": int(meta["bits"]), "group_size": int(meta["group_size"])}
+
+
+def enable_quantization_aware(
+    peft_model: nn.Module,
+    bits: int,
+    group_size: int,
+    quantizers: dict[str, GroupQuantizer] | None = None,
+    adapter: str = "default",
+) -> QuantAwareAdapter:
+    """SparsePEFT on ``peft_model``, then its base weights quantized in place and trained through.
+
+    Args:
+        peft_model: A ``PeftModel`` with unmerged LoRA adapters on the sparse base's linears.
+        bits: Bits per code.
+        group_size: Inputs per scale; must divide every adapted layer's input size.
+        quantizers: Saved parameters to use (a merge of a trained adapter); fitted by RTN when ``None``.
+        adapter: The adapter name.
+
+    Raises:
+        ValueError: A layer whose input size ``group_size`` does not divide, a dropout that is live, or
+            saved quantizers that do not cover the adapted layers.
+    """
+    sparse = enable_sparse_peft(peft_model, adapter)  # masks from the unquantized base
+    handle = QuantAwareAdapter(sparse=sparse, bits=bits, group_size=group_size)
+    for name, module in sparse.modules.items():
+        weight = module.get_base_layer().weight
+        if weight.shape[1] % group_size:
+            raise ValueError(
+                f"`quantization_group_size` {group_size} does not divide the {weight.shape[1]} inputs of {name!r}"
+            )
+        dropout = module.lora_dropout[adapter]
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            raise ValueError("QA-SparsePEFT trains without LoRA dropout: set `lora_dropout` to 0")
+        if quantizers is None:
+            quantizer = GroupQuantizer.fit(weight, bits, group_size)
+        elif name in quantizers:
+            quantizer = quantizers[name].to(weight.device)
+        else:
+            raise ValueError(f"the saved quantization parameters have no entry for {name!r}")
+        module.register_buffer(SCALE_BUFFER, quantizer.scale.to(weight.device), persistent=False)
+        module.register_buffer(ZERO_BUFFER, quantizer.zero.to(weight.device), persistent=False)
+        module.quant_bits, module.quant_group_size = bits, group_size
+        with torch.no_grad():  # the base as deployed: Q(W); its zeros stay zeros (quantizer.py)
+            weight.data = quantizer.fake_quantize(weight).to(weight.dtype)
+        module.__class__ = QuantAwareSparseLoraLinear
+        handle.modules[name] = module
+    return handle

@@ -1,0 +1,117 @@
+"""Group-wise asymmetric integer quantization of a linear weight, and its fake quantizer for training.
+
+A weight ``W`` (out x in) is cut into groups of ``group_size`` consecutive inputs per output row; each
+group gets a float scale ``s`` and an integer zero point ``z`` in ``[0, 2**bits - 1]``, and stores
+codes ``q = clamp(round(W / s) + z, 0, 2**bits - 1)`` that stand for ``(q - z) * s``. The range of
+each group always includes 0 (min/max taken with 0), so a zero weight is the code ``z`` and comes back
+as exactly 0: a pruned base stays pruned after quantization (SQFT Sec. 3.3, QA-SparsePEFT).
+
+The parameters are fitted once by round-to-nearest on min/max (RTN) and then kept fixed: training
+learns an adapter through the quantizer (``fake_quantize``, straight-through inside the range), and the
+same scales and zero points quantize the merged weight, so what trained is what is deployed.
+
+Written here rather than taken from a library: the quantizers of bitsandbytes, optimum/GPTQ and
+torchao either quantize a frozen weight for inference only or need their own kernels and CUDA; QA
+needs a differentiable quantizer with *fixed* parameters over a weight that changes every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GroupQuantizer:
+    """Scales and zero points of one weight.
+
+    Attributes:
+        scale: ``(out, in // group_size)`` float32 scales (1 for a group of zeros).
+        zero: ``(out, in // group_size)`` integer zero points, as float32 (exact up to 2**24).
+        bits: Bits per code (2 to 8).
+        group_size: Consecutive inputs sharing a scale.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, bits: int, group_size: int) -> GroupQuantizer:
+        """Round-to-nearest parameters: each group's [min, max] (widened to hold 0) over 2**bits codes."""
+        out, inp = weight.shape
+        if inp % group_size:
+            raise ValueError(f"group size {group_size} does not divide the {inp} inputs of the weight")
+        groups = weight.detach().float().reshape(out, inp // group_size, group_size)
+        low = groups.amin(-1).clamp(max=0)
+        high = groups.amax(-1).clamp(min=0)
+        qmax = 2**bits - 1
+        scale = (high - low) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-low / scale).clamp(0, qmax)
+        return cls(scale=scale, zero=zero, bits=bits, group_size=group_size)
+
+    def to(self, device: torch.device | str) -> GroupQuantizer:
+        return GroupQuantizer(self.scale.to(device), self.zero.to(device), self.bits, self.group_size)
+
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        out, inp = weight.shape
+        return weight.float().reshape(out, inp // self.group_size, self.group_size)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``weight`` (uint8, same shape)."""
+        scale, zero = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
+        q = (torch.round(self._grouped(weight) / scale) + zero).clamp(0, self.qmax)
+        return q.reshape(weight.shape).to(torch.uint8)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(q - z) * s`` in float32."""
+        scale, zero = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
+        return ((self._grouped(codes) - zero) * scale).reshape(codes.shape)
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """``dequantize(codes(weight))`` in float32, with the straight-through gradient inside the range."""
+        return _FakeQuantize.apply(weight, self.scale, self.zero, self.qmax, self.group_size)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Forward: the exact quantize-dequantize (bit-equal to what the merge stores). Backward: the
+    straight-through estimator, passing the gradient where the weight lies inside the group's
+    representable range and none where the codes clamp (the usual STE of QAT, e.g. nncf's FakeQuantize)."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, zero, qmax: int, group_size: int):
+        out, inp = weight.shape
+        groups = weight.float().reshape(out, inp // group_size, group_size)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        levels = torch.round(groups / s) + z
+        ctx.save_for_backward((levels >= 0) & (levels <= qmax))
+        ctx.weight_dtype = weight.dtype
+        return ((levels.clamp(0, qmax) - z) * s).reshape(out, inp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        grad_in = (grad.reshape(inside.shape) * inside).reshape(grad.shape).to(ctx.weight_dtype)
+        return grad_in, None, None, None, None
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """4-bit codes two to a byte (low nibble first along the input axis); other widths one per byte."""
+    if bits != 4:
+        return codes.to(torch.uint8)
+    pairs = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`."""
+    if bits != 4:
+        return packed
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
