@@ -102,7 +102,8 @@ class LoraSection(_Section):
     def _check_quantization(self) -> None:
         if not self.quantization_aware:
             for name in ("quantization_bits", "quantization_group_size"):
-                if name in self.model_fields_set:
+                # Compared to the default, not to model_fields_set: a stored config re-validated sets them all.
+                if getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(f"`{name}` applies only with `quantization_aware: true`")
             return
         if not self.sparse_adapter:

@@ -112,7 +112,7 @@ def merge(
     sparse: bool,
     model_cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype."""
+    """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype (QA-SparsePEFT: float32)."""
     model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from sqft_service.adapters.qa import INT_WEIGHTS_FILE, QUANT_FILE, load_int_weights
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, write_json
 from tests.integration.conftest import make_settings, upload, wait_status
@@ -21,6 +23,12 @@ NLS_LORA_CONFIG = {
     "neural_lora_search": True,
     "target_module_groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
     "search_space": ["16,12,8", "16,12,8", "16,12,8"],
+}
+QA_LORA_CONFIG = {
+    "sparse_adapter": True,
+    "quantization_aware": True,
+    "lora_dropout": 0.0,
+    "quantization_group_size": 16,
 }
 N_LAYERS = 2  # the tiny model
 N_DIMS = 3 * N_LAYERS
@@ -54,6 +62,11 @@ def sqft(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[TestClient, dict]]:
                 "training_file": "alpaca_data.json",
                 "model": sparse_dir,
                 "General": {"lora_config": {**NLS_LORA_CONFIG, "sparse_adapter": True, "lora_dropout": 0.0}},
+            },
+            "qa": {
+                "training_file": "alpaca_data.json",
+                "model": sparse_dir,
+                "General": {"lora_config": QA_LORA_CONFIG},
             },
         }
         jobs = {}
@@ -167,6 +180,46 @@ def test_sparse_jobs_merge_keeps_every_zero(sqft):
                 assert torch.equal(merged[key][weight == 0], weight[weight == 0]), key
                 changed += int(not torch.equal(merged[key], weight))
         assert changed > 0  # the adapter did change the non-zeros
+
+
+def test_qa_sparse_job_merges_into_the_integers_it_trained_with(sqft):
+    client, jobs = sqft
+    job = client.get(f"/v1/fine_tuning/jobs/{jobs['qa']}").json()
+    assert (Path(job["fine_tuned_model_path"]) / QUANT_FILE).is_file()
+    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"]})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["sparse"] is True and out["zeros_preserved"] is True and out["dtype"] == "float32"
+    assert out["quantization"] == {"bits": 4, "group_size": 16, "layers": 7 * N_LAYERS, "int_weights": INT_WEIGHTS_FILE}
+    base = AutoModelForCausalLM.from_pretrained(jobs["sparse_dir"]).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(out["path"]).state_dict()  # stock transformers
+    ints = load_int_weights(out["path"])
+    assert len(ints) == 7 * N_LAYERS
+    for name, weight in ints.items():
+        key = f"{name}.weight"
+        assert torch.equal(weight, merged[key]), key  # the INT file is the model
+        assert (weight[base[key] == 0] == 0).all(), key  # as sparse as the base
+    # The fine-tuned model (served through its adapter) and the merged INT model score alike, to the bit.
+    scored = client.post(
+        "/v1/finetune/evaluate",
+        json={"candidates": [job["fine_tuned_model"], out["path"]], "file": job["training_file"], "generate": False},
+    )
+    assert scored.status_code == 200, scored.text
+    adapter_row, merged_row = scored.json()["data"]
+    assert adapter_row["loss"] == merged_row["loss"] and adapter_row["n_label_tokens"] == merged_row["n_label_tokens"]
+
+
+def test_qa_settings_are_checked_by_the_api(sqft):
+    client, jobs = sqft
+    for lora, named in (
+        ({"quantization_aware": True}, "sparse_adapter"),
+        ({"quantization_bits": 8}, "quantization_bits"),
+    ):
+        body = {"training_file": "alpaca_data.json", "model": jobs["sparse_dir"], "General": {"lora_config": lora}}
+        resp = client.post("/v1/fine_tuning/jobs", json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "General.lora_config" and named in error["message"], error
 
 
 def test_merge_plain_lora_job(sqft):

@@ -233,6 +233,7 @@ def test_nls_sub_adapter_carries_the_quantizers(tmp_path):
         ({"quantization_aware": True, "sparse_adapter": True}, "lora_dropout"),
         ({"quantization_bits": 8}, "quantization_bits"),
         ({"quantization_group_size": 32, "sparse_adapter": True}, "quantization_group_size"),
+        ({"quantization_group_size": 64, "quantization_bits": 3}, "quantization_bits"),
         ({**QA, "quantization_bits": 9}, "quantization_bits"),
         ({**QA, "quantization_group_size": 12}, "quantization_group_size"),
     ],

@@ -173,6 +173,8 @@ class MergedModel(BaseModel):
     dtype: str | None = None
     zeros_preserved: bool | None = None
     sparsity: dict[str, Any]
+    # QA-SparsePEFT: bits, group_size, layers and the file of integer weights beside the model.
+    quantization: dict[str, Any] | None = None
 
 
 class SparseModel(BaseModel):
