@@ -357,4 +357,5 @@ def _resolved_error(exc: ValidationError, hp: Hyperparameters) -> InvalidConfigu
         return InvalidConfigurationError(
             f"`{param}` {getattr(hp, source)!r} makes `{name}` {value!r}: {err['msg']}", param=param
         )
-    return InvalidConfigurationError(f"Invalid value for `{name}`: {err['msg']}", param=name)
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    return InvalidConfigurationError(f"Invalid value for `{name}`: {msg}", param=name)
