@@ -90,16 +90,22 @@ def test_straight_through_gradient_stops_outside_the_range():
 
 
 # ------------------------------------------------------------------ training layer
-def test_base_is_quantized_and_keeps_its_zeros():
+def test_layers_start_as_the_quantized_base_and_keep_its_zeros():
     model, handles, zeros = qa_peft()
     assert handles.quant is not None and handles.sparse is handles.quant.sparse
     assert len(handles.quant.modules) == 14
+    fresh = dict(sparse_tiny().named_modules())
+    x = torch.randn(3, 32)
     for name, layer in handles.quant.modules.items():
         assert isinstance(layer, QuantAwareSparseLoraLinear)
         w = layer.get_base_layer().weight
-        assert on_grid(w, layer.quantizer), name
-        assert (w[zeros[name]] == 0).all()
-        assert torch.equal(getattr(layer, MASK_BUFFER), zeros[name].logical_not())  # mask of the unquantized base
+        assert torch.equal(w, fresh[name].weight)  # the float base is kept: the sum is taken on it
+        assert torch.equal(getattr(layer, MASK_BUFFER), zeros[name].logical_not())
+        layer.lora_B["default"].weight.data.zero_()  # B = 0, as a job starts
+        quantized = layer.quantizer.fake_quantize(w)
+        assert not torch.equal(quantized, w) and (quantized[zeros[name]] == 0).all()
+        inputs = x[:, : w.shape[1]]
+        assert torch.equal(layer(inputs), torch.nn.functional.linear(inputs, quantized)), name
     assert not any("sqft_quant" in k for k in model.state_dict())  # the adapter checkpoint stays stock peft
 
 

@@ -39,7 +39,7 @@ def masked_merge(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
     ``W + M * delta`` in the base weight's dtype: what :class:`SparseLoraLinear`'s fused (eval) forward
     computes, so the result answers exactly as the trained model and keeps every zero of the base
-    (for a QA-SparsePEFT adapter: ``Q(Q(W) + M * delta)`` with its saved quantizers).
+    (for a QA-SparsePEFT adapter: ``Q(W + M * delta)`` with its saved quantizers).
     """
     quantizers = saved_quantizers(adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -1,15 +1,21 @@
 """QA-SparsePEFT: SparsePEFT trained through the quantizer of the base (SQFT, arXiv 2410.03750, Sec. 3.3).
 
-The sparse base ``W`` is quantized group-wise (``quantizer.GroupQuantizer``, RTN, fixed parameters)
-and replaced by its dequantized values ``Q(W)``; each adapted layer then computes with
+Each adapted weight ``W`` of the sparse base gets a group-wise quantizer ``Q`` (``quantizer.GroupQuantizer``,
+RTN on ``W``, parameters then fixed), and the layer computes with
 
-    ``Q(Q(W) + M * scaling * B @ A)``
+    ``Q(W + M * scaling * B @ A)``
 
-(``M`` = non-zero mask of the *unquantized* base, as SparsePEFT). The forward is the exact
-quantize-dequantize of the merged weight, so merging the adapter with :meth:`merge` stores the same
-integers the trained model computed with: one INT``bits`` model, as sparse as the base, with no
-accuracy lost between training and deployment. Gradients reach ``A`` and ``B`` straight through the
+(``M`` = non-zero mask of ``W``, as SparsePEFT). With ``B = 0`` that is ``Q(W)``, the quantized sparse
+base; the forward is always the exact quantize-dequantize of the merged weight, so :meth:`merge` stores
+the same integers the trained model computed with: one INT``bits`` model, as sparse as the base, with
+no accuracy lost between training and deployment. Gradients reach ``A`` and ``B`` straight through the
 rounding (inside each group's range).
+
+SQFT adds the adapter to the *dequantized* base, ``Q(Q(W) + ...)``: its base comes from GPTQ, whose
+float weights are gone. Here ``W`` is at hand, and the sum is taken on it: ``Q(W)`` sits at the centre
+of every code's interval, so an update moves no code until it exceeds half a step, and the adapter
+barely trained (``bench/qa_sparse.py``, figures in the README). Both start from the same ``Q(W)`` and
+give the same kind of model.
 
 The layer is :class:`~sqft_service.adapters.sparse.SparseLoraLinear` with its fused path only: LoRA
 dropout perturbs the adapter's input, which a weight inside a quantizer can't express, so
@@ -68,7 +74,7 @@ class QuantAwareSparseLoraLinear(SparseLoraLinear):
             kwargs.pop(key, None)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or self.disable_adapters or not active:
-            # The base is already Q(W) (or the merged Q(Q(W) + delta)): its own forward is exact.
+            # Merged: the base weight is Q(W + M * delta) itself. Disabled: the base as loaded.
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         x, _ = autocast_input(self, x)
@@ -168,7 +174,7 @@ def enable_quantization_aware(
     quantizers: dict[str, GroupQuantizer] | None = None,
     adapter: str = "default",
 ) -> QuantAwareAdapter:
-    """SparsePEFT on ``peft_model``, then its base weights quantized in place and trained through.
+    """SparsePEFT on ``peft_model``, computed through a fixed quantizer of each base weight.
 
     Args:
         peft_model: A ``PeftModel`` with unmerged LoRA adapters on the sparse base's linears.
@@ -201,8 +207,6 @@ def enable_quantization_aware(
         module.register_buffer(SCALE_BUFFER, quantizer.scale.to(weight.device), persistent=False)
         module.register_buffer(ZERO_BUFFER, quantizer.zero.to(weight.device), persistent=False)
         module.quant_bits, module.quant_group_size = bits, group_size
-        with torch.no_grad():  # the base as deployed: Q(W); its zeros stay zeros (quantizer.py)
-            weight.data = quantizer.fake_quantize(weight).to(weight.dtype)
         module.__class__ = QuantAwareSparseLoraLinear
         handle.modules[name] = module
     return handle
