@@ -34,7 +34,11 @@ METHODS = {
         search_space=["8,6,4", "8,4", "8,2"],
     ),
     "sparsepeft": dict(r=8, lora_alpha=16, lora_dropout=0.0, sparse_adapter=True),
+    "qa_sparsepeft": dict(
+        r=8, lora_alpha=16, lora_dropout=0.0, sparse_adapter=True, quantization_aware=True, quantization_group_size=32
+    ),
 }
+SPARSE_BASE = {"sparsepeft", "qa_sparsepeft"}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def _losses(sink: MemorySink) -> list[float]:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_trains_on_cuda_as_on_the_cpu(model_dirs, train_file, tmp_path, method):
-    model_dir = model_dirs[method == "sparsepeft"]
+    model_dir = model_dirs[method in SPARSE_BASE]
     runs = {}
     for device in ("cpu", "cuda"):
         sink = MemorySink()
@@ -213,9 +217,7 @@ class SyncRecorder(StepHook):
 )
 def test_steps_between_logging_points_never_wait_for_the_gpu(model_dirs, train_file, tmp_path, method, packing):
     """Packed batches included: their block mask comes from the host (training/device.py ``packed_mask_4d``)."""
-    cfg = _cfg(
-        model_dirs[method == "sparsepeft"], train_file, method, "cuda", logging_steps=100, mixed_precision="auto"
-    )
+    cfg = _cfg(model_dirs[method in SPARSE_BASE], train_file, method, "cuda", logging_steps=100, mixed_precision="auto")
     cfg.Dataset.packing = packing
     cfg.Training.max_train_steps = 8
     recorder = SyncRecorder(watched={3, 4, 5, 6})  # after warm-up, before the last (logged) step
