@@ -6,7 +6,6 @@ from .peft import (
     QuantAwareAdapter,
     QuantAwareSparseLoraLinear,
     enable_quantization_aware,
-    quantization_summary,
     saved_quantizers,
 )
 from .quantizer import GroupQuantizer
@@ -19,7 +18,6 @@ __all__ = [
     "QuantAwareSparseLoraLinear",
     "enable_quantization_aware",
     "load_int_weights",
-    "quantization_summary",
     "save_int_weights",
     "saved_quantizers",
 ]

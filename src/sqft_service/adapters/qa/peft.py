@@ -155,18 +155,6 @@ def saved_quantizers(adapter_dir: str | Path) -> dict[str, GroupQuantizer] | Non
     }
 
 
-def quantization_summary(adapter_dir: str | Path) -> dict[str, object] | None:
-    """``bits`` and ``group_size`` of a QA adapter (for reports), or ``None``."""
-    path = Path(adapter_dir) / QUANT_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return {"bits": int(meta["bits"]), "group_size": int(meta["group_size"])}
-
-
 def enable_quantization_aware(
     peft_model: nn.Module,
     bits: int,
