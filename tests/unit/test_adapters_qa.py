@@ -137,6 +137,19 @@ def _train(model, steps: int = 15) -> list[float]:
     return losses
 
 
+def test_autocast_trains_with_the_integers_the_merge_stores():
+    _, handles, _ = qa_peft()
+    for layer in handles.quant.modules.values():
+        with torch.no_grad():
+            plain = layer.quantized_weight(["default"])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                under_autocast = layer.quantized_weight(["default"])
+        assert torch.equal(under_autocast, plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, layer.in_features))
+    assert out.dtype == torch.bfloat16  # the matmul itself runs in the autocast dtype
+
+
 def test_training_through_the_quantizer_lowers_the_loss():
     """From peft's B = 0, as a job starts, with updates small against the weights (as LoRA's are).
 

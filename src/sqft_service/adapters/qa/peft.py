@@ -59,11 +59,17 @@ class QuantAwareSparseLoraLinear(SparseLoraLinear):
         )
 
     def quantized_weight(self, adapters: list[str]) -> torch.Tensor:
-        """``Q(W + M * delta)`` over ``adapters``, in the base weight's dtype."""
+        """``Q(W + M * delta)`` over ``adapters``, in the base weight's dtype.
+
+        The delta is made in the adapter's dtype even under autocast: a bf16 delta would round some
+        weights across a code boundary that the merge (no autocast) would not, and the merged integers
+        must be the trained ones. Only ``F.linear`` runs in the autocast dtype.
+        """
         weight = self.get_base_layer().weight
         merged = weight
-        for adapter in adapters:
-            merged = merged + self.masked_delta(adapter).to(weight.dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            for adapter in adapters:
+                merged = merged + self.masked_delta(adapter).to(weight.dtype)
         return self.quantizer.fake_quantize(merged).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
