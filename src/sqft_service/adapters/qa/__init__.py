@@ -3,6 +3,7 @@
 from .export import INT_WEIGHTS_FILE, load_int_weights, save_int_weights
 from .peft import (
     QUANT_FILE,
+    GroupSizeError,
     QuantAwareAdapter,
     QuantAwareSparseLoraLinear,
     enable_quantization_aware,
@@ -14,6 +15,7 @@ __all__ = [
     "INT_WEIGHTS_FILE",
     "QUANT_FILE",
     "GroupQuantizer",
+    "GroupSizeError",
     "QuantAwareAdapter",
     "QuantAwareSparseLoraLinear",
     "enable_quantization_aware",

@@ -43,6 +43,10 @@ SCALE_BUFFER = "sqft_quant_scale"
 ZERO_BUFFER = "sqft_quant_zero"
 
 
+class GroupSizeError(ValueError):
+    """The group size does not divide an adapted layer's input size (a setting the user can change)."""
+
+
 class QuantAwareSparseLoraLinear(SparseLoraLinear):
     """A SparsePEFT layer whose merged weight goes through the base's fixed fake quantizer.
 
@@ -178,15 +182,15 @@ def enable_quantization_aware(
         adapter: The adapter name.
 
     Raises:
-        ValueError: A layer whose input size ``group_size`` does not divide, a dropout that is live, or
-            saved quantizers that do not cover the adapted layers.
+        GroupSizeError: A layer whose input size ``group_size`` does not divide.
+        ValueError: A dropout that is live, or saved quantizers that do not cover the adapted layers.
     """
     sparse = enable_sparse_peft(peft_model, adapter)  # masks from the unquantized base
     handle = QuantAwareAdapter(sparse=sparse, bits=bits, group_size=group_size)
     for name, module in sparse.modules.items():
         weight = module.get_base_layer().weight
         if weight.shape[1] % group_size:
-            raise ValueError(
+            raise GroupSizeError(
                 f"`quantization_group_size` {group_size} does not divide the {weight.shape[1]} inputs of {name!r}"
             )
         dropout = module.lora_dropout[adapter]
