@@ -200,6 +200,18 @@ def test_merge_stores_the_trained_integers_and_stock_transformers_loads_them(tmp
         assert on_grid(modules[name].weight, quantizers[name])
 
 
+def test_a_merged_layer_refuses_to_act_as_its_base():
+    model, handles, _ = qa_peft()
+    layer = handles.quant.modules["model.layers.0.mlp.up_proj"]
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        assert torch.equal(layer(x), before)  # merged: the same integers
+        with model.disable_adapter(), pytest.raises(ValueError, match="can't be undone"):
+            layer(x)
+
+
 def test_quantizing_after_a_plain_sparse_merge_is_not_what_trained(tmp_path):
     """Why QA: RTN-quantizing a SparsePEFT merge changes the outputs; a QA merge does not."""
     model, _handles, _ = qa_peft()

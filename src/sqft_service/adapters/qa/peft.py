@@ -82,6 +82,8 @@ class QuantAwareSparseLoraLinear(SparseLoraLinear):
             raise NotImplementedError("QA-SparsePEFT does not support mixed-adapter batches (adapter_names)")
         for key in lora_layer.VARIANT_KWARG_KEYS:
             kwargs.pop(key, None)
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # raises: the base is gone from a quantized merge (never its output silently)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or self.disable_adapters or not active:
             # Merged: the base weight is Q(W + M * delta) itself. Disabled: the base as loaded.
