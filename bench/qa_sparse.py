@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -28,20 +27,9 @@ from sqft_service.adapters.qa import GroupQuantizer
 from sqft_service.adapters.sparse import SparseLoraLinear
 from sqft_service.config import FinetuneConfig
 
-from .throughput.inputs import CACHE, TARGETS, find_data, prepare_models
+from .auto_hparams import prepare_data
+from .throughput.inputs import CACHE, TARGETS, prepare_models
 from .throughput.report import write_machine_results
-
-
-def split_arc(work: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
-    path = find_data("arce_train_instruct.json")
-    if path is None:
-        raise SystemExit("arce_train_instruct.json not found under ../shared/data")
-    records = json.loads(path.read_text())
-    random.Random(0).shuffle(records)
-    train, val = work / "train.json", work / "val.json"
-    val.write_text(json.dumps(records[:n_val]))
-    train.write_text(json.dumps(records[n_val : n_val + n_train]))
-    return train, val
 
 
 def config(model: str, train: Path, val: Path, args: argparse.Namespace, qa: bool) -> FinetuneConfig:
@@ -114,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _, sparse_dir = prepare_models(None)
     work = Path(tempfile.mkdtemp(prefix="sqft-qa-bench-"))
-    train, val = split_arc(work, args.train, args.val)
+    # The auto-hparams benchmark's split (shuffle seed 0, validation first); its GSM8K part unused.
+    train, val = prepare_data(work, {"arc_e": args.train, "gsm8k": 0}, {"arc_e": args.val, "gsm8k": 0})["arc_e"]
     names = args.runs.split(",")
     rows = {name: run(name, config(sparse_dir, train, val, args, qa=name == "qa"), work, args) for name in names}
     figures = {

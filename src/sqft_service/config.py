@@ -69,7 +69,6 @@ class LoraSection(_Section):
     def _check_search(self) -> LoraSection:
         if self.task_type != "CAUSAL_LM":
             raise ValueError("`task_type` must be 'CAUSAL_LM' (instruction tuning of causal LMs)")
-        self._check_quantization()
         if not self.neural_lora_search:
             return self
         if not self.target_module_groups:
@@ -99,13 +98,14 @@ class LoraSection(_Section):
             raise ValueError("`target_modules` must equal the flattened `target_module_groups` (or be omitted)")
         return self
 
-    def _check_quantization(self) -> None:
+    @model_validator(mode="after")
+    def _check_quantization(self) -> LoraSection:
         if not self.quantization_aware:
             for name in ("quantization_bits", "quantization_group_size"):
                 # Compared to the default, not to model_fields_set: a stored config re-validated sets them all.
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(f"`{name}` applies only with `quantization_aware: true`")
-            return
+            return self
         if not self.sparse_adapter:
             raise ValueError("`quantization_aware` is QA-SparsePEFT: it needs `sparse_adapter: true`")
         if self.lora_dropout > 0:
@@ -113,6 +113,7 @@ class LoraSection(_Section):
                 "`lora_dropout` must be 0 with `quantization_aware`: the adapter is trained inside the "
                 "quantized weight, where dropout on its input can't be expressed"
             )
+        return self
 
     def parsed_search_space(self) -> list[list[int]]:
         """Each group's ranks in the order given (``"16,12,8"`` -> ``[16, 12, 8]``)."""

@@ -94,7 +94,7 @@ def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "fine_tuning_job_id": p.fine_tuning_job_id,
         "adapter_version": p.version,
         "path": report["path"],
-        "sparse": report.get("sparse", p.sparse),  # a QA-SparsePEFT adapter always merges masked
+        "sparse": report["sparse"],  # a QA-SparsePEFT adapter always merges masked
         "dtype": report.get("dtype"),
         "zeros_preserved": report.get("zeros_preserved"),
         "sparsity": {"before": report.get("before"), "after": report.get("after")},

@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from .quantizer import GroupQuantizer, pack_codes, unpack_codes
+from .quantizer import GroupQuantizer, load_quantizers, pack_codes, save_quantizers, unpack_codes
 
 INT_WEIGHTS_FILE = "sqft_int_weights.safetensors"
 
@@ -24,30 +22,15 @@ def save_int_weights(
     weights: dict[str, torch.Tensor], quantizers: dict[str, GroupQuantizer], directory: str | Path
 ) -> Path:
     """Write the codes of each ``weights[name]`` under ``quantizers[name]`` (:data:`INT_WEIGHTS_FILE`)."""
-    tensors: dict[str, torch.Tensor] = {}
-    bits = group_size = 0
-    for name, weight in weights.items():
-        q = quantizers[name]
-        bits, group_size = q.bits, q.group_size
-        tensors[f"{name}.qweight"] = pack_codes(q.codes(weight.detach().cpu()), q.bits).contiguous()
-        tensors[f"{name}.scales"] = q.scale.detach().float().cpu().contiguous()
-        tensors[f"{name}.zeros"] = q.zero.detach().to(torch.uint8).cpu().contiguous()
-    path = Path(directory) / INT_WEIGHTS_FILE
-    save_file(tensors, str(path), metadata={"bits": str(bits), "group_size": str(group_size), "format": "sqft-int"})
-    return path
+    codes = {
+        f"{name}.qweight": pack_codes(quantizers[name].codes(w.detach().cpu()), quantizers[name].bits).contiguous()
+        for name, w in weights.items()
+    }
+    used = {name: quantizers[name] for name in weights}
+    return save_quantizers(Path(directory) / INT_WEIGHTS_FILE, used, extra=codes, format="sqft-int")
 
 
 def load_int_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """Module name -> its float32 weight, dequantized from :data:`INT_WEIGHTS_FILE`."""
-    path = Path(directory) / INT_WEIGHTS_FILE
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    bits, group_size = int(meta["bits"]), int(meta["group_size"])
-    tensors = load_file(str(path))
-    out: dict[str, torch.Tensor] = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            name = key.removesuffix(".qweight")
-            q = GroupQuantizer(tensors[f"{name}.scales"], tensors[f"{name}.zeros"].float(), bits, group_size)
-            out[name] = q.dequantize(unpack_codes(tensors[key], bits))
-    return out
+    quantizers, tensors = load_quantizers(Path(directory) / INT_WEIGHTS_FILE)
+    return {name: q.dequantize(unpack_codes(tensors[f"{name}.qweight"], q.bits)) for name, q in quantizers.items()}

@@ -29,14 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import check_adapters_to_merge
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..autocast import autocast_input
 from ..sparse.peft import SparseAdapter, SparseLoraLinear, enable_sparse_peft
-from .quantizer import GroupQuantizer
+from .quantizer import GroupQuantizer, load_quantizers, save_quantizers
 
 QUANT_FILE = "sqft_quantization.safetensors"  # beside the adapter: the base's scales and zero points
 SCALE_BUFFER = "sqft_quant_scale"
@@ -77,11 +75,7 @@ class QuantAwareSparseLoraLinear(SparseLoraLinear):
         return self.quantizer.fake_quantize(merged).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("QA-SparsePEFT does not support mixed-adapter batches (adapter_names)")
-        for key in lora_layer.VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
+        kwargs = self._base_kwargs(x, args, kwargs)
         if self.disable_adapters and self.merged:
             self.unmerge()  # raises: the base is gone from a quantized merge (never its output silently)
         active = [a for a in self.active_adapters if a in self.lora_A]
@@ -139,32 +133,13 @@ class QuantAwareAdapter:
 
     def save(self, directory: str | Path) -> Path:
         """Write the scales and zero points beside a saved adapter (:data:`QUANT_FILE`)."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name, q in self.quantizers().items():
-            tensors[f"{name}.scale"] = q.scale.detach().float().cpu().contiguous()
-            tensors[f"{name}.zero"] = q.zero.detach().to(torch.uint8).cpu().contiguous()
-        meta = {"bits": str(self.bits), "group_size": str(self.group_size), "method": "rtn-minmax-asymmetric"}
-        path = Path(directory) / QUANT_FILE
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return save_quantizers(Path(directory) / QUANT_FILE, self.quantizers(), method="rtn-minmax-asymmetric")
 
 
 def saved_quantizers(adapter_dir: str | Path) -> dict[str, GroupQuantizer] | None:
     """The quantizers saved beside a QA-SparsePEFT adapter, or ``None`` for any other adapter."""
     path = Path(adapter_dir) / QUANT_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    bits, group_size = int(meta["bits"]), int(meta["group_size"])
-    tensors = load_file(str(path))
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    return {
-        name: GroupQuantizer(tensors[f"{name}.scale"], tensors[f"{name}.zero"].float(), bits, group_size)
-        for name in names
-    }
+    return load_quantizers(path)[0] if path.is_file() else None
 
 
 def enable_quantization_aware(
@@ -187,7 +162,7 @@ def enable_quantization_aware(
         GroupSizeError: A layer whose input size ``group_size`` does not divide.
         ValueError: A dropout that is live, or saved quantizers that do not cover the adapted layers.
     """
-    sparse = enable_sparse_peft(peft_model, adapter)  # masks from the unquantized base
+    sparse = enable_sparse_peft(peft_model, adapter)
     handle = QuantAwareAdapter(sparse=sparse, bits=bits, group_size=group_size)
     for name, module in sparse.modules.items():
         weight = module.get_base_layer().weight
@@ -201,7 +176,7 @@ def enable_quantization_aware(
         if quantizers is None:
             quantizer = GroupQuantizer.fit(weight, bits, group_size)
         elif name in quantizers:
-            quantizer = quantizers[name].to(weight.device)
+            quantizer = quantizers[name]
         else:
             raise ValueError(f"the saved quantization parameters have no entry for {name!r}")
         module.register_buffer(SCALE_BUFFER, quantizer.scale.to(weight.device), persistent=False)

@@ -18,8 +18,11 @@ needs a differentiable quantizer with *fixed* parameters over a weight that chan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 @dataclass
@@ -57,18 +60,14 @@ class GroupQuantizer:
         zero = torch.round(-low / scale).clamp(0, qmax)
         return cls(scale=scale, zero=zero, bits=bits, group_size=group_size)
 
-    def to(self, device: torch.device | str) -> GroupQuantizer:
-        return GroupQuantizer(self.scale.to(device), self.zero.to(device), self.bits, self.group_size)
-
     def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
         out, inp = weight.shape
         return weight.float().reshape(out, inp // self.group_size, self.group_size)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``weight`` (uint8, same shape)."""
-        scale, zero = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
-        q = (torch.round(self._grouped(weight) / scale) + zero).clamp(0, self.qmax)
-        return q.reshape(weight.shape).to(torch.uint8)
+        levels = _levels(weight, self.scale, self.zero, self.group_size)
+        return levels.clamp(0, self.qmax).reshape(weight.shape).to(torch.uint8)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """``(q - z) * s`` in float32."""
@@ -80,6 +79,13 @@ class GroupQuantizer:
         return _FakeQuantize.apply(weight, self.scale, self.zero, self.qmax, self.group_size)
 
 
+def _levels(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``round(W / s) + z`` per group, before clamping to the codes: ``(out, in // group_size, group_size)``."""
+    out, inp = weight.shape
+    groups = weight.float().reshape(out, inp // group_size, group_size)
+    return torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """Forward: the exact quantize-dequantize (bit-equal to what the merge stores). Backward: the
     straight-through estimator, passing the gradient where the weight lies inside the group's
@@ -87,13 +93,10 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scale, zero, qmax: int, group_size: int):
-        out, inp = weight.shape
-        groups = weight.float().reshape(out, inp // group_size, group_size)
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        levels = torch.round(groups / s) + z
+        levels = _levels(weight, scale, zero, group_size)
         ctx.save_for_backward((levels >= 0) & (levels <= qmax))
         ctx.weight_dtype = weight.dtype
-        return ((levels.clamp(0, qmax) - z) * s).reshape(out, inp)
+        return ((levels.clamp(0, qmax) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(weight.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,3 +118,32 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits != 4:
         return packed
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def save_quantizers(
+    path: Path, quantizers: dict[str, GroupQuantizer], extra: dict[str, torch.Tensor] | None = None, **metadata: str
+) -> Path:
+    """One safetensors file: per module ``name.scales`` (float32) and ``name.zeros`` (uint8), plus ``extra``
+    tensors; ``bits`` and ``group_size`` (shared by all) in its metadata. Read by :func:`load_quantizers`."""
+    tensors = dict(extra or {})
+    first = next(iter(quantizers.values()))
+    for name, q in quantizers.items():
+        tensors[f"{name}.scales"] = q.scale.detach().float().cpu().contiguous()
+        tensors[f"{name}.zeros"] = q.zero.detach().to(torch.uint8).cpu().contiguous()
+    meta = {"bits": str(first.bits), "group_size": str(first.group_size), **metadata}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_quantizers(path: Path) -> tuple[dict[str, GroupQuantizer], dict[str, torch.Tensor]]:
+    """The quantizers of a :func:`save_quantizers` file, and all its tensors."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    bits, group_size = int(meta["bits"]), int(meta["group_size"])
+    tensors = load_file(str(path))
+    names = [key.removesuffix(".scales") for key in tensors if key.endswith(".scales")]
+    quantizers = {
+        name: GroupQuantizer(tensors[f"{name}.scales"], tensors[f"{name}.zeros"].float(), bits, group_size)
+        for name in names
+    }
+    return quantizers, tensors

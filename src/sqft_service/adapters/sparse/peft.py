@@ -64,12 +64,17 @@ class SparseLoraLinear(lora_layer.Linear):
         """The masked delta, used by PEFT's merge/unmerge (keeps the base's zeros exactly)."""
         return self.masked_delta(adapter)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _base_kwargs(self, x: torch.Tensor, args: tuple, kwargs: dict) -> dict:
+        """``kwargs`` checked as PEFT's forward checks them, less the adapter-only keys the base can't take."""
         self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("SparsePEFT does not support mixed-adapter batches (adapter_names)")
+            raise NotImplementedError(f"{type(self).__name__} does not support mixed-adapter batches (adapter_names)")
         for key in lora_layer.VARIANT_KWARG_KEYS:
             kwargs.pop(key, None)
+        return kwargs
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        kwargs = self._base_kwargs(x, args, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
