@@ -121,7 +121,12 @@ def _merge(args: argparse.Namespace) -> int:
     from .model_ops import merge
 
     result = merge(
-        args.model, Path(args.adapter), Path(args.output), sparse=args.sparse, model_cache_dir=Path(args.model_cache)
+        args.model,
+        Path(args.adapter),
+        Path(args.output),
+        sparse=args.sparse,
+        model_cache_dir=Path(args.model_cache),
+        gguf_type=args.gguf,
     )
     _emit(result, args.json_out)
     return 0
@@ -195,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
     merge.add_argument("--sparse", action="store_true", help="SparsePEFT: keep the base's zeros")
+    merge.add_argument(
+        "--gguf",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default=None,
+        help="also write <output>/model.gguf (base must come from a .gguf), other weights in this type",
+    )
     merge.set_defaults(func=_merge)
 
     extract = sub.add_parser("extract", help="extract a sub-adapter from an NLS super-adapter")

@@ -14,7 +14,10 @@ import torch
 
 from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
+from .adapters.qa import saved_quantizers
 from .adapters.sparsify import sparsify_model
+from .gguf_export import GGUF_FILE, GGUFExportError, export_gguf
+from .model_sources import NO_SOURCE_GGUF, source_gguf
 from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
@@ -111,15 +114,42 @@ def merge(
     *,
     sparse: bool,
     model_cache_dir: Path | None = None,
+    gguf_type: str | None = None,
 ) -> dict[str, Any]:
-    """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype (QA-SparsePEFT: float32)."""
+    """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype (QA-SparsePEFT: float32).
+
+    With ``gguf_type`` (``gguf_export.GGUF_TYPES``) the merged model is also written as
+    ``merged_model/model.gguf``, its metadata from the GGUF the base came from.
+
+    Raises:
+        GGUFExportError: ``gguf_type`` is set and the base did not come from a GGUF we can write.
+    """
+    base_gguf = None
+    if gguf_type is not None:
+        base_gguf = source_gguf(model)
+        if base_gguf is None:
+            raise GGUFExportError(NO_SOURCE_GGUF)
     model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")
     base.to(operation_device(base))  # the adapter loads onto the base's device; saved files are device-free
     staging = staging_dir_for(output_dir)
-    report = merge_adapter(base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir)
+
+    def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
+        quantizers = saved_quantizers(adapter_dir)
+        return export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, quantizers)
+
+    report = merge_adapter(
+        base,
+        adapter_dir,
+        staging,
+        sparse=sparse,
+        tokenizer_dir=model_dir,
+        after_merge=write_gguf if base_gguf else None,
+    )
     publish_dir(staging, output_dir)
+    if "gguf" in report:
+        report["gguf"]["path"] = str(output_dir.resolve() / GGUF_FILE)
     return {**report, "path": str(output_dir.resolve())}
 
 

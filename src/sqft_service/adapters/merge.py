@@ -13,6 +13,7 @@ model and as codes + scales + zero points in :data:`~sqft_service.adapters.qa.IN
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def merge_adapter(
     sparse: bool,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | Path | None = None,
+    after_merge: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into the base model and save the result with ``save_pretrained``.
 
@@ -67,6 +69,8 @@ def merge_adapter(
         dtype: The dtype to load and save in (default: the base model's own dtype; float32 for a
             QA-SparsePEFT adapter, whose integer grid bf16 can't hold exactly).
         tokenizer_dir: If given, its tokenizer is saved beside the merged model.
+        after_merge: Called with the merged model once it is saved (e.g. a GGUF export); what it
+            returns is the report's ``gguf``.
 
     Returns:
         ``path``, ``dtype``, ``sparse``, ``adapted_modules`` and the sparsity reports ``before`` /
@@ -118,6 +122,7 @@ def merge_adapter(
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    exported = after_merge(merged) if after_merge is not None else None
     after = sparsity_report(merged, names=adapted)
     return {
         "path": str(out),
@@ -128,4 +133,5 @@ def merge_adapter(
         "after": {"overall": sparsity_report(merged)["overall"], "adapted": after},
         "zeros_preserved": preserved,
         **({"quantization": quantization} if quantization else {}),
+        **({"gguf": exported} if exported is not None else {}),
     }

@@ -48,6 +48,7 @@ class MergeParams(_Params):
     adapter: str
     output: str
     sparse: bool
+    gguf: str | None = None  # also write merged_model/model.gguf, other weights in this type
 
 
 class SparsifyParams(_Params):

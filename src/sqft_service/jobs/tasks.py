@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..job_secrets import restore_secrets
 from ..model_access import ModelAccess
+from ..model_sources import NO_SOURCE_GGUF, source_gguf
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
 from .kinds import EvaluateParams, ExtractParams, MergeParams, SparsifyParams
@@ -83,13 +84,27 @@ def extract(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from .. import model_ops
+    from ..gguf_export import GGUFExportError
 
     p = MergeParams.model_validate(params)
     p.model = _model_access(ctx).check_model(p.model, "model")
+    if p.gguf is not None:  # its metadata is copied into the export: the source must be a readable model too
+        source = source_gguf(p.model)
+        if source is None:
+            raise UserError(NO_SOURCE_GGUF, param="gguf")
+        _model_access(ctx).check_model(str(source), "gguf")
     ctx.sink.message(f"merging {p.adapter} into {p.model}{' (SparsePEFT: zeros kept)' if p.sparse else ''}")
-    report = model_ops.merge(
-        p.model, Path(p.adapter), Path(p.output), sparse=p.sparse, model_cache_dir=ctx.model_cache_dir
-    )
+    try:
+        report = model_ops.merge(
+            p.model,
+            Path(p.adapter),
+            Path(p.output),
+            sparse=p.sparse,
+            model_cache_dir=ctx.model_cache_dir,
+            gguf_type=p.gguf,
+        )
+    except GGUFExportError as exc:
+        raise UserError(str(exc), param="gguf") from None
     return {
         "fine_tuning_job_id": p.fine_tuning_job_id,
         "adapter_version": p.version,
@@ -99,6 +114,7 @@ def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "zeros_preserved": report.get("zeros_preserved"),
         "sparsity": {"before": report.get("before"), "after": report.get("after")},
         "quantization": report.get("quantization"),
+        "gguf": report.get("gguf"),
     }
 
 

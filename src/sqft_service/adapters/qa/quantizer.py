@@ -6,6 +6,11 @@ codes ``q = clamp(round(W / s) + z, 0, 2**bits - 1)`` that stand for ``(q - z) *
 each group always includes 0 (min/max taken with 0), so a zero weight is the code ``z`` and comes back
 as exactly 0: a pruned base stays pruned after quantization (SQFT Sec. 3.3, QA-SparsePEFT).
 
+Each scale is rounded up to a float16 value with few enough significant bits (``11 - bits`` up to 5
+bits) that ``s``, ``-s * z`` and ``(q - z) * s`` are exact in float16/float32: GGML's ``Q4_1``/``Q5_1``
+blocks (``d * q + m``) then hold the same weights bit for bit (``gguf_export.py``); the grid widens by
+at most 2**(bits - 10) of its step.
+
 The parameters are fitted once by round-to-nearest on min/max (RTN) and then kept fixed: training
 learns an adapter through the quantizer (``fake_quantize``, straight-through inside the range), and the
 same scales and zero points quantize the merged weight, so what trained is what is deployed.
@@ -56,7 +61,7 @@ class GroupQuantizer:
         high = groups.amax(-1).clamp(min=0)
         qmax = 2**bits - 1
         scale = (high - low) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(scale > 0, _float16_exact(scale, bits), torch.ones_like(scale))
         zero = torch.round(-low / scale).clamp(0, qmax)
         return cls(scale=scale, zero=zero, bits=bits, group_size=group_size)
 
@@ -77,6 +82,18 @@ class GroupQuantizer:
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """``dequantize(codes(weight))`` in float32, with the straight-through gradient inside the range."""
         return _FakeQuantize.apply(weight, self.scale, self.zero, self.qmax, self.group_size)
+
+
+# The smallest normal float16; a scale below it would lose significant bits as a subnormal.
+_MIN_SCALE = 2.0**-14
+
+
+def _float16_exact(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``scale`` rounded up to ``11 - bits`` significant bits (11 from 6 bits on) within float16's normal
+    range, so that ``scale * k`` is a float16 for every integer ``0 <= k < 2**bits`` up to 5 bits."""
+    significant = 11 - bits if bits <= 5 else 11
+    mantissa, exponent = torch.frexp(scale.clamp(min=_MIN_SCALE))  # scale = mantissa * 2**exponent, [0.5, 1)
+    return torch.ldexp(torch.ceil(torch.ldexp(mantissa, torch.tensor(significant))), exponent - significant)
 
 
 def _levels(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -64,6 +64,9 @@ class MergeAdapterRequest(BaseModel):
     fine_tuning_job_id: str
     adapter_version: str | None = None
     sub_adapter_version: str | None = None
+    # Extension: also write merged_model/model.gguf (llama.cpp, Ollama), other weights in this type;
+    # QA-SparsePEFT layers go as their trained integers (Q4_1 / Q5_1 / Q8_0 blocks).
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
     wait: bool = True
 
     _versions = field_validator("adapter_version", "sub_adapter_version")(_check_version)
@@ -175,6 +178,8 @@ class MergedModel(BaseModel):
     sparsity: dict[str, Any]
     # QA-SparsePEFT: bits, group_size, layers and the file of integer weights beside the model.
     quantization: dict[str, Any] | None = None
+    # With `gguf`: path, bytes, tensor_types, int_layers and exact_int_layers of merged_model/model.gguf.
+    gguf: dict[str, Any] | None = None
 
 
 class SparseModel(BaseModel):

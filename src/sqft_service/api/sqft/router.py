@@ -79,7 +79,7 @@ async def extract_adapter(request: Request) -> object:
 )
 async def merge_adapter(request: Request) -> object:
     body = validate_body(MergeAdapterRequest, parse_lenient_json(await request.body()))
-    op = _service(request).merge(body.fine_tuning_job_id, body.version)
+    op = _service(request).merge(body.fine_tuning_job_id, body.version, body.gguf)
     return await _answer(request, op, body.wait, MergedModel)
 
 

@@ -20,6 +20,7 @@ from ...jobs.kinds import OPERATION_KINDS, EvalCandidate, EvaluateParams, Extrac
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
 from ...model_names import parse_fine_tuned
+from ...model_sources import NO_SOURCE_GGUF, source_gguf
 from ...settings import Settings
 from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
@@ -89,8 +90,10 @@ class SqftService:
         )
         return self._submit("extract", params, model=job.model, parent=job_id)
 
-    def merge(self, job_id: str, version: str | None) -> JobRecord:
+    def merge(self, job_id: str, version: str | None, gguf: str | None = None) -> JobRecord:
         job = self._succeeded_job(job_id)
+        if gguf is not None and source_gguf(job.model or "") is None:
+            raise InvalidRequestError(f"`gguf`: {NO_SOURCE_GGUF}", param="gguf")
         outputs = self.manager.workspace(job).output
         if version is not None:
             check_version_name(version, "adapter_version")
@@ -109,6 +112,7 @@ class SqftService:
             adapter=str(adapter_dir),
             output=str(outputs.merged_model(version)),
             sparse=bool(self._lora(job).get("sparse_adapter")),
+            gguf=gguf,
         )
         return self._submit("merge", params, model=job.model, parent=job_id)
 

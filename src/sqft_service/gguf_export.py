@@ -1,0 +1,199 @@
+"""Write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio; transformers loads it too).
+
+The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
+came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
+goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order.
+
+QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
+``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
+``Q4_1`` (2 to 4 bits) or ``Q5_1`` (5 bits) with ``d = s`` and ``m = -s * z``, ``Q8_0`` (6 or 7 bits) with
+``d = s`` and codes ``q - z``, or plain ``F32`` (8 bits). The quantizer keeps its scales float16-exact
+(``adapters/qa/quantizer.py``), so GGML's ``d * q + m`` gives the merged model's weights bit for bit,
+its zeros included; each layer is checked after encoding. Other weights go in the requested type;
+1-D tensors (norms) stay F32, as llama.cpp's own converter keeps them.
+
+Written here because llama.cpp's ``convert_hf_to_gguf.py`` is not a package and re-quantizes from
+floats, which would not give back the trained integers; the file format itself is the ``gguf``
+package's writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters.qa.quantizer import GroupQuantizer
+
+GGUF_FILE = "model.gguf"
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+_FLOAT_TYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
+_FILE_TYPES = {
+    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    gguf.GGMLQuantizationType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+}
+# Architectures whose tensor layout we write and test. llama.cpp stores Llama's q/k rows interleaved
+# for its rotary kernel (``_permute``); another architecture needs its own rules before it is listed.
+_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
+_BLOCK = 32  # the block length of Q4_1, Q5_1 and Q8_0
+
+
+class GGUFExportError(ValueError):
+    """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
+
+
+def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's row order for a Llama q/k projection (and for anything indexed by its rows)."""
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def int_blocks(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> tuple[np.ndarray, Any]:
+    """GGML blocks (uint8, one row of blocks per output row) holding ``(codes - zero) * scale`` exactly.
+
+    ``codes``: ``(out, in)`` integers; ``scale`` / ``zero``: ``(out, in / group_size)`` with
+    ``group_size`` a multiple of 32. Returns the bytes and their GGML type.
+    """
+    out, inp = codes.shape
+    per_group = inp // scale.shape[1] // _BLOCK
+    d = np.repeat(scale.astype(np.float32), per_group, axis=1)  # one scale per 32-block
+    z = np.repeat(zero.astype(np.float32), per_group, axis=1)
+    q = codes.astype(np.uint8).reshape(out, inp // _BLOCK, _BLOCK)
+    d16 = d.astype(np.float16)[..., None].view(np.uint8)
+    if bits <= 5:
+        m16 = (-d * z).astype(np.float16)[..., None].view(np.uint8)
+        low = q & np.uint8(0x0F)
+        qs = low[..., : _BLOCK // 2] | (low[..., _BLOCK // 2 :] << np.uint8(4))
+        if bits <= 4:
+            parts, qtype = [d16, m16, qs], gguf.GGMLQuantizationType.Q4_1
+        else:
+            qh = np.packbits(q >> np.uint8(4), axis=-1, bitorder="little")
+            parts, qtype = [d16, m16, qh, qs], gguf.GGMLQuantizationType.Q5_1
+    else:
+        signed = (q.astype(np.int16) - z[..., None].astype(np.int16)).astype(np.int8).view(np.uint8)
+        parts, qtype = [d16, signed], gguf.GGMLQuantizationType.Q8_0
+    return np.concatenate(parts, axis=-1).reshape(out, -1), qtype
+
+
+def _encode_int(weight: np.ndarray, quantizer: GroupQuantizer, row_order) -> tuple[np.ndarray, Any, bool]:
+    """A QA layer's weight (float32, on its grid) as its integers; ``exact``: GGML decodes it bit for bit."""
+    if quantizer.bits > 7 or quantizer.group_size % _BLOCK:
+        return weight, gguf.GGMLQuantizationType.F32, True  # no GGML block holds these codes: exact floats
+    codes = row_order(quantizer.codes(torch.from_numpy(weight)).numpy())
+    scale = row_order(quantizer.scale.cpu().numpy())
+    zero = row_order(quantizer.zero.cpu().numpy())
+    data, qtype = int_blocks(codes, scale, zero, quantizer.bits)
+    exact = np.array_equal(gguf.quants.dequantize(data, qtype).reshape(weight.shape), row_order(weight))
+    return data, qtype, exact
+
+
+def export_gguf(
+    model: nn.Module,
+    base_gguf: Path,
+    path: Path,
+    out_type: str = "f16",
+    quantizers: dict[str, GroupQuantizer] | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` (a merged model of ``base_gguf``'s architecture) to ``path``.
+
+    Args:
+        model: The merged model (any device and dtype; a QA-SparsePEFT merge in float32).
+        base_gguf: The GGUF file its base came from: metadata, tokenizer and tensor names.
+        path: The file to write.
+        out_type: One of :data:`GGUF_TYPES`, for every 2-D weight that is not a QA layer.
+        quantizers: A QA-SparsePEFT adapter's quantizers (module name -> quantizer).
+
+    Returns:
+        ``file`` (the name), ``bytes``, ``tensor_types`` (GGML type -> count) and ``exact_int_layers``
+        (QA layers that GGML decodes to the merged weights bit for bit; ``int_layers`` of them).
+
+    Raises:
+        GGUFExportError: an architecture not in ``_ARCHITECTURES``, or the model doesn't match the file.
+    """
+    if out_type not in _FLOAT_TYPES:
+        raise GGUFExportError(f"unknown GGUF type {out_type!r}: one of {', '.join(GGUF_TYPES)}")
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    if arch not in _ARCHITECTURES:
+        raise GGUFExportError(f"GGUF export writes {sorted(_ARCHITECTURES)} models; {base_gguf.name} is {arch!r}")
+    n_head = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)).contents())
+    n_head_kv = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)).contents())
+    n_blocks = int(reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)).contents())
+    names = gguf.get_tensor_name_map(_ARCHITECTURES[arch], n_blocks)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            state[name] = (key.removesuffix(".weight"), tensor)
+    quantizers = quantizers or {}
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (
+            gguf.Keys.General.ARCHITECTURE,
+            gguf.Keys.General.FILE_TYPE,
+            gguf.Keys.General.QUANTIZATION_VERSION,
+        ):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+
+    types: dict[str, int] = {}
+    int_layers = exact = 0
+    for info in reader.tensors:
+        shape = tuple(int(n) for n in reversed(info.shape.tolist()))
+        if info.name not in state:
+            if not info.name.startswith("rope_freqs"):
+                raise GGUFExportError(f"the base GGUF's {info.name} has no counterpart in the merged model")
+            # Llama 3's rope frequencies: settings computed from the config, not weights; kept as they were.
+            writer.add_tensor(info.name, info.data, raw_shape=info.data.shape, raw_dtype=info.tensor_type)
+            types[info.tensor_type.name] = types.get(info.tensor_type.name, 0) + 1
+            continue
+        module, tensor = state[info.name]
+        weight = tensor.detach().float().cpu().numpy()
+        if weight.shape != shape:
+            raise GGUFExportError(f"{info.name}: the model's {weight.shape} differs from the base GGUF's {shape}")
+        heads = n_head if ".attn_q." in info.name else n_head_kv if ".attn_k." in info.name else None
+
+        def row_order(rows, heads=heads):
+            return _permute(rows, heads) if heads else rows
+
+        if module in quantizers:
+            data, qtype, ok = _encode_int(weight, quantizers[module], row_order)
+            int_layers += 1
+            exact += ok
+        else:
+            qtype = _FLOAT_TYPES[out_type] if weight.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if qtype == gguf.GGMLQuantizationType.Q8_0 and weight.shape[-1] % _BLOCK:
+                qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp: rows Q8_0 can't block
+            data = gguf.quants.quantize(row_order(weight), qtype)
+        writer.add_tensor(info.name, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+    dominant = max(
+        (t for t in types if gguf.GGMLQuantizationType[t] in _FILE_TYPES and t != "F32"), key=types.get, default="F32"
+    )
+    writer.add_file_type(_FILE_TYPES[gguf.GGMLQuantizationType[dominant]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "tensor_types": types,
+        "int_layers": int_layers,
+        "exact_int_layers": exact,
+    }

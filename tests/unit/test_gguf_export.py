@@ -1,0 +1,154 @@
+"""GGUF export: GGML blocks that hold a QA layer's integers exactly, and SmolLM2 written back to GGUF
+and read by stock transformers (its GGUF loader de-quantizes with the ``gguf`` package, as llama.cpp does)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from sqft_service.adapters.qa.quantizer import GroupQuantizer
+from sqft_service.gguf_export import GGUF_TYPES, GGUFExportError, export_gguf, int_blocks
+from sqft_service.model_sources import source_gguf
+from sqft_service.training.models import convert_gguf
+
+
+def _sparse_weight(out: int, inp: int, seed: int) -> torch.Tensor:
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w[w.abs() < w.abs().median()] = 0.0
+    w[0, :64] = 0.0  # a group of zeros
+    w[1, :64] = w[1, :64].abs() + 1e-3  # an all-positive group (its range widened to hold 0)
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int_blocks_decode_to_the_quantized_weight_bit_for_bit(bits, group_size):
+    w = _sparse_weight(8, 256, seed=bits)
+    q = GroupQuantizer.fit(w, bits, group_size)
+    codes = q.codes(w)
+    data, qtype = int_blocks(codes.numpy(), q.scale.numpy(), q.zero.numpy(), bits)
+    expected = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1", 6: "Q8_0", 7: "Q8_0"}[bits]
+    assert qtype.name == expected
+    block_bytes = {"Q4_1": 20, "Q5_1": 24, "Q8_0": 34}[expected]
+    assert data.shape == (8, 256 // 32 * block_bytes)
+    decoded = gguf.quants.dequantize(data, qtype).reshape(w.shape)
+    assert np.array_equal(decoded, q.dequantize(codes).numpy())  # GGML's d*q + m, exactly
+    assert (decoded[w.numpy() == 0] == 0).all()  # zeros stay zeros
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+def test_quantizer_scales_are_float16_exact(bits):
+    q = GroupQuantizer.fit(_sparse_weight(16, 128, seed=3) * 1e-2, bits, 32)  # small weights: low exponents
+    assert torch.equal(q.scale.half().float(), q.scale)
+    if bits <= 5:
+        assert torch.equal((-q.scale * q.zero).half().float(), -q.scale * q.zero)
+
+
+def test_source_gguf_follows_sparsify_reports(tmp_path, gguf_path):
+    assert source_gguf(str(gguf_path)) == gguf_path
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    (sparse / "sparsity_report.json").write_text(json.dumps({"source_model": str(gguf_path)}))
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "sparsity_report.json").write_text(json.dumps({"source_model": str(sparse)}))
+    assert source_gguf(str(twice)) == gguf_path
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "sparsity_report.json").write_text(json.dumps({"source_model": str(loop)}))
+    assert source_gguf(str(loop)) is None
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sparsity_report.json").write_text("[1")
+    assert source_gguf(str(tmp_path / "broken")) is None
+    assert source_gguf(str(tmp_path)) is None  # a plain model directory
+    assert source_gguf(str(tmp_path / "gone.gguf")) is None
+
+
+@pytest.fixture(scope="module")
+def smollm2_qa(tmp_path_factory, gguf_path):
+    """SmolLM2 de-quantized, with some layers pruned and put on a QA grid as a QA-SparsePEFT merge leaves them:
+    4-bit q/k (llama.cpp permutes their rows), 5-bit up, 7-bit down, and an 8-bit o (kept as floats)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = convert_gguf(gguf_path, tmp_path_factory.mktemp("gguf-cache"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    bits = {"self_attn.q_proj": 4, "self_attn.k_proj": 4, "mlp.up_proj": 5, "mlp.down_proj": 7, "self_attn.o_proj": 8}
+    quantizers = {}
+    with torch.no_grad():
+        for layer in (1, 7):
+            for suffix, b in bits.items():
+                name = f"model.layers.{layer}.{suffix}"
+                module = model.get_submodule(name)
+                w = module.weight
+                w[w.abs() < w.abs().median()] = 0.0
+                quantizers[name] = q = GroupQuantizer.fit(w, b, 64)
+                w.copy_(q.dequantize(q.codes(w)))
+    return model, quantizers
+
+
+def test_smollm2_with_qa_layers_round_trips_through_transformers(tmp_path, gguf_path, smollm2_qa):
+    from transformers import AutoModelForCausalLM
+
+    model, quantizers = smollm2_qa
+    report = export_gguf(model, gguf_path, tmp_path / "model.gguf", "f32", quantizers)
+    assert report["int_layers"] == report["exact_int_layers"] == len(quantizers)
+    assert report["tensor_types"]["Q4_1"] == 4 and report["tensor_types"]["Q5_1"] == 2
+    assert report["tensor_types"]["Q8_0"] == 2  # 7-bit codes as q - z
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key  # every weight, the QA integers included
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    source = gguf.GGUFReader(str(gguf_path))
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template", "llama.rope.freq_base", "general.name"):
+        assert reader.get_field(key).contents() == source.get_field(key).contents(), key
+    assert reader.get_field("tokenizer.ggml.tokens").contents() == source.get_field("tokenizer.ggml.tokens").contents()
+    assert [t.name for t in reader.tensors] == [t.name for t in source.tensors]
+
+
+@pytest.mark.parametrize("out_type", [t for t in GGUF_TYPES if t != "f32"])
+def test_other_weights_take_the_requested_type(tmp_path, gguf_path, smollm2_qa, out_type):
+    model, quantizers = smollm2_qa
+    path = tmp_path / "model.gguf"
+    report = export_gguf(model, gguf_path, path, out_type, quantizers)
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    expected = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[out_type]
+    assert by_name["token_embd.weight"].tensor_type.name == expected
+    assert by_name["blk.0.attn_v.weight"].tensor_type.name == expected
+    assert by_name["blk.0.attn_norm.weight"].tensor_type.name == "F32"  # norms stay F32
+    assert by_name["blk.1.attn_q.weight"].tensor_type.name == "Q4_1"  # QA layers keep their integers
+    assert report["exact_int_layers"] == len(quantizers)
+    file_type = int(reader.get_field("general.file_type").contents())
+    assert file_type == {"f16": 1, "bf16": 32, "q8_0": 7}[out_type]
+    embed = gguf.quants.dequantize(by_name["token_embd.weight"].data, by_name["token_embd.weight"].tensor_type)
+    reference = model.model.embed_tokens.weight.detach().numpy()
+    tolerance = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2}[out_type]  # relative to the weights' scale
+    assert np.abs(embed - reference).max() <= tolerance * np.abs(reference).max()
+
+
+def test_a_model_that_does_not_match_the_base_is_refused(tmp_path, gguf_path, tiny_llama):
+    with pytest.raises(GGUFExportError, match="differs from the base GGUF"):
+        export_gguf(tiny_llama, gguf_path, tmp_path / "model.gguf")
+    with pytest.raises(GGUFExportError, match="unknown GGUF type"):
+        export_gguf(tiny_llama, gguf_path, tmp_path / "model.gguf", "q4_k")
+
+
+def test_only_architectures_we_write_are_accepted(tmp_path, tiny_llama):
+    path = Path(tmp_path / "other.gguf")
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFExportError, match="'gpt2'"):
+        export_gguf(tiny_llama, path, tmp_path / "model.gguf")
