@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,7 +108,9 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
 
 
 def test_sqft_pipeline_on_smollm2(server, tmp_path, gguf_path):
-    """Sparsify SmolLM2 to 50%, SparsePEFT + NLS for a few steps, extract heuristic, merge, check sparsity."""
+    """SQFT's whole pipeline on SmolLM2: sparsify to 50%, QA-SparsePEFT + NLS for a few steps, extract the
+    heuristic sub-adapter, merge it into the INT4 + sparse model and write that as a GGUF file, which stock
+    transformers reads back to the merged weights bit for bit."""
     from openai import OpenAI
     from transformers import AutoModelForCausalLM
 
@@ -130,6 +133,8 @@ def test_sqft_pipeline_on_smollm2(server, tmp_path, gguf_path):
                     "r": 16,
                     "neural_lora_search": True,
                     "sparse_adapter": True,
+                    "quantization_aware": True,  # INT4, groups of 64
+                    "lora_dropout": 0.0,
                     "target_module_groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
                     "search_space": ["16,12,8", "16,12,8", "16,12,8"],
                 }
@@ -151,12 +156,28 @@ def test_sqft_pipeline_on_smollm2(server, tmp_path, gguf_path):
     assert sub.json()["ranks"] == [12] * (3 * 30)  # 3 groups x 30 layers of SmolLM2
 
     merged = http.post(
-        "/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job.id, "adapter_version": "heuristic"}
+        "/v1/finetune/merge_adapter",
+        json={"fine_tuning_job_id": job.id, "adapter_version": "heuristic", "gguf": "q8_0"},
     )
     assert merged.status_code == 200, merged.text
     report = merged.json()
     assert report["zeros_preserved"] is True
-    assert report["sparsity"]["after"]["overall"] == report["sparsity"]["before"]["overall"]
+    # Every zero kept; a few small weights also land on their group's zero level when quantized.
+    before, after = report["sparsity"]["before"]["overall"], report["sparsity"]["after"]["overall"]
+    assert before <= after < before + 1e-3
+    adapted = 5 * 30  # q, k, v, up, down in 30 layers
+    assert report["quantization"]["layers"] == adapted and report["quantization"]["bits"] == 4
+    exported = report["gguf"]
+    assert exported["int_layers"] == exported["exact_int_layers"] == adapted
+    # QA layers as INT4 blocks, the others (o, gate, embeddings) in the asked type, norms in F32.
+    assert exported["tensor_types"] == {"Q4_1": adapted, "Q8_0": 2 * 30 + 1, "F32": 2 * 30 + 1}
     model = AutoModelForCausalLM.from_pretrained(report["path"])  # stock transformers loads it
     w = model.model.layers[3].mlp.down_proj.weight
     assert abs((w == 0).float().mean().item() - 0.5) < 0.01
+    gguf_path = Path(exported["path"])
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    for i in (0, 17, 29):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+            ours = model.get_submodule(f"model.layers.{i}.{name}").weight
+            theirs = from_gguf.get_submodule(f"model.layers.{i}.{name}").weight
+            assert torch.equal(ours, theirs), (i, name)  # the trained integers, zeros included

@@ -222,6 +222,19 @@ def test_qa_settings_are_checked_by_the_api(sqft):
         assert error["param"] == "General.lora_config" and named in error["message"], error
 
 
+def test_gguf_export_needs_a_base_that_came_from_a_gguf(sqft):
+    client, jobs = sqft
+    before = client.get("/v1/finetune/operations", params={"kind": "merge"}).json()["data"]
+    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"], "gguf": "f16"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "gguf" and "came from" in error["message"], error
+    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"], "gguf": "q4_k"})
+    assert resp.status_code == 400 and "gguf" in resp.text, resp.text
+    # Nothing was queued for either.
+    assert client.get("/v1/finetune/operations", params={"kind": "merge"}).json()["data"] == before
+
+
 def test_merge_plain_lora_job(sqft):
     client, jobs = sqft
     resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["lora"]})
