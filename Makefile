@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -55,6 +55,15 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu $(ARGS)
 
+# A QA-SparsePEFT merge exported to GGUF and scored by llama.cpp (bench/gguf_llamacpp.py). llama-cpp-python
+# is built from source (about 10 minutes on 2 cores) into .llamacpp/, outside the service's environment.
+LLAMACPP := .llamacpp
+$(LLAMACPP)/llama_cpp/__init__.py: $(STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF" \
+		$(VENV)/bin/pip install --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
+bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
+	$(PY) -m bench.gguf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
+
 # The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
 # ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".
 load: $(STAMP)
@@ -77,4 +86,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LLAMACPP) .pytest_cache .ruff_cache
