@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from .adapters.qa.quantizer import GroupQuantizer
+from .model_sources import GGUFExportError
+
+__all__ = ["GGUF_FILE", "GGUF_TYPES", "GGUFExportError", "export_gguf", "int_blocks"]
 
 GGUF_FILE = "model.gguf"
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -49,10 +52,6 @@ _FILE_TYPES = {
 # for its rotary kernel (``_permute``); another architecture needs its own rules before it is listed.
 _ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
 _BLOCK = 32  # the block length of Q4_1, Q5_1 and Q8_0
-
-
-class GGUFExportError(ValueError):
-    """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
 
 
 def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -90,7 +89,8 @@ def int_blocks(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
 def _encode_int(weight: np.ndarray, quantizer: GroupQuantizer, row_order) -> tuple[np.ndarray, Any, bool]:
     """A QA layer's weight (float32, on its grid) as its integers; ``exact``: GGML decodes it bit for bit."""
     if quantizer.bits > 7 or quantizer.group_size % _BLOCK:
-        return weight, gguf.GGMLQuantizationType.F32, True  # no GGML block holds these codes: exact floats
+        # No GGML block holds these codes: exact floats (rows in llama.cpp's order all the same).
+        return row_order(weight), gguf.GGMLQuantizationType.F32, True
     codes = row_order(quantizer.codes(torch.from_numpy(weight)).numpy())
     scale = row_order(quantizer.scale.cpu().numpy())
     zero = row_order(quantizer.zero.cpu().numpy())

@@ -16,8 +16,7 @@ from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
 from .adapters.qa import saved_quantizers
 from .adapters.sparsify import sparsify_model
-from .gguf_export import GGUF_FILE, GGUFExportError, export_gguf
-from .model_sources import NO_SOURCE_GGUF, source_gguf
+from .model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
@@ -124,32 +123,26 @@ def merge(
     Raises:
         GGUFExportError: ``gguf_type`` is set and the base did not come from a GGUF we can write.
     """
-    base_gguf = None
+    model_dir = resolve_model_dir(model, model_cache_dir)
+    staging = staging_dir_for(output_dir)
+    write_gguf = None
     if gguf_type is not None:
+        # The gguf package only when asked: the GPU image that runs tests/gpu has none.
+        from .gguf_export import GGUF_FILE, export_gguf
+
         base_gguf = source_gguf(model)
         if base_gguf is None:
             raise GGUFExportError(NO_SOURCE_GGUF)
-    model_dir = resolve_model_dir(model, model_cache_dir)
+
+        def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
+            exported = export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, saved_quantizers(adapter_dir))
+            return {**exported, "path": str(output_dir.resolve() / GGUF_FILE)}
+
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")
     base.to(operation_device(base))  # the adapter loads onto the base's device; saved files are device-free
-    staging = staging_dir_for(output_dir)
-
-    def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
-        quantizers = saved_quantizers(adapter_dir)
-        return export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, quantizers)
-
-    report = merge_adapter(
-        base,
-        adapter_dir,
-        staging,
-        sparse=sparse,
-        tokenizer_dir=model_dir,
-        after_merge=write_gguf if base_gguf else None,
-    )
+    report = merge_adapter(base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir, after_merge=write_gguf)
     publish_dir(staging, output_dir)
-    if "gguf" in report:
-        report["gguf"]["path"] = str(output_dir.resolve() / GGUF_FILE)
     return {**report, "path": str(output_dir.resolve())}
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
+class GGUFExportError(ValueError):
+    """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
+
+
 NO_SOURCE_GGUF = (
     "a GGUF export copies the tokenizer and settings of the GGUF file the base model came from; this job's "
     "base is neither a .gguf file nor a model sparsified from one"

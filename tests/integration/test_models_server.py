@@ -14,6 +14,10 @@ extracted and merged, and the super-adapter is merged. Then:
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -121,6 +125,58 @@ def test_sparse_adapters_answer_as_their_sparse_merges(served):
     for adapter, merged in ((sub, sub_merged), (sup, sup_merged)):
         assert adapter["loss"] == merged["loss"]
         assert [s["output"] for s in adapter["samples"]] == [s["output"] for s in merged["samples"]]
+
+
+def _untar(resp: httpx.Response, into: Path) -> Path:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/x-tar"
+    assert int(resp.headers["content-length"]) == len(resp.content)
+    with tarfile.open(fileobj=io.BytesIO(resp.content)) as tar:
+        tops = {name.split("/")[0] for name in tar.getnames()}
+        tar.extractall(into, filter="data")
+    assert len(tops) == 1  # one folder, named after the model
+    return into / tops.pop()
+
+
+def test_a_fine_tuned_model_downloads_whole_and_loads_with_stock_libraries(served, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    http, names, _ = served
+    for key in ("sub", "super_merged"):
+        where = Path(_ok(http.get(f"/v1/models/{names[key]}"))["path"])
+        folder = _untar(http.get(f"/v1/models/{names[key]}/content"), tmp_path / key)
+        got = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        # Exactly the model's own files: the sub-adapter's merged model (inside its folder) is not part of it.
+        want = {p.relative_to(where).as_posix(): p.read_bytes() for p in where.rglob("*") if p.is_file()}
+        if key == "sub":
+            assert any(name.startswith("merged_model/") for name in want)
+            want = {name: data for name, data in want.items() if not name.startswith("merged_model/")}
+        assert got == want and got
+        one = http.get(f"/v1/models/{names[key]}/content", params={"file": sorted(want)[0]})
+        assert one.status_code == 200 and one.content == want[sorted(want)[0]]
+    base = AutoModelForCausalLM.from_pretrained(names["base"])
+    adapter = PeftModel.from_pretrained(base, str(tmp_path / "sub" / next((tmp_path / "sub").iterdir()).name))
+    assert adapter.peft_config["default"].rank_pattern  # the heuristic sub-adapter's own ranks
+    merged = AutoModelForCausalLM.from_pretrained(str(next((tmp_path / "super_merged").iterdir())))
+    reference = AutoModelForCausalLM.from_pretrained(_ok(http.get(f"/v1/models/{names['super_merged']}"))["path"])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, reference(ids).logits)
+
+
+def test_downloads_name_what_is_wrong(served):
+    http, names, _ = served
+    for file in ("../config.json", "nope.bin", "/etc/passwd"):
+        resp = http.get(f"/v1/models/{names['super_merged']}/content", params={"file": file})
+        assert resp.status_code == 404 and resp.json()["error"]["param"] == "file", resp.text
+        assert "config.json" in resp.json()["error"]["message"]  # it lists what there is
+    resp = http.get(f"/v1/models/{names['super']}:nope/content")
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model", resp.text
+    # A base model is not the service's to hand out: its path has '/', so `<path>/content` names no model.
+    resp = http.get(f"/v1/models/{names['base']}/content")
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model", resp.text
 
 
 def test_delete_removes_exactly_the_named_model(served):

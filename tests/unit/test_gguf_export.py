@@ -72,7 +72,8 @@ def test_source_gguf_follows_sparsify_reports(tmp_path, gguf_path):
 @pytest.fixture(scope="module")
 def smollm2_qa(tmp_path_factory, gguf_path):
     """SmolLM2 de-quantized, with some layers pruned and put on a QA grid as a QA-SparsePEFT merge leaves them:
-    4-bit q/k (llama.cpp permutes their rows), 5-bit up, 7-bit down, and an 8-bit o (kept as floats)."""
+    4-bit q/k (llama.cpp permutes their rows), 5-bit up, 7-bit down, an 8-bit o and a k in groups of 16
+    (those two kept as floats)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = convert_gguf(gguf_path, tmp_path_factory.mktemp("gguf-cache"))
@@ -88,6 +89,10 @@ def smollm2_qa(tmp_path_factory, gguf_path):
                 w[w.abs() < w.abs().median()] = 0.0
                 quantizers[name] = q = GroupQuantizer.fit(w, b, 64)
                 w.copy_(q.dequantize(q.codes(w)))
+        # Groups of 16: no GGML block fits them, so the layer goes as exact floats (rows still permuted).
+        w = model.get_submodule("model.layers.4.self_attn.k_proj").weight
+        quantizers["model.layers.4.self_attn.k_proj"] = q = GroupQuantizer.fit(w, 4, 16)
+        w.copy_(q.dequantize(q.codes(w)))
     return model, quantizers
 
 
@@ -99,6 +104,7 @@ def test_smollm2_with_qa_layers_round_trips_through_transformers(tmp_path, gguf_
     assert report["int_layers"] == report["exact_int_layers"] == len(quantizers)
     assert report["tensor_types"]["Q4_1"] == 4 and report["tensor_types"]["Q5_1"] == 2
     assert report["tensor_types"]["Q8_0"] == 2  # 7-bit codes as q - z
+    assert report["tensor_types"]["F32"] == 272 - 4 - 2 - 2  # the rest of 272: norms, weights, 8 bits, g16
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..job_secrets import restore_secrets
 from ..model_access import ModelAccess
-from ..model_sources import NO_SOURCE_GGUF, source_gguf
+from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
 from .kinds import EvaluateParams, ExtractParams, MergeParams, SparsifyParams
@@ -84,7 +84,6 @@ def extract(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from .. import model_ops
-    from ..gguf_export import GGUFExportError
 
     p = MergeParams.model_validate(params)
     p.model = _model_access(ctx).check_model(p.model, "model")

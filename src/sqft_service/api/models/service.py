@@ -28,6 +28,7 @@ from ...workspace import TrainingOutputs
 from ..owner import current_owner, owned_by_caller
 
 BASE_OWNER = "system"
+MERGED_DIR = TrainingOutputs(Path("/")).merged_model().name
 
 
 class PermissionDeniedError(ServiceError):
@@ -148,6 +149,34 @@ class ModelService:
         record = self.files.get(job.training_file) if job.training_file else None
         return record.meta.get("format") if record is not None else None
 
+    def files(self, model_id: str) -> tuple[ModelEntry, dict[str, Path]]:
+        """A fine-tuned model's files (name relative to its directory -> path), for a download.
+
+        Regular files only (no links followed out of the directory), no hidden names (staging, deleted
+        copies), and not a sub-adapter's ``merged_model/``, which is a model of its own. A base model is
+        a 403: the service serves what it made, not what it was given.
+        """
+        entry = self.get(model_id)
+        if entry.path is None:
+            raise PermissionDeniedError(
+                f"`{model_id}` is a base model; only fine-tuned models (ft:…) can be downloaded",
+                param="model",
+                code="model_not_downloadable",
+            )
+        skip = None if entry.ref is not None and entry.ref.merged else entry.path / MERGED_DIR
+        found: dict[str, Path] = {}
+        pending = [entry.path]
+        while pending:
+            folder = pending.pop()
+            for child in sorted(folder.iterdir()):
+                if child.name.startswith(".") or child.is_symlink() or child == skip:
+                    continue
+                if child.is_dir():
+                    pending.append(child)
+                elif child.is_file():
+                    found[child.relative_to(entry.path).as_posix()] = child
+        return entry, dict(sorted(found.items()))
+
     # ---------------------------------------------------------------- deleting
     def delete(self, model_id: str) -> str:
         entry = self.get(model_id)
@@ -157,7 +186,7 @@ class ModelService:
                 param="model",
                 code="model_not_deletable",
             )
-        merged_inside = entry.path / TrainingOutputs(Path("/")).merged_model().name
+        merged_inside = entry.path / MERGED_DIR
         if entry.ref is not None and entry.ref.version and not entry.ref.merged and merged_inside.is_dir():
             # A sub-adapter's directory also holds its merged model, a model of its own: remove only the
             # adapter's files, its config first (from then on it is no longer listed).
