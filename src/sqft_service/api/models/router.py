@@ -29,6 +29,7 @@ def list_models(request: Request) -> ModelList:
 @router.get(
     "/v1/models/{model}/content",
     response_class=StreamingResponse,
+    response_model=None,
     responses={**file_response("application/x-tar"), **error_responses(403, 404)},
 )
 def model_content(
@@ -38,7 +39,7 @@ def model_content(
 ) -> FileResponse | StreamingResponse:
     """A fine-tuned model's files (adapter, sub-adapter or merged model) as one tar, or one of them with
     ``?file=``; what it holds is what ``GET /v1/models/{model}`` says lies at ``path``."""
-    entry, files = _service(request).files(model)
+    entry, files = _service(request).model_files(model)
     if file is not None:
         if file not in files:
             listed = ", ".join(list(files)[:20])

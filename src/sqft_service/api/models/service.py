@@ -149,7 +149,7 @@ class ModelService:
         record = self.files.get(job.training_file) if job.training_file else None
         return record.meta.get("format") if record is not None else None
 
-    def files(self, model_id: str) -> tuple[ModelEntry, dict[str, Path]]:
+    def model_files(self, model_id: str) -> tuple[ModelEntry, dict[str, Path]]:
         """A fine-tuned model's files (name relative to its directory -> path), for a download.
 
         Regular files only (no links followed out of the directory), no hidden names (staging, deleted
