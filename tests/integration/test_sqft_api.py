@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from sqft_service.adapters.qa import INT_WEIGHTS_FILE, QUANT_FILE, load_int_weights
 from sqft_service.app import create_app
+from sqft_service.workspace import TrainingOutputs
 from tests.helpers import alpaca_records, write_json
 from tests.integration.conftest import make_settings, upload, wait_status
 
@@ -66,7 +67,8 @@ def sqft(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[TestClient, dict]]:
             "qa": {
                 "training_file": "alpaca_data.json",
                 "model": sparse_dir,
-                "General": {"lora_config": QA_LORA_CONFIG},
+                # A checkpoint per step.
+                "General": {"lora_config": QA_LORA_CONFIG, "save_strategy": "steps", "save_steps": 1},
             },
         }
         jobs = {}
@@ -185,7 +187,11 @@ def test_sparse_jobs_merge_keeps_every_zero(sqft):
 def test_qa_sparse_job_merges_into_the_integers_it_trained_with(sqft):
     client, jobs = sqft
     job = client.get(f"/v1/fine_tuning/jobs/{jobs['qa']}").json()
-    assert (Path(job["fine_tuned_model_path"]) / QUANT_FILE).is_file()
+    quantizers = Path(job["fine_tuned_model_path"]) / QUANT_FILE
+    assert quantizers.is_file()
+    # Written once and linked into each checkpoint: the quantizers never change during training.
+    saved = [c / QUANT_FILE for c in TrainingOutputs(quantizers.parent.parent).checkpoints.iterdir()]
+    assert len(saved) == 3 and all(p.stat().st_ino == quantizers.stat().st_ino for p in saved)
     resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"]})
     assert resp.status_code == 200, resp.text
     out = resp.json()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 
 from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
+from ..adapters.qa import QUANT_FILE
 from ..config import FinetuneConfig
 from ..job_secrets import redacted_json
 from ..threads import configure_torch_threads
@@ -572,7 +573,7 @@ class FinetuneRecipe:
             write_elastic_adapter_config(self.handles.nls, self.cfg.General.lora_config, directory)
             self.handles.nls.save_stats(directory / STATS_FILE)
         if self.handles.quant is not None:  # the merge quantizes with these (adapters/qa)
-            self.handles.quant.save(directory)
+            self.handles.quant.save(directory, once_at=self.output_dir / f".{QUANT_FILE}")
         return directory
 
     def _trainer_state(self, step: int, epoch: int, trained_tokens: int) -> TrainerState:

@@ -24,6 +24,8 @@ quantization-aware training is refused with ``lora_dropout > 0`` (config.py).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from ..sparse.peft import SparseAdapter, SparseLoraLinear, enable_sparse_peft
 from .quantizer import GroupQuantizer, load_quantizers, save_quantizers
 
 QUANT_FILE = "sqft_quantization.safetensors"  # beside the adapter: the base's scales and zero points
+QUANT_METHOD = "rtn-minmax-asymmetric-f16scales"  # the file's `method`: RTN, float16-exact scales
 SCALE_BUFFER = "sqft_quant_scale"
 ZERO_BUFFER = "sqft_quant_zero"
 
@@ -131,9 +134,26 @@ class QuantAwareAdapter:
     def quantizers(self) -> dict[str, GroupQuantizer]:
         return {name: m.quantizer for name, m in self.modules.items()}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the scales and zero points beside a saved adapter (:data:`QUANT_FILE`)."""
-        return save_quantizers(Path(directory) / QUANT_FILE, self.quantizers(), method="rtn-minmax-asymmetric")
+    def save(self, directory: str | Path, once_at: Path | None = None) -> Path:
+        """Write the scales and zero points beside a saved adapter (:data:`QUANT_FILE`).
+
+        ``once_at``: a file kept across saves. The quantizers never change during training, so the file
+        is written there once and hard-linked into each checkpoint (an 8B model's is ~0.5 GB; a copy
+        where links fail).
+        """
+        target = Path(directory) / QUANT_FILE
+        if once_at is None:
+            return save_quantizers(target, self.quantizers(), method=QUANT_METHOD)
+        if not once_at.is_file():
+            partial = once_at.with_name(once_at.name + ".partial")
+            save_quantizers(partial, self.quantizers(), method=QUANT_METHOD)
+            partial.replace(once_at)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(once_at, target)
+        except OSError:
+            shutil.copyfile(once_at, target)
+        return target
 
 
 def saved_quantizers(adapter_dir: str | Path) -> dict[str, GroupQuantizer] | None:
