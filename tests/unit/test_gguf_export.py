@@ -70,14 +70,20 @@ def test_source_gguf_follows_sparsify_reports(tmp_path, gguf_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_qa(tmp_path_factory, gguf_path):
+def gguf_cache(tmp_path_factory, gguf_path) -> Path:
+    cache = tmp_path_factory.mktemp("gguf-cache")
+    convert_gguf(gguf_path, cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def smollm2_qa(gguf_cache, gguf_path):
     """SmolLM2 de-quantized, with some layers pruned and put on a QA grid as a QA-SparsePEFT merge leaves them:
     4-bit q/k (llama.cpp permutes their rows), 5-bit up, 7-bit down, an 8-bit o and a k in groups of 16
     (those two kept as floats)."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = convert_gguf(gguf_path, tmp_path_factory.mktemp("gguf-cache"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(convert_gguf(gguf_path, gguf_cache), dtype=torch.float32)
     bits = {"self_attn.q_proj": 4, "self_attn.k_proj": 4, "mlp.up_proj": 5, "mlp.down_proj": 7, "self_attn.o_proj": 8}
     quantizers = {}
     with torch.no_grad():
@@ -158,3 +164,36 @@ def test_only_architectures_we_write_are_accepted(tmp_path, tiny_llama):
     writer.close()
     with pytest.raises(GGUFExportError, match="'gpt2'"):
         export_gguf(tiny_llama, path, tmp_path / "model.gguf")
+
+
+def test_cli_merges_a_lora_adapter_into_a_gguf(tmp_path, gguf_path, gguf_cache):
+    """``sqft merge --gguf q8_0`` on a plain LoRA adapter of the GGUF: the merged weights, in Q8_0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sqft_service.cli import main
+    from tests.conftest import randomize_b
+
+    base_dir = convert_gguf(gguf_path, gguf_cache)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    randomize_b(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    argv = ["merge", "--model", str(gguf_path), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]
+    assert (
+        main([*argv, "--gguf", "q8_0", "--model-cache", str(gguf_cache), "--json-out", str(tmp_path / "r.json")]) == 0
+    )
+    report = json.loads((tmp_path / "r.json").read_text())["gguf"]
+    assert report["path"] == str((out / "model.gguf").resolve()) and report["int_layers"] == 0
+    assert report["tensor_types"] == {"Q8_0": 211, "F32": 61}
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    by_name = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    q = gguf.quants.dequantize(by_name["blk.3.attn_v.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    v = merged.model.layers[3].self_attn.v_proj.weight.detach().numpy()
+    assert not np.allclose(
+        v, AutoModelForCausalLM.from_pretrained(base_dir).model.layers[3].self_attn.v_proj.weight.detach().numpy()
+    )
+    assert np.abs(q - v).max() <= np.abs(v).max() / 127  # the merged weight, to Q8_0's step
