@@ -195,6 +195,7 @@ class RayRunner:
         self.namespace = namespace
         connect(address, namespace)
         self._asked: dict[str, concurrent.futures.Future] = {}
+        self._asked_at: dict[str, float] = {}
         self._asking = threading.Lock()
 
     def submit(self, spec: LaunchSpec) -> RayHandle:
@@ -318,7 +319,9 @@ class RayRunner:
 
     def _ask_cluster(self, question: str, call: Callable[[], Any]) -> Any:
         """``call()`` on a thread of its own, waited for at most CHECK_TIMEOUT_S: with the head down, Ray's
-        own calls wait a minute. A question still unanswered is waited for again, not asked twice.
+        own calls wait a minute. A question still unanswered is not asked twice, and is waited for only
+        until CHECK_TIMEOUT_S after it was first asked: a request that asks two questions of a lost head
+        (a multi-GPU job's checks) waits once, not once per question.
 
         A daemon thread, not an executor's: the interpreter joins executor threads at exit, so a call
         stuck on a lost head would hold the service's shutdown (SIGTERM, `docker stop`) until it is killed.
@@ -330,8 +333,10 @@ class RayRunner:
             pending = self._asked.get(question)
             if pending is None or pending.done():
                 pending = self._asked[question] = concurrent.futures.Future()
+                self._asked_at[question] = time.monotonic()
                 threading.Thread(target=_answer, args=(pending, call), name=f"sqft-ray-{question}", daemon=True).start()
-        return pending.result(timeout=CHECK_TIMEOUT_S)
+            left = CHECK_TIMEOUT_S - (time.monotonic() - self._asked_at[question])
+        return pending.result(timeout=max(left, 0.0))
 
     def check(self) -> str | None:
         """None while the cluster answers, else why not (GET /ready)."""
