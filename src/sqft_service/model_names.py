@@ -2,7 +2,8 @@
 
 A succeeded fine-tune's ``fine_tuned_model`` is ``ft:<base>:<suffix or "sqft">:<job-id>`` (OpenAI's
 form); an extracted NLS sub-adapter adds ``:<version>``, a merged model ``:merged`` (after the version,
-if any). ``<base>`` and ``<suffix>`` are slugs without ``:``, so the job id is always the fourth field
+if any), a checkpoint ``:ckpt-step-<N>`` (as OpenAI names checkpoint models; sub-adapter versions can't
+start so). ``<base>`` and ``<suffix>`` are slugs without ``:``, so the job id is always the fourth field
 and a name parses without a lookup table. "merged" cannot be a sub-adapter version (api/sqft/protocol.py
 reserves it), so the last field is never ambiguous. Shared by the job manager and the API: stdlib only.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 MERGED = "merged"
+CHECKPOINT_PREFIX = "ckpt-step-"
 DEFAULT_SUFFIX = "sqft"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -40,9 +42,19 @@ class FineTunedRef:
     version: str | None = None
     merged: bool = False
 
+    @property
+    def checkpoint_step(self) -> int | None:
+        """The step of a checkpoint model (``ckpt-step-<N>``), else None."""
+        tail = (self.version or "").removeprefix(CHECKPOINT_PREFIX)
+        return int(tail) if self.version != tail and tail.isdigit() else None
+
     def name(self, model_ref: str, suffix: str | None) -> str:
         tail = [p for p in (self.version, MERGED if self.merged else None) if p]
         return ":".join([fine_tuned_name(model_ref, suffix, self.job_id), *tail])
+
+
+def checkpoint_ref(job_id: str, step: int) -> FineTunedRef:
+    return FineTunedRef(job_id, f"{CHECKPOINT_PREFIX}{step}")
 
 
 def parse_fine_tuned(model_id: str) -> FineTunedRef | None:

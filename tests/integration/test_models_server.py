@@ -60,7 +60,7 @@ def served(tmp_path_factory, tiny_model_dir):
                 "model": sparse["path"],
                 "training_file": file_id,
                 "Training": {"batch_size": 4, "max_train_steps": 8, "learning_rate": 5e-2},
-                "General": {"lora_config": NLS},
+                "General": {"lora_config": NLS, "save_strategy": "steps", "save_steps": 2},
             }
             job_id = _ok(http.post("/v1/fine_tuning/jobs", json=body))["id"]
             job = wait_until(
@@ -83,6 +83,8 @@ def served(tmp_path_factory, tiny_model_dir):
                 "super_merged": f"{ft}:merged",
                 "sub": f"{ft}:heuristic",
                 "sub_merged": f"{ft}:heuristic:merged",
+                "ckpt2": f"{ft}:ckpt-step-2",  # checkpoints at steps 2 and 4 of 4
+                "ckpt4": f"{ft}:ckpt-step-4",
             }
             yield http, names, file_id
     finally:
@@ -103,6 +105,35 @@ def test_models_lists_sub_adapters_and_merged_models(served):
     assert _listed(http) == set(names.values())
     for name in names.values():
         assert _ok(http.get(f"/v1/models/{name}"))["id"] == name
+
+
+def test_checkpoints_are_models_too(served):
+    http, names, file_id = served
+    job_id = names["super"].split(":")[3]
+    listed = _ok(http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints"))["data"]
+    assert {c["model"] for c in listed} == {names["ckpt2"], names["ckpt4"], names["super"]}  # the final one: the job's
+    assert all(Path(c["fine_tuned_model_checkpoint"]).is_dir() for c in listed)  # still the directory
+    reference = _ok(http.post("/v1/finetune/list_checkpoints", json={"fine_tuning_job_id": job_id}))
+    assert {c["model"] for c in reference} == {c["model"] for c in listed}
+    assert _ok(_complete(http, names["ckpt2"]))["model"] == names["ckpt2"]
+    # Scored like any adapter: step 4's checkpoint is the final adapter, step 2's is not.
+    candidates = [names["ckpt2"], names["ckpt4"], names["super"]]
+    body = {"candidates": candidates, "file": file_id, "max_samples": 6, "generate": False, "wait": False}
+    op_id = http.post("/v1/finetune/evaluate", json=body).json()["id"]
+    op = wait_until(
+        lambda: (o := http.get(f"/v1/finetune/operations/{op_id}").json())["status"] in ("succeeded", "failed") and o,
+        300,
+        what="the evaluation",
+    )
+    assert op["status"] == "succeeded", op.get("error")
+    step2, step4, final = (row["loss"] for row in op["result"]["data"])
+    assert step4 == final and step2 != final
+    # A sub-adapter can't take a checkpoint's name.
+    resp = http.post(
+        "/v1/finetune/extract_adapter", json={"fine_tuning_job_id": job_id, "sub_adapter_version": "ckpt-step-2"}
+    )
+    assert resp.status_code == 400 and "ckpt-step-" in resp.json()["error"]["message"], resp.text
+    assert http.get(f"/v1/models/{names['super']}:ckpt-step-5").status_code == 404
 
 
 def test_sparse_adapters_answer_as_their_sparse_merges(served):
@@ -183,11 +214,11 @@ def test_delete_removes_exactly_the_named_model(served):
     http, names, _ = served
     assert _ok(http.delete(f"/v1/models/{names['sub']}")) == {"id": names["sub"], "object": "model", "deleted": True}
     # The sub-adapter's merged model lives inside its directory and is a model of its own: it stays.
-    assert _listed(http) == {names[k] for k in ("base", "super", "super_merged", "sub_merged")}
+    assert _listed(http) == {names[k] for k in ("base", "super", "super_merged", "sub_merged", "ckpt2", "ckpt4")}
     assert _complete(http, names["sub_merged"]).status_code == 200
     for key in ("sub_merged", "super_merged"):
         _ok(http.delete(f"/v1/models/{names[key]}"))
-    assert _listed(http) == {names["base"], names["super"]}
+    assert _listed(http) == {names[k] for k in ("base", "super", "ckpt2", "ckpt4")}
     for key in ("sub", "sub_merged", "super_merged"):
         for resp in (http.get(f"/v1/models/{names[key]}"), _complete(http, names[key])):
             assert resp.status_code == 404 and resp.json()["error"]["param"] == "model", resp.text

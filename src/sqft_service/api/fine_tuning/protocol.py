@@ -180,9 +180,13 @@ class JobCheckpoint(BaseModel):
     fine_tuning_job_id: str
     metrics: CheckpointMetrics
     step_number: int
+    # Extension: the checkpoint as a model (`ft:…:ckpt-step-<N>`; the final one's is the job's model), for
+    # /v1/chat/completions, evaluate and /v1/models once the job has succeeded. `fine_tuned_model_checkpoint`
+    # stays the directory, as the reference service answers.
+    model: str | None = None
 
     @classmethod
-    def from_record(cls, c: CheckpointRecord) -> JobCheckpoint:
+    def from_record(cls, c: CheckpointRecord, model: str | None = None) -> JobCheckpoint:
         known = set(CheckpointMetrics.model_fields)
         return cls(
             id=c.id,
@@ -191,6 +195,7 @@ class JobCheckpoint(BaseModel):
             fine_tuning_job_id=c.job_id,
             metrics=CheckpointMetrics(**{k: v for k, v in c.metrics.items() if k in known}),
             step_number=c.step,
+            model=model,
         )
 
 

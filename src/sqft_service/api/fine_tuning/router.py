@@ -84,7 +84,7 @@ def list_checkpoints(
     limit: int = Query(CHECKPOINTS_PAGE[0], ge=1, le=CHECKPOINTS_PAGE[1]),
 ) -> CheckpointList:
     records, has_more = _service(request).checkpoints_of(job_id, after=after, limit=limit)
-    data = [JobCheckpoint.from_record(c) for c in records]
+    data = [JobCheckpoint.from_record(c, model) for c, model in records]
     return CheckpointList(
         data=data,
         has_more=has_more,
@@ -124,4 +124,4 @@ async def cancel_job_ref(request: Request) -> FineTuningJob:
 async def list_checkpoints_ref(request: Request) -> list[JobCheckpoint]:
     job_id = await _job_id(request)
     records, _ = _service(request).checkpoints_of(job_id, after=None, limit=1000)
-    return [JobCheckpoint.from_record(c) for c in records]
+    return [JobCheckpoint.from_record(c, model) for c, model in records]

@@ -11,6 +11,7 @@ from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
+from ...model_names import FineTunedRef, checkpoint_ref
 from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.files import FileRecord
 from ...store.ids import new_id
@@ -162,9 +163,18 @@ class FineTuningService:
         self.get(job_id)
         return self.events.list_events(job_id, after=after, limit=limit)
 
-    def checkpoints_of(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[CheckpointRecord], bool]:
-        self.get(job_id)
-        return self.events.list_checkpoints(job_id, after=after, limit=limit)
+    def checkpoints_of(
+        self, job_id: str, *, after: str | None, limit: int
+    ) -> tuple[list[tuple[CheckpointRecord, str]], bool]:
+        """A page of the job's checkpoints, each with its model id (the final one's is the job's model)."""
+        job = self.get(job_id)
+        records, more = self.events.list_checkpoints(job_id, after=after, limit=limit)
+
+        def model(c: CheckpointRecord) -> str:
+            ref = FineTunedRef(job.id) if c.metrics.get("final") else checkpoint_ref(job.id, c.step)
+            return ref.name(job.model or "", job.suffix)
+
+        return [(c, model(c)) for c in records], more
 
     def log_path(self, job_id: str) -> Path:
         return JobManager.workspace(self.get(job_id)).log

@@ -3,6 +3,7 @@
 * base models: every ``model`` the caller's fine-tunes named (id: the reference as given);
 * per succeeded fine-tune (``model_names.py``): its adapter ``ft:…:<job>``, each extracted sub-adapter
   ``ft:…:<job>:<version>``, each merged model ``ft:…:<job>:merged`` / ``ft:…:<job>:<version>:merged``,
+  each checkpoint ``ft:…:<job>:ckpt-step-<N>`` (an adapter, served and scored like the final one),
   listed while their directory exists (deleting one removes the directory, so it leaves the list).
 
 Another project's model is a 404 like a missing one, as for jobs and files.
@@ -10,6 +11,7 @@ Another project's model is a 404 like a missing one, as for jobs and files.
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from ...errors import NotFoundError, ServiceError
 from ...inference.spec import ModelSpec
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
-from ...model_names import FineTunedRef, parse_fine_tuned
+from ...model_names import FineTunedRef, checkpoint_ref, parse_fine_tuned
 from ...settings import Settings
 from ...store.files import FileStore
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
@@ -28,6 +30,7 @@ from ...workspace import TrainingOutputs
 from ..owner import current_owner, owned_by_caller
 
 BASE_OWNER = "system"
+_STEP_DIR = re.compile(r"step-([0-9]{1,9})")  # workspace.TrainingOutputs.checkpoint's names
 MERGED_DIR = TrainingOutputs(Path("/")).merged_model().name
 
 
@@ -96,6 +99,11 @@ class ModelService:
                 yield entry(FineTunedRef(job.id, child.name), child)
             if _is_model_dir(outputs.merged_model(child.name), "config.json"):
                 yield entry(FineTunedRef(job.id, child.name, merged=True), outputs.merged_model(child.name))
+        checkpoints = outputs.checkpoints.iterdir() if outputs.checkpoints.is_dir() else []
+        steps = sorted(int(m[1]) for c in checkpoints if (m := _STEP_DIR.fullmatch(c.name)))
+        for step in steps:
+            if _is_model_dir(outputs.checkpoint(step), "adapter_config.json"):
+                yield entry(checkpoint_ref(job.id, step), outputs.checkpoint(step))
 
     def list(self) -> list[ModelEntry]:
         bases: dict[str, int] = {}

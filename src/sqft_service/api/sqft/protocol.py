@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ...model_names import CHECKPOINT_PREFIX
 from ...store.jobs import JobRecord
 from ...workspace import TrainingOutputs
 from ..fine_tuning.protocol import JobError
@@ -32,6 +33,8 @@ def version_name_problem(version: str, param: str) -> str | None:
     if version.casefold() in {name.casefold() for name in RESERVED_VERSIONS}:
         taken = ", ".join(sorted(RESERVED_VERSIONS))
         return f"`{param}` {version!r} is reserved: the job's output uses these names ({taken}); choose another"
+    if version.casefold().startswith(CHECKPOINT_PREFIX):
+        return f"`{param}` {version!r} is reserved: model ids of checkpoints end in `:{CHECKPOINT_PREFIX}<step>`"
     return None
 
 
