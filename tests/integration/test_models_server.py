@@ -100,6 +100,18 @@ def _complete(http: httpx.Client, model: str) -> httpx.Response:
     return http.post("/v1/completions", json=body)
 
 
+def _evaluate(http: httpx.Client, body: dict) -> list[dict]:
+    """An evaluate operation's rows (asked without waiting, then polled)."""
+    op_id = http.post("/v1/finetune/evaluate", json={**body, "wait": False}).json()["id"]
+    op = wait_until(
+        lambda: (o := http.get(f"/v1/finetune/operations/{op_id}").json())["status"] in ("succeeded", "failed") and o,
+        300,
+        what="the evaluation",
+    )
+    assert op["status"] == "succeeded", op.get("error")
+    return op["result"]["data"]
+
+
 def test_models_lists_sub_adapters_and_merged_models(served):
     http, names, _ = served
     assert _listed(http) == set(names.values())
@@ -118,15 +130,8 @@ def test_checkpoints_are_models_too(served):
     assert _ok(_complete(http, names["ckpt2"]))["model"] == names["ckpt2"]
     # Scored like any adapter: step 4's checkpoint is the final adapter, step 2's is not.
     candidates = [names["ckpt2"], names["ckpt4"], names["super"]]
-    body = {"candidates": candidates, "file": file_id, "max_samples": 6, "generate": False, "wait": False}
-    op_id = http.post("/v1/finetune/evaluate", json=body).json()["id"]
-    op = wait_until(
-        lambda: (o := http.get(f"/v1/finetune/operations/{op_id}").json())["status"] in ("succeeded", "failed") and o,
-        300,
-        what="the evaluation",
-    )
-    assert op["status"] == "succeeded", op.get("error")
-    step2, step4, final = (row["loss"] for row in op["result"]["data"])
+    rows = _evaluate(http, {"candidates": candidates, "file": file_id, "max_samples": 6, "generate": False})
+    step2, step4, final = (row["loss"] for row in rows)
     assert step4 == final and step2 != final
     # A sub-adapter can't take a checkpoint's name.
     resp = http.post(
@@ -144,15 +149,8 @@ def test_sparse_adapters_answer_as_their_sparse_merges(served):
     assert texts["sub"] == texts["sub_merged"]
 
     candidates = [names["sub"], names["sub_merged"], names["super"], names["super_merged"]]
-    body = {"candidates": candidates, "file": file_id, "max_samples": 6, "max_new_tokens": 6, "wait": False}
-    op_id = http.post("/v1/finetune/evaluate", json=body).json()["id"]
-    op = wait_until(
-        lambda: (o := http.get(f"/v1/finetune/operations/{op_id}").json())["status"] in ("succeeded", "failed") and o,
-        300,
-        what="the evaluation",
-    )
-    assert op["status"] == "succeeded", op.get("error")
-    sub, sub_merged, sup, sup_merged = op["result"]["data"]
+    rows = _evaluate(http, {"candidates": candidates, "file": file_id, "max_samples": 6, "max_new_tokens": 6})
+    sub, sub_merged, sup, sup_merged = rows
     for adapter, merged in ((sub, sub_merged), (sup, sup_merged)):
         assert adapter["loss"] == merged["loss"]
         assert [s["output"] for s in adapter["samples"]] == [s["output"] for s in merged["samples"]]

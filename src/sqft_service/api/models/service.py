@@ -157,6 +157,15 @@ class ModelService:
         record = self.files.get(job.training_file) if job.training_file else None
         return record.meta.get("format") if record is not None else None
 
+    def _fine_tuned(self, model_id: str, verb: str, code: str) -> ModelEntry:
+        """The caller's fine-tuned model ``model_id``; a base model is a 403 (``code``)."""
+        entry = self.get(model_id)
+        if entry.path is None:
+            raise PermissionDeniedError(
+                f"`{model_id}` is a base model; only fine-tuned models (ft:…) can be {verb}", param="model", code=code
+            )
+        return entry
+
     def model_files(self, model_id: str) -> tuple[ModelEntry, dict[str, Path]]:
         """A fine-tuned model's files (name relative to its directory -> path), for a download.
 
@@ -164,13 +173,8 @@ class ModelService:
         copies), and not a sub-adapter's ``merged_model/``, which is a model of its own. A base model is
         a 403: the service serves what it made, not what it was given.
         """
-        entry = self.get(model_id)
-        if entry.path is None:
-            raise PermissionDeniedError(
-                f"`{model_id}` is a base model; only fine-tuned models (ft:…) can be downloaded",
-                param="model",
-                code="model_not_downloadable",
-            )
+        entry = self._fine_tuned(model_id, "downloaded", "model_not_downloadable")
+        assert entry.path is not None
         skip = None if entry.ref is not None and entry.ref.merged else entry.path / MERGED_DIR
         found: dict[str, Path] = {}
         pending = [entry.path]
@@ -187,13 +191,8 @@ class ModelService:
 
     # ---------------------------------------------------------------- deleting
     def delete(self, model_id: str) -> str:
-        entry = self.get(model_id)
-        if entry.path is None:
-            raise PermissionDeniedError(
-                f"`{model_id}` is a base model; only fine-tuned models (ft:…) can be deleted",
-                param="model",
-                code="model_not_deletable",
-            )
+        entry = self._fine_tuned(model_id, "deleted", "model_not_deletable")
+        assert entry.path is not None
         merged_inside = entry.path / MERGED_DIR
         if entry.ref is not None and entry.ref.version and not entry.ref.merged and merged_inside.is_dir():
             # A sub-adapter's directory also holds its merged model, a model of its own: remove only the
