@@ -21,7 +21,7 @@ from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
 from .training.records import load_records
-from .workspace import publish_dir, staging_dir_for
+from .workspace import staged
 
 # Used for Wanda's activation statistics when the caller gives no calibration file: generic prose,
 # enough to estimate per-feature input norms (Wanda is robust to the calibration text, Sun et al. 2023 §5).
@@ -97,12 +97,11 @@ def sparsify(
         "report": report,
         "device": device.type,
     }
-    staging = staging_dir_for(output_dir)
-    staging.mkdir(parents=True)
-    base.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "sparsity_report.json").write_text(json.dumps(result, indent=2))
-    publish_dir(staging, output_dir)
+    with staged(output_dir) as staging:
+        staging.mkdir(parents=True)
+        base.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "sparsity_report.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -123,26 +122,29 @@ def merge(
     Raises:
         GGUFExportError: ``gguf_type`` is set and the base did not come from a GGUF we can write.
     """
-    model_dir = resolve_model_dir(model, model_cache_dir)
-    staging = staging_dir_for(output_dir)
-    write_gguf = None
+    base_gguf = None
     if gguf_type is not None:
-        # The gguf package only when asked: the GPU image that runs tests/gpu has none.
-        from .gguf_export import GGUF_FILE, export_gguf
-
         base_gguf = source_gguf(model)
         if base_gguf is None:
             raise GGUFExportError(NO_SOURCE_GGUF)
-
-        def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
-            exported = export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, saved_quantizers(adapter_dir))
-            return {**exported, "path": str(output_dir.resolve() / GGUF_FILE)}
-
+    model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")
     base.to(operation_device(base))  # the adapter loads onto the base's device; saved files are device-free
-    report = merge_adapter(base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir, after_merge=write_gguf)
-    publish_dir(staging, output_dir)
+    with staged(output_dir) as staging:
+        write_gguf = None
+        if base_gguf is not None:
+            # The gguf package only when asked: the GPU image that runs tests/gpu has none.
+            from .gguf_export import GGUF_FILE, export_gguf
+
+            def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
+                quantizers = saved_quantizers(adapter_dir)
+                exported = export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, quantizers)
+                return {**exported, "path": str(output_dir.resolve() / GGUF_FILE)}
+
+        report = merge_adapter(
+            base, adapter_dir, staging, sparse=sparse, tokenizer_dir=model_dir, after_merge=write_gguf
+        )
     return {**report, "path": str(output_dir.resolve())}
 
 
@@ -158,9 +160,8 @@ def sub_adapter_ranks(super_adapter_dir: Path, version: str, custom_config: list
 
 def extract(super_adapter_dir: Path, output_dir: Path, ranks: list[int]) -> dict[str, Any]:
     """Write the sub-adapter with ``ranks`` as a stock PEFT adapter at ``output_dir``."""
-    staging = staging_dir_for(output_dir)
-    summary = extract_sub_adapter(super_adapter_dir, staging, ranks)
-    summary["path"] = str(output_dir.resolve())
-    (staging / "sub_adapter.json").write_text(json.dumps(summary, indent=2))
-    publish_dir(staging, output_dir)
+    with staged(output_dir) as staging:
+        summary = extract_sub_adapter(super_adapter_dir, staging, ranks)
+        summary["path"] = str(output_dir.resolve())
+        (staging / "sub_adapter.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,19 @@ def write_atomically(path: Path, text: str) -> None:
 def staging_dir_for(target: Path) -> Path:
     """A fresh sibling of ``target`` to build it in before :func:`publish_dir` puts it in place."""
     return target.with_name(f".{target.name}.{uuid.uuid4().hex}.staging")
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """Build ``target`` in a staging directory: published by :func:`publish_dir` if the block ends
+    normally, removed if it raises (a failed merge must not leave a model's worth of files behind)."""
+    staging = staging_dir_for(target)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, target)
 
 
 def publish_dir(staging: Path, target: Path) -> Path:
