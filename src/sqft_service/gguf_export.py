@@ -2,7 +2,8 @@
 
 The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
 came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
-goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order.
+goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama and
+Qwen2 architectures (a Mistral GGUF is a Llama one).
 
 QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
 ``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
@@ -48,9 +49,10 @@ _FILE_TYPES = {
     gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     gguf.GGMLQuantizationType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
 }
-# Architectures whose tensor layout we write and test. llama.cpp stores Llama's q/k rows interleaved
-# for its rotary kernel (``_permute``); another architecture needs its own rules before it is listed.
-_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
+# Architectures whose tensor layout we write and test, and whether llama.cpp stores their q/k rows
+# interleaved for its rotary kernel (``_permute``: Llama's, not Qwen2's); another architecture needs its
+# own rules checked before it is listed.
+_ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
 _BLOCK = 32  # the block length of Q4_1, Q5_1 and Q8_0
 
 
@@ -131,7 +133,8 @@ def export_gguf(
     n_head = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)).contents())
     n_head_kv = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)).contents())
     n_blocks = int(reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)).contents())
-    names = gguf.get_tensor_name_map(_ARCHITECTURES[arch], n_blocks)
+    model_arch, permuted = _ARCHITECTURES[arch]
+    names = gguf.get_tensor_name_map(model_arch, n_blocks)
     state = {}
     for key, tensor in model.state_dict().items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -166,6 +169,7 @@ def export_gguf(
         if weight.shape != shape:
             raise GGUFExportError(f"{info.name}: the model's {weight.shape} differs from the base GGUF's {shape}")
         heads = n_head if ".attn_q." in info.name else n_head_kv if ".attn_k." in info.name else None
+        heads = heads if permuted else None
 
         def row_order(rows, heads=heads):
             return _permute(rows, heads) if heads else rows

@@ -197,3 +197,77 @@ def test_cli_merges_a_lora_adapter_into_a_gguf(tmp_path, gguf_path, gguf_cache):
         v, AutoModelForCausalLM.from_pretrained(base_dir).model.layers[3].self_attn.v_proj.weight.detach().numpy()
     )
     assert np.abs(q - v).max() <= np.abs(v).max() / 127  # the merged weight, to Q8_0's step
+
+
+def _tiny_qwen2_gguf(path: Path, tokenizer_gguf: Path):
+    """A random 2-layer Qwen2 written as an F32 GGUF with SmolLM2's tokenizer: a base of another
+    architecture (q/k/v biases, q/k rows not permuted). transformers loads it as the same model (checked
+    here); llama.cpp gave the same logits (bench machine, llama-cpp-python 0.3.36, max diff 2e-4)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(model.config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for field in gguf.GGUFReader(str(tokenizer_gguf)).fields.values():
+        if field.name.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+    for key, tensor in model.state_dict().items():
+        writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def test_a_qwen2_merge_round_trips_too(tmp_path, gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base" / "qwen2.gguf"
+    base.parent.mkdir()
+    model = _tiny_qwen2_gguf(base, gguf_path)
+    loaded_base = AutoModelForCausalLM.from_pretrained(str(base.parent), gguf_file=base.name, dtype=torch.float32)
+    assert type(loaded_base).__name__ == "Qwen2ForCausalLM"
+    assert all(torch.equal(v, loaded_base.state_dict()[k]) for k, v in model.state_dict().items())
+    quantizers = {}
+    with torch.no_grad():  # QA layers with biases beside them (q, k) and without (down)
+        for name in (
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.k_proj",
+            "model.layers.1.mlp.down_proj",
+        ):
+            w = model.get_submodule(name).weight
+            w[w.abs() < w.abs().median()] = 0.0
+            quantizers[name] = q = GroupQuantizer.fit(w, 4, 32)
+            w.copy_(q.dequantize(q.codes(w)))
+    out = tmp_path / "out"
+    out.mkdir()
+    report = export_gguf(model, base, out / "model.gguf", "f32", quantizers)
+    assert report["int_layers"] == report["exact_int_layers"] == 3 and report["tensor_types"]["Q4_1"] == 3
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
