@@ -30,6 +30,8 @@ import gguf
 import numpy as np
 import torch
 
+from sqft_service.gguf_export import copy_fields
+
 from .auto_hparams import prepare_data
 from .throughput.inputs import CACHE, TARGETS, default_model
 from .throughput.report import write_machine_results
@@ -73,11 +75,7 @@ def requantize(src: Path, dst: Path, names: set[str]) -> None:
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
     writer = gguf.GGUFWriter(str(dst), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    copy_fields(reader, writer, lambda name: True)
     for t in reader.tensors:
         if t.name in names:
             floats = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -107,10 +105,7 @@ def held_out(val: Path, model_dir: str) -> list[tuple[list[int], list[int]]]:
     return [(ex.input_ids, ex.labels) for ex in data]
 
 
-def nll_transformers(model_dir: str, examples) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def nll_transformers(model, examples) -> float:
     total = count = 0.0
     with torch.no_grad():
         for ids, labels in examples:
@@ -198,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"steps": args.steps, "lr": args.lr, "batch_size": 8, "r": 16, "val_records": len(examples)},
         "train_s": round(train_s, 1),
         "export": merged["gguf"],
-        "merged_transformers_valid_loss": round(nll_transformers(merged["path"], examples), 6),
+        "merged_transformers_valid_loss": round(nll_transformers(hf, examples), 6),
         "files_mb": {},
         "llama_cpp": {},
     }

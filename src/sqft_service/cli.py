@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .model_sources import GGUF_TYPES
 from .settings import Settings
 
 log = logging.getLogger("sqft_service.cli")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--sparse", action="store_true", help="SparsePEFT: keep the base's zeros")
     merge.add_argument(
         "--gguf",
-        choices=("f32", "f16", "bf16", "q8_0"),
+        choices=GGUF_TYPES,
         default=None,
         help="also write <output>/model.gguf (base must come from a .gguf), other weights in this type",
     )

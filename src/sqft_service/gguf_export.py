@@ -20,6 +20,7 @@ package's writer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,11 @@ import torch
 from torch import nn
 
 from .adapters.qa.quantizer import GroupQuantizer
-from .model_sources import GGUFExportError
+from .model_sources import GGUF_TYPES, GGUFExportError
 
-__all__ = ["GGUF_FILE", "GGUF_TYPES", "GGUFExportError", "export_gguf", "int_blocks"]
+__all__ = ["GGUF_FILE", "GGUF_TYPES", "GGUFExportError", "copy_fields", "export_gguf", "int_blocks"]
 
 GGUF_FILE = "model.gguf"
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _FLOAT_TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
@@ -54,6 +54,16 @@ _FILE_TYPES = {
 # own rules checked before it is listed.
 _ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
 _BLOCK = 32  # the block length of Q4_1, Q5_1 and Q8_0
+
+
+def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, keep: Callable[[str], bool]) -> None:
+    """The metadata of ``reader`` whose names ``keep`` accepts, into ``writer`` (never the file's own
+    ``GGUF.*`` fields nor the architecture, which the writer sets)."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or not keep(field.name):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
 
 
 def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -143,15 +153,8 @@ def export_gguf(
     quantizers = quantizers or {}
 
     writer = gguf.GGUFWriter(str(path), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in (
-            gguf.Keys.General.ARCHITECTURE,
-            gguf.Keys.General.FILE_TYPE,
-            gguf.Keys.General.QUANTIZATION_VERSION,
-        ):
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    rewritten = (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
+    copy_fields(reader, writer, lambda name: name not in rewritten)
 
     types: dict[str, int] = {}
     int_layers = exact = 0

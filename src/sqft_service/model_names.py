@@ -42,12 +42,6 @@ class FineTunedRef:
     version: str | None = None
     merged: bool = False
 
-    @property
-    def checkpoint_step(self) -> int | None:
-        """The step of a checkpoint model (``ckpt-step-<N>``), else None."""
-        tail = (self.version or "").removeprefix(CHECKPOINT_PREFIX)
-        return int(tail) if self.version != tail and tail.isdigit() else None
-
     def name(self, model_ref: str, suffix: str | None) -> str:
         tail = [p for p in (self.version, MERGED if self.merged else None) if p]
         return ":".join([fine_tuned_name(model_ref, suffix, self.job_id), *tail])

@@ -14,7 +14,6 @@ import torch
 
 from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
-from .adapters.qa import saved_quantizers
 from .adapters.sparsify import sparsify_model
 from .model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from .training.device import operation_device
@@ -137,8 +136,7 @@ def merge(
             # The gguf package only when asked: the GPU image that runs tests/gpu has none.
             from .gguf_export import GGUF_FILE, export_gguf
 
-            def write_gguf(merged: torch.nn.Module) -> dict[str, Any]:
-                quantizers = saved_quantizers(adapter_dir)
+            def write_gguf(merged: torch.nn.Module, quantizers: dict | None) -> dict[str, Any]:
                 exported = export_gguf(merged, base_gguf, staging / GGUF_FILE, gguf_type, quantizers)
                 return {**exported, "path": str(output_dir.resolve() / GGUF_FILE)}
 

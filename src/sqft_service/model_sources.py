@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
+
+# What a merge's GGUF export writes its weights in (other than a QA-SparsePEFT layer's integers).
+GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUF_TYPES: tuple[str, ...] = get_args(GGUFType)
 
 
 class GGUFExportError(ValueError):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sqft_service.adapters.qa.quantizer import GroupQuantizer
-from sqft_service.gguf_export import GGUF_TYPES, GGUFExportError, export_gguf, int_blocks
+from sqft_service.gguf_export import GGUF_TYPES, GGUFExportError, copy_fields, export_gguf, int_blocks
 from sqft_service.model_sources import source_gguf
 from sqft_service.training.models import convert_gguf
 
@@ -228,10 +228,7 @@ def _tiny_qwen2_gguf(path: Path, tokenizer_gguf: Path):
     writer.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(model.config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for field in gguf.GGUFReader(str(tokenizer_gguf)).fields.values():
-        if field.name.startswith("tokenizer."):
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    copy_fields(gguf.GGUFReader(str(tokenizer_gguf)), writer, lambda name: name.startswith("tokenizer."))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
     for key, tensor in model.state_dict().items():
         writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.numpy())

@@ -22,7 +22,7 @@ from peft import PeftModel
 from torch import nn
 
 from .peft_utils import base_of, lora_layers
-from .qa import enable_quantization_aware, save_int_weights, saved_quantizers
+from .qa import GroupQuantizer, enable_quantization_aware, save_int_weights, saved_quantizers
 from .sparse import enable_sparse_peft, sparsity_report
 
 
@@ -55,7 +55,7 @@ def merge_adapter(
     sparse: bool,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | Path | None = None,
-    after_merge: Callable[[nn.Module], dict[str, Any]] | None = None,
+    after_merge: Callable[[nn.Module, dict[str, GroupQuantizer] | None], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into the base model and save the result with ``save_pretrained``.
 
@@ -69,8 +69,8 @@ def merge_adapter(
         dtype: The dtype to load and save in (default: the base model's own dtype; float32 for a
             QA-SparsePEFT adapter, whose integer grid bf16 can't hold exactly).
         tokenizer_dir: If given, its tokenizer is saved beside the merged model.
-        after_merge: Called with the merged model once it is saved (e.g. a GGUF export); what it
-            returns is the report's ``gguf``.
+        after_merge: Called with the merged model once it is saved, and the adapter's QA quantizers
+            (or None), e.g. a GGUF export; what it returns is the report's ``gguf``.
 
     Returns:
         ``path``, ``dtype``, ``sparse``, ``adapted_modules`` and the sparsity reports ``before`` /
@@ -122,7 +122,7 @@ def merge_adapter(
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
-    exported = after_merge(merged) if after_merge is not None else None
+    exported = after_merge(merged, quantizers) if after_merge is not None else None
     after = sparsity_report(merged, names=adapted)
     return {
         "path": str(out),

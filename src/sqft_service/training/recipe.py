@@ -30,7 +30,7 @@ from ..adapters.qa import QUANT_FILE
 from ..config import FinetuneConfig
 from ..job_secrets import redacted_json
 from ..threads import configure_torch_threads
-from ..workspace import TrainingOutputs, publish_dir, staging_dir_for
+from ..workspace import TrainingOutputs, staged
 from . import precision
 from .attention import choose_attention
 from .batching import Collator, length_grouped_batches
@@ -592,10 +592,10 @@ class FinetuneRecipe:
         """Adapter + trainer state, built beside ``target`` and put in place by one rename (rank 0 only)."""
         if not self.dp.is_main:
             return target
-        staging = staging_dir_for(target)
-        self.save_adapter(staging)
-        state.save(staging)
-        return publish_dir(staging, target)
+        with staged(target) as staging:
+            self.save_adapter(staging)
+            state.save(staging)
+        return target
 
     def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any], trained_tokens: int = 0) -> Path:
         """A listed checkpoint (OpenAI's ``checkpoints``) that training can also resume from exactly."""

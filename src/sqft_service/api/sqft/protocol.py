@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ...model_names import CHECKPOINT_PREFIX
+from ...model_sources import GGUFType
 from ...store.jobs import JobRecord
 from ...workspace import TrainingOutputs
 from ..fine_tuning.protocol import JobError
@@ -69,7 +70,7 @@ class MergeAdapterRequest(BaseModel):
     sub_adapter_version: str | None = None
     # Extension: also write merged_model/model.gguf (llama.cpp, Ollama), other weights in this type;
     # QA-SparsePEFT layers go as their trained integers (Q4_1 / Q5_1 / Q8_0 blocks).
-    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
+    gguf: GGUFType | None = None
     wait: bool = True
 
     _versions = field_validator("adapter_version", "sub_adapter_version")(_check_version)
