@@ -54,3 +54,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def preference_records(n: int) -> list[dict[str, Any]]:
+    """OpenAI preference (DPO) records with a learnable preference: the reply that names the color."""
+    records = []
+    for i in range(n):
+        color, other = COLORS[i % len(COLORS)], COLORS[(i + 1) % len(COLORS)]
+        records.append(
+            {
+                "input": {"messages": [{"role": "user", "content": f"The sky is {color}. What color is the sky?"}]},
+                "preferred_output": [{"role": "assistant", "content": f"It is {color}."}],
+                "non_preferred_output": [{"role": "assistant", "content": f"It is {other}."}],
+            }
+        )
+    return records

@@ -30,6 +30,8 @@ MAX_NAME_CHARS = 256  # module names, rank lists
 MAX_LIST_ITEMS = 1024  # target modules, groups, search spaces
 MAX_TRAINING_WORKERS = 64  # data-parallel ranks of one job (one process group)
 MAX_WORKER_RESOURCES = 16  # resource names per worker ("CPU", "GPU", custom Ray resources)
+DPO_BETA = 0.1  # DPO's usual beta (the paper's, TRL's and OpenAI's default)
+MAX_DPO_BETA = 100.0  # beyond this the policy can hardly move: a typo, not a choice
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
@@ -177,6 +179,11 @@ class DatasetSection(_Section):
 
 
 class TrainingSection(_Section):
+    # "dpo": Direct Preference Optimization on preference records (training/preference.py), which is
+    # what OpenAI's `method.type: "dpo"` sets; "supervised": next-token loss on the replies.
+    method: Literal["supervised", "dpo"] = "supervised"
+    # DPO's beta: how strongly the policy is held to the reference (larger: closer). Only with "dpo".
+    dpo_beta: float = Field(DPO_BETA, gt=0, le=MAX_DPO_BETA)
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = "adamw_torch"
     batch_size: int = Field(2, ge=1, le=MAX_BATCH_SIZE)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
@@ -211,6 +218,12 @@ class TrainingSection(_Section):
     # The same range as the top-level `seed` (it becomes the job's seed column, an SQLite integer).
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_threads: int | None = Field(None, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _beta_for_dpo(self) -> TrainingSection:
+        if self.method != "dpo" and self.dpo_beta != DPO_BETA:
+            raise ValueError("`dpo_beta` applies to preference training only: set `method` to 'dpo'")
+        return self
 
     @field_validator("resources_per_worker")
     @classmethod

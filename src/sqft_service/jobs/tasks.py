@@ -34,7 +34,6 @@ def _model_access(ctx: TaskContext) -> ModelAccess:
 def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from ..config import FinetuneConfig
     from ..training.recipe import run_training
-    from ..training.records import inspect_training_file
 
     # The stored config shows secrets as "***"; the real values are only in the workspace's secrets file.
     cfg = FinetuneConfig.model_validate(restore_secrets(params, ctx.workspace.secrets))
@@ -58,8 +57,18 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "adapter_dir": result.adapter_dir,
         "metrics_csv": result.metrics_csv,
         # "alpaca" or "chat": inference renders prompts the way this job's training did (inference/render.py).
-        "data_format": inspect_training_file(cfg.Dataset.train_file).format if cfg.Dataset.train_file else None,
+        "data_format": _rendered_as(cfg.Dataset.train_file),
     }
+
+
+def _rendered_as(train_file: str | None) -> str | None:
+    """How training rendered the file's prompts: preference records are conversations (chat template)."""
+    from ..training.records import inspect_training_file
+
+    if not train_file:
+        return None
+    fmt = inspect_training_file(train_file).format
+    return "chat" if fmt == "preference" else fmt
 
 
 def extract(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:

@@ -42,10 +42,12 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk (frozen ``weight``).
+    """Cross-entropy of each row of ``hidden @ weight.T`` against ``targets``, chunk by chunk (frozen ``weight``).
 
-    Returns ``(loss_sum, n_correct)``. ``compute_dtype`` is the autocast dtype the lm_head matmul
-    would have run in (``None``: the hidden dtype); the softmax and the loss are always fp32.
+    Returns ``(row_losses, n_correct)``: one fp32 loss per row (a sum for SFT, per-sequence sums for
+    DPO). ``compute_dtype`` is the autocast dtype the lm_head matmul would have run in (``None``: the
+    hidden dtype); the softmax and the loss are always fp32. The backward scales each row's kept
+    gradient by that row's incoming gradient.
     """
 
     @staticmethod
@@ -54,32 +56,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         want_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        row_losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t = hidden[rows], targets[rows]
             logits = (h.to(dtype) @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            row_losses[rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
             n_correct += (logits.argmax(dim=-1) == t).sum()
-            if want_grad:  # d(loss_sum)/d(logits) = softmax - onehot, in place of the logits
+            if want_grad:  # d(row loss)/d(logits) = softmax - onehot, in place of the logits
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 grad_hidden[rows] = (probs.to(dtype) @ w).to(hidden.dtype)
         if want_grad:
             ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(n_correct)
-        return loss_sum, n_correct
+        return row_losses, n_correct
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_rows, _grad_correct):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_rows.to(grad_hidden.dtype)[:, None], None, None, None, None
 
 
 def _label_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None):
-    """``(loss_sum, n_correct)`` of the lm_head over the label rows: chunked when the head is a frozen linear."""
+    """``(row_losses, n_correct)`` of the lm_head over the label rows: chunked when the head is a frozen linear."""
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad:
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES // (4 * lm_head.out_features))
@@ -89,13 +91,19 @@ def _label_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, targets
             return _ChunkedLinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_rows, dtype)
     # An adapted or trainable head (LoRA on lm_head): the plain way, gradients through autograd.
     logits = lm_head(hidden).float()
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    row_losses = F.cross_entropy(logits, targets, reduction="none")
     with torch.no_grad():
         n_correct = (logits.argmax(dim=-1) == targets).sum()
-    return loss_sum, n_correct
+    return row_losses, n_correct
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: int | None = None) -> LossOutput:
+def label_token_losses(
+    model: torch.nn.Module, batch: dict[str, Any], chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_losses, n_correct)``: the cross-entropy of every label token of ``batch``, in row-major order.
+
+    Only the label positions reach the lm_head (see the module docstring).
+    """
     lm = causal_lm_of(model)
     decoder = lm.get_decoder()
     # A packed batch has no 2-D mask but per-example position_ids (see training/packing.py).
@@ -114,8 +122,12 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: in
         keep = labels != IGNORE_INDEX
         selected = hidden[:, :-1][keep]
         targets = labels[keep]
-    loss_sum, n_correct = _label_cross_entropy(lm.get_output_embeddings(), selected, targets, chunk_rows)
-    return LossOutput(loss_sum=loss_sum, n_correct=n_correct, n_labels=int(targets.numel()))
+    return _label_cross_entropy(lm.get_output_embeddings(), selected, targets, chunk_rows)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], chunk_rows: int | None = None) -> LossOutput:
+    row_losses, n_correct = label_token_losses(model, batch, chunk_rows)
+    return LossOutput(loss_sum=row_losses.sum(), n_correct=n_correct, n_labels=int(row_losses.numel()))
 
 
 def label_positions(batch: dict[str, Any]) -> dict[str, Any]:

@@ -67,14 +67,17 @@ class PackingCollator:
     """Packs a micro-batch into rows of at most ``capacity`` tokens (see the module docstring).
 
     Returns ``input_ids``, ``labels`` and ``position_ids`` tensors, ``attention_mask=None`` and the
-    ints ``n_real_tokens``, ``n_label_tokens``, ``n_padded_tokens`` and ``n_rows``.
+    ints ``n_real_tokens``, ``n_label_tokens``, ``n_padded_tokens`` and ``n_rows``; with
+    ``track_examples``, also ``example_ids``: each token's example (its index in the list given; -1 on
+    padding), which preference training needs to sum log-probabilities per sequence.
     """
 
-    def __init__(self, pad_token_id: int, capacity: int) -> None:
+    def __init__(self, pad_token_id: int, capacity: int, *, track_examples: bool = False) -> None:
         if capacity < 1:
             raise ValueError(f"packing capacity must be positive, got {capacity}")
         self.pad_token_id = pad_token_id
         self.capacity = capacity
+        self.track_examples = track_examples
 
     def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, Any]:
         import torch
@@ -87,6 +90,7 @@ class PackingCollator:
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
+        example_ids = torch.full(shape, -1, dtype=torch.long) if self.track_examples else None
         n_real = 0
         for r, row in enumerate(rows):
             start = 0
@@ -98,10 +102,12 @@ class PackingCollator:
                 # Nothing predicts an example's first token: the token before it belongs to another example.
                 labels[r, start] = IGNORE_INDEX
                 position_ids[r, start : start + k] = torch.arange(k)
+                if example_ids is not None:
+                    example_ids[r, start : start + k] = i
                 start += k
             position_ids[r, start:] = torch.arange(width - start)  # the tail pad is a segment of its own
             n_real += start
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": None,
             "position_ids": position_ids,
@@ -111,6 +117,9 @@ class PackingCollator:
             "n_padded_tokens": input_ids.numel(),
             "n_rows": len(rows),
         }
+        if example_ids is not None:
+            batch["example_ids"] = example_ids
+        return batch
 
 
 def separates_packed_examples(model: Any, n_tokens: int = 6) -> bool:

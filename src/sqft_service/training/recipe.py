@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 
 from ..adapters.lora import AdapterConfigError, AdapterHandles, build_peft_model
 from ..adapters.nls import STATS_FILE, write_elastic_adapter_config
@@ -43,10 +44,11 @@ from .loss import LossOutput, causal_lm_loss
 from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
+from .preference import PairCollator, PreferencePair, dpo_loss, sequence_logps, tokenize_pairs
 from .records import DataValidationError, load_records
 from .resume import TrainerState, latest_resume_point
 from .step_totals import PendingStep, StepTotals
-from .tokenization import split_train_eval, tokenize_records
+from .tokenization import TokenizedExample, split_train_eval, tokenize_records
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ METRIC_COLUMNS = [
     "learning_rate",
     "tokens_per_s",
 ]
+
+
+# The reference log-probabilities of a preference job's pairs (training/preference.py), kept for a resume.
+REFERENCE_FILE = ".sqft_dpo_reference.safetensors"
 
 
 class TrainingStopped(Exception):
@@ -122,6 +128,7 @@ class FinetuneRecipe:
         # One rank of a data-parallel group when torch.distributed is initialised (training/distributed.py).
         self.dp = DataParallel.current()
         self.forward_split = ForwardSplit()  # more passes per micro-batch after running out of memory
+        self.preference = cfg.Training.method == "dpo"
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -177,7 +184,11 @@ class FinetuneRecipe:
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
-            self.collator = PackingCollator(self.collator.pad_token_id, self.longest_row)
+            self.collator = PackingCollator(
+                self.collator.pad_token_id, self.longest_row, track_examples=self.preference
+            )
+        if self.preference:
+            self.collator = PairCollator(self.collator)
         global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
         self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
         if self.dp.enabled:
@@ -197,7 +208,7 @@ class FinetuneRecipe:
 
     def _longest_row(self) -> int:
         """Tokens in the longest row of a batch: the longest example, or the packing capacity."""
-        longest = max(len(e.input_ids) for e in self.train_examples)
+        longest = max(_longest_sequence(e) for e in self.train_examples)
         return max(self.cfg.Dataset.max_length, longest) if self.cfg.Dataset.packing else longest
 
     def _choose_attention(self, base: torch.nn.Module) -> None:
@@ -244,11 +255,13 @@ class FinetuneRecipe:
     def _load_data(self) -> tuple[list, list]:
         ds = self.cfg.Dataset
         train_records = load_records(ds.train_file)
+        self._check_format(train_records, "training_file")
         if ds.max_train_samples is not None:
             train_records = train_records[: ds.max_train_samples]
         train = self._tokenize(train_records, ds.train_file)
         if ds.validation_file:
             eval_records = load_records(ds.validation_file)
+            self._check_format(eval_records, "validation_file")
             evals = self._tokenize(eval_records, ds.validation_file)
         else:
             train, evals = split_train_eval(train, ds.validation_split_percentage, self.seed)
@@ -256,19 +269,36 @@ class FinetuneRecipe:
             evals = evals[: ds.max_eval_samples]
         if not train:
             raise DataValidationError("no training example has a token left to learn after truncation")
-        n_tokens = sum(len(e.input_ids) for e in train)
+        n_tokens = sum(len(e) for e in train)
+        unit = "preference pairs" if self.preference else "examples"
         self.sink.message(
-            f"data: {len(train)} training and {len(evals)} validation examples, "
+            f"data: {len(train)} training and {len(evals)} validation {unit}, "
             f"{n_tokens:,} training tokens (mean {n_tokens / len(train):.1f} per example)"
         )
         return train, evals
 
+    def _check_format(self, records: list[dict], param: str) -> None:
+        """A preference job takes preference records only, a supervised job none (the API checks it first)."""
+        is_pair = "preferred_output" in records[0] or "non_preferred_output" in records[0]
+        if is_pair != self.preference:
+            method = self.cfg.Training.method
+            wanted = "preference records (input, preferred_output, non_preferred_output)"
+            raise DataValidationError(
+                f"a {method} job needs {wanted if self.preference else 'Alpaca or chat records'}; "
+                f"this file holds {'preference' if is_pair else 'supervised'} records",
+                param=param,
+            )
+
     def _tokenize(self, records: list[dict], source: str | None) -> list:
-        tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset)
-        examples, dropped = tokenized.examples, tokenized.n_dropped
+        if self.preference:
+            examples, dropped = tokenize_pairs(records, self.tokenizer, self.cfg.Dataset)
+        else:
+            tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset)
+            examples, dropped = tokenized.examples, tokenized.n_dropped
         if dropped:
+            what = "pair(s)" if self.preference else "example(s)"
             self.sink.message(
-                f"{dropped} example(s) of {Path(source or '').name} have no response token left after "
+                f"{dropped} {what} of {Path(source or '').name} have no response token left after "
                 "truncation and were skipped",
                 level="warn",
             )
@@ -297,7 +327,7 @@ class FinetuneRecipe:
 
     # ----------------------------------------------------------------- train
     def _batches(self, epoch: int) -> list[list[int]]:
-        lengths = [len(e.input_ids) for e in self.train_examples]
+        lengths = [len(e) for e in self.train_examples]
         # Global micro-batches (every rank's examples together); each rank trains its `dp.shard`.
         return length_grouped_batches(
             lengths,
@@ -308,12 +338,59 @@ class FinetuneRecipe:
         )
 
     def _forward(self, batch: dict[str, Any]) -> LossOutput:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with self._autocast():
+            if self.preference:
+                return dpo_loss(self.model, batch, self.cfg.Training.dpo_beta)
             return causal_lm_loss(self.model, batch)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    @torch.no_grad()
+    def _set_reference(self) -> None:
+        """Give every preference pair its reference log-probabilities: those of the model before training.
+
+        Run before a resume loads trained weights, so the model is the reference still; kept in
+        ``output_dir`` all the same, so that a resumed job need not score every pair again.
+        """
+        pairs: list[PreferencePair] = [*self.train_examples, *self.eval_examples]
+        path = self.output_dir / REFERENCE_FILE
+        kept = load_safetensors(str(path))["logps"] if path.exists() else None
+        if kept is None or tuple(kept.shape) != (len(pairs), 2):
+            t0 = time.perf_counter()
+            kept = self._score_reference(pairs)
+            if self.dp.is_main:
+                save_safetensors({"logps": kept}, str(path))
+            self.sink.message(
+                f"DPO reference: log-probabilities of {len(pairs)} pairs' replies in {time.perf_counter() - t0:.1f} s "
+                f"(beta {self.cfg.Training.dpo_beta})"
+            )
+        for pair, (chosen, rejected) in zip(pairs, kept.tolist(), strict=True):
+            pair.reference = (chosen, rejected)
+
+    def _score_reference(self, pairs: list[PreferencePair]) -> torch.Tensor:
+        self.model.eval()  # no dropout: the reference is the model itself
+        if self.handles.nls is not None:
+            self.handles.nls.activate_maximal()
+        bs = self.cfg.Training.batch_size * self.dp.world_size
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+        mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
+
+        def score(chunk: Sequence[int]) -> tuple[Sequence[int], torch.Tensor]:
+            with self._autocast():
+                return chunk, sequence_logps(self.model, self._prepare(self.collator([pairs[i] for i in chunk])))
+
+        logps = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        for chunk, values in in_fitting_batches(mine, self.cfg.Training.batch_size, score, self.device):
+            logps[list(chunk)] = values.double().cpu()
+        self.model.train()
+        return torch.tensor(self.dp.sum(logps.flatten().tolist()), dtype=torch.float32).view(-1, 2)
 
     def train(self) -> TrainingResult:
         t = self.cfg.Training
         accum = t.gradient_accumulation_steps
+        if self.preference:
+            self._set_reference()
         resumed = self._resume()
         step = resumed.step if resumed else 0
         self.dp.check_same("the step to resume from", step)
@@ -538,7 +615,7 @@ class FinetuneRecipe:
         if self.handles.nls is not None:
             self.handles.nls.activate_maximal()
         bs = self.cfg.Training.batch_size * self.dp.world_size  # global batches, sharded as in training
-        order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i].input_ids))
+        order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
         mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
 
         def score(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -677,3 +754,8 @@ def run_training(
     finally:
         recipe.cleanup()
     return result
+
+
+def _longest_sequence(example: TokenizedExample | PreferencePair) -> int:
+    """Tokens in the example's longest sequence (a preference pair holds two)."""
+    return example.longest if isinstance(example, PreferencePair) else len(example)

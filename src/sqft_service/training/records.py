@@ -1,10 +1,13 @@
 """Training files: the two record formats, JSON/JSONL parsing and validation.
 
-Two record formats are accepted, one per file:
+Three record formats are accepted, one per file:
 
 * **Alpaca**: ``{"instruction": str, "input": str (optional), "output": str}``.
 * **Chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the
   last message must be the assistant's.
+* **Preference** (OpenAI's DPO format, for ``method.type: "dpo"``): ``{"input": {"messages": [...]},
+  "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}``; the
+  input's last message is not the assistant's, and each output is one assistant message.
 
 A file is either a JSON array of records or JSONL (one object per non-blank line). Validation errors
 name the 1-based line on which the offending record starts, so an upload can be fixed without
@@ -21,7 +24,7 @@ from typing import Any, Literal
 
 from ..errors import UserError
 
-Format = Literal["alpaca", "chat"]
+Format = Literal["alpaca", "chat", "preference"]
 _ROLES = ("system", "user", "assistant")
 
 
@@ -69,12 +72,16 @@ def json_type(value: Any) -> str:
 
 
 def _record_format(rec: dict[str, Any], line: int) -> Format:
+    if "preferred_output" in rec or "non_preferred_output" in rec:
+        return "preference"
     if "messages" in rec:
         return "chat"
     if "instruction" in rec or "output" in rec:
         return "alpaca"
     raise DataValidationError(
-        "record has neither 'instruction'/'output' (Alpaca format) nor 'messages' (chat format)", line
+        "record has neither 'instruction'/'output' (Alpaca format), 'messages' (chat format) nor "
+        "'preferred_output'/'non_preferred_output' (preference format)",
+        line,
     )
 
 
@@ -102,24 +109,60 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
         _require_str(rec, "output", line, required=True)
         _require_str(rec, "input", line, required=False)
         return fmt
+    if fmt == "preference":
+        _validate_preference(rec, line)
+        return fmt
     messages = rec["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataValidationError("field 'messages' must be a non-empty array", line)
-    for j, msg in enumerate(messages):
-        where = f"messages[{j}]"
-        if not isinstance(msg, dict):
-            raise DataValidationError(f"{where} must be an object, got {json_type(msg)}", line)
-        role = msg.get("role")
-        if role not in _ROLES:
-            raise DataValidationError(f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}", line)
-        if not isinstance(msg.get("content"), str):
-            got = json_type(msg["content"]) if "content" in msg else "nothing"
-            raise DataValidationError(f"{where}.content must be a string, got {got}", line)
+    _validate_messages(messages, "messages", line)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataValidationError("'messages' has no assistant message: nothing to train on", line)
     if messages[-1]["role"] != "assistant":
         raise DataValidationError("the last message must be from the assistant", line)
     return fmt
+
+
+def _validate_messages(messages: Any, where: str, line: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataValidationError(f"field '{where}' must be a non-empty array", line)
+    for j, msg in enumerate(messages):
+        at = f"{where}[{j}]"
+        if not isinstance(msg, dict):
+            raise DataValidationError(f"{at} must be an object, got {json_type(msg)}", line)
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise DataValidationError(f"{at}.role must be one of {', '.join(_ROLES)}, got {role!r}", line)
+        if not isinstance(msg.get("content"), str):
+            got = json_type(msg["content"]) if "content" in msg else "nothing"
+            raise DataValidationError(f"{at}.content must be a string, got {got}", line)
+
+
+def _validate_preference(rec: dict[str, Any], line: int) -> None:
+    """OpenAI's preference record: a prompt conversation and one preferred and one other assistant reply."""
+    prompt = rec.get("input")
+    if not isinstance(prompt, dict):
+        got = json_type(prompt) if "input" in rec else "nothing"
+        raise DataValidationError(f"field 'input' must be an object with 'messages', got {got}", line)
+    _validate_messages(prompt.get("messages"), "input.messages", line)
+    if prompt["messages"][-1]["role"] == "assistant":
+        raise DataValidationError(
+            "the last of 'input.messages' must not be the assistant's: the outputs answer it", line
+        )
+    if prompt.get("tools"):  # OpenAI's key; chat records take no tools either
+        raise DataValidationError(
+            "'input.tools' is not supported: records with tool definitions can't be trained", line
+        )
+    replies = []
+    for key in ("preferred_output", "non_preferred_output"):
+        if key not in rec:
+            raise DataValidationError(f"record is missing required field '{key}'", line)
+        _validate_messages(rec[key], key, line)
+        if len(rec[key]) != 1 or rec[key][0]["role"] != "assistant":
+            raise DataValidationError(f"field '{key}' must hold exactly one assistant message", line)
+        replies.append(rec[key][0]["content"])
+    if replies[0] == replies[1]:
+        raise DataValidationError(
+            "'preferred_output' and 'non_preferred_output' are the same reply: there is nothing to prefer", line
+        )
 
 
 def _decode(data: bytes) -> str:

@@ -41,11 +41,13 @@ class TokenizedDataset:
         examples: The examples, in record order (dropped ones left out).
         n_dropped: Records dropped because no label survived truncation and masking.
         n_truncated: Kept examples that were shortened.
+        kept: The index of each example's record in the records given.
     """
 
     examples: list[TokenizedExample] = field(default_factory=list)
     n_dropped: int = 0
     n_truncated: int = 0
+    kept: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -70,14 +72,22 @@ def _adds_bos(tokenizer: Any) -> bool:
     return len(ids) >= 2 and ids[0] == bos
 
 
-def _record_segments(record: dict[str, Any], tokenizer: Any, index: int) -> tuple[list[tuple[str, bool]], bool]:
+def _record_segments(
+    record: dict[str, Any], tokenizer: Any, index: int, last_turn_only: bool
+) -> tuple[list[tuple[str, bool]], bool]:
     """``(text, is_target)`` pieces of one record, and whether EOS must be appended to the target."""
-    if "messages" in record:
-        return chat_segments(record["messages"], tokenizer, index), False
-    return [(alpaca_prompt(record), False), (record["output"], True)], True
+    if "messages" not in record:
+        return [(alpaca_prompt(record), False), (record["output"], True)], True
+    segments = chat_segments(record["messages"], tokenizer, index)
+    if last_turn_only:  # earlier assistant turns become context
+        last = max(i for i, (_, target) in enumerate(segments) if target)
+        segments = [(text, target and i == last) for i, (text, target) in enumerate(segments)]
+    return segments, False
 
 
-def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DatasetSection) -> TokenizedDataset:
+def tokenize_records(
+    records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DatasetSection, *, last_turn_only: bool = False
+) -> TokenizedDataset:
     """Tokenize validated records into masked training examples.
 
     Prompt and target pieces are tokenized separately (in one batched call) and concatenated, so the
@@ -87,6 +97,8 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Dat
     ``cfg.truncation`` false nothing is cut. ``cfg.mask_input`` masks non-target tokens,
     ``cfg.mask_response`` masks target tokens (then the prompt is trained). BOS is prepended to
     Alpaca prompts only when the tokenizer would add it itself; chat templates render their own.
+    ``last_turn_only``: a conversation's last assistant turn is its only target (a preference pair's
+    reply); otherwise every assistant turn is.
 
     Returns:
         A :class:`TokenizedDataset`; records whose labels (after the causal shift, i.e. beyond
@@ -98,14 +110,14 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Dat
     eos_id = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     per_record: list[tuple[list[tuple[str, bool]], bool]] = [
-        _record_segments(rec, tokenizer, i) for i, rec in enumerate(records)
+        _record_segments(rec, tokenizer, i, last_turn_only) for i, rec in enumerate(records)
     ]
     texts = [text for segs, _ in per_record for text, _ in segs]
     all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     out = TokenizedDataset()
     k = 0
-    for segs, add_eos in per_record:
+    for index, (segs, add_eos) in enumerate(per_record):
         ids: list[int] = []
         target: list[bool] = []
         last_target_start = 0
@@ -146,6 +158,7 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: Dat
             continue
         out.n_truncated += len(input_ids) < n_before
         out.examples.append(TokenizedExample(input_ids=input_ids, labels=labels))
+        out.kept.append(index)
     return out
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ...config import MAX_PATH_CHARS, MAX_SEED, DatasetSection, GeneralSection, Hyperparameters, TrainingSection
+from ...config import (
+    MAX_DPO_BETA,
+    MAX_PATH_CHARS,
+    MAX_SEED,
+    AutoFloat,
+    DatasetSection,
+    GeneralSection,
+    Hyperparameters,
+    TrainingSection,
+)
 from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
@@ -21,10 +31,45 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
-class Method(BaseModel):
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones plus ``beta`` ("auto": ``Training.dpo_beta``)."""
+
+    beta: AutoFloat = "auto"
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta_in_range(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v
+        if not (math.isfinite(v) and 0 < v <= MAX_DPO_BETA):
+            raise ValueError(f"must be > 0 and at most {MAX_DPO_BETA:g}, or 'auto'")
+        return v
+
+
+class DpoMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = "supervised"
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's ``method``: supervised fine-tuning or Direct Preference Optimization (preference records)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"`method.{other}` given with `method.type` {self.type!r}")
+        return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters | None:
+        settings = self.dpo if self.type == "dpo" else self.supervised
+        return settings.hyperparameters if settings is not None else None
 
 
 class CreateFineTuningJobRequest(BaseModel):
@@ -119,7 +164,7 @@ class FineTuningJob(BaseModel):
             integrations=[],
             estimated_finish=job.estimated_finish if job.status == "running" else None,
             metadata=job.metadata,
-            method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
+            method=_method(training, hp),
             user_provided_suffix=job.suffix,
             started_at=job.started_at,
             output_dir=job.config.get("General", {}).get("output_dir"),
@@ -205,3 +250,11 @@ class CheckpointList(BaseModel):
     has_more: bool = False
     first_id: str | None = None
     last_id: str | None = None
+
+
+def _method(training: dict[str, Any], hp: JobHyperparameters) -> dict[str, Any]:
+    """OpenAI's ``method`` of a job, from what its configuration trains."""
+    if training.get("method") == "dpo":
+        beta = training.get("dpo_beta", TrainingSection.model_fields["dpo_beta"].default)
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hp.model_dump(), "beta": beta}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}

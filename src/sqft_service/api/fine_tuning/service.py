@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ...config import FinetuneConfig, resolve_config
+from ...config import DatasetSection, FinetuneConfig, TrainingSection, resolve_config
 from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
@@ -64,12 +64,14 @@ class FineTuningService:
         if validation_ref:
             validation = self.files.resolve(validation_ref, "validation_file")
         hyperparameters = req.hyperparameters
-        if req.method is not None and req.method.supervised is not None and req.method.supervised.hyperparameters:
-            hyperparameters = req.method.supervised.hyperparameters
+        if req.method is not None and req.method.hyperparameters is not None:
+            hyperparameters = req.method.hyperparameters
+        training_section = _with_method(req)
+        _check_records(training, validation, training_section.method, req.Dataset)
 
         job_id = new_id("ftjob")
         workspace = self.manager.new_workspace(job_id)
-        base = FinetuneConfig(General=req.General, Dataset=req.Dataset, Training=req.Training)
+        base = FinetuneConfig(General=req.General, Dataset=req.Dataset, Training=training_section)
         seed = (
             req.seed
             if req.seed is not None
@@ -187,3 +189,48 @@ def _n_records(training: FileRecord) -> int:
     """
     n = training.meta.get("n_records")
     return int(n) if n is not None else inspect_training_file(training.path).n_records
+
+
+def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
+    """``Training`` with OpenAI's ``method`` folded in: its type, and DPO's ``beta`` when not "auto"."""
+    section = req.Training
+    if req.method is None:
+        return section
+    if "method" in section.model_fields_set and section.method != req.method.type:
+        raise InvalidRequestError(
+            f"`Training.method` {section.method!r} contradicts `method.type` {req.method.type!r}; give one",
+            param="Training.method",
+        )
+    hp = req.method.hyperparameters
+    beta = getattr(hp, "beta", "auto")
+    # model_copy keeps model_fields_set: the method's type counts as sent (auto_hparams reads what was sent).
+    update: dict[str, object] = {"method": req.method.type}
+    if beta != "auto":
+        update["dpo_beta"] = float(beta)
+    copied = section.model_copy(update=update)
+    copied.model_fields_set.update(update)
+    return copied
+
+
+PREFERENCE_RECORDS = "preference records (input, preferred_output, non_preferred_output)"
+
+
+def _check_records(training: FileRecord, validation: FileRecord | None, method: str, dataset: DatasetSection) -> None:
+    """A DPO job takes preference files only, with its replies as the only targets; a supervised job none."""
+    for param, record in (("training_file", training), ("validation_file", validation)):
+        fmt = record.meta.get("format") if record is not None else None
+        if fmt is None:  # files uploaded before formats were recorded: the job checks them
+            continue
+        if method == "dpo" and fmt != "preference":
+            raise InvalidRequestError(
+                f"file {record.id} holds {fmt} records; a dpo job needs {PREFERENCE_RECORDS}", param=param
+            )
+        if method != "dpo" and fmt == "preference":
+            raise InvalidRequestError(
+                f"file {record.id} holds preference records; train on them with `method.type` 'dpo'", param=param
+            )
+    if method == "dpo" and (not dataset.mask_input or dataset.mask_response):
+        name = "mask_input" if not dataset.mask_input else "mask_response"
+        raise InvalidRequestError(
+            f"a dpo job scores the replies only: `Dataset.{name}` must keep its default", param=f"Dataset.{name}"
+        )

@@ -1,0 +1,128 @@
+"""Preference training (OpenAI's ``method.type: "dpo"``): pairs, their batches and the DPO loss.
+
+Direct Preference Optimization (Rafailov et al., 2023, arXiv 2305.18290) trains the policy π on pairs
+of replies to one prompt, a preferred y_w and another y_l, against a frozen reference π_ref:
+
+    loss = -log sigmoid(beta [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])
+
+where log π(y) sums the reply's token log-probabilities. The reference is the model the job starts
+from: adapters begin as a zero update (LoRA's B = 0, for every NLS rank and SparsePEFT mask), so the
+reference log-probabilities are those of the policy before its first step. They are computed once,
+in one no-grad pass before training (TRL's ``precompute_ref_log_probs``), instead of a second forward
+per step; the recipe keeps them beside the outputs so a resumed job finds them again.
+
+A pair's chosen and rejected sequences go through the same decoder forward (padded or packed), so a
+preference step costs a supervised step on twice the sequences. The step's loss is a mean over its
+pairs: each batch reports its pair count as ``n_label_tokens``, the count the recipe divides by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .tokenization import IGNORE_INDEX, TokenizedExample, tokenize_records
+
+if TYPE_CHECKING:
+    import torch
+
+    from sqft_service.config import DatasetSection
+
+    from .loss import LossOutput
+
+
+@dataclass
+class PreferencePair:
+    """A prompt's preferred (``chosen``) and other (``rejected``) reply, each tokenized with the prompt.
+
+    ``reference``: the reference model's summed reply log-probabilities ``(chosen, rejected)``, set
+    before training.
+    """
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    reference: tuple[float, float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+    @property
+    def longest(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def tokenize_pairs(
+    records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DatasetSection
+) -> tuple[list[PreferencePair], int]:
+    """Preference records (validated by :mod:`.records`) as pairs, and how many were dropped.
+
+    Each reply is rendered after the input messages with the chat template and is the only target
+    (earlier assistant turns of the input are context). A pair is dropped when either reply has no
+    token left after truncation.
+    """
+    conversations = [
+        {"messages": [*rec["input"]["messages"], rec[key][0]]}
+        for rec in records
+        for key in ("preferred_output", "non_preferred_output")
+    ]
+    tokenized = tokenize_records(conversations, tokenizer, cfg, last_turn_only=True)
+    by_index = dict(zip(tokenized.kept, tokenized.examples, strict=True))
+    pairs = [
+        PreferencePair(by_index[2 * i], by_index[2 * i + 1])
+        for i in range(len(records))
+        if 2 * i in by_index and 2 * i + 1 in by_index
+    ]
+    return pairs, len(records) - len(pairs)
+
+
+class PairCollator:
+    """Collates pairs with a supervised collator (padded or packed), chosen and rejected interleaved.
+
+    Adds ``label_examples`` (the sequence each label token belongs to: 2i chosen, 2i+1 rejected, in
+    the row-major order the loss takes label tokens), ``n_pairs``, ``reference_logps`` (``[pairs, 2]``,
+    once the pairs have their reference) and sets ``n_label_tokens`` to the pair count.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+        import torch
+
+        batch = self.inner([ex for p in pairs for ex in (p.chosen, p.rejected)])
+        labels = batch["labels"]
+        example_ids = batch.pop("example_ids", None)
+        if example_ids is None:  # padded: one sequence per row
+            example_ids = torch.arange(labels.shape[0])[:, None].expand_as(labels)
+        # Position t predicts token t+1, which belongs to example_ids[:, t+1].
+        batch["label_examples"] = example_ids[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        batch["n_pairs"] = len(pairs)
+        batch["n_label_tokens"] = len(pairs)
+        if all(p.reference is not None for p in pairs):
+            batch["reference_logps"] = torch.tensor([p.reference for p in pairs], dtype=torch.float32)
+        return batch
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """``[pairs, 2]``: each reply's summed token log-probability (chosen, rejected), in fp32."""
+    import torch
+
+    from .loss import label_token_losses
+
+    row_losses, _ = label_token_losses(model, batch)
+    sums = torch.zeros(2 * batch["n_pairs"], dtype=torch.float32, device=row_losses.device)
+    return sums.index_add(0, batch["label_examples"], row_losses).neg().view(-1, 2)
+
+
+def dpo_loss(model: torch.nn.Module, batch: dict[str, Any], beta: float) -> LossOutput:
+    """The summed DPO loss of the batch's pairs (see the module docstring); ``n_correct`` counts the
+    pairs whose chosen reply gained more log-probability over the reference than the rejected one."""
+    import torch.nn.functional as F
+
+    from .loss import LossOutput
+
+    logps = sequence_logps(model, batch)
+    gains = logps - batch["reference_logps"]
+    margins = beta * (gains[:, 0] - gains[:, 1])
+    return LossOutput(loss_sum=-F.logsigmoid(margins).sum(), n_correct=(margins > 0).sum(), n_labels=batch["n_pairs"])

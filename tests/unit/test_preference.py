@@ -1,0 +1,221 @@
+"""Preference (DPO) training: records, pairs, the loss against a plain implementation, the recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sqft_service.adapters.lora import build_peft_model
+from sqft_service.config import DatasetSection, LoraSection
+from sqft_service.training.batching import Collator
+from sqft_service.training.events import MemorySink
+from sqft_service.training.packing import PackingCollator
+from sqft_service.training.preference import PairCollator, dpo_loss, sequence_logps, tokenize_pairs
+from sqft_service.training.recipe import REFERENCE_FILE, TrainingStopped, run_training
+from sqft_service.training.records import DataValidationError, inspect_training_file, load_records
+from sqft_service.training.tokenization import IGNORE_INDEX
+from tests.conftest import make_tiny_llama, randomize_b
+from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
+from tests.unit.test_recipe import losses, make_cfg, model_dir  # noqa: F401
+from tests.unit.test_resume import StopAt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pref(**changes) -> dict:
+    record = preference_records(1)[0]
+    record.update(changes)
+    return record
+
+
+# ------------------------------------------------------------------ records
+def test_preference_files_are_recognised(tmp_path):
+    stats = inspect_training_file(write_jsonl(tmp_path / "p.jsonl", preference_records(5)))
+    assert (stats.format, stats.n_records) == ("preference", 5)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (pref(input="hi"), "field 'input' must be an object with 'messages', got string"),
+        (pref(input={"messages": []}), "field 'input.messages' must be a non-empty array"),
+        (
+            pref(input={"messages": [{"role": "assistant", "content": "x"}]}),
+            "the last of 'input.messages' must not be the assistant's",
+        ),
+        (
+            pref(input={"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            "'input.tools' is not supported",
+        ),
+        (
+            {k: v for k, v in pref().items() if k != "non_preferred_output"},
+            "missing required field 'non_preferred_output'",
+        ),
+        (
+            pref(preferred_output=[{"role": "user", "content": "x"}]),
+            "'preferred_output' must hold exactly one assistant",
+        ),
+        (
+            pref(preferred_output=[{"role": "assistant", "content": "a"}] * 2),
+            "'preferred_output' must hold exactly one assistant",
+        ),
+        (
+            pref(non_preferred_output=[{"role": "assistant", "content": 3}]),
+            "non_preferred_output[0].content must be a string",
+        ),
+        (pref(non_preferred_output=pref()["preferred_output"]), "are the same reply"),
+    ],
+)
+def test_bad_preference_records_name_the_line_and_the_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "p.jsonl", [*preference_records(2), record])
+    with pytest.raises(DataValidationError) as err:
+        inspect_training_file(path)
+    assert err.value.line == 3 and message in str(err.value), str(err.value)
+
+
+def test_a_file_mixing_preference_and_chat_records_is_refused(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(
+        DataValidationError, match="line 2: record is in chat format but earlier records are in preference"
+    ):
+        inspect_training_file(write_jsonl(tmp_path / "p.jsonl", [*preference_records(1), chat]))
+
+
+# ------------------------------------------------------------------ pairs
+def test_pairs_share_the_prompt_and_train_only_the_reply(tokenizer):
+    record = pref(
+        input={
+            "messages": [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Earlier turn"},
+                {"role": "user", "content": "The sky is red. What color is the sky?"},
+            ]
+        }
+    )
+    pairs, dropped = tokenize_pairs([record], tokenizer, DatasetSection())
+    assert dropped == 0 and len(pairs) == 1
+    chosen, rejected = pairs[0].chosen, pairs[0].rejected
+
+    def target(ex) -> str:
+        return tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX])
+
+    assert target(chosen).startswith("It is red.") and target(rejected).startswith("It is blue.")
+    assert "Earlier turn" not in target(chosen)  # an input's assistant turn is context
+    first = chosen.labels.index(next(t for t in chosen.labels if t != IGNORE_INDEX))
+    assert chosen.input_ids[:first] == rejected.input_ids[:first]  # the same prompt tokens
+
+
+def test_a_pair_whose_reply_is_truncated_away_is_dropped(tokenizer):
+    long_prompt = pref(input={"messages": [{"role": "user", "content": "word " * 200}]})
+    cfg = DatasetSection(max_length=64, max_source_length=64)
+    pairs, dropped = tokenize_pairs([long_prompt, *preference_records(2)], tokenizer, cfg)
+    assert (len(pairs), dropped) == (2, 1)
+
+
+# ------------------------------------------------------------------ the loss
+def plain_logps(model: torch.nn.Module, examples) -> torch.Tensor:
+    """Each sequence on its own, full logits: the sum of its label tokens' log-probabilities."""
+    out = []
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        labels = torch.tensor(ex.labels[1:])
+        keep = labels != IGNORE_INDEX
+        out.append(torch.log_softmax(logits[keep], -1).gather(1, labels[keep][:, None]).sum())
+    return torch.stack(out)
+
+
+@pytest.fixture
+def adapted(tokenizer):
+    torch.manual_seed(0)
+    model, _ = build_peft_model(make_tiny_llama(len(tokenizer)), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dpo_loss_and_gradients_equal_the_plain_computation(tokenizer, adapted, packed):
+    pairs, _ = tokenize_pairs(preference_records(3), tokenizer, DatasetSection())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    inner = PackingCollator(pad, 512, track_examples=True) if packed else Collator(pad, pad_to_multiple_of=None)
+    reference = torch.tensor([[-20.0, -25.0], [-30.0, -29.0], [-15.0, -15.5]])
+    for pair, ref in zip(pairs, reference.tolist(), strict=True):
+        pair.reference = tuple(ref)
+    batch = PairCollator(inner)([pairs[0], pairs[1], pairs[2]])
+    assert batch["n_label_tokens"] == batch["n_pairs"] == 3
+
+    beta = 0.5
+    out = dpo_loss(adapted, batch, beta)
+    out.loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.grad is not None}
+    adapted.zero_grad()
+
+    logps = plain_logps(adapted, [ex for p in pairs for ex in (p.chosen, p.rejected)]).view(-1, 2)
+    margins = beta * ((logps[:, 0] - reference[:, 0]) - (logps[:, 1] - reference[:, 1]))
+    plain = -F.logsigmoid(margins).sum()
+    plain.backward()
+    assert out.loss_sum.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert out.n_correct.item() == int((margins > 0).sum()) and out.n_labels == 3
+    assert ours.keys() == {n for n, p in adapted.named_parameters() if p.grad is not None} and ours
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(adapted.named_parameters())[name].grad, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(adapted, batch), logps.detach(), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the recipe
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_json(tmp_path_factory.mktemp("pref") / "pairs.json", preference_records(24))
+
+
+def dpo_cfg(model_dir: Path, pairs_file: Path, **training):  # noqa: F811
+    return make_cfg(model_dir, pairs_file, method="dpo", dpo_beta=0.5, learning_rate=2e-2, **training)
+
+
+def test_dpo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_path):  # noqa: F811
+    sink = MemorySink()
+    cfg = dpo_cfg(model_dir, pairs_file, epochs=6)
+    cfg.Dataset.validation_split_percentage = 25
+    result = run_training(cfg, tmp_path, sink)
+    curve = losses(sink)
+    # The policy starts as the reference, so the first step's loss is -log sigmoid(0) = ln 2.
+    assert curve[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert sum(curve[-3:]) / 3 < 0.5 * math.log(2), curve
+    accuracies = [r["train_accuracy"] for r in sink.metric_rows if "train_accuracy" in r]
+    # The share of pairs whose preferred reply gained more: none at first (every margin is 0), most at the end.
+    assert accuracies[0] == 0.0 and sum(accuracies[-3:]) / 3 >= 0.75, accuracies
+    valid = [r for r in sink.metric_rows if "valid_loss" in r]
+    assert valid[-1]["valid_loss"] < 0.7 * math.log(2) and valid[-1]["valid_mean_token_accuracy"] > 0.5, valid
+    assert any("DPO reference: log-probabilities of 24 pairs" in text for _, text, _ in sink.messages)
+    assert any("18 training and 6 validation preference pairs" in text for _, text, _ in sink.messages)
+    reference = load_file(str(tmp_path / REFERENCE_FILE))["logps"]
+    assert reference.shape == (24, 2) and bool((reference < 0).all())
+    assert json.loads((Path(result.adapter_dir) / "training_config.json").read_text())["Training"]["method"] == "dpo"
+
+
+def test_a_stopped_dpo_job_resumes_with_its_reference_to_the_same_adapter(model_dir, pairs_file, tmp_path):  # noqa: F811
+    whole = run_training(dpo_cfg(model_dir, pairs_file, epochs=2), tmp_path / "whole", MemorySink())
+    first = MemorySink()
+    with pytest.raises(TrainingStopped):
+        run_training(dpo_cfg(model_dir, pairs_file, epochs=2), tmp_path / "split", first, should_stop=StopAt(first, 5))
+    second = MemorySink()
+    resumed = run_training(dpo_cfg(model_dir, pairs_file, epochs=2), tmp_path / "split", second)
+    assert not any("DPO reference" in text for _, text, _ in second.messages)  # read back, not recomputed
+    a = load_file(str(Path(whole.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_supervised_file_in_a_dpo_job_is_refused_naming_the_file(model_dir, tmp_path):  # noqa: F811
+    train = write_json(tmp_path / "sft.json", alpaca_records(4))
+    with pytest.raises(DataValidationError, match="a dpo job needs preference records") as err:
+        run_training(dpo_cfg(model_dir, train), tmp_path / "out", MemorySink())
+    assert err.value.param == "training_file"
+    assert load_records(train)  # the file itself is fine for a supervised job
