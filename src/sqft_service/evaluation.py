@@ -141,6 +141,45 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     return answers
 
 
+def is_preference(record: dict[str, Any]) -> bool:
+    return "preferred_output" in record
+
+
+def preferred_conversation(record: dict[str, Any]) -> dict[str, Any]:
+    """A preference record as the chat record of its preferred reply (what loss and generation score)."""
+    return {"messages": [*record["input"]["messages"], record["preferred_output"][0]]}
+
+
+def _preference_scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate) -> dict[str, Any]:
+    """How often the candidate gives the preferred reply the higher log-probability, and by how much."""
+    import torch
+
+    from .config import DatasetSection
+    from .training.batching import Collator
+    from .training.device import model_device, move_batch
+    from .training.memory import in_fitting_batches
+    from .training.preference import PairCollator, sequence_logps, tokenize_pairs
+
+    cfg = DatasetSection.model_validate(c.dataset)
+    pairs, _ = tokenize_pairs(records, tokenizer, cfg)
+    collator = PairCollator(Collator.from_config(tokenizer, cfg, pad_to_multiple_of=None))
+    device = model_device(model)
+
+    def score(chunk: Sequence[Any]) -> tuple[int, float]:
+        with torch.inference_mode():
+            logps = sequence_logps(model, move_batch(collator(list(chunk)), device))
+        margins = logps[:, 0] - logps[:, 1]
+        return int((margins > 0).sum()), float(margins.sum())
+
+    totals = in_fitting_batches(pairs, BATCH_SIZE, score, device)
+    if not pairs:
+        return {"preference_accuracy": None, "preference_margin": None}
+    return {
+        "preference_accuracy": sum(t[0] for t in totals) / len(pairs),
+        "preference_margin": sum(t[1] for t in totals) / len(pairs),
+    }
+
+
 def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int):
     prompts, references = zip(*(_prompt(tokenizer, r, c.data_format) for r in records), strict=True)
     outputs = greedy_answers(model, tokenizer, list(prompts), max_new, GENERATION_BATCH_SIZE)
@@ -160,6 +199,7 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
     its seed (or its ``validation_file``), then ``max_eval_samples``."""
     from .config import DatasetSection
     from .training.models import load_tokenizer, resolve_model_dir
+    from .training.preference import tokenize_pairs
     from .training.records import load_records
     from .training.tokenization import split_train_eval, tokenize_records
 
@@ -167,7 +207,9 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
     tokenizer = load_tokenizer(resolve_model_dir(split["model"], model_cache_dir), split.get("tokenizer"))
 
     def kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # Each record is tokenized on its own exactly as within the whole list.
+        # Each record is tokenized on its own exactly as within the whole list (a DPO job's as pairs).
+        if records and is_preference(records[0]):
+            return [r for r in records if tokenize_pairs([r], tokenizer, cfg)[0]]
         return [r for r in records if tokenize_records([r], tokenizer, cfg).examples]
 
     if cfg.validation_file:
@@ -253,6 +295,10 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     if not records:
         raise UserError(f"{source} holds no records to evaluate on", param=param)
     sink.message(f"evaluating {len(p.candidates)} candidate(s) on {len(records)} record(s) of {source}")
+    # Preference records: scored as their preferred replies, and by which reply each candidate prefers.
+    pairs = records if is_preference(records[0]) else None
+    if pairs is not None:
+        records = [preferred_conversation(r) for r in pairs]
     models: dict[str, Any] = {}  # model directory → the loaded model (a PeftModel once an adapter is on)
     rows = []
     for i, c in enumerate(p.candidates):
@@ -264,11 +310,14 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
             row: dict[str, Any] = {"candidate": c.name, "n_examples": len(records)}
             row.update(exact_match=None, contains_match=None, samples=[])
             row.update(_scores(model, tokenizer, records, c))
+            if pairs is not None:
+                row.update(_preference_scores(model, tokenizer, pairs, c))
             if p.generate:
                 row.update(_generations(model, tokenizer, records, c, p.max_new_tokens))
         sink.message(
             f"{c.name}: loss {row['loss']}, token accuracy {row['token_accuracy']}"
-            + (f", exact match {row['exact_match']:.3f}" if p.generate else ""),
+            + (f", exact match {row['exact_match']:.3f}" if p.generate else "")
+            + (f", preference accuracy {row['preference_accuracy']}" if pairs is not None else ""),
             data={"candidate": c.name, "loss": row["loss"]},
         )
         rows.append(row)

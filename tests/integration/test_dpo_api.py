@@ -102,3 +102,62 @@ def test_a_dpo_request_the_service_cannot_honour_is_a_400_naming_the_field(
     error = resp.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama whose larger init scale lets a LoRA move its log-probabilities within a few steps."""
+    from tests.conftest import make_tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama-dpo")
+    make_tiny_llama(len(tokenizer), initializer_range=0.3).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_trained(tmp_path_factory, learnable_model_dir):
+    from fastapi.testclient import TestClient
+
+    from sqft_service.app import create_app
+    from tests.integration.conftest import make_settings, wait_status
+
+    root = tmp_path_factory.mktemp("dpo-evaluate")
+    with TestClient(create_app(make_settings(root / "data"))) as client:
+        f = upload(client, write_jsonl(root / "pairs.jsonl", preference_records(24)))
+        body = dpo_job(
+            learnable_model_dir,
+            f["id"],
+            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 4, "batch_size": 4}}},
+            Training={"learning_rate": 2e-2, "mixed_precision": "no", "logging_steps": 1},
+            Dataset={"validation_split_percentage": 25},
+            General={"lora_config": {"r": 4, "lora_alpha": 16}},
+        )
+        resp = client.post("/v1/fine_tuning/jobs", json=body)
+        assert resp.status_code == 200, resp.text
+        job = wait_status(client, resp.json()["id"], ("succeeded", "failed"), timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        yield client, job, f["id"]
+
+
+def test_evaluate_scores_which_reply_each_candidate_prefers(dpo_trained, learnable_model_dir):
+    client, job, file_id = dpo_trained
+    body = {"candidates": [str(learnable_model_dir), job["fine_tuned_model"]], "file": file_id, "max_new_tokens": 4}
+    resp = client.post("/v1/finetune/evaluate", json=body)
+    assert resp.status_code == 200, resp.text
+    base, tuned = resp.json()["data"]
+    for row in (base, tuned):
+        assert row["n_examples"] == 24 and 0.0 <= row["preference_accuracy"] <= 1.0
+        assert row["loss"] is not None and row["exact_match"] is not None  # scored on the preferred replies
+        assert row["samples"][0]["reference"].startswith("It is ")
+    assert tuned["preference_margin"] > base["preference_margin"]  # DPO moved log-probability to the preferred
+    assert tuned["preference_accuracy"] > base["preference_accuracy"]
+
+
+def test_evaluate_a_dpo_jobs_held_out_pairs(dpo_trained):
+    client, job, _ = dpo_trained
+    body = {"candidates": [job["fine_tuned_model"]], "fine_tuning_job_id": job["id"], "generate": False}
+    resp = client.post("/v1/finetune/evaluate", json=body)
+    assert resp.status_code == 200, resp.text
+    (row,) = resp.json()["data"]
+    assert row["n_examples"] == 6 and row["preference_accuracy"] is not None  # 25% of 24 pairs held out

@@ -149,6 +149,10 @@ class CandidateScore(BaseModel):
     contains_match: float | None = None
     n_examples: int
     n_label_tokens: int = 0
+    # Preference records only: the share of pairs whose preferred reply the candidate finds likelier,
+    # and the mean log-probability margin (preferred minus other reply).
+    preference_accuracy: float | None = None
+    preference_margin: float | None = None
     samples: list[EvaluationSample] = Field(default_factory=list)
 
 
