@@ -22,7 +22,7 @@ from sqft_service.config import FinetuneConfig, LoraSection
 from sqft_service.training.events import MemorySink
 from sqft_service.training.recipe import run_training
 from tests.conftest import make_tiny_llama
-from tests.helpers import alpaca_records, write_json
+from tests.helpers import alpaca_records, preference_records, write_json
 
 NLS_LORA = LoraSection(
     r=4,
@@ -46,7 +46,13 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 def make_cfg(
-    model_dir: Path, train_file: Path, batch_size: int, workers: int, lora: LoraSection | None, split: float = 20
+    model_dir: Path,
+    train_file: Path,
+    batch_size: int,
+    workers: int,
+    lora: LoraSection | None,
+    split: float = 20,
+    method: str = "supervised",
 ) -> str:
     cfg = FinetuneConfig()
     cfg.General.base_model = str(model_dir)
@@ -57,6 +63,7 @@ def make_cfg(
     t.batch_size, t.num_training_workers, t.learning_rate, t.lr_scheduler = batch_size, workers, 1e-2, "cosine"
     t.seed, t.logging_steps, t.eval_steps, t.epochs = 7, 1, 4, 1
     t.device, t.mixed_precision, t.num_threads = "cpu", "no", 1
+    t.method = method  # "dpo": the reference pass is sharded and summed over the ranks too
     return cfg.model_dump_json()
 
 
@@ -147,10 +154,12 @@ def two_rank_results(tmp_path_factory, model_dir) -> tuple[dict, dict, Path]:
     train_file = write_json(root / "train.json", alpaca_records(40))
     # 41 examples in global batches of 4: in the last step rank 1 has none and still joins the sums.
     uneven_file = write_json(root / "uneven.json", alpaca_records(41))
+    pairs_file = write_json(root / "pairs.json", preference_records(40))
     runs = [
         ("lora", make_cfg(model_dir, train_file, 2, 2, None), str(root / "lora")),
         ("nls", make_cfg(model_dir, train_file, 2, 2, NLS_LORA), str(root / "nls")),
         ("uneven", make_cfg(model_dir, uneven_file, 2, 2, None, split=0), str(root / "uneven")),
+        ("dpo", make_cfg(model_dir, pairs_file, 2, 2, None, method="dpo"), str(root / "dpo")),
     ]
     torch.multiprocessing.spawn(_rank_main, args=(2, str(root / "store"), runs), nprocs=2, join=True)
     ranks = [json.loads((root / f"results-rank{r}.json").read_text()) for r in range(2)]
@@ -158,8 +167,10 @@ def two_rank_results(tmp_path_factory, model_dir) -> tuple[dict, dict, Path]:
 
 
 def one_rank(model_dir: Path, root: Path, method: str) -> tuple[dict, Path]:
-    train_file = root / ("uneven.json" if method == "uneven" else "train.json")
-    cfg = make_cfg(model_dir, train_file, 4, 1, NLS_LORA if method == "nls" else None, 0 if method == "uneven" else 20)
+    train_file = root / {"uneven": "uneven.json", "dpo": "pairs.json"}.get(method, "train.json")
+    lora = NLS_LORA if method == "nls" else None
+    split = 0 if method == "uneven" else 20
+    cfg = make_cfg(model_dir, train_file, 4, 1, lora, split, "dpo" if method == "dpo" else "supervised")
     out = root / f"single-{method}"
     sink = MemorySink()
     run_training(FinetuneConfig.model_validate_json(cfg), out, sink)
@@ -180,7 +191,7 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize(("method", "steps"), [("lora", 8), ("nls", 8), ("uneven", 11)])
+@pytest.mark.parametrize(("method", "steps"), [("lora", 8), ("nls", 8), ("uneven", 11), ("dpo", 8)])
 def test_two_ranks_train_like_one_rank_with_the_global_batch(two_rank_results, model_dir, method, steps):
     rank0, rank1, root = two_rank_results
     single, single_out = one_rank(model_dir, root, method)
