@@ -64,8 +64,10 @@ def preference_records(n: int) -> list[dict[str, Any]]:
         records.append(
             {
                 "input": {"messages": [{"role": "user", "content": f"The sky is {color}. What color is the sky?"}]},
-                "preferred_output": [{"role": "assistant", "content": f"It is {color}."}],
-                "non_preferred_output": [{"role": "assistant", "content": f"It is {other}."}],
+                # Replies that differ from their first token: a shared opening would add gradients that
+                # cancel exactly in exact arithmetic only, and Adam would scale their rounding noise up.
+                "preferred_output": [{"role": "assistant", "content": f"{color}, it is."}],
+                "non_preferred_output": [{"role": "assistant", "content": f"{other}, it is."}],
             }
         )
     return records

@@ -201,7 +201,11 @@ def test_two_ranks_train_like_one_rank_with_the_global_batch(two_rank_results, m
     two, one = adapter(root / method / "rank0"), adapter(single_out)
     assert two.keys() == one.keys() and any(float(t.abs().max()) > 0 for k, t in one.items() if "lora_B" in k)
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=RTOL, atol=1e-7, msg=key)
+        # DPO's loss is a difference of summed reply log-probabilities against a reference scored in other
+        # batches, so its rounding grows: a weight or two of 128 measured off by up to 8e-6 (2e-4
+        # relative), so DPO's weights are held to 1e-4 of each tensor's largest.
+        atol = 1e-4 * float(one[key].abs().max()) if method == "dpo" else 1e-7
+        torch.testing.assert_close(two[key], one[key], rtol=RTOL, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
     # Only rank 0 writes: rank 1's output directory stays empty.
     assert (root / method / "rank0" / "metrics.csv").is_file()
     assert not (root / method / "rank1").exists() or not any((root / method / "rank1").iterdir())

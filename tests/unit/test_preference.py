@@ -105,7 +105,7 @@ def test_pairs_share_the_prompt_and_train_only_the_reply(tokenizer):
     def target(ex) -> str:
         return tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX])
 
-    assert target(chosen).startswith("It is red.") and target(rejected).startswith("It is blue.")
+    assert target(chosen).startswith("red, it is.") and target(rejected).startswith("blue, it is.")
     assert "Earlier turn" not in target(chosen)  # an input's assistant turn is context
     first = chosen.labels.index(next(t for t in chosen.labels if t != IGNORE_INDEX))
     assert chosen.input_ids[:first] == rejected.input_ids[:first]  # the same prompt tokens
