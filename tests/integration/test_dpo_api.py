@@ -128,7 +128,8 @@ def dpo_trained(tmp_path_factory, learnable_model_dir):
         body = dpo_job(
             learnable_model_dir,
             f["id"],
-            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 4, "batch_size": 4}}},
+            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 6, "batch_size": 4}}},
+            seed=7,
             Training={"learning_rate": 2e-2, "mixed_precision": "no", "logging_steps": 1},
             Dataset={"validation_split_percentage": 25},
             General={"lora_config": {"r": 4, "lora_alpha": 16}},

@@ -187,12 +187,13 @@ def test_dpo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_p
     curve = losses(sink)
     # The policy starts as the reference, so the first step's loss is -log sigmoid(0) = ln 2.
     assert curve[0] == pytest.approx(math.log(2), abs=1e-4)
-    assert sum(curve[-3:]) / 3 < 0.5 * math.log(2), curve
+    # Steps of 4 pairs are noisy: the last 10 steps (two epochs) together.
+    assert sum(curve[-10:]) / 10 < 0.6 * math.log(2), curve
     accuracies = [r["train_accuracy"] for r in sink.metric_rows if "train_accuracy" in r]
     # The share of pairs whose preferred reply gained more: none at first (every margin is 0), most at the end.
-    assert accuracies[0] == 0.0 and sum(accuracies[-3:]) / 3 >= 0.75, accuracies
+    assert accuracies[0] == 0.0 and sum(accuracies[-10:]) / 10 >= 0.75, accuracies
     valid = [r for r in sink.metric_rows if "valid_loss" in r]
-    assert valid[-1]["valid_loss"] < 0.7 * math.log(2) and valid[-1]["valid_mean_token_accuracy"] > 0.5, valid
+    assert valid[-1]["valid_loss"] < 0.5 * math.log(2) and valid[-1]["valid_mean_token_accuracy"] >= 0.8, valid
     assert any("DPO reference: log-probabilities of 24 pairs" in text for _, text, _ in sink.messages)
     assert any("18 training and 6 validation preference pairs" in text for _, text, _ in sink.messages)
     reference = load_file(str(tmp_path / REFERENCE_FILE))["logps"]
