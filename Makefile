@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -63,6 +63,10 @@ $(LLAMACPP)/llama_cpp/__init__.py: $(STAMP)
 		$(VENV)/bin/pip install --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
 bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 	$(PY) -m bench.gguf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
+
+# Preference fine-tuning (DPO) against SFT on the same replies, ARC-E pairs on SmolLM2 (bench/dpo.py).
+bench-dpo: $(STAMP)
+	$(PY) -m bench.dpo $(ARGS)
 
 # The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
 # ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".

@@ -37,6 +37,7 @@ from sqft_service.training.recipe import FinetuneRecipe
 from sqft_service.training.step_totals import StepTotals
 from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.conftest import make_tiny_llama, randomize_b
+from tests.helpers import preference_records, write_json
 from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, sparse_model_dir, train_file  # noqa: F401 (fixtures)
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -322,7 +323,7 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", ["lora", "nls", "sparsepeft", "lora-packed", "lora-dropout"])
+@pytest.mark.parametrize("method", ["lora", "nls", "sparsepeft", "lora-packed", "lora-dropout", "dpo", "dpo-packed"])
 def test_a_gpu_shaped_step_never_reads_a_value_back(
     model_dir,  # noqa: F811
     sparse_model_dir,  # noqa: F811
@@ -341,12 +342,16 @@ def test_a_gpu_shaped_step_never_reads_a_value_back(
         lora = LoraSection(r=8, lora_alpha=16, lora_dropout=dropout, neural_lora_search=True,
                            target_module_groups=NLS_GROUPS, search_space=["8,6,4", "8,4", "8,2"])  # fmt: skip
     base = sparse_model_dir if method == "sparsepeft" else model_dir
-    cfg = make_cfg(base, train_file, lora=lora, max_train_steps=4, batch_size=4, gradient_accumulation_steps=2)
+    data = write_json(tmp_path / "pairs.json", preference_records(16)) if method.startswith("dpo") else train_file
+    cfg = make_cfg(base, data, lora=lora, max_train_steps=4, batch_size=4, gradient_accumulation_steps=2)
     cfg.Training.mixed_precision, cfg.Training.max_grad_norm = "bf16", 1.0
-    cfg.Dataset.packing = method == "lora-packed"
+    cfg.Training.method = "dpo" if method.startswith("dpo") else "supervised"
+    cfg.Dataset.packing = method.endswith("-packed")
     recipe = FinetuneRecipe(cfg, tmp_path, MemorySink())
     recipe.setup()
     try:
+        if recipe.preference:
+            recipe._set_reference()
         assert recipe.autocast_dtype is torch.bfloat16
         shards = recipe._batches(0)
         groups = [[device_batch(recipe.collator([recipe.train_examples[i] for i in idx]), recipe.device)
