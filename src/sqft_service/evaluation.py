@@ -141,12 +141,11 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     return answers
 
 
-def is_preference(record: dict[str, Any]) -> bool:
-    return "preferred_output" in record
-
-
 def preferred_conversation(record: dict[str, Any]) -> dict[str, Any]:
     """A preference record as the chat record of its preferred reply (what loss and generation score)."""
+    from .training.records import as_openai_preference
+
+    record = as_openai_preference(record)
     return {"messages": [*record["input"]["messages"], record["preferred_output"][0]]}
 
 
@@ -200,7 +199,7 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
     from .config import DatasetSection
     from .training.models import load_tokenizer, resolve_model_dir
     from .training.preference import tokenize_pairs
-    from .training.records import load_records
+    from .training.records import is_preference_record, load_records
     from .training.tokenization import split_train_eval, tokenize_records
 
     cfg = DatasetSection.model_validate(split["dataset"])
@@ -208,7 +207,7 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
 
     def kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Each record is tokenized on its own exactly as within the whole list (a DPO job's as pairs).
-        if records and is_preference(records[0]):
+        if records and is_preference_record(records[0]):
             return [r for r in records if tokenize_pairs([r], tokenizer, cfg)[0]]
         return [r for r in records if tokenize_records([r], tokenizer, cfg).examples]
 
@@ -283,7 +282,7 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     from .threads import configure_torch_threads
     from .training.device import model_device
     from .training.models import load_tokenizer, resolve_model_dir
-    from .training.records import load_records
+    from .training.records import is_preference_record, load_records
 
     configure_torch_threads()
     if p.split is not None:
@@ -296,7 +295,7 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
         raise UserError(f"{source} holds no records to evaluate on", param=param)
     sink.message(f"evaluating {len(p.candidates)} candidate(s) on {len(records)} record(s) of {source}")
     # Preference records: scored as their preferred replies, and by which reply each candidate prefers.
-    pairs = records if is_preference(records[0]) else None
+    pairs = records if is_preference_record(records[0]) else None
     if pairs is not None:
         records = [preferred_conversation(r) for r in pairs]
     models: dict[str, Any] = {}  # model directory → the loaded model (a PeftModel once an adapter is on)

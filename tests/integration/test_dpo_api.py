@@ -162,3 +162,19 @@ def test_evaluate_a_dpo_jobs_held_out_pairs(dpo_trained):
     assert resp.status_code == 200, resp.text
     (row,) = resp.json()["data"]
     assert row["n_examples"] == 6 and row["preference_accuracy"] is not None  # 25% of 24 pairs held out
+
+
+def test_a_trl_format_file_trains_a_dpo_job(client, tmp_path, tiny_model_dir):
+    from tests.integration.conftest import wait_status
+
+    records = [
+        {"prompt": r["input"]["messages"][0]["content"], "chosen": r["preferred_output"], "rejected": "no idea"}
+        for r in preference_records(4)
+    ]
+    trl = upload(client, write_jsonl(tmp_path / "trl.jsonl", records))
+    assert trl["format"] == "preference"
+    resp = client.post("/v1/fine_tuning/jobs", json=dpo_job(tiny_model_dir, trl["id"], Training={"batch_size": 2}))
+    assert resp.status_code == 200, resp.text
+    done = wait_status(client, resp.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["method"]["type"] == "dpo" and done["method"]["dpo"]["hyperparameters"]["beta"] == 0.1

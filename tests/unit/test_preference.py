@@ -87,6 +87,52 @@ def test_a_file_mixing_preference_and_chat_records_is_refused(tmp_path):
         inspect_training_file(write_jsonl(tmp_path / "p.jsonl", [*preference_records(1), chat]))
 
 
+def trl(record: dict, *, strings: bool) -> dict:
+    """The same pair in TRL's form: plain strings, or conversational (message lists)."""
+    prompt = record["input"]["messages"]
+    if strings:
+        return {
+            "prompt": prompt[-1]["content"],
+            "chosen": record["preferred_output"][0]["content"],
+            "rejected": record["non_preferred_output"][0]["content"],
+        }
+    return {"prompt": prompt, "chosen": record["preferred_output"], "rejected": record["non_preferred_output"]}
+
+
+@pytest.mark.parametrize("strings", [True, False])
+def test_trl_preference_records_tokenize_like_openais(tmp_path, tokenizer, strings):
+    records = preference_records(4)
+    path = write_jsonl(tmp_path / "trl.jsonl", [trl(r, strings=strings) for r in records])
+    assert inspect_training_file(path).format == "preference"
+    ours, _ = tokenize_pairs(load_records(path), tokenizer, DatasetSection())
+    theirs, _ = tokenize_pairs(records, tokenizer, DatasetSection())
+    assert [(p.chosen, p.rejected) for p in ours] == [(p.chosen, p.rejected) for p in theirs]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"chosen": "a", "rejected": "b"}, "no 'prompt' (conversations with an implicit prompt are not supported"),
+        ({"prompt": "q", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string or an array, got number"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+            "field 'rejected' must hold exactly one assistant message",
+        ),
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are the same reply"),
+        (
+            {"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"},
+            "the last of 'prompt' must not be the assistant's",
+        ),
+        ({"prompt": "q", "chosen": "a"}, "missing required field 'rejected'"),
+    ],
+)
+def test_bad_trl_records_name_the_line_and_the_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "p.jsonl", [trl(preference_records(1)[0], strings=True), record])
+    with pytest.raises(DataValidationError) as err:
+        inspect_training_file(path)
+    assert err.value.line == 2 and message in str(err.value), str(err.value)
+
+
 # ------------------------------------------------------------------ pairs
 def test_pairs_share_the_prompt_and_train_only_the_reply(tokenizer):
     record = pref(

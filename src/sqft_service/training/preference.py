@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .records import as_openai_preference
 from .tokenization import IGNORE_INDEX, TokenizedExample, tokenize_records
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def tokenize_pairs(
     """
     conversations = [
         {"messages": [*rec["input"]["messages"], rec[key][0]]}
-        for rec in records
+        for rec in map(as_openai_preference, records)
         for key in ("preferred_output", "non_preferred_output")
     ]
     tokenized = tokenize_records(conversations, tokenizer, cfg, last_turn_only=True)

@@ -45,7 +45,7 @@ from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .preference import PairCollator, PreferencePair, dpo_loss, sequence_logps, tokenize_pairs
-from .records import DataValidationError, load_records
+from .records import DataValidationError, is_preference_record, load_records
 from .resume import TrainerState, latest_resume_point
 from .step_totals import PendingStep, StepTotals
 from .tokenization import TokenizedExample, split_train_eval, tokenize_records
@@ -279,10 +279,10 @@ class FinetuneRecipe:
 
     def _check_format(self, records: list[dict], param: str) -> None:
         """A preference job takes preference records only, a supervised job none (the API checks it first)."""
-        is_pair = "preferred_output" in records[0] or "non_preferred_output" in records[0]
+        is_pair = is_preference_record(records[0])
         if is_pair != self.preference:
             method = self.cfg.Training.method
-            wanted = "preference records (input, preferred_output, non_preferred_output)"
+            wanted = "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
             raise DataValidationError(
                 f"a {method} job needs {wanted if self.preference else 'Alpaca or chat records'}; "
                 f"this file holds {'preference' if is_pair else 'supervised'} records",

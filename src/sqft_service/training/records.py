@@ -5,9 +5,11 @@ Three record formats are accepted, one per file:
 * **Alpaca**: ``{"instruction": str, "input": str (optional), "output": str}``.
 * **Chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the
   last message must be the assistant's.
-* **Preference** (OpenAI's DPO format, for ``method.type: "dpo"``): ``{"input": {"messages": [...]},
-  "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}``; the
-  input's last message is not the assistant's, and each output is one assistant message.
+* **Preference** (for ``method.type: "dpo"``), in OpenAI's form ``{"input": {"messages": [...]},
+  "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}`` or in
+  TRL's (Hugging Face preference data sets) ``{"prompt": str | messages, "chosen": str | messages,
+  "rejected": str | messages}``; the prompt's last message is not the assistant's, and each reply is
+  one assistant message (a string is one). :func:`as_openai_preference` turns either into OpenAI's.
 
 A file is either a JSON array of records or JSONL (one object per non-blank line). Validation errors
 name the 1-based line on which the offending record starts, so an upload can be fixed without
@@ -71,8 +73,31 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+_OPENAI_PAIR = ("preferred_output", "non_preferred_output")
+_TRL_PAIR = ("chosen", "rejected")
+
+
+def is_preference_record(rec: dict[str, Any]) -> bool:
+    return any(key in rec for key in (*_OPENAI_PAIR, *_TRL_PAIR))
+
+
+def as_openai_preference(rec: dict[str, Any]) -> dict[str, Any]:
+    """A validated preference record in OpenAI's form (a TRL record converted, an OpenAI one as it is)."""
+    if "input" in rec or not any(key in rec for key in _TRL_PAIR):
+        return rec
+
+    def turns(value: Any, role: str) -> list[dict[str, Any]]:
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    return {
+        "input": {"messages": turns(rec["prompt"], "user")},
+        "preferred_output": turns(rec["chosen"], "assistant"),
+        "non_preferred_output": turns(rec["rejected"], "assistant"),
+    }
+
+
 def _record_format(rec: dict[str, Any], line: int) -> Format:
-    if "preferred_output" in rec or "non_preferred_output" in rec:
+    if is_preference_record(rec):
         return "preference"
     if "messages" in rec:
         return "chat"
@@ -80,7 +105,7 @@ def _record_format(rec: dict[str, Any], line: int) -> Format:
         return "alpaca"
     raise DataValidationError(
         "record has neither 'instruction'/'output' (Alpaca format), 'messages' (chat format) nor "
-        "'preferred_output'/'non_preferred_output' (preference format)",
+        "'preferred_output'/'non_preferred_output' or 'chosen'/'rejected' (preference format)",
         line,
     )
 
@@ -137,7 +162,43 @@ def _validate_messages(messages: Any, where: str, line: int) -> None:
 
 
 def _validate_preference(rec: dict[str, Any], line: int) -> None:
-    """OpenAI's preference record: a prompt conversation and one preferred and one other assistant reply."""
+    """A prompt conversation and one preferred and one other assistant reply, in OpenAI's or TRL's form."""
+    if any(key in rec for key in _OPENAI_PAIR):
+        _validate_openai_preference(rec, line)
+    else:
+        _validate_trl_preference(rec, line)
+
+
+def _validate_trl_preference(rec: dict[str, Any], line: int) -> None:
+    if "prompt" not in rec:
+        raise DataValidationError(
+            "record has 'chosen'/'rejected' but no 'prompt' (conversations with an implicit prompt are not "
+            "supported: give the prompt apart)",
+            line,
+        )
+    prompt = rec["prompt"]
+    if not isinstance(prompt, str):
+        _validate_messages(prompt, "prompt", line)
+        if prompt[-1]["role"] == "assistant":
+            raise DataValidationError("the last of 'prompt' must not be the assistant's: the replies answer it", line)
+    replies = []
+    for key in _TRL_PAIR:
+        if key not in rec:
+            raise DataValidationError(f"record is missing required field '{key}'", line)
+        value = rec[key]
+        if not isinstance(value, str):
+            if not isinstance(value, list):
+                raise DataValidationError(f"field '{key}' must be a string or an array, got {json_type(value)}", line)
+            _validate_messages(value, key, line)
+            if len(value) != 1 or value[0]["role"] != "assistant":
+                raise DataValidationError(f"field '{key}' must hold exactly one assistant message", line)
+            value = value[0]["content"]
+        replies.append(value)
+    if replies[0] == replies[1]:
+        raise DataValidationError("'chosen' and 'rejected' are the same reply: there is nothing to prefer", line)
+
+
+def _validate_openai_preference(rec: dict[str, Any], line: int) -> None:
     prompt = rec.get("input")
     if not isinstance(prompt, dict):
         got = json_type(prompt) if "input" in rec else "nothing"
@@ -152,7 +213,7 @@ def _validate_preference(rec: dict[str, Any], line: int) -> None:
             "'input.tools' is not supported: records with tool definitions can't be trained", line
         )
     replies = []
-    for key in ("preferred_output", "non_preferred_output"):
+    for key in _OPENAI_PAIR:
         if key not in rec:
             raise DataValidationError(f"record is missing required field '{key}'", line)
         _validate_messages(rec[key], key, line)

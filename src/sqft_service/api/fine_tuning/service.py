@@ -212,7 +212,7 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
     return copied
 
 
-PREFERENCE_RECORDS = "preference records (input, preferred_output, non_preferred_output)"
+PREFERENCE_RECORDS = "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
 
 
 def _check_records(training: FileRecord, validation: FileRecord | None, method: str, dataset: DatasetSection) -> None:
