@@ -240,6 +240,12 @@ def test_dpo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_p
     assert accuracies[0] == 0.0 and sum(accuracies[-10:]) / 10 >= 0.75, accuracies
     valid = [r for r in sink.metric_rows if "valid_loss" in r]
     assert valid[-1]["valid_loss"] < 0.5 * math.log(2) and valid[-1]["valid_mean_token_accuracy"] >= 0.8, valid
+    last = valid[-1]  # DPO's implicit rewards beta * (log π - log π_ref), per pair
+    assert last["valid_reward_margin"] == pytest.approx(
+        last["valid_reward_chosen"] - last["valid_reward_rejected"], abs=1e-5
+    )
+    # A held-out loss under ln(2) / 2 needs the preferred replies clearly ahead, and further than at first.
+    assert last["valid_reward_margin"] > 1.0 and last["valid_reward_margin"] > valid[0]["valid_reward_margin"]
     assert any("DPO reference: log-probabilities of 24 pairs" in text for _, text, _ in sink.messages)
     assert any("18 training and 6 validation preference pairs" in text for _, text, _ in sink.messages)
     reference = load_file(str(tmp_path / REFERENCE_FILE))["logps"]

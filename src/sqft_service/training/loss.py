@@ -33,6 +33,7 @@ class LossOutput:
     loss_sum: torch.Tensor  # summed token cross-entropy (fp32)
     n_correct: torch.Tensor  # label tokens whose argmax prediction is right
     n_labels: int
+    reward_sums: torch.Tensor | None = None  # DPO: summed implicit rewards (chosen, rejected), detached
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -118,12 +118,18 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
 
 def dpo_loss(model: torch.nn.Module, batch: dict[str, Any], beta: float) -> LossOutput:
     """The summed DPO loss of the batch's pairs (see the module docstring); ``n_correct`` counts the
-    pairs whose chosen reply gained more log-probability over the reference than the rejected one."""
+    pairs whose chosen reply gained more log-probability over the reference than the rejected one, and
+    ``reward_sums`` sums the implicit rewards beta * (log π - log π_ref) of the chosen and rejected replies."""
     import torch.nn.functional as F
 
     from .loss import LossOutput
 
     logps = sequence_logps(model, batch)
-    gains = logps - batch["reference_logps"]
-    margins = beta * (gains[:, 0] - gains[:, 1])
-    return LossOutput(loss_sum=-F.logsigmoid(margins).sum(), n_correct=(margins > 0).sum(), n_labels=batch["n_pairs"])
+    rewards = beta * (logps - batch["reference_logps"])  # DPO's implicit rewards, [pairs, 2]
+    margins = rewards[:, 0] - rewards[:, 1]
+    return LossOutput(
+        loss_sum=-F.logsigmoid(margins).sum(),
+        n_correct=(margins > 0).sum(),
+        n_labels=batch["n_pairs"],
+        reward_sums=rewards.detach().sum(0),
+    )

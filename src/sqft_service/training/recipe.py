@@ -618,22 +618,28 @@ class FinetuneRecipe:
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
         mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
 
-        def score(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        def score(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
             batch = self._prepare(self.collator([self.eval_examples[i] for i in chunk]))
             out = self._forward(batch)
-            return out.loss_sum, out.n_correct, batch["n_label_tokens"]
+            return out.loss_sum, out.n_correct, batch["n_label_tokens"], out.reward_sums
 
         # This rank's shards in turn (a batch that runs out of device memory is halved: the same sums),
         # read once at the end (StepTotals), not after every batch.
         parts = in_fitting_batches(mine, self.cfg.Training.batch_size, score, self.device)
         loss_sum, correct = StepTotals([p[0] for p in parts], [p[1] for p in parts]).read()
         n_labels = sum(p[2] for p in parts)
-        loss_sum, correct, n_labels = self.dp.sum([loss_sum, correct, n_labels])
+        rewards = [p[3] for p in parts if p[3] is not None]
+        chosen, rejected = torch.stack(rewards).sum(0).tolist() if rewards else (0.0, 0.0)
+        loss_sum, correct, n_labels, chosen, rejected = self.dp.sum([loss_sum, correct, n_labels, chosen, rejected])
         self.model.train()
-        metrics = {
-            "valid_loss": round(loss_sum / max(n_labels, 1), 6),
-            "valid_mean_token_accuracy": round(correct / max(n_labels, 1), 6),
-        }
+        n = max(n_labels, 1)
+        metrics = {"valid_loss": round(loss_sum / n, 6), "valid_mean_token_accuracy": round(correct / n, 6)}
+        if self.preference:  # TRL's rewards/chosen, rewards/rejected, rewards/margins, per pair
+            metrics |= {
+                "valid_reward_chosen": round(chosen / n, 6),
+                "valid_reward_rejected": round(rejected / n, 6),
+                "valid_reward_margin": round((chosen - rejected) / n, 6),
+            }
         if self._metric_rows:
             self._metric_rows[-1].update(metrics)
         return metrics
