@@ -273,7 +273,7 @@ class FinetuneRecipe:
         unit = "preference pairs" if self.preference else "examples"
         self.sink.message(
             f"data: {len(train)} training and {len(evals)} validation {unit}, "
-            f"{n_tokens:,} training tokens (mean {n_tokens / len(train):.1f} per example)"
+            f"{n_tokens:,} training tokens (mean {n_tokens / len(train):.1f} per {unit[:-1]})"
         )
         return train, evals
 
