@@ -22,7 +22,7 @@ from sqft_service.training.records import DataValidationError, inspect_training_
 from sqft_service.training.tokenization import IGNORE_INDEX
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
-from tests.unit.test_recipe import losses, make_cfg, model_dir  # noqa: F401
+from tests.unit.test_recipe import NLS_GROUPS, losses, make_cfg, model_dir, sparse_model_dir  # noqa: F401
 from tests.unit.test_resume import StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,6 +264,33 @@ def test_a_stopped_dpo_job_resumes_with_its_reference_to_the_same_adapter(model_
     a = load_file(str(Path(whole.adapter_dir) / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_composes_with_nls_and_qa_sparsepeft_and_the_merge_keeps_sparsity(
+    sparse_model_dir,  # noqa: F811
+    pairs_file,
+    tmp_path,
+):
+    from sqft_service.model_ops import merge
+
+    lora = LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        sparse_adapter=True,
+        quantization_aware=True,
+        quantization_group_size=8,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["4,2", "4,3", "4,2"],
+    )
+    sink = MemorySink()
+    result = run_training(dpo_cfg(sparse_model_dir, pairs_file, lora=lora, epochs=2), tmp_path / "out", sink)
+    curve = losses(sink)
+    # The reference is the quantized sparse base every NLS rank starts as: the first loss is ln 2.
+    assert curve[0] == pytest.approx(math.log(2), abs=1e-4) and min(curve) < math.log(2)
+    report = merge(str(sparse_model_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
+    assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
 
 
 def test_a_supervised_file_in_a_dpo_job_is_refused_naming_the_file(model_dir, tmp_path):  # noqa: F811
