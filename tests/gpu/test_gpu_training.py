@@ -3,12 +3,13 @@
 A tiny Llama trains a few steps on the GPU and on the CPU from the same weights and data; the losses
 agree (fp32 both, so only the kernels' summation order differs). What a GPU job saves opens on the
 CPU with stock peft; a sparse merge keeps every zero; Wanda calibrates on the GPU; and between
-logging points the training step never makes the host wait for the device.
+logging points the training step never makes the host wait for the device (DPO jobs too).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sqft_service.training.events import MemorySink
 from sqft_service.training.hooks import StepHook
 from sqft_service.training.recipe import FinetuneRecipe, run_training
 from tests.conftest import make_tiny_llama
-from tests.helpers import alpaca_records, write_json
+from tests.helpers import alpaca_records, preference_records, write_json
 
 NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
 METHODS = {
@@ -254,3 +255,34 @@ def test_a_real_cuda_out_of_memory_is_retried_in_smaller_passes(model_dirs, trai
     torch.testing.assert_close(_losses(runs["tight"]), _losses(runs["fits"]), rtol=1e-4, atol=1e-5)
     peaks = [row["gpu_peak_memory_gib"] for row in runs["fits"].metric_rows if "train_loss" in row]
     assert peaks and all(0 < p < torch.cuda.get_device_properties(0).total_memory / 2**30 for p in peaks)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_json(tmp_path_factory.mktemp("pairs") / "pairs.json", preference_records(32))
+
+
+def run_dpo(model_dir: Path, pairs_file: Path, out: Path, device: str, packing: bool, hooks=()) -> list[float]:
+    """A DPO job's every step loss (read after training: a GPU job reads them at logging points only)."""
+    cfg = _cfg(model_dir, pairs_file, "lora", device, logging_steps=100)
+    cfg.Training.method, cfg.Training.dpo_beta, cfg.Dataset.packing = "dpo", 0.5, packing
+    cfg.Training.learning_rate = 3e-3  # a smooth curve: CPU and GPU rounding then stay apart by little
+    recipe = FinetuneRecipe(cfg, out, MemorySink(), step_hooks=list(hooks))
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return [row["train_loss"] for row in recipe._metric_rows]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_dpo_trains_on_cuda_as_on_the_cpu_and_never_waits_between_logging_points(
+    model_dirs, pairs_file, tmp_path, packing
+):
+    cpu = run_dpo(model_dirs[False], pairs_file, tmp_path / "cpu", "cpu", packing)
+    recorder = SyncRecorder(watched={3, 4, 5})  # the reference pass is before step 1; step 6 is logged
+    cuda = run_dpo(model_dirs[False], pairs_file, tmp_path / "cuda", "cuda", packing, [recorder])
+    assert len(cuda) == 6 and abs(cuda[0] - math.log(2)) < 1e-3  # the policy starts as the reference
+    torch.testing.assert_close(torch.tensor(cuda), torch.tensor(cpu), rtol=5e-3, atol=5e-3)
+    assert recorder.syncs == []
