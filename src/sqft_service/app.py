@@ -139,11 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         app.state.file_service = file_service
         app.state.job_manager = manager
-        app.state.fine_tuning_service = FineTuningService(jobs, events, file_service, manager)
+        app.state.model_service = ModelService(settings, jobs, file_store, manager)
+        app.state.fine_tuning_service = FineTuningService(
+            jobs, events, file_service, manager, models=app.state.model_service
+        )
         app.state.sqft_service = SqftService(
             settings, app.state.fine_tuning_service, file_service, jobs, events, manager
         )
-        app.state.model_service = ModelService(settings, jobs, file_store, manager)
         # The engine inside is created, and torch imported, only when the first inference request comes.
         app.state.inference_service = InferenceService(settings, app.state.model_service)
         app.state.metrics.watch_store(db, manager)

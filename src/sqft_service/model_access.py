@@ -78,6 +78,16 @@ class ModelAccess:
             allow_remote_code=settings.allow_remote_code,
         )
 
+    @classmethod
+    def for_stored_models(cls, settings: Settings) -> ModelAccess:
+        """The policy for a model the service recorded itself (a job's base, which for a fine-tune of a
+        fine-tuned model is a merged model under the jobs directory): the roots plus the service's own
+        job outputs. Job processes get it too, since every path they load was checked by the API first
+        (a client's path against the roots only, a fine-tuned model's name against its owner)."""
+        base = cls.from_settings(settings)
+        outputs = settings.jobs_dir.expanduser().resolve()
+        return base if outputs in base.roots else cls((*base.roots, outputs), base.allow_hub, base.allow_remote_code)
+
     def job_environment(self) -> dict[str, str]:
         """What the manager hands a job process, so that it enforces the same policy as the service."""
         return {

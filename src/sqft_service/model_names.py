@@ -25,7 +25,10 @@ def _slug(text: str) -> str:
 
 
 def base_slug(model_ref: str) -> str:
-    """A short name of a base model reference: a directory's name, a GGUF file's stem, a Hub id's name."""
+    """A short name of a base model reference: a directory's name, a GGUF file's stem, a Hub id's name;
+    for a fine-tuned model, its own base's (as OpenAI names the fine-tune of a fine-tuned model)."""
+    if parse_fine_tuned(model_ref) is not None:
+        return model_ref.split(":")[1]
     path = PurePath(model_ref.rstrip("/"))
     return _slug(path.stem if path.suffix == ".gguf" else path.name)
 

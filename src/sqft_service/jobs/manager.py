@@ -307,8 +307,9 @@ class JobManager:
         env = dict(os.environ)
         env.update(job_environment(job_thread_budget(self.settings.max_concurrent_jobs, self.settings.threads_per_job)))
         env["PYTHONUNBUFFERED"] = "1"
-        # The job process checks the models it loads again, under the same policy as the API.
-        env.update(ModelAccess.from_settings(self.settings).job_environment())
+        # The job process checks the models it loads again: the API's roots, plus the service's own job outputs
+        # (a fine-tune of a fine-tuned model loads its merged parent from there; model_access.py).
+        env.update(ModelAccess.for_stored_models(self.settings).job_environment())
         env["SQFT_CHECKPOINT_INTERVAL_S"] = str(self.settings.checkpoint_interval_s)
         # The settings' format, not the service's environment: create_app may have been given other settings.
         env["SQFT_LOG_FORMAT"] = self.settings.log_format

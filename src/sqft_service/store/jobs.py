@@ -54,6 +54,15 @@ class JobRecord:
         return self.status in FINAL_STATUSES
 
     @property
+    def base_model(self) -> str:
+        """What the job loads as its base: ``model``, or for a fine-tune of a fine-tuned (``ft:``) model the
+        directory the service resolved that name to (``General.base_model``)."""
+        model = self.model or ""
+        if model.startswith("ft:"):
+            return str(self.config.get("General", {}).get("base_model") or model)
+        return model
+
+    @property
     def cancel_requested(self) -> bool:
         return self.stop_request == STOP_CANCEL
 

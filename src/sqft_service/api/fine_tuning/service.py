@@ -11,35 +11,53 @@ from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
-from ...model_names import FineTunedRef, checkpoint_ref
+from ...model_names import FineTunedRef, checkpoint_ref, parse_fine_tuned
 from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.files import FileRecord
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ...training.records import inspect_training_file
 from ..files.service import FileService
+from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
 from .protocol import CreateFineTuningJobRequest
 
 
 class FineTuningService:
-    def __init__(self, jobs: JobStore, events: EventStore, files: FileService, manager: JobManager) -> None:
+    """``models`` resolves a fine-tuned model named as a job's ``model`` (None: such names are refused)."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        events: EventStore,
+        files: FileService,
+        manager: JobManager,
+        models: ModelService | None = None,
+    ) -> None:
         self.jobs = jobs
         self.events = events
         self.files = files
         self.manager = manager
+        self.models = models
 
     def create(self, req: CreateFineTuningJobRequest) -> JobRecord:
         model = req.model or req.General.base_model
         if not model:
             raise InvalidRequestError("`model` is required (or give `General.base_model`)", param="model")
+        model_param = "model" if req.model else "General.base_model"
+        # A fine-tuned model of the caller's: the job trains on from it (its merged model's directory).
+        parent_dir = self._fine_tuned_base(model, model_param)
         # Before anything is created: a model outside the roots, a Hub id or remote code is a 400 at once.
-        ModelAccess.from_settings(self.manager.settings).check_fine_tune(
-            model,
-            req.General.tokenizer_name,
-            req.General.config.trust_remote_code,
-            model_param="model" if req.model else "General.base_model",
-        )
+        access = ModelAccess.from_settings(self.manager.settings)
+        general = req.General
+        if parent_dir is None:
+            trust = general.config.trust_remote_code
+            access.check_fine_tune(model, general.tokenizer_name, trust, model_param=model_param)
+        else:  # a directory the service made; the client's own paths stay held to the roots
+            ModelAccess.for_stored_models(self.manager.settings).check_model(parent_dir, model_param)
+            if general.tokenizer_name:
+                access.check_model(general.tokenizer_name, "General.tokenizer_name")
+            access.check_remote_code(general.config.trust_remote_code)
         # A GPU asked for where no job could get one (this machine, or the Ray cluster: the runner says)
         # is a 400 now, not a job that fails once launched.
         check_device_available(
@@ -86,6 +104,8 @@ class FineTuningService:
             seed=seed,
             n_training_records=_n_records(training),
         )
+        if parent_dir is not None:
+            cfg.General.base_model = parent_dir
         # Outputs always live under the data dir: a client-chosen absolute path would let any
         # client write anywhere the service can.
         requested_output = cfg.General.output_dir
@@ -119,6 +139,26 @@ class FineTuningService:
         )
         self.manager.enqueue(job)
         return self.get(job_id)
+
+    def _fine_tuned_base(self, model: str, param: str) -> str | None:
+        """The directory to train on for a fine-tuned model id (``ft:…``), or None for a base model.
+
+        A merged model (``ft:…:merged``) is a model directory of its own; an adapter must be merged first.
+        Another project's model is a 404, as it is everywhere.
+        """
+        if parse_fine_tuned(model) is None:
+            return None
+        if self.models is None:
+            raise InvalidRequestError("this service cannot fine-tune a fine-tuned model", param=param)
+        entry = self.models.get(model, param)
+        if entry.ref is None or not entry.ref.merged or entry.path is None:
+            raise InvalidRequestError(
+                f"`{model}` is an adapter; to train on from it, merge it first (POST /v1/finetune/merge_adapter) "
+                f"and fine-tune its merged model `{model}:merged`",
+                param=param,
+                code="model_not_merged",
+            )
+        return str(entry.path)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id, kind=FINE_TUNE)

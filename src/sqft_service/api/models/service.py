@@ -109,7 +109,7 @@ class ModelService:
         bases: dict[str, int] = {}
         tuned: list[ModelEntry] = []
         for job in self._fine_tunes():
-            if job.model:
+            if job.model and parse_fine_tuned(job.model) is None:  # a fine-tuned base is listed as itself
                 bases[job.model] = min(bases.get(job.model, job.created_at), job.created_at)
             if job.status == "succeeded":
                 tuned.extend(self._derived(job))
@@ -145,7 +145,7 @@ class ModelService:
         tokenizer = access.check_model(tokenizer, param) if tokenizer else None
         if ref.merged:  # a merged model is a model of its own (its directory holds the tokenizer too)
             return ModelSpec(model_id, str(entry.path), data_format=self._data_format(job))
-        base = access.check_model(job.model or "", param)
+        base = ModelAccess.for_stored_models(self.settings).check_model(job.base_model, param)
         sparse = bool(general.get("lora_config", {}).get("sparse_adapter"))  # its sub-adapters too
         return ModelSpec(model_id, base, tokenizer, str(entry.path), self._data_format(job), sparse)
 

@@ -92,7 +92,7 @@ class SqftService:
 
     def merge(self, job_id: str, version: str | None, gguf: str | None = None) -> JobRecord:
         job = self._succeeded_job(job_id)
-        if gguf is not None and source_gguf(job.model or "") is None:
+        if gguf is not None and source_gguf(job.base_model) is None:
             raise InvalidRequestError(f"`gguf`: {NO_SOURCE_GGUF}", param="gguf")
         outputs = self.manager.workspace(job).output
         if version is not None:
@@ -108,7 +108,7 @@ class SqftService:
         params = MergeParams(
             fine_tuning_job_id=job_id,
             version=version,
-            model=job.model or "",
+            model=job.base_model,
             adapter=str(adapter_dir),
             output=str(outputs.merged_model(version)),
             sparse=bool(self._lora(job).get("sparse_adapter")),
@@ -151,7 +151,7 @@ class SqftService:
             candidates.append(
                 EvalCandidate(
                     name=ref,
-                    model=spec.model if entry.ref.merged else job.model or "",
+                    model=spec.model if entry.ref.merged else job.base_model,
                     merged=entry.ref.merged,
                     tokenizer=None if entry.ref.merged else spec.tokenizer,
                     adapter=spec.adapter,
@@ -171,9 +171,9 @@ class SqftService:
                     f"Job {job.id}'s training data is gone (its file was deleted): evaluate on a `file`",
                     param="fine_tuning_job_id",
                 )
-            access.check_model(job.model or "", "fine_tuning_job_id")
+            ModelAccess.for_stored_models(self.settings).check_model(job.base_model, "fine_tuning_job_id")
             split = {
-                "model": job.model,
+                "model": job.base_model,
                 "tokenizer": job.config.get("General", {}).get("tokenizer_name"),
                 "dataset": dataset,
                 "seed": job.config.get("Training", {}).get("seed"),

@@ -1,0 +1,99 @@
+"""Fine-tuning a fine-tuned model (OpenAI's `model: "ft:…"`): supervised, merged, then DPO on it, served,
+merged and evaluated; what the service refuses. The real app, real job processes, a tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+
+from sqft_service.api.models.service import BASE_OWNER
+from sqft_service.app import create_app
+from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
+from tests.integration.conftest import make_settings, upload, wait_status
+
+ALICE = {"Authorization": "Bearer ka"}
+BOB = {"Authorization": "Bearer kb"}
+
+
+def _done(client: TestClient, body: dict) -> dict:
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    job = wait_status(client, resp.json()["id"], ("succeeded", "failed"), timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    return job
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("continued")
+    # The tiny model's directory is the only model root: the data dir (the jobs' outputs) lies outside it.
+    settings = make_settings(root / "data", api_key="alice:ka,bob:kb", model_roots=(tiny_model_dir,))
+    with TestClient(create_app(settings), headers=ALICE) as client:
+        sft_file = upload(client, write_json(root / "sft.json", alpaca_records(8)))
+        sft = _done(
+            client,
+            {"model": str(tiny_model_dir), "training_file": sft_file["id"], "seed": 1, "Training": {"batch_size": 4}},
+        )
+        merged = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": sft["id"]})
+        assert merged.status_code == 200, merged.text
+        pairs = upload(client, write_jsonl(root / "pairs.jsonl", preference_records(8)))
+        parent = f"{sft['fine_tuned_model']}:merged"
+        dpo = _done(
+            client,
+            {"model": parent, "training_file": pairs["id"], "seed": 1, "method": {"type": "dpo"}, "suffix": "dpo"},
+        )
+        yield client, sft, merged.json(), parent, dpo, pairs
+
+
+def test_a_dpo_job_trains_on_from_a_merged_fine_tuned_model(chain, tiny_model_dir):
+    client, _, merged, parent, dpo, _ = chain
+    assert dpo["model"] == parent  # as the client named it
+    assert dpo["config"]["General"]["base_model"] == merged["path"]  # what it loaded
+    # Named after the original base, as OpenAI names the fine-tune of a fine-tuned model.
+    assert dpo["fine_tuned_model"] == f"ft:{tiny_model_dir.name}:dpo:{dpo['id']}"
+    listed = client.get("/v1/models").json()["data"]
+    assert {dpo["fine_tuned_model"], parent} <= {m["id"] for m in listed}
+    # The parent is listed once, as the fine-tuned model it is, not again as a base model.
+    assert [m["id"] for m in listed if m["owned_by"] == BASE_OWNER] == [str(tiny_model_dir)]
+
+    # Served on its own base (the merged parent), chat works; its merge starts from that base too.
+    answer = client.post(
+        "/v1/chat/completions",
+        json={"model": dpo["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
+    assert answer.status_code == 200, answer.text
+    resp = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": dpo["id"]})
+    assert resp.status_code == 200, resp.text
+    grandchild = AutoModelForCausalLM.from_pretrained(resp.json()["path"]).state_dict()
+    parent_weights = AutoModelForCausalLM.from_pretrained(merged["path"]).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(parent_weights[key], base[key])  # the SFT adapter is in the parent
+    assert not torch.equal(grandchild[key], parent_weights[key])  # and the DPO adapter on top of it
+
+
+def test_evaluate_compares_a_chain(chain):
+    client, _, _, parent, dpo, pairs = chain
+    body = {"candidates": [parent, dpo["fine_tuned_model"]], "file": pairs["id"], "generate": False}
+    resp = client.post("/v1/finetune/evaluate", json=body)
+    assert resp.status_code == 200, resp.text
+    rows = resp.json()["data"]
+    assert [r["candidate"] for r in rows] == body["candidates"]
+    assert all(r["preference_accuracy"] is not None for r in rows)
+
+
+def test_what_the_service_refuses(chain):
+    client, sft, merged, parent, _, pairs = chain
+    adapter = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": sft["fine_tuned_model"], "training_file": pairs["id"], "method": {"type": "dpo"}},
+    )
+    assert adapter.status_code == 400 and adapter.json()["error"]["code"] == "model_not_merged", adapter.text
+    assert f"`{sft['fine_tuned_model']}:merged`" in adapter.json()["error"]["message"]
+    # Another project's model is not found; the merged directory named by path stays outside the roots.
+    other = client.post("/v1/fine_tuning/jobs", json={"model": parent, "training_file": "x"}, headers=BOB)
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text
+    by_path = client.post("/v1/fine_tuning/jobs", json={"model": merged["path"], "training_file": pairs["id"]})
+    assert by_path.status_code == 400 and by_path.json()["error"]["param"] == "model", by_path.text
