@@ -97,3 +97,15 @@ def test_what_the_service_refuses(chain):
     assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text
     by_path = client.post("/v1/fine_tuning/jobs", json={"model": merged["path"], "training_file": pairs["id"]})
     assert by_path.status_code == 400 and by_path.json()["error"]["param"] == "model", by_path.text
+
+
+def test_a_merged_model_a_job_trains_on_from_is_not_deleted(chain):
+    client, sft, _, parent, dpo, _ = chain
+    resp = client.delete(f"/v1/models/{parent}")
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "model_in_use", resp.text
+    assert dpo["id"] in resp.json()["error"]["message"]
+    # The adapter it was merged from may go: the merged model is a directory of its own.
+    assert client.delete(f"/v1/models/{sft['fine_tuned_model']}").status_code == 200
+    assert client.get(f"/v1/models/{parent}").status_code == 200
+    chat = {"model": dpo["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import NotFoundError, ServiceError
+from ...errors import ConflictError, NotFoundError, ServiceError
 from ...inference.spec import ModelSpec
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
@@ -190,10 +190,27 @@ class ModelService:
         return entry, dict(sorted(found.items()))
 
     # ---------------------------------------------------------------- deleting
+    def _check_unused(self, model_id: str, directory: Path) -> None:
+        """A merged model that fine-tunes train on from (``model: "ft:…:merged"``) stays while they need it."""
+        users = [
+            job.id
+            for job in self._fine_tunes()
+            if job.status not in ("failed", "cancelled") and job.base_model == str(directory)
+        ]
+        if users:
+            raise ConflictError(
+                f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from its merged "
+                "model; delete their models first",
+                param="model",
+                code="model_in_use",
+            )
+
     def delete(self, model_id: str) -> str:
         entry = self._fine_tuned(model_id, "deleted", "model_not_deletable")
         assert entry.path is not None
         merged_inside = entry.path / MERGED_DIR
+        if entry.ref is not None and entry.ref.merged:  # deleting an adapter leaves its merged model
+            self._check_unused(model_id, entry.path)
         if entry.ref is not None and entry.ref.version and not entry.ref.merged and merged_inside.is_dir():
             # A sub-adapter's directory also holds its merged model, a model of its own: remove only the
             # adapter's files, its config first (from then on it is no longer listed).
