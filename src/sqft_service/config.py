@@ -138,8 +138,19 @@ class LoraSection(_Section):
         return self.target_modules
 
 
+class ParentModel(_Section):
+    """The fine-tuned adapter a job trains on from, merged into its own base first (set by the service)."""
+
+    model: str = Field(max_length=MAX_PATH_CHARS)  # its name, ft:…
+    base_model: str = Field(max_length=MAX_PATH_CHARS)  # the base it was trained on
+    adapter: str = Field(max_length=MAX_PATH_CHARS)  # its directory
+    sparse: bool = False  # SparsePEFT: merged as it trained (masked)
+
+
 class GeneralSection(_Section):
     base_model: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    # Set by the service for a fine-tune of a fine-tuned adapter (`model: "ft:…"`); refused from a client.
+    parent: ParentModel | None = None
     tokenizer_name: str | None = Field(None, max_length=MAX_PATH_CHARS)
     output_dir: str | None = Field(None, max_length=MAX_PATH_CHARS)
     save_strategy: Literal["no", "steps", "epoch"] = "no"

@@ -31,6 +31,10 @@ from pathlib import Path
 ELASTIC_CONFIG_FILE = "elastic_adapter_config.json"
 
 
+# A fine-tune of a fine-tuned adapter: the adapter merged into its base, written by the job before it trains.
+PARENT_MERGED_DIR = "parent_merged"
+
+
 @dataclass(frozen=True)
 class TrainingOutputs:
     """What a fine-tune writes: under a job's ``output/``, or under ``sqft train --output``."""

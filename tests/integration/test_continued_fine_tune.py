@@ -44,11 +44,16 @@ def chain(tmp_path_factory, tiny_model_dir):
             client,
             {"model": parent, "training_file": pairs["id"], "seed": 1, "method": {"type": "dpo"}, "suffix": "dpo"},
         )
-        yield client, sft, merged.json(), parent, dpo, pairs
+        # Straight from the adapter: the job merges it into its base first.
+        from_adapter = _done(
+            client,
+            {"model": sft["fine_tuned_model"], "training_file": pairs["id"], "seed": 1, "method": {"type": "dpo"}},
+        )
+        yield client, sft, merged.json(), parent, dpo, pairs, from_adapter
 
 
 def test_a_dpo_job_trains_on_from_a_merged_fine_tuned_model(chain, tiny_model_dir):
-    client, _, merged, parent, dpo, _ = chain
+    client, _, merged, parent, dpo, _ = chain[:6]
     assert dpo["model"] == parent  # as the client named it
     assert dpo["config"]["General"]["base_model"] == merged["path"]  # what it loaded
     # Named after the original base, as OpenAI names the fine-tune of a fine-tuned model.
@@ -75,7 +80,7 @@ def test_a_dpo_job_trains_on_from_a_merged_fine_tuned_model(chain, tiny_model_di
 
 
 def test_evaluate_compares_a_chain(chain):
-    client, _, _, parent, dpo, pairs = chain
+    client, _, _, parent, dpo, pairs = chain[:6]
     body = {"candidates": [parent, dpo["fine_tuned_model"]], "file": pairs["id"], "generate": False}
     resp = client.post("/v1/finetune/evaluate", json=body)
     assert resp.status_code == 200, resp.text
@@ -84,14 +89,34 @@ def test_evaluate_compares_a_chain(chain):
     assert all(r["preference_accuracy"] is not None for r in rows)
 
 
+def test_a_job_trains_on_from_an_adapter_merged_in_first(chain):
+    client, sft, merged, _, _, _, from_adapter = chain
+    config = from_adapter["config"]["General"]
+    assert from_adapter["model"] == sft["fine_tuned_model"]
+    assert config["parent"]["model"] == sft["fine_tuned_model"] and config["parent"]["adapter"].endswith("/adapter")
+    assert config["base_model"].endswith("/output/parent_merged")
+    events = client.get(f"/v1/fine_tuning/jobs/{from_adapter['id']}/events", params={"limit": 100}).json()["data"]
+    assert any(f"merging {sft['fine_tuned_model']} into its base" in e["message"] for e in events)
+    # The merge the job made is the merge `merge_adapter` made.
+    ours = AutoModelForCausalLM.from_pretrained(config["base_model"]).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(merged["path"]).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    chat = {"model": from_adapter["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+
 def test_what_the_service_refuses(chain):
-    client, sft, merged, parent, _, pairs = chain
-    adapter = client.post(
+    client, _, merged, parent, _, pairs = chain[:6]
+    forged = client.post(
         "/v1/fine_tuning/jobs",
-        json={"model": sft["fine_tuned_model"], "training_file": pairs["id"], "method": {"type": "dpo"}},
+        json={
+            "model": parent,
+            "training_file": pairs["id"],
+            "method": {"type": "dpo"},
+            "General": {"parent": {"model": parent, "base_model": merged["path"], "adapter": merged["path"]}},
+        },
     )
-    assert adapter.status_code == 400 and adapter.json()["error"]["code"] == "model_not_merged", adapter.text
-    assert f"`{sft['fine_tuned_model']}:merged`" in adapter.json()["error"]["message"]
+    assert forged.status_code == 400 and forged.json()["error"]["param"] == "General.parent", forged.text
     # Another project's model is not found; the merged directory named by path stays outside the roots.
     other = client.post("/v1/fine_tuning/jobs", json={"model": parent, "training_file": "x"}, headers=BOB)
     assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text
@@ -100,7 +125,7 @@ def test_what_the_service_refuses(chain):
 
 
 def test_a_merged_model_a_job_trains_on_from_is_not_deleted(chain):
-    client, sft, _, parent, dpo, _ = chain
+    client, sft, _, parent, dpo, _ = chain[:6]
     resp = client.delete(f"/v1/models/{parent}")
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "model_in_use", resp.text
     assert dpo["id"] in resp.json()["error"]["message"]

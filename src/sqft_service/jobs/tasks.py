@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..job_secrets import restore_secrets
@@ -16,6 +16,9 @@ from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
 from .kinds import EvaluateParams, ExtractParams, MergeParams, SparsifyParams
+
+if TYPE_CHECKING:
+    from ..config import ParentModel
 
 
 @dataclass
@@ -37,8 +40,10 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
     # The stored config shows secrets as "***"; the real values are only in the workspace's secrets file.
     cfg = FinetuneConfig.model_validate(restore_secrets(params, ctx.workspace.secrets))
-    # Load the real paths checked now, not the names checked at request time (see model_access.py).
     general = cfg.General
+    if general.parent is not None:
+        _merge_parent(general.parent, Path(general.base_model or ""), ctx)
+    # Load the real paths checked now, not the names checked at request time (see model_access.py).
     general.base_model, general.tokenizer_name = _model_access(ctx).check_fine_tune(
         general.base_model or "", general.tokenizer_name, general.config.trust_remote_code
     )
@@ -59,6 +64,19 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         # "alpaca" or "chat": inference renders prompts the way this job's training did (inference/render.py).
         "data_format": _rendered_as(cfg.Dataset.train_file),
     }
+
+
+def _merge_parent(parent: ParentModel, target: Path, ctx: TaskContext) -> None:
+    """A fine-tune of a fine-tuned adapter trains on from that adapter merged into its base: merged here,
+    once (a resumed job finds it), exactly as ``merge_adapter`` would merge it."""
+    from .. import model_ops
+
+    if (target / "config.json").is_file():
+        return
+    access = _model_access(ctx)
+    base, adapter = access.check_model(parent.base_model, "model"), access.check_model(parent.adapter, "model")
+    ctx.sink.message(f"merging {parent.model} into its base to train on from it")
+    model_ops.merge(base, Path(adapter), target, sparse=parent.sparse, model_cache_dir=ctx.model_cache_dir)
 
 
 def _rendered_as(train_file: str | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ...config import DatasetSection, FinetuneConfig, TrainingSection, resolve_config
+from ...config import DatasetSection, FinetuneConfig, ParentModel, TrainingSection, resolve_config
 from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
@@ -17,6 +17,7 @@ from ...store.files import FileRecord
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ...training.records import inspect_training_file
+from ...workspace import PARENT_MERGED_DIR
 from ..files.service import FileService
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
@@ -45,16 +46,23 @@ class FineTuningService:
         if not model:
             raise InvalidRequestError("`model` is required (or give `General.base_model`)", param="model")
         model_param = "model" if req.model else "General.base_model"
-        # A fine-tuned model of the caller's: the job trains on from it (its merged model's directory).
-        parent_dir = self._fine_tuned_base(model, model_param)
+        if req.General.parent is not None:
+            raise InvalidRequestError(
+                "`General.parent` is set by the service; name the fine-tuned model as `model`", param="General.parent"
+            )
+        # A fine-tuned model of the caller's: the job trains on from it (a merged model's directory, or an
+        # adapter that the job merges into its base first).
+        parent_dir, parent = self._fine_tuned_base(model, model_param)
         # Before anything is created: a model outside the roots, a Hub id or remote code is a 400 at once.
         access = ModelAccess.from_settings(self.manager.settings)
         general = req.General
-        if parent_dir is None:
+        if parent_dir is None and parent is None:
             trust = general.config.trust_remote_code
             access.check_fine_tune(model, general.tokenizer_name, trust, model_param=model_param)
-        else:  # a directory the service made; the client's own paths stay held to the roots
-            ModelAccess.for_stored_models(self.manager.settings).check_model(parent_dir, model_param)
+        else:  # directories the service recorded; the client's own paths stay held to the roots
+            stored = ModelAccess.for_stored_models(self.manager.settings)
+            for path in [parent_dir] if parent is None else [parent.base_model, parent.adapter]:
+                stored.check_model(path or "", model_param)
             if general.tokenizer_name:
                 access.check_model(general.tokenizer_name, "General.tokenizer_name")
             access.check_remote_code(general.config.trust_remote_code)
@@ -89,6 +97,8 @@ class FineTuningService:
 
         job_id = new_id("ftjob")
         workspace = self.manager.new_workspace(job_id)
+        if parent is not None:  # the job writes the merged parent here before it trains
+            parent_dir = str(workspace.output.root / PARENT_MERGED_DIR)
         base = FinetuneConfig(General=req.General, Dataset=req.Dataset, Training=training_section)
         seed = (
             req.seed
@@ -106,6 +116,7 @@ class FineTuningService:
         )
         if parent_dir is not None:
             cfg.General.base_model = parent_dir
+            cfg.General.parent = parent
         # Outputs always live under the data dir: a client-chosen absolute path would let any
         # client write anywhere the service can.
         requested_output = cfg.General.output_dir
@@ -140,25 +151,25 @@ class FineTuningService:
         self.manager.enqueue(job)
         return self.get(job_id)
 
-    def _fine_tuned_base(self, model: str, param: str) -> str | None:
-        """The directory to train on for a fine-tuned model id (``ft:…``), or None for a base model.
+    def _fine_tuned_base(self, model: str, param: str) -> tuple[str | None, ParentModel | None]:
+        """For a fine-tuned model id (``ft:…``): the directory to train on, or the adapter to merge first.
 
-        A merged model (``ft:…:merged``) is a model directory of its own; an adapter must be merged first.
-        Another project's model is a 404, as it is everywhere.
+        A merged model (``ft:…:merged``) is a model directory of its own: ``(its path, None)``. An adapter
+        (a job's, a checkpoint's or a sub-adapter's): ``(None, the parent)``, which the job merges into the
+        base it was trained on before it trains. A base model: ``(None, None)``. Another project's model
+        is a 404, as it is everywhere.
         """
         if parse_fine_tuned(model) is None:
-            return None
+            return None, None
         if self.models is None:
             raise InvalidRequestError("this service cannot fine-tune a fine-tuned model", param=param)
         entry = self.models.get(model, param)
-        if entry.ref is None or not entry.ref.merged or entry.path is None:
-            raise InvalidRequestError(
-                f"`{model}` is an adapter; to train on from it, merge it first (POST /v1/finetune/merge_adapter) "
-                f"and fine-tune its merged model `{model}:merged`",
-                param=param,
-                code="model_not_merged",
-            )
-        return str(entry.path)
+        assert entry.ref is not None and entry.path is not None and entry.job is not None
+        if entry.ref.merged:
+            return str(entry.path), None
+        spec = self.models.spec(model, param)
+        adapter = str(entry.path)
+        return None, ParentModel(model=model, base_model=entry.job.base_model, adapter=adapter, sparse=spec.sparse)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id, kind=FINE_TUNE)

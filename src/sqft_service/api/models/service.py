@@ -191,16 +191,20 @@ class ModelService:
 
     # ---------------------------------------------------------------- deleting
     def _check_unused(self, model_id: str, directory: Path) -> None:
-        """A merged model that fine-tunes train on from (``model: "ft:…:merged"``) stays while they need it."""
-        users = [
-            job.id
-            for job in self._fine_tunes()
-            if job.status not in ("failed", "cancelled") and job.base_model == str(directory)
-        ]
+        """A fine-tuned model that fine-tunes train on from stays while they need it: a merged model they
+        load as their base, an adapter until the job that merges it in has ended."""
+
+        def uses(job: JobRecord) -> bool:
+            parent = job.config.get("General", {}).get("parent") or {}
+            if parent.get("adapter") == str(directory):
+                return not job.is_final
+            return job.status not in ("failed", "cancelled") and job.base_model == str(directory)
+
+        users = [job.id for job in self._fine_tunes() if uses(job)]
         if users:
             raise ConflictError(
-                f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from its merged "
-                "model; delete their models first",
+                f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from it; "
+                "delete their models (or cancel them) first",
                 param="model",
                 code="model_in_use",
             )
@@ -209,8 +213,7 @@ class ModelService:
         entry = self._fine_tuned(model_id, "deleted", "model_not_deletable")
         assert entry.path is not None
         merged_inside = entry.path / MERGED_DIR
-        if entry.ref is not None and entry.ref.merged:  # deleting an adapter leaves its merged model
-            self._check_unused(model_id, entry.path)
+        self._check_unused(model_id, entry.path)
         if entry.ref is not None and entry.ref.version and not entry.ref.merged and merged_inside.is_dir():
             # A sub-adapter's directory also holds its merged model, a model of its own: remove only the
             # adapter's files, its config first (from then on it is no longer listed).
