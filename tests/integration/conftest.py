@@ -59,3 +59,34 @@ def wait_status(client: TestClient, job_id: str, statuses: tuple[str, ...], time
         return job if job["status"] in statuses else None
 
     return wait_until(check, timeout, what=f"job {job_id} to reach {statuses}")
+
+
+def one_thread_server(data_dir: Path):
+    """A real ``sqft serve`` process (not started) whose jobs and engine use one torch thread each."""
+    from tests.server import Server
+
+    return Server(
+        data_dir, SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]), SQFT_THREADS_PER_JOB="1", SQFT_INFERENCE_THREADS="1"
+    )
+
+
+@pytest.fixture
+def sdk(tmp_path):
+    """The official ``openai`` SDK against :func:`one_thread_server`."""
+    from openai import OpenAI
+
+    server = one_thread_server(tmp_path / "data")
+    server.start()
+    try:
+        yield OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    finally:
+        server.stop()
+
+
+def sdk_job_end(client, job_id: str, timeout: float = 240):
+    """The SDK's job object once it has succeeded or failed."""
+    return wait_until(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed") and j,
+        timeout,
+        what="the job to finish",
+    )

@@ -6,54 +6,38 @@ from __future__ import annotations
 import math
 
 import pytest
-from openai import OpenAI
 
-from tests.helpers import alpaca_records, preference_records, wait_until, write_json, write_jsonl
-from tests.integration.conftest import PYTEST_TMP_ROOT, upload
-from tests.server import Server
+from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
+from tests.integration.conftest import sdk_job_end, upload
 
 
-def test_openai_sdk_runs_a_dpo_job_and_chats_with_its_model(tmp_path, tiny_model_dir):
-    server = Server(
-        tmp_path / "data",
-        SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]),
-        SQFT_THREADS_PER_JOB="1",
-        SQFT_INFERENCE_THREADS="1",
+def test_openai_sdk_runs_a_dpo_job_and_chats_with_its_model(sdk, tmp_path, tiny_model_dir):
+    client = sdk
+    with open(write_jsonl(tmp_path / "pairs.jsonl", preference_records(12)), "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": 4}}},
+        extra_body={"Training": {"logging_steps": 1}},
     )
-    server.start()
-    try:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        with open(write_jsonl(tmp_path / "pairs.jsonl", preference_records(12)), "rb") as handle:
-            uploaded = client.files.create(file=handle, purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model=str(tiny_model_dir),
-            training_file=uploaded.id,
-            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": 4}}},
-            extra_body={"Training": {"logging_steps": 1}},
-        )
-        assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
-        assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
-        done = wait_until(
-            lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-            240,
-            what="the job to finish",
-        )
-        assert done.status == "succeeded", done.error
-        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
-        texts = [e.message for e in events]
-        assert any("DPO reference: log-probabilities of 12 pairs" in t and "beta 0.25" in t for t in texts), texts
-        first = next(e.data for e in reversed(events) if e.type == "metrics" and (e.data or {}).get("step") == 1)
-        assert first["train_loss"] == pytest.approx(math.log(2), abs=0.02)  # the policy starts as the reference
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
+    done = sdk_job_end(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    texts = [e.message for e in events]
+    assert any("DPO reference: log-probabilities of 12 pairs" in t and "beta 0.25" in t for t in texts), texts
+    first = next(e.data for e in reversed(events) if e.type == "metrics" and (e.data or {}).get("step") == 1)
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=0.02)  # the policy starts as the reference
 
-        answer = client.chat.completions.create(
-            model=done.fine_tuned_model,
-            messages=[{"role": "user", "content": "The sky is red. What color is the sky?"}],
-            max_tokens=5,
-            temperature=0,
-        )
-        assert answer.model == done.fine_tuned_model and 1 <= answer.usage.completion_tokens <= 5
-    finally:
-        server.stop()
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model,
+        messages=[{"role": "user", "content": "The sky is red. What color is the sky?"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert answer.model == done.fine_tuned_model and 1 <= answer.usage.completion_tokens <= 5
 
 
 def dpo_job(model, file_id: str, **extra) -> dict:

@@ -2,99 +2,80 @@
 
 from __future__ import annotations
 
-from openai import OpenAI
-
-from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import PYTEST_TMP_ROOT
-from tests.server import Server
+from tests.helpers import alpaca_records, write_json
+from tests.integration.conftest import sdk_job_end
 
 
-def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(tmp_path, tiny_model_dir):
-    server = Server(
-        tmp_path / "data",
-        SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]),
-        SQFT_THREADS_PER_JOB="1",
-        SQFT_INFERENCE_THREADS="1",
+def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_model_dir):
+    client = sdk
+    with open(write_json(tmp_path / "train.json", alpaca_records(8)), "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        suffix="sdk",
+        extra_body={"Training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2}},
     )
-    server.start()
-    try:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        with open(write_json(tmp_path / "train.json", alpaca_records(8)), "rb") as handle:
-            uploaded = client.files.create(file=handle, purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model=str(tiny_model_dir),
-            training_file=uploaded.id,
-            suffix="sdk",
-            extra_body={"Training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2}},
-        )
-        done = wait_until(
-            lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-            240,
-            what="the job to finish",
-        )
-        assert done.status == "succeeded", done.error
-        name = done.fine_tuned_model
-        assert name == f"ft:{tiny_model_dir.name}:sdk:{job.id}"
-        assert name in [m.id for m in client.models.list()]
-        assert client.models.retrieve(name).id == name
+    done = sdk_job_end(client, job.id)
+    assert done.status == "succeeded", done.error
+    name = done.fine_tuned_model
+    assert name == f"ft:{tiny_model_dir.name}:sdk:{job.id}"
+    assert name in [m.id for m in client.models.list()]
+    assert client.models.retrieve(name).id == name
 
-        messages = [{"role": "user", "content": "Repeat the word red."}]
-        answer = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
-        assert answer.object == "chat.completion" and answer.model == name
-        assert answer.choices[0].message.role == "assistant"
-        assert 1 <= answer.usage.completion_tokens <= 6
+    messages = [{"role": "user", "content": "Repeat the word red."}]
+    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+    assert answer.object == "chat.completion" and answer.model == name
+    assert answer.choices[0].message.role == "assistant"
+    assert 1 <= answer.usage.completion_tokens <= 6
 
-        stream = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, stream=True)
-        chunks = list(stream)
-        assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text == answer.choices[0].message.content
-        assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
+    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
 
-        # n sampled choices streamed: the SDK reads each chunk's choice index; per index, the pieces
-        # join into the choice a non-streamed request with the same seed returns.
-        sampled = {"model": name, "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3}
-        whole = client.chat.completions.create(**sampled)
-        texts, finishes = [""] * 3, [None] * 3
-        for chunk in client.chat.completions.create(**sampled, stream=True):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.delta.content or ""
-                finishes[choice.index] = choice.finish_reason or finishes[choice.index]
-        assert texts == [c.message.content for c in whole.choices]
-        assert finishes == [c.finish_reason for c in whole.choices]
-        completions = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1, stream=True)
-        streamed = [""] * 2
-        for chunk in completions:
-            for choice in chunk.choices:
-                streamed[choice.index] += choice.text
-        plain = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1)
-        assert streamed == [c.text for c in plain.choices]
+    # n sampled choices streamed: the SDK reads each chunk's choice index; per index, the pieces
+    # join into the choice a non-streamed request with the same seed returns.
+    sampled = {"model": name, "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3}
+    whole = client.chat.completions.create(**sampled)
+    texts, finishes = [""] * 3, [None] * 3
+    for chunk in client.chat.completions.create(**sampled, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    completions = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1, stream=True)
+    streamed = [""] * 2
+    for chunk in completions:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    plain = client.completions.create(model=name, prompt="The sky", max_tokens=6, n=2, seed=1)
+    assert streamed == [c.text for c in plain.choices]
 
-        # A list of prompts streamed, as OpenAI's: prompt p's choice i has index p * n + i, as in the
-        # non-streamed answer; each index finishes once; the usage chunk counts every prompt and choice.
-        listed = {"model": name, "prompt": ["The sky", "Red is"], "max_tokens": 8, "n": 2, "seed": 3}
-        whole = client.completions.create(**listed, temperature=1.0)
-        assert [c.index for c in whole.choices] == [0, 1, 2, 3]
-        texts, finishes, usage = [""] * 4, [[] for _ in range(4)], None
-        chunks = client.completions.create(
-            **listed, temperature=1.0, stream=True, stream_options={"include_usage": True}
-        )
-        for chunk in chunks:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                texts[choice.index] += choice.text
-                finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
-        assert texts == [c.text for c in whole.choices] and len(set(texts)) > 1, texts
-        assert finishes == [[c.finish_reason] for c in whole.choices]
-        assert usage == whole.usage
-        greedy = client.completions.create(**listed, temperature=0)
-        streamed = [""] * 4
-        for chunk in client.completions.create(**listed, temperature=0, stream=True):
-            for choice in chunk.choices:
-                streamed[choice.index] += choice.text
-        assert streamed == [c.text for c in greedy.choices]
+    # A list of prompts streamed, as OpenAI's: prompt p's choice i has index p * n + i, as in the
+    # non-streamed answer; each index finishes once; the usage chunk counts every prompt and choice.
+    listed = {"model": name, "prompt": ["The sky", "Red is"], "max_tokens": 8, "n": 2, "seed": 3}
+    whole = client.completions.create(**listed, temperature=1.0)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    texts, finishes, usage = [""] * 4, [[] for _ in range(4)], None
+    chunks = client.completions.create(**listed, temperature=1.0, stream=True, stream_options={"include_usage": True})
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+    assert texts == [c.text for c in whole.choices] and len(set(texts)) > 1, texts
+    assert finishes == [[c.finish_reason] for c in whole.choices]
+    assert usage == whole.usage
+    greedy = client.completions.create(**listed, temperature=0)
+    streamed = [""] * 4
+    for chunk in client.completions.create(**listed, temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in greedy.choices]
 
-        assert client.models.delete(name).deleted is True
-        assert name not in [m.id for m in client.models.list()]
-    finally:
-        server.stop()
+    assert client.models.delete(name).deleted is True
+    assert name not in [m.id for m in client.models.list()]

@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import PYTEST_TMP_ROOT
-from tests.server import Server
+from tests.integration.conftest import one_thread_server
 
 NLS = {
     "r": 8,
@@ -44,12 +43,7 @@ def _ok(resp: httpx.Response) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("models-server")
-    server = Server(
-        root / "data",
-        SQFT_MODEL_ROOTS=str(PYTEST_TMP_ROOT[0]),
-        SQFT_THREADS_PER_JOB="1",
-        SQFT_INFERENCE_THREADS="1",
-    )
+    server = one_thread_server(root / "data")
     server.start()
     try:
         with httpx.Client(base_url=server.url, timeout=300) as http:
