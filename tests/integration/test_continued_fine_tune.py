@@ -124,6 +124,21 @@ def test_what_the_service_refuses(chain):
     assert by_path.status_code == 400 and by_path.json()["error"]["param"] == "model", by_path.text
 
 
+def test_an_adapter_stays_until_the_job_that_merges_it_has_ended(chain):
+    client, _, _, _, _, pairs, from_adapter = chain
+    name = from_adapter["fine_tuned_model"]  # a fine-tuned model of a fine-tuned model, as a parent again
+    body = {"model": name, "training_file": pairs["id"], "method": {"type": "dpo"}, "Training": {"epochs": 1000}}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["config"]["General"]["parent"]["base_model"] == from_adapter["config"]["General"]["base_model"]
+    refused = client.delete(f"/v1/models/{name}")
+    assert refused.status_code == 409 and job["id"] in refused.json()["error"]["message"], refused.text
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    wait_status(client, job["id"], ("cancelled",))
+    assert client.delete(f"/v1/models/{name}").status_code == 200
+
+
 def test_a_merged_model_a_job_trains_on_from_is_not_deleted(chain):
     client, sft, _, parent, dpo, _ = chain[:6]
     resp = client.delete(f"/v1/models/{parent}")
