@@ -508,7 +508,7 @@ class FinetuneRecipe:
         scaler = self.grad_scaler
         while True:
             try:
-                loss_sums, corrects = self._accumulate(group, n_labels)
+                loss_sums, corrects, margins = self._accumulate(group, n_labels)
                 break
             except torch.OutOfMemoryError as exc:
                 if shards is None:
@@ -522,12 +522,13 @@ class FinetuneRecipe:
             if self.dp.enabled:
                 torch.manual_seed(self.dp.dropout_seed(self.seed, step))
             group = self._collate(shards)
-        totals = StepTotals(loss_sums, corrects)
+        totals = StepTotals(loss_sums, corrects, margins)
         if self.dp.enabled:  # the ranks' totals summed with the gradients, still not read
             zero = torch.zeros((), device=self.device)
-            step_sums = [torch.stack(v).sum() if v else zero for v in (loss_sums, corrects)]
+            kept = (loss_sums, corrects, margins) if self.preference else (loss_sums, corrects)
+            step_sums = [torch.stack(v).sum() if v else zero for v in kept]
             summed = self.dp.all_reduce_grads(self.optimizer.param_groups[0]["params"], step_sums)
-            totals = StepTotals(summed[:1], summed[1:])
+            totals = StepTotals(summed[:1], summed[1:2], summed[2:])
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip the true gradients
         if max_grad_norm is not None:
@@ -541,17 +542,20 @@ class FinetuneRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def _accumulate(self, group: list[dict[str, Any]], n_labels: int) -> tuple[list, list]:
-        """Forward and backward every pass of a step; its loss sums and correct counts, on the device."""
+    def _accumulate(self, group: list[dict[str, Any]], n_labels: int) -> tuple[list, list, list]:
+        """Forward and backward every pass of a step; its loss sums, correct counts and (DPO) reward
+        margin sums, on the device."""
         scaler = self.grad_scaler
-        loss_sums, corrects = [], []
+        loss_sums, corrects, margins = [], [], []
         for batch in group:
             out = self._forward(batch)
             loss = out.loss_sum / max(n_labels, 1)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sums.append(out.loss_sum.detach())
             corrects.append(out.n_correct)
-        return loss_sums, corrects
+            if out.reward_sums is not None:
+                margins.append(out.reward_sums[0] - out.reward_sums[1])
+        return loss_sums, corrects, margins
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A collated batch ready for the device: unchanged on the CPU, :func:`device_batch` on a GPU."""

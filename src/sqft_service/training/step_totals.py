@@ -21,12 +21,24 @@ class StepTotals:
     Args:
         loss_sums: One 0-dim fp32 tensor per micro-batch (detached).
         corrects: One 0-dim integer tensor per micro-batch (fp32 once summed over data-parallel ranks).
+        margins: DPO: one 0-dim fp32 tensor per micro-batch, its pairs' summed reward margins.
     """
 
-    def __init__(self, loss_sums: list[torch.Tensor], corrects: list[torch.Tensor]) -> None:
+    def __init__(
+        self, loss_sums: list[torch.Tensor], corrects: list[torch.Tensor], margins: list[torch.Tensor] | None = None
+    ) -> None:
         self._loss_sums = loss_sums
         self._corrects = corrects
+        self._margins = margins or []
         self._values: tuple[float, int] | None = None
+        self._margin: float | None = None
+
+    def margin(self) -> float | None:
+        """The summed DPO reward margin on the host (None for a supervised step), read once."""
+        if self._margin is None and self._margins:
+            self._margin = float(torch.stack(self._margins).sum())
+            self._margins = []
+        return self._margin
 
     def read(self) -> tuple[float, int]:
         """``(loss_sum, correct)`` on the host: one device-to-host copy per step, the first time only."""
@@ -59,5 +71,7 @@ class PendingStep:
         accuracy = correct / max(self.n_labels, 1)
         self.row["train_loss"] = round(loss, 6)
         self.row["train_accuracy"] = round(accuracy, 6)
+        if (margin := self.totals.margin()) is not None:  # DPO: the mean reward margin of the step's pairs
+            self.row["train_reward_margin"] = round(margin / max(self.n_labels, 1), 6)
         self.loss = loss
         return loss, accuracy
