@@ -149,3 +149,7 @@ def test_a_merged_model_a_job_trains_on_from_is_not_deleted(chain):
     assert client.get(f"/v1/models/{parent}").status_code == 200
     chat = {"model": dpo["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    # Once no adapter is left to load on it (the DPO job's merged model stands alone), it may go too.
+    assert client.delete(f"/v1/models/{dpo['fine_tuned_model']}").status_code == 200
+    assert client.delete(f"/v1/models/{parent}").status_code == 200
+    assert client.get(f"/v1/models/{dpo['fine_tuned_model']}:merged").status_code == 200

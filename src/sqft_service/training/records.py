@@ -1,4 +1,4 @@
-"""Training files: the two record formats, JSON/JSONL parsing and validation.
+"""Training files: the three record formats, JSON/JSONL parsing and validation.
 
 Three record formats are accepted, one per file:
 

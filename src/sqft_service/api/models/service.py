@@ -191,14 +191,17 @@ class ModelService:
 
     # ---------------------------------------------------------------- deleting
     def _check_unused(self, model_id: str, directory: Path) -> None:
-        """A fine-tuned model that fine-tunes train on from stays while they need it: a merged model they
-        load as their base, an adapter until the job that merges it in has ended."""
+        """A fine-tuned model that fine-tunes train on from stays while they need it: an adapter until the
+        job that merges it in has ended; a merged model while a job training on it runs, and then while
+        an adapter of that job (its own, a checkpoint or a sub-adapter) is left to load on it."""
 
         def uses(job: JobRecord) -> bool:
             parent = job.config.get("General", {}).get("parent") or {}
             if parent.get("adapter") == str(directory):
                 return not job.is_final
-            return job.status not in ("failed", "cancelled") and job.base_model == str(directory)
+            if job.base_model != str(directory) or job.status in ("failed", "cancelled"):
+                return False
+            return not job.is_final or any(e.ref is not None and not e.ref.merged for e in self._derived(job))
 
         users = [job.id for job in self._fine_tunes() if uses(job)]
         if users:
