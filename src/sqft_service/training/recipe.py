@@ -346,6 +346,13 @@ class FinetuneRecipe:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
+    def _my_share(self, examples: Sequence[Any]) -> list[int]:
+        """This rank's indices of a no-grad pass over ``examples``: shortest first, in global batches
+        sharded as in training."""
+        bs = self.cfg.Training.batch_size * self.dp.world_size
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+        return [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
+
     @torch.no_grad()
     def _set_reference(self) -> None:
         """Give every preference pair its reference log-probabilities: those of the model before training.
@@ -372,9 +379,7 @@ class FinetuneRecipe:
         self.model.eval()  # no dropout: the reference is the model itself
         if self.handles.nls is not None:
             self.handles.nls.activate_maximal()
-        bs = self.cfg.Training.batch_size * self.dp.world_size
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
-        mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
+        mine = self._my_share(pairs)
 
         def score(chunk: Sequence[int]) -> tuple[Sequence[int], torch.Tensor]:
             with self._autocast():
@@ -618,9 +623,7 @@ class FinetuneRecipe:
         self.model.eval()
         if self.handles.nls is not None:
             self.handles.nls.activate_maximal()
-        bs = self.cfg.Training.batch_size * self.dp.world_size  # global batches, sharded as in training
-        order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
-        mine = [i for first in range(0, len(order), bs) for i in self.dp.shard(order[first : first + bs])]
+        mine = self._my_share(self.eval_examples)
 
         def score(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
             batch = self._prepare(self.collator([self.eval_examples[i] for i in chunk]))

@@ -167,9 +167,9 @@ class FineTuningService:
         assert entry.ref is not None and entry.path is not None and entry.job is not None
         if entry.ref.merged:
             return str(entry.path), None
-        spec = self.models.spec(model, param)
+        sparse = bool(entry.job.config.get("General", {}).get("lora_config", {}).get("sparse_adapter"))
         adapter = str(entry.path)
-        return None, ParentModel(model=model, base_model=entry.job.base_model, adapter=adapter, sparse=spec.sparse)
+        return None, ParentModel(model=model, base_model=entry.job.base_model, adapter=adapter, sparse=sparse)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id, kind=FINE_TUNE)
