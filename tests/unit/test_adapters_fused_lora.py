@@ -138,7 +138,9 @@ def test_adapter_weights_are_cast_once_per_decoder_forward_and_checkpointing_agr
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=0, msg=name)
 
 
-def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
+def _nls_pair():
+    """Two equal NLS models under a bf16 frozen base; the second without the decoder's cast hook (the
+    reference: masks applied on h)."""
     from sqft_service.adapters.lora import build_peft_model
     from sqft_service.config import LoraSection
 
@@ -161,14 +163,22 @@ def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
         cast_frozen_linears(model, torch.bfloat16)
         handles.nls.activate([2, 4, 3, 1])
         models.append((model.train(), handles))  # the handles hold the controller (layers refer to it weakly)
-    models[1][0].base_model.model.model._forward_pre_hooks.clear()  # the reference: no casts, masks on h
+    models[1][0].base_model.model.model._forward_pre_hooks.clear()
+    return models
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
+    models = _nls_pair()
     ids = torch.randint(0, 64, (3, 9))
-    results = []
-    for model, _ in models:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    results = [_loss_and_grads(model, ids) for model, _ in models]
     layer = models[0][0].base_model.model.model.layers[0].self_attn.q_proj
     assert adapter_weights(layer, "default").masked
     assert torch.equal(results[0][0], results[1][0])
@@ -177,6 +187,28 @@ def test_nls_masks_ride_on_the_cast_b_with_the_same_result():
     # Rank 2 of 4 in layer 0's q/v group: the masked half of A and B gets no gradient.
     grad_a = results[0][1]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
     assert grad_a[2:].abs().max() == 0 and grad_a[:2].abs().max() > 0
+
+
+def test_nls_masks_are_stacked_once_per_draw_and_follow_the_next_draw():
+    """The stacked B masks serve every forward of one sub-adapter (accumulation passes) and are built
+    again when another is drawn: the second draw's loss and grads are the unhooked reference's."""
+    models = _nls_pair()
+    decoder = models[0][0].base_model.model.model
+    (hook,) = decoder._forward_pre_hooks.values()
+    ids = torch.randint(0, 64, (3, 9))
+    _loss_and_grads(models[0][0], ids)
+    first = hook.b_mask
+    _loss_and_grads(models[0][0], ids)
+    assert hook.b_mask is first  # the same draw: not rebuilt
+    for _, handles in models:
+        handles.nls.activate([4, 2, 1, 3])
+    results = [_loss_and_grads(model, ids) for model, _ in models]
+    assert hook.b_mask is not first
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=0, atol=0, msg=name)
+    grad_a = results[0][1]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert grad_a.abs().max() > 0 and grad_a.ne(0).any(dim=1).all()  # rank 4 of 4: every row learns
 
 
 def test_the_casts_follow_a_switch_of_the_active_adapter():

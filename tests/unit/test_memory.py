@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from sqft_service.config import FinetuneConfig, LoraSection
 from sqft_service.training.events import MemorySink
+from sqft_service.training.hooks import StepStats
 from sqft_service.training.memory import DeviceOutOfMemory, split_shard
 from sqft_service.training.recipe import FinetuneRecipe
 from tests.conftest import make_tiny_llama
@@ -68,10 +69,22 @@ def _run(
     recipe = FinetuneRecipe(cfg, out, sink)
     recipe.setup()
     passes: list[int] = []
+    elements: list[int] = []  # each pass's input tensor elements (rows times length)
+    stats: list[StepStats] = []
+
+    class Record:
+        def before_step(self, step):
+            pass
+
+        def after_step(self, step, s):
+            stats.append(s)
+
+    recipe.step_hooks.append(Record())
 
     def device_limit(_module, args):
         rows = args[0].shape[0]
         passes.append(rows)
+        elements.append(rows * args[0].shape[1])
         if (holds is not None and rows > holds) or len(passes) == fail_once_at:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {rows} GiB (simulated)")
 
@@ -81,7 +94,7 @@ def _run(
         recipe.train()
     finally:
         recipe.cleanup()
-    recipe.passes = passes
+    recipe.passes, recipe.pass_elements, recipe.stats = passes, elements, stats
     return sink, recipe
 
 
@@ -91,10 +104,15 @@ def _losses(sink: MemorySink) -> list[float]:
 
 @pytest.mark.parametrize("method", ["lora", "nls"])
 def test_out_of_memory_retries_the_step_in_smaller_passes_with_the_same_update(setup, tmp_path, method):
-    model_dir, train_file = setup
-    lora = NLS if method == "nls" else {}
-    want, _ = _run(_cfg(model_dir, train_file, **lora), tmp_path / "fits", holds=None)
-    got, recipe = _run(_cfg(model_dir, train_file, **lora), tmp_path / "tight", holds=2)
+    model_dir, _ = setup
+    # Answers of 1 to 12 words in unsorted batches: a split pass pads less than its whole batch did.
+    records = [{**r, "output": " ".join([r["output"]] * (i % 12 + 1))} for i, r in enumerate(alpaca_records(48))]
+    train_file = write_json(tmp_path / "varied.json", records)
+    cfgs = [_cfg(model_dir, train_file, **(NLS if method == "nls" else {})) for _ in range(2)]
+    for cfg in cfgs:
+        cfg.Dataset.group_by_length = False
+    want, _ = _run(cfgs[0], tmp_path / "fits", holds=None)
+    got, recipe = _run(cfgs[1], tmp_path / "tight", holds=2)
     warnings = [text for level, text, _ in got.messages if level == "warn"]
     assert warnings == [
         "cpu out of memory in step 1 with 8 example(s) per pass: each micro-batch now runs in 2 passes of up to 4; "
@@ -104,6 +122,9 @@ def test_out_of_memory_retries_the_step_in_smaller_passes_with_the_same_update(s
     ]
     assert recipe.forward_split.parts == 4
     assert max(recipe.passes[-8:]) == 2  # the later steps start in passes that fit
+    # Step 1's padded-token count is that of the passes that ran it, not of the batches that did not fit.
+    ran = recipe.pass_elements[-24:]  # 3 steps, 2 micro-batches, 4 passes each, none failed
+    assert [s.padded_tokens for s in recipe.stats] == [sum(ran[i : i + 8]) for i in (0, 8, 16)]
     assert len(_losses(got)) == 3
     torch.testing.assert_close(_losses(got), _losses(want), rtol=1e-5, atol=0)
     tight = load_file(str(tmp_path / "tight" / "adapter" / "adapter_model.safetensors"))

@@ -176,6 +176,10 @@ class _DecoderCasts:
         self.a_weights: list[torch.Tensor] = []
         self.b_weights: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []  # every A, then every B: _CastAll's order
+        # The stacked NLS rank masks and the mask versions they were built at: one sub-adapter serves
+        # every forward of a step (accumulation passes, evaluation), so they are built once per draw.
+        self.b_mask: torch.Tensor | None = None
+        self.b_mask_key: tuple | None = None
 
     def _refresh(self) -> None:
         active = tuple(tuple(m.active_adapters) for m in self.layers)
@@ -185,6 +189,7 @@ class _DecoderCasts:
             self.a_weights = [m.lora_A[a].weight for m, a in self.pairs]
             self.b_weights = [m.lora_B[a].weight for m, a in self.pairs]
             self.weights = self.a_weights + self.b_weights
+            self.b_mask_key = None
 
     def _autocast_on(self) -> bool:
         return torch.is_autocast_enabled(self.weights[0].device.type)
@@ -198,7 +203,11 @@ class _DecoderCasts:
         if not pairs or not self._autocast_on() or any(w.dtype != weights[0].dtype for w in weights):
             return
         mask_versions = [nls_mask_version(m) for m, _ in pairs]
-        b_mask = None if all(v < 0 for v in mask_versions) else _b_masks(pairs, self.b_weights)
+        key = (*mask_versions, weights[0].device)  # a moved controller starts its version count again
+        if key != self.b_mask_key:
+            self.b_mask_key = key
+            self.b_mask = None if all(v < 0 for v in mask_versions) else _b_masks(pairs, self.b_weights)
+        b_mask = self.b_mask
         casts = _CastAll.apply(torch.get_autocast_dtype(weights[0].device.type), b_mask, len(pairs), *weights)
         for i, ((layer, adapter), a, b) in enumerate(zip(pairs, self.a_weights, self.b_weights, strict=True)):
             cast = WeightCast(casts[i], casts[len(pairs) + i], b_mask is not None, _key(a, b, mask_versions[i]), (a, b))

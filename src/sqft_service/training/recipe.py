@@ -451,7 +451,7 @@ class FinetuneRecipe:
                         epoch=epoch,
                         seconds=dt,
                         real_tokens=n_real,
-                        padded_tokens=sum(b["n_padded_tokens"] for b in group),
+                        padded_tokens=totals.padded_tokens,
                         label_tokens=n_labels,
                         loss=pending.loss,
                     )
@@ -527,13 +527,14 @@ class FinetuneRecipe:
             if self.dp.enabled:
                 torch.manual_seed(self.dp.dropout_seed(self.seed, step))
             group = self._collate(shards)
-        totals = StepTotals(loss_sums, corrects, margins)
+        # The passes that ran the step, split or not.
+        totals = StepTotals(loss_sums, corrects, margins, sum(b["n_padded_tokens"] for b in group))
         if self.dp.enabled:  # the ranks' totals summed with the gradients, still not read
             zero = torch.zeros((), device=self.device)
             kept = (loss_sums, corrects, margins) if self.preference else (loss_sums, corrects)
             step_sums = [torch.stack(v).sum() if v else zero for v in kept]
             summed = self.dp.all_reduce_grads(self.optimizer.param_groups[0]["params"], step_sums)
-            totals = StepTotals(summed[:1], summed[1:2], summed[2:])
+            totals = StepTotals(summed[:1], summed[1:2], summed[2:], padded_tokens=totals.padded_tokens)
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # clip the true gradients
         if max_grad_norm is not None:

@@ -22,14 +22,20 @@ class StepTotals:
         loss_sums: One 0-dim fp32 tensor per micro-batch (detached).
         corrects: One 0-dim integer tensor per micro-batch (fp32 once summed over data-parallel ranks).
         margins: DPO: one 0-dim fp32 tensor per micro-batch, its pairs' summed reward margins.
+        padded_tokens: This rank's input tensor elements over the passes that ran the step (a host int).
     """
 
     def __init__(
-        self, loss_sums: list[torch.Tensor], corrects: list[torch.Tensor], margins: list[torch.Tensor] | None = None
+        self,
+        loss_sums: list[torch.Tensor],
+        corrects: list[torch.Tensor],
+        margins: list[torch.Tensor] | None = None,
+        padded_tokens: int = 0,
     ) -> None:
         self._loss_sums = loss_sums
         self._corrects = corrects
         self._margins = margins or []
+        self.padded_tokens = padded_tokens
         self._values: tuple[float, int] | None = None
         self._margin: float | None = None
 
