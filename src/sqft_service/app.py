@@ -31,6 +31,8 @@ from .api.ops.request_id import RequestIdMiddleware
 from .api.ops.router import metrics_router, ready_router
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
+from .api.uploads.router import router as uploads_router
+from .api.uploads.service import MAX_PART_BYTES, UploadService
 from .errors import InvalidRequestError, ServiceError, UserError
 from .jobs.manager import JobManager
 from .jobs.runner import build_runner
@@ -40,6 +42,7 @@ from .store.db import Database
 from .store.events import EventStore
 from .store.files import FileStore
 from .store.jobs import JobStore
+from .store.uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.db = db
         app.state.file_service = file_service
+        upload_store = UploadStore(db, settings.uploads_dir)
+        upload_store.recover()
+        app.state.upload_service = UploadService(upload_store, file_service)
         app.state.job_manager = manager
         app.state.model_service = ModelService(settings, jobs, file_store, manager)
         app.state.fine_tuning_service = FineTuningService(
@@ -172,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_json_bytes=settings.max_json_bytes,
         max_upload_body_bytes=settings.upload_limit_bytes + MULTIPART_OVERHEAD_BYTES,
+        max_part_body_bytes=min(MAX_PART_BYTES, settings.upload_limit_bytes) + MULTIPART_OVERHEAD_BYTES,
     )
     auth = install_auth(app, ApiKeys.parse(settings.api_key), open_paths=("/health", "/ready"))
     # Outside auth and the body limit, so their 401s and 413s are counted and carry the request id too.
@@ -181,6 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The files router takes multipart uploads; every other router's bodies are JSON.
     json_only = [*auth, Depends(require_json)]
     app.include_router(files_router, dependencies=auth)
+    app.include_router(uploads_router, dependencies=auth)  # JSON routes but the parts' multipart
     app.include_router(fine_tuning_router, dependencies=json_only)
     app.include_router(sqft_router, dependencies=json_only)
     app.include_router(models_router, dependencies=json_only)

@@ -137,6 +137,11 @@ class Settings:
         return self.data_dir / "jobs"
 
     @property
+    def uploads_dir(self) -> Path:
+        """Parts of uploads not yet completed (api/uploads)."""
+        return self.data_dir / "uploads"
+
+    @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"
 

@@ -5,8 +5,9 @@ limit checked on the parsed value comes after the memory is spent. This ASGI mid
 soon as ``Content-Length`` says a body is too big (without reading it), and otherwise reads at most
 the limit (a chunked body has no length) before the app sees the bytes, which it then replays.
 
-The upload route (``POST /v1/files``) has its own, larger limit and streams its body itself
-(``api/files/upload.py`` stops at the limit); here it only gets the ``Content-Length`` check. The
+The upload routes (``POST /v1/files``, ``POST /v1/uploads/{id}/parts``) have their own, larger
+limits and stream their bodies themselves (``api/files/upload.py`` stops at the limit); here they only
+get the ``Content-Length`` check. The
 413 is the OpenAI error envelope, and ``Connection: close`` spares the server from draining the rest.
 """
 
@@ -23,6 +24,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_ROUTE = ("POST", "/v1/files")
+
+
+def _is_part_route(method: str, path: str) -> bool:
+    """``POST /v1/uploads/{upload_id}/parts``."""
+    pieces = path.split("/")
+    return method == "POST" and len(pieces) == 5 and pieces[:3] == ["", "v1", "uploads"] and pieces[4] == "parts"
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -54,23 +61,32 @@ async def _too_large(send: Send, message: str, param: str | None, code: str) -> 
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_json_bytes: int, max_upload_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_json_bytes: int, max_upload_body_bytes: int, max_part_body_bytes: int
+    ) -> None:
         self.app = app
         self.max_json_bytes = max_json_bytes
         self.max_upload_body_bytes = max_upload_body_bytes
+        self.max_part_body_bytes = max_part_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = _content_length(scope)
-        if (scope["method"], scope["path"].rstrip("/")) == UPLOAD_ROUTE:
-            if length is not None and length > self.max_upload_body_bytes:
+        method, path = scope["method"], scope["path"].rstrip("/")
+        streamed = None
+        if (method, path) == UPLOAD_ROUTE:
+            streamed = (self.max_upload_body_bytes, "the upload", "file")
+        elif _is_part_route(method, path):
+            streamed = (self.max_part_body_bytes, "the part", "data")
+        if streamed is not None:
+            limit, what, param = streamed
+            if length is not None and length > limit:
                 await _too_large(
                     send,
-                    f"the upload is {length} bytes, over the limit of {self.max_upload_body_bytes} bytes "
-                    "(file and form fields together)",
-                    "file",
+                    f"{what} is {length} bytes, over the limit of {limit} bytes (file and form fields together)",
+                    param,
                     "file_too_large",
                 )
                 return

@@ -142,6 +142,30 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_owner ON files(owner);
     CREATE INDEX files_owner_purpose ON files(owner, purpose);
     """,
+    # 6: uploads in parts (OpenAI's Uploads API, api/uploads): an upload and the parts received so far,
+    # whose bytes wait under <data_dir>/uploads/<upload id>/ until it is completed into a file.
+    """
+    CREATE TABLE uploads (
+        id TEXT PRIMARY KEY,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        mime_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        file_id TEXT,
+        owner TEXT
+    );
+    CREATE INDEX uploads_status_owner ON uploads(status, owner);
+    CREATE TABLE upload_parts (
+        id TEXT PRIMARY KEY,
+        upload_id TEXT NOT NULL REFERENCES uploads(id) ON DELETE CASCADE,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX upload_parts_upload ON upload_parts(upload_id, created_at);
+    """,
 ]
 
 

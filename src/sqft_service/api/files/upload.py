@@ -49,6 +49,8 @@ class _Form:
     """python-multipart callbacks: file bytes are queued for the writer, fields kept (small) in memory."""
 
     max_file_bytes: int
+    file_field: str = FILE_FIELD
+    too_large: str | None = None  # the message when the file part is over max_file_bytes
     header_name: bytearray = field(default_factory=bytearray)
     header_value: bytearray = field(default_factory=bytearray)
     disposition: bytes = b""
@@ -88,12 +90,14 @@ class _Form:
         name = options.get(b"name")
         if name is None:
             raise InvalidRequestError(
-                "a form part has no name (its Content-Disposition lacks `name`)", param=FILE_FIELD
+                "a form part has no name (its Content-Disposition lacks `name`)", param=self.file_field
             )
         self.part_name = name.decode("utf-8", errors="replace")
-        if self.part_name == FILE_FIELD:
+        if self.part_name == self.file_field:
             if self.has_file:
-                raise InvalidRequestError("one upload takes one `file`; this form has several", param=FILE_FIELD)
+                raise InvalidRequestError(
+                    f"one upload takes one `{self.file_field}`; this form has several", param=self.file_field
+                )
             self.has_file, self.in_file = True, True
             raw = options.get(b"filename")
             self.filename = raw.decode("utf-8", errors="replace") if raw is not None else None
@@ -105,8 +109,8 @@ class _Form:
             self.file_size += end - start
             if self.file_size > self.max_file_bytes:
                 raise PayloadTooLargeError(
-                    f"file is larger than the limit of {self.max_file_bytes} bytes",
-                    param=FILE_FIELD,
+                    self.too_large or f"file is larger than the limit of {self.max_file_bytes} bytes",
+                    param=self.file_field,
                     code="file_too_large",
                 )
             self.pending.append(bytes(data[start:end]))
@@ -131,9 +135,16 @@ def _write(out: BinaryIO, digest: Any, data: bytes) -> None:
 
 
 async def receive_upload(
-    content_type: str | None, body: AsyncIterator[bytes], *, staging_dir: Path, max_file_bytes: int
+    content_type: str | None,
+    body: AsyncIterator[bytes],
+    *,
+    staging_dir: Path,
+    max_file_bytes: int,
+    file_field: str = FILE_FIELD,
+    too_large: str | None = None,
 ) -> ReceivedUpload:
-    """Parse a ``multipart/form-data`` body as it streams in; the ``file`` part lands in ``staging_dir``.
+    """Parse a ``multipart/form-data`` body as it streams in; the ``file_field`` part lands in
+    ``staging_dir`` (``too_large``: the message when it is over ``max_file_bytes``).
 
     Raises:
         PayloadTooLargeError: The file, or the whole body, is over the limit (reading stops there).
@@ -142,11 +153,10 @@ async def receive_upload(
     media, params = parse_options_header(content_type or "")
     boundary = params.get(b"boundary")
     if media != b"multipart/form-data" or not boundary:
-        raise InvalidRequestError(
-            "an upload is a multipart/form-data body with a `file` part (and optionally `purpose`)", param=FILE_FIELD
-        )
+        wanted = "a `file` part (and optionally `purpose`)" if file_field == FILE_FIELD else f"a `{file_field}` part"
+        raise InvalidRequestError(f"an upload is a multipart/form-data body with {wanted}", param=file_field)
     max_body = max_file_bytes + MULTIPART_OVERHEAD_BYTES
-    form = _Form(max_file_bytes)
+    form = _Form(max_file_bytes, file_field, too_large)
     fd, staged_name = tempfile.mkstemp(dir=staging_dir, prefix=".staging-")
     staged = Path(staged_name)
     out = os.fdopen(fd, "wb")
@@ -159,14 +169,14 @@ async def receive_upload(
             if received > max_body:
                 raise PayloadTooLargeError(
                     f"the upload is over the limit of {max_body} bytes (file and form fields together)",
-                    param=FILE_FIELD,
+                    param=file_field,
                     code="file_too_large",
                 )
             try:
                 parser.write(chunk)
             except FormParserError as exc:
                 raise InvalidRequestError(
-                    f"the upload is not valid multipart/form-data: {exc}", param=FILE_FIELD
+                    f"the upload is not valid multipart/form-data: {exc}", param=file_field
                 ) from None
             if form.pending:
                 data = b"".join(form.pending)
@@ -174,9 +184,9 @@ async def receive_upload(
                 # Off the event loop: other requests keep being served while a big file is written.
                 await anyio.to_thread.run_sync(_write, out, digest, data)
         if not form.ended:
-            raise InvalidRequestError("the upload ended before its closing multipart boundary", param=FILE_FIELD)
+            raise InvalidRequestError("the upload ended before its closing multipart boundary", param=file_field)
         if not form.has_file:
-            raise InvalidRequestError(f"Missing required parameter `{FILE_FIELD}`", param=FILE_FIELD)
+            raise InvalidRequestError(f"Missing required parameter `{file_field}`", param=file_field)
         out.close()
         return ReceivedUpload(staged, form.filename, form.file_size, digest.hexdigest(), form.fields)
     except BaseException:
