@@ -40,6 +40,7 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
         training_file=uploaded.id,
         hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 20},  # 20 * 5e-5 = 1e-3
         seed=3,
+        metadata={"run": "e2e"},
         extra_body={
             "Training": {"max_train_steps": 10, "logging_steps": 1},
             "Dataset": {"validation_split_percentage": 10},
@@ -48,6 +49,8 @@ def test_openai_sdk_round_trip_on_smollm2(server, tmp_path, gguf_path):
     )
     assert job.status in ("queued", "running")
     assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "e2e"}).data] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"run": "other"}).data == []
 
     def finished():
         current = client.fine_tuning.jobs.retrieve(job.id)

@@ -196,6 +196,31 @@ def test_list_jobs_pagination(client, train_file, tiny_model_dir):
     assert second["data"] == every[2:] and second["has_more"] is False
 
 
+def test_list_jobs_filters_by_metadata_as_openai_does(client, train_file, tiny_model_dir):
+    tags = [{"team": "a", "run": "1"}, {"team": "a", "run": "2"}, {"team": "b", "run": "1"}, None]
+    ids = []
+    for metadata in tags:
+        body = tiny_job(tiny_model_dir, train_file["id"], **({"metadata": metadata} if metadata else {}))
+        ids.append(client.post("/v1/fine_tuning/jobs", json=body).json()["id"])
+        client.post(f"/v1/fine_tuning/jobs/{ids[-1]}/cancel")
+
+    def listed(query: str) -> list[str]:
+        resp = client.get(f"/v1/fine_tuning/jobs?{query}")
+        assert resp.status_code == 200, resp.text
+        return [j["id"] for j in resp.json()["data"]]
+
+    assert listed("metadata[team]=a") == [ids[1], ids[0]]
+    assert listed("metadata[team]=a&metadata[run]=1") == [ids[0]]
+    assert listed("metadata[run]=1&limit=1") == [ids[2]]
+    assert listed("metadata[team]=c") == [] and listed("metadata[Team]=a") == []
+    assert listed("metadata=null") == [ids[3]]
+    assert listed("") == ids[::-1]
+    for query, needle in [("metadata=x", "metadata=null"), (f"metadata[{'k' * 65}]=v", "65 characters")]:
+        resp = client.get(f"/v1/fine_tuning/jobs?{query}")
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "metadata"
+        assert needle in resp.json()["error"]["message"]
+
+
 def test_missing_model_is_a_400_and_an_unloadable_one_fails_the_job_readably(client, train_file, tmp_path):
     resp = client.post("/v1/fine_tuning/jobs", json=tiny_job(tmp_path / "no-such-model", train_file["id"]))
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text

@@ -7,8 +7,10 @@ one answer to a bounded size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from ..errors import InvalidRequestError
 from ..training.records import json_type
 
 # Page sizes of the list routes: (default, maximum); a bigger `limit` is a 400 naming `limit`.
@@ -55,3 +57,27 @@ def check_metadata(value: Any) -> Any:
                 f"{METADATA_VALUE_MAX_CHARS}"
             )
     return value
+
+
+def metadata_filter(query: Mapping[str, str]) -> dict[str, str] | None:
+    """OpenAI's list filter from a query string: ``metadata[key]=value`` pairs, or ``metadata=null``
+    (``{}``: jobs without metadata); None when the query has neither. Bounded like ``metadata`` itself.
+
+    Raises:
+        InvalidRequestError: naming ``metadata``.
+    """
+    pairs = {k[len("metadata[") : -1]: v for k, v in query.items() if k.startswith("metadata[") and k.endswith("]")}
+    if "metadata" in query:
+        if query["metadata"] != "null" or pairs:
+            raise InvalidRequestError(
+                "filter by `metadata[key]=value` (one or more), or `metadata=null` for jobs without metadata",
+                param="metadata",
+            )
+        return {}
+    if not pairs:
+        return None
+    try:
+        check_metadata(pairs)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="metadata") from None
+    return pairs

@@ -179,13 +179,26 @@ class JobStore:
         return JobRecord.from_row(row)
 
     def list(
-        self, *, kinds: tuple[str, ...], after: str | None = None, limit: int = 20, owner: str | None = None
+        self,
+        *,
+        kinds: tuple[str, ...],
+        after: str | None = None,
+        limit: int = 20,
+        owner: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[JobRecord], bool]:
-        """One page of jobs of these kinds; with ``owner``, only that project's."""
+        """One page of jobs of these kinds; with ``owner``, only that project's; with ``metadata``, only
+        jobs whose metadata has every one of those pairs (``{}``: jobs without metadata)."""
         where: tuple[str, ...] = (f"kind IN ({','.join('?' for _ in kinds)})",)
         params: tuple[str, ...] = kinds
         if owner is not None:
             where, params = (*where, "owner = ?"), (*params, owner)
+        if metadata == {}:
+            where = (*where, "(metadata IS NULL OR metadata IN ('null', '{}'))")
+        for key, value in (metadata or {}).items():
+            # json_each, not json_extract: a key may hold any character, and a JSON path can't quote all.
+            match = "EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ? AND type = 'text')"
+            where, params = (*where, match), (*params, key, value)
         rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after, where=where, params=params)
         return [JobRecord.from_row(r) for r in rows], has_more
 

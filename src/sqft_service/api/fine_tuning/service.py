@@ -178,8 +178,11 @@ class FineTuningService:
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return job
 
-    def list(self, *, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        return self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=limit, owner=current_owner())
+    def list(
+        self, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        """A page of the caller's fine-tunes; ``metadata``: only those with all these pairs ({}: none)."""
+        return self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=limit, owner=current_owner(), metadata=metadata)
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
