@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api.auth import ApiKeys, install_auth
+from .api.batches.router import router as batches_router
+from .api.batches.service import BatchService
 from .api.body import validation_error_to_service_error
 from .api.body_limit import BodyLimitMiddleware
 from .api.content_type import require_json
@@ -152,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sqft_service = SqftService(
             settings, app.state.fine_tuning_service, file_service, jobs, events, manager
         )
+        app.state.batch_service = BatchService(jobs, events, file_service, manager, app.state.model_service)
         # The engine inside is created, and torch imported, only when the first inference request comes.
         app.state.inference_service = InferenceService(settings, app.state.model_service)
         app.state.metrics.watch_store(db, manager)
@@ -193,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sqft_router, dependencies=json_only)
     app.include_router(models_router, dependencies=json_only)
     app.include_router(inference_router, dependencies=json_only)
+    app.include_router(batches_router, dependencies=json_only)
     app.include_router(ready_router)
     app.include_router(metrics_router, dependencies=auth)
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate"]
+JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate", "batch"]
 OPERATION_KINDS: tuple[str, ...] = ("extract", "merge", "sparsify", "evaluate")
 
 # What events call a job of each kind ("Merge operation started").
@@ -22,6 +22,7 @@ DISPLAY_NAMES = {
     "merge": "Merge operation",
     "sparsify": "Sparsify operation",
     "evaluate": "Evaluate operation",
+    "batch": "Batch",
 }
 
 
@@ -91,9 +92,31 @@ class EvaluateParams(_Params):
     max_new_tokens: int = 64
 
 
+class BatchModel(_Params):
+    """A model that a batch's requests name, resolved by the API (``ModelService.spec``'s fields)."""
+
+    model: str
+    tokenizer: str | None = None
+    adapter: str | None = None
+    data_format: str | None = None
+    sparse: bool = False
+    merged: bool = False  # a fine-tune's merged model: its directory is the job's own, not under a root
+
+
+class BatchParams(_Params):
+    """Run an uploaded file of chat or completion requests (OpenAI's Batch API) on the embedded engine."""
+
+    input_file_id: str
+    input_path: str
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    total: int
+    models: dict[str, BatchModel]  # every model id the requests name
+
+
 PARAMS: dict[str, type[_Params]] = {
     "extract": ExtractParams,
     "merge": MergeParams,
     "sparsify": SparsifyParams,
     "evaluate": EvaluateParams,
+    "batch": BatchParams,
 }

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..model_access import ModelAccess
 from ..model_names import fine_tuned_name
@@ -361,6 +362,7 @@ class JobManager:
         """The uploaded files the job reads, with the sha256 recorded at upload (checked by the job process)."""
         refs = [("training_file", job.training_file), ("validation_file", job.validation_file)]
         refs.append(("calibration_file", job.config.get("calibration_file")))
+        refs.append(("input_file_id", job.config.get("input_file_id")))  # a batch's requests
         inputs = []
         for param, file_id in refs:
             record = self.files.get(file_id) if file_id else None
@@ -397,6 +399,8 @@ class JobManager:
                 fine_tuned_model=fine_tuned_name(job.model or "", job.suffix, job.id),
                 result_files=[self._register_result_file(job.id, csv_path, job.owner)] if csv_path.is_file() else [],
             )
+        elif job.kind == "batch":
+            values["result"] = {**result, **self._batch_files(job)}
         self.jobs.update(
             job.id,
             status="succeeded",
@@ -408,23 +412,53 @@ class JobManager:
         done = "The job has successfully completed" if job.kind == FINE_TUNE else f"{DISPLAY_NAMES[job.kind]} done"
         self.events.add_event(job.id, done, data={"path": result.get("adapter_dir") or result.get("path")})
 
-    def _register_result_file(self, job_id: str, csv_path: Path, owner: str | None) -> str:
-        payload = csv_path.read_bytes()
+    def _register_result_file(
+        self,
+        job_id: str,
+        path: Path,
+        owner: str | None,
+        filename: str | None = None,
+        purpose: str = "fine-tune-results",
+    ) -> str:
+        payload = path.read_bytes()
         fd, staged = tempfile.mkstemp(dir=self.files.files_dir, prefix=".staging-")
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
         record = self.files.add(
-            filename=f"{job_id}-metrics.csv",
-            purpose="fine-tune-results",
+            filename=filename or f"{job_id}-metrics.csv",
+            purpose=purpose,
             staged_path=Path(staged),
             sha256=hashlib.sha256(payload).hexdigest(),
             meta={"job_id": job_id},
-            owner=owner,  # the metrics file belongs to the job's project, so its key can download it
+            owner=owner,  # the file belongs to the job's project, so its key can download it
         )
         return record.id
 
+    def _batch_files(self, job: JobRecord) -> dict[str, Any]:
+        """A batch's answers and errors so far as files of its project (OpenAI's ``batch_output``), and
+        how many of each: at its end, and for a cancelled batch what it answered before it stopped."""
+        from .batch import answered, batch_files
+
+        found: dict[str, Any] = {"output_file_id": None, "error_file_id": None}
+        counts = {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0}
+        out_path, err_path = batch_files(self.workspace(job).output.root)
+        for key, count, path, name in (
+            ("output_file_id", "completed", out_path, "output"),
+            ("error_file_id", "failed", err_path, "errors"),
+        ):
+            counts[count] = len(answered(path))
+            if counts[count]:
+                found[key] = self._register_result_file(
+                    job.id, path, job.owner, f"{job.id}_{name}.jsonl", purpose="batch_output"
+                )
+        return {**found, "request_counts": counts}
+
     def _finish_cancelled(self, job_id: str) -> None:
-        self.jobs.update(job_id, status="cancelled", finished_at=now(), estimated_finish=None)
+        job = self.jobs.get(job_id)
+        values: dict[str, Any] = {}
+        if job is not None and job.kind == "batch":
+            values["result"] = self._batch_files(job)
+        self.jobs.update(job_id, status="cancelled", finished_at=now(), estimated_finish=None, **values)
         self.events.add_event(job_id, "Job cancelled")
 
     def _launch_failed(self, job_id: str, exc: Exception) -> None:

@@ -220,8 +220,9 @@ class JobStore:
         marks = ",".join("?" for _ in statuses)
         rows = self.db.query(
             f"SELECT * FROM jobs WHERE status IN ({marks}) AND (training_file = ? OR validation_file = ? "
-            "OR json_extract(config, '$.calibration_file') = ? OR json_extract(config, '$.file') = ?) ORDER BY seq ASC",
-            (*statuses, file_id, file_id, file_id, file_id),
+            "OR json_extract(config, '$.calibration_file') = ? OR json_extract(config, '$.file') = ? "
+            "OR json_extract(config, '$.input_file_id') = ?) ORDER BY seq ASC",
+            (*statuses, file_id, file_id, file_id, file_id, file_id),
         )
         return [JobRecord.from_row(r) for r in rows]
 

@@ -8,7 +8,8 @@ from pydantic import BaseModel
 
 from ...store.files import FileRecord
 
-# What clients may upload; "fine-tune-results" files are only ever created by the service (metrics CSVs).
+# What clients may upload; "fine-tune-results" (metrics CSVs) and "batch_output" (a batch's answers) files
+# are only ever created by the service.
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals", "vision")
 
 

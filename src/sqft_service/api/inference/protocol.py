@@ -6,6 +6,8 @@ with a 400 that names them, rather than silently ignored.
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -112,6 +114,19 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
 
+    @classmethod
+    def of(cls, model: str, n_prompt: int, choices: list[Choice]) -> ChatCompletion:
+        return cls(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model,
+            choices=[
+                ChatChoice(index=i, message=ChatMessage(content=c.text), finish_reason=c.finish_reason)
+                for i, c in enumerate(choices)
+            ],
+            usage=Usage.of(n_prompt, choices),
+        )
+
 
 class CompletionChoice(BaseModel):
     index: int
@@ -128,6 +143,19 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, model: str, n_prompt: int, choices: list[Choice]) -> Completion:
+        """OpenAI's indexing: the choices of prompt i are i*n .. i*n+n-1."""
+        return cls(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model,
+            choices=[
+                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(choices)
+            ],
+            usage=Usage.of(n_prompt, choices),
+        )
 
 
 def chat_chunk(

@@ -19,28 +19,22 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidRequestError, ServiceError
+from ...errors import ServiceError
+from ...inference.answer import answer, chat_renderer, completion_renderer, sampling_for
 from ...inference.engine import InferenceEngine, drain
-from ...inference.render import chat_ids, completion_ids
-from ...inference.spec import Choice, ModelSpec, Sampling
+from ...inference.spec import Choice, ModelSpec
 from ...settings import Settings
 from ..models.service import ModelService
 from .protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessage,
     Completion,
-    CompletionChoice,
     CompletionRequest,
     Usage,
     _Sampling,
     chat_chunk,
     completion_chunk,
 )
-
-# OpenAI's defaults when max_tokens is not given: completions 16; chat "up to the context", capped here.
-DEFAULT_MAX_TOKENS = {"chat": 512, "completion": 16}
 
 
 class EngineBusyError(ServiceError):
@@ -105,85 +99,33 @@ class InferenceService:
             future.add_done_callback(lambda _: engine.release())
         return future
 
-    @staticmethod
-    def _sampling(req: _Sampling, n_prompt: int, context: int, kind: str, prompt_param: str) -> Sampling:
-        asked, param = req.max_tokens, "max_tokens"
-        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
-            asked, param = req.max_completion_tokens, "max_completion_tokens"
-        room = context - n_prompt if context else DEFAULT_MAX_TOKENS["chat"]
-        if room <= 0:
-            raise InvalidRequestError(
-                f"the prompt is {n_prompt} tokens; this model's context holds {context}",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        if asked is not None and asked > room:
-            raise InvalidRequestError(
-                f"`{param}` {asked} does not fit: the prompt is {n_prompt} tokens of this model's {context}",
-                param=param,
-                code="context_length_exceeded",
-            )
-        max_tokens = asked if asked is not None else min(room, DEFAULT_MAX_TOKENS[kind])
-        return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops)
-
-    def _answer(self, engine, spec: ModelSpec, render, req: _Sampling, kind: str, param: str):  # worker thread
-        ids, context = engine.prepare(spec, render)
-        sampling = self._sampling(req, len(ids), context, kind, param)
-        return len(ids), engine.generate(spec, ids, sampling)
-
     async def _spec(self, model: str) -> ModelSpec:
         return await asyncio.to_thread(self.models.spec, model)  # store and file reads, off the event loop
 
     # ------------------------------------------------------------ routes
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | Iterator[str]:
         spec = await self._spec(req.model)
-        messages = [m.as_dict() for m in req.messages]
-
-        def render(tokenizer: Any) -> list[int]:
-            return chat_ids(tokenizer, messages, spec.data_format)
-
+        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
         if req.stream:
             return await self._stream(req, spec, [render], "chat", "messages")
         engine = self._reserve()
-        future = self._submit(engine, self._answer, engine, spec, render, req, "chat", "messages", release=True)
+        future = self._submit(engine, answer, engine, spec, render, req, "chat", "messages", release=True)
         n_prompt, choices = await asyncio.wrap_future(future)
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=req.model,
-            choices=[
-                ChatChoice(index=i, message=ChatMessage(content=c.text), finish_reason=c.finish_reason)
-                for i, c in enumerate(choices)
-            ],
-            usage=Usage.of(n_prompt, choices),
-        )
+        return ChatCompletion.of(req.model, n_prompt, choices)
 
     async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
         spec = await self._spec(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-
-        def renderer(prompt: str) -> Callable[[Any], list[int]]:
-            return lambda tokenizer: completion_ids(tokenizer, prompt)
-
         if req.stream:
-            return await self._stream(req, spec, [renderer(p) for p in prompts], "completion", "prompt")
+            return await self._stream(req, spec, [completion_renderer(p) for p in prompts], "completion", "prompt")
         n_prompt, choices = 0, []
         for prompt in prompts:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
             engine = self._reserve()
-            future = self._submit(
-                engine, self._answer, engine, spec, renderer(prompt), req, "completion", "prompt", release=True
-            )
+            render = completion_renderer(prompt)
+            future = self._submit(engine, answer, engine, spec, render, req, "completion", "prompt", release=True)
             n, these = await asyncio.wrap_future(future)
             n_prompt, choices = n_prompt + n, [*choices, *these]
-        return Completion(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=req.model,
-            choices=[
-                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(choices)
-            ],
-            usage=Usage.of(n_prompt, choices),
-        )
+        return Completion.of(req.model, n_prompt, choices)
 
     async def _stream(self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str) -> Iterator[str]:
         """Start streaming: every prompt is rendered and checked first (so a bad one is still a 4xx),
@@ -194,7 +136,7 @@ class InferenceService:
             prepared = []
             for render in renders:
                 ids, context = await asyncio.wrap_future(engine.submit(engine.prepare, spec, render))
-                prepared.append((ids, self._sampling(req, len(ids), context, kind, param)))
+                prepared.append((ids, sampling_for(req, len(ids), context, kind, param)))
             sinks: list[queue.Queue] = []
             for ids, sampling in prepared:
                 sinks.append(sink := queue.Queue())

@@ -211,6 +211,19 @@ class ModelService:
                 param="model",
                 code="model_in_use",
             )
+        paths = {str(directory)}
+        batches = [
+            job.id
+            for job in self.jobs.active_of_kind("batch")
+            if any({m.get("adapter"), m.get("model")} & paths for m in job.config.get("models", {}).values())
+        ]
+        if batches:
+            raise ConflictError(
+                f"`{model_id}` cannot be deleted: batch(es) {', '.join(batches)} answer with it; "
+                "delete it once they have ended (or cancel them)",
+                param="model",
+                code="model_in_use",
+            )
 
     def delete(self, model_id: str) -> str:
         entry = self._fine_tuned(model_id, "deleted", "model_not_deletable")

@@ -1,0 +1,73 @@
+"""One chat or completion request answered on an engine, start to end: render the prompt, fit the
+sampling to the model's context, generate. Shared by the HTTP routes (on the engine's worker thread)
+and batch jobs (in their own process), so a batch line is answered exactly as the route would answer it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import InvalidRequestError
+from .engine import InferenceEngine
+from .render import chat_ids, completion_ids
+from .spec import Choice, ModelSpec, Sampling
+
+# OpenAI's defaults when max_tokens is not given: completions 16; chat "up to the context", capped here.
+DEFAULT_MAX_TOKENS = {"chat": 512, "completion": 16}
+
+
+class SamplingRequest(Protocol):
+    """What a chat or completion request says about sampling (``api/inference/protocol.py``)."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    n: int
+    seed: int | None
+
+    @property
+    def stops(self) -> tuple[str, ...]: ...
+
+
+def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, prompt_param: str) -> Sampling:
+    """The request's sampling, its token budget checked against the model's context (400s naming the field)."""
+    asked, param = req.max_tokens, "max_tokens"
+    if (chat_max := getattr(req, "max_completion_tokens", None)) is not None:
+        asked, param = chat_max, "max_completion_tokens"
+    room = context - n_prompt if context else DEFAULT_MAX_TOKENS["chat"]
+    if room <= 0:
+        raise InvalidRequestError(
+            f"the prompt is {n_prompt} tokens; this model's context holds {context}",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if asked is not None and asked > room:
+        raise InvalidRequestError(
+            f"`{param}` {asked} does not fit: the prompt is {n_prompt} tokens of this model's {context}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    max_tokens = asked if asked is not None else min(room, DEFAULT_MAX_TOKENS[kind])
+    return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops)
+
+
+def answer(
+    engine: InferenceEngine,
+    spec: ModelSpec,
+    render: Callable[[Any], list[int]],
+    req: SamplingRequest,
+    kind: str,
+    param: str,
+) -> tuple[int, list[Choice]]:
+    """The prompt's token count and the generated choices (on the thread that owns ``engine``'s models)."""
+    ids, context = engine.prepare(spec, render)
+    return len(ids), engine.generate(spec, ids, sampling_for(req, len(ids), context, kind, param))
+
+
+def chat_renderer(spec: ModelSpec, messages: list[dict[str, str]]) -> Callable[[Any], list[int]]:
+    return lambda tokenizer: chat_ids(tokenizer, messages, spec.data_format)
+
+
+def completion_renderer(prompt: str) -> Callable[[Any], list[int]]:
+    return lambda tokenizer: completion_ids(tokenizer, prompt)

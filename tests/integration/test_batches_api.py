@@ -1,0 +1,238 @@
+"""OpenAI's Batch API (``/v1/batches``): the real app, real job processes, a tiny Llama fine-tuned once.
+
+A batch's answers are compared with what ``/v1/chat/completions`` and ``/v1/completions`` answer for the
+same greedy requests; a line the model can't answer lands in the error file; cancel keeps what was
+answered; a job killed mid-batch runs again from where it stopped without answering a line twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from openai.types import Batch
+
+from sqft_service.app import create_app
+from tests.helpers import alpaca_records, wait_until, write_json
+from tests.integration.conftest import make_settings
+
+ALICE = {"Authorization": "Bearer ka"}
+BOB = {"Authorization": "Bearer kb"}
+ASK = [{"role": "user", "content": "Repeat the word red."}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("batches")
+    settings = make_settings(root / "data", api_key="alice:ka,bob:kb", inference_threads=1)
+    with TestClient(create_app(settings), headers=ALICE) as client:
+        with open(write_json(root / "a.json", alpaca_records(16)), "rb") as handle:
+            file_id = client.post("/v1/files", files={"file": ("a.json", handle)}, data={"purpose": "fine-tune"})
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": file_id.json()["id"],
+            "Training": {"batch_size": 4, "epochs": 1, "learning_rate": 5e-2},
+            "General": {"lora_config": {"r": 4, "lora_alpha": 16}},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        done = wait_until(
+            lambda: (
+                (j := client.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] in ("succeeded", "failed") and j
+            ),
+            300,
+            what="the fine-tune",
+        )
+        assert done["status"] == "succeeded", done["error"]
+        merged = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": job["id"]})
+        assert merged.status_code == 200, merged.text
+        yield client, done["fine_tuned_model"]
+
+
+def _line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def _upload(client, tmp_path: Path, lines: list, name: str = "batch.jsonl", headers=ALICE) -> str:
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    with open(path, "rb") as handle:
+        resp = client.post("/v1/files", files={"file": (name, handle)}, data={"purpose": "batch"}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+def _create(client, file_id: str, endpoint: str = "/v1/chat/completions", **extra):
+    return client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": endpoint, **extra})
+
+
+def _ended(client, batch_id: str, timeout: float = 300) -> dict:
+    return wait_until(
+        lambda: (
+            (b := client.get(f"/v1/batches/{batch_id}").json())["status"] in ("completed", "failed", "cancelled") and b
+        ),
+        timeout,
+        what=f"batch {batch_id} to end",
+    )
+
+
+def _rows(client, file_id: str | None) -> dict[str, dict]:
+    if file_id is None:
+        return {}
+    text = client.get(f"/v1/files/{file_id}/content").text
+    return {row["custom_id"]: row for row in map(json.loads, text.splitlines())}
+
+
+def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model_dir):
+    client, tuned = served
+    greedy = {"max_tokens": 6, "temperature": 0}
+    chats = {
+        "tuned": {"model": tuned, "messages": ASK, **greedy},
+        "merged": {"model": f"{tuned}:merged", "messages": ASK, **greedy},
+        "base": {"model": str(tiny_model_dir), "messages": ASK, **greedy},
+        "two": {"model": tuned, "messages": ASK, "n": 2, **greedy},
+        # Alpaca has no system prompt: the route's 400 naming `messages`, as this line's error.
+        "system": {"model": tuned, "messages": [{"role": "system", "content": "Be brief."}, *ASK]},
+    }
+    file_id = _upload(client, tmp_path, [_line(cid, body) for cid, body in chats.items()])
+    created = _create(client, file_id, metadata={"run": "nightly"})
+    assert created.status_code == 200, created.text
+    batch = created.json()
+    assert batch["object"] == "batch" and batch["id"].startswith("batch_")
+    assert batch["status"] in ("validating", "in_progress") and batch["endpoint"] == "/v1/chat/completions"
+    assert batch["request_counts"]["total"] == 5 and batch["metadata"] == {"run": "nightly"}
+    assert batch["expires_at"] == batch["created_at"] + 24 * 3600
+
+    done = _ended(client, batch["id"])
+    assert done["status"] == "completed", done
+    parsed = Batch.model_validate(done)  # the openai SDK's own type reads it
+    assert parsed.request_counts is not None and parsed.request_counts.completed == 4
+    assert done["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
+    assert done["completed_at"] >= done["in_progress_at"] >= done["created_at"]
+    answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
+    assert set(answers) == {"tuned", "merged", "base", "two"} and set(errors) == {"system"}
+    for cid, row in answers.items():
+        assert row["id"].startswith("batch_req_") and row["error"] is None
+        assert row["response"]["status_code"] == 200
+        got = row["response"]["body"]
+        want = client.post("/v1/chat/completions", json=chats[cid]).json()
+        assert got["object"] == "chat.completion" and got["model"] == chats[cid]["model"]
+        assert [c["message"]["content"] for c in got["choices"]] == [c["message"]["content"] for c in want["choices"]]
+        assert got["usage"] == want["usage"]
+    refused = errors["system"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "messages"
+    # The files are the batch's project's, of OpenAI's purpose for them.
+    output = client.get(f"/v1/files/{done['output_file_id']}").json()
+    assert output["purpose"] == "batch_output" and output["filename"] == f"{batch['id']}_output.jsonl"
+    assert client.get(f"/v1/files/{done['output_file_id']}", headers=BOB).status_code == 404
+    assert client.get(f"/v1/batches/{batch['id']}", headers=BOB).status_code == 404
+    assert batch["id"] in [b["id"] for b in client.get("/v1/batches").json()["data"]]
+    assert client.get("/v1/batches", headers=BOB).json()["data"] == []
+    again = client.post(f"/v1/batches/{batch['id']}/cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "batch_not_cancellable"
+
+
+def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
+    client, tuned = served
+    body = {"model": tuned, "prompt": ["The sky is", "Grass is"], "max_tokens": 4, "temperature": 0}
+    file_id = _upload(client, tmp_path, [_line("p", body, "/v1/completions")])
+    done = _ended(client, _create(client, file_id, "/v1/completions").json()["id"])
+    got = _rows(client, done["output_file_id"])["p"]["response"]["body"]
+    want = client.post("/v1/completions", json=body).json()
+    assert got["object"] == "text_completion" and [c["text"] for c in got["choices"]] == [
+        c["text"] for c in want["choices"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("{not json", "line 2 of the input file: not valid JSON"),
+        (_line("a", {"model": "m", "messages": ASK}), "line 2 of the input file: `custom_id` 'a' is used"),
+        (_line("b", {"model": "m", "messages": ASK}, "/v1/completions"), "`url` must be the batch's endpoint"),
+        (_line("b", {"model": "m", "messages": ASK, "logprobs": True}), "`body`: Unknown parameter `logprobs`"),
+        (_line("b", {"model": "m", "messages": ASK, "stream": True}), "`body.stream`"),
+        (_line("b", {"model": "ft:nope:sqft:ftjob-x", "messages": ASK}), "`body.model`: The model"),
+        ({**_line("b", {"model": "m", "messages": ASK}), "extra": 1}, "unknown key `extra`"),
+    ],
+)
+def test_a_bad_input_file_is_a_400_naming_its_line(served, tmp_path, line, needle):
+    client, tuned = served
+    first = _line("a", {"model": tuned, "messages": ASK})
+    if isinstance(line, dict) and line.get("body", {}).get("model") == "m":
+        line["body"]["model"] = tuned
+    resp = _create(client, _upload(client, tmp_path, [first, line]))
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "input_file_id" and needle in error["message"], error["message"]
+
+
+def test_a_bad_create_names_its_field(served, tmp_path):
+    client, tuned = served
+    file_id = _upload(client, tmp_path, [_line("a", {"model": tuned, "messages": ASK})])
+    with open(write_json(tmp_path / "t.json", alpaca_records(2)), "rb") as handle:
+        tuning = client.post("/v1/files", files={"file": ("t.json", handle)}, data={"purpose": "fine-tune"}).json()
+    cases = [
+        (_create(client, file_id, "/v1/embeddings"), 400, "endpoint"),
+        (_create(client, file_id, completion_window="1h"), 400, "completion_window"),
+        (_create(client, file_id, output_expires_after={"anchor": "created_at", "seconds": 3600}), 400,
+         "output_expires_after"),
+        (_create(client, tuning["id"]), 400, "input_file_id"),
+        (_create(client, "file-missing"), 404, "input_file_id"),
+        (client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions"}, headers=BOB), 404,
+         "input_file_id"),
+    ]  # fmt: skip
+    for resp, status, param in cases:
+        assert resp.status_code == status, resp.text
+        assert resp.json()["error"]["param"] == param
+
+
+def _long_batch(client, tmp_path: Path, model: str, n: int) -> str:
+    bodies = [{"model": model, "prompt": f"Count {i}:", "max_tokens": 24, "temperature": 0} for i in range(n)]
+    lines = [_line(f"r{i}", body, "/v1/completions") for i, body in enumerate(bodies)]
+    return _create(client, _upload(client, tmp_path, lines), "/v1/completions").json()["id"]
+
+
+def _started(client, batch_id: str) -> dict:
+    return wait_until(
+        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["request_counts"]["completed"] > 0 and b,
+        120,
+        what="the batch to answer its first requests",
+    )
+
+
+def test_cancel_keeps_what_was_answered_and_a_model_in_use_stays(served, tmp_path, tiny_model_dir):
+    client, tuned = served
+    batch_id = _long_batch(client, tmp_path, f"{tuned}:merged", 400)
+    _started(client, batch_id)
+    busy = client.delete(f"/v1/models/{tuned}:merged")
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "model_in_use"
+    assert batch_id in busy.json()["error"]["message"]
+    cancelling = client.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert cancelling["status"] in ("cancelling", "cancelled")
+    done = _ended(client, batch_id, timeout=60)
+    assert done["status"] == "cancelled" and done["cancelled_at"] is not None
+    answered = done["request_counts"]["completed"]
+    assert 0 < answered < 400
+    assert len(_rows(client, done["output_file_id"])) == answered
+
+
+def test_a_batch_killed_mid_way_runs_again_without_repeating_a_line(served, tmp_path, tiny_model_dir):
+    client, _ = served
+    batch_id = _long_batch(client, tmp_path, str(tiny_model_dir), 120)
+    _started(client, batch_id)
+    job = client.app.state.job_manager.jobs.get(batch_id)
+    os.kill(job.pid, signal.SIGKILL)  # a crash: no outcome, no cancel
+    done = _ended(client, batch_id)
+    assert done["status"] == "completed", done
+    assert done["request_counts"] == {"total": 120, "completed": 120, "failed": 0}
+    text = client.get(f"/v1/files/{done['output_file_id']}/content").text
+    ids = [json.loads(line)["custom_id"] for line in text.splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(120))  # each once
+    events, _ = client.app.state.batch_service.events.list_events(batch_id, limit=200)
+    messages = [e.message for e in events]
+    assert any(m.startswith("Interrupted: the job process died") for m in messages)
+    assert any(m.startswith("resuming: ") and m.endswith(" of 120 requests already answered") for m in messages)
