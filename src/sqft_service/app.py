@@ -43,6 +43,7 @@ from .settings import Settings
 from .store.db import Database
 from .store.events import EventStore
 from .store.files import FileStore
+from .store.ids import now
 from .store.jobs import JobStore
 from .store.uploads import UploadStore
 
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.file_service = file_service
         upload_store = UploadStore(db, settings.uploads_dir)
         upload_store.recover()
+        upload_store.expire(now())  # what ran out of time while the service was down
         app.state.upload_service = UploadService(upload_store, file_service)
         app.state.job_manager = manager
         app.state.model_service = ModelService(settings, jobs, file_store, manager)

@@ -191,10 +191,18 @@ def test_a_restart_during_a_completion_leaves_the_upload_pending(data_dir):
         ids = _parts(client, upload["id"], [data])
         client.app.state.upload_service.store.move(upload["id"], "pending", "completing")
         assert _complete(client, upload["id"], ids).status_code == 409  # a completion is under way
+        stale = _create(client, b"0123456789", purpose="batch")
+        _parts(client, stale["id"], [b"01234"])
+        client.app.state.upload_service.store.db.execute(
+            "UPDATE uploads SET expires_at = 0 WHERE id = ?", (stale["id"],)
+        )
     stray = data_dir / "uploads" / ".staging-cut-off"
     stray.write_bytes(b"half a part")
     with TestClient(create_app(make_settings(data_dir))) as client:
         assert not stray.exists()
+        assert not _parts_dir(data_dir, stale["id"]).exists()  # its hour ran out while the service was down
+        late = client.post(f"/v1/uploads/{stale['id']}/cancel")
+        assert late.status_code == 409 and late.json()["error"]["code"] == "upload_expired"
         done = _complete(client, upload["id"], ids)
         assert done.status_code == 200 and done.json()["file"]["n_records"] == 3
 
