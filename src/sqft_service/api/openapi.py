@@ -97,3 +97,11 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     if "$defs" in schema:  # nothing to hoist for the flat request models this is used with
         raise ValueError(f"{model.__name__} has nested models; declare it as the route's body instead")
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def multipart_body(file_field: str, **fields: dict[str, Any]) -> dict[str, Any]:
+    """A route's ``openapi_extra`` for a ``multipart/form-data`` body it parses itself (``files/upload.py``):
+    the required binary ``file_field`` and the optional ``fields`` (name -> JSON schema)."""
+    properties = {file_field: {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": [file_field], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 
 from ...errors import InvalidRequestError
 from ..limits import FILES_PAGE
-from ..openapi import error_responses, file_response
+from ..openapi import error_responses, file_response, multipart_body
 from .protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from .service import FileService
 from .upload import receive_upload
@@ -25,23 +25,7 @@ def _service(request: Request) -> FileService:
 
 # The body is parsed by api/files/upload.py, not by FastAPI's form support (which spools files to the
 # system temp dir and reads all of it before any limit applies); this documents the form it takes.
-_UPLOAD_FORM = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES), "default": "fine-tune"},
-                    },
-                }
-            }
-        },
-    }
-}
+_UPLOAD_FORM = multipart_body("file", purpose={"type": "string", "enum": list(UPLOAD_PURPOSES), "default": "fine-tune"})
 
 
 # 429: the project already stores SQFT_MAX_FILES files.

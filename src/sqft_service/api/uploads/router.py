@@ -9,7 +9,7 @@ from starlette.requests import ClientDisconnect
 from ...errors import InvalidRequestError
 from ..content_type import require_json
 from ..files.upload import receive_upload
-from ..openapi import error_responses
+from ..openapi import error_responses, multipart_body
 from .protocol import CompleteUploadRequest, CreateUploadRequest, UploadObject, UploadPartObject
 from .service import UploadService
 
@@ -22,20 +22,7 @@ def _service(request: Request) -> UploadService:
 
 
 # The part's body is parsed by api/files/upload.py as it streams in (see api/files/router.py).
-_PART_FORM = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [PART_FIELD],
-                    "properties": {PART_FIELD: {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
-}
+_PART_FORM = multipart_body(PART_FIELD)
 
 
 # 429: the project already has as many pending uploads as it may.
