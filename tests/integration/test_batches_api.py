@@ -191,17 +191,20 @@ def test_a_bad_create_names_its_field(served, tmp_path):
 
 
 def _long_batch(client, tmp_path: Path, model: str, n: int) -> str:
-    bodies = [{"model": model, "prompt": f"Count {i}:", "max_tokens": 24, "temperature": 0} for i in range(n)]
+    # Sampled, so answered one by one (greedy lines are batched): slow enough to stop half-way.
+    bodies = [{"model": model, "prompt": f"Count {i}:", "max_tokens": 24, "seed": i} for i in range(n)]
     lines = [_line(f"r{i}", body, "/v1/completions") for i, body in enumerate(bodies)]
     return _create(client, _upload(client, tmp_path, lines), "/v1/completions").json()["id"]
 
 
 def _started(client, batch_id: str) -> dict:
-    return wait_until(
+    batch = wait_until(
         lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["request_counts"]["completed"] > 0 and b,
         120,
         what="the batch to answer its first requests",
     )
+    assert batch["status"] == "in_progress", batch  # still under way: what follows stops it half-way
+    return batch
 
 
 def test_cancel_keeps_what_was_answered_and_a_model_in_use_stays(served, tmp_path, tiny_model_dir):

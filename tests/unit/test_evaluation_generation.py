@@ -76,3 +76,23 @@ def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_answers(setup, 
     finally:
         hook.remove()
     assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # 8, then 4 ran out; the rest went in pairs
+
+
+def test_the_engines_batched_greedy_answers_are_each_prompts_own(tmp_path, tokenizer):
+    """``InferenceEngine.generate_greedy`` (a batch job's greedy lines): rows of different lengths,
+    ``max_tokens`` and stop strings, generated together, get the choices ``generate`` gives each alone."""
+    from sqft_service.inference.spec import ModelSpec, Sampling
+
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None, device="cpu")
+    spec = ModelSpec("tiny", str(tmp_path))
+    prompts = [tokenizer(" ".join(WORDS[: 1 + i % 9] * (1 + i // 3)))["input_ids"] for i in range(10)]
+    alone = [engine.generate(spec, ids, Sampling(12, temperature=0.0))[0] for ids in prompts]
+    # A stop string inside the third prompt's answer: that row is cut there, as it is alone.
+    stop = alone[2].text[len(alone[2].text) // 2 :][:3]
+    samplings = [Sampling(4 + i % 3 * 4, temperature=0.0, stop=(stop,) if i == 2 else ()) for i in range(10)]
+    want = [engine.generate(spec, ids, s)[0] for ids, s in zip(prompts, samplings, strict=True)]
+    assert want[2].finish_reason == "stop" and {c.completion_tokens for c in want} >= {4, 8}
+    assert engine.generate_greedy(spec, prompts, samplings) == want

@@ -1,12 +1,14 @@
-"""A batch job (OpenAI's Batch API): every request line of an uploaded file answered in turn on an engine
-of the job's own, each answer appended to the job's output file as it comes.
+"""A batch job (OpenAI's Batch API): the request lines of an uploaded file answered chunk by chunk on an
+engine of the job's own, each answer appended to the job's output file.
 
-A line is answered exactly as ``POST /v1/chat/completions`` or ``/v1/completions`` would answer it
-(``inference/answer.py``); one the model can't answer (a prompt over its context, an Alpaca model asked
-a multi-turn chat) goes to the error file with the status and error body the route would have sent, and
-the batch goes on. Each line is flushed when written, so a job interrupted by a crash runs again from
-the first request it has no line for (a line cut off mid-write is dropped and answered again). A cancel
-stops between requests; the lines written so far are the cancelled batch's files (``jobs/manager.py``).
+A line gets the answer ``POST /v1/chat/completions`` or ``/v1/completions`` would give it
+(``inference/answer.py``); greedy single-choice lines to one model are generated together, left-padded
+(``InferenceEngine.generate_greedy``), with the answers each gets alone. A line the model can't answer
+(a prompt over its context, an Alpaca model asked a multi-turn chat) goes to the error file with the
+status and error body the route would have sent, and the batch goes on. Lines are flushed as written,
+so a job interrupted by a crash runs again from the requests it has no line for (a line cut off
+mid-write is dropped and answered again). A cancel stops between chunks; the lines written so far are
+the cancelled batch's files (``jobs/manager.py``).
 
 Why a job and not the API's engine: a batch of thousands of requests takes the same queue, concurrency
 limit, crash recovery and cancel as the service's other long work, and never holds up interactive
@@ -15,23 +17,26 @@ requests on the API's single engine thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..api.inference.protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from ..errors import ServiceError, UserError
-from ..inference.answer import answer, chat_renderer, completion_renderer
+from ..inference.answer import answer, chat_renderer, completion_renderer, sampling_for
 from ..inference.engine import InferenceEngine
-from ..inference.spec import ModelSpec
+from ..inference.spec import Choice, ModelSpec, Sampling
 from .kinds import BatchParams
 
 OUTPUT_FILE = "batch_output.jsonl"
 ERROR_FILE = "batch_errors.jsonl"
 PROGRESS_EVERY_S = 2.0
+# Lines read, answered and written together: the greedy ones to a model share one generate() call.
+CHUNK_LINES = 16
 
 
 def batch_files(output_dir: Path) -> tuple[Path, Path]:
@@ -63,7 +68,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     """Answer every request of ``p``'s input with the models of ``specs`` (by model id).
 
     Raises:
-        JobStopped: ``should_stop()`` turned true between two requests.
+        JobStopped: ``should_stop()`` turned true between two chunks of requests.
     """
     from .worker import JobStopped
 
@@ -77,23 +82,16 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     engine = InferenceEngine(
         threads=threads, max_queue=0, max_models=max(1, len(specs)), model_cache_dir=model_cache_dir
     )
-    chat = p.endpoint == "/v1/chat/completions"
+    answerer = _Answerer(engine, specs, p.endpoint == "/v1/chat/completions")
     last_report = time.monotonic()
+    pending = (line for line in request_lines(Path(p.input_path)) if line["custom_id"] not in done)
     with out_path.open("a", encoding="utf-8") as out, err_path.open("a", encoding="utf-8") as err:
-        for line in request_lines(Path(p.input_path)):
-            custom_id = line["custom_id"]
-            if custom_id in done:
-                continue
+        while chunk := list(itertools.islice(pending, CHUNK_LINES)):
             if should_stop():
                 raise JobStopped(f"cancelled after {counts['completed'] + counts['failed']} of {p.total} requests")
-            try:
-                body = _answer(engine, specs, line["body"], chat)
-            except (ServiceError, UserError) as exc:
-                _write(err, custom_id, getattr(exc, "status_code", 400), _error_body(exc))
-                counts["failed"] += 1
-            else:
-                _write(out, custom_id, 200, body)
-                counts["completed"] += 1
+            for custom_id, status, body in answerer.chunk(chunk):
+                _write(out if status == 200 else err, custom_id, status, body)
+                counts["completed" if status == 200 else "failed"] += 1
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 _report(sink, counts)
                 last_report = time.monotonic()
@@ -101,20 +99,59 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     return {"output_path": str(out_path), "error_path": str(err_path), "request_counts": counts}
 
 
-def _answer(engine: InferenceEngine, specs: dict[str, ModelSpec], body: dict[str, Any], chat: bool) -> dict:
-    if chat:
-        req = ChatCompletionRequest.model_validate(body)
-        spec = specs[req.model]
-        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
-        n_prompt, choices = answer(engine, spec, render, req, "chat", "messages")
-        return ChatCompletion.of(req.model, n_prompt, choices).model_dump()
-    req_c = CompletionRequest.model_validate(body)
-    spec = specs[req_c.model]
-    n_prompt, choices = 0, []
-    for prompt in [req_c.prompt] if isinstance(req_c.prompt, str) else req_c.prompt:
-        n, these = answer(engine, spec, completion_renderer(prompt), req_c, "completion", "prompt")
-        n_prompt, choices = n_prompt + n, [*choices, *these]
-    return Completion.of(req_c.model, n_prompt, choices).model_dump()
+class _Answerer:
+    """Answers a chunk of request lines: greedy single-choice requests to one model together in one
+    batched generation (``InferenceEngine.generate_greedy``: each gets the answer it gets alone), the
+    rest one by one as the route does."""
+
+    def __init__(self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool) -> None:
+        self.engine, self.specs, self.chat = engine, specs, chat
+        self.kind, self.param = ("chat", "messages") if chat else ("completion", "prompt")
+
+    def chunk(self, lines: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(custom_id, status, body)`` per line, in the lines' order."""
+        results: dict[str, tuple[int, dict[str, Any]]] = {}
+        together: dict[str, list[tuple[str, list[int], Sampling]]] = {}  # model -> its greedy rows
+        for line in lines:
+            custom_id = line["custom_id"]
+            try:
+                req = (ChatCompletionRequest if self.chat else CompletionRequest).model_validate(line["body"])
+                spec = self.specs[req.model]
+                renders = self._renders(spec, req)
+                if req.temperature == 0 and req.n == 1 and len(renders) == 1:
+                    ids, context = self.engine.prepare(spec, renders[0])
+                    sampling = sampling_for(req, len(ids), context, self.kind, self.param)
+                    together.setdefault(req.model, []).append((custom_id, ids, sampling))
+                    continue
+                n_prompt, choices = 0, []
+                for render in renders:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
+                    n, these = answer(self.engine, spec, render, req, self.kind, self.param)
+                    n_prompt, choices = n_prompt + n, [*choices, *these]
+                results[custom_id] = (200, self._body(req.model, n_prompt, choices))
+            except (ServiceError, UserError) as exc:
+                results[custom_id] = _failure(exc)
+        for model, rows in together.items():
+            try:
+                choices = self.engine.generate_greedy(self.specs[model], [r[1] for r in rows], [r[2] for r in rows])
+            except (ServiceError, UserError) as exc:
+                results.update({custom_id: _failure(exc) for custom_id, _, _ in rows})
+                continue
+            for (custom_id, ids, _), choice in zip(rows, choices, strict=True):
+                results[custom_id] = (200, self._body(model, len(ids), [choice]))
+        return [(line["custom_id"], *results[line["custom_id"]]) for line in lines]
+
+    def _renders(self, spec: ModelSpec, req: Any) -> list[Callable[[Any], list[int]]]:
+        if self.chat:
+            return [chat_renderer(spec, [m.as_dict() for m in req.messages])]
+        return [completion_renderer(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
+
+    def _body(self, model: str, n_prompt: int, choices: list[Choice]) -> dict[str, Any]:
+        response = ChatCompletion if self.chat else Completion
+        return response.of(model, n_prompt, choices).model_dump()
+
+
+def _failure(exc: ServiceError | UserError) -> tuple[int, dict[str, Any]]:
+    return getattr(exc, "status_code", 400), _error_body(exc)
 
 
 def _error_body(exc: ServiceError | UserError) -> dict[str, Any]:
