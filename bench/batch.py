@@ -5,7 +5,7 @@ first ``--requests`` ARC-Easy questions as chat requests (greedy, ``--max-tokens
 engine a batch job runs (:class:`sqft_service.inference.engine.InferenceEngine`, in this process):
 
 * ``one at a time``: ``generate`` per request (what a batch job did before, and what the chat route does);
-* ``batched, N``: ``generate_greedy`` over chunks of N requests (the job's ``CHUNK_LINES`` is 16).
+* ``batched, N``: ``generate_greedy`` over chunks of N requests (the job's ``CHUNK_LINES``).
 
 Reports requests/s and generated tokens/s per setup and how many answers equal the one-at-a-time
 answers (left padding must not change a greedy answer). Run from the repository root:

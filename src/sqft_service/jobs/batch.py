@@ -36,7 +36,7 @@ OUTPUT_FILE = "batch_output.jsonl"
 ERROR_FILE = "batch_errors.jsonl"
 PROGRESS_EVERY_S = 2.0
 # Lines read, answered and written together: the greedy ones to a model share one generate() call.
-CHUNK_LINES = 16
+CHUNK_LINES = 32
 
 
 def batch_files(output_dir: Path) -> tuple[Path, Path]:
