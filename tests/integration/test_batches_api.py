@@ -18,7 +18,7 @@ from openai.types import Batch
 
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import make_settings
+from tests.integration.conftest import make_settings, sdk_job_end
 
 ALICE = {"Authorization": "Bearer ka"}
 BOB = {"Authorization": "Bearer kb"}
@@ -239,3 +239,41 @@ def test_a_batch_killed_mid_way_runs_again_without_repeating_a_line(served, tmp_
     messages = [e.message for e in events]
     assert any(m.startswith("Interrupted: the job process died") for m in messages)
     assert any(m.startswith("resuming: ") and m.endswith(" of 120 requests already answered") for m in messages)
+
+
+def test_the_openai_sdk_runs_a_batch_on_a_real_server(sdk, tmp_path, tiny_model_dir):
+    """The official SDK end to end: fine-tune, upload a batch file, create, poll, read the answers."""
+    client = sdk
+    with open(write_json(tmp_path / "train.json", alpaca_records(8)), "rb") as handle:
+        training = client.files.create(file=handle, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=training.id, extra_body={"Training": {"max_train_steps": 2}}
+    )
+    tuned = sdk_job_end(client, job.id)
+    assert tuned.status == "succeeded", tuned.error
+    lines = [
+        _line(f"q{i}", {"model": tuned.fine_tuned_model, "messages": ASK, "max_tokens": 3 + i, "temperature": 0})
+        for i in range(3)
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with open(path, "rb") as handle:
+        requests = client.files.create(file=handle, purpose="batch")
+    batch = client.batches.create(
+        input_file_id=requests.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": "v"}
+    )
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"k": "v"}
+    done = wait_until(
+        lambda: (b := client.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled") and b,
+        240,
+        what="the batch",
+    )
+    assert done.status == "completed" and done.request_counts.completed == 3, done
+    assert done.error_file_id is None
+    rows = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["q0", "q1", "q2"]
+    for row in rows:
+        body = row["response"]["body"]
+        i = int(row["custom_id"][1:])
+        assert body["object"] == "chat.completion" and 1 <= body["usage"]["completion_tokens"] <= 3 + i
+    assert batch.id in [b.id for b in client.batches.list().data]
