@@ -139,7 +139,10 @@ def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
     client, tuned = served
     body = {"model": tuned, "prompt": ["The sky is", "Grass is"], "max_tokens": 4, "temperature": 0}
     file_id = _upload(client, tmp_path, [_line("p", body, "/v1/completions")])
-    done = _ended(client, _create(client, file_id, "/v1/completions").json()["id"])
+    expiry = {"anchor": "created_at", "seconds": 86400}
+    done = _ended(client, _create(client, file_id, "/v1/completions", output_expires_after=expiry).json()["id"])
+    output = client.get(f"/v1/files/{done['output_file_id']}").json()
+    assert output["expires_at"] == output["created_at"] + 86400  # as asked: `output_expires_after`
     got = _rows(client, done["output_file_id"])["p"]["response"]["body"]
     want = client.post("/v1/completions", json=body).json()
     assert got["object"] == "text_completion" and [c["text"] for c in got["choices"]] == [
@@ -178,8 +181,8 @@ def test_a_bad_create_names_its_field(served, tmp_path):
     cases = [
         (_create(client, file_id, "/v1/embeddings"), 400, "endpoint"),
         (_create(client, file_id, completion_window="1h"), 400, "completion_window"),
-        (_create(client, file_id, output_expires_after={"anchor": "created_at", "seconds": 3600}), 400,
-         "output_expires_after"),
+        (_create(client, file_id, output_expires_after={"anchor": "created_at", "seconds": 10**9}), 400,
+         "output_expires_after.seconds"),
         (_create(client, tuning["id"]), 400, "input_file_id"),
         (_create(client, "file-missing"), 404, "input_file_id"),
         (client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions"}, headers=BOB), 404,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import alpaca_records, write_json, write_jsonl
+from tests.helpers import alpaca_records, wait_until, write_json, write_jsonl
 from tests.integration.conftest import upload
 
 
@@ -110,3 +110,49 @@ def test_missing_file_field_names_it(client):
     resp = client.post("/v1/files", data={"purpose": "fine-tune"})
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "file"
+
+
+def test_a_file_can_expire_and_goes_once_no_job_reads_it(client, tmp_path, data_dir, tiny_model_dir):
+    path = write_json(tmp_path / "train.json", alpaca_records(16))
+    with open(path, "rb") as handle:
+        resp = client.post(
+            "/v1/files",
+            files={"file": ("train.json", handle)},
+            data={"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+        )
+    assert resp.status_code == 200, resp.text
+    expiring = resp.json()
+    assert expiring["expires_at"] == expiring["created_at"] + 3600
+    kept = upload(client, path, filename="kept.json")
+    assert kept["expires_at"] is None
+    # Its hour is over while a job trains on it: the job keeps it until it ends.
+    body = {"model": str(tiny_model_dir), "training_file": expiring["id"],
+            "Training": {"epochs": 1000, "batch_size": 1, "logging_steps": 1000}}  # fmt: skip
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    client.app.state.db.execute("UPDATE files SET expires_at = 0 WHERE id = ?", (expiring["id"],))
+    manager = client.app.state.job_manager
+    assert manager.delete_expired_files() == []
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    wait_until(lambda: client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled", 60)
+    assert manager.delete_expired_files() == [expiring["id"]]
+    assert client.get(f"/v1/files/{expiring['id']}").status_code == 404
+    assert not (data_dir / "files" / expiring["id"]).exists()
+    assert client.get(f"/v1/files/{kept['id']}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "expires_after"),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "59"}, "expires_after"),
+        ({"expires_after[seconds]": "3600"}, "expires_after"),
+        ({"expiry": "1h"}, "expiry"),
+    ],
+)
+def test_a_bad_upload_form_field_is_named(client, tmp_path, data_dir, fields, param):
+    path = write_json(tmp_path / "train.json", alpaca_records(2))
+    with open(path, "rb") as handle:
+        resp = client.post("/v1/files", files={"file": ("t.json", handle)}, data={"purpose": "fine-tune", **fields})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    assert client.get("/v1/files").json()["data"] == []
+    assert not [p for p in (data_dir / "files").iterdir() if p.is_file()]

@@ -124,7 +124,8 @@ def test_a_part_past_the_declared_bytes_is_refused_and_not_kept(client, data_dir
         ({"bytes": 0}, "bytes", 400),
         ({"bytes": 10**12}, "bytes", 413),
         ({"filename": "../.."}, "filename", 400),
-        ({"expires_after": {"anchor": "created_at", "seconds": 3600}}, "expires_after", 400),
+        ({"expires_after": {"anchor": "last_active_at", "seconds": 3600}}, "expires_after.anchor", 400),
+        ({"expires_after": {"anchor": "created_at", "seconds": 60}}, "expires_after.seconds", 400),
         ({"colour": "red"}, "colour", 400),
     ],
 )
@@ -218,4 +219,16 @@ def test_the_openai_sdk_uploads_a_file_in_parts(sdk, tmp_path):
     assert upload.file.bytes == len(data) and upload.file.filename == "train.json"
     assert sdk.files.content(upload.file.id).read() == data
     listed = sdk.files.retrieve(upload.file.id)
-    assert listed.purpose == "fine-tune" and listed.status == "processed"
+    assert listed.purpose == "fine-tune" and listed.status == "processed" and listed.expires_at is None
+    # OpenAI's expiry, on an upload in parts and on a plain upload (the SDK sends it as form fields).
+    parted = sdk.uploads.create(
+        bytes=len(data), filename="t.json", mime_type="application/json", purpose="fine-tune",
+        expires_after={"anchor": "created_at", "seconds": 7200},
+    )  # fmt: skip
+    part = sdk.uploads.parts.create(parted.id, data=data)
+    made = sdk.uploads.complete(parted.id, part_ids=[part.id]).file
+    assert made is not None and made.expires_at == made.created_at + 7200
+    plain = sdk.files.create(
+        file=("b.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
+    )
+    assert plain.expires_at == plain.created_at + 3600

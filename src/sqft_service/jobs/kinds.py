@@ -111,6 +111,7 @@ class BatchParams(_Params):
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     total: int
     models: dict[str, BatchModel]  # every model id the requests name
+    output_expires_after: int | None = None  # seconds: the output and error files expire that long after
 
 
 PARAMS: dict[str, type[_Params]] = {

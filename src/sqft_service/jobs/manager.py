@@ -43,6 +43,8 @@ from .runner import LaunchError, LaunchSpec, RunHandle, Runner, worker_resources
 from .subprocess_runner import SubprocessRunner
 
 log = logging.getLogger(__name__)
+# How often the manager's loop deletes expired files (OpenAI's expiry is to the hour, not the second).
+EXPIRY_SWEEP_S = 60.0
 
 
 @dataclass
@@ -75,6 +77,7 @@ class JobManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_expiry_sweep = 0.0  # at the first tick
 
     @staticmethod
     def workspace(job: JobRecord) -> JobWorkspace:
@@ -266,6 +269,20 @@ class JobManager:
             self._reap()
             self._escalate_cancels()
             self._launch_queued()
+        if time.monotonic() >= self._next_expiry_sweep:
+            self._next_expiry_sweep = time.monotonic() + EXPIRY_SWEEP_S
+            self.delete_expired_files()
+
+    def delete_expired_files(self) -> list[str]:
+        """Delete the files past their ``expires_at`` that no job will read any more (one a job still
+        reads goes once that job has ended); their ids."""
+        deleted = []
+        for file_id in self.files.expired(now()):
+            if not self.jobs.referencing_file(file_id) and self.files.delete(file_id):
+                deleted.append(file_id)
+        if deleted:
+            log.info("deleted %d expired file(s): %s", len(deleted), ", ".join(deleted[:10]))
+        return deleted
 
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
@@ -419,6 +436,7 @@ class JobManager:
         owner: str | None,
         filename: str | None = None,
         purpose: str = "fine-tune-results",
+        expires_after: int | None = None,
     ) -> str:
         payload = path.read_bytes()
         fd, staged = tempfile.mkstemp(dir=self.files.files_dir, prefix=".staging-")
@@ -431,6 +449,7 @@ class JobManager:
             sha256=hashlib.sha256(payload).hexdigest(),
             meta={"job_id": job_id},
             owner=owner,  # the file belongs to the job's project, so its key can download it
+            expires_after=expires_after,
         )
         return record.id
 
@@ -449,7 +468,12 @@ class JobManager:
             counts[count] = len(answered(path))
             if counts[count]:
                 found[key] = self._register_result_file(
-                    job.id, path, job.owner, f"{job.id}_{name}.jsonl", purpose="batch_output"
+                    job.id,
+                    path,
+                    job.owner,
+                    f"{job.id}_{name}.jsonl",
+                    purpose="batch_output",
+                    expires_after=job.config.get("output_expires_after"),
                 )
         return {**found, "request_counts": counts}
 

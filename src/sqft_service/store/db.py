@@ -166,6 +166,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX upload_parts_upload ON upload_parts(upload_id, created_at);
     """,
+    # 7: files that expire (OpenAI's `expires_after`): removed by the job manager once past `expires_at`
+    # and read by no job. An upload in parts keeps the policy for the file it will make.
+    """
+    ALTER TABLE files ADD COLUMN expires_at INTEGER;
+    CREATE INDEX files_expires_at ON files(expires_at);
+    ALTER TABLE uploads ADD COLUMN file_expires_after INTEGER;
+    """,
 ]
 
 

@@ -30,6 +30,7 @@ class FileRecord:
     meta: dict[str, Any]
     # The project (API key) that uploaded it; None: uploaded without authentication.
     owner: str | None = None
+    expires_at: int | None = None  # removed after this (unix seconds); None: kept until deleted
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -45,6 +46,7 @@ class FileRecord:
             path=Path(row["path"]),
             meta=json.loads(row["meta"] or "{}"),
             owner=row["owner"],
+            expires_at=row["expires_at"],
         )
 
 
@@ -75,18 +77,22 @@ class FileStore:
         sha256: str,
         meta: dict[str, Any] | None = None,
         owner: str | None = None,
+        expires_after: int | None = None,
     ) -> FileRecord:
-        """Move a fully written staging file into place and record it (rename is atomic)."""
+        """Move a fully written staging file into place and record it (rename is atomic); with
+        ``expires_after`` (seconds), it expires that long after now."""
         file_id = file_id or new_id("file")
         dest = self.blob_path(file_id)
         _fsync(staged_path)  # the bytes reach the disk before the rename makes them the file
         os.replace(staged_path, dest)
         _fsync(self.files_dir)  # and the rename itself survives a power cut
         size = dest.stat().st_size
+        created = now()
+        expires_at = created + expires_after if expires_after is not None else None
         self.db.execute(
-            "INSERT INTO files (id, filename, bytes, sha256, purpose, created_at, status, path, meta, owner) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'processed', ?, ?, ?)",
-            (file_id, filename, size, sha256, purpose, now(), str(dest), json.dumps(meta or {}), owner),
+            "INSERT INTO files (id, filename, bytes, sha256, purpose, created_at, status, path, meta, owner, "
+            "expires_at) VALUES (?, ?, ?, ?, ?, ?, 'processed', ?, ?, ?, ?)",
+            (file_id, filename, size, sha256, purpose, created, str(dest), json.dumps(meta or {}), owner, expires_at),
         )
         record = self.get(file_id)
         assert record is not None  # just inserted
@@ -132,6 +138,11 @@ class FileStore:
             descending=order == "desc",
         )  # fmt: skip
         return [FileRecord.from_row(r) for r in rows], has_more
+
+    def expired(self, at: int) -> list[str]:
+        """The ids of files whose ``expires_at`` is ``at`` or earlier."""
+        rows = self.db.query("SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (at,))
+        return [r["id"] for r in rows]
 
     def delete(self, file_id: str) -> bool:
         record = self.get(file_id)

@@ -32,6 +32,7 @@ class UploadRecord:
     expires_at: int
     file_id: str | None
     owner: str | None
+    file_expires_after: int | None  # seconds: the file it makes expires that long after its creation
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> UploadRecord:
@@ -57,14 +58,22 @@ class UploadStore:
         return self.root / upload_id
 
     def create(
-        self, *, filename: str, purpose: str, size: int, mime_type: str, expires_at: int, owner: str | None
+        self,
+        *,
+        filename: str,
+        purpose: str,
+        size: int,
+        mime_type: str,
+        expires_at: int,
+        owner: str | None,
+        file_expires_after: int | None = None,
     ) -> UploadRecord:
         upload_id = new_id("upload")
         self.parts_dir(upload_id).mkdir(parents=True)
         self.db.execute(
-            "INSERT INTO uploads (id, filename, purpose, bytes, mime_type, status, created_at, expires_at, owner) "
-            "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-            (upload_id, filename, purpose, size, mime_type, now(), expires_at, owner),
+            "INSERT INTO uploads (id, filename, purpose, bytes, mime_type, status, created_at, expires_at, owner, "
+            "file_expires_after) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (upload_id, filename, purpose, size, mime_type, now(), expires_at, owner, file_expires_after),
         )
         record = self.get(upload_id)
         assert record is not None  # just inserted

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...store.jobs import JobRecord
+from ..files.protocol import ExpiresAfter
 from ..fine_tuning.protocol import Metadata
 
 COMPLETION_WINDOW_S = 24 * 3600
@@ -19,8 +20,7 @@ class CreateBatchRequest(BaseModel):
     endpoint: str = Field(max_length=128)
     completion_window: str = Field("24h", max_length=16)
     metadata: Metadata | None = None
-    # OpenAI's expiry of the output files; files here stay until deleted, so it is refused.
-    output_expires_after: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = None  # of the output and error files
 
 
 class RequestCounts(BaseModel):

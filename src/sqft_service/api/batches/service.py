@@ -48,11 +48,6 @@ class BatchService:
         self.models = models
 
     def create(self, req: CreateBatchRequest) -> JobRecord:
-        if req.output_expires_after is not None:
-            raise InvalidRequestError(
-                "`output_expires_after` is not supported: files here are kept until they are deleted",
-                param="output_expires_after",
-            )
         if req.completion_window != "24h":
             raise InvalidRequestError("`completion_window` must be '24h'", param="completion_window")
         if req.endpoint not in ENDPOINTS:
@@ -76,6 +71,7 @@ class BatchService:
             endpoint=req.endpoint,  # type: ignore[arg-type]
             total=total,
             models=models,
+            output_expires_after=req.output_expires_after.seconds if req.output_expires_after else None,
         )
         batch_id = f"batch_{secrets.token_hex(12)}"
         job = self.manager.create(

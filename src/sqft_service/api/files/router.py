@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from ...errors import InvalidRequestError
 from ..limits import FILES_PAGE
 from ..openapi import error_responses, file_response, multipart_body
-from .protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
+from .protocol import MAX_EXPIRY_S, MIN_EXPIRY_S, UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, form_expires_after
 from .service import FileService
 from .upload import receive_upload
 
@@ -25,7 +25,14 @@ def _service(request: Request) -> FileService:
 
 # The body is parsed by api/files/upload.py, not by FastAPI's form support (which spools files to the
 # system temp dir and reads all of it before any limit applies); this documents the form it takes.
-_UPLOAD_FORM = multipart_body("file", purpose={"type": "string", "enum": list(UPLOAD_PURPOSES), "default": "fine-tune"})
+_UPLOAD_FORM = multipart_body(
+    "file",
+    purpose={"type": "string", "enum": list(UPLOAD_PURPOSES), "default": "fine-tune"},
+    **{
+        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+        "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY_S, "maximum": MAX_EXPIRY_S},
+    },
+)
 
 
 # 429: the project already stores SQFT_MAX_FILES files.
@@ -41,10 +48,20 @@ async def upload_file(request: Request) -> FileObject:
         )
     except ClientDisconnect:
         raise InvalidRequestError("the client disconnected during the upload", param="file") from None
-    purpose = received.fields.get("purpose", "fine-tune")
     try:
+        fields = received.fields
+        if unknown := sorted(k for k in fields if k != "purpose" and not k.startswith("expires_after[")):
+            raise InvalidRequestError(
+                f"Unknown form field `{unknown[0][:64]}`: an upload takes `file`, `purpose` and `expires_after`",
+                param=unknown[0][:64],
+            )
         record = await run_in_threadpool(
-            service.accept, received.staged, filename=received.filename, purpose=purpose, sha256=received.sha256
+            service.accept,
+            received.staged,
+            filename=received.filename,
+            purpose=fields.get("purpose", "fine-tune"),
+            sha256=received.sha256,
+            expires_after=form_expires_after(fields),
         )
     finally:
         received.staged.unlink(missing_ok=True)  # accept() moved or removed it; this covers a cancelled request

@@ -67,8 +67,11 @@ class FileService:
             raise
         return self.accept(staged, filename=filename, purpose=purpose, sha256=digest.hexdigest())
 
-    def accept(self, staged: Path, *, filename: str | None, purpose: str, sha256: str) -> FileRecord:
-        """Check a fully received staging file (in ``files_dir``) and keep it; it is gone either way."""
+    def accept(
+        self, staged: Path, *, filename: str | None, purpose: str, sha256: str, expires_after: int | None = None
+    ) -> FileRecord:
+        """Check a fully received staging file (in ``files_dir``) and keep it; it is gone either way.
+        ``expires_after``: seconds after which the job manager deletes it (``jobs/manager.py``)."""
         try:
             if self.max_files is not None and self.store.count(current_owner()) >= self.max_files:
                 raise QuotaExceededError(
@@ -98,6 +101,7 @@ class FileService:
                 sha256=sha256,
                 meta=meta,
                 owner=current_owner(),
+                expires_after=expires_after,
             )
         finally:
             staged.unlink(missing_ok=True)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...store.files import FileRecord
 from ...store.uploads import PartRecord, UploadRecord
-from ..files.protocol import FileObject
+from ..files.protocol import ExpiresAfter, FileObject
 
 # OpenAI's part ids in one completion: as many as an upload may have parts.
 MAX_UPLOAD_PARTS = 10_000
@@ -22,8 +22,7 @@ class CreateUploadRequest(BaseModel):
     purpose: str = Field(max_length=64)
     bytes: int = Field(ge=1)
     mime_type: str = Field(min_length=1, max_length=255)
-    # OpenAI's expiry policy of the file made; files here stay until deleted, so it is refused.
-    expires_after: dict[str, Any] | None = None
+    expires_after: ExpiresAfter | None = None  # of the file the upload makes
 
 
 class CompleteUploadRequest(BaseModel):

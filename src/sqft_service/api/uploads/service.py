@@ -36,10 +36,6 @@ class UploadService:
         self.files = files
 
     def create(self, req: CreateUploadRequest) -> UploadRecord:
-        if req.expires_after is not None:
-            raise InvalidRequestError(
-                "`expires_after` is not supported: files here are kept until they are deleted", param="expires_after"
-            )
         if req.purpose not in UPLOAD_PURPOSES:
             raise InvalidRequestError(
                 f"'{req.purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}",
@@ -68,6 +64,7 @@ class UploadService:
             mime_type=req.mime_type,
             expires_at=now() + UPLOAD_TTL_S,
             owner=current_owner(),
+            file_expires_after=req.expires_after.seconds if req.expires_after else None,
         )
 
     def get(self, upload_id: str) -> UploadRecord:
@@ -137,7 +134,13 @@ class UploadService:
                     f"the joined parts have MD5 {got_md5}, not the {md5} given: check the parts and their order",
                     param="md5",
                 )
-            file = self.files.accept(staged, filename=record.filename, purpose=record.purpose, sha256=sha256)
+            file = self.files.accept(
+                staged,
+                filename=record.filename,
+                purpose=record.purpose,
+                sha256=sha256,
+                expires_after=record.file_expires_after,
+            )
         except BaseException:
             self.store.move(upload_id, "completing", "pending")  # every part kept: complete it again
             raise
