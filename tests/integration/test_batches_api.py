@@ -131,6 +131,9 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     assert client.get(f"/v1/batches/{batch['id']}", headers=BOB).status_code == 404
     assert batch["id"] in [b["id"] for b in client.get("/v1/batches").json()["data"]]
     assert client.get("/v1/batches", headers=BOB).json()["data"] == []
+    log = client.get(f"/v1/batches/{batch['id']}/log")
+    assert log.status_code == 200 and "answering 5 requests to /v1/chat/completions" in log.text
+    assert client.get(f"/v1/batches/{batch['id']}/log", headers=BOB).status_code == 404
     again = client.post(f"/v1/batches/{batch['id']}/cancel")
     assert again.status_code == 400 and again.json()["error"]["code"] == "batch_not_cancellable"
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
 
+from ...errors import NotFoundError
 from ..limits import JOBS_PAGE
-from ..openapi import error_responses
+from ..openapi import error_responses, file_response
 from .protocol import BatchList, BatchObject, CreateBatchRequest
 from .service import BatchService
 
@@ -49,3 +51,12 @@ def retrieve_batch(request: Request, batch_id: str) -> BatchObject:
 def cancel_batch(request: Request, batch_id: str) -> BatchObject:
     service = _service(request)
     return _object(service, service.cancel(batch_id))
+
+
+@router.get("/{batch_id}/log", response_class=FileResponse, responses=file_response("text/plain"))
+def batch_log(request: Request, batch_id: str) -> FileResponse:
+    """Extension: the batch job process's log file."""
+    path = _service(request).log_path(batch_id)
+    if not path.is_file():
+        raise NotFoundError(f"Batch {batch_id} has no log yet (it has not started)", param="batch_id")
+    return FileResponse(path, media_type="text/plain", filename=f"{batch_id}.log")

@@ -159,6 +159,9 @@ class BatchService:
             )
         return self.manager.cancel(batch_id)
 
+    def log_path(self, batch_id: str) -> Path:
+        return self.manager.workspace(self.get(batch_id)).log
+
     def counts(self, job: JobRecord) -> dict[str, int]:
         """The request counts: the ended job's, or those its last progress event reported."""
         found = (job.result or {}).get("request_counts") or self.events.latest_data(job.id, "request_counts")
