@@ -114,6 +114,10 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     assert done["completed_at"] >= done["in_progress_at"] >= done["created_at"]
     answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
     assert set(answers) == {"tuned", "merged", "base", "two"} and set(errors) == {"system"}
+    usage = done["usage"]  # OpenAI's: the answered requests' prompt and generated tokens
+    assert usage["input_tokens"] == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in answers.values())
+    assert usage["output_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in answers.values())
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
     for cid, row in answers.items():
         assert row["id"].startswith("batch_req_") and row["error"] is None
         assert row["response"]["status_code"] == 200
@@ -241,6 +245,8 @@ def test_a_batch_killed_mid_way_runs_again_without_repeating_a_line(served, tmp_
     text = client.get(f"/v1/files/{done['output_file_id']}/content").text
     ids = [json.loads(line)["custom_id"] for line in text.splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(120))  # each once
+    generated = sum(json.loads(line)["response"]["body"]["usage"]["completion_tokens"] for line in text.splitlines())
+    assert done["usage"]["output_tokens"] == generated  # the lines before the crash counted once too
     events, _ = client.app.state.batch_service.events.list_events(batch_id, limit=200)
     messages = [e.message for e in events]
     assert any(m.startswith("Interrupted: the job process died") for m in messages)

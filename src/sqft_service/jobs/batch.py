@@ -55,6 +55,17 @@ def answered(path: Path) -> list[str]:
     return [json.loads(line)["custom_id"] for line in whole.splitlines() if line.strip()]
 
 
+def tokens_of(path: Path) -> dict[str, int]:
+    """The prompt and generated tokens of a results file's answers (OpenAI's batch ``usage`` counts)."""
+    tokens = {"input_tokens": 0, "output_tokens": 0}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            usage = ((json.loads(line).get("response") or {}).get("body") or {}).get("usage") or {}
+            tokens["input_tokens"] += int(usage.get("prompt_tokens", 0))
+            tokens["output_tokens"] += int(usage.get("completion_tokens", 0))
+    return tokens
+
+
 def request_lines(path: Path) -> Iterator[dict[str, Any]]:
     """The input file's request objects (checked line by line when the batch was created)."""
     with path.open(encoding="utf-8") as handle:
@@ -77,6 +88,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     done_out, done_err = answered(out_path), answered(err_path)
     done = set(done_out) | set(done_err)
     counts = {"total": p.total, "completed": len(done_out), "failed": len(done_err)}
+    tokens = tokens_of(out_path)
     if done:
         sink.message(f"resuming: {len(done)} of {p.total} requests already answered")
     engine = InferenceEngine(
@@ -92,11 +104,14 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
             for custom_id, status, body in answerer.chunk(chunk):
                 _write(out if status == 200 else err, custom_id, status, body)
                 counts["completed" if status == 200 else "failed"] += 1
+                if status == 200:
+                    tokens["input_tokens"] += body["usage"]["prompt_tokens"]
+                    tokens["output_tokens"] += body["usage"]["completion_tokens"]
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                _report(sink, counts)
+                _report(sink, counts, tokens)
                 last_report = time.monotonic()
-    _report(sink, counts)
-    return {"output_path": str(out_path), "error_path": str(err_path), "request_counts": counts}
+    _report(sink, counts, tokens)
+    return {"output_path": str(out_path), "error_path": str(err_path), "request_counts": counts, "tokens": tokens}
 
 
 class _Answerer:
@@ -167,9 +182,9 @@ def _write(handle: TextIO, custom_id: str, status: int, body: dict[str, Any]) ->
     handle.flush()
 
 
-def _report(sink: Any, counts: dict[str, int]) -> None:
+def _report(sink: Any, counts: dict[str, int], tokens: dict[str, int]) -> None:
     answered_now = counts["completed"] + counts["failed"]
     sink.message(
         f"{answered_now} of {counts['total']} requests answered ({counts['failed']} failed)",
-        data={"request_counts": dict(counts)},
+        data={"request_counts": dict(counts), "tokens": dict(tokens)},
     )

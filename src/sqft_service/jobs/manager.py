@@ -456,7 +456,7 @@ class JobManager:
     def _batch_files(self, job: JobRecord) -> dict[str, Any]:
         """A batch's answers and errors so far as files of its project (OpenAI's ``batch_output``), and
         how many of each: at its end, and for a cancelled batch what it answered before it stopped."""
-        from .batch import answered, batch_files
+        from .batch import answered, batch_files, tokens_of
 
         found: dict[str, Any] = {"output_file_id": None, "error_file_id": None}
         counts = {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0}
@@ -475,7 +475,7 @@ class JobManager:
                     purpose="batch_output",
                     expires_after=job.config.get("output_expires_after"),
                 )
-        return {**found, "request_counts": counts}
+        return {**found, "request_counts": counts, "tokens": tokens_of(out_path)}
 
     def _finish_cancelled(self, job_id: str) -> None:
         job = self.jobs.get(job_id)

@@ -29,6 +29,29 @@ class RequestCounts(BaseModel):
     failed: int
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    """OpenAI's batch ``usage``: the prompt and generated tokens of the answered requests."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = InputTokensDetails()
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = OutputTokensDetails()
+    total_tokens: int
+
+    @classmethod
+    def of(cls, tokens: dict[str, int]) -> BatchUsage:
+        i, o = int(tokens.get("input_tokens", 0)), int(tokens.get("output_tokens", 0))
+        return cls(input_tokens=i, output_tokens=o, total_tokens=i + o)
+
+
 class BatchError(BaseModel):
     code: str | None = None
     message: str
@@ -66,11 +89,12 @@ class BatchObject(BaseModel):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts
+    usage: BatchUsage
     metadata: dict[str, str] | None = None
 
     @classmethod
-    def from_record(cls, job: JobRecord, counts: dict[str, int]) -> BatchObject:
-        """``counts``: the job's result's, or while it runs its latest progress event's."""
+    def from_record(cls, job: JobRecord, counts: dict[str, int], tokens: dict[str, int]) -> BatchObject:
+        """``counts`` and ``tokens``: the job's result's, or while it runs its latest progress event's."""
         result = job.result or {}
         error = job.error or {}
         status = _STATUS.get(job.status, "in_progress")
@@ -94,6 +118,7 @@ class BatchObject(BaseModel):
             failed_at=ended if job.status == "failed" else None,
             cancelled_at=ended if job.status == "cancelled" else None,
             request_counts=RequestCounts(**counts),
+            usage=BatchUsage.of(tokens),
             metadata=job.metadata,
         )
 

@@ -19,7 +19,7 @@ def _service(request: Request) -> BatchService:
 
 
 def _object(service: BatchService, job) -> BatchObject:
-    return BatchObject.from_record(job, service.counts(job))
+    return BatchObject.from_record(job, *service.progress(job))
 
 
 # 404: no such input file; 429: the project has as many unfinished jobs as it may.

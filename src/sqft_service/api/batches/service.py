@@ -162,10 +162,15 @@ class BatchService:
     def log_path(self, batch_id: str) -> Path:
         return self.manager.workspace(self.get(batch_id)).log
 
-    def counts(self, job: JobRecord) -> dict[str, int]:
-        """The request counts: the ended job's, or those its last progress event reported."""
-        found = (job.result or {}).get("request_counts") or self.events.latest_data(job.id, "request_counts")
-        return found or {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0}
+    def progress(self, job: JobRecord) -> tuple[dict[str, int], dict[str, int]]:
+        """The request counts and tokens: the ended job's, or those its last progress event reported."""
+        result = job.result or {}
+        counts = result.get("request_counts") or self.events.latest_data(job.id, "request_counts")
+        tokens = result.get("tokens") or self.events.latest_data(job.id, "tokens")
+        return (
+            counts or {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0},
+            tokens or {"input_tokens": 0, "output_tokens": 0},
+        )
 
 
 def _json_object(number: int, raw: bytes) -> dict[str, Any]:
