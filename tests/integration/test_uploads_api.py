@@ -36,6 +36,7 @@ def _parts(client, upload_id: str, pieces: list[bytes]) -> list[str]:
         resp = _part(client, upload_id, piece)
         assert resp.status_code == 200, resp.text
         assert resp.json()["object"] == "upload.part" and resp.json()["upload_id"] == upload_id
+        assert resp.json()["id"].startswith("part_")
         ids.append(resp.json()["id"])
     return ids
 
@@ -54,6 +55,7 @@ def test_parts_are_joined_in_the_listed_order_into_a_checked_file(client, data_d
     pieces = [data[:third], data[third : 2 * third], data[2 * third :]]
     upload = _create(client, data)
     assert upload["object"] == "upload" and upload["status"] == "pending" and upload["file"] is None
+    assert upload["id"].startswith("upload_")  # OpenAI's prefixes
     assert upload["expires_at"] - upload["created_at"] == 3600
     # Sent last piece first: the order that counts is the one listed at completion.
     ids = _parts(client, upload["id"], pieces[::-1])[::-1]

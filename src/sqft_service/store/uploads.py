@@ -68,7 +68,7 @@ class UploadStore:
         owner: str | None,
         file_expires_after: int | None = None,
     ) -> UploadRecord:
-        upload_id = new_id("upload")
+        upload_id = new_id("upload", "_")
         self.parts_dir(upload_id).mkdir(parents=True)
         self.db.execute(
             "INSERT INTO uploads (id, filename, purpose, bytes, mime_type, status, created_at, expires_at, owner, "
@@ -103,7 +103,7 @@ class UploadStore:
         upload's ``bytes`` together. Returns the part, or the reason it was refused (``staged`` is then
         left to the caller).
         """
-        part_id = new_id("part")
+        part_id = new_id("part", "_")
         with self.db.transaction() as cur:
             row = cur.execute("SELECT status, bytes FROM uploads WHERE id = ?", (upload_id,)).fetchone()
             if row is None or row["status"] != "pending":

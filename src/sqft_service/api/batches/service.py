@@ -11,7 +11,6 @@ queue, limits, cancel and crash recovery of every other job; its answers become 
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from ...errors import InvalidRequestError, NotFoundError, ServiceError
 from ...jobs.kinds import BatchModel, BatchParams
 from ...jobs.manager import JobManager
 from ...store.events import EventStore
+from ...store.ids import new_id
 from ...store.jobs import JobRecord, JobStore
 from ..body import validation_error_to_service_error
 from ..files.service import FileService
@@ -73,7 +73,7 @@ class BatchService:
             models=models,
             output_expires_after=req.output_expires_after.seconds if req.output_expires_after else None,
         )
-        batch_id = f"batch_{secrets.token_hex(12)}"
+        batch_id = new_id("batch", "_")
         job = self.manager.create(
             batch_id, "batch", params.model_dump(mode="json"), metadata=req.metadata, owner=current_owner()
         )
