@@ -97,47 +97,18 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, batch_size: int) -> list[str]:
-    """The greedy answer to each prompt, generated ``batch_size`` prompts at a time.
-
-    Prompts of similar length go together (fewer padding tokens); each batch is padded on the left with
-    an attention mask, so every prompt ends where generation begins and sees only its own tokens. A row
-    that reaches an end-of-sequence id is cut there, as a prompt generated alone stops there: the answers
-    are those of one-at-a-time greedy decoding (tests/unit/test_evaluation_generation.py checks it).
-    """
-    import torch
-
+    """The greedy answer to each prompt, generated ``batch_size`` prompts at a time
+    (``inference/greedy.py``), each cut at its first end-of-sequence id as a prompt generated alone stops
+    there: the answers of one-at-a-time greedy decoding (tests/unit/test_evaluation_generation.py)."""
     from .inference.engine import InferenceEngine
-    from .training.device import model_device
-    from .training.memory import in_fitting_batches
+    from .inference.greedy import greedy_tokens
 
     eos = InferenceEngine._eos_ids(model, tokenizer)
-    device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-
-    def generate(rows: Sequence[int]) -> None:
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-        mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows]
-        attention_mask = torch.tensor(mask, device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=sorted(eos),
-            )
-        for i, row in zip(rows, out[:, width:].tolist(), strict=True):
-            end = next((k + 1 for k, token in enumerate(row) if token in eos), len(row))
-            answers[i] = tokenizer.decode(row[:end], skip_special_tokens=True)
-
-    in_fitting_batches(order, batch_size, generate, device)  # a batch that does not fit is halved
+    rows = greedy_tokens(model, prompts, [max_new] * len(prompts), batch_size, pad=tokenizer.pad_token_id, eos=eos)
+    answers = []
+    for row in rows:
+        end = next((k + 1 for k, token in enumerate(row) if token in eos), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return answers
 
 

@@ -131,6 +131,7 @@ def test_a_file_can_expire_and_goes_once_no_job_reads_it(client, tmp_path, data_
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     client.app.state.db.execute("UPDATE files SET expires_at = 0 WHERE id = ?", (expiring["id"],))
     manager = client.app.state.job_manager
+    manager._next_expiry_sweep = float("inf")  # only the calls below sweep, not the manager's loop meanwhile
     assert manager.delete_expired_files() == []
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     wait_until(lambda: client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled", 60)

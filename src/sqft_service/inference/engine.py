@@ -217,52 +217,25 @@ class InferenceEngine:
         return choices
 
     def generate_greedy(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
-        """One greedy choice for each prompt, several prompts per ``generate()``: the answers each prompt
-        gets alone (a batch's many requests, ``jobs/batch.py``).
-
-        Prompts of similar length share a batch, padded on the left with an attention mask, so each ends
-        where generation begins and sees only its own tokens; the batch runs to its longest
-        ``max_tokens``, and each row is then cut where it would have stopped alone (its ``max_tokens``,
-        an end-of-sequence id, a stop string: greedy tokens don't depend on later ones). A batch that
-        does not fit in the device's memory is halved (``training/memory.in_fitting_batches``).
-        """
-        import torch
-
-        from ..training.memory import in_fitting_batches
+        """One greedy choice for each prompt, all prompts generated together (``inference/greedy.py``),
+        each row then cut where it would have stopped alone (its ``max_tokens``, an end-of-sequence id,
+        a stop string): the choices ``generate`` gives each (a batch's many requests, ``jobs/batch.py``)."""
+        from .greedy import greedy_tokens
 
         assert all(s.greedy and s.n == 1 for s in samplings)
         model, tokenizer, context = self._activate(spec)
         eos = self._eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-        device = next(model.parameters()).device
-        choices: list[Choice | None] = [None] * len(prompts)
-
-        def run(rows: list[int]) -> None:
-            width = max(len(prompts[i]) for i in rows)
-            input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows], device=device)
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=max(samplings[i].max_tokens for i in rows),
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad,
-                    eos_token_id=sorted(eos),
-                )
-            for i, row in zip(rows, out[:, width:].tolist(), strict=True):
-                decoder = Decoder(tokenizer, eos, samplings[i].stop)
-                decoder.push(row[: samplings[i].max_tokens])
-                decoder.close()
-                choices[i] = Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids))
-
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with context:
-            in_fitting_batches(order, len(order), run, device)
-        return [c for c in choices if c is not None]
+            rows = greedy_tokens(
+                model, prompts, [s.max_tokens for s in samplings], len(prompts), pad=tokenizer.pad_token_id, eos=eos
+            )
+        choices = []
+        for row, sampling in zip(rows, samplings, strict=True):
+            decoder = Decoder(tokenizer, eos, sampling.stop)
+            decoder.push(row[: sampling.max_tokens])
+            decoder.close()
+            choices.append(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
+        return choices
 
     def stream(self, spec: ModelSpec, ids: list[int], sampling: Sampling, sink: queue.Queue, cancel: threading.Event):
         """Generate ``sampling.n`` choices in one batch, putting ``(index, text piece)`` pairs on ``sink``

@@ -43,27 +43,25 @@ def batch_files(output_dir: Path) -> tuple[Path, Path]:
     return output_dir / OUTPUT_FILE, output_dir / ERROR_FILE
 
 
-def answered(path: Path) -> list[str]:
-    """The custom ids a results file holds, after dropping a last line that a crash cut short."""
+def read_results(path: Path) -> tuple[list[str], dict[str, int]]:
+    """The custom ids a results file holds and the prompt and generated tokens of its answers (OpenAI's
+    batch ``usage``), after dropping a last line that a crash cut short."""
+    tokens = {"input_tokens": 0, "output_tokens": 0}
     if not path.is_file():
-        return []
+        return [], tokens
     data = path.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
     if len(whole) != len(data):
         with path.open("r+b") as handle:
             handle.truncate(len(whole))
-    return [json.loads(line)["custom_id"] for line in whole.splitlines() if line.strip()]
-
-
-def tokens_of(path: Path) -> dict[str, int]:
-    """The prompt and generated tokens of a results file's answers (OpenAI's batch ``usage`` counts)."""
-    tokens = {"input_tokens": 0, "output_tokens": 0}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            usage = ((json.loads(line).get("response") or {}).get("body") or {}).get("usage") or {}
-            tokens["input_tokens"] += int(usage.get("prompt_tokens", 0))
-            tokens["output_tokens"] += int(usage.get("completion_tokens", 0))
-    return tokens
+    ids = []
+    for line in whole.splitlines():
+        row = json.loads(line)
+        ids.append(row["custom_id"])
+        usage = ((row.get("response") or {}).get("body") or {}).get("usage") or {}
+        tokens["input_tokens"] += int(usage.get("prompt_tokens", 0))
+        tokens["output_tokens"] += int(usage.get("completion_tokens", 0))
+    return ids, tokens
 
 
 def request_lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -85,10 +83,9 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
 
     output_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = batch_files(output_dir)
-    done_out, done_err = answered(out_path), answered(err_path)
+    (done_out, tokens), (done_err, _) = read_results(out_path), read_results(err_path)
     done = set(done_out) | set(done_err)
     counts = {"total": p.total, "completed": len(done_out), "failed": len(done_err)}
-    tokens = tokens_of(out_path)
     if done:
         sink.message(f"resuming: {len(done)} of {p.total} requests already answered")
     engine = InferenceEngine(
@@ -111,7 +108,8 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
                 _report(sink, counts, tokens)
                 last_report = time.monotonic()
     _report(sink, counts, tokens)
-    return {"output_path": str(out_path), "error_path": str(err_path), "request_counts": counts, "tokens": tokens}
+    # The counts and tokens of the result are the manager's, read from these files (jobs/manager.py).
+    return {"output_path": str(out_path), "error_path": str(err_path)}
 
 
 class _Answerer:

@@ -456,16 +456,17 @@ class JobManager:
     def _batch_files(self, job: JobRecord) -> dict[str, Any]:
         """A batch's answers and errors so far as files of its project (OpenAI's ``batch_output``), and
         how many of each: at its end, and for a cancelled batch what it answered before it stopped."""
-        from .batch import answered, batch_files, tokens_of
+        from .batch import batch_files, read_results
 
         found: dict[str, Any] = {"output_file_id": None, "error_file_id": None}
         counts = {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0}
         out_path, err_path = batch_files(self.workspace(job).output.root)
-        for key, count, path, name in (
-            ("output_file_id", "completed", out_path, "output"),
-            ("error_file_id", "failed", err_path, "errors"),
+        (answers, tokens), (failures, _) = read_results(out_path), read_results(err_path)
+        for key, count, path, name, ids in (
+            ("output_file_id", "completed", out_path, "output", answers),
+            ("error_file_id", "failed", err_path, "errors", failures),
         ):
-            counts[count] = len(answered(path))
+            counts[count] = len(ids)
             if counts[count]:
                 found[key] = self._register_result_file(
                     job.id,
@@ -475,7 +476,7 @@ class JobManager:
                     purpose="batch_output",
                     expires_after=job.config.get("output_expires_after"),
                 )
-        return {**found, "request_counts": counts, "tokens": tokens_of(out_path)}
+        return {**found, "request_counts": counts, "tokens": tokens}
 
     def _finish_cancelled(self, job_id: str) -> None:
         job = self.jobs.get(job_id)

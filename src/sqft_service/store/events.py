@@ -74,14 +74,13 @@ class EventStore:
         ]
         return events, has_more
 
-    def latest_data(self, job_id: str, key: str) -> Any:
-        """``data[key]`` of the job's newest event that has it (a batch's request counts), else None."""
+    def latest_data(self, job_id: str, key: str) -> dict[str, Any] | None:
+        """The ``data`` of the job's newest event that has ``key`` (a batch's progress), else None."""
         row = self.db.query_one(
-            "SELECT json_extract(data, ?) AS v FROM events WHERE job_id = ? AND json_extract(data, ?) IS NOT NULL "
-            "ORDER BY seq DESC LIMIT 1",
-            (f"$.{key}", job_id, f"$.{key}"),
+            "SELECT data FROM events WHERE job_id = ? AND json_extract(data, ?) IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            (job_id, f"$.{key}"),
         )
-        return json.loads(row["v"]) if row is not None and isinstance(row["v"], str) else None
+        return json.loads(row["data"]) if row is not None else None
 
     def add_checkpoint(
         self,

@@ -10,6 +10,7 @@ queue, limits, cancel and crash recovery of every other job; its answers become 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from ...errors import InvalidRequestError, NotFoundError, ServiceError
 from ...jobs.kinds import BatchModel, BatchParams
 from ...jobs.manager import JobManager
+from ...model_names import parse_fine_tuned
 from ...store.events import EventStore
 from ...store.ids import new_id
 from ...store.jobs import JobRecord, JobStore
@@ -124,19 +126,12 @@ class BatchService:
 
     def _model(self, number: int, model_id: str) -> BatchModel:
         try:
-            entry = self.models.get(model_id)
             spec = self.models.spec(model_id)
         except ServiceError as exc:
             _refuse(number, f"`body.model`: {exc.message}")
-        merged = entry.ref is not None and entry.ref.merged
-        return BatchModel(
-            model=spec.model,
-            tokenizer=spec.tokenizer,
-            adapter=spec.adapter,
-            data_format=spec.data_format,
-            sparse=spec.sparse,
-            merged=merged,
-        )
+        ref = parse_fine_tuned(model_id)
+        fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+        return BatchModel(**fields, merged=ref is not None and ref.merged)
 
     def get(self, batch_id: str) -> JobRecord:
         job = self.jobs.get(batch_id, kind="batch")
@@ -164,9 +159,8 @@ class BatchService:
 
     def progress(self, job: JobRecord) -> tuple[dict[str, int], dict[str, int]]:
         """The request counts and tokens: the ended job's, or those its last progress event reported."""
-        result = job.result or {}
-        counts = result.get("request_counts") or self.events.latest_data(job.id, "request_counts")
-        tokens = result.get("tokens") or self.events.latest_data(job.id, "tokens")
+        reported = job.result or self.events.latest_data(job.id, "request_counts") or {}
+        counts, tokens = reported.get("request_counts"), reported.get("tokens")
         return (
             counts or {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0},
             tokens or {"input_tokens": 0, "output_tokens": 0},

@@ -1,0 +1,61 @@
+"""Greedy generation for many prompts at once, each row the tokens its prompt gets alone (evaluate
+jobs' answers, batch jobs' greedy lines; torch imported when called)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def greedy_tokens(
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: Sequence[int],
+    batch_size: int,
+    *,
+    pad: int | None,
+    eos: set[int],
+) -> list[list[int]]:
+    """The tokens greedy decoding generates after each prompt, ``batch_size`` prompts per ``generate()``.
+
+    Prompts of similar length go together (fewer padding tokens); each batch is padded on the left with
+    an attention mask, so every prompt ends where generation begins and sees only its own tokens, and
+    runs to its rows' largest ``max_new_tokens``. Greedy tokens don't depend on later ones, so a row cut
+    at its own ``max_new_tokens`` or first end-of-sequence id (the caller's to cut: a row that ended is
+    padded on) holds what the prompt generates alone. A batch that does not fit in the device's memory
+    is halved (``training/memory.in_fitting_batches``).
+
+    Args:
+        pad: The padding id (the tokenizer's); None: the smallest of ``eos``.
+    """
+    import torch
+
+    from ..training.device import model_device
+    from ..training.memory import in_fitting_batches
+
+    device = model_device(model)
+    pad = pad if pad is not None else min(eos)
+    rows: list[list[int]] = [[] for _ in prompts]
+
+    def generate(batch: Sequence[int]) -> None:
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max(max_new_tokens[i] for i in batch),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos),
+            )
+        for i, row in zip(batch, out[:, width:].tolist(), strict=True):
+            rows[i] = row
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    in_fitting_batches(order, batch_size, generate, device)
+    return rows
