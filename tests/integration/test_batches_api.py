@@ -145,16 +145,23 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
 def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
     client, tuned = served
     body = {"model": tuned, "prompt": ["The sky is", "Grass is"], "max_tokens": 4, "temperature": 0}
-    file_id = _upload(client, tmp_path, [_line("p", body, "/v1/completions")])
+    # A prompt scored, as lm-eval-harness asks (token ids, echo, logprobs): answered as the route does.
+    scored = {"model": tuned, "prompt": [[504, 3575, 282], [9551]], "max_tokens": 1, "temperature": 0}
+    scored |= {"logprobs": 2, "echo": True}
+    lines = [_line("p", body, "/v1/completions"), _line("s", scored, "/v1/completions")]
+    file_id = _upload(client, tmp_path, lines)
     expiry = {"anchor": "created_at", "seconds": 86400}
     done = _ended(client, _create(client, file_id, "/v1/completions", output_expires_after=expiry).json()["id"])
     output = client.get(f"/v1/files/{done['output_file_id']}").json()
     assert output["expires_at"] == output["created_at"] + 86400  # as asked: `output_expires_after`
-    got = _rows(client, done["output_file_id"])["p"]["response"]["body"]
-    want = client.post("/v1/completions", json=body).json()
+    rows = _rows(client, done["output_file_id"])
+    got, want = rows["p"]["response"]["body"], client.post("/v1/completions", json=body).json()
     assert got["object"] == "text_completion" and [c["text"] for c in got["choices"]] == [
         c["text"] for c in want["choices"]
     ]
+    got, want = rows["s"]["response"]["body"], client.post("/v1/completions", json=scored).json()
+    assert [c["logprobs"] for c in got["choices"]] == [c["logprobs"] for c in want["choices"]]
+    assert len(got["choices"][0]["logprobs"]["token_logprobs"]) == 3 + 1
 
 
 @pytest.mark.parametrize(
@@ -163,7 +170,7 @@ def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
         ("{not json", "line 2 of the input file: not valid JSON"),
         (_line("a", {"model": "m", "messages": ASK}), "line 2 of the input file: `custom_id` 'a' is used"),
         (_line("b", {"model": "m", "messages": ASK}, "/v1/completions"), "`url` must be the batch's endpoint"),
-        (_line("b", {"model": "m", "messages": ASK, "logprobs": True}), "`body`: Unknown parameter `logprobs`"),
+        (_line("b", {"model": "m", "messages": ASK, "tools": []}), "`body`: Unknown parameter `tools`"),
         (_line("b", {"model": "m", "messages": ASK, "stream": True}), "`body.stream`"),
         (_line("b", {"model": "ft:nope:sqft:ftjob-x", "messages": ASK}), "`body.model`: The model"),
         ({**_line("b", {"model": "m", "messages": ASK}), "extra": 1}, "unknown key `extra`"),

@@ -263,7 +263,7 @@ def test_bad_requests_name_the_field(served):
         (_chat(client, "ft:nope:sqft:ftjob-missing"), 404, "model"),
         (_chat(client, "/etc"), 404, "model"),
         (_chat(client, model, temperature=3), 400, "temperature"),
-        (_chat(client, model, logprobs=True), 400, "logprobs"),
+        (_chat(client, model, tools=[]), 400, "tools"),
         (_chat(client, model, max_tokens=100000), 400, "max_tokens"),
         (_complete(client, model, max_tokens=4000), 400, "max_tokens"),  # beyond the tiny model's 512 context
         (_chat(client, model, stream=True, n=9), 400, "n"),

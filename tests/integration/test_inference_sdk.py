@@ -77,5 +77,18 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
             streamed[choice.index] += choice.text
     assert streamed == [c.text for c in greedy.choices]
 
+    # Log-probabilities in the SDK's own types: a chat answer's tokens, and a prompt of token ids
+    # scored (echo, max_tokens 0), as lm-eval-harness's local-completions model asks.
+    scored = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = scored.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == scored.choices[0].message.content
+    assert all(t.logprob <= 0 and t.top_logprobs[0].token == t.token for t in content)
+    prompt = client.completions.create(model=name, prompt=[[504, 3575, 282, 4649]], max_tokens=0, echo=True, logprobs=1)
+    logprobs = prompt.choices[0].logprobs
+    assert len(logprobs.tokens) == 4 and logprobs.token_logprobs[0] is None
+    assert all(lp < 0 for lp in logprobs.token_logprobs[1:]) and prompt.usage.completion_tokens == 0
+
     assert client.models.delete(name).deleted is True
     assert name not in [m.id for m in client.models.list()]

@@ -29,6 +29,9 @@ class SamplingRequest(Protocol):
     @property
     def stops(self) -> tuple[str, ...]: ...
 
+    @property
+    def scored(self) -> int | None: ...
+
 
 def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, prompt_param: str) -> Sampling:
     """The request's sampling, its token budget checked against the model's context (400s naming the field)."""
@@ -36,7 +39,7 @@ def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, p
     if (chat_max := getattr(req, "max_completion_tokens", None)) is not None:
         asked, param = chat_max, "max_completion_tokens"
     room = context - n_prompt if context else DEFAULT_MAX_TOKENS["chat"]
-    if room <= 0:
+    if room < (0 if asked == 0 else 1):  # a prompt scored (`max_tokens` 0) may fill the context
         raise InvalidRequestError(
             f"the prompt is {n_prompt} tokens; this model's context holds {context}",
             param=prompt_param,
@@ -49,7 +52,8 @@ def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, p
             code="context_length_exceeded",
         )
     max_tokens = asked if asked is not None else min(room, DEFAULT_MAX_TOKENS[kind])
-    return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops)
+    echo = bool(getattr(req, "echo", False))
+    return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops, req.scored, echo)
 
 
 def answer(
@@ -69,5 +73,15 @@ def chat_renderer(spec: ModelSpec, messages: list[dict[str, str]]) -> Callable[[
     return lambda tokenizer: chat_ids(tokenizer, messages, spec.data_format)
 
 
-def completion_renderer(prompt: str) -> Callable[[Any], list[int]]:
-    return lambda tokenizer: completion_ids(tokenizer, prompt)
+def completion_renderer(prompt: str | list[int]) -> Callable[[Any], list[int]]:
+    if isinstance(prompt, str):
+        return lambda tokenizer: completion_ids(tokenizer, prompt)
+
+    def ids(tokenizer: Any) -> list[int]:
+        if (largest := max(prompt)) >= len(tokenizer):
+            raise InvalidRequestError(
+                f"token id {largest} is not in this model's vocabulary ({len(tokenizer)} tokens)", param="prompt"
+            )
+        return list(prompt)  # token ids are the prompt as they are: no BOS added
+
+    return ids

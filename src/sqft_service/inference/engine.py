@@ -31,9 +31,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from .spec import Choice, ModelSpec, Sampling
+from .logprobs import Recorder, TokenTexts, score_prompt, score_token
+from .spec import Choice, ModelSpec, Sampling, TokenLogprob
 from .stream import Decoder
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class InferenceEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqft-inference")
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
+        self._token_texts: dict[int, TokenTexts] = {}  # by tokenizer (they live as long as the engine)
         self._names = itertools.count()
         self._torch_ready = False
 
@@ -206,14 +208,35 @@ class InferenceEngine:
 
     def generate(self, spec: ModelSpec, ids: list[int], sampling: Sampling) -> list[Choice]:
         model, tokenizer, context = self._activate(spec)
+        eos, texts = self._eos_ids(model, tokenizer), self._texts(tokenizer)
+        scored = sampling.logprobs is not None
         with context:
-            out = self._run(model, tokenizer, ids, sampling)
+            echo = self._echo(model, tokenizer, ids, sampling)
+            if sampling.max_tokens == 0:
+                rows, scores = [[] for _ in range(sampling.n)], None
+            elif echo.after is not None and sampling.greedy and sampling.max_tokens == 1:
+                # The prompt's forward already gave the next token's distribution (how lm-eval-harness
+                # scores a continuation: echo, logprobs, one greedy token): no second pass.
+                token = int(echo.after.argmax())
+                first = score_token(texts, token, echo.after, sampling.logprobs or 0)
+                rows, scores = [[token]] * sampling.n, [[first]] * sampling.n
+            else:
+                recorder = Recorder(model, texts, sampling.logprobs or 0) if scored else None
+                scores = [[] for _ in range(sampling.n)] if scored else None
+
+                def keep(tokens: list[int]) -> None:
+                    for row, token in enumerate(tokens):
+                        scores[row].append(recorder.score(row, token))
+
+                with recorder or nullcontext():
+                    out = self._run(model, tokenizer, ids, sampling, _streamer(keep) if scored else None)
+                rows = out[:, len(ids) :].tolist()
         choices = []
-        for row in out[:, len(ids) :].tolist():
-            decoder = Decoder(tokenizer, self._eos_ids(model, tokenizer), sampling.stop)
-            decoder.push(row)
+        for row, tokens in enumerate(rows):
+            decoder = Decoder(tokenizer, eos, sampling.stop)
+            decoder.push(tokens, scores[row] if scores else None)
             decoder.close()
-            choices.append(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
+            choices.append(echo.choice(decoder, scored))
         return choices
 
     def generate_greedy(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
@@ -238,46 +261,68 @@ class InferenceEngine:
         return choices
 
     def stream(self, spec: ModelSpec, ids: list[int], sampling: Sampling, sink: queue.Queue, cancel: threading.Event):
-        """Generate ``sampling.n`` choices in one batch, putting ``(index, text piece)`` pairs on ``sink``
-        as they are decoded, then the list of final ``Choice``s, then the end mark."""
-        from transformers.generation.streamers import BaseStreamer
-
+        """Generate ``sampling.n`` choices in one batch, putting ``(index, text piece, token scores)``
+        triples on ``sink`` as they are decoded (with ``echo``, the prompt first), then the list of
+        final ``Choice``s, then the end mark."""
         try:
             if cancel.is_set():  # the client left while this generation waited (a later prompt of a list)
                 return
             model, tokenizer, context = self._activate(spec)
-            eos = self._eos_ids(model, tokenizer)
+            eos, texts = self._eos_ids(model, tokenizer), self._texts(tokenizer)
+            scored = sampling.logprobs is not None
+            recorder = Recorder(model, texts, sampling.logprobs or 0) if scored else None
             # One decoder per returned sequence: generate() expands the prompt to n rows and hands over
             # one token per row each step (a finished row gets padding, which its decoder ignores).
             decoders = [Decoder(tokenizer, eos, sampling.stop) for _ in range(sampling.n)]
 
-            class Streamer(BaseStreamer):
-                prompt_seen = False
-
-                def put(self, value: Any) -> None:
-                    if not self.prompt_seen:  # generate() hands the prompt over first
-                        self.prompt_seen = True
-                        return
-                    for index, token in enumerate(value.reshape(len(decoders), -1).tolist()):
-                        if piece := decoders[index].push(token):
-                            sink.put((index, piece))
-
-                def end(self) -> None:
-                    pass
+            def put(tokens: list[int]) -> None:
+                for index, token in enumerate(tokens):
+                    decoder = decoders[index]
+                    score = [recorder.score(index, token)] if recorder and not decoder.done else None
+                    if piece := decoder.push([token], score):
+                        sink.put((index, piece, decoder.new_logprobs()))
 
             def stopped() -> list[bool]:  # per row: a row whose decoder saw EOS or a stop string ends
                 return [cancel.is_set() or d.done for d in decoders]
 
             with context:
-                self._run(model, tokenizer, ids, sampling, Streamer(), stopped)
+                echo = self._echo(model, tokenizer, ids, sampling)
+                if echo.text is not None:
+                    for index in range(sampling.n):
+                        sink.put((index, echo.text, list(echo.scores or ())))
+                if sampling.max_tokens:
+                    with recorder or nullcontext():
+                        self._run(model, tokenizer, ids, sampling, _streamer(put), stopped)
             for index, decoder in enumerate(decoders):
-                if piece := decoder.close():
-                    sink.put((index, piece))
-            sink.put([Choice(d.text, d.finish_reason or "length", len(d.ids)) for d in decoders])
+                piece, scores = decoder.close(), decoder.new_logprobs()
+                if piece or scores:
+                    sink.put((index, piece, scores))
+            sink.put([echo.choice(d, scored) for d in decoders])
         except Exception as exc:  # handed to the response, which is already under way
             sink.put(exc)
         finally:
             sink.put(_END)
+
+    def _texts(self, tokenizer: Any) -> TokenTexts:
+        if (texts := self._token_texts.get(id(tokenizer))) is None:
+            texts = self._token_texts[id(tokenizer)] = TokenTexts(tokenizer)
+        return texts
+
+    def _echo(self, model: Any, tokenizer: Any, ids: list[int], s: Sampling) -> _Echo:
+        """With ``echo``, the prompt's text, and with ``logprobs`` its tokens scored by one forward."""
+        if not s.echo:
+            return _Echo()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if s.logprobs is None:
+            return _Echo(text)
+        import torch
+
+        try:
+            scores, after = score_prompt(model, ids, self._texts(tokenizer), s.logprobs)
+            return _Echo(text, tuple(scores), after)
+        except torch.OutOfMemoryError:
+            pass  # answered below, once the traceback (and the tensors it holds) is gone
+        self._out_of_memory(model, 1, len(ids), 0)
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -321,15 +366,55 @@ class InferenceEngine:
                 return model.generate(input_ids=input_ids, **kwargs)
         except torch.OutOfMemoryError:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
+        self._out_of_memory(model, input_ids.shape[0] * kwargs["num_return_sequences"], len(ids), s.max_tokens)
+
+    @staticmethod
+    def _out_of_memory(model: Any, rows: int, n_prompt: int, max_tokens: int) -> NoReturn:
         from ..errors import EngineOutOfMemoryError
+        from ..training.device import model_device
         from ..training.memory import free_cached
 
-        free_cached(input_ids.device)
-        rows = input_ids.shape[0] * kwargs["num_return_sequences"]
+        device = model_device(model)
+        free_cached(device)
         raise EngineOutOfMemoryError(
-            f"{input_ids.device} has no memory left for {rows} sequence(s) of {len(ids)} + up to {s.max_tokens} "
+            f"{device} has no memory left for {rows} sequence(s) of {n_prompt} + up to {max_tokens} "
             "tokens now; retry later, or ask for fewer (`n`, `max_tokens`)"
         )
+
+
+@dataclass(frozen=True)
+class _Echo:
+    """What ``echo`` puts before a choice: the prompt's text, its tokens' scores (with ``logprobs``), and
+    the distribution of the token after it (the prompt's forward gives it)."""
+
+    text: str | None = None
+    scores: tuple[TokenLogprob, ...] | None = None
+    after: Any = None
+
+    def choice(self, decoder: Decoder, scored: bool) -> Choice:
+        logprobs = tuple(decoder.logprobs) if scored else None
+        n = len(decoder.ids)
+        return Choice(decoder.text, decoder.finish_reason or "length", n, logprobs, self.text, self.scores)
+
+
+def _streamer(on_tokens: Callable[[list[int]], None]) -> Any:
+    """A transformers streamer handing ``on_tokens`` each step's picked token per row (the prompt,
+    which generate() hands over first, skipped)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            on_tokens(value.reshape(value.shape[0], -1)[:, -1].tolist())
+
+        def end(self) -> None:
+            pass
+
+    return Streamer()
 
 
 def drain(sink: queue.Queue) -> Iterator[Any]:

@@ -28,6 +28,9 @@ class Sampling:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # None: no log-probabilities; k >= 0: each token's, and the k likeliest tokens at its position.
+    logprobs: int | None = None
+    echo: bool = False  # completions: the prompt (and its tokens' log-probabilities) come first
 
     @property
     def greedy(self) -> bool:
@@ -35,7 +38,21 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a prompt or an answer, as the model scored it (``inference/logprobs.py``)."""
+
+    token: str  # the token's text (special tokens by name)
+    bytes: tuple[int, ...]  # its UTF-8 bytes (a piece of a character is a byte of it)
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
+    width: int  # the characters it adds to the decoded text (a special token none)
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()  # the k likeliest (token, bytes, logprob)
+
+
+@dataclass(frozen=True)
 class Choice:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens)
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the answer's tokens, when asked
+    prompt_text: str | None = None  # ``echo``: the prompt, as its tokens decode, comes before ``text``
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # ``echo`` with logprobs: the prompt's tokens

@@ -7,8 +7,10 @@ ends in an incomplete UTF-8 character (U+FFFD) or in what could be the start of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from .spec import TokenLogprob
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
@@ -35,6 +37,8 @@ class Decoder:
         self.eos_ids = eos_ids
         self.stops = stops
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # the kept tokens' scores, when they are scored
+        self._reported = 0  # how many of them ``new_logprobs`` has handed out
         self.text = ""
         self.sent = 0
         self.finish_reason: str | None = None
@@ -43,15 +47,17 @@ class Decoder:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token_ids: Iterable[int]) -> str:
-        """Take new tokens; return the text that can be sent now."""
-        for token in token_ids:
+    def push(self, token_ids: Iterable[int], scores: Sequence[TokenLogprob] | None = None) -> str:
+        """Take new tokens (and their scores, if kept); return the text that can be sent now."""
+        for i, token in enumerate(token_ids):
             if self.done:
                 break
             if token in self.eos_ids:
                 self.finish_reason = "stop"
                 break
             self.ids.append(token)
+            if scores is not None:
+                self.logprobs.append(scores[i])
             if self.stops:  # checked per token, so `ids` ends with the token that completed the stop
                 self._decode()
                 if (cut := _stop_at(self.text, self.stops)) is not None:
@@ -65,6 +71,11 @@ class Decoder:
             ready -= 1
         piece, self.sent = self.text[self.sent : max(ready, self.sent)], max(ready, self.sent)
         return piece
+
+    def new_logprobs(self) -> list[TokenLogprob]:
+        """The kept tokens' scores not handed out yet (a streamed piece carries those read since the last)."""
+        new, self._reported = self.logprobs[self._reported :], len(self.logprobs)
+        return new
 
     def flush(self) -> str:
         piece, self.sent = self.text[self.sent :], len(self.text)

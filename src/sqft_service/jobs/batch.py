@@ -113,9 +113,9 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
 
 
 class _Answerer:
-    """Answers a chunk of request lines: greedy single-choice requests to one model together in one
-    batched generation (``InferenceEngine.generate_greedy``: each gets the answer it gets alone), the
-    rest one by one as the route does."""
+    """Answers a chunk of request lines: plain greedy requests to one model (``_together``) in one batched
+    generation (``InferenceEngine.generate_greedy``: each gets the answer it gets alone), the rest one by
+    one as the route does."""
 
     def __init__(self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool) -> None:
         self.engine, self.specs, self.chat = engine, specs, chat
@@ -131,7 +131,7 @@ class _Answerer:
                 req = (ChatCompletionRequest if self.chat else CompletionRequest).model_validate(line["body"])
                 spec = self.specs[req.model]
                 renders = self._renders(spec, req)
-                if req.temperature == 0 and req.n == 1 and len(renders) == 1:
+                if _together(req) and len(renders) == 1:
                     ids, context = self.engine.prepare(spec, renders[0])
                     sampling = sampling_for(req, len(ids), context, self.kind, self.param)
                     together.setdefault(req.model, []).append((custom_id, ids, sampling))
@@ -156,11 +156,18 @@ class _Answerer:
     def _renders(self, spec: ModelSpec, req: Any) -> list[Callable[[Any], list[int]]]:
         if self.chat:
             return [chat_renderer(spec, [m.as_dict() for m in req.messages])]
-        return [completion_renderer(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
+        return [completion_renderer(p) for p in req.prompts]
 
     def _body(self, model: str, n_prompt: int, choices: list[Choice]) -> dict[str, Any]:
         response = ChatCompletion if self.chat else Completion
         return response.of(model, n_prompt, choices).model_dump()
+
+
+def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether a request is answered in a batched greedy generation: one greedy choice of some tokens,
+    no log-probabilities, no echo (``generate_greedy`` gives none of those)."""
+    plain = req.scored is None and not getattr(req, "echo", False) and req.max_tokens != 0
+    return plain and req.temperature == 0 and req.n == 1
 
 
 def _failure(exc: ServiceError | UserError) -> tuple[int, dict[str, Any]]:

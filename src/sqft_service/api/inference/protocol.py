@@ -1,6 +1,6 @@
 """OpenAI's chat-completion and completion requests (the supported subset) and answers.
 
-Fields this service does not implement (``tools``, ``logprobs``, ``echo``, penalties, ...) are refused
+Fields this service does not implement (``tools``, ``response_format``, penalties, ...) are refused
 with a 400 that names them, rather than silently ignored.
 """
 
@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ...config import MAX_SEED
-from ...inference.spec import Choice
+from ...inference.spec import Choice, TokenLogprob
 
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 8
 MAX_STOPS = 4
+# A list of prompts is answered prompt after prompt; lm-eval-harness sends its batch as one such list.
+MAX_PROMPTS = 64
+MAX_PROMPT_TOKENS = 32768  # a prompt of token ids; the model's context is checked when it is answered
+MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's bounds
 
 
 class TextPart(BaseModel):
@@ -75,10 +80,48 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return v
+
+    @property
+    def scored(self) -> int | None:
+        """How many likeliest tokens each answer token lists; None: no log-probabilities asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+    # Text, texts, token ids or lists of them (as OpenAI's; lm-eval-harness sends token ids).
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    # 0: nothing generated (with `echo`, a prompt scored: the legacy API's way).
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["completion"])
+    echo: bool = False
+
+    @property
+    def scored(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class Usage(BaseModel):
@@ -98,11 +141,40 @@ class ChatMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, scores: Sequence[TokenLogprob]) -> ChatLogprobs:
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=s.token,
+                    logprob=s.logprob or 0.0,  # an answer's tokens are all predicted
+                    bytes=list(s.bytes),
+                    top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, b, lp in s.top],
+                )
+                for s in scores
+            ]
+        )
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -121,18 +193,53 @@ class ChatCompletion(BaseModel):
             created=int(time.time()),
             model=model,
             choices=[
-                ChatChoice(index=i, message=ChatMessage(content=c.text), finish_reason=c.finish_reason)
+                ChatChoice(
+                    index=i,
+                    message=ChatMessage(content=c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs),
+                )
                 for i, c in enumerate(choices)
             ],
             usage=Usage.of(n_prompt, choices),
         )
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, scores: Sequence[TokenLogprob], start: int) -> CompletionLogprobs:
+        """``scores`` of tokens whose text begins at ``start`` in the choice's text, one after another."""
+        offsets = []
+        for s in scores:
+            offsets.append(start)
+            start += s.width
+        return cls(
+            tokens=[s.token for s in scores],
+            token_logprobs=[s.logprob for s in scores],
+            top_logprobs=[None if s.logprob is None else {t: lp for t, _, lp in s.top} for s in scores],
+            text_offset=offsets,
+        )
+
+    @classmethod
+    def of_choice(cls, choice: Choice) -> CompletionLogprobs | None:
+        """An echoed prompt's tokens, then the answer's."""
+        if choice.logprobs is None:
+            return None
+        prompt = cls.of(choice.prompt_logprobs or (), 0)
+        answer = cls.of(choice.logprobs, len(choice.prompt_text or ""))
+        return cls(**{k: getattr(prompt, k) + getattr(answer, k) for k in cls.model_fields})
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -152,19 +259,41 @@ class Completion(BaseModel):
             created=int(time.time()),
             model=model,
             choices=[
-                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(choices)
+                CompletionChoice(
+                    index=i,
+                    text=(c.prompt_text or "") + c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=CompletionLogprobs.of_choice(c),
+                )
+                for i, c in enumerate(choices)
             ],
             usage=Usage.of(n_prompt, choices),
         )
 
 
 def chat_chunk(
-    cid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None
+    cid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish: str | None,
+    logprobs: ChatLogprobs | None = None,
 ) -> dict[str, Any]:
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    scores = None if logprobs is None else logprobs.model_dump()
+    choice = {"index": index, "delta": delta, "logprobs": scores, "finish_reason": finish}
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_chunk(cid: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+def completion_chunk(
+    cid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish: str | None,
+    logprobs: CompletionLogprobs | None = None,
+) -> dict[str, Any]:
+    scores = None if logprobs is None else logprobs.model_dump()
+    choice = {"index": index, "text": text, "logprobs": scores, "finish_reason": finish}
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}

@@ -28,7 +28,9 @@ from ..models.service import ModelService
 from .protocol import (
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     Completion,
+    CompletionLogprobs,
     CompletionRequest,
     Usage,
     _Sampling,
@@ -115,13 +117,12 @@ class InferenceService:
 
     async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
         spec = await self._spec(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        renders = [completion_renderer(p) for p in req.prompts]
         if req.stream:
-            return await self._stream(req, spec, [completion_renderer(p) for p in prompts], "completion", "prompt")
+            return await self._stream(req, spec, renders, "completion", "prompt")
         n_prompt, choices = 0, []
-        for prompt in prompts:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
+        for render in renders:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
             engine = self._reserve()
-            render = completion_renderer(prompt)
             future = self._submit(engine, answer, engine, spec, render, req, "completion", "prompt", release=True)
             n, these = await asyncio.wrap_future(future)
             n_prompt, choices = n_prompt + n, [*choices, *these]
@@ -150,11 +151,19 @@ class InferenceService:
         last.add_done_callback(lambda _: engine.release())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         n_prompt = sum(len(ids) for ids, _ in prepared)
-        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage)
+        scored = getattr(req, "scored", None) is not None
+        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored)
 
     @staticmethod
     def _events(
-        model: str, kind: str, n: int, n_prompt: int, sinks: list[queue.Queue], cancel: threading.Event, usage: bool
+        model: str,
+        kind: str,
+        n: int,
+        n_prompt: int,
+        sinks: list[queue.Queue],
+        cancel: threading.Event,
+        usage: bool,
+        scored: bool,
     ) -> Iterator[str]:
         """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine).
 
@@ -162,15 +171,24 @@ class InferenceService:
         chunks of different choices interleave as they are generated; each choice ends with its own chunk
         holding its ``finish_reason``; the usage chunk (if asked) counts all of them. A list of prompts
         (completions) is generated prompt after prompt; prompt ``p``'s choice ``i`` has index ``p * n + i``,
-        as in the non-streamed answer, and its choices finish before the next prompt's begin.
+        as in the non-streamed answer, and its choices finish before the next prompt's begin. With
+        log-probabilities, a chunk carries those of the tokens decoded since the previous one (text held
+        back, as a piece of a stop string, is sent with its tokens later), a completion's offsets counted
+        in the choice's text sent so far.
         """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        sent: dict[int, int] = {}  # a completion choice's characters sent: its next token's text offset
 
-        def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        def chunk(
+            index: int, text: str | None, finish: str | None = None, role: bool = False, scores: list | None = None
+        ) -> dict[str, Any]:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                return chat_chunk(cid, created, model, index, delta, finish)
-            return completion_chunk(cid, created, model, index, text or "", finish)
+                logprobs = ChatLogprobs.of(scores) if scored and scores is not None else None
+                return chat_chunk(cid, created, model, index, delta, finish, logprobs)
+            logprobs = CompletionLogprobs.of(scores, sent.get(index, 0)) if scored and scores is not None else None
+            sent[index] = sent.get(index, 0) + len(text or "")
+            return completion_chunk(cid, created, model, index, text or "", finish, logprobs)
 
         try:
             if kind == "chat":  # each choice's first chunk names the role, as OpenAI's do
@@ -187,8 +205,8 @@ class InferenceService:
                     if isinstance(item, list):
                         final = item
                         continue
-                    index, piece = item
-                    yield _sse(chunk(offset + index, piece))
+                    index, piece, scores = item
+                    yield _sse(chunk(offset + index, piece, scores=scores))
                 assert final is not None
                 for index, choice in enumerate(final):
                     yield _sse(chunk(offset + index, None, choice.finish_reason))

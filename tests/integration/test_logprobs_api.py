@@ -1,0 +1,221 @@
+"""Log-probabilities on /v1/chat/completions and /v1/completions (``logprobs``, ``top_logprobs``, ``echo``,
+token-id prompts): the real app, a real fine-tuning job and the engine on a tiny random Llama, every
+figure checked against one plain transformers (+ peft) forward over the same tokens.
+
+The lm-eval-harness test sends exactly what its ``local-completions`` model sends to score a
+continuation and reads the answer as it does (``lm_eval/models/openai_completions.py``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sqft_service.app import create_app
+from tests.helpers import alpaca_records, write_json
+from tests.integration.conftest import make_settings, wait_status
+
+ASK = [{"role": "user", "content": "Repeat the word red."}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """The app, with a fine-tuned adapter of the tiny model (a base model is served to a project that
+    fine-tuned it): the lm-eval test scores the adapter, the others the base."""
+    root = tmp_path_factory.mktemp("logprobs")
+    with TestClient(create_app(make_settings(root / "data", inference_threads=1))) as client:
+        with open(write_json(root / "a.json", alpaca_records(8)), "rb") as handle:
+            uploaded = client.post("/v1/files", files={"file": ("a.json", handle)}, data={"purpose": "fine-tune"})
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": uploaded.json()["id"],
+            "Training": {"batch_size": 4, "epochs": 1, "learning_rate": 5e-2},
+            "General": {"lora_config": {"r": 4, "lora_alpha": 16}},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        yield client, str(tiny_model_dir), done
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Each position's log-softmax for a token sequence, by one forward of the model as saved (with a
+    fine-tuned model's adapter on top when ``adapter`` names its directory)."""
+
+    models: dict[str | None, torch.nn.Module] = {}
+
+    def logprobs(ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        if (model := models.get(adapter)) is None:
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, adapter).eval()
+            models[adapter] = model
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+    return logprobs
+
+
+def _post(client, route, body):
+    resp = client.post(route, json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _events(resp) -> list[dict]:
+    assert resp.status_code == 200, resp.text
+    lines = [line[len("data: ") :] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_lm_eval_harness_scores_a_continuation_as_a_forward_does(served, reference, tokenizer):
+    client, _, job = served
+    model, adapter = job["fine_tuned_model"], job["fine_tuned_model_path"]
+    # lm-eval tokenizes context and continuation itself and sends their ids: a batch of two requests.
+    pairs = [("Question: what colour is the sky?\nAnswer:", " blue"), ("The capital of France is", " Paris, of course")]
+    prompts, ctxlens = [], []
+    for context, continuation in pairs:
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prompts.append(ctx + cont)
+        ctxlens.append(len(ctx))
+    payload = {"model": model, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234}
+    out = _post(client, "/v1/completions", {**payload, "echo": True})
+
+    choices = sorted(out["choices"], key=lambda c: c["index"])
+    assert len(choices) == 2 and out["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+    for choice, ids, ctxlen in zip(choices, prompts, ctxlens, strict=True):
+        logprobs = choice["logprobs"]
+        # Every prompt token, then the one generated: lm-eval's slice [ctxlen:-1] is the continuation.
+        assert len(logprobs["token_logprobs"]) == len(ids) + 1
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        # lm-eval's parse_logprobs, as it reads the answer.
+        total = sum(logprobs["token_logprobs"][ctxlen:-1])
+        is_greedy = all(
+            tok == max(top.values())
+            for tok, top in zip(logprobs["token_logprobs"][ctxlen:-1], logprobs["top_logprobs"][ctxlen:-1], strict=True)
+        )
+        expected = reference(ids, adapter)
+        assert not torch.allclose(expected, reference(ids), atol=1e-3)  # the adapter is what is scored
+        want = sum(float(expected[i - 1, ids[i]]) for i in range(ctxlen, len(ids)))
+        assert total == pytest.approx(want, abs=1e-4)
+        assert is_greedy == all(int(expected[i - 1].argmax()) == ids[i] for i in range(ctxlen, len(ids)))
+        # Every prompt token's figure, the first excepted, and the top token per position.
+        for i in range(1, len(ids)):
+            assert logprobs["token_logprobs"][i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+            ((top_token, top_value),) = logprobs["top_logprobs"][i].items()
+            assert top_value == pytest.approx(float(expected[i - 1].max()), abs=1e-4)
+            assert top_token == tokenizer.decode([int(expected[i - 1].argmax())])
+        # The generated token is the greedy one after the prompt, and its figure the forward's.
+        assert logprobs["token_logprobs"][-1] == pytest.approx(float(expected[-1].max()), abs=1e-4)
+        # Token texts join into the echoed text, which begins with the prompt.
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        assert choice["text"].startswith(tokenizer.decode(ids))
+        assert logprobs["text_offset"][: len(ids)] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+
+    # Scoring alone (max_tokens 0): the same prompt figures, nothing generated.
+    scored = _post(client, "/v1/completions", {**payload, "max_tokens": 0, "echo": True, "prompt": prompts[0]})
+    (only,) = scored["choices"]
+    assert only["logprobs"]["token_logprobs"] == choices[0]["logprobs"]["token_logprobs"][:-1]
+    assert only["text"] == tokenizer.decode(prompts[0]) and scored["usage"]["completion_tokens"] == 0
+    assert only["finish_reason"] == "length"
+
+
+def test_generated_tokens_carry_their_log_probabilities(served, reference, tokenizer):
+    client, model, _ = served
+    # A random model's answer need not tokenize back to the tokens it generated: each answer token is
+    # found among the vocabulary entries with its text, as the one the reference forward scores alike.
+    by_text: dict[str, list[int]] = {}
+    for token_id in range(len(tokenizer)):
+        by_text.setdefault(tokenizer.decode([token_id]), []).append(token_id)
+    prompt = tokenizer("The sky is")["input_ids"]
+    body = {"model": model, "prompt": "The sky is", "max_tokens": 8, "logprobs": 3}
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "n": 2}):
+        out = _post(client, "/v1/completions", {**body, **sampling})
+        assert sum(len(c["logprobs"]["tokens"]) for c in out["choices"]) == out["usage"]["completion_tokens"]
+        for choice in out["choices"]:
+            logprobs = choice["logprobs"]
+            tokens = logprobs["tokens"]
+            assert "".join(tokens) == choice["text"]
+            assert logprobs["text_offset"] == [len("".join(tokens[:i])) for i in range(len(tokens))]
+            ids: list[int] = []
+            for text, value, top in zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+                # The model's own distribution, whatever the temperature.
+                expected = reference(prompt + ids)[-1]
+                matches = [i for i in by_text[text] if abs(float(expected[i]) - value) < 1e-4]
+                assert matches, (text, value)
+                ids.append(matches[0])
+                assert len(top) == 3 and max(top.values()) == pytest.approx(float(expected.max()), abs=1e-4)
+                if sampling["temperature"] == 0:
+                    assert value == max(top.values())  # greedy picks the likeliest
+
+
+def test_chat_logprobs_streamed_equal_whole(served, tokenizer):
+    client, model, _ = served
+    body = {"model": model, "messages": ASK, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = _post(client, "/v1/chat/completions", body)
+    (choice,) = whole["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == whole["usage"]["completion_tokens"] and choice["logprobs"]["refusal"] is None
+    assert "".join(c["token"] for c in content) == choice["message"]["content"]
+    for entry in content:
+        assert (
+            len(entry["top_logprobs"]) == 2
+            and entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
+        )
+        assert (
+            entry["top_logprobs"][0]["token"] == entry["token"]
+            and entry["logprob"] == entry["top_logprobs"][0]["logprob"]
+        )
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+
+    streamed = _events(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    pieces = [c["choices"][0] for c in streamed if c["choices"]]
+    assert [e for p in pieces if p["logprobs"] for e in p["logprobs"]["content"]] == content
+    assert "".join(p["delta"].get("content") or "" for p in pieces) == choice["message"]["content"]
+
+    # Without logprobs nothing is scored; a streamed completion with echo sends the prompt first.
+    plain = _post(client, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})
+    assert plain["choices"][0]["logprobs"] is None
+    completion = {"model": model, "prompt": "Red is", "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True}
+    one = _post(client, "/v1/completions", completion)["choices"][0]
+    chunks = [c["choices"][0] for c in _events(client.post("/v1/completions", json={**completion, "stream": True}))]
+    assert chunks[0]["text"] == tokenizer.decode(tokenizer("Red is")["input_ids"])
+    assert "".join(c["text"] for c in chunks) == one["text"]
+    joined = {k: [v for c in chunks if c["logprobs"] for v in c["logprobs"][k]] for k in one["logprobs"]}
+    assert joined == one["logprobs"]
+
+
+def test_token_prompts_and_bad_logprob_requests(served, tokenizer):
+    client, model, _ = served
+    ids = tokenizer("The sky is")["input_ids"]
+    by_ids = _post(client, "/v1/completions", {"model": model, "prompt": ids, "max_tokens": 5, "temperature": 0})
+    by_text = _post(
+        client, "/v1/completions", {"model": model, "prompt": "The sky is", "max_tokens": 5, "temperature": 0}
+    )
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+
+    chat = {"model": model, "messages": ASK}
+    complete = {"model": model, "prompt": "x"}
+    cases = [
+        ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+        ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/completions", {**complete, "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {**complete, "prompt": [len(tokenizer) + 5]}, "prompt"),
+        ("/v1/completions", {**complete, "prompt": []}, "prompt"),
+        ("/v1/completions", {**complete, "prompt": [[1, 2], []]}, "prompt"),
+        ("/v1/completions", {**complete, "prompt": [-1]}, "prompt"),
+        ("/v1/chat/completions", {**chat, "max_tokens": 0}, "max_tokens"),  # only a completion scores a prompt
+    ]
+    for route, body, param in cases:
+        resp = client.post(route, json=body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["param"].split(".")[0] == param, (body, resp.text)
