@@ -32,6 +32,12 @@ class SamplingRequest(Protocol):
     @property
     def scored(self) -> int | None: ...
 
+    presence_penalty: float
+    frequency_penalty: float
+
+    @property
+    def biases(self) -> tuple[tuple[int, float], ...]: ...
+
 
 def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, prompt_param: str) -> Sampling:
     """The request's sampling, its token budget checked against the model's context (400s naming the field)."""
@@ -52,8 +58,19 @@ def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, p
             code="context_length_exceeded",
         )
     max_tokens = asked if asked is not None else min(room, DEFAULT_MAX_TOKENS[kind])
-    echo = bool(getattr(req, "echo", False))
-    return Sampling(max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stops, req.scored, echo)
+    return Sampling(
+        max_tokens,
+        req.temperature,
+        req.top_p,
+        req.n,
+        req.seed,
+        req.stops,
+        req.scored,
+        bool(getattr(req, "echo", False)),
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.biases,
+    )
 
 
 def answer(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .logprobs import Recorder, TokenTexts, score_prompt, score_token
+from .penalties import adjusted_processors, check_biases, vocabulary_size
 from .spec import Choice, ModelSpec, Sampling, TokenLogprob
 from .stream import Decoder
 
@@ -206,6 +207,11 @@ class InferenceEngine:
         config = getattr(model, "config", None)
         return render(tokenizer), int(getattr(config, "max_position_embeddings", 0) or 0)
 
+    def check(self, spec: ModelSpec, sampling: Sampling) -> None:
+        """What only the model can tell about ``sampling`` (its biases' token ids), before a stream begins."""
+        model, _, _ = self._activate(spec)
+        check_biases(sampling, vocabulary_size(model))
+
     def generate(self, spec: ModelSpec, ids: list[int], sampling: Sampling) -> list[Choice]:
         model, tokenizer, context = self._activate(spec)
         eos, texts = self._eos_ids(model, tokenizer), self._texts(tokenizer)
@@ -357,6 +363,12 @@ class InferenceEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:  # OpenAI's sampling has no top-k: 0 turns transformers' default (50) off
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        if s.adjusted:  # penalties or biases: applied before temperature and top-p (inference/penalties.py)
+            vocabulary = vocabulary_size(model)
+            check_biases(s, vocabulary)
+            kwargs["logits_processor"] = adjusted_processors(s, len(ids), vocabulary, input_ids.device)
+            if not s.greedy:
+                kwargs.update(temperature=1.0, top_p=1.0)
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=tokenizer)
         # The worker is the only torch user in this process, so the global RNG is this request's alone.

@@ -31,10 +31,18 @@ class Sampling:
     # None: no log-probabilities; k >= 0: each token's, and the k likeliest tokens at its position.
     logprobs: int | None = None
     echo: bool = False  # completions: the prompt (and its tokens' log-probabilities) come first
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether penalties or biases reshape the logits (``inference/penalties.py``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)

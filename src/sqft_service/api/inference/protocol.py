@@ -23,6 +23,7 @@ MAX_STOPS = 4
 MAX_PROMPTS = 64
 MAX_PROMPT_TOKENS = 32768  # a prompt of token ids; the model's context is checked when it is answered
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's bounds
+MAX_LOGIT_BIASES = 300  # OpenAI's bound
 
 
 class TextPart(BaseModel):
@@ -64,6 +65,24 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # Token id (as a JSON key, a string) -> a bias added to its logit at every step.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIASES
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"a key must be a token id, not {key[:32]!r}")
+        return v
+
+    @property
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), b) for k, b in (self.logit_bias or {}).items() if b)
 
     @field_validator("stop")
     @classmethod

@@ -137,7 +137,9 @@ class InferenceService:
             prepared = []
             for render in renders:
                 ids, context = await asyncio.wrap_future(engine.submit(engine.prepare, spec, render))
-                prepared.append((ids, sampling_for(req, len(ids), context, kind, param)))
+                prepared.append((ids, sampling := sampling_for(req, len(ids), context, kind, param)))
+            if sampling.logit_bias:  # the same for every prompt: its token ids checked before the stream
+                await asyncio.wrap_future(engine.submit(engine.check, spec, sampling))
             sinks: list[queue.Queue] = []
             for ids, sampling in prepared:
                 sinks.append(sink := queue.Queue())

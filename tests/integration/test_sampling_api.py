@@ -1,6 +1,7 @@
-"""Log-probabilities on /v1/chat/completions and /v1/completions (``logprobs``, ``top_logprobs``, ``echo``,
-token-id prompts): the real app, a real fine-tuning job and the engine on a tiny random Llama, every
-figure checked against one plain transformers (+ peft) forward over the same tokens.
+"""Log-probabilities (``logprobs``, ``top_logprobs``, ``echo``, token-id prompts) and logit adjustments
+(``presence_penalty``, ``frequency_penalty``, ``logit_bias``) on /v1/chat/completions and /v1/completions:
+the real app, a real fine-tuning job and the engine on a tiny random Llama, every figure and token
+checked against plain transformers (+ peft) forwards over the same tokens.
 
 The lm-eval-harness test sends exactly what its ``local-completions`` model sends to score a
 continuation and reads the answer as it does (``lm_eval/models/openai_completions.py``).
@@ -218,4 +219,63 @@ def test_token_prompts_and_bad_logprob_requests(served, tokenizer):
     for route, body, param in cases:
         resp = client.post(route, json=body)
         assert resp.status_code == 400, (body, resp.text)
-        assert resp.json()["error"]["param"].split(".")[0] == param, (body, resp.text)
+        assert resp.json()["error"]["param"].startswith(param), (body, resp.text)
+
+
+def test_penalties_and_biases_pick_the_tokens_openai_defines(served, reference, tokenizer):
+    client, model, _ = served
+    prompt = tokenizer("The sky is")["input_ids"]
+    eos = {tokenizer.eos_token_id}
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+
+    def greedy(presence: float, frequency: float) -> str:
+        """Greedy decoding by OpenAI's definition: logit - frequency * count - presence * [count > 0],
+        counted over the generated tokens (a log-softmax differs from the logits by a constant)."""
+        out: list[int] = []
+        for _ in range(12):
+            scores = reference(prompt + out)[-1]
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=scores.shape[0]).float()
+            token = int((scores - frequency * counts - presence * (counts > 0).float()).argmax())
+            if token in eos:
+                break
+            out.append(token)
+        return tokenizer.decode(out)
+
+    plain = _post(client, "/v1/completions", body)["choices"][0]["text"]
+    assert plain == greedy(0.0, 0.0)
+    # A random model hardly repeats a token, so positive penalties seldom change its answer; negative
+    # ones (a bonus for repeating) do.
+    for presence, frequency in ((1.0, 2.0), (-0.5, -1.5)):
+        penalties = {"presence_penalty": presence, "frequency_penalty": frequency}
+        assert _post(client, "/v1/completions", {**body, **penalties})["choices"][0]["text"] == greedy(
+            presence, frequency
+        )
+    assert greedy(-0.5, -1.5) != plain
+    # Zeros (what some clients always send) are no adjustment.
+    zeros = {**body, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    assert _post(client, "/v1/completions", zeros)["choices"][0]["text"] == plain
+
+    # A +100 bias makes a token the only choice, greedy or sampled; -100 rules the greedy one out.
+    favourite = tokenizer(" red", add_special_tokens=False)["input_ids"][0]
+    for sampling in ({"temperature": 0}, {"temperature": 1.2, "top_p": 0.5, "seed": 3, "n": 2}):
+        out = _post(
+            client, "/v1/completions", {**body, **sampling, "max_tokens": 5, "logit_bias": {str(favourite): 100}}
+        )
+        assert [c["text"] for c in out["choices"]] == [" red" * 5] * len(out["choices"])
+    first = tokenizer(plain, add_special_tokens=False)["input_ids"][0]
+    banned = _post(client, "/v1/completions", {**body, "max_tokens": 1, "logit_bias": {str(first): -100}})
+    assert banned["choices"][0]["text"] != tokenizer.decode([first])
+
+    chat = {"model": model, "messages": ASK}
+    cases = [
+        ({**chat, "logit_bias": {"red": 1}}, "logit_bias"),
+        ({**chat, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({**chat, "logit_bias": {str(10**6): 1}}, "logit_bias"),  # outside the vocabulary
+        ({**chat, "logit_bias": {str(10**6): 1}, "stream": True}, "logit_bias"),  # checked before the stream
+        ({**chat, "presence_penalty": 2.5}, "presence_penalty"),
+        ({**chat, "frequency_penalty": -3}, "frequency_penalty"),
+    ]
+    for body, param in cases:
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["param"].startswith(param), (body, resp.text)
