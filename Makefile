@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -72,6 +72,16 @@ bench-dpo: $(STAMP)
 bench-batch: $(STAMP)
 	$(PY) -m bench.batch $(ARGS)
 
+# lm-evaluation-harness scores a model fine-tuned through the service and its base, through the service's
+# completions route (bench/lm_eval_harness.py). lm-eval lives in its own environment, .lmeval/.
+LMEVAL := .lmeval
+$(LMEVAL)/bin/lm_eval:
+	$(PYTHON) -m venv $(LMEVAL)
+	$(LMEVAL)/bin/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(LMEVAL)/bin/pip install -q "lm_eval[api]==0.4.13" transformers
+bench-lm-eval: $(STAMP) $(LMEVAL)/bin/lm_eval
+	$(PY) -m bench.lm_eval_harness --lm-eval $(LMEVAL)/bin/lm_eval $(ARGS)
+
 # The real server under 50 concurrent clients x 200 requests over 10,000 stored jobs (bench/load);
 # ARGS passes options, e.g. ARGS="--clients 20 --requests 100 --stored-jobs 2000" or "--no-auth".
 load: $(STAMP)
@@ -94,4 +104,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) $(LLAMACPP) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LLAMACPP) $(LMEVAL) .pytest_cache .ruff_cache
