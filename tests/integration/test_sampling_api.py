@@ -279,3 +279,63 @@ def test_penalties_and_biases_pick_the_tokens_openai_defines(served, reference, 
         resp = client.post("/v1/chat/completions", json=body)
         assert resp.status_code == 400, (body, resp.text)
         assert resp.json()["error"]["param"].startswith(param), (body, resp.text)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "bright": {"type": "boolean"},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["colour", "bright", "name"],
+    "additionalProperties": False,  # else JSON Schema allows more keys, and a random model writes them
+}
+
+
+def _fits(text: str) -> dict:
+    """The answer parsed, checked against SCHEMA by hand."""
+    answer = json.loads(text)
+    assert set(answer) == {"colour", "bright", "name"}, answer
+    assert answer["colour"] in ("red", "green", "blue") and isinstance(answer["bright"], bool)
+    assert isinstance(answer["name"], str) and len(answer["name"]) <= 6
+    return answer
+
+
+def test_structured_outputs_hold_the_answer_to_the_schema(served, tokenizer):
+    client, model, job = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True}}
+    body = {"model": model, "messages": ASK, "max_tokens": 128, "response_format": fmt}
+    # A random model never writes JSON by itself; held to the schema, greedy or sampled, it does.
+    free = _post(client, "/v1/chat/completions", {**body, "response_format": None, "temperature": 0})
+    with pytest.raises(ValueError):
+        json.loads(free["choices"][0]["message"]["content"])
+    greedy = _post(client, "/v1/chat/completions", {**body, "temperature": 0})
+    assert greedy["choices"][0]["finish_reason"] == "stop", greedy["choices"][0]["message"]["content"]
+    _fits(greedy["choices"][0]["message"]["content"])
+    sampled = _post(client, "/v1/chat/completions", {**body, "temperature": 1.0, "seed": 11, "n": 3})
+    assert all(c["finish_reason"] == "stop" and _fits(c["message"]["content"]) for c in sampled["choices"])
+    # The fine-tuned model (an adapter) too, and streamed as a whole answer is.
+    tuned = {**body, "model": job["fine_tuned_model"], "temperature": 0}
+    whole = _post(client, "/v1/chat/completions", tuned)["choices"][0]["message"]["content"]
+    _fits(whole)
+    chunks = _events(client.post("/v1/chat/completions", json={**tuned, "stream": True}))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == whole
+
+    # json_object: any object; with "}" favoured the model closes the first one it may.
+    (close,) = tokenizer("}", add_special_tokens=False)["input_ids"]
+    braces = {**body, "response_format": {"type": "json_object"}, "temperature": 0, "logit_bias": {str(close): 100}}
+    answer = _post(client, "/v1/chat/completions", braces)["choices"][0]["message"]["content"]
+    assert json.loads(answer) == {}
+
+    cases = [
+        {"type": "json_schema"},  # no schema
+        {"type": "text", "json_schema": {"name": "x", "schema": SCHEMA}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": SCHEMA}},
+        {"type": "xml"},
+    ]
+    for fmt in cases:
+        resp = client.post("/v1/chat/completions", json={**body, "response_format": fmt})
+        assert resp.status_code == 400, (fmt, resp.text)
+        assert resp.json()["error"]["param"].startswith("response_format"), (fmt, resp.text)

@@ -70,6 +70,7 @@ def sampling_for(req: SamplingRequest, n_prompt: int, context: int, kind: str, p
         req.presence_penalty,
         req.frequency_penalty,
         req.biases,
+        getattr(req, "grammar", None),
     )
 
 

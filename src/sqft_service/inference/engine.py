@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from .guided import GuideTokenizers, guide_processor
 from .logprobs import Recorder, TokenTexts, score_prompt, score_token
 from .penalties import adjusted_processors, check_biases, vocabulary_size
 from .spec import Choice, ModelSpec, Sampling, TokenLogprob
@@ -68,6 +69,7 @@ class InferenceEngine:
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._token_texts: dict[int, TokenTexts] = {}  # by tokenizer (they live as long as the engine)
+        self._guide_tokenizers = GuideTokenizers()  # structured outputs' view of the tokenizers
         self._names = itertools.count()
         self._torch_ready = False
 
@@ -330,6 +332,11 @@ class InferenceEngine:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
         self._out_of_memory(model, 1, len(ids), 0)
 
+    def _guide_eos(self, model: Any, tokenizer: Any) -> int:
+        """The end-of-sequence id a guide allows once its grammar is complete (generate() stops on it)."""
+        eos = self._eos_ids(model, tokenizer)
+        return tokenizer.eos_token_id if tokenizer.eos_token_id in eos else min(eos)
+
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         ids = {tokenizer.eos_token_id}
@@ -366,7 +373,11 @@ class InferenceEngine:
         if s.adjusted:  # penalties or biases: applied before temperature and top-p (inference/penalties.py)
             vocabulary = vocabulary_size(model)
             check_biases(s, vocabulary)
-            kwargs["logits_processor"] = adjusted_processors(s, len(ids), vocabulary, input_ids.device)
+            guide = None
+            if s.grammar is not None:
+                lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer))
+                guide = guide_processor(lltokenizer, s.grammar, s.n, len(ids))
+            kwargs["logits_processor"] = adjusted_processors(s, len(ids), vocabulary, input_ids.device, guide)
             if not s.greedy:
                 kwargs.update(temperature=1.0, top_p=1.0)
         if s.stop:

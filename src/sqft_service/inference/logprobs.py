@@ -66,6 +66,8 @@ class TokenTexts:
                     return (int(piece[3:5], 16),)
                 except ValueError:
                     pass
+            if "\u2581" in piece:  # SentencePiece writes a space as U+2581 (which a lone token's decode drops)
+                return tuple(piece.replace("\u2581", " ").encode("utf-8"))
         return tuple(text.encode("utf-8"))
 
 

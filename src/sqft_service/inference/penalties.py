@@ -1,5 +1,5 @@
 """OpenAI's ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` as transformers logits
-processors (torch imported when called).
+processors, in one list with structured outputs' guide (torch imported when called).
 
 OpenAI defines them on the logits before sampling: ``logit[t] - frequency * count(t) - presence *
 [count(t) > 0] + bias[t]``, ``count`` over the tokens generated so far (not the prompt's; vLLM counts
@@ -30,8 +30,10 @@ def check_biases(s: Sampling, vocabulary: int) -> None:
         )
 
 
-def adjusted_processors(s: Sampling, prompt_len: int, vocabulary: int, device: Any) -> Any:
-    """The ``logits_processor`` list for ``s`` (its temperature and top-p included when it samples)."""
+def adjusted_processors(s: Sampling, prompt_len: int, vocabulary: int, device: Any, guide: Any = None) -> Any:
+    """The ``logits_processor`` list for ``s`` (its temperature and top-p included when it samples):
+    penalties and biases, then ``guide`` (structured outputs: the tokens it does not allow removed),
+    then temperature and top-p, which so sample among the allowed tokens only."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -50,7 +52,9 @@ def adjusted_processors(s: Sampling, prompt_len: int, vocabulary: int, device: A
                 scores = scores - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(scores.dtype)
             return scores if bias is None else scores + bias[: scores.shape[-1]]
 
-    processors: list[Any] = [Adjust()]
+    processors: list[Any] = [Adjust()] if s.presence_penalty or s.frequency_penalty or bias is not None else []
+    if guide is not None:
+        processors.append(guide)
     if not s.greedy:
         if s.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(s.temperature))

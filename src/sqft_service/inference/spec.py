@@ -34,6 +34,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    grammar: str | None = None  # structured outputs: the answer is held to it (``inference/guided.py``)
 
     @property
     def greedy(self) -> bool:
@@ -41,8 +42,8 @@ class Sampling:
 
     @property
     def adjusted(self) -> bool:
-        """Whether penalties or biases reshape the logits (``inference/penalties.py``)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Whether penalties, biases or a guide reshape the logits (``inference/penalties.py``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar)
 
 
 @dataclass(frozen=True)

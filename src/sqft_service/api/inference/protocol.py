@@ -1,17 +1,18 @@
 """OpenAI's chat-completion and completion requests (the supported subset) and answers.
 
-Fields this service does not implement (``tools``, ``response_format``, penalties, ...) are refused
+Fields this service does not implement (``tools``, ``audio``, ...) are refused
 with a 400 that names them, rather than silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ...config import MAX_SEED
 from ...inference.spec import Choice, TokenLogprob
@@ -24,6 +25,7 @@ MAX_PROMPTS = 64
 MAX_PROMPT_TOKENS = 32768  # a prompt of token ids; the model's context is checked when it is answered
 MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's bounds
 MAX_LOGIT_BIASES = 300  # OpenAI's bound
+MAX_SCHEMA_CHARS = 65536  # a structured output's JSON schema, as JSON
 
 
 class TextPart(BaseModel):
@@ -96,11 +98,50 @@ class _Sampling(BaseModel):
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=MAX_SCHEMA_CHARS)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the answer is always held to the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured outputs: ``text`` (free), ``json_object`` (any JSON object), ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    _grammar: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _build_grammar(self) -> ResponseFormat:
+        from ...inference.guided import JSON_OBJECT_SCHEMA, json_grammar
+
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is given with `type: json_schema`, and only then")
+        if len(json.dumps(self.json_schema.schema_ if self.json_schema else {})) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the schema is over {MAX_SCHEMA_CHARS} characters")
+        if self.type != "text":  # built once here: an unsupported schema is a 400 before any model work
+            self._grammar = json_grammar(self.json_schema.schema_ if self.json_schema else JSON_OBJECT_SCHEMA)
+        return self
+
+    @property
+    def grammar(self) -> str | None:
+        return self._grammar
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
+    response_format: ResponseFormat | None = None
+
+    @property
+    def grammar(self) -> str | None:
+        """What structured outputs hold the answer to; None: free text."""
+        return self.response_format.grammar if self.response_format else None
 
     @field_validator("top_logprobs")
     @classmethod

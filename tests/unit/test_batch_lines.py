@@ -1,0 +1,28 @@
+"""Which batch lines share a batched greedy generation (``jobs/batch._together``): only those whose
+answer ``generate_greedy`` gives exactly; any line asking for more is answered alone, as the route does."""
+
+from __future__ import annotations
+
+from sqft_service.api.inference.protocol import ChatCompletionRequest, CompletionRequest
+from sqft_service.jobs.batch import _together
+
+
+def test_only_plain_greedy_lines_are_generated_together():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
+    assert _together(ChatCompletionRequest.model_validate(chat))
+    assert _together(ChatCompletionRequest.model_validate({**chat, "presence_penalty": 0, "logit_bias": {"7": 0}}))
+    for extra in (
+        {"temperature": 1},
+        {"n": 2},
+        {"logprobs": True},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": -1},
+        {"logit_bias": {"7": 3}},
+        {"response_format": {"type": "json_object"}},
+    ):
+        assert not _together(ChatCompletionRequest.model_validate({**chat, **extra})), extra
+    assert _together(ChatCompletionRequest.model_validate({**chat, "response_format": {"type": "text"}}))
+    completion = {"model": "m", "prompt": "x", "temperature": 0}
+    assert _together(CompletionRequest.model_validate(completion))
+    for extra in ({"echo": True}, {"logprobs": 0}, {"max_tokens": 0}):
+        assert not _together(CompletionRequest.model_validate({**completion, **extra})), extra
