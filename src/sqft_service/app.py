@@ -31,6 +31,8 @@ from .api.openapi import document_errors
 from .api.ops.metrics import HttpMetricsMiddleware, ServiceMetrics
 from .api.ops.request_id import RequestIdMiddleware
 from .api.ops.router import metrics_router, ready_router
+from .api.responses.router import router as responses_router
+from .api.responses.service import ResponseService
 from .api.sqft.router import router as sqft_router
 from .api.sqft.service import SqftService
 from .api.uploads.router import router as uploads_router
@@ -45,6 +47,7 @@ from .store.events import EventStore
 from .store.files import FileStore
 from .store.ids import now
 from .store.jobs import JobStore
+from .store.responses import ResponseStore
 from .store.uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batch_service = BatchService(jobs, events, file_service, manager, app.state.model_service)
         # The engine inside is created, and torch imported, only when the first inference request comes.
         app.state.inference_service = InferenceService(settings, app.state.model_service)
+        app.state.response_service = ResponseService(app.state.inference_service, ResponseStore(db))
         app.state.metrics.watch_store(db, manager)
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
@@ -199,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router, dependencies=json_only)
     app.include_router(inference_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
+    app.include_router(responses_router, dependencies=json_only)
     app.include_router(ready_router)
     app.include_router(metrics_router, dependencies=auth)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import openai
+import pytest
+
 from tests.helpers import alpaca_records, write_json
 from tests.integration.conftest import sdk_job_end
 
@@ -89,6 +92,24 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     logprobs = prompt.choices[0].logprobs
     assert len(logprobs.tokens) == 4 and logprobs.token_logprobs[0] is None
     assert all(lp < 0 for lp in logprobs.token_logprobs[1:]) and prompt.usage.completion_tokens == 0
+
+    # The Responses API in the SDK's types: the answer chat gives the same turn, streamed alike, stored.
+    response = client.responses.create(model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0)
+    assert response.output_text == answer.choices[0].message.content
+    assert response.usage.output_tokens == answer.usage.completion_tokens
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+    streamed_events = list(
+        client.responses.create(
+            model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0, stream=True
+        )
+    )
+    deltas = "".join(e.delta for e in streamed_events if e.type == "response.output_text.delta")
+    assert deltas == response.output_text and streamed_events[-1].response.output_text == response.output_text
+    # An Alpaca-trained model has no turns: continuing a conversation is a 400 naming `input`.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=name, input="Again.", previous_response_id=response.id)
+    assert refused.value.body["param"] == "input"
+    assert client.responses.delete(response.id) is None
 
     assert client.models.delete(name).deleted is True
     assert name not in [m.id for m in client.models.list()]

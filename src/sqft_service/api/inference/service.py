@@ -106,13 +106,11 @@ class InferenceService:
 
     # ------------------------------------------------------------ routes
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | Iterator[str]:
-        spec = await self._spec(req.model)
-        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
         if req.stream:
+            spec = await self._spec(req.model)
+            render = chat_renderer(spec, [m.as_dict() for m in req.messages])
             return await self._stream(req, spec, [render], "chat", "messages")
-        engine = self._reserve()
-        future = self._submit(engine, answer, engine, spec, render, req, "chat", "messages", release=True)
-        n_prompt, choices = await asyncio.wrap_future(future)
+        n_prompt, choices = await self.chat_answer(req)
         return ChatCompletion.of(req.model, n_prompt, choices)
 
     async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
@@ -128,7 +126,31 @@ class InferenceService:
             n_prompt, choices = n_prompt + n, [*choices, *these]
         return Completion.of(req.model, n_prompt, choices)
 
+    async def chat_answer(self, req: ChatCompletionRequest) -> tuple[int, list[Choice]]:
+        """A chat request's prompt tokens and choices (the Responses API answers with them)."""
+        spec = await self._spec(req.model)
+        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
+        engine = self._reserve()
+        future = self._submit(engine, answer, engine, spec, render, req, "chat", "messages", release=True)
+        return await asyncio.wrap_future(future)
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> tuple[int, queue.Queue, threading.Event]:
+        """A chat request's generation started: its prompt tokens, the sink ``InferenceEngine.stream``
+        fills, and the event that stops it (the Responses API streams its own events from them)."""
+        spec = await self._spec(req.model)
+        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
+        n_prompt, sinks, cancel = await self._start(req, spec, [render], "chat", "messages")
+        return n_prompt, sinks[0], cancel
+
     async def _stream(self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str) -> Iterator[str]:
+        n_prompt, sinks, cancel = await self._start(req, spec, renders, kind, param)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        scored = getattr(req, "scored", None) is not None
+        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored)
+
+    async def _start(
+        self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str
+    ) -> tuple[int, list[queue.Queue], threading.Event]:
         """Start streaming: every prompt is rendered and checked first (so a bad one is still a 4xx),
         then one generation per prompt is queued, in order, each on its own sink."""
         engine = self._reserve()
@@ -151,10 +173,7 @@ class InferenceService:
         # One slot for the whole request; the single worker runs the generations in order, so the
         # last one ends last. Released when the work ends, not when the client stops reading.
         last.add_done_callback(lambda _: engine.release())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        n_prompt = sum(len(ids) for ids, _ in prepared)
-        scored = getattr(req, "scored", None) is not None
-        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored)
+        return sum(len(ids) for ids, _ in prepared), sinks, cancel
 
     @staticmethod
     def _events(

@@ -1,0 +1,178 @@
+"""OpenAI's Responses API (the subset a text model answers): requests, the response object, its events.
+
+A response is one assistant message, generated as a chat completion is (the same rendering, sampling
+and structured outputs: ``api/inference``). Fields for tools, reasoning, audio or images are refused
+with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from ..inference.protocol import MAX_TOKENS_LIMIT, JsonSchemaFormat, ResponseFormat
+
+MAX_INPUT_ITEMS = 256
+MAX_METADATA_KEYS = 16
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] | None = None  # an earlier answer's output_text, sent back as it came
+
+
+class InputMessage(BaseModel):
+    """``{"role", "content"}`` (``type: "message"`` optional); ``content`` a string or text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None  # an earlier output item sent back
+    status: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class TextFormat(BaseModel):
+    """``text.format``: Responses' flat spelling of chat's ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    def as_response_format(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        schema = JsonSchemaFormat(
+            name=self.name or "response", schema=self.schema_ or {}, strict=self.strict, description=self.description
+        )
+        return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: TextFormat = Field(default_factory=TextFormat)
+    _response_format: ResponseFormat | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _build(self) -> TextOptions:
+        # Built (its grammar too) while the request is validated: a bad schema is a 400 naming `text`.
+        self._response_format = self.format.as_response_format()
+        return self
+
+    @property
+    def response_format(self) -> ResponseFormat | None:
+        return self._response_format
+
+
+class ResponseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    model: str = Field(max_length=4096)
+    input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+    instructions: str | None = None
+    previous_response_id: str | None = Field(None, max_length=64)
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    text: TextOptions = Field(default_factory=TextOptions)
+    stream: bool = False
+    store: bool = True
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=MAX_METADATA_KEYS)
+    user: str | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        return [m.as_dict() for m in self.input]
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class Response(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: Usage | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float
+    top_p: float
+    text: dict[str, Any]
+    previous_response_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    store: bool
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list[Any] = Field(default_factory=list)
+    user: str | None = None
+
+    @classmethod
+    def begun(cls, response_id: str, req: ResponseRequest) -> Response:
+        """The response before any output (a stream's first events carry it)."""
+        return cls(
+            id=response_id,
+            created_at=int(time.time()),
+            status="in_progress",
+            model=req.model,
+            output=[],
+            instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)},
+            previous_response_id=req.previous_response_id,
+            metadata=req.metadata or {},
+            store=req.store,
+            user=req.user,
+        )
+
+    def ended(self, message: dict[str, Any], finish_reason: str, n_prompt: int, n_output: int) -> Response:
+        """This response with its message: ``completed``, or ``incomplete`` when ``max_output_tokens`` cut it."""
+        done = finish_reason == "stop"
+        return self.model_copy(
+            update={
+                "status": "completed" if done else "incomplete",
+                "output": [message],
+                "incomplete_details": None if done else {"reason": "max_output_tokens"},
+                "usage": Usage(input_tokens=n_prompt, output_tokens=n_output, total_tokens=n_prompt + n_output),
+            }
+        )
+
+    @property
+    def output_text(self) -> str:
+        return "".join(
+            part["text"] for item in self.output for part in item.get("content", []) if part["type"] == "output_text"
+        )
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True

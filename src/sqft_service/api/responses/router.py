@@ -1,0 +1,36 @@
+"""``POST /v1/responses`` (``stream: true`` answers Responses' SSE events), ``GET`` and ``DELETE
+/v1/responses/{response_id}`` (OpenAI's Responses API, text in and out)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..openapi import error_responses
+from .protocol import DeletedResponse, Response, ResponseRequest
+from .service import ResponseService
+
+router = APIRouter(prefix="/v1/responses", tags=["responses"])
+
+
+def _service(request: Request) -> ResponseService:
+    return request.app.state.response_service
+
+
+@router.post("", response_model=Response, responses=error_responses(404, 429, 503))
+async def create_response(request: Request, body: ResponseRequest):
+    answer = await _service(request).create(body)
+    if isinstance(answer, Response):
+        return answer
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(answer, media_type="text/event-stream", headers=headers)
+
+
+@router.get("/{response_id}", response_model=Response, responses=error_responses(404))
+def retrieve_response(request: Request, response_id: str) -> Response:
+    return _service(request).get(response_id)
+
+
+@router.delete("/{response_id}", response_model=DeletedResponse, responses=error_responses(404))
+def delete_response(request: Request, response_id: str) -> DeletedResponse:
+    return _service(request).delete(response_id)

@@ -1,0 +1,155 @@
+"""The Responses API on the inference service: a response is a chat completion with one choice,
+rendered, sampled and held to ``text.format`` as ``/v1/chat/completions`` does (``api/inference``),
+answered as a response object or as Responses' typed stream events, and stored (``store``, the
+default) for ``GET``, ``DELETE`` and ``previous_response_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import threading
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from ...errors import NotFoundError, ServiceError, UserError
+from ...inference.engine import drain
+from ...store.ids import new_id
+from ...store.responses import ResponseStore
+from ..body import validation_error_to_service_error
+from ..inference.protocol import ChatCompletionRequest
+from ..inference.service import InferenceService
+from ..owner import current_owner, owned_by_caller
+from .protocol import DeletedResponse, Response, ResponseRequest, message_item
+
+T = TypeVar("T")
+# The chat request's fields, as the Responses request names them (in errors).
+_PARAMS = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
+
+
+class ResponseService:
+    def __init__(self, inference: InferenceService, store: ResponseStore) -> None:
+        self.inference = inference
+        self.store = store
+
+    async def create(self, req: ResponseRequest) -> Response | Iterator[str]:
+        turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
+        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        chat = self._chat_request(req, system + turns)
+        response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
+        if req.stream:
+            n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
+            return self._events(response, item_id, n_prompt, sink, cancel, turns, owner)
+        n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
+        message = message_item(item_id, choice.text, "completed" if choice.finish_reason == "stop" else "incomplete")
+        done = response.ended(message, choice.finish_reason, n_prompt, choice.completion_tokens)
+        await asyncio.to_thread(self._keep, done, turns, owner)
+        return done
+
+    def get(self, response_id: str) -> Response:
+        return Response.model_validate(self._stored(response_id, "response_id").body)
+
+    def delete(self, response_id: str) -> DeletedResponse:
+        self._stored(response_id, "response_id")
+        self.store.delete(response_id)
+        return DeletedResponse(id=response_id)
+
+    # ------------------------------------------------------------ helpers
+    def _stored(self, response_id: str, param: str) -> Any:
+        stored = self.store.get(response_id)
+        if stored is None or not owned_by_caller(stored.owner):
+            raise NotFoundError(f"No response found with id '{response_id}'", param=param)
+        return stored
+
+    def _history(self, previous: str | None) -> list[dict[str, str]]:
+        return [] if previous is None else list(self._stored(previous, "previous_response_id").conversation)
+
+    @staticmethod
+    def _chat_request(req: ResponseRequest, messages: list[dict[str, str]]) -> ChatCompletionRequest:
+        body = {
+            "model": req.model,
+            "messages": messages,
+            "max_completion_tokens": req.max_output_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "user": req.user,
+        }
+        try:
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:  # e.g. a conversation longer than a chat request may be
+            error = validation_error_to_service_error(list(exc.errors()))
+            error.param = _PARAMS.get((error.param or "").split(".")[0], error.param)
+            raise error from None
+        chat.response_format = req.text.response_format  # built (and checked) with the request
+        return chat
+
+    def _keep(self, response: Response, turns: list[dict[str, str]], owner: str | None) -> None:
+        if response.store:
+            conversation = [*turns, {"role": "assistant", "content": response.output_text}]
+            self.store.put(response.model_dump(), conversation, owner)
+
+    def _events(
+        self,
+        response: Response,
+        item_id: str,
+        n_prompt: int,
+        sink: queue.Queue,
+        cancel: threading.Event,
+        turns: list[dict[str, str]],
+        owner: str | None,
+    ) -> Iterator[str]:
+        """Responses' stream (iterated by Starlette in a worker thread): the response begun, its message
+        and text part added, a delta per decoded piece, the text, part and message done, then the
+        response ``completed`` (or ``incomplete``, cut by ``max_output_tokens``), stored first."""
+        numbers = itertools.count()
+
+        def event(kind: str, **data: Any) -> str:
+            payload = {"type": kind, "sequence_number": next(numbers), **data}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        try:
+            yield event("response.created", response=response.model_dump())
+            yield event("response.in_progress", response=response.model_dump())
+            yield event("response.output_item.added", output_index=0, item=message_item(item_id, "", "in_progress"))
+            yield event("response.content_part.added", **where, part=part)
+            text, final = "", None
+            for item in drain(sink):
+                if isinstance(item, Exception):
+                    message = str(item) or type(item).__name__
+                    yield event("error", code=getattr(item, "code", None), message=message, param=None)
+                    return
+                if isinstance(item, list):
+                    final = item[0]
+                elif item[1]:
+                    text += item[1]
+                    yield event("response.output_text.delta", **where, delta=item[1], logprobs=[])
+            assert final is not None
+            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, part={**part, "text": text})
+            message = message_item(item_id, text, "completed" if final.finish_reason == "stop" else "incomplete")
+            yield event("response.output_item.done", output_index=0, item=message)
+            done = response.ended(message, final.finish_reason, n_prompt, final.completion_tokens)
+            self._keep(done, turns, owner)
+            yield event(f"response.{done.status}", response=done.model_dump())
+        finally:
+            cancel.set()  # the client left, or the stream ended: stop generating either way
+
+
+async def _named(call: Awaitable[T]) -> T:
+    """``call``'s result; its errors name the Responses request's fields, not the chat request's."""
+    try:
+        return await call
+    except (ServiceError, UserError) as exc:
+        exc.param = _PARAMS.get((exc.param or "").split(".")[0], exc.param)
+        raise

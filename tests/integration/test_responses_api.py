@@ -1,0 +1,167 @@
+"""/v1/responses (OpenAI's Responses API, text): the real app and engine on a tiny random Llama; every
+answer compared with the chat completion of the same turns, which it must equal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sqft_service.app import create_app
+from tests.helpers import CHAT, write_jsonl
+from tests.integration.conftest import make_settings, wait_status
+
+ALICE = {"Authorization": "Bearer ka"}
+BOB = {"Authorization": "Bearer kb"}
+GREEDY = {"temperature": 0, "max_output_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """The app with two projects; Alice fine-tuned the tiny model on chat records (so she may use it
+    and its base)."""
+    root = tmp_path_factory.mktemp("responses")
+    settings = make_settings(root / "data", api_key="alice:ka,bob:kb", inference_threads=1)
+    with TestClient(create_app(settings), headers=ALICE) as client:
+        with open(write_jsonl(root / "c.jsonl", [CHAT] * 8), "rb") as handle:
+            uploaded = client.post("/v1/files", files={"file": ("c.jsonl", handle)}, data={"purpose": "fine-tune"})
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": uploaded.json()["id"],
+            "Training": {"batch_size": 4, "epochs": 1, "learning_rate": 5e-2},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        yield client, done["fine_tuned_model"]
+
+
+def _respond(client, **body) -> dict:
+    resp = client.post("/v1/responses", json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _chat(client, model: str, messages: list[dict], max_tokens: int = 8) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _text(response: dict) -> str:
+    return "".join(p["text"] for item in response["output"] for p in item["content"] if p["type"] == "output_text")
+
+
+def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(served):
+    client, model = served
+    first = _respond(client, model=model, input="Name a colour.", instructions="Answer in one word.", **GREEDY)
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    chat = _chat(client, model, messages)
+    assert first["object"] == "response" and first["id"].startswith("resp_") and first["model"] == model
+    (item,) = first["output"]
+    assert item["type"] == "message" and item["role"] == "assistant" and item["id"].startswith("msg_")
+    assert _text(first) == chat["choices"][0]["message"]["content"]
+    assert first["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert first["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+    finished = chat["choices"][0]["finish_reason"] == "stop"
+    assert first["status"] == ("completed" if finished else "incomplete")
+    if not finished:
+        assert first["incomplete_details"] == {"reason": "max_output_tokens"} and item["status"] == "incomplete"
+
+    # Stored: retrieved as answered; a next response continues its turns (its instructions not carried).
+    assert client.get(f"/v1/responses/{first['id']}").json() == first
+    second = _respond(client, model=model, input="And another?", previous_response_id=first["id"], **GREEDY)
+    turns = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": _text(first)},
+        {"role": "user", "content": "And another?"},
+    ]
+    assert _text(second) == _chat(client, model, turns)["choices"][0]["message"]["content"]
+    assert second["previous_response_id"] == first["id"]
+    # Message lists as input, parts included, equal the same turns as one string each.
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "input_text", "text": "Name a "}, {"type": "input_text", "text": "colour."}],
+        }
+    ]
+    assert _text(_respond(client, model=model, input=parts, **GREEDY)) == _text(
+        _respond(client, model=model, input="Name a colour.", **GREEDY)
+    )
+
+    # Another project sees none of it; deleted is gone; not stored is never found.
+    assert client.get(f"/v1/responses/{first['id']}", headers=BOB).status_code == 404
+    other = client.post("/v1/responses", json={"model": model, "input": "x"}, headers=BOB)
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model"
+    deleted = client.delete(f"/v1/responses/{first['id']}")
+    assert deleted.json() == {"id": first["id"], "object": "response.deleted", "deleted": True}
+    assert client.get(f"/v1/responses/{first['id']}").status_code == 404
+    gone = client.post("/v1/responses", json={"model": model, "input": "x", "previous_response_id": first["id"]})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+    unsaved = _respond(client, model=model, input="x", store=False, **GREEDY)
+    assert unsaved["store"] is False and client.get(f"/v1/responses/{unsaved['id']}").status_code == 404
+
+
+def test_a_streamed_response_sends_openai_events_and_the_same_text(served):
+    client, model = served
+    whole = _respond(client, model=model, input="Repeat the word red.", **GREEDY)
+    resp = client.post(
+        "/v1/responses", json={"model": model, "input": "Repeat the word red.", "stream": True, **GREEDY}
+    )
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in resp.text.split("\n\n") if b.strip()]
+    events = []
+    for block in blocks:
+        kind, data = block.split("\n", 1)
+        event = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {event['type']}"
+        events.append(event)
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{whole['status']}",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == _text(whole) == events[-4]["text"]
+    final = events[-1]["response"]
+    assert _text(final) == text and final["usage"] == whole["usage"]
+    assert client.get(f"/v1/responses/{final['id']}").json()["output"] == final["output"]  # stored when done
+
+
+def test_text_format_and_refused_fields(served):
+    client, model = served
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}, "sure": {"type": "boolean"}},
+        "required": ["colour", "sure"],
+        "additionalProperties": False,
+    }
+    fmt = {"format": {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}}
+    answer = json.loads(
+        _text(_respond(client, model=model, input="Pick one.", text=fmt, temperature=0, max_output_tokens=32))
+    )
+    assert answer["colour"] in ("red", "blue") and isinstance(answer["sure"], bool)
+
+    cases = [
+        ({"tools": [{"type": "web_search"}]}, 400, "tools"),
+        ({"reasoning": {"effort": "low"}}, 400, "reasoning"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}, 400, "text"),
+        ({"max_output_tokens": 100000}, 400, "max_output_tokens"),
+        ({"input": []}, 400, "input"),
+        ({"previous_response_id": "resp_missing"}, 404, "previous_response_id"),
+    ]
+    for extra, status, param in cases:
+        resp = client.post("/v1/responses", json={"model": model, "input": "x", **extra})
+        assert resp.status_code == status, (extra, resp.text)
+        assert resp.json()["error"]["param"].startswith(param), (extra, resp.text)
