@@ -98,6 +98,8 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     assert response.output_text == answer.choices[0].message.content
     assert response.usage.output_tokens == answer.usage.completion_tokens
     assert client.responses.retrieve(response.id).output_text == response.output_text
+    (item,) = client.responses.input_items.list(response.id).data
+    assert item.content[0].text == "Repeat the word red."
     streamed_events = list(
         client.responses.create(
             model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0, stream=True

@@ -91,6 +91,22 @@ def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(serve
         _respond(client, model=model, input="Name a colour.", **GREEDY)
     )
 
+    # Its own input items (not the earlier response's), newest first by default, paged by `after`.
+    many = [{"role": "user", "content": f"Turn {i}."} for i in range(3)]
+    listed = _respond(client, model=model, input=many, **GREEDY)
+    items = client.get(f"/v1/responses/{listed['id']}/input_items").json()
+    assert items["object"] == "list" and not items["has_more"]
+    assert [i["content"][0]["text"] for i in items["data"]] == ["Turn 2.", "Turn 1.", "Turn 0."]
+    assert all(i["id"].startswith("msg_") and i["type"] == "message" and i["role"] == "user" for i in items["data"])
+    page = client.get(f"/v1/responses/{listed['id']}/input_items", params={"order": "asc", "limit": 1}).json()
+    assert [i["content"][0]["text"] for i in page["data"]] == ["Turn 0."] and page["has_more"]
+    rest = client.get(
+        f"/v1/responses/{listed['id']}/input_items", params={"order": "asc", "after": page["last_id"]}
+    ).json()
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["Turn 1.", "Turn 2."]
+    second_items = client.get(f"/v1/responses/{second['id']}/input_items").json()["data"]
+    assert [i["content"][0]["text"] for i in second_items] == ["And another?"]
+
     # Another project sees none of it; deleted is gone; not stored is never found.
     assert client.get(f"/v1/responses/{first['id']}", headers=BOB).status_code == 404
     other = client.post("/v1/responses", json={"model": model, "input": "x"}, headers=BOB)

@@ -173,14 +173,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_expires_at ON files(expires_at);
     ALTER TABLE uploads ADD COLUMN file_expires_after INTEGER;
     """,
-    # 8: stored responses (OpenAI's Responses API with `store`): the response object, and the turns it
-    # answered with its answer, which a later `previous_response_id` continues.
+    # 8: stored responses (OpenAI's Responses API with `store`): the response object, its own input items
+    # (for `input_items`), and the turns it answered with its answer, which `previous_response_id` continues.
     """
     CREATE TABLE responses (
         id TEXT PRIMARY KEY,
         owner TEXT,
         created_at INTEGER NOT NULL,
         body TEXT NOT NULL,
+        input_items TEXT NOT NULL,
         conversation TEXT NOT NULL
     );
     CREATE INDEX responses_owner ON responses(owner, created_at);

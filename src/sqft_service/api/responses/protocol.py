@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from ...store.ids import new_id
 from ..inference.protocol import MAX_TOKENS_LIMIT, JsonSchemaFormat, ResponseFormat
 
 MAX_INPUT_ITEMS = 256
@@ -96,6 +97,20 @@ class ResponseRequest(BaseModel):
             return [{"role": "user", "content": self.input}]
         return [m.as_dict() for m in self.input]
 
+    def input_items(self) -> list[dict[str, Any]]:
+        """The input as OpenAI lists it back (``input_items``): messages with ids and text parts."""
+        given = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        return [
+            {
+                "id": m.id or new_id("msg", "_"),
+                "type": "message",
+                "role": m.role,
+                "status": "completed",
+                "content": [{"type": "input_text", "text": m.as_dict()["content"]}],
+            }
+            for m in given
+        ]
+
 
 class Usage(BaseModel):
     input_tokens: int
@@ -170,6 +185,14 @@ class Response(BaseModel):
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+class InputItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class DeletedResponse(BaseModel):

@@ -1,13 +1,16 @@
 """``POST /v1/responses`` (``stream: true`` answers Responses' SSE events), ``GET`` and ``DELETE
-/v1/responses/{response_id}`` (OpenAI's Responses API, text in and out)."""
+/v1/responses/{response_id}``, ``GET /v1/responses/{response_id}/input_items`` (OpenAI's Responses
+API, text in and out)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ..openapi import error_responses
-from .protocol import DeletedResponse, Response, ResponseRequest
+from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest
 from .service import ResponseService
 
 router = APIRouter(prefix="/v1/responses", tags=["responses"])
@@ -29,6 +32,17 @@ async def create_response(request: Request, body: ResponseRequest):
 @router.get("/{response_id}", response_model=Response, responses=error_responses(404))
 def retrieve_response(request: Request, response_id: str) -> Response:
     return _service(request).get(response_id)
+
+
+@router.get("/{response_id}/input_items", response_model=InputItemList, responses=error_responses(404))
+def list_input_items(
+    request: Request,
+    response_id: str,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc",
+) -> InputItemList:
+    return _service(request).input_items(response_id, after, limit, order)
 
 
 @router.delete("/{response_id}", response_model=DeletedResponse, responses=error_responses(404))

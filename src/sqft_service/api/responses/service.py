@@ -24,7 +24,7 @@ from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
 from ..owner import current_owner, owned_by_caller
-from .protocol import DeletedResponse, Response, ResponseRequest, message_item
+from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest, message_item
 
 T = TypeVar("T")
 # The chat request's fields, as the Responses request names them (in errors).
@@ -46,17 +46,36 @@ class ResponseService:
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat = self._chat_request(req, system + turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
+        keep = _Keep(self.store, req.input_items(), turns, owner)
         if req.stream:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
-            return self._events(response, item_id, n_prompt, sink, cancel, turns, owner)
+            return self._events(response, item_id, n_prompt, sink, cancel, keep)
         n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
         message = message_item(item_id, choice.text, "completed" if choice.finish_reason == "stop" else "incomplete")
         done = response.ended(message, choice.finish_reason, n_prompt, choice.completion_tokens)
-        await asyncio.to_thread(self._keep, done, turns, owner)
+        await asyncio.to_thread(keep, done)
         return done
 
     def get(self, response_id: str) -> Response:
         return Response.model_validate(self._stored(response_id, "response_id").body)
+
+    def input_items(self, response_id: str, after: str | None, limit: int, order: str) -> InputItemList:
+        """The response's own input items, newest first unless ``order`` is ``asc``; ``after`` an item id."""
+        items = list(self._stored(response_id, "response_id").input_items)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise NotFoundError(f"No input item '{after}' in response '{response_id}'", param="after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return InputItemList(
+            data=page,
+            first_id=page[0]["id"] if page else None,
+            last_id=page[-1]["id"] if page else None,
+            has_more=len(items) > limit,
+        )
 
     def delete(self, response_id: str) -> DeletedResponse:
         self._stored(response_id, "response_id")
@@ -92,11 +111,6 @@ class ResponseService:
         chat.response_format = req.text.response_format  # built (and checked) with the request
         return chat
 
-    def _keep(self, response: Response, turns: list[dict[str, str]], owner: str | None) -> None:
-        if response.store:
-            conversation = [*turns, {"role": "assistant", "content": response.output_text}]
-            self.store.put(response.model_dump(), conversation, owner)
-
     def _events(
         self,
         response: Response,
@@ -104,8 +118,7 @@ class ResponseService:
         n_prompt: int,
         sink: queue.Queue,
         cancel: threading.Event,
-        turns: list[dict[str, str]],
-        owner: str | None,
+        keep: _Keep,
     ) -> Iterator[str]:
         """Responses' stream (iterated by Starlette in a worker thread): the response begun, its message
         and text part added, a delta per decoded piece, the text, part and message done, then the
@@ -140,10 +153,24 @@ class ResponseService:
             message = message_item(item_id, text, "completed" if final.finish_reason == "stop" else "incomplete")
             yield event("response.output_item.done", output_index=0, item=message)
             done = response.ended(message, final.finish_reason, n_prompt, final.completion_tokens)
-            self._keep(done, turns, owner)
+            keep(done)
             yield event(f"response.{done.status}", response=done.model_dump())
         finally:
             cancel.set()  # the client left, or the stream ended: stop generating either way
+
+
+class _Keep:
+    """Stores an ended response (when its ``store`` says so) with its input items and conversation."""
+
+    def __init__(
+        self, store: ResponseStore, items: list[dict[str, Any]], turns: list[dict[str, str]], owner: str | None
+    ) -> None:
+        self.store, self.items, self.turns, self.owner = store, items, turns, owner
+
+    def __call__(self, response: Response) -> None:
+        if response.store:
+            conversation = [*self.turns, {"role": "assistant", "content": response.output_text}]
+            self.store.put(response.model_dump(), self.items, conversation, self.owner)
 
 
 async def _named(call: Awaitable[T]) -> T:
