@@ -31,6 +31,7 @@ from .api.openapi import document_errors
 from .api.ops.metrics import HttpMetricsMiddleware, ServiceMetrics
 from .api.ops.request_id import RequestIdMiddleware
 from .api.ops.router import metrics_router, ready_router
+from .api.permissions.router import router as permissions_router
 from .api.responses.router import router as responses_router
 from .api.responses.service import ResponseService
 from .api.sqft.router import router as sqft_router
@@ -47,6 +48,7 @@ from .store.events import EventStore
 from .store.files import FileStore
 from .store.ids import now
 from .store.jobs import JobStore
+from .store.permissions import PermissionStore
 from .store.responses import ResponseStore
 from .store.uploads import UploadStore
 
@@ -152,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_store.expire(now())  # what ran out of time while the service was down
         app.state.upload_service = UploadService(upload_store, file_service)
         app.state.job_manager = manager
-        app.state.model_service = ModelService(settings, jobs, file_store, manager)
+        app.state.model_service = ModelService(settings, jobs, file_store, manager, PermissionStore(db))
         app.state.fine_tuning_service = FineTuningService(
             jobs, events, file_service, manager, models=app.state.model_service
         )
@@ -204,6 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)
+    app.include_router(permissions_router, dependencies=json_only)
     app.include_router(ready_router)
     app.include_router(metrics_router, dependencies=auth)
 

@@ -186,6 +186,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX responses_owner ON responses(owner, created_at);
     """,
+    # 9: fine-tuned models shared with other projects (OpenAI's checkpoint permissions): the model's id,
+    # the job that made it, and the project that may now use it.
+    """
+    CREATE TABLE model_permissions (
+        id TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        project_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (model, project_id)
+    );
+    CREATE INDEX model_permissions_project ON model_permissions(project_id);
+    """,
 ]
 
 

@@ -6,7 +6,10 @@
   each checkpoint ``ft:…:<job>:ckpt-step-<N>`` (an adapter, served and scored like the final one),
   listed while their directory exists (deleting one removes the directory, so it leaves the list).
 
-Another project's model is a 404 like a missing one, as for jobs and files.
+Another project's model is a 404 like a missing one, as for jobs and files, unless that project shared
+it with the caller's (``store/permissions.py``, OpenAI's checkpoint permissions): then the caller lists
+and uses it (inference, batches, evaluation, fine-tuning on from it) and may download it, but only its
+project deletes or shares it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import ConflictError, NotFoundError, ServiceError
@@ -26,6 +29,7 @@ from ...model_names import FineTunedRef, checkpoint_ref, parse_fine_tuned
 from ...settings import Settings
 from ...store.files import FileStore
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
+from ...store.permissions import PermissionStore
 from ...workspace import TrainingOutputs
 from ..owner import current_owner, owned_by_caller
 
@@ -49,6 +53,7 @@ class ModelEntry:
     path: Path | None = None  # a fine-tuned model's directory; None for a base model
     job: JobRecord | None = None
     ref: FineTunedRef | None = None
+    shared: bool = False  # another project's model, shared with the caller's
 
 
 def _is_model_dir(path: Path, marker: str) -> bool:
@@ -60,19 +65,24 @@ def _mtime(path: Path) -> int:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, jobs: JobStore, files: FileStore, manager: JobManager) -> None:
+    def __init__(
+        self, settings: Settings, jobs: JobStore, files: FileStore, manager: JobManager, permissions: PermissionStore
+    ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.files = files
         self.manager = manager
+        self.permissions = permissions
         # Called with a deleted model's directory, so the engine drops what it loaded from it.
         self.on_delete: Callable[[Path], None] | None = None
 
     # ---------------------------------------------------------------- reading
-    def _fine_tunes(self) -> Iterator[JobRecord]:
+    def _fine_tunes(self, everyone: bool = False) -> Iterator[JobRecord]:
+        """The caller's fine-tunes (every project's with ``everyone``)."""
         after = None
         while True:
-            page, more = self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=500, owner=current_owner())
+            owner = None if everyone else current_owner()
+            page, more = self.jobs.list(kinds=(FINE_TUNE,), after=after, limit=500, owner=owner)
             yield from page
             if not more or not page:
                 return
@@ -113,7 +123,16 @@ class ModelService:
                 bases[job.model] = min(bases.get(job.model, job.created_at), job.created_at)
             if job.status == "succeeded":
                 tuned.extend(self._derived(job))
-        return [ModelEntry(ref, created, BASE_OWNER) for ref, created in sorted(bases.items())] + tuned
+        return [ModelEntry(ref, created, BASE_OWNER) for ref, created in sorted(bases.items())] + tuned + self._shared()
+
+    def _shared(self) -> list[ModelEntry]:
+        """Other projects' models shared with the caller's, while they exist."""
+        project, found = current_owner(), []
+        for permission in self.permissions.of_project(project) if project is not None else []:
+            job = self.jobs.get(permission.job_id, kind=FINE_TUNE)
+            if job is not None and job.status == "succeeded" and job.owner != project:
+                found += [replace(e, shared=True) for e in self._derived(job) if e.id == permission.model]
+        return found
 
     def get(self, model_id: str, param: str = "model") -> ModelEntry:
         missing = NotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.", param=param)
@@ -124,13 +143,16 @@ class ModelService:
                 raise missing
             return ModelEntry(model_id, min(created), BASE_OWNER)
         job = self.jobs.get(ref.job_id, kind=FINE_TUNE)
-        if job is None or not owned_by_caller(job.owner) or job.status != "succeeded":
+        if job is None or job.status != "succeeded":
+            raise missing
+        shared = not owned_by_caller(job.owner)
+        if shared and not self.permissions.allows(model_id, current_owner()):
             raise missing
         # The whole name must match, not only the job id: `ft:other:x:<job>` is not this job's model.
         found = next((e for e in self._derived(job) if e.id == model_id), None)
         if found is None:
             raise missing
-        return found
+        return replace(found, shared=shared)
 
     def spec(self, model_id: str, param: str = "model") -> ModelSpec:
         """What the engine loads for ``model_id`` (404 naming ``param`` if the caller has no such model)."""
@@ -203,7 +225,7 @@ class ModelService:
                 return False
             return not job.is_final or any(e.ref is not None and not e.ref.merged for e in self._derived(job))
 
-        users = [job.id for job in self._fine_tunes() if uses(job)]
+        users = [job.id for job in self._fine_tunes(everyone=True) if uses(job)]  # a sharer's jobs too
         if users:
             raise ConflictError(
                 f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from it; "
@@ -225,8 +247,20 @@ class ModelService:
                 code="model_in_use",
             )
 
+    def owned(self, model_id: str, verb: str, done: str, code: str) -> ModelEntry:
+        """The caller's own fine-tuned model ``model_id``: a base model, or one another project shared
+        with the caller's, is a 403 (``code``); ``verb``/``done``: what was asked ("delete"/"deleted")."""
+        entry = self._fine_tuned(model_id, done, code)
+        if entry.shared:
+            raise PermissionDeniedError(
+                f"`{model_id}` is project {entry.owned_by}'s, shared with yours: only {entry.owned_by} can {verb} it",
+                param="model",
+                code=code,
+            )
+        return entry
+
     def delete(self, model_id: str) -> str:
-        entry = self._fine_tuned(model_id, "deleted", "model_not_deletable")
+        entry = self.owned(model_id, "delete", "deleted", "model_not_deletable")
         assert entry.path is not None
         merged_inside = entry.path / MERGED_DIR
         self._check_unused(model_id, entry.path)
@@ -242,6 +276,7 @@ class ModelService:
             doomed = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}.deleted")
             entry.path.rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+        self.permissions.forget_model(model_id)
         if self.on_delete is not None:
             self.on_delete(entry.path)
         return model_id
