@@ -72,8 +72,9 @@ def main() -> None:
         "penalties + logit_bias": replace(plain, presence_penalty=0.5, frequency_penalty=0.5, logit_bias=((11, -5.0),)),
         "json_schema": replace(plain, grammar=json_grammar(SCHEMA)),
     }
-    for sampling in setups.values():  # warm-up: loads, llguidance's tokenizer, first-call costs
-        engine.generate(spec, prompts[0], sampling)
+    for sampling in setups.values():  # warm-up: loads, llguidance's tokenizer, each prompt shape's first call
+        for ids in prompts:
+            engine.generate(spec, ids, sampling)
 
     totals = {name: [0.0, 0] for name in setups}
     for _ in range(args.rounds):  # turn by turn: every setup once per round, so drift hits them alike
@@ -94,6 +95,8 @@ def main() -> None:
     }
     scored = {}
     for name, sampling in scoring.items():
+        for ids in prompts:  # warm-up: the first forward of each prompt shape costs seconds on the CPU
+            engine.generate(spec, ids, sampling)
         t0 = time.perf_counter()
         for _ in range(args.rounds):
             for ids in prompts:
