@@ -370,7 +370,7 @@ class InferenceEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:  # OpenAI's sampling has no top-k: 0 turns transformers' default (50) off
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
-        if s.adjusted:  # penalties or biases: applied before temperature and top-p (inference/penalties.py)
+        if s.adjusted:  # penalties, biases, a guide: applied before temperature and top-p (inference/penalties.py)
             vocabulary = vocabulary_size(model)
             check_biases(s, vocabulary)
             guide = None
