@@ -22,6 +22,18 @@ from tests.integration.conftest import make_settings, sdk_job_end
 
 ALICE = {"Authorization": "Bearer ka"}
 BOB = {"Authorization": "Bearer kb"}
+PICK = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "pick",
+        "schema": {
+            "type": "object",
+            "properties": {"c": {"enum": ["red", "blue"]}},
+            "required": ["c"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK = [{"role": "user", "content": "Repeat the word red."}]
 
 
@@ -94,6 +106,8 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
         "merged": {"model": f"{tuned}:merged", "messages": ASK, **greedy},
         "base": {"model": str(tiny_model_dir), "messages": ASK, **greedy},
         "two": {"model": tuned, "messages": ASK, "n": 2, **greedy},
+        # Held to a schema (answered alone, as the route does, not in a batched generation).
+        "json": {"model": tuned, "messages": ASK, "max_tokens": 16, "temperature": 0, "response_format": PICK},
         # Alpaca has no system prompt: the route's 400 naming `messages`, as this line's error.
         "system": {"model": tuned, "messages": [{"role": "system", "content": "Be brief."}, *ASK]},
     }
@@ -103,17 +117,18 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     batch = created.json()
     assert batch["object"] == "batch" and batch["id"].startswith("batch_")
     assert batch["status"] in ("validating", "in_progress") and batch["endpoint"] == "/v1/chat/completions"
-    assert batch["request_counts"]["total"] == 5 and batch["metadata"] == {"run": "nightly"}
+    assert batch["request_counts"]["total"] == 6 and batch["metadata"] == {"run": "nightly"}
     assert batch["expires_at"] == batch["created_at"] + 24 * 3600
 
     done = _ended(client, batch["id"])
     assert done["status"] == "completed", done
     parsed = Batch.model_validate(done)  # the openai SDK's own type reads it
-    assert parsed.request_counts is not None and parsed.request_counts.completed == 4
-    assert done["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
+    assert parsed.request_counts is not None and parsed.request_counts.completed == 5
+    assert done["request_counts"] == {"total": 6, "completed": 5, "failed": 1}
     assert done["completed_at"] >= done["in_progress_at"] >= done["created_at"]
     answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
-    assert set(answers) == {"tuned", "merged", "base", "two"} and set(errors) == {"system"}
+    assert set(answers) == {"tuned", "merged", "base", "two", "json"} and set(errors) == {"system"}
+    assert json.loads(answers["json"]["response"]["body"]["choices"][0]["message"]["content"])["c"] in ("red", "blue")
     usage = done["usage"]  # OpenAI's: the answered requests' prompt and generated tokens
     assert usage["input_tokens"] == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in answers.values())
     assert usage["output_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in answers.values())
@@ -136,7 +151,7 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     assert batch["id"] in [b["id"] for b in client.get("/v1/batches").json()["data"]]
     assert client.get("/v1/batches", headers=BOB).json()["data"] == []
     log = client.get(f"/v1/batches/{batch['id']}/log")
-    assert log.status_code == 200 and "answering 5 requests to /v1/chat/completions" in log.text
+    assert log.status_code == 200 and "answering 6 requests to /v1/chat/completions" in log.text
     assert client.get(f"/v1/batches/{batch['id']}/log", headers=BOB).status_code == 404
     again = client.post(f"/v1/batches/{batch['id']}/cancel")
     assert again.status_code == 400 and again.json()["error"]["code"] == "batch_not_cancellable"
