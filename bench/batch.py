@@ -16,11 +16,10 @@ answers (left padding must not change a greedy answer). Run from the repository 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
-from bench.throughput.inputs import CACHE, find_data
+from bench.arce_engine import arce_chat_prompts
 from bench.throughput.report import write_machine_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,22 +37,9 @@ def main() -> None:
 
     import torch  # noqa: F401 - imported before the clocks start
 
-    from sqft_service.inference.engine import InferenceEngine
-    from sqft_service.inference.render import chat_ids
-    from sqft_service.inference.spec import ModelSpec, Sampling
-    from sqft_service.model_access import smollm2_dir
-    from sqft_service.training.models import resolve_model_dir
+    from sqft_service.inference.spec import Sampling
 
-    gguf = next(smollm2_dir().glob("*.gguf"))
-    model_dir = resolve_model_dir(str(gguf), CACHE / "models")
-    source = find_data("arce_train_instruct.json")
-    if source is None:
-        raise SystemExit("../shared/data/arce_train_instruct.json is missing")
-    questions = [r["instruction"] for r in json.loads(source.read_text())[: args.requests]]
-    engine = InferenceEngine(threads=args.threads, max_queue=0, max_models=1, model_cache_dir=CACHE / "models")
-    spec = ModelSpec("smollm2", model_dir)
-    prompts = [engine.prepare(spec, lambda tok, q=q: chat_ids(tok, [{"role": "user", "content": q}], None))[0]
-               for q in questions]  # fmt: skip
+    engine, spec, gguf, prompts = arce_chat_prompts(args.threads, args.requests)
     sampling = Sampling(args.max_tokens, temperature=0.0)
     engine.generate(spec, prompts[0], sampling)  # warm-up, not kept
 
