@@ -191,7 +191,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_upload_body_bytes=settings.upload_limit_bytes + MULTIPART_OVERHEAD_BYTES,
         max_part_body_bytes=min(MAX_PART_BYTES, settings.upload_limit_bytes) + MULTIPART_OVERHEAD_BYTES,
     )
-    auth = install_auth(app, ApiKeys.parse(settings.api_key), open_paths=("/health", "/ready"))
+    keys = ApiKeys.parse(settings.api_key)
+    app.state.projects = keys.projects  # the projects a model may be shared with (api/permissions)
+    auth = install_auth(app, keys, open_paths=("/health", "/ready"))
     # Outside auth and the body limit, so their 401s and 413s are counted and carry the request id too.
     app.state.metrics = ServiceMetrics()
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)

@@ -7,10 +7,10 @@ one answer to a bounded size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, NotFoundError
 from ..training.records import json_type
 
 # Page sizes of the list routes: (default, maximum); a bigger `limit` is a 400 naming `limit`.
@@ -21,6 +21,24 @@ JOBS_PAGE = (20, 100)
 OPERATIONS_PAGE = (20, 100)
 EVENTS_PAGE = (20, 1_000)
 CHECKPOINTS_PAGE = (10, 100)
+
+T = TypeVar("T")
+
+
+def page_of(
+    items: Sequence[T], id_of: Callable[[T], str], *, after: str | None, limit: int, newest_first: bool, what: str
+) -> tuple[list[T], bool]:
+    """One page of a short list held in memory (a response's input items, a model's permissions), oldest
+    first unless ``newest_first``, starting after the item whose id is ``after`` (a 404 naming ``after``
+    if the list has none such): the page and whether more follow."""
+    ordered = list(reversed(items)) if newest_first else list(items)
+    if after is not None:
+        ids = [id_of(item) for item in ordered]
+        if after not in ids:
+            raise NotFoundError(f"No {what} has id '{after}'", param="after")
+        ordered = ordered[ids.index(after) + 1 :]
+    return ordered[:limit], len(ordered) > limit
+
 
 # OpenAI's `metadata`: at most 16 pairs, keys up to 64 characters, values strings up to 512.
 METADATA_MAX_KEYS = 16

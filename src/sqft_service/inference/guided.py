@@ -14,7 +14,6 @@ not allow gets -inf, and once the grammar is complete only end-of-sequence remai
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from ..errors import InvalidRequestError
@@ -42,26 +41,24 @@ def json_grammar(schema: dict[str, Any]) -> str:
 
 
 class GuideTokenizers:
-    """llguidance's view of each tokenizer (about 1 s to build), kept as long as the engine keeps the
-    tokenizer; the lock guards a batch job sharing an engine object across threads."""
+    """llguidance's view of each tokenizer, built once, kept as long as the engine keeps the tokenizer
+    (used from the engine's one worker thread, or a batch job's one thread)."""
 
     def __init__(self) -> None:
         self._built: dict[tuple[int, int], Any] = {}
-        self._lock = threading.Lock()
 
     def get(self, tokenizer: Any, eos: int) -> Any:
         from llguidance.hf import from_tokenizer
 
-        with self._lock:
-            if (found := self._built.get((id(tokenizer), eos))) is None:
-                try:
-                    found = self._built[(id(tokenizer), eos)] = from_tokenizer(tokenizer, eos_token=eos)
-                except ValueError as exc:  # a slow (Python) tokenizer: llguidance reads fast ones only
-                    raise InvalidRequestError(
-                        f"this model's tokenizer can't hold an answer to `response_format`: {exc}"[:500],
-                        param="response_format",
-                    ) from exc
-            return found
+        if (found := self._built.get((id(tokenizer), eos))) is None:
+            try:
+                found = self._built[(id(tokenizer), eos)] = from_tokenizer(tokenizer, eos_token=eos)
+            except ValueError as exc:  # a slow (Python) tokenizer: llguidance reads fast ones only
+                raise InvalidRequestError(
+                    f"this model's tokenizer can't hold an answer to `response_format`: {exc}"[:500],
+                    param="response_format",
+                ) from exc
+        return found
 
 
 def guide_processor(lltokenizer: Any, grammar: str, rows: int, prompt_len: int) -> Any:

@@ -79,7 +79,7 @@ def score_token(texts: TokenTexts, token_id: int, logprobs: Any, k: int) -> Toke
     top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
     if k:
         values, ids = torch.topk(logprobs, k)
-        top = tuple((texts(i)[0], texts(i)[1], _finite(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
+        top = tuple((*texts(i)[:2], _finite(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
     return TokenLogprob(text, raw, _finite(float(logprobs[token_id])), width, top)
 
 

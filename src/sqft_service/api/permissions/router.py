@@ -13,7 +13,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 
 from ...errors import InvalidRequestError, NotFoundError
-from ..auth import ApiKeys
+from ..limits import page_of
 from ..models.service import ModelService
 from ..openapi import error_responses
 from ..owner import current_owner
@@ -30,7 +30,7 @@ def _owned(request: Request, model: str):
 
 @router.post("", response_model=PermissionList, responses=ERRORS)
 def create_permissions(request: Request, fine_tuned_model_checkpoint: str, body: PermissionCreate) -> PermissionList:
-    projects = ApiKeys.parse(request.app.state.settings.api_key).projects
+    projects = request.app.state.projects
     if not projects:
         raise InvalidRequestError(
             "this service has one tenant (no `SQFT_API_KEY` projects): there is no other project to share with",
@@ -58,19 +58,14 @@ def list_permissions(
     order: Literal["ascending", "descending"] = "descending",
 ) -> PermissionList:
     service, entry = _owned(request, fine_tuned_model_checkpoint)
-    records = service.permissions.of_model(entry.id)
-    if order == "descending":
-        records.reverse()
-    if project_id is not None:
-        records = [r for r in records if r.project_id == project_id]
-    if after is not None:
-        ids = [r.id for r in records]
-        if after not in ids:
-            raise NotFoundError(f"no permission `{after}` of this model", param="after")
-        records = records[ids.index(after) + 1 :]
-    data = [Permission.of(r) for r in records[:limit]]
+    records = [r for r in service.permissions.of_model(entry.id) if project_id in (None, r.project_id)]
+    what = "permission of this model"
+    page, more = page_of(
+        records, lambda r: r.id, after=after, limit=limit, newest_first=order == "descending", what=what
+    )
+    data = [Permission.of(r) for r in page]
     first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return PermissionList(data=data, first_id=first, last_id=last, has_more=len(records) > limit)
+    return PermissionList(data=data, first_id=first, last_id=last, has_more=more)
 
 
 @router.delete("/{permission_id}", response_model=DeletedPermission, responses=ERRORS)

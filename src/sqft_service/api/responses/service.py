@@ -23,6 +23,7 @@ from ...store.responses import ResponseStore
 from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
+from ..limits import page_of
 from ..owner import current_owner, owned_by_caller
 from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest, message_item
 
@@ -61,21 +62,13 @@ class ResponseService:
 
     def input_items(self, response_id: str, after: str | None, limit: int, order: str) -> InputItemList:
         """The response's own input items, newest first unless ``order`` is ``asc``; ``after`` an item id."""
-        items = list(self._stored(response_id, "response_id").input_items)
-        if order == "desc":
-            items.reverse()
-        if after is not None:
-            ids = [item["id"] for item in items]
-            if after not in ids:
-                raise NotFoundError(f"No input item '{after}' in response '{response_id}'", param="after")
-            items = items[ids.index(after) + 1 :]
-        page = items[:limit]
-        return InputItemList(
-            data=page,
-            first_id=page[0]["id"] if page else None,
-            last_id=page[-1]["id"] if page else None,
-            has_more=len(items) > limit,
+        items = self._stored(response_id, "response_id").input_items
+        what = f"input item of response '{response_id}'"
+        page, more = page_of(
+            items, lambda i: i["id"], after=after, limit=limit, newest_first=order == "desc", what=what
         )
+        first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
+        return InputItemList(data=page, first_id=first, last_id=last, has_more=more)
 
     def delete(self, response_id: str) -> DeletedResponse:
         self._stored(response_id, "response_id")
