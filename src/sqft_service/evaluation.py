@@ -39,6 +39,7 @@ N_SAMPLES = 3
 def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> tuple[list[int], str]:
     """The prompt's token ids as the candidate saw prompts in training, and the reference answer."""
     from .inference.render import chat_ids
+    from .tool_calls import assistant_text
     from .training.prompts import alpaca_prompt
     from .training.tokenization import _adds_bos
 
@@ -47,12 +48,13 @@ def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> 
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None:
             raise UserError("a chat record has no assistant message to compare against", param="file")
-        context, reference = messages[:last], messages[last].get("content") or ""
+        # A turn of calls is compared as the model writes it (``tool_calls.assistant_text``).
+        context, reference = messages[:last], assistant_text(messages[last])
         if data_format == "alpaca":  # a model trained on Alpaca: the last user turn as the instruction
             users = [m for m in context if m.get("role") == "user"]
             record = {"instruction": users[-1]["content"] if users else ""}
         else:
-            return chat_ids(tokenizer, context, "chat"), reference
+            return chat_ids(tokenizer, context, "chat", record.get("tools")), reference
     else:
         reference = record["output"]
         if data_format == "chat":  # a model trained on chat: the instruction (and input) as one user turn

@@ -49,7 +49,7 @@ def calibration_texts(calibration_file: str | None, n_samples: int) -> list[str]
     texts = []
     for record in load_records(calibration_file)[:n_samples]:
         if "messages" in record:
-            texts.append("\n".join(m["content"] for m in record["messages"]))
+            texts.append("\n".join(m.get("content") or "" for m in record["messages"]))
         else:
             texts.append(alpaca_prompt(record) + record["output"])
     return texts

@@ -87,8 +87,10 @@ def answer(
     return len(ids), engine.generate(spec, ids, sampling_for(req, len(ids), context, kind, param))
 
 
-def chat_renderer(spec: ModelSpec, messages: list[dict[str, str]]) -> Callable[[Any], list[int]]:
-    return lambda tokenizer: chat_ids(tokenizer, messages, spec.data_format)
+def chat_renderer(
+    spec: ModelSpec, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> Callable[[Any], list[int]]:
+    return lambda tokenizer: chat_ids(tokenizer, messages, spec.data_format, tools)
 
 
 def completion_renderer(prompt: str | list[int]) -> Callable[[Any], list[int]]:

@@ -4,8 +4,9 @@
   with the generation prompt (the template renders its own BOS, as in training);
 * chat requests to a model trained on Alpaca records: the same Alpaca template it trained with
   (``training/prompts.py``), the user's message as the instruction, BOS only where the tokenizer adds
-  one (``training/tokenization.py``). Alpaca has no turns or system prompt, so exactly one user
+  one (``training/tokenization.py``). Alpaca has no turns, system prompt or tools, so exactly one user
   message is accepted; anything else is a 400 rather than a prompt the model never saw;
+* tools, tool calls and tool results: as ``tool_calls.py`` renders them, in training as in serving;
 * completions: the prompt text as given (plus the BOS the tokenizer adds), as OpenAI's legacy
   completions do: the client writes the whole prompt.
 """
@@ -15,12 +16,22 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
+from ..tool_calls import reads_tools, template_messages
 from ..training.prompts import alpaca_prompt
 from ..training.tokenization import _adds_bos
 
 
-def chat_ids(tokenizer: Any, messages: list[dict[str, str]], data_format: str | None) -> list[int]:
+def chat_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], data_format: str | None, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """``messages`` and ``tools`` in OpenAI's chat form (``tool_calls.template_messages`` renders calls)."""
     if data_format == "alpaca":
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            raise UserError(
+                "this model was fine-tuned on Alpaca records (instruction → output), which have no tools: "
+                "send no `tools`, tool calls or tool messages",
+                param="tools",
+            )
         if len(messages) != 1 or messages[0]["role"] != "user":
             raise UserError(
                 "this model was fine-tuned on Alpaca records (instruction → output): send exactly one "
@@ -36,7 +47,8 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], data_format: str | 
             "use /v1/completions with a prompt",
             param="messages",
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns, template_tools = template_messages(messages, tools, reads_tools(tokenizer))
+    text = tokenizer.apply_chat_template(turns, tools=template_tools, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

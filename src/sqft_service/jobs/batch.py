@@ -124,7 +124,7 @@ class _Answerer:
     def chunk(self, lines: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
         """``(custom_id, status, body)`` per line, in the lines' order."""
         results: dict[str, tuple[int, dict[str, Any]]] = {}
-        together: dict[str, list[tuple[str, list[int], Sampling]]] = {}  # model -> its greedy rows
+        together: dict[str, list[tuple[str, list[int], Sampling, Any]]] = {}  # model -> its greedy rows
         for line in lines:
             custom_id = line["custom_id"]
             try:
@@ -134,33 +134,34 @@ class _Answerer:
                 if _together(req) and len(renders) == 1:
                     ids, context = self.engine.prepare(spec, renders[0])
                     sampling = sampling_for(req, len(ids), context, self.kind, self.param)
-                    together.setdefault(req.model, []).append((custom_id, ids, sampling))
+                    together.setdefault(req.model, []).append((custom_id, ids, sampling, req))
                     continue
                 n_prompt, choices = 0, []
                 for render in renders:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
                     n, these = answer(self.engine, spec, render, req, self.kind, self.param)
                     n_prompt, choices = n_prompt + n, [*choices, *these]
-                results[custom_id] = (200, self._body(req.model, n_prompt, choices))
+                results[custom_id] = (200, self._body(req, n_prompt, choices))
             except (ServiceError, UserError) as exc:
                 results[custom_id] = _failure(exc)
         for model, rows in together.items():
             try:
                 choices = self.engine.generate_greedy(self.specs[model], [r[1] for r in rows], [r[2] for r in rows])
             except (ServiceError, UserError) as exc:
-                results.update({custom_id: _failure(exc) for custom_id, _, _ in rows})
+                results.update({custom_id: _failure(exc) for custom_id, *_ in rows})
                 continue
-            for (custom_id, ids, _), choice in zip(rows, choices, strict=True):
-                results[custom_id] = (200, self._body(model, len(ids), [choice]))
+            for (custom_id, ids, _, req), choice in zip(rows, choices, strict=True):
+                results[custom_id] = (200, self._body(req, len(ids), [choice]))
         return [(line["custom_id"], *results[line["custom_id"]]) for line in lines]
 
     def _renders(self, spec: ModelSpec, req: Any) -> list[Callable[[Any], list[int]]]:
         if self.chat:
-            return [chat_renderer(spec, [m.as_dict() for m in req.messages])]
+            return [chat_renderer(spec, *req.conversation())]
         return [completion_renderer(p) for p in req.prompts]
 
-    def _body(self, model: str, n_prompt: int, choices: list[Choice]) -> dict[str, Any]:
-        response = ChatCompletion if self.chat else Completion
-        return response.of(model, n_prompt, choices).model_dump()
+    def _body(self, req: Any, n_prompt: int, choices: list[Choice]) -> dict[str, Any]:
+        if self.chat:  # a line's tool calls are read as the route reads them
+            return ChatCompletion.of(req.model, n_prompt, choices, req.call_parser).model_dump()
+        return Completion.of(req.model, n_prompt, choices).model_dump()
 
 
 def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..tool_calls import reads_tools, template_messages
 from .records import DataValidationError
 
 PROMPT_WITH_INPUT = (
@@ -30,12 +31,17 @@ def alpaca_prompt(record: dict[str, Any]) -> str:
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any, *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def chat_segments(messages: list[dict[str, str]], tokenizer: Any, index: int = 0) -> list[tuple[str, bool]]:
+def chat_segments(
+    messages: list[dict[str, Any]], tokenizer: Any, index: int = 0, tools: list[dict[str, Any]] | None = None
+) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, is_target)`` pieces that concatenate to it.
+
+    Tools, tool calls and tool results are rendered as ``tool_calls.template_messages`` has them (as
+    serving renders them); an assistant turn's calls are its target like its text.
 
     Each assistant turn's boundaries come from rendering the prefix before it with the generation
     prompt and the prefix including it: the difference is exactly what the template emits for that
@@ -52,18 +58,19 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: Any, index: int = 0
             "the tokenizer has no chat template, so chat-format ('messages') records can't be "
             "rendered; use Alpaca-format records or a model with a chat template"
         )
-    full = _render(tokenizer, messages, generation_prompt=False)
+    messages, tools = template_messages(messages, tools, reads_tools(tokenizer))
+    full = _render(tokenizer, messages, tools, generation_prompt=False)
     eos = tokenizer.eos_token or ""
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        content = msg["content"]
+        content = msg["content"] or ""
         start = end = -1
         if i > 0:
-            before = _render(tokenizer, messages[:i], generation_prompt=True)
-            upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+            before = _render(tokenizer, messages[:i], tools, generation_prompt=True)
+            upto = _render(tokenizer, messages[: i + 1], tools, generation_prompt=False)
             if upto.startswith(before) and full.startswith(upto) and len(before) >= cursor:
                 start, end = len(before), len(upto)
         if start < 0:

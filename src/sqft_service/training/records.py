@@ -4,7 +4,9 @@ Three record formats are accepted, one per file:
 
 * **Alpaca**: ``{"instruction": str, "input": str (optional), "output": str}``.
 * **Chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the
-  last message must be the assistant's.
+  last message must be the assistant's. With function calling (OpenAI's fine-tuning form): ``"tools"``
+  beside ``"messages"``, assistant messages with ``"tool_calls"`` (content then optional) and ``"tool"``
+  messages answering them (``"tool_call_id"``); rendered as ``tool_calls.py`` renders them when serving.
 * **Preference** (for ``method.type: "dpo"``), in OpenAI's form ``{"input": {"messages": [...]},
   "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}`` or in
   TRL's (Hugging Face preference data sets) ``{"prompt": str | messages, "chosen": str | messages,
@@ -27,7 +29,8 @@ from typing import Any, Literal
 from ..errors import UserError
 
 Format = Literal["alpaca", "chat", "preference"]
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
+_PROMPT_ROLES = ("system", "user", "assistant")  # preference prompts and replies: no tools
 
 
 class DataValidationError(UserError):
@@ -138,7 +141,8 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
         _validate_preference(rec, line)
         return fmt
     messages = rec["messages"]
-    _validate_messages(messages, "messages", line)
+    _validate_messages(messages, "messages", line, tools=True)
+    _validate_tools(rec, messages, line)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataValidationError("'messages' has no assistant message: nothing to train on", line)
     if messages[-1]["role"] != "assistant":
@@ -146,19 +150,72 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     return fmt
 
 
-def _validate_messages(messages: Any, where: str, line: int) -> None:
+def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = False) -> None:
+    """Each message's role and content; with ``tools``, tool calls and tool messages too."""
     if not isinstance(messages, list) or not messages:
         raise DataValidationError(f"field '{where}' must be a non-empty array", line)
+    roles = _ROLES if tools else _PROMPT_ROLES
     for j, msg in enumerate(messages):
         at = f"{where}[{j}]"
         if not isinstance(msg, dict):
             raise DataValidationError(f"{at} must be an object, got {json_type(msg)}", line)
         role = msg.get("role")
-        if role not in _ROLES:
-            raise DataValidationError(f"{at}.role must be one of {', '.join(_ROLES)}, got {role!r}", line)
-        if not isinstance(msg.get("content"), str):
+        if role not in roles:
+            raise DataValidationError(f"{at}.role must be one of {', '.join(roles)}, got {role!r}", line)
+        calls = msg.get("tool_calls") if tools else None
+        if calls is not None:
+            _validate_calls(calls, f"{at}.tool_calls", role, line)
+        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
             got = json_type(msg["content"]) if "content" in msg else "nothing"
             raise DataValidationError(f"{at}.content must be a string, got {got}", line)
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            raise DataValidationError(f"{at}.tool_call_id must be a string (the id of the call it answers)", line)
+
+
+def _validate_calls(calls: Any, at: str, role: str, line: int) -> None:
+    if role != "assistant":
+        raise DataValidationError(f"{at}: only an assistant message has tool calls", line)
+    if not isinstance(calls, list) or not calls:
+        raise DataValidationError(f"{at} must be a non-empty array", line)
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataValidationError(f"{at}[{k}] must be an object with 'function': {{'name', 'arguments'}}", line)
+        args = fn.get("arguments")
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise DataValidationError(f"{at}[{k}].function.arguments must be a JSON object, as a string", line)
+
+
+def _validate_tools(rec: dict[str, Any], messages: list[dict[str, Any]], line: int) -> None:
+    """A chat record's ``tools``: function definitions whose names its calls use; each tool message
+    answers an earlier call."""
+    tools = rec.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise DataValidationError(f"field 'tools' must be an array, got {json_type(tools)}", line)
+        for k, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise DataValidationError(f"tools[{k}] must be an object with 'function': {{'name', ...}}", line)
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise DataValidationError(f"tools[{k}].function.parameters must be a JSON schema (an object)", line)
+    names = {t["function"]["name"] for t in tools or ()}
+    ids: set[Any] = set()
+    for j, msg in enumerate(messages):
+        for call in msg.get("tool_calls") or ():
+            if call["function"]["name"] not in names:
+                raise DataValidationError(
+                    f"messages[{j}] calls {call['function']['name']!r}, which is not one of the record's 'tools'", line
+                )
+            ids.add(call.get("id"))
+        if msg["role"] == "tool" and msg["tool_call_id"] not in ids:
+            raise DataValidationError(
+                f"messages[{j}].tool_call_id {msg['tool_call_id']!r} answers no earlier tool call", line
+            )
 
 
 def _validate_preference(rec: dict[str, Any], line: int) -> None:

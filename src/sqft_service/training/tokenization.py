@@ -78,7 +78,7 @@ def _record_segments(
     """``(text, is_target)`` pieces of one record, and whether EOS must be appended to the target."""
     if "messages" not in record:
         return [(alpaca_prompt(record), False), (record["output"], True)], True
-    segments = chat_segments(record["messages"], tokenizer, index)
+    segments = chat_segments(record["messages"], tokenizer, index, record.get("tools"))
     if last_turn_only:  # earlier assistant turns become context
         last = max(i for i, (_, target) in enumerate(segments) if target)
         segments = [(text, target and i == last) for i, (text, target) in enumerate(segments)]

@@ -1,6 +1,6 @@
 """OpenAI's chat-completion and completion requests (the supported subset) and answers.
 
-Fields this service does not implement (``tools``, ``audio``, ...) are refused
+Fields this service does not implement (``audio``, ``modalities``, ...) are refused
 with a 400 that names them, rather than silently ignored.
 """
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ...config import MAX_SEED
 from ...inference.spec import Choice, TokenLogprob
+from ...tool_calls import CallParser, new_call_id
 
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 8
@@ -34,16 +35,97 @@ class TextPart(BaseModel):
     text: str
 
 
+MAX_TOOLS = 128  # OpenAI's bound
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_SCHEMA_CHARS)  # a JSON object, as text (OpenAI's form)
+
+    @field_validator("arguments")
+    @classmethod
+    def _object(cls, v: str) -> str:
+        try:
+            parsed = json.loads(v)
+        except ValueError:
+            raise ValueError("`arguments` must be a JSON object, as text") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("`arguments` must be a JSON object, as text")
+        return v
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's calls
+    tool_call_id: str | None = Field(None, max_length=256)  # the call a tool message answers
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    @model_validator(mode="after")
+    def _fields_of_role(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has `tool_calls`")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a `tool` message has a `tool_call_id` (the call it answers), and only it")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a `{self.role}` message needs `content`")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message in OpenAI's chat form as ``tool_calls.template_messages`` takes it."""
+        text = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=MAX_SCHEMA_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # a required call always fits its schema, strict or not
+
+    @field_validator("parameters")
+    @classmethod
+    def _supported(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from ...inference.guided import json_grammar
+
+        if v is not None:  # a call held to it (`tool_choice`) needs the grammar: a bad one is a 400 now
+            if len(json.dumps(v)) > MAX_SCHEMA_CHARS:
+                raise ValueError(f"the schema is over {MAX_SCHEMA_CHARS} characters")
+            json_grammar(v)
+        return v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -137,11 +219,68 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    _call_grammar: str | None = PrivateAttr(None)
+
+    @field_validator("messages")
+    @classmethod
+    def _results_answer_calls(cls, v: list[Message]) -> list[Message]:
+        called: set[str] = set()
+        for i, m in enumerate(v):
+            called |= {c.id for c in m.tool_calls or ()}
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise ValueError(f"messages[{i}]: `tool_call_id` {m.tool_call_id!r} answers no earlier tool call")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct(cls, v: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in v or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions have the same name")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_tools(cls, v: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools")
+        if v is not None and not tools:
+            raise ValueError("`tool_choice` needs `tools`")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"{v.function.name!r} is not one of `tools`")
+        return v
+
+    @model_validator(mode="after")
+    def _call_held(self) -> ChatCompletionRequest:
+        from ...tool_calls import call_grammar
+
+        if self.tools and self.tool_choice != "none" and self.grammar is not None:
+            raise ValueError("`response_format` with `tools` is not supported: send `tool_choice: none`, or no format")
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if named is not None or self.tool_choice == "required":  # each schema was checked with its tool
+            tools = [t.model_dump() for t in self.tools or ()]
+            self._call_grammar = call_grammar(tools, named, self.parallel_tool_calls)
+        return self
 
     @property
     def grammar(self) -> str | None:
-        """What structured outputs hold the answer to; None: free text."""
+        """What the answer is held to: a required call, structured outputs, or None (free text)."""
+        if self._call_grammar is not None:
+            return self._call_grammar
         return self.response_format.grammar if self.response_format else None
+
+    @property
+    def call_parser(self) -> CallParser | None:
+        """How the answer's calls are read; None: it is text (no tools, or `tool_choice: none`)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return CallParser(frozenset(t.function.name for t in self.tools), self.parallel_tool_calls)
+
+    def conversation(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and the tools (OpenAI's chat form) the prompt is rendered from."""
+        return [m.as_dict() for m in self.messages], [t.model_dump() for t in self.tools] if self.tools else None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -197,8 +336,18 @@ class Usage(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @classmethod
+    def of(cls, text: str, parser: CallParser | None) -> tuple[ChatMessage, bool]:
+        """The answer as a message, and whether it is calls."""
+        content, calls = parser.split(text) if parser else (text, [])
+        if not calls:
+            return cls(content=text), False
+        made = [ToolCall(id=new_call_id(), function=FunctionCall.model_construct(**c)) for c in calls]
+        return cls(content=content, tool_calls=made), True
 
 
 class TopLogprob(BaseModel):
@@ -247,20 +396,25 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
     @classmethod
-    def of(cls, model: str, n_prompt: int, choices: list[Choice]) -> ChatCompletion:
+    def of(cls, model: str, n_prompt: int, choices: list[Choice], parser: CallParser | None = None) -> ChatCompletion:
+        """``parser``: the request's tools, whose calls in an answer become its ``tool_calls``."""
+        out = []
+        for i, c in enumerate(choices):
+            message, calls = ChatMessage.of(c.text, parser)
+            out.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    # A call cut short by max_tokens does not parse: that answer stays "length".
+                    finish_reason="tool_calls" if calls else c.finish_reason,
+                    logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs),
+                )
+            )
         return cls(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=ChatMessage(content=c.text),
-                    finish_reason=c.finish_reason,
-                    logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs),
-                )
-                for i, c in enumerate(choices)
-            ],
+            choices=out,
             usage=Usage.of(n_prompt, choices),
         )
 

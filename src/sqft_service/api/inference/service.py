@@ -24,6 +24,7 @@ from ...inference.answer import answer, chat_renderer, completion_renderer, samp
 from ...inference.engine import InferenceEngine, drain
 from ...inference.spec import Choice, ModelSpec
 from ...settings import Settings
+from ...tool_calls import CallParser, HeldStream, new_call_id
 from ..models.service import ModelService
 from .protocol import (
     ChatCompletion,
@@ -108,10 +109,10 @@ class InferenceService:
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | Iterator[str]:
         if req.stream:
             spec = await self._spec(req.model)
-            render = chat_renderer(spec, [m.as_dict() for m in req.messages])
+            render = chat_renderer(spec, *req.conversation())
             return await self._stream(req, spec, [render], "chat", "messages")
         n_prompt, choices = await self.chat_answer(req)
-        return ChatCompletion.of(req.model, n_prompt, choices)
+        return ChatCompletion.of(req.model, n_prompt, choices, req.call_parser)
 
     async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
         spec = await self._spec(req.model)
@@ -129,7 +130,7 @@ class InferenceService:
     async def chat_answer(self, req: ChatCompletionRequest) -> tuple[int, list[Choice]]:
         """A chat request's prompt tokens and choices (the Responses API answers with them)."""
         spec = await self._spec(req.model)
-        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
+        render = chat_renderer(spec, *req.conversation())
         engine = self._reserve()
         future = self._submit(engine, answer, engine, spec, render, req, "chat", "messages", release=True)
         return await asyncio.wrap_future(future)
@@ -138,7 +139,7 @@ class InferenceService:
         """A chat request's generation started: its prompt tokens, the sink ``InferenceEngine.stream``
         fills, and the event that stops it (the Responses API streams its own events from them)."""
         spec = await self._spec(req.model)
-        render = chat_renderer(spec, [m.as_dict() for m in req.messages])
+        render = chat_renderer(spec, *req.conversation())
         n_prompt, sinks, cancel = await self._start(req, spec, [render], "chat", "messages")
         return n_prompt, sinks[0], cancel
 
@@ -146,7 +147,8 @@ class InferenceService:
         n_prompt, sinks, cancel = await self._start(req, spec, renders, kind, param)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         scored = getattr(req, "scored", None) is not None
-        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored)
+        parser = getattr(req, "call_parser", None)
+        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored, parser)
 
     async def _start(
         self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str
@@ -185,6 +187,7 @@ class InferenceService:
         cancel: threading.Event,
         usage: bool,
         scored: bool,
+        parser: CallParser | None = None,
     ) -> Iterator[str]:
         """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine).
 
@@ -195,16 +198,31 @@ class InferenceService:
         as in the non-streamed answer, and its choices finish before the next prompt's begin. With
         log-probabilities, a chunk carries those of the tokens decoded since the previous one (text held
         back, as a piece of a stop string, is sent with its tokens later), a completion's offsets counted
-        in the choice's text sent so far.
+        in the choice's text sent so far. With tools, a choice's text is sent while it cannot be a call;
+        from a call's start it is held, and at the end its calls are sent whole, in one chunk with what
+        was held (``tool_calls.HeldStream``), and the choice finishes with ``tool_calls``.
         """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         sent: dict[int, int] = {}  # a completion choice's characters sent: its next token's text offset
 
+        held: dict[int, HeldStream] = {}  # with tools: each choice's answer
+        waiting: dict[int, list] = {}  # with tools and log-probabilities: the scores of held text
+
         def chunk(
-            index: int, text: str | None, finish: str | None = None, role: bool = False, scores: list | None = None
+            index: int,
+            text: str | None,
+            finish: str | None = None,
+            role: bool = False,
+            scores: list | None = None,
+            calls: list[dict[str, str]] | None = None,
         ) -> dict[str, Any]:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                if calls:
+                    delta["tool_calls"] = [
+                        {"index": k, "id": new_call_id(), "type": "function", "function": call}
+                        for k, call in enumerate(calls)
+                    ]
                 logprobs = ChatLogprobs.of(scores) if scored and scores is not None else None
                 return chat_chunk(cid, created, model, index, delta, finish, logprobs)
             logprobs = CompletionLogprobs.of(scores, sent.get(index, 0)) if scored and scores is not None else None
@@ -227,10 +245,24 @@ class InferenceService:
                         final = item
                         continue
                     index, piece, scores = item
+                    if parser is not None:
+                        index += offset
+                        waiting.setdefault(index, []).extend(scores or ())
+                        if not (piece := held.setdefault(index, HeldStream(parser)).push(piece)):
+                            continue
+                        scores, waiting[index] = (waiting[index] if scored else None), []
+                        index -= offset
                     yield _sse(chunk(offset + index, piece, scores=scores))
                 assert final is not None
                 for index, choice in enumerate(final):
-                    yield _sse(chunk(offset + index, None, choice.finish_reason))
+                    finish = choice.finish_reason
+                    if parser is not None:
+                        text, calls = held.get(offset + index, HeldStream(parser)).finish()
+                        scores = waiting.pop(offset + index, [])
+                        if text or calls or (scored and scores):
+                            yield _sse(chunk(offset + index, text, scores=scores if scored else None, calls=calls))
+                        finish = "tool_calls" if calls else finish
+                    yield _sse(chunk(offset + index, None, finish))
                 choices += final
             if usage:
                 body = chunk(0, None)
