@@ -34,6 +34,7 @@ PICK = {
         },
     },
 }
+PICK_TOOL = {"type": "function", "function": {"name": "pick", "parameters": PICK["json_schema"]["schema"]}}
 ASK = [{"role": "user", "content": "Repeat the word red."}]
 
 
@@ -108,6 +109,15 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
         "two": {"model": tuned, "messages": ASK, "n": 2, **greedy},
         # Held to a schema (answered alone, as the route does, not in a batched generation).
         "json": {"model": tuned, "messages": ASK, "max_tokens": 16, "temperature": 0, "response_format": PICK},
+        # A required call (the base model renders tools: it was not trained on Alpaca), read as the route reads it.
+        "call": {
+            "model": str(tiny_model_dir),
+            "messages": ASK,
+            "max_tokens": 32,
+            "temperature": 0,
+            "tools": [PICK_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "pick"}},
+        },
         # Alpaca has no system prompt: the route's 400 naming `messages`, as this line's error.
         "system": {"model": tuned, "messages": [{"role": "system", "content": "Be brief."}, *ASK]},
     }
@@ -117,18 +127,20 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     batch = created.json()
     assert batch["object"] == "batch" and batch["id"].startswith("batch_")
     assert batch["status"] in ("validating", "in_progress") and batch["endpoint"] == "/v1/chat/completions"
-    assert batch["request_counts"]["total"] == 6 and batch["metadata"] == {"run": "nightly"}
+    assert batch["request_counts"]["total"] == 7 and batch["metadata"] == {"run": "nightly"}
     assert batch["expires_at"] == batch["created_at"] + 24 * 3600
 
     done = _ended(client, batch["id"])
     assert done["status"] == "completed", done
     parsed = Batch.model_validate(done)  # the openai SDK's own type reads it
-    assert parsed.request_counts is not None and parsed.request_counts.completed == 5
-    assert done["request_counts"] == {"total": 6, "completed": 5, "failed": 1}
+    assert parsed.request_counts is not None and parsed.request_counts.completed == 6
+    assert done["request_counts"] == {"total": 7, "completed": 6, "failed": 1}
     assert done["completed_at"] >= done["in_progress_at"] >= done["created_at"]
     answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
-    assert set(answers) == {"tuned", "merged", "base", "two", "json"} and set(errors) == {"system"}
+    assert set(answers) == {"tuned", "merged", "base", "two", "json", "call"} and set(errors) == {"system"}
     assert json.loads(answers["json"]["response"]["body"]["choices"][0]["message"]["content"])["c"] in ("red", "blue")
+    (call,) = answers["call"]["response"]["body"]["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "pick" and json.loads(call["function"]["arguments"])["c"] in ("red", "blue")
     usage = done["usage"]  # OpenAI's: the answered requests' prompt and generated tokens
     assert usage["input_tokens"] == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in answers.values())
     assert usage["output_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in answers.values())
@@ -151,7 +163,7 @@ def test_a_batch_answers_each_line_as_the_routes_do(served, tmp_path, tiny_model
     assert batch["id"] in [b["id"] for b in client.get("/v1/batches").json()["data"]]
     assert client.get("/v1/batches", headers=BOB).json()["data"] == []
     log = client.get(f"/v1/batches/{batch['id']}/log")
-    assert log.status_code == 200 and "answering 6 requests to /v1/chat/completions" in log.text
+    assert log.status_code == 200 and "answering 7 requests to /v1/chat/completions" in log.text
     assert client.get(f"/v1/batches/{batch['id']}/log", headers=BOB).status_code == 404
     again = client.post(f"/v1/batches/{batch['id']}/cancel")
     assert again.status_code == 400 and again.json()["error"]["code"] == "batch_not_cancellable"

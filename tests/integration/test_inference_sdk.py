@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.helpers import alpaca_records, write_json
 from tests.integration.conftest import sdk_job_end
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=12)
+    unit: Literal["c", "f"]
 
 
 def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_model_dir):
@@ -112,6 +120,26 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
         client.responses.create(model=name, input="Again.", previous_response_id=response.id)
     assert refused.value.body["param"] == "input"
     assert client.responses.delete(response.id) is None
+
+    # Function calling in the SDK's types, on the base model (the project fine-tuned it): a call the
+    # request requires is made whatever the weights, and the SDK's `parse` reads its arguments into
+    # the pydantic model its tool came from; its stream helper joins the streamed call alike.
+    base, weather = str(tiny_model_dir), openai.pydantic_function_tool(GetWeather)
+    ask = {"model": base, "messages": messages, "tools": [weather], "max_tokens": 64, "temperature": 0}
+    chosen = {"type": "function", "function": {"name": "GetWeather"}}
+    parsed = client.chat.completions.parse(**ask, tool_choice=chosen)
+    (call,) = parsed.choices[0].message.tool_calls
+    assert parsed.choices[0].finish_reason == "tool_calls" and call.function.name == "GetWeather"
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    with client.chat.completions.stream(**ask, tool_choice=chosen) as events:
+        streamed_call = events.get_final_completion().choices[0].message.tool_calls[0]
+    assert streamed_call.function.parsed_arguments == call.function.parsed_arguments
+    flat = {"type": "function", **weather["function"]}
+    made = client.responses.create(
+        model=base, input="Weather?", tools=[flat], tool_choice="required", max_output_tokens=64, temperature=0
+    )
+    assert made.output[0].type == "function_call" and made.output[0].name == "GetWeather"
+    GetWeather.model_validate_json(made.output[0].arguments)
 
     assert client.models.delete(name).deleted is True
     assert name not in [m.id for m in client.models.list()]

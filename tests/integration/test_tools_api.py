@@ -222,3 +222,63 @@ def test_a_bad_tool_record_is_refused_at_upload_naming_its_line(served, tmp_path
         response = client.post("/v1/files", files={"file": ("bad.jsonl", handle)}, data={"purpose": "fine-tune"})
     assert response.status_code == 400
     assert "'bad.jsonl': line 2: messages[1] calls 'get_weather'" in response.json()["error"]["message"]
+
+
+def _flat(tool: dict) -> dict:
+    """A chat tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
+
+
+def test_the_responses_api_makes_calls_as_function_call_items_and_takes_their_outputs(served):
+    client, _, tooled, _ = served
+    body = {
+        "model": tooled,
+        "input": ASK[0]["content"],
+        "tools": [_flat(WEATHER)],
+        "temperature": 0,
+        "max_output_tokens": 48,
+    }
+    made = client.post("/v1/responses", json=body)
+    assert made.status_code == 200, made.text
+    response = made.json()
+    assert response["status"] == "completed" and response["tool_choice"] == "auto"
+    assert response["tools"][0]["name"] == "get_weather"
+    (call,) = response["output"]
+    assert call["type"] == "function_call" and call["status"] == "completed"
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    assert call["id"].startswith("fc_") and call["call_id"].startswith("call_")
+
+    # Streamed: the same call, as Responses' events; no message item (the answer has no text).
+    with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[4]["arguments"] == call["arguments"] and events[-1]["response"]["output"][0]["name"] == "get_weather"
+
+    # The result sent back, by previous_response_id: the stored conversation holds the call it answers.
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "18 C"}
+    follow = client.post(
+        "/v1/responses",
+        json={**body, "input": [result], "previous_response_id": response["id"], "max_output_tokens": 4},
+    )
+    assert follow.status_code == 200, follow.text
+    assert follow.json()["usage"]["input_tokens"] > response["usage"]["input_tokens"]
+    listed = client.get(f"/v1/responses/{follow.json()['id']}/input_items").json()["data"]
+    assert listed[0]["type"] == "function_call_output" and listed[0]["id"].startswith("fco_")
+    # ... or sent whole, call and result: the same prompt.
+    whole = client.post(
+        "/v1/responses",
+        json={**body, "input": [{"role": "user", "content": ASK[0]["content"]}, call, result], "max_output_tokens": 4},
+    )
+    assert whole.json()["usage"]["input_tokens"] == follow.json()["usage"]["input_tokens"]
+    # A result of no call is a 400 naming the input.
+    lost = client.post("/v1/responses", json={**body, "input": [{**result, "call_id": "call_x"}]})
+    assert lost.status_code == 400 and lost.json()["error"]["param"] == "input", lost.text

@@ -1,8 +1,9 @@
 """OpenAI's Responses API (the subset a text model answers): requests, the response object, its events.
 
-A response is one assistant message, generated as a chat completion is (the same rendering, sampling
-and structured outputs: ``api/inference``). Fields for tools, reasoning, audio or images are refused
-with a 400 naming them.
+A response is one assistant message, or its function calls, generated as a chat completion is (the
+same rendering, sampling, structured outputs and tools: ``api/inference``, ``tool_calls.py``), in
+Responses' spelling: flat function tools, ``function_call`` output items, ``function_call_output``
+input items. Fields for built-in tools, reasoning, audio or images are refused with a 400 naming them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from ...store.ids import new_id
-from ..inference.protocol import MAX_TOKENS_LIMIT, JsonSchemaFormat, ResponseFormat
+from ...tool_calls import new_call_id
+from ..inference.protocol import (
+    MAX_SCHEMA_CHARS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOOLS,
+    FunctionDefinition,
+    JsonSchemaFormat,
+    ResponseFormat,
+)
 
 MAX_INPUT_ITEMS = 256
 MAX_METADATA_KEYS = 16
@@ -39,6 +48,72 @@ class InputMessage(BaseModel):
     def as_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+    def listed(self) -> dict[str, Any]:
+        content = [{"type": "input_text", "text": self.as_dict()["content"]}]
+        return {
+            "id": self.id or new_id("msg", "_"),
+            "type": "message",
+            "role": self.role,
+            "status": "completed",
+            "content": content,
+        }
+
+
+class FunctionCallItem(BaseModel):
+    """A call the model made (an earlier response's output item, sent back with its result)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=256)
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_SCHEMA_CHARS)
+    id: str | None = None
+    status: str | None = None
+
+    def listed(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fc", "_"), "status": "completed"}
+
+
+class FunctionOutputItem(BaseModel):
+    """A call's result."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=256)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+    def listed(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fco", "_"), "status": "completed"}
+
+
+def _item_type(value: Any) -> str:
+    return (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(FunctionDefinition):
+    """Responses' function tool: chat's ``{"type", "function": {...}}`` flattened."""
+
+    type: Literal["function"]
+
+    def as_chat(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
+
+
+class FunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
 
 
 class TextFormat(BaseModel):
@@ -80,7 +155,7 @@ class ResponseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(max_length=4096)
-    input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     instructions: str | None = None
     previous_response_id: str | None = Field(None, max_length=64)
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -91,25 +166,49 @@ class ResponseRequest(BaseModel):
     store: bool = True
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=MAX_METADATA_KEYS)
     user: str | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool = True
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
+        """The input as chat turns: a call joins the assistant turn before it; a result is a tool turn."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        return [m.as_dict() for m in self.input]
+        turns: list[dict[str, Any]] = []
+        for item in self.input:
+            if isinstance(item, FunctionCallItem):
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments},
+                }
+                if turns and turns[-1]["role"] == "assistant":
+                    turns[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    turns.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionOutputItem):
+                turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                turns.append(item.as_dict())
+        return turns
+
+    def chat_tools(self) -> dict[str, Any]:
+        """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as a chat request has them."""
+        if not self.tools:
+            return {} if self.tool_choice is None else {"tool_choice": self.tool_choice}  # refused there
+        choice = self.tool_choice
+        if isinstance(choice, FunctionChoice):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        return {
+            "tools": [t.as_chat() for t in self.tools],
+            "tool_choice": choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
 
     def input_items(self) -> list[dict[str, Any]]:
-        """The input as OpenAI lists it back (``input_items``): messages with ids and text parts."""
+        """The input as OpenAI lists it back (``input_items``): items with ids, messages with text parts."""
         given = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        return [
-            {
-                "id": m.id or new_id("msg", "_"),
-                "type": "message",
-                "role": m.role,
-                "status": "completed",
-                "content": [{"type": "input_text", "text": m.as_dict()["content"]}],
-            }
-            for m in given
-        ]
+        return [item.listed() for item in given]
 
 
 class Usage(BaseModel):
@@ -138,9 +237,9 @@ class Response(BaseModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool
-    parallel_tool_calls: bool = False
-    tool_choice: str = "none"
-    tools: list[Any] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    tool_choice: str | dict[str, Any] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     user: str | None = None
 
     @classmethod
@@ -161,15 +260,21 @@ class Response(BaseModel):
             metadata=req.metadata or {},
             store=req.store,
             user=req.user,
+            parallel_tool_calls=req.parallel_tool_calls,
+            tool_choice=req.tool_choice.model_dump()
+            if isinstance(req.tool_choice, FunctionChoice)
+            else req.tool_choice or "auto",
+            tools=[t.model_dump(exclude_none=True) for t in req.tools or ()],
         )
 
-    def ended(self, message: dict[str, Any], finish_reason: str, n_prompt: int, n_output: int) -> Response:
-        """This response with its message: ``completed``, or ``incomplete`` when ``max_output_tokens`` cut it."""
-        done = finish_reason == "stop"
+    def ended(self, output: list[dict[str, Any]], finish_reason: str, n_prompt: int, n_output: int) -> Response:
+        """This response with its output items: ``completed``, or ``incomplete`` when ``max_output_tokens``
+        cut it (``finish_reason`` ``tool_calls``: calls made, completed)."""
+        done = finish_reason in ("stop", "tool_calls")
         return self.model_copy(
             update={
                 "status": "completed" if done else "incomplete",
-                "output": [message],
+                "output": output,
                 "incomplete_details": None if done else {"reason": "max_output_tokens"},
                 "usage": Usage(input_tokens=n_prompt, output_tokens=n_output, total_tokens=n_prompt + n_output),
             }
@@ -185,6 +290,30 @@ class Response(BaseModel):
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def call_item(call: dict[str, str], status: str = "completed") -> dict[str, Any]:
+    """A function call output item; ``call``: ``name``, ``arguments`` (``tool_calls.CallParser``) and ``call_id``."""
+    arguments = call["arguments"] if status == "completed" else ""
+    return {
+        "type": "function_call",
+        "id": call["id"],
+        "call_id": call["call_id"],
+        "name": call["name"],
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def answer_items(item_id: str, content: str | None, calls: list[dict[str, str]], status: str) -> list[dict[str, Any]]:
+    """A response's output: its message (when it has text, or made no call), then its calls."""
+    message = [message_item(item_id, content or "", status)] if content or not calls else []
+    return message + [call_item(c) for c in calls]
+
+
+def named_calls(calls: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Parsed calls given their item and call ids."""
+    return [{**c, "id": new_id("fc", "_"), "call_id": new_call_id()} for c in calls]
 
 
 class InputItemList(BaseModel):

@@ -20,12 +20,21 @@ from ...errors import NotFoundError, ServiceError, UserError
 from ...inference.engine import drain
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
+from ...tool_calls import CallParser, HeldStream
 from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
 from ..limits import page_of
 from ..owner import current_owner, owned_by_caller
-from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest, message_item
+from .protocol import (
+    DeletedResponse,
+    InputItemList,
+    Response,
+    ResponseRequest,
+    answer_items,
+    message_item,
+    named_calls,
+)
 
 T = TypeVar("T")
 # The chat request's fields, as the Responses request names them (in errors).
@@ -50,11 +59,13 @@ class ResponseService:
         keep = _Keep(self.store, req.input_items(), turns, owner)
         if req.stream:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
-            return self._events(response, item_id, n_prompt, sink, cancel, keep)
+            return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
         n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
-        message = message_item(item_id, choice.text, "completed" if choice.finish_reason == "stop" else "incomplete")
-        done = response.ended(message, choice.finish_reason, n_prompt, choice.completion_tokens)
-        await asyncio.to_thread(keep, done)
+        content, calls = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
+        calls, finish = named_calls(calls), "tool_calls" if calls else choice.finish_reason
+        output = answer_items(item_id, content, calls, "completed" if finish == "stop" else "incomplete")
+        done = response.ended(output, finish, n_prompt, choice.completion_tokens)
+        await asyncio.to_thread(keep, done, content, calls)
         return done
 
     def get(self, response_id: str) -> Response:
@@ -82,11 +93,16 @@ class ResponseService:
             raise NotFoundError(f"No response found with id '{response_id}'", param=param)
         return stored
 
-    def _history(self, previous: str | None) -> list[dict[str, str]]:
+    def _history(self, previous: str | None) -> list[dict[str, Any]]:
         return [] if previous is None else list(self._stored(previous, "previous_response_id").conversation)
 
     @staticmethod
-    def _chat_request(req: ResponseRequest, messages: list[dict[str, str]]) -> ChatCompletionRequest:
+    def _chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+        if req.tools and req.tool_choice != "none" and req.text.format.type != "text":
+            raise UserError(
+                "`text.format` with `tools` is not supported: send `tool_choice: none`, or no format",
+                param="text.format",
+            )
         body = {
             "model": req.model,
             "messages": messages,
@@ -94,6 +110,7 @@ class ResponseService:
             "temperature": req.temperature,
             "top_p": req.top_p,
             "user": req.user,
+            **req.chat_tools(),
         }
         try:
             chat = ChatCompletionRequest.model_validate(body)
@@ -112,10 +129,15 @@ class ResponseService:
         sink: queue.Queue,
         cancel: threading.Event,
         keep: _Keep,
+        parser: CallParser | None,
     ) -> Iterator[str]:
         """Responses' stream (iterated by Starlette in a worker thread): the response begun, its message
         and text part added, a delta per decoded piece, the text, part and message done, then the
-        response ``completed`` (or ``incomplete``, cut by ``max_output_tokens``), stored first."""
+        response ``completed`` (or ``incomplete``, cut by ``max_output_tokens``), stored first.
+
+        With tools, the message is begun with its first text and text is held from a call's start
+        (``tool_calls.HeldStream``); the calls follow the message, each an item added, its arguments
+        (one delta, then done), the item done."""
         numbers = itertools.count()
 
         def event(kind: str, **data: Any) -> str:
@@ -124,11 +146,25 @@ class ResponseService:
 
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         part = {"type": "output_text", "text": "", "annotations": []}
+        held, begun = (HeldStream(parser) if parser else None), False
+
+        def begin() -> Iterator[str]:
+            nonlocal begun
+            if not begun:
+                begun = True
+                yield event("response.output_item.added", output_index=0, item=message_item(item_id, "", "in_progress"))
+                yield event("response.content_part.added", **where, part=part)
+
+        def delta(piece: str) -> Iterator[str]:
+            if piece:
+                yield from begin()
+                yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
+
         try:
             yield event("response.created", response=response.model_dump())
             yield event("response.in_progress", response=response.model_dump())
-            yield event("response.output_item.added", output_index=0, item=message_item(item_id, "", "in_progress"))
-            yield event("response.content_part.added", **where, part=part)
+            if held is None:
+                yield from begin()
             text, final = "", None
             for item in drain(sink):
                 if isinstance(item, Exception):
@@ -138,15 +174,36 @@ class ResponseService:
                 if isinstance(item, list):
                     final = item[0]
                 elif item[1]:
-                    text += item[1]
-                    yield event("response.output_text.delta", **where, delta=item[1], logprobs=[])
+                    piece = item[1] if held is None else held.push(item[1])
+                    text += piece
+                    yield from delta(piece)
             assert final is not None
-            yield event("response.output_text.done", **where, text=text, logprobs=[])
-            yield event("response.content_part.done", **where, part={**part, "text": text})
-            message = message_item(item_id, text, "completed" if final.finish_reason == "stop" else "incomplete")
-            yield event("response.output_item.done", output_index=0, item=message)
-            done = response.ended(message, final.finish_reason, n_prompt, final.completion_tokens)
-            keep(done)
+            calls: list[dict[str, str]] = []
+            if held is not None:
+                rest, calls = held.finish()
+                calls = named_calls(calls)
+                text += rest
+                yield from delta(rest)
+            finish = "tool_calls" if calls else final.finish_reason
+            output = answer_items(item_id, text, calls, "completed" if finish == "stop" else "incomplete")
+            if output[0]["type"] == "message":
+                yield from begin()
+                yield event("response.output_text.done", **where, text=text, logprobs=[])
+                yield event("response.content_part.done", **where, part={**part, "text": text})
+                yield event("response.output_item.done", output_index=0, item=output[0])
+            for index, item in enumerate(output):
+                if item["type"] == "function_call":
+                    call = {"item_id": item["id"], "output_index": index}
+                    yield event(
+                        "response.output_item.added",
+                        output_index=index,
+                        item={**item, "arguments": "", "status": "in_progress"},
+                    )
+                    yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
+                    yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
+                    yield event("response.output_item.done", output_index=index, item=item)
+            done = response.ended(output, finish, n_prompt, final.completion_tokens)
+            keep(done, text or None if calls else text, calls)
             yield event(f"response.{done.status}", response=done.model_dump())
         finally:
             cancel.set()  # the client left, or the stream ended: stop generating either way
@@ -156,14 +213,24 @@ class _Keep:
     """Stores an ended response (when its ``store`` says so) with its input items and conversation."""
 
     def __init__(
-        self, store: ResponseStore, items: list[dict[str, Any]], turns: list[dict[str, str]], owner: str | None
+        self, store: ResponseStore, items: list[dict[str, Any]], turns: list[dict[str, Any]], owner: str | None
     ) -> None:
         self.store, self.items, self.turns, self.owner = store, items, turns, owner
 
-    def __call__(self, response: Response) -> None:
+    def __call__(self, response: Response, content: str | None, calls: list[dict[str, str]]) -> None:
+        """``content`` and ``calls``: the answer's text and its calls (named: ``named_calls``)."""
         if response.store:
-            conversation = [*self.turns, {"role": "assistant", "content": response.output_text}]
-            self.store.put(response.model_dump(), self.items, conversation, self.owner)
+            turn: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:  # a later response's input answers them by call id (previous_response_id)
+                turn["tool_calls"] = [
+                    {
+                        "id": c["call_id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in calls
+                ]
+            self.store.put(response.model_dump(), self.items, [*self.turns, turn], self.owner)
 
 
 async def _named(call: Awaitable[T]) -> T:
