@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -71,6 +71,11 @@ bench-dpo: $(STAMP)
 # Batch jobs' greedy lines one at a time against several per generate(), SmolLM2 on ARC-E (bench/batch.py).
 bench-batch: $(STAMP)
 	$(PY) -m bench.batch $(ARGS)
+
+# SmolLM2 fine-tuned through the service to call a calculator on GSM8K questions and answer ARC-E ones
+# itself, against its base, on held-out questions (bench/tool_calls.py).
+bench-tools: $(STAMP)
+	$(PY) -m bench.tool_calls $(ARGS)
 
 # lm-evaluation-harness scores a model fine-tuned through the service and its base, through the service's
 # completions route (bench/lm_eval_harness.py). lm-eval lives in its own environment, .lmeval/.

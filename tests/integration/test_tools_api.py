@@ -192,7 +192,11 @@ def test_a_required_call_fits_its_schema_even_from_a_random_model(served):
             "nope",
         ),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "x"}}}]},
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": []}}}
+                ]
+            },
             "tools[0].function.parameters",
             "not supported",
         ),

@@ -170,8 +170,16 @@ def _request(**fields):
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}}, "not one of"),
         ({"tools": [WEATHER, WEATHER]}, "same name"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "should match pattern"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}, "not supported"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": []}}}
+                ]
+            },
+            "not supported",
+        ),
         ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "object"),
         ({"messages": [{"role": "tool", "tool_call_id": "x", "content": "1"}]}, "answers no earlier tool call"),
         ({"messages": [{"role": "tool", "content": "1"}]}, "`tool_call_id`"),
         ({"messages": [{"role": "user", "content": None}]}, "needs `content`"),
@@ -197,6 +205,8 @@ def test_tool_choice_decides_what_is_parsed_and_held():
     assert _request(tools=[WEATHER], tool_choice="none", response_format={"type": "json_object"}).grammar
     assert _request(tools=[WEATHER], tool_choice="required").grammar
     assert not _request(tools=[WEATHER], parallel_tool_calls=False).call_parser.parallel
+    no_arguments = {"type": "function", "function": {"name": "now", "parameters": {}}}
+    assert _request(tools=[no_arguments], tool_choice="required").grammar  # {}: arguments are any object
 
 
 def _tool_record(**changes):
@@ -230,3 +240,12 @@ def test_bad_tool_records_name_the_line_and_the_field(record, says):
 def test_a_tool_record_is_a_chat_record():
     assert _validate_record(_tool_record(), 1, None) == "chat"
     assert json.loads(_tool_record()["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_an_evaluate_job_prompts_with_the_tools_and_compares_the_call_as_written(tokenizer):
+    from sqft_service.evaluation import _prompt
+
+    record = {"tools": [WEATHER], "messages": CONVERSATION[:2]}
+    ids, reference = _prompt(tokenizer, record, "chat")
+    assert ids == chat_ids(tokenizer, CONVERSATION[:1], "chat", [WEATHER])
+    assert reference == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

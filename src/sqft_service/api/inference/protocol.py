@@ -104,7 +104,9 @@ class FunctionDefinition(BaseModel):
     def _supported(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         from ...inference.guided import json_grammar
 
-        if v is not None:  # a call held to it (`tool_choice`) needs the grammar: a bad one is a 400 now
+        if v:  # a call held to it (`tool_choice`) needs the grammar: a bad one is a 400 now
+            if v.get("type") != "object":  # as OpenAI's: arguments are an object ({} or none: no arguments)
+                raise ValueError('the arguments\' schema must say `"type": "object"`')
             if len(json.dumps(v)) > MAX_SCHEMA_CHARS:
                 raise ValueError(f"the schema is over {MAX_SCHEMA_CHARS} characters")
             json_grammar(v)
