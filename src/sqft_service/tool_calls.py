@@ -203,6 +203,8 @@ def call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool) 
     any of ``tools`` (one, or one or more when ``parallel``). A ValueError says why a schema can't be held."""
     from llguidance import LLMatcher
 
+    from .inference.guided import checked_grammar
+
     chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     schemas = [
         {
@@ -216,11 +218,6 @@ def call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool) 
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": CALL_JSON_OPTIONS}
     more = ' ("\\n" call)*' if parallel and name is None else ""
     lark = f'start: call{more}\ncall: "{OPEN}\\n" %json {json.dumps(schema)} "\\n{CLOSE}"\n'
-    try:
-        grammar = LLMatcher.grammar_from_lark(lark)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"a function's `parameters` schema is not supported: {exc}"[:500]) from exc
-    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:
-        raise ValueError(f"a function's `parameters` schema is not supported: {messages[0]}"[:500])
-    return grammar
+    return checked_grammar(
+        lambda: LLMatcher.grammar_from_lark(lark), "a function's `parameters` schema is not supported"
+    )

@@ -30,13 +30,23 @@ def json_grammar(schema: dict[str, Any]) -> str:
     Checked without a tokenizer, so an unsupported schema is refused when the request is validated."""
     from llguidance import LLMatcher
 
+    return checked_grammar(
+        lambda: LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS),
+        "this JSON schema is not supported",
+    )
+
+
+def checked_grammar(build: Any, refusal: str) -> str:
+    """The grammar ``build()`` makes, validated by llguidance; a ValueError ``refusal: why`` if it fails."""
+    from llguidance import LLMatcher
+
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        grammar = build()
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"this JSON schema is not supported: {exc}"[:500]) from exc
+        raise ValueError(f"{refusal}: {exc}"[:500]) from exc
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise ValueError(f"this JSON schema is not supported: {messages[0]}"[:500])
+        raise ValueError(f"{refusal}: {messages[0]}"[:500])
     return grammar
 
 
