@@ -79,18 +79,26 @@ def _signature(tool: dict[str, Any]) -> dict[str, Any]:
     return {"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters") if fn.get(k)}}
 
 
+def _turn(message: dict[str, Any], content: str) -> dict[str, Any]:
+    turn = {"role": message["role"], "content": content}
+    if "weight" in message:
+        turn["weight"] = message["weight"]
+    return turn
+
+
 def template_messages(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, native: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages (OpenAI's chat form, with ``tool_calls`` and ``tool`` turns) and tools as the chat
-    template takes them: ``(messages, tools)`` for ``apply_chat_template`` (tools None: not passed)."""
+    template takes them: ``(messages, tools)`` for ``apply_chat_template`` (tools None: not passed).
+    An assistant turn keeps its training ``weight`` (templates ignore the key)."""
     if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-        return [{"role": m["role"], "content": m.get("content") or ""} for m in messages], None
+        return [_turn(m, m.get("content") or "") for m in messages], None
     if native:
         names = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls") or () if c.get("id")}
         out = []
         for m in messages:
-            turn: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+            turn = _turn(m, m.get("content") or "")
             if m.get("tool_calls"):
                 turn["tool_calls"] = [
                     {"id": c.get("id"), "type": "function", "function": {**c["function"], "arguments": args}}
@@ -112,10 +120,10 @@ def template_messages(
             else:
                 out.append({"role": "user", "content": block, "results": True})
         elif m["role"] == "assistant":
-            out.append({"role": "assistant", "content": assistant_text(m)})
+            out.append(_turn(m, assistant_text(m)))
         else:
-            out.append({"role": m["role"], "content": m.get("content") or ""})
-    out = [{"role": m["role"], "content": m["content"]} for m in out]
+            out.append(_turn(m, m.get("content") or ""))
+    out = [{k: v for k, v in m.items() if k != "results"} for m in out]
     if tools:
         listed = "\n".join(json.dumps(_signature(t), ensure_ascii=False) for t in tools)
         block = TOOLS_HEADER + listed + TOOLS_FOOTER

@@ -249,3 +249,31 @@ def test_an_evaluate_job_prompts_with_the_tools_and_compares_the_call_as_written
     ids, reference = _prompt(tokenizer, record, "chat")
     assert ids == chat_ids(tokenizer, CONVERSATION[:1], "chat", [WEATHER])
     assert reference == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_an_assistant_turn_of_weight_0_is_context(tokenizer):
+    """OpenAI's ``weight``: 0 keeps an assistant turn (here the call) out of the training targets."""
+    weighted = [dict(m) for m in CONVERSATION]
+    weighted[1]["weight"] = 0
+    assert _validate_record({"tools": [WEATHER], "messages": weighted}, 1, None) == "chat"
+    segments = chat_segments(weighted, tokenizer, 0, [WEATHER])
+    assert [t for t, target in segments if target] == ["It is 18 C in Paris.<|im_end|>"]
+    assert "".join(t for t, _ in segments) == "".join(
+        t for t, _ in chat_segments(CONVERSATION, tokenizer, 0, [WEATHER])
+    )
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 1}]
+    assert [t for t, target in chat_segments(plain, tokenizer) if target] == ["Hello<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        ([{"role": "user", "content": "Hi", "weight": 1}, {"role": "assistant", "content": "Hello"}], "weight"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 2}], "0 or 1"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": True}], "0 or 1"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0}], "of weight 1"),
+    ],
+)
+def test_a_bad_weight_is_refused(messages, says):
+    with pytest.raises(DataValidationError, match=says):
+        _validate_record({"messages": messages}, 3, None)

@@ -41,7 +41,8 @@ def chat_segments(
     """Split a rendered conversation into ``(text, is_target)`` pieces that concatenate to it.
 
     Tools, tool calls and tool results are rendered as ``tool_calls.template_messages`` has them (as
-    serving renders them); an assistant turn's calls are its target like its text.
+    serving renders them); an assistant turn's calls are its target like its text. An assistant turn
+    of ``weight`` 0 (OpenAI's) is context.
 
     Each assistant turn's boundaries come from rendering the prefix before it with the generation
     prompt and the prefix including it: the difference is exactly what the template emits for that
@@ -88,7 +89,7 @@ def chat_segments(
         eos_at = span.find(eos, content_at + len(content)) if eos and content_at >= 0 else -1
         train_end = eos_at + len(eos) if eos_at >= 0 else len(span.rstrip())
         pieces.append((full[cursor:start], False))
-        pieces.append((span[:train_end], True))
+        pieces.append((span[:train_end], msg.get("weight", 1) != 0))
         cursor = start + train_end
     pieces.append((full[cursor:], False))
     return [(text, target) for text, target in pieces if text]

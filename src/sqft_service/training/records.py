@@ -7,6 +7,7 @@ Three record formats are accepted, one per file:
   last message must be the assistant's. With function calling (OpenAI's fine-tuning form): ``"tools"``
   beside ``"messages"``, assistant messages with ``"tool_calls"`` (content then optional) and ``"tool"``
   messages answering them (``"tool_call_id"``); rendered as ``tool_calls.py`` renders them when serving.
+  An assistant message with ``"weight": 0`` (OpenAI's) stays context: it is not trained on.
 * **Preference** (for ``method.type: "dpo"``), in OpenAI's form ``{"input": {"messages": [...]},
   "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}`` or in
   TRL's (Hugging Face preference data sets) ``{"prompt": str | messages, "chosen": str | messages,
@@ -143,8 +144,8 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     messages = rec["messages"]
     _validate_messages(messages, "messages", line, tools=True)
     _validate_tools(rec, messages, line)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataValidationError("'messages' has no assistant message: nothing to train on", line)
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise DataValidationError("'messages' has no assistant message (of weight 1): nothing to train on", line)
     if messages[-1]["role"] != "assistant":
         raise DataValidationError("the last message must be from the assistant", line)
     return fmt
@@ -168,6 +169,9 @@ def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = Fa
         if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
             got = json_type(msg["content"]) if "content" in msg else "nothing"
             raise DataValidationError(f"{at}.content must be a string, got {got}", line)
+        if "weight" in msg and (not tools or role != "assistant" or msg["weight"] not in (0, 1) or
+                                isinstance(msg["weight"], bool)):  # fmt: skip
+            raise DataValidationError(f"{at}.weight: only an assistant message of a chat record has one, 0 or 1", line)
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
             raise DataValidationError(f"{at}.tool_call_id must be a string (the id of the call it answers)", line)
 
