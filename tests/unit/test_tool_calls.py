@@ -229,6 +229,7 @@ def _tool_record(**changes):
         (_tool_record(**{"0.tool_calls": [CALL]}), "only an assistant message has tool calls"),
         (_tool_record(**{"3.content": None}), r"messages\[3\].content must be a string, got null"),
         ({**_tool_record(), "tools": {"x": 1}}, "'tools' must be an array"),
+        ({**_tool_record(), "functions": [WEATHER["function"]]}, "deprecated function calling"),
     ],
 )
 def test_bad_tool_records_name_the_line_and_the_field(record, says):

@@ -197,6 +197,12 @@ def _validate_calls(calls: Any, at: str, role: str, line: int) -> None:
 def _validate_tools(rec: dict[str, Any], messages: list[dict[str, Any]], line: int) -> None:
     """A chat record's ``tools``: function definitions whose names its calls use; each tool message
     answers an earlier call."""
+    if "functions" in rec or any("function_call" in m for m in messages):
+        raise DataValidationError(
+            "'functions' / 'function_call' (OpenAI's deprecated function calling) are not supported: "
+            "give 'tools' and assistant 'tool_calls' instead",
+            line,
+        )
     tools = rec.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
