@@ -162,7 +162,30 @@ def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: E
         for ids, ref, o in list(zip(prompts, references, outputs, strict=True))[:N_SAMPLES]
     ]
     n = len(records)
-    return {"exact_match": exact / n, "contains_match": contains / n, "samples": samples}
+    return {
+        "exact_match": exact / n,
+        "contains_match": contains / n,
+        **_call_match(records, outputs),
+        "samples": samples,
+    }
+
+
+def _call_match(records: list[dict[str, Any]], outputs: list[str]) -> dict[str, Any]:
+    """For records whose answer is calls: how often the output makes the same calls (names and arguments
+    as JSON values, whatever their spacing or key order), read as serving reads them."""
+    from .tool_calls import CallParser
+
+    matched = total = 0
+    for record, output in zip(records, outputs, strict=True):
+        last = record.get("messages", [{}])[-1]
+        if not last.get("tool_calls"):
+            continue
+        total += 1
+        parser = CallParser(frozenset(t["function"]["name"] for t in record.get("tools") or ()))
+        made = [(c["name"], json.loads(c["arguments"])) for c in parser.split(output)[1]]
+        wanted = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in last["tool_calls"]]
+        matched += made == wanted
+    return {"tool_call_accuracy": matched / total, "n_tool_call_records": total} if total else {}
 
 
 def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> list[dict[str, Any]]:

@@ -278,3 +278,20 @@ def test_an_assistant_turn_of_weight_0_is_context(tokenizer):
 def test_a_bad_weight_is_refused(messages, says):
     with pytest.raises(DataValidationError, match=says):
         _validate_record({"messages": messages}, 3, None)
+
+
+def test_an_evaluate_job_counts_the_calls_an_output_gets_right():
+    from sqft_service.evaluation import _call_match
+
+    call_record = {"tools": [WEATHER], "messages": CONVERSATION[:2]}
+    text_record = {"messages": [CONVERSATION[0], {"role": "assistant", "content": "Sunny."}]}
+    outputs = [
+        '<tool_call>\n{"arguments": {"city":"Paris"}, "name": "get_weather"}\n</tool_call>',  # same call, other spacing
+        call_text("get_weather", {"city": "Rome"}),  # other arguments
+        "Sunny.",
+    ]
+    assert _call_match([call_record, call_record, text_record], outputs) == {
+        "tool_call_accuracy": 0.5,
+        "n_tool_call_records": 2,
+    }
+    assert _call_match([text_record], ["Sunny."]) == {}

@@ -260,7 +260,9 @@ class InferenceService:
                         text, calls = held.get(offset + index, HeldStream(parser)).finish()
                         scores = waiting.pop(offset + index, [])
                         if text or calls or (scored and scores):
-                            yield _sse(chunk(offset + index, text or None, scores=scores if scored else None, calls=calls))
+                            yield _sse(
+                                chunk(offset + index, text or None, scores=scores if scored else None, calls=calls)
+                            )
                         finish = "tool_calls" if calls else finish
                     yield _sse(chunk(offset + index, None, finish))
                 choices += final
