@@ -119,7 +119,10 @@ def preferred_conversation(record: dict[str, Any]) -> dict[str, Any]:
     from .training.records import as_openai_preference
 
     record = as_openai_preference(record)
-    return {"messages": [*record["input"]["messages"], record["preferred_output"][0]]}
+    return {
+        "messages": [*record["input"]["messages"], record["preferred_output"][0]],
+        "tools": record["input"].get("tools"),
+    }
 
 
 def _preference_scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def test_preference_files_are_recognised(tmp_path):
         ),
         (
             pref(input={"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
-            "'input.tools' is not supported",
+            "input.tools[0] must be an object with 'function'",
         ),
         (
             {k: v for k, v in pref().items() if k != "non_preferred_output"},

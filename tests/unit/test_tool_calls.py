@@ -295,3 +295,26 @@ def test_an_evaluate_job_counts_the_calls_an_output_gets_right():
         "n_tool_call_records": 2,
     }
     assert _call_match([text_record], ["Sunny."]) == {}
+
+
+def test_a_preference_record_with_tools_prefers_one_call_to_another(tokenizer):
+    """OpenAI's DPO records take ``input.tools``; the replies may be calls, trained as chat renders them."""
+    from sqft_service.config import DatasetSection
+    from sqft_service.training.preference import tokenize_pairs
+
+    wrong = {**CALL, "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+    record = {
+        "input": {"messages": CONVERSATION[:1], "tools": [WEATHER]},
+        "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [CALL]}],
+        "non_preferred_output": [{"role": "assistant", "content": None, "tool_calls": [wrong]}],
+    }
+    assert _validate_record(record, 1, None) == "preference"
+    (pair,), dropped = tokenize_pairs([record], tokenizer, DatasetSection())
+    assert dropped == 0
+    for example, city in ((pair.chosen, "Paris"), (pair.rejected, "Lyon")):
+        target = tokenizer.decode([t for t, keep in zip(example.input_ids, example.labels) if keep != -100])
+        assert target == call_text("get_weather", {"city": city}) + "<|im_end|>"
+        assert "<tools>" in tokenizer.decode(example.input_ids)
+    unknown = {**record, "input": {"messages": CONVERSATION[:1]}}
+    with pytest.raises(DataValidationError, match="not one of the record's 'input.tools'"):
+        _validate_record(unknown, 1, None)

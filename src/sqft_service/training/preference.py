@@ -63,7 +63,7 @@ def tokenize_pairs(
     token left after truncation.
     """
     conversations = [
-        {"messages": [*rec["input"]["messages"], rec[key][0]]}
+        {"messages": [*rec["input"]["messages"], rec[key][0]], "tools": rec["input"].get("tools")}
         for rec in map(as_openai_preference, records)
         for key in ("preferred_output", "non_preferred_output")
     ]

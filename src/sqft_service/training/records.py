@@ -194,9 +194,9 @@ def _validate_calls(calls: Any, at: str, role: str, line: int) -> None:
             raise DataValidationError(f"{at}[{k}].function.arguments must be a JSON object, as a string", line)
 
 
-def _validate_tools(rec: dict[str, Any], messages: list[dict[str, Any]], line: int) -> None:
-    """A chat record's ``tools``: function definitions whose names its calls use; each tool message
-    answers an earlier call."""
+def _validate_tools(rec: dict[str, Any], messages: list[dict[str, Any]], line: int, where: str = "tools") -> None:
+    """A chat record's ``tools`` (a preference record's ``input.tools``): function definitions whose names
+    its calls use; each tool message answers an earlier call."""
     if "functions" in rec or any("function_call" in m for m in messages):
         raise DataValidationError(
             "'functions' / 'function_call' (OpenAI's deprecated function calling) are not supported: "
@@ -206,20 +206,21 @@ def _validate_tools(rec: dict[str, Any], messages: list[dict[str, Any]], line: i
     tools = rec.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise DataValidationError(f"field 'tools' must be an array, got {json_type(tools)}", line)
+            raise DataValidationError(f"field '{where}' must be an array, got {json_type(tools)}", line)
         for k, tool in enumerate(tools):
             fn = tool.get("function") if isinstance(tool, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise DataValidationError(f"tools[{k}] must be an object with 'function': {{'name', ...}}", line)
+                raise DataValidationError(f"{where}[{k}] must be an object with 'function': {{'name', ...}}", line)
             if not isinstance(fn.get("parameters", {}), dict):
-                raise DataValidationError(f"tools[{k}].function.parameters must be a JSON schema (an object)", line)
+                raise DataValidationError(f"{where}[{k}].function.parameters must be a JSON schema (an object)", line)
     names = {t["function"]["name"] for t in tools or ()}
     ids: set[Any] = set()
     for j, msg in enumerate(messages):
         for call in msg.get("tool_calls") or ():
             if call["function"]["name"] not in names:
                 raise DataValidationError(
-                    f"messages[{j}] calls {call['function']['name']!r}, which is not one of the record's 'tools'", line
+                    f"messages[{j}] calls {call['function']['name']!r}, which is not one of the record's '{where}'",
+                    line,
                 )
             ids.add(call.get("id"))
         if msg["role"] == "tool" and msg["tool_call_id"] not in ids:
@@ -270,23 +271,21 @@ def _validate_openai_preference(rec: dict[str, Any], line: int) -> None:
     if not isinstance(prompt, dict):
         got = json_type(prompt) if "input" in rec else "nothing"
         raise DataValidationError(f"field 'input' must be an object with 'messages', got {got}", line)
-    _validate_messages(prompt.get("messages"), "input.messages", line)
+    _validate_messages(prompt.get("messages"), "input.messages", line, tools=True)
     if prompt["messages"][-1]["role"] == "assistant":
         raise DataValidationError(
             "the last of 'input.messages' must not be the assistant's: the outputs answer it", line
-        )
-    if prompt.get("tools"):  # OpenAI's key; chat records take no tools either
-        raise DataValidationError(
-            "'input.tools' is not supported: records with tool definitions can't be trained", line
         )
     replies = []
     for key in _OPENAI_PAIR:
         if key not in rec:
             raise DataValidationError(f"record is missing required field '{key}'", line)
-        _validate_messages(rec[key], key, line)
+        _validate_messages(rec[key], key, line, tools=True)
         if len(rec[key]) != 1 or rec[key][0]["role"] != "assistant":
             raise DataValidationError(f"field '{key}' must hold exactly one assistant message", line)
-        replies.append(rec[key][0]["content"])
+        replies.append({k: rec[key][0].get(k) for k in ("content", "tool_calls")})
+    # OpenAI's `input.tools`: each reply's calls (and the input's) name them, as a chat record's do.
+    _validate_tools(prompt, [*prompt["messages"], *(rec[key][0] for key in _OPENAI_PAIR)], line, where="input.tools")
     if replies[0] == replies[1]:
         raise DataValidationError(
             "'preferred_output' and 'non_preferred_output' are the same reply: there is nothing to prefer", line
