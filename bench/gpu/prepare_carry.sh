@@ -32,6 +32,6 @@ print(" ".join(f"{n}=={v(n)}" for n in names))')
 rm -f "$CARRY"/wheels/*.whl
 # The GPU image's Python is 3.12 (x86-64); see /work/.library/device/README.md.
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$CARRY/wheels" $pins
 du -sh "$CARRY"
