@@ -115,6 +115,30 @@ def test_a_model_fine_tuned_on_calls_calls_the_tool_when_offered(served):
     content, calls, finish = _streamed(client, model=tooled, messages=ASK, tools=[WEATHER])
     assert (content, calls, finish) == ("", [call["function"]], "tool_calls")
 
+    # With log-probabilities: the call's tokens are scored, streamed with the call as they are whole.
+    scored = _chat(client, model=tooled, messages=ASK, tools=[WEATHER], logprobs=True)["choices"][0]
+    tokens = [t["token"] for t in scored["logprobs"]["content"]]
+    assert scored["message"]["tool_calls"] and "".join(tokens).startswith("<tool_call>")
+    streamed_tokens = []
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": tooled,
+            "messages": ASK,
+            "tools": [WEATHER],
+            "logprobs": True,
+            "temperature": 0,
+            "max_tokens": 48,
+            "stream": True,
+        },
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    streamed_tokens += [t["token"] for t in (choice["logprobs"] or {}).get("content") or ()]
+    assert streamed_tokens == tokens
+
     # tool_choice none: the same answer, as text.
     plain = _chat(client, model=tooled, messages=ASK, tools=[WEATHER], tool_choice="none")["choices"][0]
     assert plain["message"]["tool_calls"] is None and plain["finish_reason"] == "stop"

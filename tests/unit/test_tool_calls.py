@@ -312,9 +312,11 @@ def test_a_preference_record_with_tools_prefers_one_call_to_another(tokenizer):
     (pair,), dropped = tokenize_pairs([record], tokenizer, DatasetSection())
     assert dropped == 0
     for example, city in ((pair.chosen, "Paris"), (pair.rejected, "Lyon")):
-        target = tokenizer.decode([t for t, keep in zip(example.input_ids, example.labels) if keep != -100])
+        target = tokenizer.decode(
+            [t for t, keep in zip(example.input_ids, example.labels, strict=True) if keep != -100]
+        )
         assert target == call_text("get_weather", {"city": city}) + "<|im_end|>"
         assert "<tools>" in tokenizer.decode(example.input_ids)
     unknown = {**record, "input": {"messages": CONVERSATION[:1]}}
-    with pytest.raises(DataValidationError, match="not one of the record's 'input.tools'"):
+    with pytest.raises(DataValidationError, match=r"not one of the record's 'input\.tools'"):
         _validate_record(unknown, 1, None)
