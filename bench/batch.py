@@ -8,9 +8,11 @@ engine a batch job runs (:class:`sqft_service.inference.engine.InferenceEngine`,
 * ``batched, N``: ``generate_greedy`` over chunks of N requests (the job's ``CHUNK_LINES``).
 
 Reports requests/s and generated tokens/s per setup and how many answers equal the one-at-a-time
-answers (left padding must not change a greedy answer). Run from the repository root:
-``.venv/bin/python -m bench.batch [--threads 2] [--requests 64] [--max-tokens 32]``; writes
-``bench/results/<date>-batch-<host>.json``.
+answers (left padding must not change a greedy answer). ``--guided``: every request held to a JSON
+schema (``{"answer": string}``, structured outputs; required tool calls are held the same way), each
+row of a batch to its own guide. Run from the repository root:
+``.venv/bin/python -m bench.batch [--threads 2] [--requests 64] [--max-tokens 32] [--guided]``; writes
+``bench/results/<date>-batch[-guided]-<host>.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--chunks", default="8,16,32")
+    parser.add_argument("--guided", action="store_true", help="hold every answer to a JSON schema")
     args = parser.parse_args()
 
     import torch  # noqa: F401 - imported before the clocks start
@@ -40,7 +43,15 @@ def main() -> None:
     from sqft_service.inference.spec import Sampling
 
     engine, spec, gguf, prompts = arce_chat_prompts(args.threads, args.requests)
-    sampling = Sampling(args.max_tokens, temperature=0.0)
+    grammar = None
+    if args.guided:
+        from sqft_service.inference.guided import json_grammar
+
+        answer = {"answer": {"type": "string", "maxLength": 80}}
+        grammar = json_grammar(
+            {"type": "object", "properties": answer, "required": ["answer"], "additionalProperties": False}
+        )
+    sampling = Sampling(args.max_tokens, temperature=0.0, grammar=grammar)
     engine.generate(spec, prompts[0], sampling)  # warm-up, not kept
 
     rows = []
@@ -59,12 +70,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['setup']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['same_answers']} |")
     write_machine_results(
-        "batch",
+        "batch-guided" if args.guided else "batch",
         args.threads,
         {
             "model": gguf.name,
             "requests": len(prompts),
             "max_tokens": args.max_tokens,
+            "guided": args.guided,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
             "rows": rows,
         },

@@ -1,5 +1,6 @@
 """Which batch lines share a batched greedy generation (``jobs/batch._together``): only those whose
-answer ``generate_greedy`` gives exactly; any line asking for more is answered alone, as the route does."""
+answer ``generate_greedy`` gives exactly (guided ones too: tests/unit/test_evaluation_generation.py); any
+line asking for more is answered alone, as the route does."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ def test_only_plain_greedy_lines_are_generated_together():
         {"presence_penalty": 0.5},
         {"frequency_penalty": -1},
         {"logit_bias": {"7": 3}},
-        {"response_format": {"type": "json_object"}},
     ):
         assert not _together(ChatCompletionRequest.model_validate({**chat, **extra})), extra
     assert _together(ChatCompletionRequest.model_validate({**chat, "response_format": {"type": "text"}}))
+    # A structured output or a required call: each row held to its own grammar in the batch.
+    assert _together(ChatCompletionRequest.model_validate({**chat, "response_format": {"type": "json_object"}}))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert _together(ChatCompletionRequest.model_validate({**chat, "tools": [tool], "tool_choice": "required"}))
     completion = {"model": "m", "prompt": "x", "temperature": 0}
     assert _together(CompletionRequest.model_validate(completion))
     for extra in ({"echo": True}, {"logprobs": 0}, {"max_tokens": 0}):

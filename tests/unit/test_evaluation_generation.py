@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -96,3 +98,39 @@ def test_the_engines_batched_greedy_answers_are_each_prompts_own(tmp_path, token
     want = [engine.generate(spec, ids, s)[0] for ids, s in zip(prompts, samplings, strict=True)]
     assert want[2].finish_reason == "stop" and {c.completion_tokens for c in want} >= {4, 8}
     assert engine.generate_greedy(spec, prompts, samplings) == want
+
+
+def test_guided_rows_generated_together_get_each_prompts_own_answer(tmp_path, tokenizer):
+    """Structured outputs and required calls in a batch of greedy lines: each row held to its own
+    grammar (or none) gives the choice ``generate`` gives it alone."""
+    from sqft_service.api.inference.protocol import ChatCompletionRequest
+    from sqft_service.inference.spec import ModelSpec, Sampling
+
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None, device="cpu")
+    spec = ModelSpec("tiny", str(tmp_path))
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    pick = {
+        "type": "object",
+        "properties": {"c": {"enum": ["red", "blue"]}},
+        "required": ["c"],
+        "additionalProperties": False,
+    }
+    schema = {"type": "json_schema", "json_schema": {"name": "pick", "schema": pick}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": pick}}
+    grammars = [
+        None,
+        ChatCompletionRequest.model_validate({**ask, "response_format": schema}).grammar,
+        ChatCompletionRequest.model_validate({**ask, "response_format": {"type": "json_object"}}).grammar,
+        ChatCompletionRequest.model_validate(
+            {**ask, "tools": [tool], "tool_choice": "required", "parallel_tool_calls": False}
+        ).grammar,
+    ]
+    prompts = [tokenizer(" ".join(WORDS[: 2 + i]))["input_ids"] for i in range(8)]
+    samplings = [Sampling(40, temperature=0.0, grammar=grammars[i % 4]) for i in range(8)]
+    alone = [engine.generate(spec, ids, s)[0] for ids, s in zip(prompts, samplings, strict=True)]
+    assert json.loads(alone[1].text)["c"] in ("red", "blue") and alone[1].finish_reason == "stop"
+    assert alone[3].text.startswith("<tool_call>") and alone[3].finish_reason == "stop"
+    assert engine.generate_greedy(spec, prompts, samplings) == alone

@@ -250,15 +250,37 @@ class InferenceEngine:
     def generate_greedy(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
         """One greedy choice for each prompt, all prompts generated together (``inference/greedy.py``),
         each row then cut where it would have stopped alone (its ``max_tokens``, an end-of-sequence id,
-        a stop string): the choices ``generate`` gives each (a batch's many requests, ``jobs/batch.py``)."""
+        a stop string) and held to its own grammar if it has one (structured outputs, required calls):
+        the choices ``generate`` gives each (a batch's many requests, ``jobs/batch.py``)."""
         from .greedy import greedy_tokens
 
-        assert all(s.greedy and s.n == 1 for s in samplings)
+        assert all(
+            s.greedy
+            and s.n == 1
+            and not (s.logprobs is not None or s.logit_bias or s.presence_penalty or s.frequency_penalty)
+            for s in samplings
+        )
         model, tokenizer, context = self._activate(spec)
         eos = self._eos_ids(model, tokenizer)
+        guides = None
+        if any(s.grammar for s in samplings):  # structured outputs and required calls: each row its guide
+            from transformers import LogitsProcessorList
+
+            lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer))
+
+            def guides(batch: list[int], width: int) -> Any:
+                grammars = [samplings[i].grammar for i in batch]
+                return LogitsProcessorList([guide_processor(lltokenizer, grammars, len(batch), width)])
+
         with context:
             rows = greedy_tokens(
-                model, prompts, [s.max_tokens for s in samplings], len(prompts), pad=tokenizer.pad_token_id, eos=eos
+                model,
+                prompts,
+                [s.max_tokens for s in samplings],
+                len(prompts),
+                pad=tokenizer.pad_token_id,
+                eos=eos,
+                processors=guides,
             )
         choices = []
         for row, sampling in zip(rows, samplings, strict=True):

@@ -3,7 +3,7 @@ jobs' answers, batch jobs' greedy lines; torch imported when called)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -15,6 +15,7 @@ def greedy_tokens(
     *,
     pad: int | None,
     eos: set[int],
+    processors: Callable[[list[int], int], Any] | None = None,
 ) -> list[list[int]]:
     """The tokens greedy decoding generates after each prompt, ``batch_size`` prompts per ``generate()``.
 
@@ -27,6 +28,8 @@ def greedy_tokens(
 
     Args:
         pad: The padding id (the tokenizer's); None: the smallest of ``eos``.
+        processors: ``(the batch's prompt indices, its padded width)`` → a ``logits_processor`` for its
+            ``generate()`` (structured outputs' guides, per row), or None.
     """
     import torch
 
@@ -52,6 +55,7 @@ def greedy_tokens(
                 top_k=None,
                 pad_token_id=pad,
                 eos_token_id=sorted(eos),
+                logits_processor=processors(list(batch), width) if processors else None,
             )
         for i, row in zip(batch, out[:, width:].tolist(), strict=True):
             rows[i] = row

@@ -14,6 +14,7 @@ not allow gets -inf, and once the grammar is complete only end-of-sequence remai
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InvalidRequestError
@@ -71,19 +72,22 @@ class GuideTokenizers:
         return found
 
 
-def guide_processor(lltokenizer: Any, grammar: str, rows: int, prompt_len: int) -> Any:
-    """A logits processor holding each of ``rows`` rows to ``grammar``: its tokens so far advance the
-    row's matcher; tokens the matcher does not allow next are set to -inf."""
+def guide_processor(lltokenizer: Any, grammar: str | Sequence[str | None], rows: int, prompt_len: int) -> Any:
+    """A logits processor holding each of ``rows`` rows to ``grammar``, or row ``i`` to ``grammar[i]``
+    (None: that row is free; a batch's greedy lines, ``InferenceEngine.generate_greedy``): a row's tokens
+    so far advance its matcher; tokens the matcher does not allow next are set to -inf."""
     import torch
     from llguidance import LLMatcher
     from transformers import LogitsProcessor
 
-    matchers = [LLMatcher(lltokenizer, grammar, log_level=0) for _ in range(rows)]
-    if matchers[0].is_error():
-        raise InvalidRequestError(
-            f"`response_format` can't be held to: {matchers[0].get_error()}"[:500], param="response_format"
-        )
-    ended = [False] * rows
+    grammars = [grammar] * rows if isinstance(grammar, str) else list(grammar)
+    matchers = [None if g is None else LLMatcher(lltokenizer, g, log_level=0) for g in grammars]
+    for matcher in matchers:
+        if matcher is not None and matcher.is_error():
+            raise InvalidRequestError(
+                f"`response_format` can't be held to: {matcher.get_error()}"[:500], param="response_format"
+            )
+    ended = [matcher is None for matcher in matchers]  # a free row: never masked
     size = lltokenizer.vocab_size
     words = (size + 31) // 32
     shifts = torch.arange(32, dtype=torch.int32)

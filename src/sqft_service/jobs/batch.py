@@ -166,9 +166,10 @@ class _Answerer:
 
 def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
     """Whether a request is answered in a batched greedy generation: one greedy choice of some tokens,
-    no log-probabilities, echo, penalties, biases or structured output (``generate_greedy`` does none)."""
+    no log-probabilities, echo, penalties or biases (``generate_greedy`` does none; it holds each row to
+    its structured output or required call)."""
     plain = req.scored is None and not getattr(req, "echo", False) and req.max_tokens != 0
-    plain = plain and not (req.presence_penalty or req.frequency_penalty or req.biases or getattr(req, "grammar", None))
+    plain = plain and not (req.presence_penalty or req.frequency_penalty or req.biases)
     return plain and req.temperature == 0 and req.n == 1
 
 
