@@ -167,12 +167,20 @@ class CallParser:
                 return text, []  # one block that is not a call of these tools: the answer is text
             calls.append(call)
         if calls:
-            content = _BLOCK.sub("", text).strip() or None
+            content = _BLOCK.sub("", text)
+            content = content[: content.find(OPEN)] if OPEN in content else content  # a call cut short
+            content = content.strip() or None
         elif OPEN not in text and (call := self._call(text.strip())) is not None:
             content, calls = None, [call]
         else:
             return text, []
         return content, calls if self.parallel else calls[:1]
+
+
+def finish_reason(calls: list[Any], finish: str) -> str:
+    """An answer's ``finish_reason``: ``tool_calls`` when it made calls, unless ``max_tokens`` cut it
+    (its complete calls are still given; a call cut short is dropped)."""
+    return "tool_calls" if calls and finish != "length" else finish
 
 
 class HeldStream:

@@ -12,7 +12,14 @@ from llguidance.hf import from_tokenizer
 
 from sqft_service.api.inference.protocol import ChatCompletionRequest
 from sqft_service.inference.render import chat_ids
-from sqft_service.tool_calls import CallParser, HeldStream, call_grammar, call_text, template_messages
+from sqft_service.tool_calls import (
+    CallParser,
+    HeldStream,
+    call_grammar,
+    call_text,
+    finish_reason,
+    template_messages,
+)
 from sqft_service.training.prompts import chat_segments
 from sqft_service.training.records import DataValidationError, _validate_record
 
@@ -59,6 +66,16 @@ def test_parser_reads_tagged_calls_bare_json_and_leaves_anything_else_as_text():
         [{"name": "get_time", "arguments": '{"tz": "UTC"}'}],
     )
     assert parser.split('<tool_call>{"name": "get_time", "arguments": "{}"}</tool_call>')[1][0]["arguments"] == "{}"
+    # max_tokens cut the second call: the first is given, the cut one dropped, and the answer says "length".
+    assert parser.split(call_text("get_time", {}) + '\n<tool_call>\n{"name": "get_ti') == (
+        None,
+        [{"name": "get_time", "arguments": "{}"}],
+    )
+    assert [finish_reason([{}], "length"), finish_reason([{}], "stop"), finish_reason([], "stop")] == [
+        "length",
+        "tool_calls",
+        "stop",
+    ]
     for text in (
         call_text("delete_all", {}),  # not one of the tools
         '<tool_call>\n{"name": "get_time", "arguments": [1]}\n</tool_call>',  # arguments not an object

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ...config import MAX_SEED
 from ...inference.spec import Choice, TokenLogprob
-from ...tool_calls import CallParser, new_call_id
+from ...tool_calls import CallParser, finish_reason, new_call_id
 
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 8
@@ -343,13 +343,13 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
     @classmethod
-    def of(cls, text: str, parser: CallParser | None) -> tuple[ChatMessage, bool]:
-        """The answer as a message, and whether it is calls."""
+    def of(cls, text: str, parser: CallParser | None) -> tuple[ChatMessage, list[ToolCall]]:
+        """The answer as a message, and its calls."""
         content, calls = parser.split(text) if parser else (text, [])
         if not calls:
-            return cls(content=text), False
+            return cls(content=text), []
         made = [ToolCall(id=new_call_id(), function=FunctionCall.model_construct(**c)) for c in calls]
-        return cls(content=content, tool_calls=made), True
+        return cls(content=content, tool_calls=made), made
 
 
 class TopLogprob(BaseModel):
@@ -407,8 +407,7 @@ class ChatCompletion(BaseModel):
                 ChatChoice(
                     index=i,
                     message=message,
-                    # A call cut short by max_tokens does not parse: that answer stays "length".
-                    finish_reason="tool_calls" if calls else c.finish_reason,
+                    finish_reason=finish_reason(calls, c.finish_reason),
                     logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs),
                 )
             )

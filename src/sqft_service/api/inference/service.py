@@ -24,7 +24,7 @@ from ...inference.answer import answer, chat_renderer, completion_renderer, samp
 from ...inference.engine import InferenceEngine, drain
 from ...inference.spec import Choice, ModelSpec
 from ...settings import Settings
-from ...tool_calls import CallParser, HeldStream, new_call_id
+from ...tool_calls import CallParser, HeldStream, finish_reason, new_call_id
 from ..models.service import ModelService
 from .protocol import (
     ChatCompletion,
@@ -263,7 +263,7 @@ class InferenceService:
                             yield _sse(
                                 chunk(offset + index, text or None, scores=scores if scored else None, calls=calls)
                             )
-                        finish = "tool_calls" if calls else finish
+                        finish = finish_reason(calls, finish)
                     yield _sse(chunk(offset + index, None, finish))
                 choices += final
             if usage:

@@ -20,7 +20,7 @@ from ...errors import NotFoundError, ServiceError, UserError
 from ...inference.engine import drain
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
-from ...tool_calls import CallParser, HeldStream
+from ...tool_calls import CallParser, HeldStream, finish_reason
 from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
@@ -62,8 +62,8 @@ class ResponseService:
             return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
         n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
         content, calls = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
-        calls, finish = named_calls(calls), "tool_calls" if calls else choice.finish_reason
-        output = answer_items(item_id, content, calls, "completed" if finish == "stop" else "incomplete")
+        calls, finish = named_calls(calls), finish_reason(calls, choice.finish_reason)
+        output = answer_items(item_id, content, calls, "incomplete" if finish == "length" else "completed")
         done = response.ended(output, finish, n_prompt, choice.completion_tokens)
         await asyncio.to_thread(keep, done, content, calls)
         return done
@@ -184,8 +184,8 @@ class ResponseService:
                 calls = named_calls(calls)
                 text += rest
                 yield from delta(rest)
-            finish = "tool_calls" if calls else final.finish_reason
-            output = answer_items(item_id, text, calls, "completed" if finish == "stop" else "incomplete")
+            finish = finish_reason(calls, final.finish_reason)
+            output = answer_items(item_id, text, calls, "incomplete" if finish == "length" else "completed")
             if output[0]["type"] == "message":
                 yield from begin()
                 yield event("response.output_text.done", **where, text=text, logprobs=[])
