@@ -31,7 +31,7 @@ from ..errors import UserError
 
 Format = Literal["alpaca", "chat", "preference"]
 _ROLES = ("system", "user", "assistant", "tool")
-_PROMPT_ROLES = ("system", "user", "assistant")  # preference prompts and replies: no tools
+_PROMPT_ROLES = ("system", "user", "assistant")  # TRL preference prompts and replies: no tools
 
 
 class DataValidationError(UserError):
@@ -142,7 +142,7 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
         _validate_preference(rec, line)
         return fmt
     messages = rec["messages"]
-    _validate_messages(messages, "messages", line, tools=True)
+    _validate_messages(messages, "messages", line, tools=True, weights=True)
     _validate_tools(rec, messages, line)
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise DataValidationError("'messages' has no assistant message (of weight 1): nothing to train on", line)
@@ -151,8 +151,9 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     return fmt
 
 
-def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = False) -> None:
-    """Each message's role and content; with ``tools``, tool calls and tool messages too."""
+def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = False, weights: bool = False) -> None:
+    """Each message's role and content; with ``tools``, tool calls and tool messages too; with ``weights``
+    (a chat record's), an assistant message's ``weight``."""
     if not isinstance(messages, list) or not messages:
         raise DataValidationError(f"field '{where}' must be a non-empty array", line)
     roles = _ROLES if tools else _PROMPT_ROLES
@@ -169,8 +170,9 @@ def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = Fa
         if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
             got = json_type(msg["content"]) if "content" in msg else "nothing"
             raise DataValidationError(f"{at}.content must be a string, got {got}", line)
-        if "weight" in msg and (not tools or role != "assistant" or msg["weight"] not in (0, 1) or
-                                isinstance(msg["weight"], bool)):  # fmt: skip
+        if "weight" in msg and (
+            not weights or role != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool)
+        ):
             raise DataValidationError(f"{at}.weight: only an assistant message of a chat record has one, 0 or 1", line)
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
             raise DataValidationError(f"{at}.tool_call_id must be a string (the id of the call it answers)", line)
