@@ -163,16 +163,8 @@ def test_a_required_call_fits_its_schema_even_from_a_random_model(served):
     client, base, _, _ = served
     schema = WEATHER["function"]["parameters"]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        answer = _chat(
-            client,
-            model=base,
-            messages=ASK,
-            tools=[TIME, WEATHER],
-            tool_choice=choice,
-            max_tokens=96,
-            parallel_tool_calls=False,
-        )
-        (got,) = answer["choices"]
+        body = {"model": base, "messages": ASK, "tools": [TIME, WEATHER], "tool_choice": choice, "max_tokens": 96}
+        (got,) = _chat(client, **body, parallel_tool_calls=False)["choices"]
         assert got["finish_reason"] == "tool_calls", got
         (call,) = got["message"]["tool_calls"]
         if isinstance(choice, dict):
@@ -180,15 +172,7 @@ def test_a_required_call_fits_its_schema_even_from_a_random_model(served):
         arguments = json.loads(call["function"]["arguments"])
         spec = WEATHER if call["function"]["name"] == "get_weather" else TIME
         jsonschema.validate(arguments, spec["function"]["parameters"])
-        _, calls, finish = _streamed(
-            client,
-            model=base,
-            messages=ASK,
-            tools=[TIME, WEATHER],
-            tool_choice=choice,
-            max_tokens=96,
-            parallel_tool_calls=False,
-        )
+        _, calls, finish = _streamed(client, **body, parallel_tool_calls=False)
         assert (calls, finish) == ([call["function"]], "tool_calls")
     sampled = _chat(
         client,
