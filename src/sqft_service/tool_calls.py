@@ -112,18 +112,17 @@ def template_messages(
             out.append(turn)
         return out, [_signature(t) for t in tools] if tools else None
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "tool":  # consecutive results (of parallel calls) share one user turn
             block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
-            if out and out[-1].get("results"):
+            if i > 0 and messages[i - 1]["role"] == "tool":
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "results": True})
+                out.append({"role": "user", "content": block})
         elif m["role"] == "assistant":
             out.append(_turn(m, assistant_text(m)))
         else:
             out.append(_turn(m, m.get("content") or ""))
-    out = [{k: v for k, v in m.items() if k != "results"} for m in out]
     if tools:
         listed = "\n".join(json.dumps(_signature(t), ensure_ascii=False) for t in tools)
         block = TOOLS_HEADER + listed + TOOLS_FOOTER
@@ -196,11 +195,11 @@ class HeldStream:
         if self.holding:
             return ""
         rest = self.text[self.sent :]
+        start = rest.lstrip()[:1]  # "": nothing but whitespace yet
         if (at := rest.find(OPEN)) >= 0:
             self.holding, ready = True, rest[:at]
-        elif self.sent == 0 and (not rest.strip() or rest.lstrip().startswith("{")):
-            ready = ""  # nothing but whitespace yet, or a bare JSON call perhaps: wait
-            self.holding = rest.lstrip().startswith("{")
+        elif self.sent == 0 and start in ("", "{"):
+            self.holding, ready = start == "{", ""  # a bare JSON call perhaps: wait for the end
         else:  # keep back an end that may begin "<tool_call>"
             keep = next((k for k in range(min(len(OPEN) - 1, len(rest)), 0, -1) if OPEN.startswith(rest[-k:])), 0)
             ready = rest[: len(rest) - keep]

@@ -343,13 +343,13 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
     @classmethod
-    def of(cls, text: str, parser: CallParser | None) -> tuple[ChatMessage, list[ToolCall]]:
-        """The answer as a message, and its calls."""
+    def of(cls, text: str, parser: CallParser | None) -> ChatMessage:
+        """The answer as a message: its calls (of ``parser``'s tools) as ``tool_calls``."""
         content, calls = parser.split(text) if parser else (text, [])
         if not calls:
-            return cls(content=text), []
+            return cls(content=text)
         made = [ToolCall(id=new_call_id(), function=FunctionCall.model_construct(**c)) for c in calls]
-        return cls(content=content, tool_calls=made), made
+        return cls(content=content, tool_calls=made)
 
 
 class TopLogprob(BaseModel):
@@ -402,12 +402,12 @@ class ChatCompletion(BaseModel):
         """``parser``: the request's tools, whose calls in an answer become its ``tool_calls``."""
         out = []
         for i, c in enumerate(choices):
-            message, calls = ChatMessage.of(c.text, parser)
+            message = ChatMessage.of(c.text, parser)
             out.append(
                 ChatChoice(
                     index=i,
                     message=message,
-                    finish_reason=finish_reason(calls, c.finish_reason),
+                    finish_reason=finish_reason(message.tool_calls or [], c.finish_reason),
                     logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs),
                 )
             )

@@ -200,7 +200,8 @@ class InferenceService:
         back, as a piece of a stop string, is sent with its tokens later), a completion's offsets counted
         in the choice's text sent so far. With tools, a choice's text is sent while it cannot be a call;
         from a call's start it is held, and at the end its calls are sent whole, in one chunk with what
-        was held (``tool_calls.HeldStream``), and the choice finishes with ``tool_calls``.
+        was held (``tool_calls.HeldStream``), and the choice finishes with ``tool_calls`` (``length`` if
+        ``max_tokens`` cut it: ``tool_calls.finish_reason``).
         """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         sent: dict[int, int] = {}  # a completion choice's characters sent: its next token's text offset
@@ -245,26 +246,23 @@ class InferenceService:
                         final = item
                         continue
                     index, piece, scores = item
+                    at = offset + index
                     if parser is not None:
-                        index += offset
-                        waiting.setdefault(index, []).extend(scores or ())
-                        if not (piece := held.setdefault(index, HeldStream(parser)).push(piece)):
+                        waiting.setdefault(at, []).extend(scores or ())
+                        if not (piece := held.setdefault(at, HeldStream(parser)).push(piece)):
                             continue
-                        scores, waiting[index] = (waiting[index] if scored else None), []
-                        index -= offset
-                    yield _sse(chunk(offset + index, piece, scores=scores))
+                        scores, waiting[at] = (waiting[at] if scored else None), []
+                    yield _sse(chunk(at, piece, scores=scores))
                 assert final is not None
-                for index, choice in enumerate(final):
+                for at, choice in enumerate(final, start=offset):
                     finish = choice.finish_reason
                     if parser is not None:
-                        text, calls = held.get(offset + index, HeldStream(parser)).finish()
-                        scores = waiting.pop(offset + index, [])
+                        text, calls = held.get(at, HeldStream(parser)).finish()
+                        scores = waiting.pop(at, [])
                         if text or calls or (scored and scores):
-                            yield _sse(
-                                chunk(offset + index, text or None, scores=scores if scored else None, calls=calls)
-                            )
+                            yield _sse(chunk(at, text or None, scores=scores if scored else None, calls=calls))
                         finish = finish_reason(calls, finish)
-                    yield _sse(chunk(offset + index, None, finish))
+                    yield _sse(chunk(at, None, finish))
                 choices += final
             if usage:
                 body = chunk(0, None)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from ...store.ids import new_id
-from ...tool_calls import new_call_id
+from ...tool_calls import finish_reason, new_call_id
 from ..inference.protocol import (
     MAX_SCHEMA_CHARS,
     MAX_TOKENS_LIMIT,
@@ -177,11 +177,7 @@ class ResponseRequest(BaseModel):
         turns: list[dict[str, Any]] = []
         for item in self.input:
             if isinstance(item, FunctionCallItem):
-                call = {
-                    "id": item.call_id,
-                    "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments},
-                }
+                call = chat_call(item.model_dump())
                 if turns and turns[-1]["role"] == "assistant":
                     turns[-1].setdefault("tool_calls", []).append(call)
                 else:
@@ -305,15 +301,25 @@ def call_item(call: dict[str, str], status: str = "completed") -> dict[str, Any]
     }
 
 
-def answer_items(item_id: str, content: str | None, calls: list[dict[str, str]], status: str) -> list[dict[str, Any]]:
-    """A response's output: its message (when it has text, or made no call), then its calls."""
+def answer_output(
+    item_id: str, content: str | None, parsed: list[dict[str, str]], finish: str
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], str]:
+    """An answer's output items, its calls (``parsed`` given item and call ids) and its finish reason:
+    its message (when it has text, or made no call), then its calls."""
+    calls = [{**c, "id": new_id("fc", "_"), "call_id": new_call_id()} for c in parsed]
+    finish = finish_reason(calls, finish)
+    status = "incomplete" if finish == "length" else "completed"
     message = [message_item(item_id, content or "", status)] if content or not calls else []
-    return message + [call_item(c) for c in calls]
+    return message + [call_item(c) for c in calls], calls, finish
 
 
-def named_calls(calls: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Parsed calls given their item and call ids."""
-    return [{**c, "id": new_id("fc", "_"), "call_id": new_call_id()} for c in calls]
+def chat_call(call: dict[str, str]) -> dict[str, Any]:
+    """A call (``call_id``, ``name``, ``arguments``) as a chat assistant turn's ``tool_calls`` entry."""
+    return {
+        "id": call["call_id"],
+        "type": "function",
+        "function": {"name": call["name"], "arguments": call["arguments"]},
+    }
 
 
 class InputItemList(BaseModel):

@@ -20,7 +20,7 @@ from ...errors import NotFoundError, ServiceError, UserError
 from ...inference.engine import drain
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
-from ...tool_calls import CallParser, HeldStream, finish_reason
+from ...tool_calls import CallParser, HeldStream
 from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
@@ -31,9 +31,10 @@ from .protocol import (
     InputItemList,
     Response,
     ResponseRequest,
-    answer_items,
+    answer_output,
+    call_item,
+    chat_call,
     message_item,
-    named_calls,
 )
 
 T = TypeVar("T")
@@ -61,9 +62,8 @@ class ResponseService:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
             return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
         n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
-        content, calls = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
-        calls, finish = named_calls(calls), finish_reason(calls, choice.finish_reason)
-        output = answer_items(item_id, content, calls, "incomplete" if finish == "length" else "completed")
+        content, parsed = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
+        output, calls, finish = answer_output(item_id, content, parsed, choice.finish_reason)
         done = response.ended(output, finish, n_prompt, choice.completion_tokens)
         await asyncio.to_thread(keep, done, content, calls)
         return done
@@ -178,14 +178,12 @@ class ResponseService:
                     text += piece
                     yield from delta(piece)
             assert final is not None
-            calls: list[dict[str, str]] = []
+            parsed: list[dict[str, str]] = []
             if held is not None:
-                rest, calls = held.finish()
-                calls = named_calls(calls)
+                rest, parsed = held.finish()
                 text += rest
                 yield from delta(rest)
-            finish = finish_reason(calls, final.finish_reason)
-            output = answer_items(item_id, text, calls, "incomplete" if finish == "length" else "completed")
+            output, calls, finish = answer_output(item_id, text, parsed, final.finish_reason)
             if output[0]["type"] == "message":
                 yield from begin()
                 yield event("response.output_text.done", **where, text=text, logprobs=[])
@@ -194,11 +192,7 @@ class ResponseService:
             for index, item in enumerate(output):
                 if item["type"] == "function_call":
                     call = {"item_id": item["id"], "output_index": index}
-                    yield event(
-                        "response.output_item.added",
-                        output_index=index,
-                        item={**item, "arguments": "", "status": "in_progress"},
-                    )
+                    yield event("response.output_item.added", output_index=index, item=call_item(item, "in_progress"))
                     yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
                     yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
                     yield event("response.output_item.done", output_index=index, item=item)
@@ -218,18 +212,11 @@ class _Keep:
         self.store, self.items, self.turns, self.owner = store, items, turns, owner
 
     def __call__(self, response: Response, content: str | None, calls: list[dict[str, str]]) -> None:
-        """``content`` and ``calls``: the answer's text and its calls (named: ``named_calls``)."""
+        """``content`` and ``calls``: the answer's text and its calls (with ids: ``answer_output``)."""
         if response.store:
             turn: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:  # a later response's input answers them by call id (previous_response_id)
-                turn["tool_calls"] = [
-                    {
-                        "id": c["call_id"],
-                        "type": "function",
-                        "function": {"name": c["name"], "arguments": c["arguments"]},
-                    }
-                    for c in calls
-                ]
+                turn["tool_calls"] = [chat_call(c) for c in calls]
             self.store.put(response.model_dump(), self.items, [*self.turns, turn], self.owner)
 
 
