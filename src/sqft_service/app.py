@@ -18,6 +18,8 @@ from .api.batches.service import BatchService
 from .api.body import validation_error_to_service_error
 from .api.body_limit import BodyLimitMiddleware
 from .api.content_type import require_json
+from .api.evals.router import router as evals_router
+from .api.evals.service import EvalService
 from .api.files.router import router as files_router
 from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
@@ -44,6 +46,7 @@ from .jobs.runner import build_runner
 from .logs import current_request_id
 from .settings import Settings
 from .store.db import Database
+from .store.evals import EvalStore
 from .store.events import EventStore
 from .store.files import FileStore
 from .store.ids import now
@@ -162,6 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, app.state.fine_tuning_service, file_service, jobs, events, manager
         )
         app.state.batch_service = BatchService(jobs, events, file_service, manager, app.state.model_service)
+        app.state.eval_service = EvalService(
+            EvalStore(db), jobs, events, file_service, manager, app.state.model_service
+        )
         # The engine inside is created, and torch imported, only when the first inference request comes.
         app.state.inference_service = InferenceService(settings, app.state.model_service)
         app.state.response_service = ResponseService(app.state.inference_service, ResponseStore(db))
@@ -208,6 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)
+    app.include_router(evals_router, dependencies=json_only)
     app.include_router(permissions_router, dependencies=json_only)
     app.include_router(ready_router)
     app.include_router(metrics_router, dependencies=auth)

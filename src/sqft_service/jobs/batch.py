@@ -91,7 +91,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     engine = InferenceEngine(
         threads=threads, max_queue=0, max_models=max(1, len(specs)), model_cache_dir=model_cache_dir
     )
-    answerer = _Answerer(engine, specs, p.endpoint == "/v1/chat/completions")
+    answerer = Answerer(engine, specs, p.endpoint == "/v1/chat/completions")
     last_report = time.monotonic()
     pending = (line for line in request_lines(Path(p.input_path)) if line["custom_id"] not in done)
     with out_path.open("a", encoding="utf-8") as out, err_path.open("a", encoding="utf-8") as err:
@@ -112,7 +112,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     return {"output_path": str(out_path), "error_path": str(err_path)}
 
 
-class _Answerer:
+class Answerer:
     """Answers a chunk of request lines: plain greedy requests to one model (``_together``) in one batched
     generation (``InferenceEngine.generate_greedy``: each gets the answer it gets alone), the rest one by
     one as the route does."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate", "batch"]
+JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate", "batch", "eval_run"]
 OPERATION_KINDS: tuple[str, ...] = ("extract", "merge", "sparsify", "evaluate")
 
 # What events call a job of each kind ("Merge operation started").
@@ -23,6 +23,7 @@ DISPLAY_NAMES = {
     "sparsify": "Sparsify operation",
     "evaluate": "Evaluate operation",
     "batch": "Batch",
+    "eval_run": "Eval run",
 }
 
 
@@ -114,10 +115,25 @@ class BatchParams(_Params):
     output_expires_after: int | None = None  # seconds: the output and error files expire that long after
 
 
+class EvalRunParams(_Params):
+    """Grade the rows of a data source (OpenAI's Evals API run), sampling a model first for ``completions``."""
+
+    eval_id: str
+    run_id: str  # the job's own id (each output item names it)
+    name: str
+    testing_criteria: list[dict[str, Any]]  # the eval's graders when the run was created
+    data_source: dict[str, Any]  # as the client gave it (echoed by the run object)
+    input_file_id: str | None = None  # a `file_id` source: the file's rows (checked when the run was created)
+    input_path: str | None = None
+    total: int
+    models: dict[str, BatchModel]  # the sampled model and the model graders' models, by id
+
+
 PARAMS: dict[str, type[_Params]] = {
     "extract": ExtractParams,
     "merge": MergeParams,
     "sparsify": SparsifyParams,
     "evaluate": EvaluateParams,
     "batch": BatchParams,
+    "eval_run": EvalRunParams,
 }

@@ -15,7 +15,7 @@ from ..model_access import ModelAccess
 from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
-from .kinds import BatchParams, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
+from .kinds import BatchParams, EvalRunParams, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
 
 if TYPE_CHECKING:
     from ..config import ParentModel
@@ -188,21 +188,47 @@ def evaluate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def batch(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-    import torch
-
+def _specs(models: dict[str, Any], access: Any) -> dict[str, Any]:
+    """The models a batch or eval run names, as the engine loads them, the real paths checked now (a
+    merged model's directory is the job's own)."""
     from ..inference.spec import ModelSpec
-    from .batch import run_batch
 
-    p = BatchParams.model_validate(params)
-    access = _model_access(ctx)
     specs = {}
-    for name, m in p.models.items():  # the real paths checked now (a merged model's directory is the job's own)
+    for name, m in models.items():
         model = m.model if m.merged else access.check_model(m.model, "model")
         tokenizer = access.check_model(m.tokenizer, "model") if m.tokenizer else None
         specs[name] = ModelSpec(name, model, tokenizer, m.adapter, m.data_format, m.sparse)
+    return specs
+
+
+def batch(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    import torch
+
+    from .batch import run_batch
+
+    p = BatchParams.model_validate(params)
+    specs = _specs(p.models, _model_access(ctx))
     ctx.sink.message(f"answering {p.total} requests to {p.endpoint} with {len(specs)} model(s)")
     return run_batch(
+        p,
+        specs,
+        ctx.workspace.output.root,
+        ctx.sink,
+        ctx.should_stop,
+        threads=torch.get_num_threads(),
+        model_cache_dir=ctx.model_cache_dir,
+    )
+
+
+def eval_run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    import torch
+
+    from .eval_run import run_eval
+
+    p = EvalRunParams.model_validate(params)
+    specs = _specs(p.models, _model_access(ctx))
+    ctx.sink.message(f"grading {p.total} rows with {len(p.testing_criteria)} grader(s)")
+    return run_eval(
         p,
         specs,
         ctx.workspace.output.root,
@@ -220,7 +246,8 @@ TASKS: dict[str, Callable[[dict[str, Any], TaskContext], dict[str, Any]]] = {
     "sparsify": sparsify,
     "evaluate": evaluate,
     "batch": batch,
+    "eval_run": eval_run,
 }
 # Kinds whose task polls ``should_stop`` between steps (a batch: between requests); the others stop
 # at once on SIGTERM.
-COOPERATIVE_STOP = {"fine_tune", "batch"}
+COOPERATIVE_STOP = {"fine_tune", "batch", "eval_run"}

@@ -199,6 +199,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX model_permissions_project ON model_permissions(project_id);
     """,
+    # 10: evals (OpenAI's Evals API): the rows' schema and the graders; their runs are jobs of kind
+    # `eval_run` (config.eval_id). `updated_seq` orders evals by their last change without ties.
+    """
+    CREATE TABLE evals (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        updated_seq INTEGER NOT NULL,
+        owner TEXT,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        data_source_config TEXT NOT NULL,
+        testing_criteria TEXT NOT NULL,
+        metadata TEXT
+    );
+    CREATE INDEX evals_owner ON evals(owner, seq);
+    """,
 ]
 
 

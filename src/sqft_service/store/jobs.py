@@ -186,21 +186,40 @@ class JobStore:
         limit: int = 20,
         owner: str | None = None,
         metadata: dict[str, str] | None = None,
+        config: dict[str, str] | None = None,
+        statuses: tuple[str, ...] | None = None,
+        descending: bool = True,
     ) -> tuple[list[JobRecord], bool]:
         """One page of jobs of these kinds; with ``owner``, only that project's; with ``metadata``, only
-        jobs whose metadata has every one of those pairs (``{}``: jobs without metadata)."""
+        jobs whose metadata has every one of those pairs (``{}``: jobs without metadata); with ``config``,
+        only jobs whose config has those top-level string values; with ``statuses``, only jobs in them."""
         where: tuple[str, ...] = (f"kind IN ({','.join('?' for _ in kinds)})",)
         params: tuple[str, ...] = kinds
         if owner is not None:
             where, params = (*where, "owner = ?"), (*params, owner)
+        for key, value in (config or {}).items():  # keys are the service's own (identifiers), never a client's
+            where, params = (*where, f"json_extract(config, '$.{key}') = ?"), (*params, value)
+        if statuses:
+            where, params = (*where, f"status IN ({','.join('?' for _ in statuses)})"), (*params, *statuses)
         if metadata == {}:
             where = (*where, "(metadata IS NULL OR metadata IN ('null', '{}'))")
         for key, value in (metadata or {}).items():
             # json_each, not json_extract: a key may hold any character, and a JSON path can't quote all.
             match = "EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ? AND type = 'text')"
             where, params = (*where, match), (*params, key, value)
-        rows, has_more = self.db.page("jobs", order_col="seq", limit=limit, after=after, where=where, params=params)
+        rows, has_more = self.db.page(
+            "jobs", order_col="seq", limit=limit, after=after, where=where, params=params, descending=descending
+        )
         return [JobRecord.from_row(r) for r in rows], has_more
+
+    def delete(self, job_id: str) -> bool:
+        """Forget an ended job, its events and checkpoints (its workspace is the caller's to remove)."""
+        with self.db.transaction() as cur:
+            cur.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            cur.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
+            cur.execute(f"DELETE FROM jobs WHERE id = ? AND status IN ({','.join('?' for _ in FINAL_STATUSES)})",
+                        (job_id, *FINAL_STATUSES))  # fmt: skip
+            return cur.rowcount > 0
 
     def with_status(self, *statuses: str) -> list[JobRecord]:
         marks = ",".join("?" for _ in statuses)

@@ -10,7 +10,6 @@ queue, limits, cancel and crash recovery of every other job; its answers become 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from pydantic import ValidationError
 from ...errors import InvalidRequestError, NotFoundError, ServiceError
 from ...jobs.kinds import BatchModel, BatchParams
 from ...jobs.manager import JobManager
-from ...model_names import parse_fine_tuned
 from ...store.events import EventStore
 from ...store.ids import new_id
 from ...store.jobs import JobRecord, JobStore
@@ -126,12 +124,9 @@ class BatchService:
 
     def _model(self, number: int, model_id: str) -> BatchModel:
         try:
-            spec = self.models.spec(model_id)
+            return self.models.job_model(model_id)
         except ServiceError as exc:
             _refuse(number, f"`body.model`: {exc.message}")
-        ref = parse_fine_tuned(model_id)
-        fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
-        return BatchModel(**fields, merged=ref is not None and ref.merged)
 
     def get(self, batch_id: str) -> JobRecord:
         job = self.jobs.get(batch_id, kind="batch")

@@ -14,6 +14,7 @@ project deletes or shares it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ...errors import ConflictError, NotFoundError, ServiceError
 from ...inference.spec import ModelSpec
+from ...jobs.kinds import BatchModel
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
 from ...model_names import FineTunedRef, checkpoint_ref, parse_fine_tuned
@@ -171,6 +173,13 @@ class ModelService:
         sparse = bool(general.get("lora_config", {}).get("sparse_adapter"))  # its sub-adapters too
         return ModelSpec(model_id, base, tokenizer, str(entry.path), self._data_format(job), sparse)
 
+    def job_model(self, model_id: str, param: str = "model") -> BatchModel:
+        """``spec(model_id)`` as a job's payload holds it (a batch's or an eval run's models)."""
+        spec = self.spec(model_id, param)
+        ref = parse_fine_tuned(model_id)
+        fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+        return BatchModel(**fields, merged=ref is not None and ref.merged)
+
     def _data_format(self, job: JobRecord) -> str | None:
         """How the job rendered its records: its result says so (jobs since inference came); older jobs'
         training file meta says so while the file exists."""
@@ -236,12 +245,12 @@ class ModelService:
         paths = {str(directory)}
         batches = [
             job.id
-            for job in self.jobs.active_of_kind("batch")
+            for job in [*self.jobs.active_of_kind("batch"), *self.jobs.active_of_kind("eval_run")]
             if any({m.get("adapter"), m.get("model")} & paths for m in job.config.get("models", {}).values())
         ]
         if batches:
             raise ConflictError(
-                f"`{model_id}` cannot be deleted: batch(es) {', '.join(batches)} answer with it; "
+                f"`{model_id}` cannot be deleted: batch(es) or eval run(s) {', '.join(batches)} answer with it; "
                 "delete it once they have ended (or cancel them)",
                 param="model",
                 code="model_in_use",

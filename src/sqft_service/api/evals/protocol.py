@@ -1,0 +1,344 @@
+"""OpenAI's Evals API objects and bodies (https://platform.openai.com/docs/api-reference/evals): an eval
+(the rows' schema and the graders), its runs (a data source, and a model to sample), and their output
+items (a row, its sample, each grader's result)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...errors import UserError
+from ...graders import SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
+from ..fine_tuning.protocol import Metadata
+from ..inference.protocol import MAX_TOKENS_LIMIT
+
+MAX_GRADERS = 32
+MAX_TEMPLATE_CHARS = 32_768
+MAX_NAME_CHARS = 256
+Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+# The sample every template may read as ``sample`` (graders/sample_namespace).
+SAMPLE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "choices": {"type": "array"},
+        "output_text": {"type": "string"},
+        "output_json": {"type": "object"},
+        "output_tools": {"type": "array"},
+    },
+    "required": ["model", "choices"],
+}
+# Grader types OpenAI names that this service refuses, and why.
+UNOFFERED_GRADERS = {
+    "python": "it would run the client's code on the host",
+    "multi": "combine graders' results from the run's output items instead",
+    "endpoint": "it would call out of the service",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class CustomDataSourceConfig(_Strict):
+    type: Literal["custom"]
+    item_schema: dict[str, Any]
+    include_sample_schema: bool = False
+
+
+class StringCheckGrader(_Strict):
+    type: Literal["string_check"]
+    name: Name
+    input: Template
+    reference: Template
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+
+class TextSimilarityGrader(_Strict):
+    type: Literal["text_similarity"]
+    name: Name
+    input: Template
+    reference: Template
+    evaluation_metric: str
+    pass_threshold: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _metric(self) -> TextSimilarityGrader:
+        if why := UNOFFERED_METRICS.get(self.evaluation_metric):
+            raise ValueError(f"`evaluation_metric` '{self.evaluation_metric}' is not offered here: it {why}")
+        if self.evaluation_metric not in SIMILARITY_METRICS:
+            raise ValueError(f"`evaluation_metric` must be one of {', '.join(SIMILARITY_METRICS)}")
+        return self
+
+
+class GraderMessage(_Strict):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Template
+
+
+class GraderSampling(_Strict):
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    max_completions_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+class LabelModelGrader(_Strict):
+    type: Literal["label_model"]
+    name: Name
+    model: str = Field(max_length=4096)
+    input: list[GraderMessage] = Field(min_length=1, max_length=64)
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=2, max_length=64)
+    passing_labels: list[str] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _labels(self) -> LabelModelGrader:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("`labels` must be distinct")
+        if stray := [label for label in self.passing_labels if label not in self.labels]:
+            raise ValueError(f"`passing_labels`: '{stray[0][:64]}' is not one of `labels`")
+        return self
+
+
+class ScoreModelGrader(_Strict):
+    type: Literal["score_model"]
+    name: Name
+    model: str = Field(max_length=4096)
+    input: list[GraderMessage] = Field(min_length=1, max_length=64)
+    range: tuple[float, float] = (0.0, 1.0)
+    pass_threshold: float | None = None
+    sampling_params: GraderSampling | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> ScoreModelGrader:
+        if not self.range[0] < self.range[1]:
+            raise ValueError("`range` is [low, high] with low < high")
+        return self
+
+
+Grader = Annotated[
+    StringCheckGrader | TextSimilarityGrader | LabelModelGrader | ScoreModelGrader, Field(discriminator="type")
+]
+MODEL_GRADERS = ("label_model", "score_model")
+
+
+def grader_templates(index: int, grader: Any) -> list[tuple[str, str]]:
+    """``(param, template)`` for every template of a grader."""
+    at = f"testing_criteria[{index}]"
+    if grader.type in MODEL_GRADERS:
+        return [(f"{at}.input[{j}].content", m.content) for j, m in enumerate(grader.input)]
+    return [(f"{at}.input", grader.input), (f"{at}.reference", grader.reference)]
+
+
+def _refuse_unoffered(criteria: Any) -> None:
+    for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
+        kind = grader.get("type") if isinstance(grader, dict) else None
+        if why := UNOFFERED_GRADERS.get(kind):  # type: ignore[arg-type]
+            raise ValueError(f"`testing_criteria[{i}].type`: '{kind}' graders are not offered here: {why}")
+
+
+class CreateEvalRequest(_Strict):
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    metadata: Metadata | None = None
+    data_source_config: CustomDataSourceConfig
+    testing_criteria: list[Grader] = Field(min_length=1, max_length=MAX_GRADERS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offered(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _refuse_unoffered(data.get("testing_criteria"))
+            kind = (data.get("data_source_config") or {}).get("type") if isinstance(data, dict) else None
+            if kind in ("logs", "stored_completions"):
+                raise ValueError(
+                    f"`data_source_config.type`: '{kind}' reads stored completions, which this service does "
+                    "not keep; use 'custom' with an `item_schema`"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _graders(self) -> CreateEvalRequest:
+        names = [g.name for g in self.testing_criteria]
+        if dup := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"`testing_criteria`: two graders are named '{dup[:64]}'; each name must be distinct")
+        for i, grader in enumerate(self.testing_criteria):
+            for param, text in grader_templates(i, grader):
+                try:
+                    check_template(text, param)
+                except UserError as exc:
+                    raise ValueError(f"`{param}`: {exc.message}") from None
+        return self
+
+
+class UpdateEvalRequest(_Strict):
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    metadata: Metadata | None = None
+
+
+class EvalObject(BaseModel):
+    object: Literal["eval"] = "eval"
+    id: str
+    name: str
+    data_source_config: dict[str, Any]
+    testing_criteria: list[dict[str, Any]]
+    created_at: int
+    metadata: dict[str, str] | None = None
+
+
+class EvalList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvalObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class EvalDeleted(BaseModel):
+    object: Literal["eval.deleted"] = "eval.deleted"
+    deleted: bool = True
+    eval_id: str
+
+
+# ------------------------------------------------------------------ runs
+class ContentRow(_Strict):
+    item: dict[str, Any]
+    sample: dict[str, Any] | None = None
+
+
+class FileContentSource(_Strict):
+    type: Literal["file_content"]
+    content: list[ContentRow] = Field(min_length=1)
+
+
+class FileIdSource(_Strict):
+    type: Literal["file_id"]
+    id: str = Field(max_length=128)
+
+
+Source = Annotated[FileContentSource | FileIdSource, Field(discriminator="type")]
+
+
+class TemplateMessage(_Strict):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Template
+
+
+class TemplateInput(_Strict):
+    type: Literal["template"]
+    template: list[TemplateMessage] = Field(min_length=1, max_length=64)
+
+
+class ItemReferenceInput(_Strict):
+    type: Literal["item_reference"]
+    item_reference: str = Field(pattern=r"^item\.[A-Za-z0-9_.]+$", max_length=256)
+
+
+class SamplingParams(_Strict):
+    """What each sample is generated with; a field left out takes chat/completions' default."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class JsonlDataSource(_Strict):
+    type: Literal["jsonl"]
+    source: Source
+
+
+class CompletionsDataSource(_Strict):
+    type: Literal["completions"]
+    model: str = Field(max_length=4096)
+    input_messages: Annotated[TemplateInput | ItemReferenceInput, Field(discriminator="type")] | None = None
+    sampling_params: SamplingParams | None = None
+    source: Source
+
+
+class CreateRunRequest(_Strict):
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    metadata: Metadata | None = None
+    data_source: Annotated[JsonlDataSource | CompletionsDataSource, Field(discriminator="type")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offered(cls, data: Any) -> Any:
+        kind = (data.get("data_source") or {}).get("type") if isinstance(data, dict) else None
+        if kind == "responses":
+            raise ValueError("`data_source.type`: use 'completions' (the same sampling, through chat completions)")
+        return data
+
+
+class ResultCounts(BaseModel):
+    total: int
+    errored: int
+    failed: int
+    passed: int
+
+
+class PerModelUsage(BaseModel):
+    model_name: str
+    invocation_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int = 0
+
+
+class PerTestingCriteriaResult(BaseModel):
+    testing_criteria: str
+    passed: int
+    failed: int
+
+
+class EvalError(BaseModel):
+    code: str
+    message: str
+
+
+RunStatus = Literal["queued", "in_progress", "completed", "canceled", "failed"]
+
+
+class RunObject(BaseModel):
+    object: Literal["eval.run"] = "eval.run"
+    id: str
+    eval_id: str
+    name: str
+    status: RunStatus
+    model: str | None = None
+    data_source: dict[str, Any]
+    created_at: int
+    report_url: str
+    result_counts: ResultCounts
+    per_model_usage: list[PerModelUsage]
+    per_testing_criteria_results: list[PerTestingCriteriaResult]
+    error: EvalError | None = None
+    metadata: dict[str, str] | None = None
+
+
+class RunList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RunObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class RunDeleted(BaseModel):
+    object: Literal["eval.run.deleted"] = "eval.run.deleted"
+    deleted: bool = True
+    run_id: str
+
+
+class OutputItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None

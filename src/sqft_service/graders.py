@@ -1,0 +1,192 @@
+"""Graders of OpenAI's Evals API and the templates they read (torch-free: the API checks a grader with
+this module when an eval is created, the ``eval_run`` job grades with it).
+
+A template (``"{{ item.answer }}"``, ``"{{ sample.output_text }}"``) is Jinja in a sandbox: the data a
+client sends is filled in, never run. ``item`` is a data source row, ``sample`` what the model answered:
+``output_text``, ``output_json`` (that text parsed, or null) and ``output_tools`` (its tool calls).
+
+* ``string_check``: ``eq`` / ``ne`` / ``like`` (contains) / ``ilike`` (contains, any case); score 1 or 0.
+* ``text_similarity``: a score in [0, 1] against ``pass_threshold``: ``fuzzy_match`` (rapidfuzz's
+  normalized Indel similarity), ``bleu`` (NLTK's sentence BLEU, method-1 smoothing, up to 4-grams,
+  re-weighted for shorter texts), ``gleu`` (NLTK's sentence GLEU), ``rouge_1``…``rouge_5`` and
+  ``rouge_l`` (Google's ``rouge-score`` F-measure). Every metric reads the texts as ``rouge-score``
+  tokenizes them (lower case, letters and digits), so they agree on what a word is.
+* ``label_model`` / ``score_model``: a model of this service reads the grader's ``input`` messages and
+  answers held to a JSON schema (``{"result": <one of labels>}`` / ``{"result": <number in range>}``),
+  so even a small model always gives a label or a score it may give (``jobs/eval_run.py`` asks it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from .errors import UserError
+
+NAMESPACES = {"item", "sample"}
+ROUGE_METRICS = {f"rouge_{n}": f"rouge{n}" for n in range(1, 6)} | {"rouge_l": "rougeL"}
+SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", *ROUGE_METRICS)
+# Named by OpenAI, refused here: METEOR needs the WordNet corpus (a download), cosine an embeddings model.
+UNOFFERED_METRICS = {"meteor": "needs the WordNet corpus", "cosine": "needs an embeddings model"}
+
+
+class _Environment(SandboxedEnvironment):
+    """``item.items`` is the row's ``items`` field, not the dict method Jinja would find first."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict):
+            return obj[attribute] if attribute in obj else self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
+def _finalize(value: Any) -> Any:
+    """A value that is not text is filled in as JSON (``{{ item.tags }}`` → ``["a", "b"]``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_ENV = _Environment(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
+
+
+@cache
+def _compiled(text: str) -> Any:
+    return _ENV.from_string(text)
+
+
+def check_template(text: str, param: str) -> None:
+    """A 400 naming ``param`` for a template that does not parse or reads a name other than item/sample."""
+    try:
+        names = meta.find_undeclared_variables(_ENV.parse(text))
+    except TemplateError as exc:
+        raise UserError(f"the template does not parse: {exc}", param=param) from None
+    if unknown := sorted(names - NAMESPACES):
+        raise UserError(f"a template reads `item` and `sample`, not `{unknown[0]}`", param=param)
+
+
+def template_names(text: str) -> set[str]:
+    """The top-level names a (checked) template reads: ``{"item"}``, ``{"item", "sample"}``…"""
+    return set(meta.find_undeclared_variables(_ENV.parse(text)))
+
+
+def render(text: str, item: dict[str, Any], sample: dict[str, Any] | None) -> str:
+    """The template filled with this row and sample.
+
+    Raises:
+        GradingError: the template reads a field the row (or the sample) does not have.
+    """
+    try:
+        return _compiled(text).render(item=item, sample=sample if sample is not None else {})
+    except TemplateError as exc:
+        raise GradingError(f"template {text[:80]!r}: {exc}") from None
+
+
+class GradingError(Exception):
+    """A row that could not be graded (a missing field, a failed sample): the row counts as errored."""
+
+
+def sample_namespace(text: str | None, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What a template's ``sample`` holds for an answer."""
+    try:
+        parsed = json.loads(text) if text else None
+    except ValueError:
+        parsed = None
+    tools = [c.get("function", c) for c in tool_calls or []]
+    return {"output_text": text or "", "output_json": parsed, "output_tools": tools}
+
+
+def string_check(value: str, reference: str, operation: str) -> float:
+    match operation:
+        case "eq":
+            return float(value == reference)
+        case "ne":
+            return float(value != reference)
+        case "like":
+            return float(reference in value)
+        case "ilike":
+            return float(reference.lower() in value.lower())
+    raise ValueError(operation)
+
+
+@cache
+def _rouge_scorer(metric: str) -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer([ROUGE_METRICS[metric]])
+
+
+def _words(text: str) -> list[str]:
+    from rouge_score import tokenize
+
+    return tokenize.tokenize(text, None)
+
+
+def text_similarity(value: str, reference: str, metric: str) -> float:
+    """The score in [0, 1] of ``value`` against ``reference`` by ``metric`` (one of SIMILARITY_METRICS)."""
+    if metric == "fuzzy_match":
+        from rapidfuzz.fuzz import ratio
+
+        return ratio(value, reference) / 100.0
+    if metric in ROUGE_METRICS:
+        score = _rouge_scorer(metric).score(reference, value)
+        return float(score[ROUGE_METRICS[metric]].fmeasure)
+    hypothesis, references = _words(value), [_words(reference)]
+    if not hypothesis or not references[0]:
+        return float(hypothesis == references[0])
+    if metric == "bleu":
+        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+        smoothing = SmoothingFunction().method1
+        return float(sentence_bleu(references, hypothesis, smoothing_function=smoothing, auto_reweigh=True))
+    if metric == "gleu":
+        from nltk.translate.gleu_score import sentence_gleu
+
+        return float(sentence_gleu(references, hypothesis))
+    raise ValueError(metric)
+
+
+def result_schema(grader: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema a model grader's answer is held to."""
+    if grader["type"] == "label_model":
+        result: dict[str, Any] = {"type": "string", "enum": grader["labels"]}
+    else:
+        low, high = grader.get("range") or (0.0, 1.0)
+        result = {"type": "number", "minimum": low, "maximum": high}
+    return {"type": "object", "properties": {"result": result}, "required": ["result"], "additionalProperties": False}
+
+
+def model_verdict(grader: dict[str, Any], answer: str) -> tuple[float, bool, Any]:
+    """``(score, passed, result)`` of a model grader's answer (held to ``result_schema``).
+
+    Raises:
+        GradingError: the answer is not that schema's JSON (the grader ran out of tokens).
+    """
+    try:
+        result = json.loads(answer)["result"]
+    except (ValueError, KeyError, TypeError):
+        raise GradingError(f"grader `{grader['name']}` gave no result: {answer[:200]!r}") from None
+    if grader["type"] == "label_model":
+        passed = result in grader["passing_labels"]
+        return float(passed), passed, result
+    score = float(result)
+    if not math.isfinite(score):
+        raise GradingError(f"grader `{grader['name']}` gave a score that is not a number: {answer[:200]!r}")
+    threshold = grader.get("pass_threshold")
+    return score, threshold is None or score >= threshold, score
+
+
+def grade(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, Any] | None) -> tuple[float, bool]:
+    """``(score, passed)`` of a string_check or text_similarity grader on one row.
+
+    Raises:
+        GradingError: a template reads a field the row does not have.
+    """
+    value, reference = render(grader["input"], item, sample), render(grader["reference"], item, sample)
+    if grader["type"] == "string_check":
+        score = string_check(value, reference, grader["operation"])
+        return score, score == 1.0
+    score = text_similarity(value, reference, grader["evaluation_metric"])
+    return score, score >= grader["pass_threshold"]

@@ -1,0 +1,401 @@
+"""OpenAI's Evals API (``/v1/evals``): the real app, real ``eval_run`` job processes, a tiny Llama.
+
+A ``jsonl`` run grades the samples it is given (scores checked against the metrics' known values); a
+``completions`` run samples the model and each sample is what ``/v1/chat/completions`` answers the same
+messages; a model grader always gives one of its labels; bad evals and runs are 400s naming the field or
+the line; cancel keeps the items graded; another project sees none of it; the official SDK end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sqft_service.app import create_app
+from tests.helpers import alpaca_records, wait_until, write_json
+from tests.integration.conftest import make_settings, sdk_job_end, wait_status
+
+ALICE = {"Authorization": "Bearer ka"}
+BOB = {"Authorization": "Bearer kb"}
+ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["question", "answer"],
+}
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "eq",
+}
+FUZZY = {
+    "type": "text_similarity",
+    "name": "fuzzy",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "evaluation_metric": "fuzzy_match",
+    "pass_threshold": 0.75,
+}
+QUESTIONS = ["Say red.", "Say blue.", "Name a colour.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("evals")
+    settings = make_settings(root / "data", api_key="alice:ka,bob:kb", inference_threads=1)
+    with TestClient(create_app(settings), headers=ALICE) as client:
+        # A base model is the caller's to use once it has fine-tuned it (ModelService): fine-tune it briefly.
+        with open(write_json(root / "a.json", alpaca_records(8)), "rb") as handle:
+            file_id = client.post("/v1/files", files={"file": ("a.json", handle)}, data={"purpose": "fine-tune"})
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": file_id.json()["id"],
+            "Training": {"max_train_steps": 2},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        yield client, done["fine_tuned_model"]
+
+
+def _eval(client, criteria=(EXACT, FUZZY), **extra) -> dict:
+    body = {
+        "name": "colours",
+        "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA, "include_sample_schema": True},
+        "testing_criteria": list(criteria),
+        **extra,
+    }
+    resp = client.post("/v1/evals", json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _ended(client, eval_id: str, run_id: str, timeout: float = 300) -> dict:
+    return wait_until(
+        lambda: (
+            (r := client.get(f"/v1/evals/{eval_id}/runs/{run_id}").json())["status"]
+            in ("completed", "failed", "canceled")
+            and r
+        ),
+        timeout,
+        what=f"run {run_id} to end",
+    )
+
+
+def _items(client, eval_id: str, run_id: str, **params) -> list[dict]:
+    resp = client.get(f"/v1/evals/{eval_id}/runs/{run_id}/output_items", params={"limit": 100, **params})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"]
+
+
+def test_a_jsonl_run_grades_the_samples_it_is_given(served):
+    client, _ = served
+    ev = _eval(client)
+    assert ev["object"] == "eval" and ev["data_source_config"]["type"] == "custom"
+    assert ev["data_source_config"]["schema"]["properties"]["item"] == ITEM_SCHEMA
+    assert set(ev["data_source_config"]["schema"]["required"]) == {"item", "sample"}
+    rows = [
+        {"item": {"question": "q0", "answer": "hello"}, "sample": {"output_text": "hello"}},  # both pass
+        {"item": {"question": "q1", "answer": "hello"}, "sample": {"output_text": "hallo"}},  # fuzzy 0.8 passes
+        {"item": {"question": "q2", "answer": "hello"}, "sample": {"output_text": "bye"}},  # both fail
+        # a chat completion as the sample: its message is the output text
+        {
+            "item": {"question": "q3", "answer": "yes"},
+            "sample": {"model": "m", "choices": [{"message": {"role": "assistant", "content": "yes"}}]},
+        },
+    ]
+    run = client.post(
+        f"/v1/evals/{ev['id']}/runs",
+        json={"name": "given", "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": rows}}},
+    )
+    assert run.status_code == 200, run.text
+    assert run.json()["object"] == "eval.run" and run.json()["status"] in ("queued", "in_progress")
+    done = _ended(client, ev["id"], run.json()["id"])
+    assert done["status"] == "completed", done
+    assert done["result_counts"] == {"total": 4, "errored": 0, "failed": 2, "passed": 2}
+    assert done["per_testing_criteria_results"] == [
+        {"testing_criteria": "exact", "passed": 2, "failed": 2},
+        {"testing_criteria": "fuzzy", "passed": 3, "failed": 1},
+    ]
+    items = _items(client, ev["id"], done["id"])
+    assert [i["datasource_item_id"] for i in items] == [0, 1, 2, 3]
+    assert [i["status"] for i in items] == ["fail" if n in (1, 2) else "pass" for n in range(4)]
+    fuzzy = {i["datasource_item_id"]: next(r for r in i["results"] if r["name"] == "fuzzy") for i in items}
+    assert fuzzy[0]["score"] == 1.0 and fuzzy[1]["score"] == pytest.approx(0.8) and fuzzy[1]["passed"]
+    assert items[3]["sample"]["output"] == [{"role": "assistant", "content": "yes"}]
+    assert [i["id"] for i in _items(client, ev["id"], done["id"], status="fail")] == [items[1]["id"], items[2]["id"]]
+    # pagination: two at a time, newest first
+    page = client.get(
+        f"/v1/evals/{ev['id']}/runs/{done['id']}/output_items", params={"limit": 2, "order": "desc"}
+    ).json()
+    assert [i["datasource_item_id"] for i in page["data"]] == [3, 2] and page["has_more"]
+    rest = client.get(
+        f"/v1/evals/{ev['id']}/runs/{done['id']}/output_items",
+        params={"limit": 2, "order": "desc", "after": page["last_id"]},
+    ).json()
+    assert [i["datasource_item_id"] for i in rest["data"]] == [1, 0] and not rest["has_more"]
+    one = client.get(f"/v1/evals/{ev['id']}/runs/{done['id']}/output_items/{items[2]['id']}").json()
+    assert one == items[2]
+
+
+def test_a_completions_run_samples_the_model_as_chat_completions_answers(served, tiny_model_dir):
+    client, model = served  # the fine-tuned model answers; its base judges
+    base = str(tiny_model_dir)
+    label = {
+        "type": "label_model",
+        "name": "judge",
+        "model": base,
+        "input": [{"role": "user", "content": "Q: {{ item.question }} A: {{ sample.output_text }} Good?"}],
+        "labels": ["good", "bad"],
+        "passing_labels": ["good"],
+    }
+    ev = _eval(client, (EXACT, label))
+    rows = [{"item": {"question": q, "answer": "red"}} for q in QUESTIONS]
+    template = [{"role": "user", "content": "{{ item.question }}"}]  # an Alpaca model: one instruction
+    data_source = {
+        "type": "completions",
+        "model": model,
+        "input_messages": {"type": "template", "template": template},
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 5},
+        "source": {"type": "file_content", "content": rows},
+    }
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": data_source, "metadata": {"k": "v"}})
+    assert run.status_code == 200, run.text
+    done = _ended(client, ev["id"], run.json()["id"])
+    assert done["status"] == "completed", done
+    assert done["model"] == model and done["metadata"] == {"k": "v"}
+    items = _items(client, ev["id"], done["id"])
+    assert done["result_counts"]["total"] == 4 and done["result_counts"]["errored"] == 0, json.dumps(items[0])
+    items = _items(client, ev["id"], done["id"])
+    sampled = prompt = 0
+    for item in items:
+        messages = [{"role": "user", "content": item["datasource_item"]["question"]}]
+        assert item["sample"]["input"] == messages
+        answer = client.post(
+            "/v1/chat/completions", json={"model": model, "messages": messages, "temperature": 0, "max_tokens": 5}
+        ).json()
+        assert item["sample"]["output"][0]["content"] == answer["choices"][0]["message"]["content"]
+        assert item["sample"]["usage"]["completion_tokens"] == answer["usage"]["completion_tokens"]
+        sampled += answer["usage"]["completion_tokens"]
+        prompt += answer["usage"]["prompt_tokens"]
+        judge = next(r for r in item["results"] if r["name"] == "judge")
+        assert judge["result"] in ("good", "bad") and judge["passed"] == (judge["result"] == "good")
+        assert judge["sample"]["model"] == base  # the grader's own prompt and answer
+        exact = next(r for r in item["results"] if r["name"] == "exact")
+        assert exact["passed"] == (answer["choices"][0]["message"]["content"] == "red")
+    usage = {u["model_name"]: u for u in done["per_model_usage"]}
+    assert usage[model]["invocation_count"] == 4 and usage[base]["invocation_count"] == 4
+    assert (usage[model]["completion_tokens"], usage[model]["prompt_tokens"]) == (sampled, prompt)
+
+
+@pytest.mark.parametrize(
+    ("criteria", "param", "needle"),
+    [
+        ({"type": "python", "name": "p", "source": "def grade(s, i): return 1"}, "testing_criteria[0].type", "code"),
+        ({**FUZZY, "evaluation_metric": "meteor"}, "testing_criteria[0]", "WordNet"),
+        ({**EXACT, "input": "{{ sample.output_text "}, "testing_criteria[0].input", "does not parse"),
+        ({**EXACT, "reference": "{{ os.environ }}"}, "testing_criteria[0].reference", "`os`"),
+        ({**EXACT, "operation": "regex"}, "testing_criteria.0.string_check.operation", "eq"),
+        (
+            {"type": "label_model", "name": "j", "model": "nope/nothing", "input": [{"role": "user", "content": "x"}],
+             "labels": ["a", "b"], "passing_labels": ["a"]},
+            "testing_criteria[0].model",
+            "nope/nothing",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_eval_is_refused_naming_its_field(served, criteria, param, needle):
+    body = {"data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA}, "testing_criteria": [criteria]}
+    resp = served[0].post("/v1/evals", json=body)
+    assert resp.status_code in (400, 404), resp.text
+    error = resp.json()["error"]
+    assert needle in error["message"] and (error["param"] or "").startswith(param.split(".")[0]), error
+    if "[" in param:
+        assert param in (error["param"] or "") + error["message"], error
+
+
+def test_eval_level_checks(served):
+    client, _ = served
+    bad_schema = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    for config, needle in [
+        ({"type": "custom", "item_schema": bad_schema}, "not a valid JSON schema"),
+        ({"type": "custom", "item_schema": {"type": "array"}}, "object"),
+        ({"type": "stored_completions"}, "stored completions"),
+    ]:
+        resp = client.post("/v1/evals", json={"data_source_config": config, "testing_criteria": [EXACT]})
+        assert resp.status_code == 400 and needle in resp.json()["error"]["message"], resp.text
+    resp = client.post(
+        "/v1/evals",
+        json={"data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA}, "testing_criteria": [EXACT, EXACT]},
+    )
+    assert resp.status_code == 400 and "distinct" in resp.json()["error"]["message"]
+
+
+def test_a_bad_run_is_refused_naming_its_row_or_line(served, tmp_path, tiny_model_dir):
+    client, _ = served
+    ev = _eval(client)
+    runs = f"/v1/evals/{ev['id']}/runs"
+
+    def content(rows):
+        return {"data_source": {"type": "jsonl", "source": {"type": "file_content", "content": rows}}}
+
+    good = {"item": {"question": "q", "answer": "a"}, "sample": {"output_text": "a"}}
+    resp = client.post(runs, json=content([good, {"item": {"question": "q"}, "sample": {}}]))
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "data_source.source.content[1]"
+    assert "'answer' is a required property" in resp.json()["error"]["message"]
+    resp = client.post(runs, json=content([{"item": {"question": "q", "answer": "a"}}]))  # graders read `sample`
+    assert resp.status_code == 400 and "sample" in resp.json()["error"]["message"]
+    # an uploaded file: a line that is not JSON, a wrong purpose
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with open(path, "rb") as handle:
+        file_id = client.post("/v1/files", files={"file": ("rows.jsonl", handle)}, data={"purpose": "evals"}).json()
+    source = {"type": "jsonl", "source": {"type": "file_id", "id": file_id["id"]}}
+    resp = client.post(runs, json={"data_source": source})
+    assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("line 2 of the file"), resp.text
+    completions = {
+        "type": "completions",
+        "model": str(tiny_model_dir),
+        "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{ sample.output_text }}"}]},
+        "source": {"type": "file_content", "content": [good]},
+    }
+    resp = client.post(runs, json={"data_source": completions})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "data_source.input_messages.template[0].content"
+    completions["input_messages"] = {"type": "item_reference", "item_reference": "item.question"}
+    completions["sampling_params"] = {"response_format": {"type": "json_schema"}}
+    resp = client.post(runs, json={"data_source": completions})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"].startswith("data_source.sampling_params.response_format"), resp.text
+    completions["sampling_params"], completions["model"] = {}, "nope/nothing"
+    resp = client.post(runs, json={"data_source": completions})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "data_source.model"
+    assert client.get(runs).json()["data"] == []  # nothing was created
+
+
+def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served, tiny_model_dir):
+    client, _ = served
+    ev = _eval(client, (EXACT,))
+    rows = [{"item": {"question": f"Count to {n}.", "answer": "x"}} for n in range(400)]
+    data_source = {
+        "type": "completions",
+        "model": str(tiny_model_dir),
+        "input_messages": {"type": "item_reference", "item_reference": "item.question"},
+        "sampling_params": {"temperature": 0.7, "seed": 3, "max_completion_tokens": 24},
+        "source": {"type": "file_content", "content": rows},
+    }
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": data_source}).json()
+    wait_until(lambda: _items(client, ev["id"], run["id"]), 240, what="the first graded rows")
+    going = client.delete(f"/v1/evals/{ev['id']}")
+    assert going.status_code == 409 and going.json()["error"]["code"] == "eval_in_use"
+    assert client.delete(f"/v1/evals/{ev['id']}/runs/{run['id']}").status_code == 409
+    cancelled = client.post(f"/v1/evals/{ev['id']}/runs/{run['id']}")
+    assert cancelled.status_code == 200, cancelled.text
+    done = _ended(client, ev["id"], run["id"])
+    assert done["status"] == "canceled"
+    graded = _items(client, ev["id"], run["id"], limit=100)
+    counts = done["result_counts"]
+    assert counts["total"] == 400 and 0 < counts["passed"] + counts["failed"] + counts["errored"] < 400
+    assert counts["passed"] + counts["failed"] + counts["errored"] == len(_all_items(client, ev["id"], run["id"]))
+    assert graded[0]["sample"]["seed"] == 3 and graded[0]["sample"]["temperature"] == 0.7
+    assert client.post(f"/v1/evals/{ev['id']}/runs/{run['id']}").status_code == 400  # ended: not cancellable
+    assert client.get(f"/v1/evals/{ev['id']}/runs", params={"status": "canceled"}).json()["data"][0]["id"] == run["id"]
+    deleted = client.delete(f"/v1/evals/{ev['id']}/runs/{run['id']}").json()
+    assert deleted == {"object": "eval.run.deleted", "deleted": True, "run_id": run["id"]}
+    assert client.get(f"/v1/evals/{ev['id']}/runs/{run['id']}").status_code == 404
+    assert client.delete(f"/v1/evals/{ev['id']}").json() == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
+    assert client.get(f"/v1/evals/{ev['id']}").status_code == 404
+
+
+def _all_items(client, eval_id: str, run_id: str) -> list[dict]:
+    items, after = [], None
+    while True:
+        params = {"limit": 100, **({"after": after} if after else {})}
+        page = client.get(f"/v1/evals/{eval_id}/runs/{run_id}/output_items", params=params).json()
+        items += page["data"]
+        if not page["has_more"]:
+            return items
+        after = page["last_id"]
+
+
+def test_another_project_sees_no_eval_run_or_item(served):
+    client, _ = served
+    ev = _eval(client, metadata={"team": "a"})
+    row = {"item": {"question": "q", "answer": "a"}, "sample": {"output_text": "a"}}
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": [row]}}
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": source}).json()
+    done = _ended(client, ev["id"], run["id"])
+    item = _items(client, ev["id"], run["id"])[0]
+    for path in (
+        f"/v1/evals/{ev['id']}",
+        f"/v1/evals/{ev['id']}/runs",
+        f"/v1/evals/{ev['id']}/runs/{done['id']}",
+        f"/v1/evals/{ev['id']}/runs/{done['id']}/output_items/{item['id']}",
+    ):
+        assert client.get(path, headers=BOB).status_code == 404, path
+    assert ev["id"] not in [e["id"] for e in client.get("/v1/evals", headers=BOB).json()["data"]]
+    assert client.delete(f"/v1/evals/{ev['id']}", headers=BOB).status_code == 404
+    # update, and list by last update
+    updated = client.post(f"/v1/evals/{ev['id']}", json={"name": "renamed", "metadata": {"team": "b"}}).json()
+    assert updated["name"] == "renamed" and updated["metadata"] == {"team": "b"}
+    newest = client.get("/v1/evals", params={"order": "desc", "order_by": "updated_at", "limit": 1}).json()
+    assert newest["data"][0]["id"] == ev["id"]
+
+
+def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_model_dir):
+    client = sdk
+    with open(write_json(tmp_path / "train.json", alpaca_records(8)), "rb") as handle:
+        training = client.files.create(file=handle, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=training.id, extra_body={"Training": {"max_train_steps": 2}}
+    )
+    tuned = sdk_job_end(client, job.id)
+    assert tuned.status == "succeeded", tuned.error
+    ev = client.evals.create(
+        name="sdk",
+        data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA, "include_sample_schema": True},
+        testing_criteria=[
+            {**EXACT, "operation": "ilike"},
+            {**FUZZY, "evaluation_metric": "rouge_l", "pass_threshold": 0.5},
+        ],
+    )
+    assert ev.object == "eval" and ev.data_source_config.type == "custom"
+    path = tmp_path / "rows.jsonl"
+    questions = ["Say red.", "Say blue.", "Say green."]
+    path.write_text("".join(json.dumps({"item": {"question": q, "answer": q.split()[1][:-1]}}) + "\n" for q in questions))
+    with open(path, "rb") as handle:
+        rows = client.files.create(file=handle, purpose="evals")
+    run = client.evals.runs.create(
+        ev.id,
+        name="tiny",
+        data_source={
+            "type": "completions",
+            "model": tuned.fine_tuned_model,
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{ item.question }}"}]},
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 4},
+            "source": {"type": "file_id", "id": rows.id},
+        },
+    )
+    assert run.object == "eval.run" and run.name == "tiny"
+    done = wait_until(
+        lambda: (r := client.evals.runs.retrieve(run.id, eval_id=ev.id)).status in ("completed", "failed") and r,
+        240,
+        what="the run",
+    )
+    assert done.status == "completed", done.error
+    assert done.result_counts.total == 3 and done.result_counts.errored == 0
+    assert [r.testing_criteria for r in done.per_testing_criteria_results] == ["exact", "fuzzy"]
+    items = list(client.evals.runs.output_items.list(run.id, eval_id=ev.id))
+    assert sorted(i.datasource_item_id for i in items) == [0, 1, 2]
+    for item in items:
+        text = item.sample.output[0].content or ""
+        exact = next(r for r in item.results if r.name == "exact")
+        assert exact.passed == (item.datasource_item["answer"].lower() in text.lower())
+    assert ev.id in [e.id for e in client.evals.list()]
+    assert run.id in [r.id for r in client.evals.runs.list(ev.id)]
+    # the rows' file is read by the run: deleting it once the run has ended works
+    assert client.files.delete(rows.id).deleted
