@@ -40,6 +40,14 @@ FUZZY = {
     "evaluation_metric": "fuzzy_match",
     "pass_threshold": 0.75,
 }
+JUDGE_NOWHERE = {
+    "type": "label_model",
+    "name": "j",
+    "model": "nope/nothing",
+    "input": [{"role": "user", "content": "x"}],
+    "labels": ["a", "b"],
+    "passing_labels": ["a"],
+}
 QUESTIONS = ["Say red.", "Say blue.", "Name a colour.", "What is two plus two?"]
 
 
@@ -200,12 +208,7 @@ def test_a_completions_run_samples_the_model_as_chat_completions_answers(served,
         ({**EXACT, "input": "{{ sample.output_text "}, "testing_criteria[0].input", "does not parse"),
         ({**EXACT, "reference": "{{ os.environ }}"}, "testing_criteria[0].reference", "`os`"),
         ({**EXACT, "operation": "regex"}, "testing_criteria.0.string_check.operation", "eq"),
-        (
-            {"type": "label_model", "name": "j", "model": "nope/nothing", "input": [{"role": "user", "content": "x"}],
-             "labels": ["a", "b"], "passing_labels": ["a"]},
-            "testing_criteria[0].model",
-            "nope/nothing",
-        ),  # fmt: skip
+        (JUDGE_NOWHERE, "testing_criteria[0].model", "nope/nothing"),
     ],
 )
 def test_a_bad_eval_is_refused_naming_its_field(served, criteria, param, needle):
@@ -307,7 +310,8 @@ def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served, tiny_
     deleted = client.delete(f"/v1/evals/{ev['id']}/runs/{run['id']}").json()
     assert deleted == {"object": "eval.run.deleted", "deleted": True, "run_id": run["id"]}
     assert client.get(f"/v1/evals/{ev['id']}/runs/{run['id']}").status_code == 404
-    assert client.delete(f"/v1/evals/{ev['id']}").json() == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
+    gone = client.delete(f"/v1/evals/{ev['id']}").json()
+    assert gone == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
     assert client.get(f"/v1/evals/{ev['id']}").status_code == 404
 
 
@@ -366,7 +370,8 @@ def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_
     assert ev.object == "eval" and ev.data_source_config.type == "custom"
     path = tmp_path / "rows.jsonl"
     questions = ["Say red.", "Say blue.", "Say green."]
-    path.write_text("".join(json.dumps({"item": {"question": q, "answer": q.split()[1][:-1]}}) + "\n" for q in questions))
+    rows = [{"item": {"question": q, "answer": q.split()[1][:-1]}} for q in questions]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with open(path, "rb") as handle:
         rows = client.files.create(file=handle, purpose="evals")
     run = client.evals.runs.create(
