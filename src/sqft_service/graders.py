@@ -9,8 +9,9 @@ client sends is filled in, never run. ``item`` is a data source row, ``sample`` 
 * ``text_similarity``: a score in [0, 1] against ``pass_threshold``: ``fuzzy_match`` (rapidfuzz's
   normalized Indel similarity), ``bleu`` (NLTK's sentence BLEU, method-1 smoothing, up to 4-grams,
   re-weighted for shorter texts), ``gleu`` (NLTK's sentence GLEU), ``rouge_1``…``rouge_5`` and
-  ``rouge_l`` (Google's ``rouge-score`` F-measure). Every metric reads the texts as ``rouge-score``
-  tokenizes them (lower case, letters and digits), so they agree on what a word is.
+  ``rouge_l`` (Google's ``rouge-score`` F-measure). The word metrics read the texts as ``rouge-score``
+  tokenizes them (lower case, letters and digits), so they agree on what a word is; ``fuzzy_match``
+  compares the characters as they are.
 * ``label_model`` / ``score_model``: a model of this service reads the grader's ``input`` messages and
   answers held to a JSON schema (``{"result": <one of labels>}`` / ``{"result": <number in range>}``),
   so even a small model always gives a label or a score it may give (``jobs/eval_run.py`` asks it).
@@ -23,7 +24,7 @@ import math
 from functools import cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, meta
+from jinja2 import StrictUndefined, TemplateError, Undefined, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import UserError
@@ -45,11 +46,15 @@ class _Environment(SandboxedEnvironment):
 
 
 def _finalize(value: Any) -> Any:
-    """A value that is not text is filled in as JSON (``{{ item.tags }}`` → ``["a", "b"]``)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value that is not text is filled in as JSON (``{{ item.tags }}`` → ``["a", "b"]``); an undefined
+    one is left for StrictUndefined to refuse."""
+    if isinstance(value, str | Undefined):
+        return value
+    return json.dumps(value, default=str)
 
 
 _ENV = _Environment(undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True)
+_ENV.globals.clear()  # range, cycler…: a template reads the row and the sample, nothing else
 
 
 @cache

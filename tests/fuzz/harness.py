@@ -104,6 +104,9 @@ class Known:
     filenames: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     operation_ids: list[str] = field(default_factory=list)
+    eval_ids: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+    output_item_ids: list[str] = field(default_factory=list)
 
     def pools(self, method: str) -> dict[str, list[str]]:
         files = self.file_ids + self.filenames
@@ -117,7 +120,11 @@ class Known:
             "validation_file": files,
             "calibration_file": files,
             "model": [self.model_dir],
-            "after": self.file_ids + self.job_ids + self.operation_ids,
+            "after": self.file_ids + self.job_ids + self.operation_ids + self.eval_ids + self.run_ids,
+            # DELETE gets the eval kept for it (the other holds the run).
+            "eval_id": self.eval_ids[-1:] if method == "DELETE" else self.eval_ids,
+            "run_id": self.run_ids,
+            "output_item_id": self.output_item_ids,
         }
 
     def substitute(self, case: Any, seed: int) -> Any:
@@ -182,6 +189,36 @@ def seed_server(url: str, tmp: Path, model_dir: Path, known: Known) -> None:
         )
         assert resp.status_code == 202, resp.text
         known.operation_ids.append(resp.json()["id"])
+        seed_evals(http, known)
+
+
+def seed_evals(http: httpx.Client, known: Known) -> None:
+    """Two evals (the last one for DELETE cases), and a graded run of the first one."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    grader = {"type": "string_check", "name": "eq", "input": "{{ sample.output_text }}", "reference": "{{ item.a }}"}
+    for name in ("kept", "for DELETE"):
+        body = {
+            "name": name,
+            "data_source_config": {"type": "custom", "item_schema": schema, "include_sample_schema": True},
+            "testing_criteria": [{**grader, "operation": "eq"}],
+        }
+        resp = http.post("/v1/evals", json=body)
+        assert resp.status_code == 200, resp.text
+        known.eval_ids.append(resp.json()["id"])
+    rows = [{"item": {"a": a}, "sample": {"output_text": "x"}} for a in ("x", "y")]
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": rows}}
+    runs = f"/v1/evals/{known.eval_ids[0]}/runs"
+    resp = http.post(runs, json={"data_source": source})
+    assert resp.status_code == 200, resp.text
+    run_id = resp.json()["id"]
+    run = wait_until(
+        lambda: (r := http.get(f"{runs}/{run_id}").json())["status"] in ("completed", "failed") and r,
+        120,
+        what="the seed eval run",
+    )
+    assert run["status"] == "completed", run
+    known.run_ids.append(run_id)
+    known.output_item_ids += [i["id"] for i in http.get(f"{runs}/{run_id}/output_items").json()["data"]]
 
 
 def settle_jobs(url: str, wait_s: float) -> list[dict[str, Any]]:

@@ -133,10 +133,15 @@ def grader_templates(index: int, grader: Any) -> list[tuple[str, str]]:
     return [(f"{at}.input", grader.input), (f"{at}.reference", grader.reference)]
 
 
+def _type_of(value: Any) -> str | None:
+    """A body part's ``type`` when it is an object with a text ``type`` (before pydantic checks the rest)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def _refuse_unoffered(criteria: Any) -> None:
     for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
-        kind = grader.get("type") if isinstance(grader, dict) else None
-        if why := UNOFFERED_GRADERS.get(kind):  # type: ignore[arg-type]
+        if why := UNOFFERED_GRADERS.get(kind := _type_of(grader) or ""):
             raise ValueError(f"`testing_criteria[{i}].type`: '{kind}' graders are not offered here: {why}")
 
 
@@ -151,7 +156,7 @@ class CreateEvalRequest(_Strict):
     def _offered(cls, data: Any) -> Any:
         if isinstance(data, dict):
             _refuse_unoffered(data.get("testing_criteria"))
-            kind = (data.get("data_source_config") or {}).get("type") if isinstance(data, dict) else None
+            kind = _type_of(data.get("data_source_config"))
             if kind in ("logs", "stored_completions"):
                 raise ValueError(
                     f"`data_source_config.type`: '{kind}' reads stored completions, which this service does "
@@ -269,8 +274,7 @@ class CreateRunRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _offered(cls, data: Any) -> Any:
-        kind = (data.get("data_source") or {}).get("type") if isinstance(data, dict) else None
-        if kind == "responses":
+        if isinstance(data, dict) and _type_of(data.get("data_source")) == "responses":
             raise ValueError("`data_source.type`: use 'completions' (the same sampling, through chat completions)")
         return data
 
