@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -76,6 +76,10 @@ bench-batch: $(STAMP)
 # itself, against its base, on held-out questions (bench/tool_calls.py).
 bench-tools: $(STAMP)
 	$(PY) -m bench.tool_calls $(ARGS)
+
+# SmolLM2 and its ARC-E fine-tune compared through OpenAI's Evals API (bench/evals.py).
+bench-evals: $(STAMP)
+	$(PY) -m bench.evals $(ARGS)
 
 # lm-evaluation-harness scores a model fine-tuned through the service and its base, through the service's
 # completions route (bench/lm_eval_harness.py). lm-eval lives in its own environment, .lmeval/.
