@@ -24,6 +24,8 @@ from .api.files.router import router as files_router
 from .api.files.service import FileService
 from .api.fine_tuning.router import router as fine_tuning_router
 from .api.fine_tuning.service import FineTuningService
+from .api.graders.router import router as graders_router
+from .api.graders.service import GraderService
 from .api.inference.router import router as inference_router
 from .api.inference.service import InferenceService
 from .api.limits import MULTIPART_OVERHEAD_BYTES
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The engine inside is created, and torch imported, only when the first inference request comes.
         app.state.inference_service = InferenceService(settings, app.state.model_service)
         app.state.response_service = ResponseService(app.state.inference_service, ResponseStore(db))
+        app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
@@ -215,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)
     app.include_router(evals_router, dependencies=json_only)
+    app.include_router(graders_router, dependencies=json_only)
     app.include_router(permissions_router, dependencies=json_only)
     app.include_router(ready_router)
     app.include_router(metrics_router, dependencies=auth)

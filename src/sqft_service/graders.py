@@ -81,16 +81,20 @@ def render(text: str, item: dict[str, Any], sample: dict[str, Any] | None) -> st
     """The template filled with this row and sample.
 
     Raises:
-        GradingError: the template reads a field the row (or the sample) does not have.
+        TemplateVariableError: the template reads a field the row (or the sample) does not have.
     """
     try:
         return _compiled(text).render(item=item, sample=sample if sample is not None else {})
     except TemplateError as exc:
-        raise GradingError(f"template {text[:80]!r}: {exc}") from None
+        raise TemplateVariableError(f"template {text[:80]!r}: {exc}") from None
 
 
 class GradingError(Exception):
     """A row that could not be graded (a missing field, a failed sample): the row counts as errored."""
+
+
+class TemplateVariableError(GradingError):
+    """A template read a field the row (or the sample) does not have."""
 
 
 def sample_namespace(text: str | None, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -161,6 +165,35 @@ def result_schema(grader: dict[str, Any]) -> dict[str, Any]:
         low, high = grader.get("range") or (0.0, 1.0)
         result = {"type": "number", "minimum": low, "maximum": high}
     return {"type": "object", "properties": {"result": result}, "required": ["result"], "additionalProperties": False}
+
+
+GRADER_MAX_TOKENS = 128  # a judge's answer is one small JSON object (result_schema)
+
+
+def judge_request(grader: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The chat completion request a model grader's judge answers: its messages, held to
+    ``result_schema``, greedy unless the grader's ``sampling_params`` say otherwise."""
+    params = grader.get("sampling_params") or {}
+    body: dict[str, Any] = {
+        "model": grader["model"],
+        "messages": messages,
+        "temperature": params.get("temperature") if params.get("temperature") is not None else 0.0,
+        "max_completion_tokens": params.get("max_completions_tokens") or GRADER_MAX_TOKENS,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "grade", "schema": result_schema(grader)}},
+    }
+    for key in ("top_p", "seed"):
+        if params.get(key) is not None:
+            body[key] = params[key]
+    return body
+
+
+def judge_messages(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, Any]) -> list[dict[str, str]]:
+    """A model grader's ``input`` messages filled with the row and the sample.
+
+    Raises:
+        TemplateVariableError: a template reads a field the row or the sample does not have.
+    """
+    return [{"role": m["role"], "content": render(m["content"], item, sample)} for m in grader["input"]]
 
 
 def model_verdict(grader: dict[str, Any], answer: str) -> tuple[float, bool, Any]:

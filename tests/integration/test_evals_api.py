@@ -161,7 +161,15 @@ def test_a_completions_run_samples_the_model_as_chat_completions_answers(served,
         "labels": ["good", "bad"],
         "passing_labels": ["good"],
     }
-    ev = _eval(client, (EXACT, label))
+    score = {
+        "type": "score_model",
+        "name": "score",
+        "model": base,
+        "input": [{"role": "user", "content": "Rate 1 to 5: {{ sample.output_text }}"}],
+        "range": [1, 5],
+        "pass_threshold": 3,
+    }
+    ev = _eval(client, (EXACT, label, score))
     rows = [{"item": {"question": q, "answer": "red"}} for q in QUESTIONS]
     template = [{"role": "user", "content": "{{ item.question }}"}]  # an Alpaca model: one instruction
     data_source = {
@@ -193,10 +201,12 @@ def test_a_completions_run_samples_the_model_as_chat_completions_answers(served,
         judge = next(r for r in item["results"] if r["name"] == "judge")
         assert judge["result"] in ("good", "bad") and judge["passed"] == (judge["result"] == "good")
         assert judge["sample"]["model"] == base  # the grader's own prompt and answer
+        rated = next(r for r in item["results"] if r["name"] == "score")
+        assert 1 <= rated["score"] <= 5 and rated["passed"] == (rated["score"] >= 3)
         exact = next(r for r in item["results"] if r["name"] == "exact")
         assert exact["passed"] == (answer["choices"][0]["message"]["content"] == "red")
     usage = {u["model_name"]: u for u in done["per_model_usage"]}
-    assert usage[model]["invocation_count"] == 4 and usage[base]["invocation_count"] == 4
+    assert usage[model]["invocation_count"] == 4 and usage[base]["invocation_count"] == 8  # two judges
     assert (usage[model]["completion_tokens"], usage[model]["prompt_tokens"]) == (sampled, prompt)
 
 
@@ -280,13 +290,13 @@ def test_a_bad_run_is_refused_naming_its_row_or_line(served, tmp_path, tiny_mode
     assert client.get(runs).json()["data"] == []  # nothing was created
 
 
-def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served, tiny_model_dir):
-    client, _ = served
+def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served):
+    client, model = served
     ev = _eval(client, (EXACT,))
     rows = [{"item": {"question": f"Count to {n}.", "answer": "x"}} for n in range(400)]
     data_source = {
         "type": "completions",
-        "model": str(tiny_model_dir),
+        "model": model,
         "input_messages": {"type": "item_reference", "item_reference": "item.question"},
         "sampling_params": {"temperature": 0.7, "seed": 3, "max_completion_tokens": 24},
         "source": {"type": "file_content", "content": rows},
@@ -296,6 +306,8 @@ def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served, tiny_
     going = client.delete(f"/v1/evals/{ev['id']}")
     assert going.status_code == 409 and going.json()["error"]["code"] == "eval_in_use"
     assert client.delete(f"/v1/evals/{ev['id']}/runs/{run['id']}").status_code == 409
+    in_use = client.delete(f"/v1/models/{model}")
+    assert in_use.status_code == 409 and run["id"] in in_use.json()["error"]["message"], in_use.text
     cancelled = client.post(f"/v1/evals/{ev['id']}/runs/{run['id']}")
     assert cancelled.status_code == 200, cancelled.text
     done = _ended(client, ev["id"], run["id"])
@@ -370,8 +382,8 @@ def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_
     assert ev.object == "eval" and ev.data_source_config.type == "custom"
     path = tmp_path / "rows.jsonl"
     questions = ["Say red.", "Say blue.", "Say green."]
-    rows = [{"item": {"question": q, "answer": q.split()[1][:-1]}} for q in questions]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = [{"item": {"question": q, "answer": q.split()[1][:-1]}} for q in questions]
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
     with open(path, "rb") as handle:
         rows = client.files.create(file=handle, purpose="evals")
     run = client.evals.runs.create(
@@ -402,5 +414,38 @@ def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_
         assert exact.passed == (item.datasource_item["answer"].lower() in text.lower())
     assert ev.id in [e.id for e in client.evals.list()]
     assert run.id in [r.id for r in client.evals.runs.list(ev.id)]
+    graded = client.fine_tuning.alpha.graders.run(grader=FUZZY, model_sample="hallo", item={"answer": "hello"})
+    assert graded.reward == pytest.approx(0.8)
+    assert client.fine_tuning.alpha.graders.validate(grader=EXACT).grader.name == "exact"
     # the rows' file is read by the run: deleting it once the run has ended works
     assert client.files.delete(rows.id).deleted
+
+
+def test_the_graders_api_checks_and_runs_one_grader(served, tiny_model_dir):
+    client, _ = served
+    graders = "/v1/fine_tuning/alpha/graders"
+    assert client.post(f"{graders}/validate", json={"grader": FUZZY}).json() == {"grader": FUZZY}
+    for grader, param in [
+        ({"type": "python", "name": "p", "source": "x"}, "grader.type"),
+        ({**EXACT, "input": "{{ nope }}"}, "grader.input"),
+        ({**JUDGE_NOWHERE}, "grader.model"),
+    ]:
+        resp = client.post(f"{graders}/validate", json={"grader": grader})
+        assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text
+
+    def run(grader, sample, item=None):
+        resp = client.post(f"{graders}/run", json={"grader": grader, "model_sample": sample, "item": item})
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    assert run(EXACT, "hello", {"answer": "hello"})["reward"] == 1.0
+    fuzzy = run(FUZZY, "hallo", {"answer": "hello"})
+    assert fuzzy["reward"] == pytest.approx(0.8) and fuzzy["metadata"]["scores"] == {"fuzzy": fuzzy["reward"]}
+    missing = run(EXACT, "hello", {"question": "no answer field"})
+    assert missing["reward"] == 0.0 and missing["metadata"]["errors"]["invalid_variable_error"]
+    base = str(tiny_model_dir)
+    judge = {**JUDGE_NOWHERE, "model": base, "input": [{"role": "user", "content": "{{ sample.output_text }}?"}]}
+    judged = run(judge, "Paris")
+    assert judged["reward"] in (0.0, 1.0) and not any(v for v in judged["metadata"]["errors"].values())
+    usage = judged["model_grader_token_usage_per_model"][base]
+    assert usage["completion_tokens"] > 0 and judged["metadata"]["token_usage"] == usage["total_tokens"]

@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..graders import GradingError, grade, model_verdict, render, result_schema, sample_namespace
+from ..graders import GradingError, grade, judge_messages, judge_request, model_verdict, render, sample_namespace
 from ..store.ids import new_id, now
 from .kinds import EvalRunParams
 
 OUTPUT_FILE = "eval_output_items.jsonl"
 CHUNK_ROWS = 32
 PROGRESS_EVERY_S = 2.0
-GRADER_MAX_TOKENS = 128  # a grader's answer is one small JSON object (graders.result_schema)
 MODEL_GRADERS = ("label_model", "score_model")
 
 
@@ -217,15 +216,13 @@ class _Grading:
                 if grader["type"] not in MODEL_GRADERS:
                     continue
                 try:
-                    messages = [
-                        {"role": m["role"], "content": render(m["content"], row["item"], ns)} for m in grader["input"]
-                    ]
+                    messages = judge_messages(grader, row["item"], ns)
                 except GradingError as exc:
                     verdicts[n][grader["name"]] = exc
                     continue
                 custom_id = f"{n}:{grader['name']}"
                 asked[custom_id] = (n, grader, messages)
-                lines.append({"custom_id": custom_id, "body": _grader_body(grader, messages)})
+                lines.append({"custom_id": custom_id, "body": judge_request(grader, messages)})
         for custom_id, status, body in self.answerer.chunk(lines) if lines else []:
             n, grader, messages = asked[custom_id]
             if status != 200:
@@ -303,21 +300,6 @@ def _plain_sample(model: str, error: dict | None) -> dict[str, Any]:
 def _sampling_body(sampling: dict[str, Any]) -> dict[str, Any]:
     """A run's ``sampling_params`` as chat/completions fields (the same names; unset ones left out)."""
     return {k: v for k, v in sampling.items() if v is not None}
-
-
-def _grader_body(grader: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
-    params = grader.get("sampling_params") or {}
-    body: dict[str, Any] = {
-        "model": grader["model"],
-        "messages": messages,
-        "temperature": params.get("temperature") if params.get("temperature") is not None else 0.0,
-        "max_completion_tokens": params.get("max_completions_tokens") or GRADER_MAX_TOKENS,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "grade", "schema": result_schema(grader)}},
-    }
-    for key in ("top_p", "seed"):
-        if params.get(key) is not None:
-            body[key] = params[key]
-    return body
 
 
 def _calls(message: dict[str, Any]) -> dict[str, Any]:

@@ -125,9 +125,8 @@ Grader = Annotated[
 MODEL_GRADERS = ("label_model", "score_model")
 
 
-def grader_templates(index: int, grader: Any) -> list[tuple[str, str]]:
-    """``(param, template)`` for every template of a grader."""
-    at = f"testing_criteria[{index}]"
+def grader_templates(at: str, grader: Any) -> list[tuple[str, str]]:
+    """``(param, template)`` for every template of a grader (``at``: where the body holds it)."""
     if grader.type in MODEL_GRADERS:
         return [(f"{at}.input[{j}].content", m.content) for j, m in enumerate(grader.input)]
     return [(f"{at}.input", grader.input), (f"{at}.reference", grader.reference)]
@@ -139,10 +138,20 @@ def _type_of(value: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _refuse_unoffered(criteria: Any) -> None:
-    for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
-        if why := UNOFFERED_GRADERS.get(kind := _type_of(grader) or ""):
-            raise ValueError(f"`testing_criteria[{i}].type`: '{kind}' graders are not offered here: {why}")
+def refuse_unoffered(grader: Any, at: str) -> None:
+    """A ValueError naming ``at.type`` for a grader type this service does not offer (before pydantic's
+    own error, which could only say the type is not one of those it knows)."""
+    if why := UNOFFERED_GRADERS.get(kind := _type_of(grader) or ""):
+        raise ValueError(f"`{at}.type`: '{kind}' graders are not offered here: {why}")
+
+
+def check_grader_templates(grader: Any, at: str) -> None:
+    """A ValueError naming the template of ``grader`` that does not parse or reads another name."""
+    for param, text in grader_templates(at, grader):
+        try:
+            check_template(text, param)
+        except UserError as exc:
+            raise ValueError(f"`{param}`: {exc.message}") from None
 
 
 class CreateEvalRequest(_Strict):
@@ -155,7 +164,9 @@ class CreateEvalRequest(_Strict):
     @classmethod
     def _offered(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            _refuse_unoffered(data.get("testing_criteria"))
+            criteria = data.get("testing_criteria")
+            for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
+                refuse_unoffered(grader, f"testing_criteria[{i}]")
             kind = _type_of(data.get("data_source_config"))
             if kind in ("logs", "stored_completions"):
                 raise ValueError(
@@ -170,11 +181,7 @@ class CreateEvalRequest(_Strict):
         if dup := next((n for n in names if names.count(n) > 1), None):
             raise ValueError(f"`testing_criteria`: two graders are named '{dup[:64]}'; each name must be distinct")
         for i, grader in enumerate(self.testing_criteria):
-            for param, text in grader_templates(i, grader):
-                try:
-                    check_template(text, param)
-                except UserError as exc:
-                    raise ValueError(f"`{param}`: {exc.message}") from None
+            check_grader_templates(grader, f"testing_criteria[{i}]")
         return self
 
 
