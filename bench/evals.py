@@ -8,7 +8,7 @@ The eval's rows are ``{"question", "answer"}``; each run samples its model greed
 ≥ 0.5 and ``fuzzy_match`` ≥ 0.8. A row passes when all three pass. Also a ``jsonl`` run that grades
 the fine-tuned run's own answers (taken from its output items) without a model: the same scores, the
 grading alone timed. Writes ``bench/results/<date>-evals-<host>.json``. From the repository root:
-``.venv/bin/python -m bench.evals [--train 400] [--heldout 100]``.
+``.venv/bin/python -m bench.evals [--train 400] [--heldout 100] [--epochs 1]``.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=400, help="ARC-Easy records to fine-tune on")
     parser.add_argument("--heldout", type=int, default=100, help="held-out ARC-Easy questions to evaluate on")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     from sqft_service.model_access import smollm2_dir
 
@@ -139,7 +140,7 @@ def main() -> None:
                 "model": str(gguf),
                 "training_file": _upload(url, root / "train.json", "fine-tune"),
                 "suffix": "arce",
-                "Training": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-4},
+                "Training": {"epochs": args.epochs, "batch_size": 8, "learning_rate": 3e-4},
             }
             t0 = time.monotonic()
             job = _post(url, "/v1/fine_tuning/jobs", body)
@@ -176,7 +177,8 @@ def main() -> None:
             rows["fine-tuned answers, jsonl (grading only)"] = _row(done, seconds)
         finally:
             server.stop()
-    print(f"fine-tuned {job['fine_tuned_model']} on {len(train)} ARC-E records in {train_s:.0f} s")
+    tuned = job["fine_tuned_model"]
+    print(f"fine-tuned {tuned} on {len(train)} ARC-E records, {args.epochs} epoch(s), in {train_s:.0f} s")
     print("| run | passed (all 3) | contains | rouge_l ≥ 0.5 | fuzzy ≥ 0.8 | errored | s | rows/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -190,6 +192,7 @@ def main() -> None:
         {
             "model": gguf.name,
             "train_records": len(train),
+            "epochs": args.epochs,
             "heldout": len(held),
             "max_completion_tokens": args.max_tokens,
             "train_s": round(train_s, 1),

@@ -169,3 +169,26 @@ def test_a_cancel_stops_between_chunks(tmp_path):
     with pytest.raises(JobStopped, match="after 64 of 100 rows"):
         run_eval(_params(rows), {}, tmp_path, _Sink(), stop, threads=1, model_cache_dir=None)
     assert len(read_items(output_path(tmp_path))) == 64
+
+
+def test_the_api_reads_a_running_runs_items_as_they_are_appended(tmp_path):
+    from sqft_service.api.evals.items import RunItems
+
+    rows = [{"item": {"a": str(n % 2)}, "sample": {"output_text": "0"}} for n in range(40)]
+    run_eval(_params(rows), {}, tmp_path, _Sink(), lambda: False, threads=1, model_cache_dir=None)
+    path = output_path(tmp_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:10]) + lines[10][:30])  # the job is writing line 11
+    items = RunItems()
+    page, more = items.page(path, after=None, limit=4, descending=False, status=None)
+    assert [i["datasource_item_id"] for i in page] == [0, 1, 2, 3] and more
+    assert items.summary(path, ["exact"], 40)["result_counts"] == {"total": 40, "errored": 0, "failed": 5, "passed": 5}
+    with path.open("ab") as handle:  # it goes on
+        handle.write(lines[10][30:] + b"".join(lines[11:]))
+    fails, more = items.page(path, after=None, limit=100, descending=True, status="fail")
+    assert [i["datasource_item_id"] for i in fails] == list(range(39, 0, -2)) and not more
+    assert items.get(path, fails[0]["id"]) == fails[0]
+    assert items.summary(path, ["exact"], 40) == summarize(read_items(path), ["exact"], 40)
+    path.write_bytes(b"".join(lines[:3]))  # cut back: read again from the start
+    assert items.summary(path, ["exact"], 40)["result_counts"]["passed"] == 2
+    assert items.get(path, fails[0]["id"]) is None

@@ -61,33 +61,48 @@ def rows(p: EvalRunParams) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def summarize(items: list[dict[str, Any]], criteria: list[str], total: int) -> dict[str, Any]:
-    """A run object's ``result_counts``, ``per_testing_criteria_results`` and ``per_model_usage``."""
-    counts = {"total": total, "errored": 0, "failed": 0, "passed": 0}
-    per = {name: {"testing_criteria": name, "passed": 0, "failed": 0} for name in criteria}
-    usage: dict[str, dict[str, int]] = {}
+class Summary:
+    """A run object's ``result_counts``, ``per_testing_criteria_results`` and ``per_model_usage``, added
+    up one output item at a time (the API adds the items a running run appends since it last looked)."""
 
-    def use(sample: dict[str, Any] | None) -> None:
+    def __init__(self) -> None:
+        self.counts = {"errored": 0, "failed": 0, "passed": 0}
+        self.per: dict[str, dict[str, int]] = {}
+        self.usage: dict[str, dict[str, int]] = {}
+
+    def add(self, item: dict[str, Any]) -> None:
+        self.counts[{"pass": "passed", "fail": "failed"}.get(item["status"], "errored")] += 1
+        self._use(item["sample"])
+        for result in item["results"]:
+            self._use(result.get("sample"))
+            if result.get("error") is None:
+                per = self.per.setdefault(result["name"], {"passed": 0, "failed": 0})
+                per["passed" if result["passed"] else "failed"] += 1
+
+    def _use(self, sample: dict[str, Any] | None) -> None:
         if not sample or not sample.get("model") or not sample["usage"].get("total_tokens"):
             return  # a row given with its sample, or one the model was never asked
         keys = ("invocation_count", "prompt_tokens", "completion_tokens")
-        u = usage.setdefault(sample["model"], dict.fromkeys(keys, 0))
+        u = self.usage.setdefault(sample["model"], dict.fromkeys(keys, 0))
         u["invocation_count"] += 1
         u["prompt_tokens"] += sample["usage"].get("prompt_tokens", 0)
         u["completion_tokens"] += sample["usage"].get("completion_tokens", 0)
 
+    def result(self, criteria: list[str], total: int) -> dict[str, Any]:
+        per = [{"testing_criteria": name, **self.per.get(name, {"passed": 0, "failed": 0})} for name in criteria]
+        per_model = [
+            {"model_name": m, **u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"], "cached_tokens": 0}
+            for m, u in self.usage.items()
+        ]
+        counts = {"total": total, **self.counts}
+        return {"result_counts": counts, "per_testing_criteria_results": per, "per_model_usage": per_model}
+
+
+def summarize(items: list[dict[str, Any]], criteria: list[str], total: int) -> dict[str, Any]:
+    summary = Summary()
     for item in items:
-        counts[{"pass": "passed", "fail": "failed"}.get(item["status"], "errored")] += 1
-        use(item["sample"])
-        for result in item["results"]:
-            use(result.get("sample"))
-            if result.get("error") is None and result["name"] in per:
-                per[result["name"]]["passed" if result["passed"] else "failed"] += 1
-    per_model = [
-        {"model_name": m, **u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"], "cached_tokens": 0}
-        for m, u in usage.items()
-    ]
-    return {"result_counts": counts, "per_testing_criteria_results": list(per.values()), "per_model_usage": per_model}
+        summary.add(item)
+    return summary.result(criteria, total)
 
 
 def run_eval(p: EvalRunParams, specs: dict[str, Any], output_dir: Path, sink: Any, should_stop: Any, *,

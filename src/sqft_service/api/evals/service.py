@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 
 from ...errors import ConflictError, InvalidRequestError, NotFoundError
 from ...graders import check_template, template_names
-from ...jobs.eval_run import output_path, read_items, summarize
+from ...jobs.eval_run import output_path
 from ...jobs.kinds import BatchModel, EvalRunParams
 from ...jobs.manager import JobManager
 from ...store.evals import EvalRecord, EvalStore
@@ -33,6 +32,7 @@ from ..files.service import FileService
 from ..inference.protocol import ChatCompletionRequest
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
+from .items import RunItems
 from .protocol import (
     MODEL_GRADERS,
     SAMPLE_SCHEMA,
@@ -71,6 +71,7 @@ class EvalService:
     ) -> None:
         self.evals, self.jobs, self.events = evals, jobs, events
         self.files, self.manager, self.models = files, manager, models
+        self.items = RunItems()
 
     # ------------------------------------------------------------ evals
     def create(self, req: CreateEvalRequest) -> EvalRecord:
@@ -263,13 +264,13 @@ class EvalService:
 
     def _forget(self, job: JobRecord) -> None:
         if self.jobs.delete(job.id):
+            self.items.forget(self._items_path(job))
             shutil.rmtree(self.manager.workspace(job).root, ignore_errors=True)
 
     # ------------------------------------------------------------ what a run shows
     def run_object(self, job: JobRecord) -> RunObject:
         names = [g["name"] for g in job.config["testing_criteria"]]
-        path = self._items_path(job)
-        summary = _summary(str(path), *_stamp(path), tuple(names), job.config["total"])
+        summary = self.items.summary(self._items_path(job), names, job.config["total"])
         error = job.error or {}
         return RunObject(
             id=job.id,
@@ -290,25 +291,20 @@ class EvalService:
     def output_items(
         self, eval_id: str, run_id: str, *, after: str | None, limit: int, order: str, status: str | None
     ) -> OutputItemList:
-        items = read_items(self._items_path(self.run(eval_id, run_id)))
-        if status:
-            items = [i for i in items if i["status"] == status]
-        if order == "desc":
-            items.reverse()
-        start = next((n + 1 for n, i in enumerate(items) if i["id"] == after), 0) if after else 0
-        page = items[start : start + limit]
+        path = self._items_path(self.run(eval_id, run_id))
+        page, more = self.items.page(path, after=after, limit=limit, descending=order == "desc", status=status)
         return OutputItemList(
             data=page,
-            has_more=start + limit < len(items),
+            has_more=more,
             first_id=page[0]["id"] if page else None,
             last_id=page[-1]["id"] if page else None,
         )
 
     def output_item(self, eval_id: str, run_id: str, item_id: str) -> dict[str, Any]:
-        for item in read_items(self._items_path(self.run(eval_id, run_id))):
-            if item["id"] == item_id:
-                return item
-        raise NotFoundError(f"No such output item: {item_id} of run {run_id}", param="output_item_id")
+        item = self.items.get(self._items_path(self.run(eval_id, run_id)), item_id)
+        if item is None:
+            raise NotFoundError(f"No such output item: {item_id} of run {run_id}", param="output_item_id")
+        return item
 
     def _items_path(self, job: JobRecord) -> Path:
         return output_path(self.manager.workspace(job).output.root)
@@ -347,17 +343,3 @@ def _file_rows(path: Path) -> Any:
                 raise InvalidRequestError(
                     f"line {number} of the file: not valid JSON", param="data_source.source.id"
                 ) from None
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return 0, 0
-    return st.st_size, st.st_mtime_ns
-
-
-@lru_cache(maxsize=256)
-def _summary(path: str, size: int, mtime_ns: int, names: tuple[str, ...], total: int) -> dict[str, Any]:
-    """A run's counts from its output items, read again only when the file changed (size, mtime)."""
-    return summarize(read_items(Path(path)), list(names), total)
