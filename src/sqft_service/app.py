@@ -17,6 +17,8 @@ from .api.batches.router import router as batches_router
 from .api.batches.service import BatchService
 from .api.body import validation_error_to_service_error
 from .api.body_limit import BodyLimitMiddleware
+from .api.chat_completions.router import router as stored_completions_router
+from .api.chat_completions.service import StoredCompletionService
 from .api.content_type import require_json
 from .api.evals.router import router as evals_router
 from .api.evals.service import EvalService
@@ -47,6 +49,7 @@ from .jobs.manager import JobManager
 from .jobs.runner import build_runner
 from .logs import current_request_id
 from .settings import Settings
+from .store.chat_completions import ChatCompletionStore
 from .store.db import Database
 from .store.evals import EvalStore
 from .store.events import EventStore
@@ -167,11 +170,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, app.state.fine_tuning_service, file_service, jobs, events, manager
         )
         app.state.batch_service = BatchService(jobs, events, file_service, manager, app.state.model_service)
-        app.state.eval_service = EvalService(
-            EvalStore(db), jobs, events, file_service, manager, app.state.model_service
-        )
         # The engine inside is created, and torch imported, only when the first inference request comes.
-        app.state.inference_service = InferenceService(settings, app.state.model_service)
+        stored = ChatCompletionStore(db)
+        app.state.stored_completion_service = StoredCompletionService(stored)
+        app.state.eval_service = EvalService(
+            EvalStore(db), jobs, events, file_service, manager, app.state.model_service, stored
+        )
+        app.state.inference_service = InferenceService(settings, app.state.model_service, stored)
         app.state.response_service = ResponseService(app.state.inference_service, ResponseStore(db))
         app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
@@ -215,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sqft_router, dependencies=json_only)
     app.include_router(models_router, dependencies=json_only)
     app.include_router(inference_router, dependencies=json_only)
+    app.include_router(stored_completions_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)
     app.include_router(evals_router, dependencies=json_only)

@@ -199,6 +199,7 @@ def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
         (_line("b", {"model": "m", "messages": ASK}, "/v1/completions"), "`url` must be the batch's endpoint"),
         (_line("b", {"model": "m", "messages": ASK, "audio": {}}), "`body`: Unknown parameter `audio`"),
         (_line("b", {"model": "m", "messages": ASK, "stream": True}), "`body.stream`"),
+        (_line("b", {"model": "m", "messages": ASK, "store": True}), "`body.store`"),
         (_line("b", {"model": "ft:nope:sqft:ftjob-x", "messages": ASK}), "`body.model`: The model"),
         ({**_line("b", {"model": "m", "messages": ASK}), "extra": 1}, "unknown key `extra`"),
     ],

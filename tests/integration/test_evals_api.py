@@ -237,7 +237,7 @@ def test_eval_level_checks(served):
     for config, needle in [
         ({"type": "custom", "item_schema": bad_schema}, "not a valid JSON schema"),
         ({"type": "custom", "item_schema": {"type": "array"}}, "object"),
-        ({"type": "stored_completions"}, "stored completions"),
+        ({"type": "custom"}, "item_schema"),
     ]:
         resp = client.post("/v1/evals", json={"data_source_config": config, "testing_criteria": [EXACT]})
         assert resp.status_code == 400 and needle in resp.json()["error"]["message"], resp.text
@@ -449,3 +449,71 @@ def test_the_graders_api_checks_and_runs_one_grader(served, tiny_model_dir):
     assert judged["reward"] in (0.0, 1.0) and not any(v for v in judged["metadata"]["errors"].values())
     usage = judged["model_grader_token_usage_per_model"][base]
     assert usage["completion_tokens"] > 0 and judged["metadata"]["token_usage"] == usage["total_tokens"]
+
+
+def _chat(client, model: str, content: str, **extra) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 4}
+    resp = client.post("/v1/chat/completions", json={**body, **extra})
+    assert resp.status_code == 200, resp.text
+    return resp.json() if not extra.get("stream") else resp.text
+
+
+def test_stored_chat_completions_are_listed_and_evaluated(served, tiny_model_dir):
+    client, model = served
+    base = str(tiny_model_dir)
+    bad = client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "metadata": {}}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata"
+    tag = {"use": "stored-test"}
+    kept = [_chat(client, model, q, store=True, metadata=tag) for q in QUESTIONS[:2]]
+    _chat(client, model, "not kept")
+    stream = _chat(client, model, QUESTIONS[2], store=True, metadata=tag, stream=True)
+    streamed_id = json.loads(stream.split("\n\n")[0].removeprefix("data: "))["id"]
+    listed = client.get("/v1/chat/completions", params={"metadata[use]": "stored-test"}).json()
+    assert [c["id"] for c in listed["data"]] == [kept[0]["id"], kept[1]["id"], streamed_id]
+    assert listed["data"][0]["choices"] == kept[0]["choices"] and listed["data"][0]["metadata"] == tag
+    streamed = client.get(f"/v1/chat/completions/{streamed_id}").json()
+    text = "".join(
+        (json.loads(e.removeprefix("data: "))["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for e in stream.split("\n\n")
+        if e.startswith("data: {")
+    )
+    assert streamed["choices"][0]["message"]["content"] == text  # what the stream sent, whole
+    messages = client.get(f"/v1/chat/completions/{kept[0]['id']}/messages").json()["data"]
+    assert messages == [{"id": f"{kept[0]['id']}-0", "role": "user", "content": QUESTIONS[0]}]
+    assert client.get("/v1/chat/completions", params={"model": "other"}).json()["data"] == []
+    assert client.get(f"/v1/chat/completions/{kept[0]['id']}", headers=BOB).status_code == 404
+    updated = client.post(f"/v1/chat/completions/{kept[1]['id']}", json={"metadata": {"use": "other"}}).json()
+    assert updated["metadata"] == {"use": "other"}
+    # an eval over the stored completions: their own answers graded, then the base model answering them
+    same = {**EXACT, "reference": "{{ item.output }}"}
+    ev = client.post(
+        "/v1/evals",
+        json={"data_source_config": {"type": "stored_completions", "metadata": tag}, "testing_criteria": [same]},
+    ).json()
+    stored = {"type": "stored_completions"}  # the eval's metadata selects: kept[1] was relabelled
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": {"type": "completions", "source": stored}})
+    assert run.status_code == 200, run.text
+    done = _ended(client, ev["id"], run.json()["id"])
+    assert done["result_counts"] == {"total": 2, "errored": 0, "failed": 0, "passed": 2}, done
+    items = _items(client, ev["id"], done["id"])
+    assert [i["datasource_item"]["id"] for i in items] == [kept[0]["id"], streamed_id]
+    assert items[0]["datasource_item"]["input"] == [{"role": "user", "content": QUESTIONS[0]}]
+    again = {"type": "completions", "model": base, "source": stored, "sampling_params": {"temperature": 0}}
+    again["sampling_params"]["max_completion_tokens"] = 4
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": again}).json()
+    done = _ended(client, ev["id"], run["id"])
+    assert done["status"] == "completed" and done["result_counts"]["errored"] == 0, done
+    for item in _items(client, ev["id"], done["id"]):
+        answer = _chat(client, base, item["datasource_item"]["input"][0]["content"])
+        assert item["sample"]["output"][0]["content"] == answer["choices"][0]["message"]["content"]
+        assert item["status"] == (
+            "pass" if answer["choices"][0]["message"]["content"] == item["datasource_item"]["output"] else "fail"
+        )
+    gone = client.delete(f"/v1/chat/completions/{kept[0]['id']}").json()
+    assert gone == {"object": "chat.completion.deleted", "id": kept[0]["id"], "deleted": True}
+    assert client.get(f"/v1/chat/completions/{kept[0]['id']}").status_code == 404
+    nothing = {"type": "completions", "source": {"type": "stored_completions", "model": "nope"}}
+    resp = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": nothing})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "data_source.source"

@@ -1,6 +1,7 @@
 """An eval run (OpenAI's Evals API): each row of a data source sampled (``completions``: the run's model
-answers messages built from the row) or read with its sample (``jsonl``), then graded by every grader of
-the eval; one output item per row appended to the run's output file.
+answers messages built from the row) or read with its sample (``jsonl``, or stored chat completions
+graded on their own answers), then graded by every grader of the eval; one output item per row appended
+to the run's output file.
 
 Sampling and the model graders go through the batch job's ``Answerer``: a row gets the answer
 ``POST /v1/chat/completions`` would give it, and the greedy requests of a chunk (the graders' always:
@@ -150,7 +151,8 @@ class _Grading:
 
     def chunk(self, chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """One output item per row, in the rows' order."""
-        samples = self._samples(chunk) if self.source["type"] == "completions" else [_given(r) for _, r in chunk]
+        sampled = self.source["type"] == "completions" and self.source.get("model")
+        samples = self._samples(chunk) if sampled else [_given(r) for _, r in chunk]
         verdicts = self._model_verdicts(chunk, samples)
         return [
             self._item(index, row, sample, verdicts[n])
@@ -183,7 +185,9 @@ class _Grading:
         return [out[index] for index, _ in chunk]
 
     def _messages(self, item: dict[str, Any]) -> list[dict[str, str]]:
-        spec = self.source.get("input_messages") or {"type": "item_reference", "item_reference": "item.messages"}
+        stored = self.source["source"]["type"] == "stored_completions"  # a stored completion's row: its input
+        default = {"type": "item_reference", "item_reference": "item.input" if stored else "item.messages"}
+        spec = self.source.get("input_messages") or default
         if spec["type"] == "template":
             return [{"role": m["role"], "content": render(m["content"], item, None)} for m in spec["template"]]
         value: Any = item

@@ -215,6 +215,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX evals_owner ON evals(owner, seq);
     """,
+    # 11: stored chat completions (OpenAI's `store: true`): the request as sent (messages, tools...), the
+    # completion answered, the metadata to find it by; an eval run can read them as its rows.
+    """
+    CREATE TABLE chat_completions (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        owner TEXT,
+        created_at INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        metadata TEXT,
+        request TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX chat_completions_owner ON chat_completions(owner, seq);
+    """,
 ]
 
 

@@ -114,6 +114,8 @@ class BatchService:
                     _refuse(number, f"`body`: {error.message}")
                 if request.stream:
                     _refuse(number, "`body.stream`: a batch's answers are not streamed")
+                if getattr(request, "store", False):
+                    _refuse(number, "`body.store`: a batch keeps its answers in its output file")
                 if request.model not in models:
                     if len(models) == MAX_BATCH_MODELS:
                         _refuse(number, f"a batch may name at most {MAX_BATCH_MODELS} models")

@@ -48,6 +48,30 @@ class CustomDataSourceConfig(_Strict):
     include_sample_schema: bool = False
 
 
+class StoredCompletionsConfig(_Strict):
+    """Rows are the caller's stored chat completions (``store: true``); ``metadata``: the pairs a run's
+    ``stored_completions`` source selects by when it names none."""
+
+    type: Literal["stored_completions", "logs"]
+    metadata: Metadata | None = None
+
+
+# The row a stored chat completion becomes (``item``), as an eval over stored completions describes it.
+STORED_ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "model": {"type": "string"},
+        "created_at": {"type": "integer"},
+        "input": {"type": "array", "items": {"type": "object"}},
+        "tools": {"type": "array"},
+        "output": {"type": ["string", "null"]},
+        "metadata": {"type": ["object", "null"]},
+    },
+    "required": ["id", "model", "created_at", "input", "output"],
+}
+
+
 class StringCheckGrader(_Strict):
     type: Literal["string_check"]
     name: Name
@@ -157,7 +181,7 @@ def check_grader_templates(grader: Any, at: str) -> None:
 class CreateEvalRequest(_Strict):
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     metadata: Metadata | None = None
-    data_source_config: CustomDataSourceConfig
+    data_source_config: Annotated[CustomDataSourceConfig | StoredCompletionsConfig, Field(discriminator="type")]
     testing_criteria: list[Grader] = Field(min_length=1, max_length=MAX_GRADERS)
 
     @model_validator(mode="before")
@@ -167,12 +191,6 @@ class CreateEvalRequest(_Strict):
             criteria = data.get("testing_criteria")
             for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
                 refuse_unoffered(grader, f"testing_criteria[{i}]")
-            kind = _type_of(data.get("data_source_config"))
-            if kind in ("logs", "stored_completions"):
-                raise ValueError(
-                    f"`data_source_config.type`: '{kind}' reads stored completions, which this service does "
-                    "not keep; use 'custom' with an `item_schema`"
-                )
         return data
 
     @model_validator(mode="after")
@@ -230,7 +248,20 @@ class FileIdSource(_Strict):
     id: str = Field(max_length=128)
 
 
+class StoredCompletionsSource(_Strict):
+    """The caller's stored chat completions, oldest first: those of ``model``, with every ``metadata``
+    pair, created in [``created_after``, ``created_before``] (unix seconds), at most ``limit``."""
+
+    type: Literal["stored_completions"]
+    model: str | None = Field(None, max_length=4096)
+    metadata: Metadata | None = None
+    created_after: int | None = None
+    created_before: int | None = None
+    limit: int | None = Field(None, ge=1)
+
+
 Source = Annotated[FileContentSource | FileIdSource, Field(discriminator="type")]
+CompletionsSource = Annotated[FileContentSource | FileIdSource | StoredCompletionsSource, Field(discriminator="type")]
 
 
 class TemplateMessage(_Strict):
@@ -266,11 +297,23 @@ class JsonlDataSource(_Strict):
 
 
 class CompletionsDataSource(_Strict):
+    """``model`` answers each row's messages; without it, a ``stored_completions`` source's own answers
+    are graded."""
+
     type: Literal["completions"]
-    model: str = Field(max_length=4096)
+    model: str | None = Field(None, max_length=4096)
     input_messages: Annotated[TemplateInput | ItemReferenceInput, Field(discriminator="type")] | None = None
     sampling_params: SamplingParams | None = None
-    source: Source
+    source: CompletionsSource
+
+    @model_validator(mode="after")
+    def _sampled_or_stored(self) -> CompletionsDataSource:
+        if self.model is None and self.source.type != "stored_completions":
+            why = "the model that answers the rows (only stored completions are graded on their own answers)"
+            raise ValueError(f"`data_source.model`: {why}")
+        if self.model is None and (self.input_messages is not None or self.sampling_params is not None):
+            raise ValueError("`data_source.input_messages`: messages and sampling are for a `model` to answer")
+        return self
 
 
 class CreateRunRequest(_Strict):

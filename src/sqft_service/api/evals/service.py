@@ -23,6 +23,7 @@ from ...graders import check_template, template_names
 from ...jobs.eval_run import output_path
 from ...jobs.kinds import BatchModel, EvalRunParams
 from ...jobs.manager import JobManager
+from ...store.chat_completions import ChatCompletionStore, StoredCompletion
 from ...store.evals import EvalRecord, EvalStore
 from ...store.events import EventStore
 from ...store.ids import new_id
@@ -36,15 +37,19 @@ from .items import RunItems
 from .protocol import (
     MODEL_GRADERS,
     SAMPLE_SCHEMA,
+    STORED_ITEM_SCHEMA,
     CompletionsDataSource,
     CreateEvalRequest,
     CreateRunRequest,
+    CustomDataSourceConfig,
     FileIdSource,
     OutputItemList,
     RunObject,
+    StoredCompletionsSource,
     UpdateEvalRequest,
 )
 
+STORED_ROWS = "stored_rows.jsonl"  # a stored_completions source's rows, as selected when the run was created
 MAX_RUN_ROWS = 50_000  # OpenAI's bound on a batch's requests; a run's rows are as many requests
 KIND = "eval_run"
 # Job statuses as OpenAI's run statuses.
@@ -68,22 +73,28 @@ class EvalService:
         files: FileService,
         manager: JobManager,
         models: ModelService,
+        stored: ChatCompletionStore,
     ) -> None:
-        self.evals, self.jobs, self.events = evals, jobs, events
+        self.evals, self.jobs, self.events, self.stored = evals, jobs, events, stored
         self.files, self.manager, self.models = files, manager, models
         self.items = RunItems()
 
     # ------------------------------------------------------------ evals
     def create(self, req: CreateEvalRequest) -> EvalRecord:
-        schema = req.data_source_config.item_schema
-        _check_schema(schema, "data_source_config.item_schema")
+        source = req.data_source_config
+        if isinstance(source, CustomDataSourceConfig):
+            _check_schema(source.item_schema, "data_source_config.item_schema")
+            properties: dict[str, Any] = {"item": source.item_schema}
+            if source.include_sample_schema:
+                properties["sample"] = SAMPLE_SCHEMA
+            config: dict[str, Any] = {"type": "custom"}
+        else:  # a stored completion's row, and its own answer as the sample
+            properties = {"item": STORED_ITEM_SCHEMA, "sample": SAMPLE_SCHEMA}
+            config = {"type": "stored_completions", "metadata": source.metadata}
         for i, grader in enumerate(req.testing_criteria):
             if grader.type in MODEL_GRADERS:
                 self.models.spec(grader.model, f"testing_criteria[{i}].model")
-        properties: dict[str, Any] = {"item": schema}
-        if req.data_source_config.include_sample_schema:
-            properties["sample"] = SAMPLE_SCHEMA
-        config = {"type": "custom", "schema": {"type": "object", "properties": properties, "required": [*properties]}}
+        config["schema"] = {"type": "object", "properties": properties, "required": [*properties]}
         criteria = [g.model_dump(mode="json", exclude_none=True) for g in req.testing_criteria]
         eval_id = new_id("eval", "_")
         name = req.name or f"eval {eval_id[-8:]}"
@@ -128,23 +139,35 @@ class EvalService:
         reads_sample = _reads(record.testing_criteria, "sample")
         file_id = file_path = None
         models: dict[str, BatchModel] = {}
-        if isinstance(ds, CompletionsDataSource):
+        if isinstance(ds, CompletionsDataSource) and ds.model is not None:
             models[ds.model] = self.models.job_model(ds.model, "data_source.model")
             self._check_sampling(ds)
         if isinstance(ds.source, FileIdSource):
             file = self._file(ds.source.id)
             file_id, file_path = file.id, str(file.path)
-            total = self._check_rows(record, _file_rows(file.path), ds.type == "jsonl" and reads_sample, file=True)
+            lines = ((f"line {n} of the file", "data_source.source.id", row) for n, row in _file_rows(file.path))
+            total = self._check_rows(record, lines, ds.type == "jsonl" and reads_sample)
+        elif isinstance(ds.source, StoredCompletionsSource):
+            rows = self._stored_rows(ds.source, record)
+            found = ((f"stored completion {row['item']['id']}", "data_source.source", row) for row in rows)
+            total = self._check_rows(record, found, False)
+            path = self.manager.new_workspace(run_id).root / STORED_ROWS
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+            file_path = str(path)
         else:
-            rows = ((n, r.model_dump(exclude_none=True)) for n, r in enumerate(ds.source.content))
-            total = self._check_rows(record, rows, ds.type == "jsonl" and reads_sample, file=False)
+            at = "data_source.source.content"
+            given = (
+                (f"{at}[{n}]", f"{at}[{n}]", r.model_dump(exclude_none=True)) for n, r in enumerate(ds.source.content)
+            )
+            total = self._check_rows(record, given, ds.type == "jsonl" and reads_sample)
         for i, grader in enumerate(record.testing_criteria):  # checked again: a model may have gone since
             if grader["type"] in MODEL_GRADERS and grader["model"] not in models:
                 models[grader["model"]] = self.models.job_model(grader["model"], f"testing_criteria[{i}].model")
         params = EvalRunParams(
             eval_id=eval_id,
             run_id=run_id,
-            name=req.name or f"{getattr(ds, 'model', 'jsonl')} run {run_id[-8:]}"[:256],
+            name=req.name or f"{getattr(ds, 'model', None) or ds.type} run {run_id[-8:]}"[:256],
             testing_criteria=record.testing_criteria,
             data_source=ds.model_dump(mode="json", exclude_none=True),
             input_file_id=file_id,
@@ -186,14 +209,36 @@ class EvalService:
             )
         return file
 
-    def _check_rows(self, record: EvalRecord, rows: Any, needs_sample: bool, *, file: bool) -> int:
-        """How many rows there are, each checked against the eval's item schema (400 naming the first bad one)."""
+    def _stored_rows(self, source: StoredCompletionsSource, record: EvalRecord) -> list[dict[str, Any]]:
+        """The stored completions a source selects, oldest first, as rows with their own answer as sample."""
+        metadata = source.metadata if source.metadata is not None else record.data_source_config.get("metadata")
+        limit = min(source.limit or MAX_RUN_ROWS, MAX_RUN_ROWS)
+        found, after = [], None
+        while len(found) < limit:
+            page, more = self.stored.list(
+                owner=current_owner(),
+                after=after,
+                limit=min(100, limit - len(found)),
+                model=source.model,
+                metadata=metadata or None,
+                created_after=source.created_after,
+                created_before=source.created_before,
+            )
+            found += page
+            if not more or not page:
+                break
+            after = page[-1].id
+        if not found:
+            raise InvalidRequestError("no stored chat completions match the source", param="data_source.source")
+        return [stored_row(c) for c in found]
+
+    def _check_rows(self, record: EvalRecord, rows: Any, needs_sample: bool) -> int:
+        """How many rows there are, each checked against the eval's item schema (400 naming the first bad
+        one). ``rows``: ``(where, param, row)``, where the row is said to be and the field that holds it."""
         schema = record.data_source_config["schema"]["properties"]["item"]
         validator = validators.validator_for(schema)(schema)
         total = 0
-        for n, row in rows:
-            where = f"line {n} of the file" if file else f"data_source.source.content[{n}]"
-            param = "data_source.source.id" if file else f"data_source.source.content[{n}]"
+        for where, param, row in rows:
             if total == MAX_RUN_ROWS:
                 raise InvalidRequestError(f"a run holds at most {MAX_RUN_ROWS} rows", param=param)
             if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
@@ -343,3 +388,20 @@ def _file_rows(path: Path) -> Any:
                 raise InvalidRequestError(
                     f"line {number} of the file: not valid JSON", param="data_source.source.id"
                 ) from None
+
+
+def stored_row(c: StoredCompletion) -> dict[str, Any]:
+    """A stored chat completion as an eval row: its request and answer as ``item``, the completion as
+    ``sample`` (graded as it is when the run names no model)."""
+    message = (c.response.get("choices") or [{}])[0].get("message") or {}
+    item = {
+        "id": c.id,
+        "model": c.model,
+        "created_at": c.created_at,
+        "input": c.request.get("messages", []),
+        **({"tools": c.request["tools"]} if c.request.get("tools") else {}),
+        "output": message.get("content"),
+        "metadata": c.metadata,
+    }
+    sample = {"model": c.model, "choices": c.response.get("choices", []), "usage": c.response.get("usage")}
+    return {"item": item, "sample": sample}

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from ...config import MAX_SEED
 from ...inference.spec import Choice, TokenLogprob
 from ...tool_calls import CallParser, finish_reason, new_call_id
+from ..fine_tuning.protocol import Metadata
 
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 8
@@ -224,6 +225,9 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     parallel_tool_calls: bool = True
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # OpenAI's stored completions: the request and its answer kept (GET /v1/chat/completions, evals).
+    store: bool = False
+    metadata: Metadata | None = None
     _call_grammar: str | None = PrivateAttr(None)
 
     @field_validator("messages")
@@ -253,6 +257,16 @@ class ChatCompletionRequest(_Sampling):
         if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
             raise ValueError(f"{v.function.name!r} is not one of `tools`")
         return v
+
+    @model_validator(mode="after")
+    def _metadata_is_stored(self) -> ChatCompletionRequest:
+        if self.metadata is not None and not self.store:
+            raise ValueError("`metadata`: it is kept with a stored completion, so it needs `store: true`")
+        return self
+
+    def stored_request(self) -> dict[str, Any]:
+        """What a stored completion keeps of its request: the messages and tools as sent."""
+        return self.model_dump(mode="json", exclude_none=True, include={"messages", "tools"})
 
     @model_validator(mode="after")
     def _call_held(self) -> ChatCompletionRequest:

@@ -19,13 +19,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ...errors import ServiceError
+from ...errors import InvalidRequestError, ServiceError
 from ...inference.answer import answer, chat_renderer, completion_renderer, sampling_for
 from ...inference.engine import InferenceEngine, drain
 from ...inference.spec import Choice, ModelSpec
 from ...settings import Settings
+from ...store.chat_completions import ChatCompletionStore
 from ...tool_calls import CallParser, HeldStream, finish_reason, new_call_id
 from ..models.service import ModelService
+from ..owner import current_owner
 from .protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -53,9 +55,10 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, models: ModelService) -> None:
+    def __init__(self, settings: Settings, models: ModelService, stored: ChatCompletionStore | None = None) -> None:
         self.settings = settings
         self.models = models
+        self.stored = stored  # where `store: true` keeps a chat completion (None: not offered)
         self._engine: InferenceEngine | None = None
         self._lock = threading.Lock()
         models.on_delete = self._forget
@@ -107,12 +110,28 @@ class InferenceService:
 
     # ------------------------------------------------------------ routes
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | Iterator[str]:
+        if req.store and self.stored is None:
+            raise InvalidRequestError("this service keeps no chat completions", param="store")
         if req.stream:
             spec = await self._spec(req.model)
             render = chat_renderer(spec, *req.conversation())
-            return await self._stream(req, spec, [render], "chat", "messages")
+            keep = self._keeper(req) if req.store else None
+            return await self._stream(req, spec, [render], "chat", "messages", keep)
         n_prompt, choices = await self.chat_answer(req)
-        return ChatCompletion.of(req.model, n_prompt, choices, req.call_parser)
+        completion = ChatCompletion.of(req.model, n_prompt, choices, req.call_parser)
+        if req.store:
+            await asyncio.to_thread(self._keeper(req), completion)
+        return completion
+
+    def _keeper(self, req: ChatCompletionRequest) -> Callable[[ChatCompletion], None]:
+        """What stores a completion of ``req`` for the caller (taken now: a stream ends outside the request)."""
+        owner, store = current_owner(), self.stored
+        assert store is not None
+
+        def keep(completion: ChatCompletion) -> None:
+            store.put(completion.model_dump(mode="json"), req.stored_request(), req.metadata, owner)
+
+        return keep
 
     async def complete(self, req: CompletionRequest) -> Completion | Iterator[str]:
         spec = await self._spec(req.model)
@@ -143,12 +162,14 @@ class InferenceService:
         n_prompt, sinks, cancel = await self._start(req, spec, [render], "chat", "messages")
         return n_prompt, sinks[0], cancel
 
-    async def _stream(self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str) -> Iterator[str]:
+    async def _stream(
+        self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str, keep: Any = None
+    ) -> Iterator[str]:
         n_prompt, sinks, cancel = await self._start(req, spec, renders, kind, param)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         scored = getattr(req, "scored", None) is not None
         parser = getattr(req, "call_parser", None)
-        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored, parser)
+        return self._events(req.model, kind, req.n, n_prompt, sinks, cancel, include_usage, scored, parser, keep)
 
     async def _start(
         self, req: _Sampling, spec: ModelSpec, renders: list, kind: str, param: str
@@ -188,6 +209,7 @@ class InferenceService:
         usage: bool,
         scored: bool,
         parser: CallParser | None = None,
+        keep: Callable[[ChatCompletion], None] | None = None,
     ) -> Iterator[str]:
         """The SSE body (iterated by Starlette in a worker thread, so blocking on the queue is fine).
 
@@ -201,7 +223,8 @@ class InferenceService:
         in the choice's text sent so far. With tools, a choice's text is sent while it cannot be a call;
         from a call's start it is held, and at the end its calls are sent whole, in one chunk with what
         was held (``tool_calls.HeldStream``), and the choice finishes with ``tool_calls`` (``length`` if
-        ``max_tokens`` cut it: ``tool_calls.finish_reason``).
+        ``max_tokens`` cut it: ``tool_calls.finish_reason``). With ``keep`` (``store: true``), the whole
+        completion, under the stream's id, is stored once the last choice has ended.
         """
         cid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         sent: dict[int, int] = {}  # a completion choice's characters sent: its next token's text offset
@@ -264,6 +287,11 @@ class InferenceService:
                         finish = finish_reason(calls, finish)
                     yield _sse(chunk(at, None, finish))
                 choices += final
+            if keep is not None:
+                kept = ChatCompletion.of(model, n_prompt, choices, parser).model_copy(
+                    update={"id": cid, "created": created}
+                )
+                keep(kept)
             if usage:
                 body = chunk(0, None)
                 body.update(choices=[], usage=Usage.of(n_prompt, choices).model_dump())
