@@ -107,6 +107,7 @@ class Known:
     eval_ids: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
     output_item_ids: list[str] = field(default_factory=list)
+    completion_ids: list[str] = field(default_factory=list)
 
     def pools(self, method: str) -> dict[str, list[str]]:
         files = self.file_ids + self.filenames
@@ -125,6 +126,7 @@ class Known:
             "eval_id": self.eval_ids[-1:] if method == "DELETE" else self.eval_ids,
             "run_id": self.run_ids,
             "output_item_id": self.output_item_ids,
+            "completion_id": self.completion_ids[-1:] if method == "DELETE" else self.completion_ids,
         }
 
     def substitute(self, case: Any, seed: int) -> Any:
@@ -190,6 +192,11 @@ def seed_server(url: str, tmp: Path, model_dir: Path, known: Known) -> None:
         assert resp.status_code == 202, resp.text
         known.operation_ids.append(resp.json()["id"])
         seed_evals(http, known)
+        for text in ("kept", "for DELETE"):  # stored chat completions of the seed job's model
+            chat = {"model": job["fine_tuned_model"], "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+            resp = http.post("/v1/chat/completions", json={**chat, "store": True, "metadata": {"seed": text}})
+            assert resp.status_code == 200, resp.text
+            known.completion_ids.append(resp.json()["id"])
 
 
 def seed_evals(http: httpx.Client, known: Known) -> None:
