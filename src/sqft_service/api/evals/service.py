@@ -151,10 +151,7 @@ class EvalService:
             rows = self._stored_rows(ds.source, record)
             found = ((f"stored completion {row['item']['id']}", "data_source.source", row) for row in rows)
             total = self._check_rows(record, found, False)
-            path = self.manager.new_workspace(run_id).root / STORED_ROWS
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-            file_path = str(path)
+            file_path = str(self.manager.new_workspace(run_id).root / STORED_ROWS)  # written once all is checked
         else:
             at = "data_source.source.content"
             given = (
@@ -175,8 +172,17 @@ class EvalService:
             total=total,
             models=models,
         )
-        config = {**params.model_dump(mode="json")}
-        job = self.manager.create(run_id, KIND, config, metadata=req.metadata, owner=current_owner())
+        if isinstance(ds.source, StoredCompletionsSource):  # the selection is fixed now, as the run's own file
+            path = Path(file_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        try:
+            job = self.manager.create(
+                run_id, KIND, params.model_dump(mode="json"), metadata=req.metadata, owner=current_owner()
+            )
+        except BaseException:  # refused (the project's unfinished jobs): nothing of the run stays
+            shutil.rmtree(self.manager.new_workspace(run_id).root, ignore_errors=True)
+            raise
         self.events.add_event(run_id, f"Created eval run: {run_id} ({total} rows)")
         self.manager.enqueue(job)
         return self.run(eval_id, run_id)
@@ -195,7 +201,8 @@ class EvalService:
             )
         except ValidationError as exc:
             error = validation_error_to_service_error(list(exc.errors()))
-            raise InvalidRequestError(error.message, param=f"data_source.sampling_params.{error.param}") from None
+            at = "data_source.sampling_params" + (f".{error.param}" if error.param else "")
+            raise InvalidRequestError(error.message, param=at) from None
 
     def _file(self, file_id: str) -> Any:
         try:
