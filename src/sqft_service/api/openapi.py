@@ -43,6 +43,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def metadata_query(what: str) -> dict[str, Any]:
+    """``openapi_extra=`` of a list route that reads OpenAI's ``metadata[key]=value`` filter from the raw
+    query (``limits.metadata_filter``; FastAPI has no deepObject parameters)."""
+    description = f"`metadata[key]=value`: only {what} with every pair; `metadata=null`: {what} without metadata"
+    parameter = {"name": "metadata", "in": "query", "required": False, "style": "deepObject", "explode": True}
+    schema = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {"parameters": [{**parameter, "description": description, "schema": schema}]}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` of a route: these status codes, each with the error envelope."""
     return {code: {"model": ErrorResponse, "description": DESCRIPTIONS[code]} for code in codes}

@@ -201,42 +201,35 @@ def _specs(models: dict[str, Any], access: Any) -> dict[str, Any]:
     return specs
 
 
-def batch(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+def _answering(run: Callable[..., dict[str, Any]], p: Any, ctx: TaskContext, what: str) -> dict[str, Any]:
+    """Run a batch or an eval run (``run``) of ``p`` on an engine of the job's own, with its models."""
     import torch
 
+    specs = _specs(p.models, _model_access(ctx))
+    ctx.sink.message(f"{what} with {len(specs)} model(s)")
+    return run(
+        p,
+        specs,
+        ctx.workspace.output.root,
+        ctx.sink,
+        ctx.should_stop,
+        threads=torch.get_num_threads(),
+        model_cache_dir=ctx.model_cache_dir,
+    )
+
+
+def batch(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from .batch import run_batch
 
     p = BatchParams.model_validate(params)
-    specs = _specs(p.models, _model_access(ctx))
-    ctx.sink.message(f"answering {p.total} requests to {p.endpoint} with {len(specs)} model(s)")
-    return run_batch(
-        p,
-        specs,
-        ctx.workspace.output.root,
-        ctx.sink,
-        ctx.should_stop,
-        threads=torch.get_num_threads(),
-        model_cache_dir=ctx.model_cache_dir,
-    )
+    return _answering(run_batch, p, ctx, f"answering {p.total} requests to {p.endpoint}")
 
 
 def eval_run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-    import torch
-
     from .eval_run import run_eval
 
     p = EvalRunParams.model_validate(params)
-    specs = _specs(p.models, _model_access(ctx))
-    ctx.sink.message(f"grading {p.total} rows with {len(p.testing_criteria)} grader(s)")
-    return run_eval(
-        p,
-        specs,
-        ctx.workspace.output.root,
-        ctx.sink,
-        ctx.should_stop,
-        threads=torch.get_num_threads(),
-        model_cache_dir=ctx.model_cache_dir,
-    )
+    return _answering(run_eval, p, ctx, f"grading {p.total} rows with {len(p.testing_criteria)} grader(s)")
 
 
 TASKS: dict[str, Callable[[dict[str, Any], TaskContext], dict[str, Any]]] = {

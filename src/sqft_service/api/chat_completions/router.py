@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 
 from ..limits import JOBS_PAGE, metadata_filter
-from ..openapi import error_responses
+from ..openapi import error_responses, metadata_query
 from .protocol import StoredCompletionDeleted, StoredCompletionList, UpdateStoredCompletion
 from .service import StoredCompletionService, body
 
@@ -25,23 +25,7 @@ def _page(data: list[dict[str, Any]], more: bool) -> StoredCompletionList:
     return StoredCompletionList(data=data, has_more=more, first_id=first, last_id=last)
 
 
-# Read from the raw query by the route (FastAPI has no deepObject parameters); documented here.
-_METADATA_QUERY = {
-    "parameters": [
-        {
-            "name": "metadata",
-            "in": "query",
-            "required": False,
-            "style": "deepObject",
-            "explode": True,
-            "description": "`metadata[key]=value`: only completions with every pair; `metadata=null`: those without",
-            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-        }
-    ]
-}
-
-
-@router.get("", response_model=StoredCompletionList, openapi_extra=_METADATA_QUERY)
+@router.get("", response_model=StoredCompletionList, openapi_extra=metadata_query("completions"))
 def list_stored(
     request: Request,
     after: str | None = None,

@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 from ...errors import NotFoundError
 from ..body import parse_lenient_json, validate_body
 from ..limits import CHECKPOINTS_PAGE, EVENTS_PAGE, JOBS_PAGE, metadata_filter
-from ..openapi import error_responses, file_response, json_body
+from ..openapi import error_responses, file_response, json_body, metadata_query
 from .protocol import (
     CheckpointList,
     CreateFineTuningJobRequest,
@@ -39,23 +39,7 @@ def create_job(request: Request, body: CreateFineTuningJobRequest) -> FineTuning
     return FineTuningJob.from_record(_service(request).create(body))
 
 
-# Read from the raw query by the route (FastAPI has no deepObject parameters); documented here.
-_METADATA_QUERY = {
-    "parameters": [
-        {
-            "name": "metadata",
-            "in": "query",
-            "required": False,
-            "style": "deepObject",
-            "explode": True,
-            "description": "`metadata[key]=value`: only jobs with every pair; `metadata=null`: jobs without metadata",
-            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-        }
-    ]
-}
-
-
-@router.get("/v1/fine_tuning/jobs", response_model=JobList, openapi_extra=_METADATA_QUERY)
+@router.get("/v1/fine_tuning/jobs", response_model=JobList, openapi_extra=metadata_query("jobs"))
 def list_jobs(
     request: Request, after: str | None = None, limit: int = Query(JOBS_PAGE[0], ge=1, le=JOBS_PAGE[1])
 ) -> JobList:
