@@ -9,6 +9,8 @@ the line; cancel keeps the items graded; another project sees none of it; the of
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -325,6 +327,36 @@ def test_cancel_keeps_what_was_graded_and_deletes_wait_for_the_end(served):
     gone = client.delete(f"/v1/evals/{ev['id']}").json()
     assert gone == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
     assert client.get(f"/v1/evals/{ev['id']}").status_code == 404
+
+
+def test_a_run_killed_mid_way_goes_on_without_grading_a_row_twice(served):
+    client, model = served
+    ev = _eval(client, (EXACT,))
+    rows = [{"item": {"question": f"Count to {n}.", "answer": "x"}} for n in range(120)]
+    data_source = {
+        "type": "completions",
+        "model": model,
+        "input_messages": {"type": "item_reference", "item_reference": "item.question"},
+        "sampling_params": {"temperature": 0.7, "seed": 5, "max_completion_tokens": 16},  # sampled: row by row
+        "source": {"type": "file_content", "content": rows},
+    }
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": data_source}).json()
+    wait_until(lambda: _items(client, ev["id"], run["id"]), 240, what="the first graded rows")
+    job = client.app.state.job_manager.jobs.get(run["id"])
+    assert job.status == "running", job.status  # still under way: the kill stops it half-way
+    os.kill(job.pid, signal.SIGKILL)  # a crash: no outcome, no cancel
+    done = _ended(client, ev["id"], run["id"])
+    assert done["status"] == "completed", done
+    items = _all_items(client, ev["id"], run["id"])
+    assert sorted(i["datasource_item_id"] for i in items) == list(range(120))  # each row once
+    counts = done["result_counts"]
+    assert counts["total"] == 120 and counts["passed"] + counts["failed"] + counts["errored"] == 120
+    sampled = sum(i["sample"]["usage"]["completion_tokens"] for i in items)
+    assert done["per_model_usage"][0]["completion_tokens"] == sampled  # the rows before the crash counted once
+    events, _ = client.app.state.eval_service.events.list_events(run["id"], limit=200)
+    messages = [e.message for e in events]
+    assert any(m.startswith("Interrupted: the job process died") for m in messages)
+    assert any(m.startswith("resuming: ") and m.endswith(" of 120 rows already graded") for m in messages)
 
 
 def _all_items(client, eval_id: str, run_id: str) -> list[dict]:
