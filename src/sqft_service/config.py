@@ -195,6 +195,13 @@ class TrainingSection(_Section):
     method: Literal["supervised", "dpo"] = "supervised"
     # DPO's beta: how strongly the policy is held to the reference (larger: closer). Only with "dpo".
     dpo_beta: float = Field(DPO_BETA, gt=0, le=MAX_DPO_BETA)
+    # The preference loss (training/preference.py, TRL's names): "sigmoid" (DPO), "ipo" (IPO: the margin
+    # of per-token log-ratios held to 1/(2 beta), no saturation), "hinge" (SLiC), "robust" (DPO robust
+    # to a share `dpo_label_smoothing` of flipped labels). Only with "dpo".
+    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # The share of pairs whose labels may be wrong: "sigmoid" becomes conservative DPO (cDPO), "robust"
+    # unbiases for it. Below 0.5 (at 0.5 a pair says nothing).
+    dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = "adamw_torch"
     batch_size: int = Field(2, ge=1, le=MAX_BATCH_SIZE)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
@@ -232,8 +239,12 @@ class TrainingSection(_Section):
 
     @model_validator(mode="after")
     def _beta_for_dpo(self) -> TrainingSection:
-        if self.method != "dpo" and self.dpo_beta != DPO_BETA:
-            raise ValueError("`dpo_beta` applies to preference training only: set `method` to 'dpo'")
+        if "method" in self.model_fields_set:  # else OpenAI's `method` may still make it a DPO job
+            check_preference_fields(self)
+        if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"`dpo_label_smoothing` applies to the 'sigmoid' and 'robust' losses, not '{self.dpo_loss}'"
+            )
         return self
 
     @field_validator("resources_per_worker")
@@ -267,12 +278,24 @@ def check_worker_resources(resources: dict[str, Any]) -> dict[str, float]:
     return checked
 
 
+def check_preference_fields(training: TrainingSection) -> None:
+    """A ValueError naming a DPO setting given to a job that is not a DPO job."""
+    for name in ("dpo_beta", "dpo_loss", "dpo_label_smoothing"):
+        if training.method != "dpo" and getattr(training, name) != TrainingSection.model_fields[name].default:
+            raise ValueError(f"`{name}` applies to preference training only: set `method` to 'dpo'")
+
+
 class FinetuneConfig(_Section):
     """The resolved configuration of one job (what the job process runs)."""
 
     General: GeneralSection = Field(default_factory=GeneralSection)
     Dataset: DatasetSection = Field(default_factory=DatasetSection)
     Training: TrainingSection = Field(default_factory=TrainingSection)
+
+    @model_validator(mode="after")
+    def _preference_fields(self) -> FinetuneConfig:
+        check_preference_fields(self.Training)  # the method is final here (OpenAI's `method` folded in)
+        return self
 
 
 AutoInt = int | Literal["auto"]

@@ -69,6 +69,13 @@ def test_an_uploaded_preference_file_says_its_format(pairs_file):
         ({"Training": {"method": "supervised"}}, "Training.method", "contradicts `method.type` 'dpo'"),
         ({"Dataset": {"mask_input": False}}, "Dataset.mask_input", "scores the replies only"),
         ({"method": None, "Training": {"dpo_beta": 0.3}}, "Training", "`dpo_beta` applies to preference training only"),
+        ({"method": None, "Training": {"dpo_loss": "ipo"}}, "Training", "`dpo_loss` applies to preference training"),
+        (
+            {"Training": {"dpo_loss": "hinge", "dpo_label_smoothing": 0.1}},
+            "Training",
+            "`dpo_label_smoothing` applies to the 'sigmoid' and 'robust' losses",
+        ),
+        ({"Training": {"dpo_label_smoothing": 0.5}}, "Training.dpo_label_smoothing", "less than 0.5"),
     ],
 )
 def test_a_dpo_request_the_service_cannot_honour_is_a_400_naming_the_field(
@@ -162,3 +169,13 @@ def test_a_trl_format_file_trains_a_dpo_job(client, tmp_path, tiny_model_dir):
     done = wait_status(client, resp.json()["id"], ("succeeded", "failed"))
     assert done["status"] == "succeeded", done["error"]
     assert done["method"]["type"] == "dpo" and done["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+
+
+def test_a_dpo_job_takes_another_preference_loss(client, tiny_model_dir, pairs_file):
+    """OpenAI's `method` makes it a DPO job, so the extension's DPO fields apply (checked after folding)."""
+    body = dpo_job(tiny_model_dir, pairs_file["id"], Training={"dpo_loss": "robust", "dpo_label_smoothing": 0.1})
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    job = client.app.state.job_manager.jobs.get(resp.json()["id"])
+    assert job.config["Training"]["dpo_loss"] == "robust" and job.config["Training"]["dpo_label_smoothing"] == 0.1
+    assert client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel").status_code == 200

@@ -16,7 +16,14 @@ from sqft_service.config import DatasetSection, LoraSection
 from sqft_service.training.batching import Collator
 from sqft_service.training.events import MemorySink
 from sqft_service.training.packing import PackingCollator
-from sqft_service.training.preference import PairCollator, dpo_loss, sequence_logps, tokenize_pairs
+from sqft_service.training.preference import (
+    PairCollator,
+    dpo_loss,
+    preference_losses,
+    reply_token_counts,
+    sequence_logps,
+    tokenize_pairs,
+)
 from sqft_service.training.recipe import REFERENCE_FILE, TrainingStopped, run_training
 from sqft_service.training.records import DataValidationError, inspect_training_file, load_records
 from sqft_service.training.tokenization import IGNORE_INDEX
@@ -215,6 +222,47 @@ def test_dpo_loss_and_gradients_equal_the_plain_computation(tokenizer, adapted, 
         torch.testing.assert_close(sequence_logps(adapted, batch), logps.detach(), rtol=1e-5, atol=1e-4)
 
 
+def _log_sigmoid(z: float) -> float:
+    return -math.log1p(math.exp(-z))
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "smoothing", "plain"),
+    [
+        ("sigmoid", 0.0, lambda z: -_log_sigmoid(z)),
+        ("sigmoid", 0.1, lambda z: -0.9 * _log_sigmoid(z) - 0.1 * _log_sigmoid(-z)),  # cDPO
+        ("robust", 0.1, lambda z: (-0.9 * _log_sigmoid(z) + 0.1 * _log_sigmoid(-z)) / 0.8),
+        ("hinge", 0.0, lambda z: max(0.0, 1 - z)),
+    ],
+)
+def test_preference_losses_are_the_papers_formulas(loss_type, smoothing, plain):
+    beta, margins = 0.5, torch.tensor([-3.0, -0.2, 0.0, 0.7, 4.0])
+    got = preference_losses(margins, beta, loss_type, smoothing)
+    assert got.tolist() == pytest.approx([plain(beta * h) for h in margins.tolist()], rel=1e-6)
+    ipo = preference_losses(margins, beta, "ipo", 0.0)  # held to a margin of 1 / (2 beta) = 1
+    assert ipo.tolist() == pytest.approx([(h - 1.0) ** 2 for h in margins.tolist()], rel=1e-6)
+
+
+def test_ipo_compares_per_token_log_ratios(tokenizer, adapted):
+    pairs, _ = tokenize_pairs(preference_records(3), tokenizer, DatasetSection())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reference = torch.tensor([[-20.0, -25.0], [-30.0, -29.0], [-15.0, -15.5]])
+    for pair, ref in zip(pairs, reference.tolist(), strict=True):
+        pair.reference = tuple(ref)
+    batch = PairCollator(Collator(pad, pad_to_multiple_of=None))(pairs)
+    lengths = torch.tensor(
+        [[sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in (p.chosen, p.rejected)] for p in pairs],
+        dtype=torch.float32,
+    )
+    assert reply_token_counts(batch).tolist() == lengths.tolist()
+    with torch.no_grad():
+        out = dpo_loss(adapted, batch, 0.25, "ipo")
+        logps = plain_logps(adapted, [ex for p in pairs for ex in (p.chosen, p.rejected)]).view(-1, 2)
+    ratios = (logps - reference) / lengths
+    plain = ((ratios[:, 0] - ratios[:, 1]) - 2.0) ** 2  # 1 / (2 * 0.25)
+    assert out.loss_sum.item() == pytest.approx(plain.sum().item(), rel=1e-4)
+
+
 # ------------------------------------------------------------------ the recipe
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
@@ -223,6 +271,19 @@ def pairs_file(tmp_path_factory) -> Path:
 
 def dpo_cfg(model_dir: Path, pairs_file: Path, **training):  # noqa: F811
     return make_cfg(model_dir, pairs_file, method="dpo", dpo_beta=0.5, learning_rate=2e-2, **training)
+
+
+def test_ipo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_path):  # noqa: F811
+    sink = MemorySink()
+    cfg = dpo_cfg(model_dir, pairs_file, epochs=6, dpo_loss="ipo")
+    run_training(cfg, tmp_path, sink)
+    curve = losses(sink)
+    # The policy starts as the reference: every margin is 0, so the loss is (0 - 1 / (2 * 0.5))^2 = 1.
+    assert curve[0] == pytest.approx(1.0, abs=1e-3)
+    assert sum(curve[-10:]) / 10 < 0.5, curve  # the per-token margins moved toward 1
+    accuracies = [r["train_accuracy"] for r in sink.metric_rows if "train_accuracy" in r]
+    assert sum(accuracies[-10:]) / 10 >= 0.75, accuracies
+    assert any("(beta 0.5, loss ipo)" in text for _, text, _ in sink.messages)
 
 
 def test_dpo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_path):  # noqa: F811

@@ -5,7 +5,8 @@ of replies to one prompt, a preferred y_w and another y_l, against a frozen refe
 
     loss = -log sigmoid(beta [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])
 
-where log π(y) sums the reply's token log-probabilities. The reference is the model the job starts
+where log π(y) sums the reply's token log-probabilities (``Training.dpo_loss`` picks IPO, hinge or
+robust DPO instead: ``preference_losses``). The reference is the model the job starts
 from: adapters begin as a zero update (LoRA's B = 0, for every NLS rank and SparsePEFT mask), so the
 reference log-probabilities are those of the policy before its first step. They are computed once,
 in one no-grad pass before training (TRL's ``precompute_ref_log_probs``), instead of a second forward
@@ -116,19 +117,52 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     return sums.index_add(0, batch["label_examples"], row_losses).neg().view(-1, 2)
 
 
-def dpo_loss(model: torch.nn.Module, batch: dict[str, Any], beta: float) -> LossOutput:
-    """The summed DPO loss of the batch's pairs (see the module docstring); ``n_correct`` counts the
-    pairs whose chosen reply gained more log-probability over the reference than the rejected one, and
-    ``reward_sums`` sums the implicit rewards beta * (log π - log π_ref) of the chosen and rejected replies."""
+def reply_token_counts(batch: dict[str, Any]) -> torch.Tensor:
+    """``[pairs, 2]``: how many label tokens each reply has (chosen, rejected)."""
+    import torch
+
+    examples = batch["label_examples"]
+    counts = torch.zeros(2 * batch["n_pairs"], dtype=torch.float32, device=examples.device)
+    return counts.index_add(0, examples, torch.ones_like(examples, dtype=torch.float32)).view(-1, 2)
+
+
+def preference_losses(margins: torch.Tensor, beta: float, loss_type: str, smoothing: float) -> torch.Tensor:
+    """Per pair, the loss of ``margins`` h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))
+    (IPO's: of per-token log-ratios), as TRL computes each ``loss_type``:
+
+    * ``sigmoid`` (DPO; with smoothing ε, conservative DPO): -(1 - ε) log sigmoid(βh) - ε log sigmoid(-βh);
+    * ``robust`` (Chowdhury et al., 2024): (-(1 - ε) log sigmoid(βh) + ε log sigmoid(-βh)) / (1 - 2ε);
+    * ``hinge`` (SLiC, Zhao et al., 2023): max(0, 1 - βh);
+    * ``ipo`` (Azar et al., 2023, arXiv 2310.12036): (h - 1/(2β))².
+    """
     import torch.nn.functional as F
 
+    if loss_type == "ipo":
+        return (margins - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return F.relu(1 - beta * margins)
+    agree, disagree = F.logsigmoid(beta * margins), F.logsigmoid(-beta * margins)
+    if loss_type == "robust":
+        return (-(1 - smoothing) * agree + smoothing * disagree) / (1 - 2 * smoothing)
+    return -(1 - smoothing) * agree - smoothing * disagree
+
+
+def dpo_loss(
+    model: torch.nn.Module, batch: dict[str, Any], beta: float, loss_type: str = "sigmoid", smoothing: float = 0.0
+) -> LossOutput:
+    """The summed preference loss of the batch's pairs (``preference_losses``); ``n_correct`` counts the
+    pairs whose chosen reply gained more log-probability over the reference than the rejected one, and
+    ``reward_sums`` sums the implicit rewards beta * (log π - log π_ref) of the chosen and rejected replies."""
     from .loss import LossOutput
 
     logps = sequence_logps(model, batch)
-    rewards = beta * (logps - batch["reference_logps"])  # DPO's implicit rewards, [pairs, 2]
-    margins = rewards[:, 0] - rewards[:, 1]
+    ratios = logps - batch["reference_logps"]  # [pairs, 2]
+    rewards = beta * ratios  # DPO's implicit rewards
+    if loss_type == "ipo":  # IPO compares average per-token log-ratios, so length does not weigh
+        ratios = ratios / reply_token_counts(batch).clamp(min=1)
+    margins = ratios[:, 0] - ratios[:, 1]
     return LossOutput(
-        loss_sum=-F.logsigmoid(margins).sum(),
+        loss_sum=preference_losses(margins, beta, loss_type, smoothing).sum(),
         n_correct=(margins > 0).sum(),
         n_labels=batch["n_pairs"],
         reward_sums=rewards.detach().sum(0),

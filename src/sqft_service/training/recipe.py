@@ -340,7 +340,8 @@ class FinetuneRecipe:
     def _forward(self, batch: dict[str, Any]) -> LossOutput:
         with self._autocast():
             if self.preference:
-                return dpo_loss(self.model, batch, self.cfg.Training.dpo_beta)
+                t = self.cfg.Training
+                return dpo_loss(self.model, batch, t.dpo_beta, t.dpo_loss, t.dpo_label_smoothing)
             return causal_lm_loss(self.model, batch)
 
     def _autocast(self) -> torch.autocast:
@@ -370,7 +371,7 @@ class FinetuneRecipe:
                 save_safetensors({"logps": kept}, str(path))
             self.sink.message(
                 f"DPO reference: log-probabilities of {len(pairs)} pairs' replies in {time.perf_counter() - t0:.1f} s "
-                f"(beta {self.cfg.Training.dpo_beta})"
+                f"(beta {self.cfg.Training.dpo_beta}, loss {self.cfg.Training.dpo_loss})"
             )
         for pair, (chosen, rejected) in zip(pairs, kept.tolist(), strict=True):
             pair.reference = (chosen, rejected)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ...config import DatasetSection, FinetuneConfig, ParentModel, TrainingSection, resolve_config
+from ...config import (
+    DatasetSection,
+    FinetuneConfig,
+    ParentModel,
+    TrainingSection,
+    check_preference_fields,
+    resolve_config,
+)
 from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
@@ -249,7 +256,7 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
     """``Training`` with OpenAI's ``method`` folded in: its type, and DPO's ``beta`` when not "auto"."""
     section = req.Training
     if req.method is None:
-        return section
+        return _checked(section)
     if "method" in section.model_fields_set and section.method != req.method.type:
         raise InvalidRequestError(
             f"`Training.method` {section.method!r} contradicts `method.type` {req.method.type!r}; give one",
@@ -263,7 +270,15 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
         update["dpo_beta"] = float(beta)
     copied = section.model_copy(update=update)
     copied.model_fields_set.update(update)
-    return copied
+    return _checked(copied)
+
+
+def _checked(section: TrainingSection) -> TrainingSection:
+    try:
+        check_preference_fields(section)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="Training") from None
+    return section
 
 
 PREFERENCE_RECORDS = "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
