@@ -97,6 +97,7 @@ def run(name: str, cfg: FinetuneConfig, val_pairs: list[dict], out: Path, *, bas
     row["hyperparameters"] = {
         "method": t.method,
         "beta": t.dpo_beta if t.method == "dpo" else None,
+        "loss": t.dpo_loss if t.method == "dpo" else None,
         "learning_rate": t.learning_rate,
         "epochs": t.epochs,
         "batch_size": t.batch_size,
@@ -113,7 +114,9 @@ def run(name: str, cfg: FinetuneConfig, val_pairs: list[dict], out: Path, *, bas
     return row
 
 
-def config(model: str, train: Path, val: Path, n_train: int, method: str, lr: float | None) -> FinetuneConfig:
+def config(
+    model: str, train: Path, val: Path, n_train: int, method: str, lr: float | None, loss: str = "sigmoid"
+) -> FinetuneConfig:
     cfg = FinetuneConfig()
     cfg.General.base_model = model
     cfg.Dataset.train_file, cfg.Dataset.validation_file = str(train), str(val)
@@ -121,6 +124,9 @@ def config(model: str, train: Path, val: Path, n_train: int, method: str, lr: fl
     cfg.Training.seed = 42
     cfg.Training.logging_steps = 1
     explicit = {"Training.method", "Training.seed", "Training.logging_steps"}
+    if method == "dpo":
+        cfg.Training.dpo_loss = loss  # type: ignore[assignment]
+        explicit.add("Training.dpo_loss")
     if lr is not None:
         cfg.Training.learning_rate = lr
         explicit.add("Training.learning_rate")
@@ -145,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=400, help="training pairs")
     parser.add_argument("--val", type=int, default=200, help="held-out pairs")
     parser.add_argument("--lrs", default="5e-5,2e-4,5e-4", help="DPO learning rates, comma-separated")
+    parser.add_argument("--losses", default="sigmoid", help="preference losses (Training.dpo_loss), comma-separated")
+    parser.add_argument("--no-sft", action="store_true", help="skip the base and SFT rows")
     args = parser.parse_args(argv)
 
     model_dir, _ = prepare_models(None)
@@ -161,13 +169,17 @@ def main(argv: list[str] | None = None) -> None:
             files[kind].write_text(json.dumps(records))
         n = len(train_pairs)
         sft = config(model_dir, files["sft"], files["sft_val"], n, "supervised", None)
-        rows.append(run("base", sft, val_pairs, work / "base", base=True))
-        rows.append(run("SFT on the preferred replies", sft, val_pairs, work / "sft"))
-        print(json.dumps(rows[-1]), flush=True)
-        for lr in [float(x) for x in args.lrs.split(",")]:
-            cfg = config(model_dir, files["pref"], files["pref_val"], n, "dpo", lr)
-            rows.append(run(f"DPO (beta {cfg.Training.dpo_beta})", cfg, val_pairs, work / f"dpo-{lr}"))
+        if not args.no_sft:
+            rows.append(run("base", sft, val_pairs, work / "base", base=True))
+            rows.append(run("SFT on the preferred replies", sft, val_pairs, work / "sft"))
             print(json.dumps(rows[-1]), flush=True)
+        names = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "robust DPO"}
+        for loss in args.losses.split(","):
+            for lr in [float(x) for x in args.lrs.split(",")]:
+                cfg = config(model_dir, files["pref"], files["pref_val"], n, "dpo", lr, loss)
+                name = f"{names[loss]} (beta {cfg.Training.dpo_beta})"
+                rows.append(run(name, cfg, val_pairs, work / f"{loss}-{lr}"))
+                print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
     figures = {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "rows": rows, "markdown": table}
