@@ -90,7 +90,7 @@ class EvalService:
             config: dict[str, Any] = {"type": "custom"}
         else:  # a stored completion's row, and its own answer as the sample
             properties = {"item": STORED_ITEM_SCHEMA, "sample": SAMPLE_SCHEMA}
-            config = {"type": "stored_completions", "metadata": source.metadata}
+            config = {"type": source.type, "metadata": source.metadata}
         for i, grader in enumerate(req.testing_criteria):
             if grader.type in MODEL_GRADERS:
                 self.models.spec(grader.model, f"testing_criteria[{i}].model")
