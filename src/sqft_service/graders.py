@@ -1,9 +1,10 @@
 """Graders of OpenAI's Evals API and the templates they read (torch-free: the API checks a grader with
 this module when an eval is created, the ``eval_run`` job grades with it).
 
-A template (``"{{ item.answer }}"``, ``"{{ sample.output_text }}"``) is Jinja in a sandbox: the data a
-client sends is filled in, never run. ``item`` is a data source row, ``sample`` what the model answered:
-``output_text``, ``output_json`` (that text parsed, or null) and ``output_tools`` (its tool calls).
+A template (``"{{ item.answer }}"``, ``"{{ sample.output_text }}"``) is Jinja in a sandbox, held to
+text and values to fill in (``check_template``): the data a client sends is filled in, never run.
+``item`` is a data source row, ``sample`` what the model answered: ``output_text``, ``output_json``
+(that text parsed, or null) and ``output_tools`` (its tool calls).
 
 * ``string_check``: ``eq`` / ``ne`` / ``like`` (contains) / ``ilike`` (contains, any case); score 1 or 0.
 * ``text_similarity``: a score in [0, 1] against ``pass_threshold``: ``fuzzy_match`` (rapidfuzz's
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined, meta
+from jinja2 import StrictUndefined, TemplateError, Undefined, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import UserError
@@ -32,6 +33,7 @@ from .errors import UserError
 NAMESPACES = {"item", "sample"}
 ROUGE_METRICS = {f"rouge_{n}": f"rouge{n}" for n in range(1, 6)} | {"rouge_l": "rougeL"}
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", *ROUGE_METRICS)
+MAX_SIMILARITY_CHARS = 100_000
 # Named by OpenAI, refused here: METEOR needs the WordNet corpus (a download), cosine an embeddings model.
 UNOFFERED_METRICS = {"meteor": "needs the WordNet corpus", "cosine": "needs an embeddings model"}
 
@@ -57,18 +59,39 @@ _ENV = _Environment(undefined=StrictUndefined, autoescape=False, finalize=_final
 _ENV.globals.clear()  # range, cycler…: a template reads the row and the sample, nothing else
 
 
-@cache
+# What a template may hold: text and ``{{ name.field[0]["key"] }}`` values. No loops, filters, calls or
+# operators: even in Jinja's sandbox, ``{{ "x" * 10**9 }}`` or nested loops over a row would cost the
+# API process (which renders templates for ``graders/run``) memory and time a client chooses.
+_TEMPLATE_NODES = (
+    nodes.Template,
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Name,
+    nodes.Getattr,
+    nodes.Getitem,
+    nodes.Const,
+)
+
+
+@lru_cache(maxsize=1024)
 def _compiled(text: str) -> Any:
     return _ENV.from_string(text)
 
 
 def check_template(text: str, param: str) -> None:
-    """A 400 naming ``param`` for a template that does not parse or reads a name other than item/sample."""
+    """A 400 naming ``param`` for a template that does not parse, holds more than values to fill in, or
+    reads a name other than item/sample."""
     try:
-        names = meta.find_undeclared_variables(_ENV.parse(text))
+        tree = _ENV.parse(text)
     except TemplateError as exc:
         raise UserError(f"the template does not parse: {exc}", param=param) from None
-    if unknown := sorted(names - NAMESPACES):
+    if stray := next((n for n in tree.find_all(nodes.Node) if not isinstance(n, _TEMPLATE_NODES)), None):
+        raise UserError(
+            f"a template fills in values (`{{{{ item.field }}}}`, `{{{{ sample.output_text }}}}`), and this one "
+            f"has a {type(stray).__name__.lower()}",
+            param=param,
+        )
+    if unknown := sorted(meta.find_undeclared_variables(tree) - NAMESPACES):
         raise UserError(f"a template reads `item` and `sample`, not `{unknown[0]}`", param=param)
 
 
@@ -134,7 +157,14 @@ def _words(text: str) -> list[str]:
 
 
 def text_similarity(value: str, reference: str, metric: str) -> float:
-    """The score in [0, 1] of ``value`` against ``reference`` by ``metric`` (one of SIMILARITY_METRICS)."""
+    """The score in [0, 1] of ``value`` against ``reference`` by ``metric`` (one of SIMILARITY_METRICS).
+
+    Raises:
+        GradingError: a text is over MAX_SIMILARITY_CHARS (the character metrics cost the product of
+            the lengths).
+    """
+    if max(len(value), len(reference)) > MAX_SIMILARITY_CHARS:
+        raise GradingError(f"a text_similarity grader compares texts of up to {MAX_SIMILARITY_CHARS} characters")
     if metric == "fuzzy_match":
         from rapidfuzz.fuzz import ratio
 

@@ -475,6 +475,8 @@ def test_the_graders_api_checks_and_runs_one_grader(served, tiny_model_dir):
     assert fuzzy["reward"] == pytest.approx(0.8) and fuzzy["metadata"]["scores"] == {"fuzzy": fuzzy["reward"]}
     missing = run(EXACT, "hello", {"question": "no answer field"})
     assert missing["reward"] == 0.0 and missing["metadata"]["errors"]["invalid_variable_error"]
+    long = run(FUZZY, "a" * 100_001, {"answer": "a"})  # past the similarity bound: no minutes of CPU
+    assert long["reward"] == 0.0 and long["metadata"]["errors"]["other_error"]
     base = str(tiny_model_dir)
     judge = {**JUDGE_NOWHERE, "model": base, "input": [{"role": "user", "content": "{{ sample.output_text }}?"}]}
     judged = run(judge, "Paris")

@@ -50,6 +50,8 @@ def test_text_similarity_metrics_give_their_known_values():
     assert text_similarity("The cat sat.", "the cat sat", "fuzzy_match") == pytest.approx(20 / 23)  # characters
     assert 0.0 < text_similarity(*pair, "bleu") < 1.0
     assert text_similarity("", "", "bleu") == 1.0 and text_similarity("x", "", "gleu") == 0.0
+    with pytest.raises(GradingError, match="100000 characters"):
+        text_similarity("a" * 100_001, "a", "fuzzy_match")
 
 
 def test_templates_fill_rows_in_a_sandbox():
@@ -66,6 +68,9 @@ def test_templates_fill_rows_in_a_sandbox():
     assert bad.value.param == "testing_criteria[0].input"
     with pytest.raises(UserError, match="`cycler`"):
         check_template("{{ cycler }}", "x")
+    for costly in ('{{ "x" * 10**9 }}', "{% for a in item.l %}{% for b in item.l %}.{% endfor %}{% endfor %}"):
+        with pytest.raises(UserError, match="fills in values"):  # no work a client chooses
+            check_template(costly, "x")
     check_template("{{ item.a }} {{ sample.output_json.b }}", "x")
 
 

@@ -3,6 +3,7 @@ judge on the API's engine (the same request an eval run's judge makes, ``graders
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ...errors import ServiceError
@@ -53,12 +54,15 @@ class GraderService:
                     "cached_tokens": 0,
                 }
                 score, _, _ = model_verdict(grader, choice.text)
-            else:
-                score, _ = grade(grader, item, sample)
+            else:  # off the event loop: a similarity of long texts takes a while
+                score, _ = await asyncio.to_thread(grade, grader, item, sample)
         except TemplateVariableError:
             errors.invalid_variable_error = True
         except GradingError:
-            errors.model_grader_parse_error = not errors.model_grader_server_error
+            if grader["type"] not in MODEL_GRADERS:
+                errors.other_error = True  # a text over the similarity bound
+            elif not errors.model_grader_server_error:
+                errors.model_grader_parse_error = True
         metadata = RunMetadata(
             name=grader["name"],
             type=grader["type"],
