@@ -49,7 +49,7 @@ class StoredCompletionService:
 
 def body(found: StoredCompletion) -> dict[str, Any]:
     """The stored completion as OpenAI answers it: the completion object with its metadata."""
-    return {**found.response, "metadata": found.metadata, "request_id": None}
+    return {**found.response, "metadata": found.metadata}
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
