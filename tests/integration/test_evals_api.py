@@ -212,6 +212,42 @@ def test_a_completions_run_samples_the_model_as_chat_completions_answers(served,
     assert (usage[model]["completion_tokens"], usage[model]["prompt_tokens"]) == (sampled, prompt)
 
 
+def test_a_responses_run_samples_as_the_responses_api_answers(served):
+    client, model = served
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 6}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    text = {"format": {"type": "json_schema", "name": "short", "schema": schema}}
+    held = {**EXACT, "input": "{{ sample.output_json.answer }}"}  # a field of the structured answer
+    ev = _eval(client, (held,))
+    rows = [{"item": {"question": q, "answer": "red"}} for q in QUESTIONS[:3]]
+    data_source = {
+        "type": "responses",
+        "model": model,
+        "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{ item.question }}"}]},
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 32, "text": text},
+        "source": {"type": "file_content", "content": rows},
+    }
+    run = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": data_source})
+    assert run.status_code == 200, run.text
+    done = _ended(client, ev["id"], run.json()["id"])
+    assert done["status"] == "completed" and done["result_counts"]["errored"] == 0, done
+    for item in _items(client, ev["id"], done["id"]):
+        question = item["datasource_item"]["question"]
+        answer = client.post(
+            "/v1/responses",
+            json={"model": model, "input": question, "text": text, "temperature": 0, "max_output_tokens": 32},
+        ).json()
+        assert item["sample"]["output"][0]["content"] == answer["output"][0]["content"][0]["text"]
+        assert set(json.loads(item["sample"]["output"][0]["content"])) == {"answer"}  # held to the schema
+    stored = {**data_source, "source": {"type": "responses"}}
+    resp = client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": stored})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "data_source.source.type", resp.text
+
+
 @pytest.mark.parametrize(
     ("criteria", "param", "needle"),
     [
@@ -446,6 +482,20 @@ def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_
         assert exact.passed == (item.datasource_item["answer"].lower() in text.lower())
     assert ev.id in [e.id for e in client.evals.list()]
     assert run.id in [r.id for r in client.evals.runs.list(ev.id)]
+    # stored chat completions through the SDK's own methods
+    kept = client.chat.completions.create(
+        model=tuned.fine_tuned_model,
+        messages=[{"role": "user", "content": "Say red."}],
+        max_tokens=3,
+        store=True,
+        metadata={"from": "sdk"},
+    )
+    listed = client.chat.completions.list(metadata={"from": "sdk"})
+    assert [c.id for c in listed] == [kept.id]
+    assert client.chat.completions.retrieve(kept.id).choices[0].message.content == kept.choices[0].message.content
+    assert [m.content for m in client.chat.completions.messages.list(kept.id)] == ["Say red."]
+    assert client.chat.completions.update(kept.id, metadata={"from": "x"}).metadata == {"from": "x"}
+    assert client.chat.completions.delete(kept.id).deleted
     graded = client.fine_tuning.alpha.graders.run(grader=FUZZY, model_sample="hallo", item={"answer": "hello"})
     assert graded.reward == pytest.approx(0.8)
     assert client.fine_tuning.alpha.graders.validate(grader=EXACT).grader.name == "exact"

@@ -147,11 +147,11 @@ class _Grading:
     def __init__(self, p: EvalRunParams, answerer: Any) -> None:
         self.p, self.answerer = p, answerer
         self.source = p.data_source
-        self.sampling = self.source.get("sampling_params") or {}
+        self.sampling = p.sampling  # chat/completions fields (a `responses` run's converted)
 
     def chunk(self, chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """One output item per row, in the rows' order."""
-        sampled = self.source["type"] == "completions" and self.source.get("model")
+        sampled = self.source["type"] in ("completions", "responses") and self.source.get("model")
         samples = self._samples(chunk) if sampled else [_given(r) for _, r in chunk]
         verdicts = self._model_verdicts(chunk, samples)
         return [
@@ -170,7 +170,7 @@ class _Grading:
             except GradingError as exc:
                 out[index] = (self._sample(model, [], None, {"code": "invalid_item", "message": str(exc)}), None)
                 continue
-            body = {"model": model, "messages": messages, **_sampling_body(self.sampling)}
+            body = {"model": model, "messages": messages, **self.sampling}
             lines.append({"custom_id": str(index), "body": body})
         for custom_id, status, body in self.answerer.chunk(lines) if lines else []:
             messages = next(line["body"]["messages"] for line in lines if line["custom_id"] == custom_id)
@@ -314,11 +314,6 @@ def _given(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
 def _plain_sample(model: str, error: dict | None) -> dict[str, Any]:
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cached_tokens": 0}
     return {"input": [], "output": [], "finish_reason": "", "model": model, "usage": usage, "error": error}
-
-
-def _sampling_body(sampling: dict[str, Any]) -> dict[str, Any]:
-    """A run's ``sampling_params`` as chat/completions fields (the same names; unset ones left out)."""
-    return {k: v for k, v in sampling.items() if v is not None}
 
 
 def _calls(message: dict[str, Any]) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class EvalRunParams(_Params):
     data_source: dict[str, Any]  # as the client gave it (echoed by the run object)
     input_file_id: str | None = None  # a `file_id` source: the file's rows (checked when the run was created)
     input_path: str | None = None
+    sampling: dict[str, Any] = {}  # a sampled run's sampling_params as chat/completions fields
     total: int
     models: dict[str, BatchModel]  # the sampled model and the model graders' models, by id
 

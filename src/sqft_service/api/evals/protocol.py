@@ -12,6 +12,7 @@ from ...errors import UserError
 from ...graders import SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
 from ..fine_tuning.protocol import Metadata
 from ..inference.protocol import MAX_TOKENS_LIMIT
+from ..responses.protocol import FunctionTool, TextOptions
 
 MAX_GRADERS = 32
 MAX_TEMPLATE_CHARS = 32_768
@@ -315,18 +316,57 @@ class CompletionsDataSource(_Strict):
             raise ValueError("`data_source.input_messages`: messages and sampling are for a `model` to answer")
         return self
 
+    def chat_sampling(self) -> dict[str, Any]:
+        return self.sampling_params.model_dump(exclude_none=True) if self.sampling_params else {}
+
+
+class ResponsesSamplingParams(_Strict):
+    """A ``responses`` run's sampling, in Responses' spelling (``text.format``, flat function tools)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    text: TextOptions | None = None
+    tools: list[FunctionTool] | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        """The same sampling as chat/completions fields (a response is the chat answer of its turns)."""
+        out = self.model_dump(exclude_none=True, include={"temperature", "top_p", "seed", "max_completion_tokens"})
+        if self.text is not None and self.text.response_format is not None and self.text.format.type != "text":
+            out["response_format"] = self.text.response_format.model_dump(by_alias=True, exclude_none=True)
+        if self.tools:
+            out["tools"] = [t.as_chat() for t in self.tools]
+        return out
+
+
+class ResponsesDataSource(_Strict):
+    """``model`` answers each row as ``POST /v1/responses`` would: the chat answer of its messages."""
+
+    type: Literal["responses"]
+    model: str = Field(max_length=4096)
+    input_messages: Annotated[TemplateInput | ItemReferenceInput, Field(discriminator="type")] | None = None
+    sampling_params: ResponsesSamplingParams | None = None
+    source: Source
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_responses(cls, data: Any) -> Any:
+        if isinstance(data, dict) and _type_of(data.get("source")) == "responses":
+            raise ValueError(
+                "`data_source.source.type`: stored responses are not offered as rows; store chat completions "
+                "(`store: true`) and use a `completions` run over `stored_completions`"
+            )
+        return data
+
+    def chat_sampling(self) -> dict[str, Any]:
+        return self.sampling_params.as_chat() if self.sampling_params else {}
+
 
 class CreateRunRequest(_Strict):
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     metadata: Metadata | None = None
-    data_source: Annotated[JsonlDataSource | CompletionsDataSource, Field(discriminator="type")]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _offered(cls, data: Any) -> Any:
-        if isinstance(data, dict) and _type_of(data.get("data_source")) == "responses":
-            raise ValueError("`data_source.type`: use 'completions' (the same sampling, through chat completions)")
-        return data
+    data_source: Annotated[JsonlDataSource | CompletionsDataSource | ResponsesDataSource, Field(discriminator="type")]
 
 
 class ResultCounts(BaseModel):

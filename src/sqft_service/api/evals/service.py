@@ -44,6 +44,7 @@ from .protocol import (
     CustomDataSourceConfig,
     FileIdSource,
     OutputItemList,
+    ResponsesDataSource,
     RunObject,
     StoredCompletionsSource,
     UpdateEvalRequest,
@@ -139,7 +140,8 @@ class EvalService:
         reads_sample = _reads(record.testing_criteria, "sample")
         file_id = file_path = None
         models: dict[str, BatchModel] = {}
-        if isinstance(ds, CompletionsDataSource) and ds.model is not None:
+        sampled = isinstance(ds, CompletionsDataSource | ResponsesDataSource) and ds.model is not None
+        if sampled:
             models[ds.model] = self.models.job_model(ds.model, "data_source.model")
             self._check_sampling(ds)
         if isinstance(ds.source, FileIdSource):
@@ -169,6 +171,7 @@ class EvalService:
             data_source=ds.model_dump(mode="json", exclude_none=True),
             input_file_id=file_id,
             input_path=file_path,
+            sampling=ds.chat_sampling() if sampled else {},
             total=total,
             models=models,
         )
@@ -187,17 +190,16 @@ class EvalService:
         self.manager.enqueue(job)
         return self.run(eval_id, run_id)
 
-    def _check_sampling(self, ds: CompletionsDataSource) -> None:
+    def _check_sampling(self, ds: CompletionsDataSource | ResponsesDataSource) -> None:
         if ds.input_messages is not None and ds.input_messages.type == "template":
             for j, message in enumerate(ds.input_messages.template):
                 param = f"data_source.input_messages.template[{j}].content"
                 check_template(message.content, param)
                 if _reads([{"input": message.content}], "sample"):
                     raise InvalidRequestError("the messages a model is asked can't read `sample`", param=param)
-        sampling = ds.sampling_params.model_dump(exclude_none=True) if ds.sampling_params else {}
         try:  # checked as chat/completions checks them: a schema or tool it can't hold is a 400 now
             ChatCompletionRequest.model_validate(
-                {"model": ds.model, "messages": [{"role": "user", "content": "-"}], **sampling}
+                {"model": ds.model, "messages": [{"role": "user", "content": "-"}], **ds.chat_sampling()}
             )
         except ValidationError as exc:
             error = validation_error_to_service_error(list(exc.errors()))
