@@ -115,7 +115,14 @@ def run(name: str, cfg: FinetuneConfig, val_pairs: list[dict], out: Path, *, bas
 
 
 def config(
-    model: str, train: Path, val: Path, n_train: int, method: str, lr: float | None, loss: str = "sigmoid"
+    model: str,
+    train: Path,
+    val: Path,
+    n_train: int,
+    method: str,
+    lr: float | None,
+    loss: str = "sigmoid",
+    beta: float | None = None,
 ) -> FinetuneConfig:
     cfg = FinetuneConfig()
     cfg.General.base_model = model
@@ -127,6 +134,9 @@ def config(
     if method == "dpo":
         cfg.Training.dpo_loss = loss  # type: ignore[assignment]
         explicit.add("Training.dpo_loss")
+        if beta is not None:
+            cfg.Training.dpo_beta = beta
+            explicit.add("Training.dpo_beta")
     if lr is not None:
         cfg.Training.learning_rate = lr
         explicit.add("Training.learning_rate")
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", default="5e-5,2e-4,5e-4", help="DPO learning rates, comma-separated")
     parser.add_argument("--losses", default="sigmoid", help="preference losses (Training.dpo_loss), comma-separated")
     parser.add_argument("--no-sft", action="store_true", help="skip the base and SFT rows")
+    parser.add_argument("--beta", type=float, default=None, help="Training.dpo_beta (default: auto, 0.1)")
     args = parser.parse_args(argv)
 
     model_dir, _ = prepare_models(None)
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         names = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "robust DPO"}
         for loss in args.losses.split(","):
             for lr in [float(x) for x in args.lrs.split(",")]:
-                cfg = config(model_dir, files["pref"], files["pref_val"], n, "dpo", lr, loss)
+                cfg = config(model_dir, files["pref"], files["pref_val"], n, "dpo", lr, loss, args.beta)
                 name = f"{names[loss]} (beta {cfg.Training.dpo_beta})"
                 rows.append(run(name, cfg, val_pairs, work / f"{loss}-{lr}"))
                 print(json.dumps(rows[-1]), flush=True)
