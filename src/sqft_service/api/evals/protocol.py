@@ -349,16 +349,6 @@ class ResponsesDataSource(_Strict):
     sampling_params: ResponsesSamplingParams | None = None
     source: Source
 
-    @model_validator(mode="before")
-    @classmethod
-    def _stored_responses(cls, data: Any) -> Any:
-        if isinstance(data, dict) and _type_of(data.get("source")) == "responses":
-            raise ValueError(
-                "`data_source.source.type`: stored responses are not offered as rows; store chat completions "
-                "(`store: true`) and use a `completions` run over `stored_completions`"
-            )
-        return data
-
     def chat_sampling(self) -> dict[str, Any]:
         return self.sampling_params.as_chat() if self.sampling_params else {}
 
@@ -367,6 +357,17 @@ class CreateRunRequest(_Strict):
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     metadata: Metadata | None = None
     data_source: Annotated[JsonlDataSource | CompletionsDataSource | ResponsesDataSource, Field(discriminator="type")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_responses(cls, data: Any) -> Any:
+        source = data.get("data_source") if isinstance(data, dict) else None
+        if isinstance(source, dict) and _type_of(source.get("source")) == "responses":
+            raise ValueError(
+                "`data_source.source.type`: stored responses are not offered as rows; store chat completions "
+                "(`store: true`) and use a `completions` run over `stored_completions`"
+            )
+        return data
 
 
 class ResultCounts(BaseModel):
