@@ -19,7 +19,8 @@ MAX_TEMPLATE_CHARS = 32_768
 MAX_NAME_CHARS = 256
 Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-# The sample every template may read as ``sample`` (graders/sample_namespace).
+# The sample every template may read as ``sample`` (graders/sample_namespace). A ``jsonl`` row's sample
+# may be a chat completion (``model``, ``choices``) or just its ``output_text``: none of it is required.
 SAMPLE_SCHEMA = {
     "type": "object",
     "properties": {
@@ -29,7 +30,6 @@ SAMPLE_SCHEMA = {
         "output_json": {"type": "object"},
         "output_tools": {"type": "array"},
     },
-    "required": ["model", "choices"],
 }
 # Grader types OpenAI names that this service refuses, and why.
 UNOFFERED_GRADERS = {
