@@ -217,13 +217,15 @@ def judge_request(grader: dict[str, Any], messages: list[dict[str, str]]) -> dic
     return body
 
 
-def judge_messages(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, Any]) -> list[dict[str, str]]:
-    """A model grader's ``input`` messages filled with the row and the sample.
+def render_messages(
+    messages: list[dict[str, Any]], item: dict[str, Any], sample: dict[str, Any] | None
+) -> list[dict[str, str]]:
+    """Template messages (a run's ``input_messages``, a judge's ``input``) filled with the row and sample.
 
     Raises:
         TemplateVariableError: a template reads a field the row or the sample does not have.
     """
-    return [{"role": m["role"], "content": render(m["content"], item, sample)} for m in grader["input"]]
+    return [{"role": m["role"], "content": render(m["content"], item, sample)} for m in messages]
 
 
 def model_verdict(grader: dict[str, Any], answer: str) -> tuple[float, bool, Any]:

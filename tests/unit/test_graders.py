@@ -18,7 +18,7 @@ from sqft_service.graders import (
     string_check,
     text_similarity,
 )
-from sqft_service.jobs.eval_run import output_path, read_items, run_eval, summarize
+from sqft_service.jobs.eval_run import Summary, output_path, read_items, run_eval
 from sqft_service.jobs.kinds import EvalRunParams
 
 
@@ -101,6 +101,14 @@ def test_model_verdicts():
     assert result_schema(score)["properties"]["result"] == {"type": "number", "minimum": 1, "maximum": 5}
     with pytest.raises(GradingError, match="gave no result"):
         model_verdict(score, '{"result": 4')  # cut off by the token limit
+
+
+def summarize(items: list[dict], criteria: list[str], total: int) -> dict:
+    """A run's summary from all its items at once (what the API's index adds up as they arrive)."""
+    summary = Summary()
+    for item in items:
+        summary.add(item)
+    return summary.result(criteria, total)
 
 
 class _Sink:

@@ -10,7 +10,8 @@ flushed as written, so a run interrupted by a crash goes on from the rows it has
 stops between chunks and keeps the items written.
 
 The summary a run object shows (counts, per-grader results, per-model usage) is read from that file
-(``summarize``), while the run goes and after it ends, so it is never out of step with the items.
+(``Summary``, added up by ``api/evals/items.py``) while the run goes and after it ends, so it is never
+out of step with the items.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..graders import GradingError, grade, judge_messages, judge_request, model_verdict, render, sample_namespace
+from ..graders import GradingError, grade, judge_request, model_verdict, render_messages, sample_namespace
 from ..store.ids import new_id, now
 from .kinds import EvalRunParams
 
@@ -97,13 +98,6 @@ class Summary:
         ]
         counts = {"total": total, **self.counts}
         return {"result_counts": counts, "per_testing_criteria_results": per, "per_model_usage": per_model}
-
-
-def summarize(items: list[dict[str, Any]], criteria: list[str], total: int) -> dict[str, Any]:
-    summary = Summary()
-    for item in items:
-        summary.add(item)
-    return summary.result(criteria, total)
 
 
 def run_eval(p: EvalRunParams, specs: dict[str, Any], output_dir: Path, sink: Any, should_stop: Any, *,
@@ -189,7 +183,7 @@ class _Grading:
         default = {"type": "item_reference", "item_reference": "item.input" if stored else "item.messages"}
         spec = self.source.get("input_messages") or default
         if spec["type"] == "template":
-            return [{"role": m["role"], "content": render(m["content"], item, None)} for m in spec["template"]]
+            return render_messages(spec["template"], item, None)
         value: Any = item
         for key in spec["item_reference"].split(".")[1:]:
             if not isinstance(value, dict) or key not in value:
@@ -235,7 +229,7 @@ class _Grading:
                 if grader["type"] not in MODEL_GRADERS:
                     continue
                 try:
-                    messages = judge_messages(grader, row["item"], ns)
+                    messages = render_messages(grader["input"], row["item"], ns)
                 except GradingError as exc:
                     verdicts[n][grader["name"]] = exc
                     continue
@@ -301,10 +295,11 @@ def _given(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         error = {"code": "no_sample", "message": "a jsonl row is graded on its `sample`, and this row has none"}
         return _plain_sample("", error), None
     ns = dict(given)
-    if "output_text" not in ns:
-        choices = ns.get("choices") or [{}]
-        message = (choices[0] or {}).get("message") or {} if isinstance(choices, list) and choices else {}
-        ns.update({k: v for k, v in sample_namespace(message.get("content"), message.get("tool_calls")).items()})
+    if "output_text" not in ns:  # a chat completion: its first choice's message
+        choices = ns.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        message = first.get("message") or {}
+        ns.update(sample_namespace(message.get("content"), message.get("tool_calls")))
     text = ns.get("output_text") if isinstance(ns.get("output_text"), str) else json.dumps(ns.get("output_text"))
     sample = _plain_sample(str(ns.get("model", "")), None)
     sample["output"] = [{"role": "assistant", "content": text}]

@@ -195,7 +195,7 @@ class EvalService:
             for j, message in enumerate(ds.input_messages.template):
                 param = f"data_source.input_messages.template[{j}].content"
                 check_template(message.content, param)
-                if _reads([{"input": message.content}], "sample"):
+                if "sample" in template_names(message.content):
                     raise InvalidRequestError("the messages a model is asked can't read `sample`", param=param)
         try:  # checked as chat/completions checks them: a schema or tool it can't hold is a 400 now
             ChatCompletionRequest.model_validate(
@@ -221,22 +221,14 @@ class EvalService:
     def _stored_rows(self, source: StoredCompletionsSource, record: EvalRecord) -> list[dict[str, Any]]:
         """The stored completions a source selects, oldest first, as rows with their own answer as sample."""
         metadata = source.metadata if source.metadata is not None else record.data_source_config.get("metadata")
-        limit = min(source.limit or MAX_RUN_ROWS, MAX_RUN_ROWS)
-        found, after = [], None
-        while len(found) < limit:
-            page, more = self.stored.list(
-                owner=current_owner(),
-                after=after,
-                limit=min(100, limit - len(found)),
-                model=source.model,
-                metadata=metadata or None,
-                created_after=source.created_after,
-                created_before=source.created_before,
-            )
-            found += page
-            if not more or not page:
-                break
-            after = page[-1].id
+        found, _ = self.stored.list(
+            owner=current_owner(),
+            limit=min(source.limit or MAX_RUN_ROWS, MAX_RUN_ROWS),
+            model=source.model,
+            metadata=metadata or None,
+            created_after=source.created_after,
+            created_before=source.created_before,
+        )
         if not found:
             raise InvalidRequestError("no stored chat completions match the source", param="data_source.source")
         return [stored_row(c) for c in found]

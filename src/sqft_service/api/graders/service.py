@@ -11,9 +11,9 @@ from ...graders import (
     GradingError,
     TemplateVariableError,
     grade,
-    judge_messages,
     judge_request,
     model_verdict,
+    render_messages,
     sample_namespace,
 )
 from ..evals.protocol import MODEL_GRADERS
@@ -40,7 +40,9 @@ class GraderService:
         errors, usage, score, tokens = RunErrors(), {}, 0.0, None
         try:
             if grader["type"] in MODEL_GRADERS:
-                chat = ChatCompletionRequest.model_validate(judge_request(grader, judge_messages(grader, item, sample)))
+                chat = ChatCompletionRequest.model_validate(
+                    judge_request(grader, render_messages(grader["input"], item, sample))
+                )
                 try:
                     n_prompt, (choice,) = await self.inference.chat_answer(chat)
                 except ServiceError as exc:  # the judge could not answer (its context, a busy engine)
