@@ -32,6 +32,8 @@ MAX_TRAINING_WORKERS = 64  # data-parallel ranks of one job (one process group)
 MAX_WORKER_RESOURCES = 16  # resource names per worker ("CPU", "GPU", custom Ray resources)
 DPO_BETA = 0.1  # DPO's usual beta (the paper's, TRL's and OpenAI's default)
 MAX_DPO_BETA = 100.0  # beyond this the policy can hardly move: a typo, not a choice
+MAX_RL_GROUP = 64  # answers sampled per prompt in reinforcement fine-tuning
+MAX_RL_TOKENS = 4096  # new tokens per sampled answer
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
@@ -192,7 +194,9 @@ class DatasetSection(_Section):
 class TrainingSection(_Section):
     # "dpo": Direct Preference Optimization on preference records (training/preference.py), which is
     # what OpenAI's `method.type: "dpo"` sets; "supervised": next-token loss on the replies.
-    method: Literal["supervised", "dpo"] = "supervised"
+    # "reinforcement": reinforcement fine-tuning on prompt records (training/reinforcement.py, GRPO), which
+    # is what OpenAI's `method.type: "reinforcement"` sets.
+    method: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     # DPO's beta: how strongly the policy is held to the reference (larger: closer). Only with "dpo".
     dpo_beta: float = Field(DPO_BETA, gt=0, le=MAX_DPO_BETA)
     # The preference loss (training/preference.py, TRL's names): "sigmoid" (DPO), "ipo" (IPO: the margin
@@ -202,6 +206,16 @@ class TrainingSection(_Section):
     # The share of pairs whose labels may be wrong: "sigmoid" becomes conservative DPO (cDPO), "robust"
     # unbiases for it. Below 0.5 (at 0.5 a pair says nothing).
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # Reinforcement fine-tuning (only with "reinforcement"). The grader that scores every sampled answer,
+    # as the Evals API takes one (a string_check or text_similarity grader; the API checks it); required.
+    rl_grader: dict[str, Any] | None = None
+    # Answers sampled per prompt: GRPO's group, whose mean and spread make each answer's advantage.
+    rl_group_size: int = Field(4, ge=2, le=MAX_RL_GROUP)
+    # New tokens per sampled answer at most, and the temperature they are sampled at.
+    rl_max_tokens: int = Field(128, ge=1, le=MAX_RL_TOKENS)
+    rl_temperature: float = Field(1.0, gt=0, le=2.0)
+    # Validation: answers per validation prompt sampled at `rl_temperature` (None: one greedy answer).
+    rl_eval_samples: int | None = Field(None, ge=1, le=MAX_RL_GROUP)
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = "adamw_torch"
     batch_size: int = Field(2, ge=1, le=MAX_BATCH_SIZE)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
@@ -238,9 +252,9 @@ class TrainingSection(_Section):
     num_threads: int | None = Field(None, ge=1, le=1024)
 
     @model_validator(mode="after")
-    def _beta_for_dpo(self) -> TrainingSection:
+    def _method_fields(self) -> TrainingSection:
         if "method" in self.model_fields_set:  # else OpenAI's `method` may still make it a DPO job
-            check_preference_fields(self)
+            check_method_fields(self)
         if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
             raise ValueError(
                 f"`dpo_label_smoothing` applies to the 'sigmoid' and 'robust' losses, not '{self.dpo_loss}'"
@@ -278,11 +292,28 @@ def check_worker_resources(resources: dict[str, Any]) -> dict[str, float]:
     return checked
 
 
-def check_preference_fields(training: TrainingSection) -> None:
-    """A ValueError naming a DPO setting given to a job that is not a DPO job."""
-    for name in ("dpo_beta", "dpo_loss", "dpo_label_smoothing"):
-        if training.method != "dpo" and getattr(training, name) != TrainingSection.model_fields[name].default:
-            raise ValueError(f"`{name}` applies to preference training only: set `method` to 'dpo'")
+METHOD_FIELDS = {
+    "dpo": ("preference training", ("dpo_beta", "dpo_loss", "dpo_label_smoothing")),
+    "reinforcement": (
+        "reinforcement fine-tuning",
+        ("rl_grader", "rl_group_size", "rl_max_tokens", "rl_temperature", "rl_eval_samples"),
+    ),
+}
+
+
+def check_method_fields(training: TrainingSection) -> None:
+    """A ValueError naming a DPO or reinforcement setting given to a job of another method."""
+    for method, (what, names) in METHOD_FIELDS.items():
+        for name in names:
+            if training.method != method and getattr(training, name) != TrainingSection.model_fields[name].default:
+                raise ValueError(f"`{name}` applies to {what} only: set `method` to '{method}'")
+
+
+def check_method_complete(training: TrainingSection) -> None:
+    """A ValueError for a reinforcement job without its grader (once OpenAI's `method` is folded in)."""
+    check_method_fields(training)
+    if training.method == "reinforcement" and training.rl_grader is None:
+        raise ValueError("a reinforcement job needs a grader: `method.reinforcement.grader` (or `rl_grader`)")
 
 
 class FinetuneConfig(_Section):
@@ -294,7 +325,7 @@ class FinetuneConfig(_Section):
 
     @model_validator(mode="after")
     def _preference_fields(self) -> FinetuneConfig:
-        check_preference_fields(self.Training)  # the method is final here (OpenAI's `method` folded in)
+        check_method_complete(self.Training)  # the method is final here (OpenAI's `method` folded in)
         return self
 
 

@@ -60,14 +60,24 @@ BAD_FILES = {
     "not an object": (_lines(_ok, "[1, 2]"), 2, "expected a JSON object"),
     "neither format": (_lines(_ok, '{"prompt": "x", "completion": "y"}'), 2, "neither"),
     "no assistant": (
-        _lines(_chat, json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
+        _lines(_chat, json.dumps({"messages": [{"role": "system", "content": "hi"}]})),
         2,
         "no assistant message",
     ),
     "last not assistant": (
-        _lines(json.dumps({"messages": [*CHAT["messages"], {"role": "user", "content": "?"}]})),
+        _lines(json.dumps({"messages": [*CHAT["messages"], {"role": "system", "content": "?"}]})),
         1,
         "last message must be from the assistant",
+    ),
+    "a prompt among chat records": (
+        _lines(_chat, json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
+        2,
+        "prompt format but earlier records are in chat format",
+    ),
+    "a prompt with a tool message": (
+        _lines(json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "?"}]})),
+        1,
+        "messages[0].role must be one of system, developer, user, assistant",
     ),
     "empty messages": (_lines(_chat, _chat, '{"messages": []}'), 3, "non-empty array"),
     "bad role": (
@@ -132,3 +142,24 @@ def test_validation_error_is_a_user_error_about_the_training_file():
     assert err.to_error() == {"code": "invalid_training_file", "message": str(err), "param": "training_file"}
     other = DataValidationError("file is empty", param="validation_file", code="empty_file")
     assert (other.line, other.param, other.code, str(other)) == (None, "validation_file", "empty_file", "file is empty")
+
+
+def test_prompt_records_are_their_own_format_with_any_other_fields(tmp_path):
+    """OpenAI's reinforcement records: messages ending in the user's (or developer's) turn, plus the
+    fields a grader reads."""
+    records = [
+        {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": 4},
+        {"messages": [{"role": "user", "content": "Say hi"}], "reference_answer": "hi", "tags": ["x"]},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yes?"},
+                {"role": "developer", "content": "Go"},
+            ]
+        },
+    ]
+    path = tmp_path / "rft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    stats = inspect_training_file(path)
+    assert (stats.format, stats.n_records) == ("prompt", 3)
+    assert load_records(path) == records

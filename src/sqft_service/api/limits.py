@@ -8,7 +8,9 @@ one answer to a bounded size.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BeforeValidator
 
 from ..errors import InvalidRequestError, NotFoundError
 from ..training.records import json_type
@@ -99,3 +101,7 @@ def metadata_filter(query: Mapping[str, str]) -> dict[str, str] | None:
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="metadata") from None
     return pairs
+
+
+# OpenAI's metadata rules, checked before the type so that every violation names `metadata`.
+Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]

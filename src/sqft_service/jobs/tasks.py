@@ -86,7 +86,7 @@ def _rendered_as(train_file: str | None) -> str | None:
     if not train_file:
         return None
     fmt = inspect_training_file(train_file).format
-    return "chat" if fmt == "preference" else fmt
+    return "chat" if fmt in ("preference", "prompt") else fmt
 
 
 def extract(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:

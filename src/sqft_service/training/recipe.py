@@ -45,7 +45,7 @@ from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .preference import PairCollator, PreferencePair, dpo_loss, sequence_logps, tokenize_pairs
-from .records import DataValidationError, is_preference_record, load_records
+from .records import DataValidationError, load_records, record_format, wrong_format
 from .resume import TrainerState, latest_resume_point
 from .step_totals import PendingStep, StepTotals
 from .tokenization import TokenizedExample, split_train_eval, tokenize_records
@@ -100,6 +100,8 @@ class FinetuneRecipe:
         resume_every_s: write the rolling resume point at most this often (None: only on stop).
             Training always resumes from the most advanced resumable checkpoint in ``output_dir``.
     """
+
+    unit = "examples"  # what the data's items are called in messages
 
     def __init__(
         self,
@@ -270,7 +272,7 @@ class FinetuneRecipe:
         if not train:
             raise DataValidationError("no training example has a token left to learn after truncation")
         n_tokens = sum(len(e) for e in train)
-        unit = "preference pairs" if self.preference else "examples"
+        unit = "preference pairs" if self.preference else self.unit
         self.sink.message(
             f"data: {len(train)} training and {len(evals)} validation {unit}, "
             f"{n_tokens:,} training tokens (mean {n_tokens / len(train):.1f} per {unit[:-1]})"
@@ -278,16 +280,9 @@ class FinetuneRecipe:
         return train, evals
 
     def _check_format(self, records: list[dict], param: str) -> None:
-        """A preference job takes preference records only, a supervised job none (the API checks it first)."""
-        is_pair = is_preference_record(records[0])
-        if is_pair != self.preference:
-            method = self.cfg.Training.method
-            wanted = "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
-            raise DataValidationError(
-                f"a {method} job needs {wanted if self.preference else 'Alpaca or chat records'}; "
-                f"this file holds {'preference' if is_pair else 'supervised'} records",
-                param=param,
-            )
+        """Each method takes its record formats (``records.METHOD_FORMATS``; the API checks it first)."""
+        if why := wrong_format(self.cfg.Training.method, record_format(records[0], 1)):
+            raise DataValidationError(f"this file {why}", param=param)
 
     def _tokenize(self, records: list[dict], source: str | None) -> list:
         if self.preference:
@@ -601,6 +596,7 @@ class FinetuneRecipe:
             "eta_s": round(eta_s, 1),
             "elapsed_s": round(time.time() - started, 1),
             "gpu_peak_memory_gib": peak_gib(self.device),  # None on the CPU: not emitted
+            **self._step_metrics(),
         }
         self._metric_rows.append(row)
         pending.row = row
@@ -612,6 +608,10 @@ class FinetuneRecipe:
         if log_now:
             self._emit_metrics(row)
         return row
+
+    def _step_metrics(self) -> dict[str, Any]:
+        """More figures for the step's row (a subclass's: reinforcement's rewards)."""
+        return {}
 
     def _emit_metrics(self, row: dict[str, Any]) -> None:
         self.sink.metrics({k: v for k, v in row.items() if v is not None})
@@ -755,7 +755,12 @@ def run_training(
     should_stop: Callable[[], bool] = lambda: False,
     resume_every_s: float | None = None,
 ) -> TrainingResult:
-    recipe = FinetuneRecipe(
+    recipe_class = FinetuneRecipe
+    if cfg.Training.method == "reinforcement":
+        from .rl_recipe import ReinforcementRecipe
+
+        recipe_class = ReinforcementRecipe
+    recipe = recipe_class(
         cfg,
         output_dir,
         sink,

@@ -1,6 +1,6 @@
-"""Training files: the three record formats, JSON/JSONL parsing and validation.
+"""Training files: the four record formats, JSON/JSONL parsing and validation.
 
-Three record formats are accepted, one per file:
+Four record formats are accepted, one per file:
 
 * **Alpaca**: ``{"instruction": str, "input": str (optional), "output": str}``.
 * **Chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the
@@ -13,6 +13,10 @@ Three record formats are accepted, one per file:
   TRL's (Hugging Face preference data sets) ``{"prompt": str | messages, "chosen": str | messages,
   "rejected": str | messages}``; the prompt's last message is not the assistant's, and each reply is
   one assistant message (a string is one). :func:`as_openai_preference` turns either into OpenAI's.
+* **Prompt** (for ``method.type: "reinforcement"``, OpenAI's reinforcement fine-tuning form):
+  ``{"messages": [...], ...}`` whose last message is the user's (or the developer's): the prompt the
+  model answers while it trains; every other field of the record is the grader's ``item``
+  (``{{ item.reference_answer }}``). Roles ``system``, ``developer``, ``user``, ``assistant``.
 
 A file is either a JSON array of records or JSONL (one object per non-blank line). Validation errors
 name the 1-based line on which the offending record starts, so an upload can be fixed without
@@ -29,9 +33,35 @@ from typing import Any, Literal
 
 from ..errors import UserError
 
-Format = Literal["alpaca", "chat", "preference"]
+Format = Literal["alpaca", "chat", "preference", "prompt"]
 _ROLES = ("system", "user", "assistant", "tool")
 _PROMPT_ROLES = ("system", "user", "assistant")  # TRL preference prompts and replies: no tools
+# A reinforcement prompt's roles ("developer" is OpenAI's newer name for the system role) and its last.
+_RL_ROLES = ("system", "developer", "user", "assistant")
+_RL_LAST = ("user", "developer")
+
+
+# The record formats each training method takes, and how an error names them.
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "supervised": ("alpaca", "chat"),
+    "dpo": ("preference",),
+    "reinforcement": ("prompt", "alpaca"),
+}
+METHOD_RECORDS = {
+    "supervised": "Alpaca or chat records",
+    "dpo": "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)",
+    "reinforcement": "prompt records (messages ending in the user's turn, plus the fields its grader reads) "
+    "or Alpaca records",
+}
+
+
+def wrong_format(method: str, fmt: str) -> str | None:
+    """Why a ``method`` job can't train on ``fmt`` records (None: it can)."""
+    if fmt in METHOD_FORMATS[method]:
+        return None
+    hint = next((m for m, formats in METHOD_FORMATS.items() if fmt in formats and m != "supervised"), None)
+    told = f"; train on them with `method.type` '{hint}'" if hint else ""
+    return f"holds {fmt} records; a {method} job needs {METHOD_RECORDS[method]}{told}"
 
 
 class DataValidationError(UserError):
@@ -100,9 +130,19 @@ def as_openai_preference(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _record_format(rec: dict[str, Any], line: int) -> Format:
+def is_prompt_record(rec: dict[str, Any]) -> bool:
+    """A chat record that ends in the user's (or developer's) turn: a reinforcement prompt."""
+    messages = rec.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    return isinstance(last, dict) and last.get("role") in _RL_LAST
+
+
+def record_format(rec: dict[str, Any], line: int) -> Format:
+    """The format of one record (an object); a DataValidationError naming ``line`` for none."""
     if is_preference_record(rec):
         return "preference"
+    if is_prompt_record(rec):
+        return "prompt"
     if "messages" in rec:
         return "chat"
     if "instruction" in rec or "output" in rec:
@@ -127,7 +167,7 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     """Check one record; returns its format. ``expected`` is the format of the file's first record."""
     if not isinstance(rec, dict):
         raise DataValidationError(f"expected a JSON object, got {json_type(rec)}", line)
-    fmt = _record_format(rec, line)
+    fmt = record_format(rec, line)
     if expected is not None and fmt != expected:
         raise DataValidationError(
             f"record is in {fmt} format but earlier records are in {expected} format (a file must use one format)",
@@ -141,6 +181,9 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     if fmt == "preference":
         _validate_preference(rec, line)
         return fmt
+    if fmt == "prompt":
+        _validate_messages(rec["messages"], "messages", line, roles=_RL_ROLES)
+        return fmt
     messages = rec["messages"]
     _validate_messages(messages, "messages", line, tools=True, weights=True)
     _validate_tools(rec, messages, line)
@@ -151,12 +194,20 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
     return fmt
 
 
-def _validate_messages(messages: Any, where: str, line: int, *, tools: bool = False, weights: bool = False) -> None:
-    """Each message's role and content; with ``tools``, tool calls and tool messages too; with ``weights``
-    (a chat record's), an assistant message's ``weight``."""
+def _validate_messages(
+    messages: Any,
+    where: str,
+    line: int,
+    *,
+    tools: bool = False,
+    weights: bool = False,
+    roles: tuple[str, ...] | None = None,
+) -> None:
+    """Each message's role (one of ``roles``, by default those of ``tools``) and content; with ``tools``,
+    tool calls and tool messages too; with ``weights`` (a chat record's), an assistant message's ``weight``."""
     if not isinstance(messages, list) or not messages:
         raise DataValidationError(f"field '{where}' must be a non-empty array", line)
-    roles = _ROLES if tools else _PROMPT_ROLES
+    roles = roles or (_ROLES if tools else _PROMPT_ROLES)
     for j, msg in enumerate(messages):
         at = f"{where}[{j}]"
         if not isinstance(msg, dict):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...store.jobs import JobRecord
 from ..files.protocol import ExpiresAfter
-from ..fine_tuning.protocol import Metadata
+from ..limits import Metadata
 
 COMPLETION_WINDOW_S = 24 * 3600
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..fine_tuning.protocol import Metadata
+from ..limits import Metadata
 
 
 class UpdateStoredCompletion(BaseModel):

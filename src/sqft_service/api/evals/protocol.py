@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import UserError
 from ...graders import SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
-from ..fine_tuning.protocol import Metadata
 from ..inference.protocol import MAX_TOKENS_LIMIT
+from ..limits import Metadata
 from ..responses.protocol import FunctionTool, TextOptions
 
 MAX_GRADERS = 32

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...config import (
     MAX_DPO_BETA,
     MAX_PATH_CHARS,
+    MAX_RL_GROUP,
     MAX_SEED,
+    MAX_STEPS,
     AutoFloat,
+    AutoInt,
     DatasetSection,
     GeneralSection,
     Hyperparameters,
@@ -20,10 +23,8 @@ from ...config import (
 from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
-from ..limits import check_metadata
-
-# OpenAI's metadata rules, checked before the type so that every violation names `metadata`.
-Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]
+from ..evals.protocol import MODEL_GRADERS, Grader, check_grader_templates, refuse_unoffered
+from ..limits import Metadata
 
 
 class SupervisedMethod(BaseModel):
@@ -51,24 +52,105 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters | None = None
 
 
-class Method(BaseModel):
-    """OpenAI's ``method``: supervised fine-tuning or Direct Preference Optimization (preference records)."""
+# Reinforcement fine-tuning's answers per prompt at `compute_multiplier` 1 (Training.rl_group_size's default).
+RL_BASE_GROUP = 4
+
+
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters: the supervised ones plus ``compute_multiplier`` (answers
+    sampled per prompt: 4 x the multiplier, at least 2), ``eval_interval`` (steps between validations:
+    ``Training.eval_steps``) and ``eval_samples`` (answers per validation prompt: ``Training.rl_eval_samples``).
+    ``reasoning_effort`` is "default" only: the models served here have no reasoning setting."""
+
+    compute_multiplier: AutoFloat = "auto"
+    eval_interval: AutoInt = "auto"
+    eval_samples: AutoInt = "auto"
+    reasoning_effort: str = "default"
+
+    @field_validator("compute_multiplier", "eval_interval", "eval_samples", mode="before")
+    @classmethod
+    def _in_range(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v
+        most = {"compute_multiplier": MAX_RL_GROUP / RL_BASE_GROUP, "eval_interval": MAX_STEPS}.get(
+            info.field_name, MAX_RL_GROUP
+        )
+        if not (math.isfinite(v) and 0 < v <= most):
+            raise ValueError(f"must be > 0 and at most {most:g}, or 'auto'")
+        if info.field_name != "compute_multiplier" and v != int(v):
+            raise ValueError("must be a whole number or 'auto'")
+        return v
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _no_reasoning(cls, v: str) -> str:
+        if v != "default":
+            raise ValueError(f"'{v}' is not offered: the models trained here have no reasoning effort; use 'default'")
+        return v
+
+    @property
+    def group_size(self) -> int | None:
+        """Answers per prompt for ``compute_multiplier`` (None: "auto", ``Training.rl_group_size``)."""
+        if self.compute_multiplier == "auto":
+            return None
+        return min(MAX_RL_GROUP, max(2, round(RL_BASE_GROUP * self.compute_multiplier)))
+
+
+class ReinforcementMethod(BaseModel):
+    """OpenAI's reinforcement method: a grader scores every sampled answer (``training/reinforcement.py``).
+
+    The graders are the Evals API's string_check and text_similarity; templates read the prompt
+    record's fields as ``item`` and the answer as ``sample.output_text``.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo"] = "supervised"
+    grader: Grader
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offered(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refuse_unoffered(data.get("grader"), "method.reinforcement.grader")
+        return data
+
+    @model_validator(mode="after")
+    def _graded_here(self) -> ReinforcementMethod:
+        if self.grader.type in MODEL_GRADERS:
+            raise ValueError(
+                f"`method.reinforcement.grader.type`: '{self.grader.type}' graders are not offered for "
+                "reinforcement fine-tuning: their judge model would run beside the trained one in the job; "
+                "use a string_check or text_similarity grader"
+            )
+        check_grader_templates(self.grader, "method.reinforcement.grader")
+        return self
+
+
+METHOD_TYPES = ("supervised", "dpo", "reinforcement")
+
+
+class Method(BaseModel):
+    """OpenAI's ``method``: supervised fine-tuning, Direct Preference Optimization (preference records) or
+    reinforcement fine-tuning (prompt records and a grader)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _settings_of_its_type(self) -> Method:
-        other = "dpo" if self.type == "supervised" else "supervised"
-        if getattr(self, other) is not None:
-            raise ValueError(f"`method.{other}` given with `method.type` {self.type!r}")
+        for other in METHOD_TYPES:
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"`method.{other}` given with `method.type` {self.type!r}")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("`method.reinforcement` (its grader) is required with `method.type` 'reinforcement'")
         return self
 
     @property
     def hyperparameters(self) -> Hyperparameters | None:
-        settings = self.dpo if self.type == "dpo" else self.supervised
+        settings = getattr(self, self.type)
         return settings.hyperparameters if settings is not None else None
 
 
@@ -257,4 +339,16 @@ def _method(training: dict[str, Any], hp: JobHyperparameters) -> dict[str, Any]:
     if training.get("method") == "dpo":
         beta = training.get("dpo_beta", TrainingSection.model_fields["dpo_beta"].default)
         return {"type": "dpo", "dpo": {"hyperparameters": {**hp.model_dump(), "beta": beta}}}
+    if training.get("method") == "reinforcement":
+        default = TrainingSection.model_fields
+        group = training.get("rl_group_size", default["rl_group_size"].default)
+        rl_hp = {
+            **hp.model_dump(),
+            "compute_multiplier": group / RL_BASE_GROUP,
+            "eval_interval": training.get("eval_steps") or "auto",
+            "eval_samples": training.get("rl_eval_samples") or "auto",
+            "reasoning_effort": "default",
+        }
+        rl = {"grader": training.get("rl_grader"), "hyperparameters": rl_hp}
+        return {"type": "reinforcement", "reinforcement": rl}
     return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 from ...config import (
     DatasetSection,
     FinetuneConfig,
     ParentModel,
     TrainingSection,
-    check_preference_fields,
+    check_method_complete,
     resolve_config,
 )
 from ...devices import check_device_available
@@ -23,12 +25,13 @@ from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.files import FileRecord
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
-from ...training.records import inspect_training_file
+from ...training.records import inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
+from ..evals.protocol import Grader
 from ..files.service import FileService
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
-from .protocol import CreateFineTuningJobRequest
+from .protocol import CreateFineTuningJobRequest, ReinforcementHyperparameters, ReinforcementMethod
 
 
 class FineTuningService:
@@ -253,7 +256,8 @@ def _n_records(training: FileRecord) -> int:
 
 
 def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
-    """``Training`` with OpenAI's ``method`` folded in: its type, and DPO's ``beta`` when not "auto"."""
+    """``Training`` with OpenAI's ``method`` folded in: its type, DPO's ``beta`` when not "auto", and a
+    reinforcement method's grader and the settings its hyperparameters name."""
     section = req.Training
     if req.method is None:
         return _checked(section)
@@ -268,38 +272,59 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
     update: dict[str, object] = {"method": req.method.type}
     if beta != "auto":
         update["dpo_beta"] = float(beta)
+    if (rl := req.method.reinforcement) is not None:
+        update["rl_grader"] = rl.grader.model_dump()
+        if isinstance(hp, ReinforcementHyperparameters):
+            settings = {
+                "rl_group_size": hp.group_size,
+                "eval_steps": None if hp.eval_interval == "auto" else int(hp.eval_interval),
+                "rl_eval_samples": None if hp.eval_samples == "auto" else int(hp.eval_samples),
+            }
+            update |= {k: v for k, v in settings.items() if v is not None}
     copied = section.model_copy(update=update)
     copied.model_fields_set.update(update)
     return _checked(copied)
 
 
+_GRADER = TypeAdapter(Grader)
+
+
 def _checked(section: TrainingSection) -> TrainingSection:
     try:
-        check_preference_fields(section)
+        check_method_complete(section)
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="Training") from None
+    if section.rl_grader is not None and "rl_grader" in section.model_fields_set:
+        # The reference's route gives `Training.rl_grader` as it is: the checks `method.reinforcement` makes.
+        try:
+            ReinforcementMethod(grader=_GRADER.validate_python(section.rl_grader))
+        except ValidationError as exc:
+            raise InvalidRequestError(_first_error(exc), param="Training.rl_grader") from None
     return section
 
 
-PREFERENCE_RECORDS = "preference records (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 def _check_records(training: FileRecord, validation: FileRecord | None, method: str, dataset: DatasetSection) -> None:
-    """A DPO job takes preference files only, with its replies as the only targets; a supervised job none."""
+    """Each method takes its record formats (``records.METHOD_FORMATS``); a DPO or reinforcement job
+    scores the replies only, and a reinforcement job trains on answers it samples (no packing)."""
     for param, record in (("training_file", training), ("validation_file", validation)):
         fmt = record.meta.get("format") if record is not None else None
         if fmt is None:  # files uploaded before formats were recorded: the job checks them
             continue
-        if method == "dpo" and fmt != "preference":
-            raise InvalidRequestError(
-                f"file {record.id} holds {fmt} records; a dpo job needs {PREFERENCE_RECORDS}", param=param
-            )
-        if method != "dpo" and fmt == "preference":
-            raise InvalidRequestError(
-                f"file {record.id} holds preference records; train on them with `method.type` 'dpo'", param=param
-            )
-    if method == "dpo" and (not dataset.mask_input or dataset.mask_response):
+        if why := wrong_format(method, fmt):
+            raise InvalidRequestError(f"file {record.id} {why}", param=param)
+    if method == "reinforcement" and dataset.packing:
+        raise InvalidRequestError(
+            "a reinforcement job trains on the answers it samples, unpacked: leave `Dataset.packing` off",
+            param="Dataset.packing",
+        )
+    if method != "supervised" and (not dataset.mask_input or dataset.mask_response):
         name = "mask_input" if not dataset.mask_input else "mask_response"
         raise InvalidRequestError(
-            f"a dpo job scores the replies only: `Dataset.{name}` must keep its default", param=f"Dataset.{name}"
+            f"a {method} job scores the replies only: `Dataset.{name}` must keep its default", param=f"Dataset.{name}"
         )

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from ...config import MAX_SEED
 from ...inference.spec import Choice, TokenLogprob
 from ...tool_calls import CallParser, finish_reason, new_call_id
-from ..fine_tuning.protocol import Metadata
+from ..limits import Metadata
 
 MAX_TOKENS_LIMIT = 4096
 MAX_CHOICES = 8

@@ -1,0 +1,184 @@
+"""Reinforcement fine-tuning (OpenAI's ``method.type: "reinforcement"``): GRPO with a grader.
+
+Every step takes ``batch_size`` prompts, samples ``rl_group_size`` answers to each from the model being
+trained (no dropout, at ``rl_temperature``), scores every answer with the job's grader (``graders.py``:
+the Evals API's string_check / text_similarity), and turns the scores into advantages within each
+prompt's group: ``(score - group mean) / (group std + 1e-4)`` (GRPO, Shao et al. 2024, as TRL computes
+it). The loss is the policy gradient ``-A * log p(token)`` summed over the sampled tokens and divided by
+the step's sampled-token count (DAPO's token-level normalisation). One update per sampling, so the
+importance ratio is 1 and PPO's clipping never acts; no KL term (TRL's GRPO default, beta 0).
+
+That loss is a cross-entropy weighted per token by the advantage of the answer the token belongs to,
+so it runs through the supervised chunked label cross-entropy (``training/loss.py``): the lm_head
+sees the answer positions only and the logits never exist whole. A group whose answers all score the
+same carries no signal (every advantage 0) and is left out of the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..graders import grade, render, sample_namespace
+from ..inference.render import chat_ids
+from .loss import LossOutput, label_token_losses
+from .records import DataValidationError
+from .tokenization import IGNORE_INDEX
+
+ADVANTAGE_EPS = 1e-4
+
+
+@dataclass
+class Prompt:
+    """One prompt record: its tokens as serving renders them, and the record's fields (the grader's ``item``)."""
+
+    ids: list[int]
+    item: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def prompt_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A prompt record's messages as a chat template takes them ("developer" is the system role)."""
+    return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in record["messages"]]
+
+
+def tokenize_prompts(
+    records: Sequence[dict[str, Any]], tokenizer: Any, grader: dict[str, Any], max_prompt_tokens: int
+) -> tuple[list[Prompt], int]:
+    """The records as prompts (chat: the template with its generation prompt; Alpaca: its template), and
+    how many were dropped for leaving no room to answer within ``Dataset.max_length``.
+
+    Raises:
+        DataValidationError: naming the record whose fields a grader template reads but it lacks.
+    """
+    prompts, dropped = [], 0
+    for i, record in enumerate(records):
+        item = {k: v for k, v in record.items() if k != "messages"}
+        _check_item(grader, item, i)
+        if "messages" in record:
+            ids = chat_ids(tokenizer, prompt_messages(record), "chat")
+        else:
+            ids = chat_ids(tokenizer, [{"role": "user", "content": _alpaca_instruction(record)}], "alpaca")
+        if len(ids) > max_prompt_tokens:
+            dropped += 1
+            continue
+        prompts.append(Prompt(ids, item))
+    return prompts, dropped
+
+
+def _alpaca_instruction(record: dict[str, Any]) -> str:
+    # chat_ids renders one user message as the Alpaca instruction; an input goes below it as serving can't.
+    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+
+
+def _check_item(grader: dict[str, Any], item: dict[str, Any], index: int) -> None:
+    """Render the grader's templates against the record before training, not at its first sampling."""
+    for key in ("input", "reference"):
+        try:
+            render(grader[key], item, sample_namespace("", None))
+        except Exception as exc:  # a missing field, a value that is not text
+            raise DataValidationError(
+                f"record {index + 1}: the grader's `{key}` template can't read it: {exc}", param="training_file"
+            ) from None
+
+
+@torch.no_grad()
+def sample_answers(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    group: int,
+    *,
+    max_tokens: int,
+    temperature: float | None,
+    pad_id: int,
+    eos_ids: Sequence[int],
+) -> list[list[int]]:
+    """``group`` answers to each prompt (prompt-major), each cut after its first end token (kept: the model
+    learns to stop). ``temperature`` None: greedy (``group`` is then 1)."""
+    rows = [p for p in prompts for _ in range(group)]
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's answer starts at column `width`
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_tokens,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+        **sampling,
+    )
+    ends = set(eos_ids)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = next((j for j, t in enumerate(row) if t in ends), None)
+        answers.append(row if stop is None else row[: stop + 1])
+    return answers
+
+
+def grade_answers(grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]) -> list[float]:
+    """The grader's score of each answer text against its prompt's record."""
+    return [grade(grader, item, sample_namespace(text, None))[0] for item, text in zip(items, texts, strict=True)]
+
+
+def group_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """GRPO's advantages of ``scores`` ``[prompts, group]``: centred and scaled within each group."""
+    return (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + ADVANTAGE_EPS)
+
+
+@dataclass
+class Rollout:
+    """One sampled answer to train on: its prompt, its tokens and their advantage."""
+
+    prompt: list[int]
+    answer: list[int]
+    advantage: float
+
+
+def rollout_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, Any]:
+    """Right-padded rows of prompt + answer: labels and ``label_weights`` (the advantage) on the answer."""
+    width = max(len(r.prompt) + len(r.answer) for r in rollouts)
+    shape = (len(rollouts), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros(shape, dtype=torch.float32)
+    mask = torch.zeros(shape, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        n, m = len(r.prompt), len(r.answer)
+        input_ids[i, : n + m] = torch.tensor(r.prompt + r.answer)
+        labels[i, n : n + m] = torch.tensor(r.answer)
+        weights[i, n : n + m] = r.advantage
+        mask[i, : n + m] = 1
+    n_real = int(mask.sum())
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "label_weights": weights,
+        "n_label_tokens": sum(len(r.answer) for r in rollouts),
+        "n_real_tokens": n_real,
+        "n_padded_tokens": width * len(rollouts),
+    }
+
+
+def policy_gradient_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """``sum(-A * log p(token))`` over the batch's answer tokens (see the module docstring)."""
+    row_losses, n_correct = label_token_losses(model, batch)
+    weights = batch["label_weights"]
+    if "label_positions" in batch:  # the device path's host-found positions (loss.label_positions)
+        weights = weights.reshape(-1).index_select(0, batch["label_positions"] + 1)
+    else:
+        labels = batch["labels"][:, 1:]
+        weights = weights[:, 1:][labels != IGNORE_INDEX]
+    return LossOutput(loss_sum=(row_losses * weights).sum(), n_correct=n_correct, n_labels=int(row_losses.numel()))

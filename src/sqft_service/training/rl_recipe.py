@@ -1,0 +1,174 @@
+"""The reinforcement fine-tuning recipe: :class:`FinetuneRecipe`'s loop, steps and checkpoints, with
+each step's batch sampled and graded first (``training/reinforcement.py``).
+
+What the supervised loop calls an example is a prompt here: ``batch_size`` prompts per micro-batch,
+sharded over data-parallel ranks and split after running out of memory exactly as examples are. Each
+rank samples its prompts' answers once per step (seeded by the seed, the step and the rank, so a
+resumed job samples the same answers again), and the passes of the step train on them. An NLS
+super-adapter samples with its maximal sub-adapter; the step's drawn sub-adapter then trains on them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .loss import LossOutput
+from .recipe import FinetuneRecipe, TrainerState
+from .records import DataValidationError
+from .reinforcement import (
+    Prompt,
+    Rollout,
+    grade_answers,
+    group_advantages,
+    policy_gradient_loss,
+    rollout_batch,
+    sample_answers,
+    tokenize_prompts,
+)
+
+
+class ReinforcementRecipe(FinetuneRecipe):
+    unit = "prompts"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
+        self._rollout_key: tuple[tuple[int, ...], ...] | None = None
+        self._next_step = 0
+        self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
+
+    # ------------------------------------------------------------------ data
+    def _tokenize(self, records: list[dict], source: str | None) -> list:
+        t, ds = self.cfg.Training, self.cfg.Dataset
+        room = ds.max_length - t.rl_max_tokens
+        if room < 1:
+            raise DataValidationError(
+                f"`Dataset.max_length` {ds.max_length} leaves no room for a prompt before `rl_max_tokens` "
+                f"{t.rl_max_tokens} answer tokens",
+                param="Training.rl_max_tokens",
+            )
+        prompts, dropped = tokenize_prompts(records, self.tokenizer, t.rl_grader or {}, room)
+        if dropped:
+            self.sink.message(
+                f"{dropped} prompt(s) longer than {room} tokens (`Dataset.max_length` less `rl_max_tokens`) "
+                "were skipped",
+                level="warn",
+            )
+        return prompts
+
+    def _longest_row(self) -> int:
+        return max(len(p) for p in self.train_examples) + self.cfg.Training.rl_max_tokens
+
+    def _resume(self) -> TrainerState | None:
+        state = super()._resume()
+        self._next_step = state.step if state else 0
+        return state
+
+    # ------------------------------------------------------------- sampling
+    def _sample(self, prompts: list[Prompt], group: int, temperature: float | None, seed: int) -> list[list[int]]:
+        """Answers to ``prompts`` (``group`` each, prompt-major) from the model as it is now, without dropout."""
+        self.model.eval()
+        if self.handles.nls is not None:
+            self.handles.nls.activate_maximal()
+        torch.manual_seed(seed)
+        try:
+            with self._autocast():
+                return sample_answers(
+                    self.model,
+                    [p.ids for p in prompts],
+                    group,
+                    max_tokens=self.cfg.Training.rl_max_tokens,
+                    temperature=temperature,
+                    pad_id=self.collator.pad_token_id,
+                    eos_ids=self._eos_ids(),
+                )
+        finally:
+            self.model.train()
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return sorted(i for i in ids if i is not None)
+
+    def _texts(self, answers: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+
+    def _roll_out(self, indices: list[int]) -> None:
+        """Sample, grade and weigh this step's answers to this rank's prompts ``indices``."""
+        t = self.cfg.Training
+        group = t.rl_group_size
+        prompts = [self.train_examples[i] for i in indices]
+        step = self._next_step
+        self._next_step += 1
+        t0 = time.perf_counter()
+        answers = self._sample(prompts, group, t.rl_temperature, self.seed * 1_000_003 + step * 1009 + self.dp.rank)
+        items = [p.item for p in prompts for _ in range(group)]
+        scores = torch.tensor(grade_answers(t.rl_grader or {}, items, self._texts(answers))).view(-1, group)
+        advantages = group_advantages(scores)
+        self._rollouts = {
+            i: [
+                Rollout(prompts[j].ids, answers[j * group + k], float(advantages[j, k]))
+                for k in range(group)
+                if advantages[j, k] != 0
+            ]
+            for j, i in enumerate(indices)
+        }
+        total, count = self.dp.sum([float(scores.sum()), scores.numel()])
+        self._step_scores = (total, int(count))
+        if step == 0 or (step + 1) % t.logging_steps == 0:
+            self.sink.message(
+                f"step {step + 1}: sampled {len(answers)} answers in {time.perf_counter() - t0:.1f} s, "
+                f"mean score {total / max(count, 1):.4f}"
+            )
+
+    def _collate(self, shards: list[list[int]]) -> list[dict[str, Any]]:
+        key = tuple(tuple(s) for s in shards)
+        if key != self._rollout_key:  # a new step (not the same step split after running out of memory)
+            self._roll_out([i for s in shards for i in s])
+            self._rollout_key = key
+        passes = []
+        for idx in self.forward_split.shards(shards):
+            rows = [r for i in idx for r in self._rollouts[i]]
+            if rows:
+                passes.append(self._prepare(rollout_batch(rows, self.collator.pad_token_id)))
+        if not passes:  # every group scored its answers alike: one row of weight 0 keeps the step's shape
+            first = next(iter(self._rollouts))
+            prompt = self.train_examples[first]
+            filler = rollout_batch([Rollout(prompt.ids, [prompt.ids[-1]], 0.0)], self.collator.pad_token_id)
+            passes.append(self._prepare(filler))
+            passes[0]["n_label_tokens"] = 0
+        return passes
+
+    def _forward(self, batch: dict[str, Any]) -> LossOutput:
+        with self._autocast():
+            return policy_gradient_loss(self.model, batch)
+
+    def _step_metrics(self) -> dict[str, Any]:
+        total, count = self._step_scores
+        return {"train_reward_mean": round(total / max(count, 1), 6)}
+
+    # ----------------------------------------------------------- validation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """``valid_reward_mean``: the grader's mean score of answers to the validation prompts (one greedy
+        answer each, or ``rl_eval_samples`` sampled at ``rl_temperature``)."""
+        self._settle_losses()
+        t = self.cfg.Training
+        group = t.rl_eval_samples or 1
+        temperature = t.rl_temperature if t.rl_eval_samples else None
+        mine = self._my_share(self.eval_examples)
+        total = 0.0
+        for first in range(0, len(mine), t.batch_size):
+            prompts = [self.eval_examples[i] for i in mine[first : first + t.batch_size]]
+            answers = self._sample(prompts, group, temperature, self.seed + first)
+            items = [p.item for p in prompts for _ in range(group)]
+            total += sum(grade_answers(t.rl_grader or {}, items, self._texts(answers)))
+        total, count = self.dp.sum([total, len(mine) * group])
+        metrics = {"valid_reward_mean": round(total / max(count, 1), 6)}
+        if self._metric_rows:
+            self._metric_rows[-1].update(metrics)
+        return metrics

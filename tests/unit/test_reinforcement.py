@@ -1,0 +1,189 @@
+"""Reinforcement fine-tuning (GRPO): prompts, advantages, the loss against a plain computation, the recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sqft_service.adapters.lora import build_peft_model
+from sqft_service.config import FinetuneConfig, LoraSection
+from sqft_service.training.events import MemorySink
+from sqft_service.training.loss import label_positions
+from sqft_service.training.recipe import TrainingStopped, run_training
+from sqft_service.training.records import DataValidationError
+from sqft_service.training.reinforcement import (
+    Rollout,
+    group_advantages,
+    policy_gradient_loss,
+    rollout_batch,
+    sample_answers,
+    tokenize_prompts,
+)
+from tests.conftest import make_tiny_llama, randomize_b
+from tests.helpers import write_jsonl
+from tests.unit.test_recipe import make_cfg, model_dir  # noqa: F401
+from tests.unit.test_resume import StopAt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIMILARITY = {
+    "type": "text_similarity",
+    "name": "close",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "evaluation_metric": "fuzzy_match",
+    "pass_threshold": 0.5,
+}
+
+
+def prompt_records(n: int) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"Name colour number {i}."}], "answer": ["red", "green"][i % 2]}
+        for i in range(n)
+    ]
+
+
+def test_group_advantages_are_centred_and_scaled_per_group():
+    scores = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.2, 0.4, 0.6]])
+    adv = group_advantages(scores)
+    assert torch.allclose(adv.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))  # one score for all: no signal
+    expected = (scores[2] - 0.3) / (scores[2].std() + 1e-4)
+    assert torch.allclose(adv[2], expected)
+    assert adv[0, 0] > 0 > adv[0, 1]
+
+
+def test_prompts_render_as_serving_does_and_check_the_graders_fields(tokenizer):
+    records = [
+        {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "answer": "x"}
+    ]
+    prompts, dropped = tokenize_prompts(records, tokenizer, SIMILARITY, 512)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert tokenizer.decode(prompts[0].ids) == expected and dropped == 0
+    assert prompts[0].item == {"answer": "x"}
+    assert tokenize_prompts(records, tokenizer, SIMILARITY, 5) == ([], 1)  # no room left to answer
+    with pytest.raises(DataValidationError, match=r"record 2: the grader's `reference` template can't read it"):
+        tokenize_prompts([*records, {"messages": [{"role": "user", "content": "?"}]}], tokenizer, SIMILARITY, 512)
+
+
+def test_sampled_answers_stop_after_their_end_token(tokenizer):
+    torch.manual_seed(0)
+    model = make_tiny_llama(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    prompts = [[1, 2, 3], [4, 5]]
+    answers = sample_answers(model, prompts, 3, max_tokens=6, temperature=1.0, pad_id=eos, eos_ids=[eos])
+    assert len(answers) == 6 and all(1 <= len(a) <= 6 for a in answers)
+    assert all(eos not in a[:-1] for a in answers)
+    greedy = sample_answers(model, prompts, 1, max_tokens=6, temperature=None, pad_id=eos, eos_ids=[eos])
+    again = sample_answers(model, prompts, 1, max_tokens=6, temperature=None, pad_id=eos, eos_ids=[eos])
+    assert greedy == again  # greedy: no draw
+    # Left padding changes nothing: the short prompt alone gives the same greedy answer.
+    assert sample_answers(model, [[4, 5]], 1, max_tokens=6, temperature=None, pad_id=eos, eos_ids=[eos]) == greedy[1:]
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_policy_gradient_loss_and_gradients_equal_the_plain_computation(tokenizer, device_path):
+    torch.manual_seed(0)
+    model, _ = build_peft_model(make_tiny_llama(len(tokenizer)), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    rollouts = [
+        Rollout([5, 6, 7], [8, 9], 1.5),
+        Rollout([5, 6], [10, 11, 12], -0.5),
+        Rollout([4], [13], 0.25),
+    ]
+    batch = rollout_batch(rollouts, pad_id=0)
+    assert batch["n_label_tokens"] == 6 and batch["n_real_tokens"] == 12 and batch["n_padded_tokens"] == 15
+    out = policy_gradient_loss(model, label_positions(batch) if device_path else batch)
+    out.loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    plain = torch.zeros(())
+    for r in rollouts:  # -A * log p(answer token), one sequence at a time, from the full logits
+        ids = torch.tensor([r.prompt + r.answer])
+        logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        picked = logps.gather(1, targets[:, None]).squeeze(1)[len(r.prompt) - 1 :]
+        plain = plain - r.advantage * picked.sum()
+    plain.backward()
+    assert out.loss_sum.item() == pytest.approx(plain.item(), rel=1e-5)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_step_raises_the_better_answers_probability(tokenizer):
+    """The direction of the update: the answer with the positive advantage gains, the other loses."""
+    torch.manual_seed(0)
+    model, _ = build_peft_model(make_tiny_llama(len(tokenizer)), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    good, bad = Rollout([5, 6, 7], [20, 21, 22], 1.0), Rollout([5, 6, 7], [30, 31, 32], -1.0)
+
+    def logp(r: Rollout) -> float:
+        with torch.no_grad():
+            return -policy_gradient_loss(model, rollout_batch([Rollout(r.prompt, r.answer, 1.0)], 0)).loss_sum.item()
+
+    before = logp(good), logp(bad)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    batch = rollout_batch([good, bad], pad_id=0)
+    (policy_gradient_loss(model, batch).loss_sum / batch["n_label_tokens"]).backward()
+    optimizer.step()
+    after = logp(good), logp(bad)
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+
+
+# ------------------------------------------------------------------ the recipe
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("rl") / "prompts.jsonl", prompt_records(12))
+
+
+def rl_cfg(model_dir: Path, prompts_file: Path, **training) -> FinetuneConfig:  # noqa: F811
+    training = {"epochs": 1, "rl_max_tokens": 6, "rl_group_size": 3, **training}
+    cfg = make_cfg(model_dir, prompts_file, method="reinforcement", rl_grader=SIMILARITY, **training)
+    cfg.Training.batch_size = 2
+    cfg.Dataset.max_length = 64
+    return cfg
+
+
+def test_a_reinforcement_job_samples_grades_and_saves_an_adapter(model_dir, prompts_file, tmp_path):  # noqa: F811
+    sink = MemorySink()
+    cfg = rl_cfg(model_dir, prompts_file, eval_steps=2)
+    cfg.Dataset.validation_split_percentage = 25
+    result = run_training(cfg, tmp_path, sink)
+    assert result.steps == 5  # 9 training prompts, 2 a step
+    rewards = {r["step"]: r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r}
+    assert sorted(rewards) == [1, 2, 3, 4, 5]  # every step's row (evaluations emit a row again)
+    assert all(0.0 <= r <= 1.0 for r in rewards.values()) and any(r > 0 for r in rewards.values())
+    valid = [r["valid_reward_mean"] for r in sink.metric_rows if "valid_reward_mean" in r]
+    assert len(valid) >= 2 and all(0.0 <= v <= 1.0 for v in valid)
+    assert any("9 training and 3 validation prompts" in text for _, text, _ in sink.messages)
+    assert any("step 1: sampled 6 answers" in text for _, text, _ in sink.messages)
+    weights = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # it moved
+    saved = json.loads((Path(result.adapter_dir) / "training_config.json").read_text())["Training"]
+    assert saved["method"] == "reinforcement" and saved["rl_grader"] == SIMILARITY
+
+
+def test_a_stopped_reinforcement_job_resumes_to_the_same_adapter(model_dir, prompts_file, tmp_path):  # noqa: F811
+    whole = run_training(rl_cfg(model_dir, prompts_file, epochs=2), tmp_path / "whole", MemorySink())
+    first = MemorySink()
+    with pytest.raises(TrainingStopped):
+        run_training(rl_cfg(model_dir, prompts_file, epochs=2), tmp_path / "split", first, should_stop=StopAt(first, 4))
+    resumed = run_training(rl_cfg(model_dir, prompts_file, epochs=2), tmp_path / "split", MemorySink())
+    a = load_file(str(Path(whole.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reinforcement_job_refuses_supervised_records(model_dir, tmp_path):  # noqa: F811
+    chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": "b"}]
+    cfg = rl_cfg(model_dir, write_jsonl(tmp_path / "chat.jsonl", chat))
+    with pytest.raises(DataValidationError, match="this file holds chat records; a reinforcement job needs prompt"):
+        run_training(cfg, tmp_path / "out", MemorySink())
