@@ -281,7 +281,7 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     from .threads import configure_torch_threads
     from .training.device import model_device
     from .training.models import load_tokenizer, resolve_model_dir
-    from .training.records import is_preference_record, load_records
+    from .training.records import is_preference_record, is_prompt_record, load_records
 
     configure_torch_threads()
     if p.split is not None:
@@ -292,6 +292,8 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
         source, param = f"file {p.file}", "file"
     if not records:
         raise UserError(f"{source} holds no records to evaluate on", param=param)
+    if is_prompt_record(records[0]):  # a file uploaded before formats were recorded (the API refuses others)
+        raise UserError(f"{source} holds prompt records: no reference replies to score", param=param)
     sink.message(f"evaluating {len(p.candidates)} candidate(s) on {len(records)} record(s) of {source}")
     # Preference records: scored as their preferred replies, and by which reply each candidate prefers.
     pairs = records if is_preference_record(records[0]) else None

@@ -60,7 +60,8 @@ def test_an_uploaded_preference_file_says_its_format(pairs_file):
         ({"method": {"type": "supervised"}}, "training_file", "train on them with `method.type` 'dpo'"),
         ({"method": None}, "training_file", "train on them with `method.type` 'dpo'"),
         ({"method": {"type": "dpo", "supervised": {}}}, "method", "`method.supervised` given with `method.type` 'dpo'"),
-        ({"method": {"type": "reinforcement"}}, "method.type", "'supervised' or 'dpo'"),
+        ({"method": {"type": "reinforcement"}}, "method", "`method.reinforcement` (its grader) is required"),
+        ({"method": {"type": "grpo"}}, "method.type", "'supervised', 'dpo' or 'reinforcement'"),
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
             "method.dpo.hyperparameters.beta",

@@ -80,7 +80,7 @@ BAD_UPLOADS = [
         b"".join(json.dumps(r).encode() + b"\n" for r in alpaca_records(3)) + b'{"instruction": "x"}\n',
         "line 4",
     ),
-    ("no-assistant", b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1"),
+    ("no-assistant", b'{"messages": [{"role": "system", "content": "hi"}]}\n', "line 1"),
 ]
 
 

@@ -65,7 +65,9 @@ def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRe
         message = f"Missing required parameter `{param}`"
     elif kind == "value_error" and "`" in msg:  # our validators already name the field
         message = msg.removeprefix("Value error, ")
-        if param is None and (named := re.match(r"`([^`]+)`: ", message)):  # a whole-body check names it first
+        # A whole-body (or whole-object) check names the field it found wrong first: that field, if within.
+        named = re.match(r"`([^`]+)`: ", message)
+        if named and (param is None or named.group(1).startswith(f"{param}.")):
             param = named.group(1)
     else:
         message = f"Invalid value for `{param}`: {msg.removeprefix('Value error, ')}"

@@ -39,6 +39,13 @@ def check_version_name(version: str, param: str) -> str:
     return version
 
 
+# Evaluate jobs score reference replies; reinforcement prompts have none (their grader's Evals do).
+PROMPTS_UNSCORED = (
+    "prompt records, which have no reference replies to score: evaluate on Alpaca, chat or preference "
+    "records, or grade a model's answers to the prompts with the Evals API (/v1/evals)"
+)
+
+
 class SqftService:
     def __init__(
         self,
@@ -161,9 +168,13 @@ class SqftService:
                 )
             )
         data = self.files.resolve(body.file, "file") if body.file is not None else None
+        if data is not None and data.meta.get("format") == "prompt":
+            raise InvalidRequestError(f"file {data.id} holds {PROMPTS_UNSCORED}", param="file")
         split = None
         if body.fine_tuning_job_id is not None:
             job = self._succeeded_job(body.fine_tuning_job_id)
+            if job.config.get("Training", {}).get("method") == "reinforcement":
+                raise InvalidRequestError(f"job {job.id} trained on {PROMPTS_UNSCORED}", param="fine_tuning_job_id")
             dataset = job.config.get("Dataset", {})
             sources = [dataset.get("validation_file") or dataset.get("train_file")]
             if not all(src and Path(src).is_file() for src in sources):

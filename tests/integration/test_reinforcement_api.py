@@ -1,0 +1,182 @@
+"""Reinforcement fine-tuning (``method.type: "reinforcement"``) through the API: the official SDK end to
+end on a real server, and the requests the service refuses, each naming its field."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.helpers import write_jsonl
+from tests.integration.conftest import sdk_job_end, upload
+from tests.unit.test_reinforcement import SIMILARITY, prompt_records
+
+CHECK = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "ilike",
+}
+
+
+def test_openai_sdk_runs_a_reinforcement_job_and_chats_with_its_model(sdk, tmp_path, tiny_model_dir):
+    client = sdk
+    with open(write_jsonl(tmp_path / "prompts.jsonl", prompt_records(8)), "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    hyperparameters = {
+        "n_epochs": 1,
+        "batch_size": 2,
+        "compute_multiplier": 0.75,
+        "eval_interval": 2,
+        "eval_samples": 2,
+    }
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": SIMILARITY, "hyperparameters": hyperparameters}},
+        extra_body={
+            "Training": {"logging_steps": 1, "rl_max_tokens": 4},
+            "Dataset": {"validation_split_percentage": 25},
+        },
+    )
+    rl = job.method.reinforcement
+    assert job.method.type == "reinforcement" and rl.grader.type == "text_similarity"
+    assert rl.grader.reference == "{{ item.answer }}"
+    # compute_multiplier 0.75: 3 answers per prompt (4 x 0.75); eval_interval and eval_samples as given.
+    assert rl.hyperparameters.compute_multiplier == 0.75 and rl.hyperparameters.eval_interval == 2
+    assert rl.hyperparameters.eval_samples == 2 and rl.hyperparameters.reasoning_effort == "default"
+    done = sdk_job_end(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    texts = [e.message for e in events]
+    assert any("step 1: sampled 6 answers" in t for t in texts), texts  # 2 prompts x 3
+    rows = [e.data for e in events if e.type == "metrics" and e.data]
+    assert any("train_reward_mean" in r for r in rows) and any("valid_reward_mean" in r for r in rows), rows
+
+    # The model answers chat requests as the prompts were rendered in training (the chat template).
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Name colour number 3."}], max_tokens=4
+    )
+    assert answer.model == done.fine_tuned_model and 1 <= answer.usage.completion_tokens <= 4
+
+    # Prompts have no reference replies: an evaluate job on them is refused, pointing at the Evals API.
+    for body, param in (({"file": uploaded.id}, "file"), ({"fine_tuning_job_id": job.id}, "fine_tuning_job_id")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.post("/finetune/evaluate", body={"candidates": [done.fine_tuned_model], **body}, cast_to=object)
+        error = refused.value.body
+        assert error["param"] == param and "prompt records, which have no reference replies" in error["message"]
+        assert "/v1/evals" in error["message"]
+
+
+def test_the_reference_route_takes_the_grader_in_training(client, tmp_path, tiny_model_dir):
+    f = upload(client, write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)))
+    body = {
+        "model": str(tiny_model_dir),
+        "training_file": f["id"],
+        "Training": {"method": "reinforcement", "rl_grader": CHECK, "rl_group_size": 2, "rl_max_tokens": 2},
+    }
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    method = resp.json()["method"]
+    assert method["type"] == "reinforcement" and method["reinforcement"]["grader"] == CHECK
+    assert method["reinforcement"]["hyperparameters"]["compute_multiplier"] == 0.5
+
+
+def chat_records(n: int) -> list[dict]:
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    return [{"messages": turns} for _ in range(n)]
+
+
+def rl_job(model, file_id: str, **extra) -> dict:
+    return {
+        "model": str(model),
+        "training_file": file_id,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": CHECK}},
+        **extra,
+    }
+
+
+def _grader(**changes) -> dict:
+    return {"type": "reinforcement", "reinforcement": {"grader": {**CHECK, **changes}}}
+
+
+JUDGE = {
+    "type": "score_model",
+    "name": "judge",
+    "model": "m",
+    "input": [{"role": "user", "content": "{{ sample.output_text }}"}],
+}
+
+
+@pytest.mark.parametrize(
+    "change, param, words",
+    [
+        ({"training_file": "sft"}, "training_file", "holds chat records; a reinforcement job needs prompt records"),
+        ({"method": None}, "training_file", "holds prompt records; a supervised job needs Alpaca or chat records"),
+        ({"method": {"type": "reinforcement", "dpo": {}}}, "method", "`method.dpo` given with `method.type`"),
+        ({"method": _grader(reference="{{ row.answer }}")}, "method.reinforcement.grader.reference", "row"),
+        ({"method": _grader(operation="contains")}, "method.reinforcement.grader.string_check.operation", "'eq'"),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": JUDGE}}},
+            "method.reinforcement.grader.type",
+            "'score_model' graders are not offered for reinforcement fine-tuning",
+        ),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}},
+            "method.reinforcement.grader.type",
+            "'python' graders are not offered here",
+        ),
+        (
+            {
+                "method": {
+                    **_grader(),
+                    "reinforcement": {"grader": CHECK, "hyperparameters": {"compute_multiplier": 17}},
+                }
+            },
+            "method.reinforcement.hyperparameters.compute_multiplier",
+            "at most 16",
+        ),
+        (
+            {
+                "method": {
+                    **_grader(),
+                    "reinforcement": {"grader": CHECK, "hyperparameters": {"reasoning_effort": "high"}},
+                }
+            },
+            "method.reinforcement.hyperparameters.reasoning_effort",
+            "no reasoning effort",
+        ),
+        ({"Dataset": {"packing": True}}, "Dataset.packing", "leave `Dataset.packing` off"),
+        ({"Dataset": {"mask_input": False}}, "Dataset.mask_input", "a reinforcement job scores the replies only"),
+        ({"method": None, "Training": {"rl_group_size": 8}}, "Training", "`rl_group_size` applies to reinforcement"),
+        ({"method": None, "Training": {"method": "reinforcement"}}, "Training", "a reinforcement job needs a grader"),
+        (
+            {"method": None, "Training": {"method": "reinforcement", "rl_grader": {**CHECK, "operation": "x"}}},
+            "Training.rl_grader",
+            "string_check.operation",
+        ),
+        (
+            {"method": None, "Training": {"method": "reinforcement", "rl_grader": JUDGE}},
+            "Training.rl_grader",
+            "not offered for reinforcement fine-tuning",
+        ),
+        ({"Training": {"rl_group_size": 1}}, "Training.rl_group_size", "greater than or equal to 2"),
+    ],
+)
+def test_a_reinforcement_request_the_service_cannot_honour_is_a_400_naming_the_field(
+    client, tmp_path, tiny_model_dir, change, param, words
+):
+    prompts = upload(client, write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)))
+    assert prompts["format"] == "prompt" and prompts["n_records"] == 4
+    sft = upload(client, write_jsonl(tmp_path / "sft.jsonl", chat_records(4)))
+    body = rl_job(tiny_model_dir, prompts["id"])
+    for key, value in change.items():
+        if value is None:
+            body.pop(key)
+        else:
+            body[key] = sft["id"] if value == "sft" else value
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
