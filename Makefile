@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -80,6 +80,10 @@ bench-tools: $(STAMP)
 # SmolLM2 and its ARC-E fine-tune compared through OpenAI's Evals API (bench/evals.py).
 bench-evals: $(STAMP)
 	$(PY) -m bench.evals $(ARGS)
+
+# Reinforcement fine-tuning (GRPO with a fuzzy_match grader) on SmolLM2, ARC-E prompts (bench/rft.py).
+bench-rft: $(STAMP)
+	$(PY) -m bench.rft $(ARGS)
 
 # lm-evaluation-harness scores a model fine-tuned through the service and its base, through the service's
 # completions route (bench/lm_eval_harness.py). lm-eval lives in its own environment, .lmeval/.

@@ -18,6 +18,7 @@ from sqft_service.training.recipe import TrainingStopped, run_training
 from sqft_service.training.records import DataValidationError
 from sqft_service.training.reinforcement import (
     Rollout,
+    grade_answers,
     group_advantages,
     policy_gradient_loss,
     rollout_batch,
@@ -187,3 +188,13 @@ def test_a_reinforcement_job_refuses_supervised_records(model_dir, tmp_path):  #
     cfg = rl_cfg(model_dir, write_jsonl(tmp_path / "chat.jsonl", chat))
     with pytest.raises(DataValidationError, match="this file holds chat records; a reinforcement job needs prompt"):
         run_training(cfg, tmp_path / "out", MemorySink())
+
+
+def test_answers_the_grader_cannot_grade_score_zero_and_records_are_checked_for_their_own_fields(tokenizer):
+    json_grader = {**SIMILARITY, "input": "{{ sample.output_json.colour }}"}
+    records = prompt_records(2)
+    # The sample's fields can't be known before sampling: only the record's own are checked.
+    prompts, _ = tokenize_prompts(records, tokenizer, json_grader, 512)
+    assert len(prompts) == 2
+    scores, failed = grade_answers(json_grader, [p.item for p in prompts], ['{"colour": "red"}', "red"])
+    assert scores == [1.0, 0.0] and failed == 1  # the second answer is not JSON: no `colour` to read

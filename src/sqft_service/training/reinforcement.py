@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..graders import grade, render, sample_namespace
+from ..graders import GradingError, grade, render, sample_namespace
 from ..inference.render import chat_ids
 from .loss import LossOutput, label_token_losses
 from .records import DataValidationError
@@ -76,12 +76,22 @@ def _alpaca_instruction(record: dict[str, Any]) -> str:
     return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
 
 
+class _AnySample(dict):
+    """A sample with every field (nested ones too): checking a record, only its own fields can be missing."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: Any) -> Any:
+        return _AnySample()
+
+
 def _check_item(grader: dict[str, Any], item: dict[str, Any], index: int) -> None:
     """Render the grader's templates against the record before training, not at its first sampling."""
     for key in ("input", "reference"):
         try:
-            render(grader[key], item, sample_namespace("", None))
-        except Exception as exc:  # a missing field, a value that is not text
+            render(grader[key], item, _AnySample())
+        except GradingError as exc:
             raise DataValidationError(
                 f"record {index + 1}: the grader's `{key}` template can't read it: {exc}", param="training_file"
             ) from None
@@ -108,13 +118,15 @@ def sample_answers(
     for i, r in enumerate(rows):  # left padding: every row's answer starts at column `width`
         input_ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
-    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    # The model's own generation defaults (a top_k, top_p or temperature) overridden: the plain distribution.
+    if temperature is None:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=max_tokens,
-        top_k=0,
-        top_p=1.0,
         pad_token_id=pad_id,
         eos_token_id=list(eos_ids),
         **sampling,
@@ -127,9 +139,19 @@ def sample_answers(
     return answers
 
 
-def grade_answers(grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]) -> list[float]:
-    """The grader's score of each answer text against its prompt's record."""
-    return [grade(grader, item, sample_namespace(text, None))[0] for item, text in zip(items, texts, strict=True)]
+def grade_answers(
+    grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]
+) -> tuple[list[float], int]:
+    """The grader's score of each answer text against its prompt's record, and how many it could not
+    grade (a template reading ``sample.output_json.x`` of an answer that is not such JSON): those score 0."""
+    scores, failed = [], 0
+    for item, text in zip(items, texts, strict=True):
+        try:
+            scores.append(grade(grader, item, sample_namespace(text, None))[0])
+        except GradingError:
+            scores.append(0.0)
+            failed += 1
+    return scores, failed
 
 
 def group_advantages(scores: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,8 @@ class ReinforcementRecipe(FinetuneRecipe):
         t0 = time.perf_counter()
         answers = self._sample(prompts, group, t.rl_temperature, self.seed * 1_000_003 + step * 1009 + self.dp.rank)
         items = [p.item for p in prompts for _ in range(group)]
-        scores = torch.tensor(grade_answers(t.rl_grader or {}, items, self._texts(answers))).view(-1, group)
+        graded, failed = grade_answers(t.rl_grader or {}, items, self._texts(answers))
+        scores = torch.tensor(graded).view(-1, group)
         advantages = group_advantages(scores)
         self._rollouts = {
             i: [
@@ -119,10 +120,12 @@ class ReinforcementRecipe(FinetuneRecipe):
         }
         total, count = self.dp.sum([float(scores.sum()), scores.numel()])
         self._step_scores = (total, int(count))
-        if step == 0 or (step + 1) % t.logging_steps == 0:
+        if step == 0 or (step + 1) % t.logging_steps == 0 or failed:
+            ungraded = f"; {failed} the grader could not grade scored 0" if failed else ""
             self.sink.message(
                 f"step {step + 1}: sampled {len(answers)} answers in {time.perf_counter() - t0:.1f} s, "
-                f"mean score {total / max(count, 1):.4f}"
+                f"mean score {total / max(count, 1):.4f}{ungraded}",
+                level="warn" if failed else "info",
             )
 
     def _collate(self, shards: list[list[int]]) -> list[dict[str, Any]]:
@@ -166,7 +169,7 @@ class ReinforcementRecipe(FinetuneRecipe):
             prompts = [self.eval_examples[i] for i in mine[first : first + t.batch_size]]
             answers = self._sample(prompts, group, temperature, self.seed + first)
             items = [p.item for p in prompts for _ in range(group)]
-            total += sum(grade_answers(t.rl_grader or {}, items, self._texts(answers)))
+            total += sum(grade_answers(t.rl_grader or {}, items, self._texts(answers))[0])
         total, count = self.dp.sum([total, len(mine) * group])
         metrics = {"valid_reward_mean": round(total / max(count, 1), 6)}
         if self._metric_rows:
