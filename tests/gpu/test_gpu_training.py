@@ -286,3 +286,32 @@ def test_dpo_trains_on_cuda_as_on_the_cpu_and_never_waits_between_logging_points
     assert len(cuda) == 6 and abs(cuda[0] - math.log(2)) < 1e-3  # the policy starts as the reference
     torch.testing.assert_close(torch.tensor(cuda), torch.tensor(cpu), rtol=5e-3, atol=5e-3)
     assert recorder.syncs == []
+
+
+@pytest.mark.parametrize("method", ["lora", "sparsepeft"])
+def test_a_reinforcement_job_samples_and_trains_on_cuda(model_dirs, tmp_path, method):
+    from safetensors.torch import load_file
+
+    from sqft_service.training.rl_recipe import ReinforcementRecipe
+    from tests.helpers import write_jsonl
+    from tests.unit.test_reinforcement import SIMILARITY, prompt_records
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(16))
+    cfg = _cfg(model_dirs[method in SPARSE_BASE], prompts, method, "cuda")
+    cfg.Training.method, cfg.Training.rl_grader, cfg.Training.rl_max_tokens = "reinforcement", SIMILARITY, 8
+    cfg.Training.eval_steps = 3
+    cfg.Dataset.validation_split_percentage, cfg.Dataset.max_length = 25, 64
+    sink = MemorySink()
+    recipe = ReinforcementRecipe(cfg, tmp_path / "out", sink)
+    recipe.setup()
+    try:
+        assert next(recipe.model.parameters()).device.type == "cuda"
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    valid = [r["valid_reward_mean"] for r in sink.metric_rows if "valid_reward_mean" in r]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards) and valid
+    weights = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
