@@ -162,6 +162,9 @@ def test_a_reinforcement_job_samples_grades_and_saves_an_adapter(model_dir, prom
     rewards = {r["step"]: r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r}
     assert sorted(rewards) == [1, 2, 3, 4, 5]  # every step's row (evaluations emit a row again)
     assert all(0.0 <= r <= 1.0 for r in rewards.values()) and any(r > 0 for r in rewards.values())
+    # A step's time (and so the ETA) includes its sampling.
+    first = next(r for r in sink.metric_rows if r["step"] == 1)
+    assert 0 < first["rollout_s"] <= first["step_s"]
     valid = [r["valid_reward_mean"] for r in sink.metric_rows if "valid_reward_mean" in r]
     assert len(valid) >= 2 and all(0.0 <= v <= 1.0 for v in valid)
     assert any("9 training and 3 validation prompts" in text for _, text, _ in sink.messages)

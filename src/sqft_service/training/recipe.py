@@ -131,6 +131,7 @@ class FinetuneRecipe:
         self.dp = DataParallel.current()
         self.forward_split = ForwardSplit()  # more passes per micro-batch after running out of memory
         self.preference = cfg.Training.method == "dpo"
+        self._untimed_s = 0.0  # seconds of the coming step spent in _collate by a subclass (rl_recipe)
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -435,7 +436,9 @@ class FinetuneRecipe:
                 totals = self._train_step(group, header.n_labels, t.max_grad_norm, shards, step)
                 n_labels, n_real = header.n_labels, header.n_real
                 step += 1
-                dt = time.perf_counter() - t0
+                # Work a subclass did for the step before it was timed (reinforcement's sampling) counts too.
+                dt = time.perf_counter() - t0 + self._untimed_s
+                self._untimed_s = 0.0
                 trained_tokens += n_real
                 window.append((dt, n_real))
                 nls_ranks = list(self.handles.nls.active) if self.handles.nls is not None else None

@@ -39,6 +39,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         self._rollout_key: tuple[tuple[int, ...], ...] | None = None
         self._next_step = 0
         self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
+        self._rollout_s = 0.0
 
     # ------------------------------------------------------------------ data
     def _tokenize(self, records: list[dict], source: str | None) -> list:
@@ -120,10 +121,12 @@ class ReinforcementRecipe(FinetuneRecipe):
         }
         total, count = self.dp.sum([float(scores.sum()), scores.numel()])
         self._step_scores = (total, int(count))
+        self._rollout_s = time.perf_counter() - t0
+        self._untimed_s = self._rollout_s  # the step's time and the ETA include its sampling
         if step == 0 or (step + 1) % t.logging_steps == 0 or failed:
             ungraded = f"; {failed} the grader could not grade scored 0" if failed else ""
             self.sink.message(
-                f"step {step + 1}: sampled {len(answers)} answers in {time.perf_counter() - t0:.1f} s, "
+                f"step {step + 1}: sampled {len(answers)} answers in {self._rollout_s:.1f} s, "
                 f"mean score {total / max(count, 1):.4f}{ungraded}",
                 level="warn" if failed else "info",
             )
@@ -152,7 +155,7 @@ class ReinforcementRecipe(FinetuneRecipe):
 
     def _step_metrics(self) -> dict[str, Any]:
         total, count = self._step_scores
-        return {"train_reward_mean": round(total / max(count, 1), 6)}
+        return {"train_reward_mean": round(total / max(count, 1), 6), "rollout_s": round(self._rollout_s, 3)}
 
     # ----------------------------------------------------------- validation
     @torch.no_grad()
