@@ -207,8 +207,11 @@ class TrainingSection(_Section):
     # unbiases for it. Below 0.5 (at 0.5 a pair says nothing).
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     # Reinforcement fine-tuning (only with "reinforcement"). The grader that scores every sampled answer,
-    # as the Evals API takes one (a string_check or text_similarity grader; the API checks it); required.
+    # as the Evals API takes one (the API checks it); required.
     rl_grader: dict[str, Any] | None = None
+    # A label_model / score_model grader's judge as the service resolved its `model` (jobs/kinds.BatchModel's
+    # fields): set by the service, refused from a client.
+    rl_judge: dict[str, Any] | None = None
     # Answers sampled per prompt: GRPO's group, whose mean and spread make each answer's advantage.
     rl_group_size: int = Field(4, ge=2, le=MAX_RL_GROUP)
     # New tokens per sampled answer at most, and the temperature they are sampled at.
@@ -296,7 +299,7 @@ METHOD_FIELDS = {
     "dpo": ("preference training", ("dpo_beta", "dpo_loss", "dpo_label_smoothing")),
     "reinforcement": (
         "reinforcement fine-tuning",
-        ("rl_grader", "rl_group_size", "rl_max_tokens", "rl_temperature", "rl_eval_samples"),
+        ("rl_grader", "rl_judge", "rl_group_size", "rl_max_tokens", "rl_temperature", "rl_eval_samples"),
     ),
 }
 

@@ -31,6 +31,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from .errors import UserError
 
 NAMESPACES = {"item", "sample"}
+MODEL_GRADERS = ("label_model", "score_model")  # graders whose judge is a model
 ROUGE_METRICS = {f"rouge_{n}": f"rouge{n}" for n in range(1, 6)} | {"rouge_l": "rougeL"}
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", *ROUGE_METRICS)
 MAX_SIMILARITY_CHARS = 100_000

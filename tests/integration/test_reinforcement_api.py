@@ -103,8 +103,8 @@ def _grader(**changes) -> dict:
 JUDGE = {
     "type": "score_model",
     "name": "judge",
-    "model": "m",
-    "input": [{"role": "user", "content": "{{ sample.output_text }}"}],
+    "model": "ft:none:org-local::ftjob-000000000000000000000000",
+    "input": [{"role": "user", "content": "Score {{ sample.output_text }} against {{ item.answer }}"}],
 }
 
 
@@ -116,11 +116,6 @@ JUDGE = {
         ({"method": {"type": "reinforcement", "dpo": {}}}, "method", "`method.dpo` given with `method.type`"),
         ({"method": _grader(reference="{{ row.answer }}")}, "method.reinforcement.grader.reference", "row"),
         ({"method": _grader(operation="contains")}, "method.reinforcement.grader.string_check.operation", "'eq'"),
-        (
-            {"method": {"type": "reinforcement", "reinforcement": {"grader": JUDGE}}},
-            "method.reinforcement.grader.type",
-            "'score_model' graders are not offered for reinforcement fine-tuning",
-        ),
         (
             {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}},
             "method.reinforcement.grader.type",
@@ -156,9 +151,9 @@ JUDGE = {
             "string_check.operation",
         ),
         (
-            {"method": None, "Training": {"method": "reinforcement", "rl_grader": JUDGE}},
-            "Training.rl_grader",
-            "not offered for reinforcement fine-tuning",
+            {"Training": {"rl_judge": {"model": "/etc"}}},
+            "Training.rl_judge",
+            "set by the service from the grader's `model`",
         ),
         ({"Training": {"rl_group_size": 1}}, "Training.rl_group_size", "greater than or equal to 2"),
     ],
@@ -180,3 +175,39 @@ def test_a_reinforcement_request_the_service_cannot_honour_is_a_400_naming_the_f
     error = resp.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+
+
+@pytest.mark.parametrize("via_method", [True, False], ids=["openai", "reference"])
+def test_a_judge_the_caller_cannot_use_is_a_404_naming_the_graders_model(client, tmp_path, tiny_model_dir, via_method):
+    prompts = upload(client, write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)))
+    if via_method:
+        body = rl_job(
+            tiny_model_dir, prompts["id"], method={"type": "reinforcement", "reinforcement": {"grader": JUDGE}}
+        )
+    else:
+        body = {"model": str(tiny_model_dir), "training_file": prompts["id"]}
+        body["Training"] = {"method": "reinforcement", "rl_grader": JUDGE}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 404, resp.text
+    param = "method.reinforcement.grader.model" if via_method else "Training.rl_grader"
+    assert resp.json()["error"]["param"] == param
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_a_score_model_grader_judges_with_a_model_of_the_service(sdk, tmp_path, tiny_model_dir):
+    client = sdk
+    with open(write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)), "rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    judge = {**JUDGE, "model": str(tiny_model_dir), "range": [0, 1]}
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=uploaded.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {"batch_size": 2}}},
+        extra_body={"Training": {"logging_steps": 1, "rl_max_tokens": 4, "max_train_steps": 2}},
+    )
+    assert job.method.reinforcement.grader.type == "score_model"
+    done = sdk_job_end(client, job.id)
+    assert done.status == "succeeded", done.error
+    rows = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    rewards = [r["train_reward_mean"] for r in rows if r and "train_reward_mean" in r]
+    assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)

@@ -146,8 +146,8 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def rl_cfg(model_dir: Path, prompts_file: Path, **training) -> FinetuneConfig:  # noqa: F811
-    training = {"epochs": 1, "rl_max_tokens": 6, "rl_group_size": 3, **training}
-    cfg = make_cfg(model_dir, prompts_file, method="reinforcement", rl_grader=SIMILARITY, **training)
+    training = {"epochs": 1, "rl_max_tokens": 6, "rl_group_size": 3, "rl_grader": SIMILARITY, **training}
+    cfg = make_cfg(model_dir, prompts_file, method="reinforcement", **training)
     cfg.Training.batch_size = 2
     cfg.Dataset.max_length = 64
     return cfg
@@ -201,3 +201,47 @@ def test_answers_the_grader_cannot_grade_score_zero_and_records_are_checked_for_
     assert len(prompts) == 2
     scores, failed = grade_answers(json_grader, [p.item for p in prompts], ['{"colour": "red"}', "red"])
     assert scores == [1.0, 0.0] and failed == 1  # the second answer is not JSON: no `colour` to read
+
+
+JUDGE = {
+    "type": "score_model",
+    "name": "judge",
+    "model": "judge",
+    "input": [
+        {"role": "system", "content": "Score from 0 to 1 how close the answer is to {{ item.answer }}."},
+        {"role": "user", "content": "{{ sample.output_text }}"},
+    ],
+    "range": [0, 1],
+}
+
+
+def test_a_model_grader_judges_every_answer_on_an_engine_of_the_job(model_dir, prompts_file, tmp_path):  # noqa: F811
+    from sqft_service.inference.spec import ModelSpec
+
+    sink = MemorySink()
+    cfg = rl_cfg(model_dir, prompts_file, max_train_steps=2, rl_grader=JUDGE)
+    result = run_training(cfg, tmp_path, sink, judges={"judge": ModelSpec("judge", str(model_dir))})
+    assert result.steps == 2
+    sampled = [text for _, text, _ in sink.messages if text.startswith("step ")]
+    assert len(sampled) == 2 and all("sampled 6 answers" in text for text in sampled), sampled
+    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)  # the judge's answers are held to [0, 1]
+
+
+def test_judged_scores_are_the_judges_verdicts(model_dir):  # noqa: F811
+    from sqft_service.inference.engine import InferenceEngine
+    from sqft_service.inference.spec import ModelSpec
+    from sqft_service.jobs.batch import Answerer
+    from sqft_service.training.reinforcement import judge_answers
+
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None)
+    answerer = Answerer(engine, {"judge": ModelSpec("judge", str(model_dir))}, chat=True)
+    label = {**JUDGE, "type": "label_model", "labels": ["close", "far"], "passing_labels": ["close"]}
+    label.pop("range")
+    items = [{"answer": "red"}, {"answer": "green"}, {"answer": "red"}]
+    scores, failed = judge_answers(answerer, label, items, ["red", "blue", "crimson"])
+    # A label judge's answer is one of its labels (held by the schema): 1 for a passing label, else 0.
+    assert len(scores) == 3 and set(scores) <= {0.0, 1.0} and failed == 0
+    bad = {**JUDGE, "sampling_params": {"max_completions_tokens": 2}}  # too few tokens for a verdict
+    scores, failed = judge_answers(answerer, bad, items, ["red", "blue", "crimson"])
+    assert scores == [0.0, 0.0, 0.0] and failed == 3

@@ -15,7 +15,7 @@ from ..model_access import ModelAccess
 from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
-from .kinds import BatchParams, EvalRunParams, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
+from .kinds import BatchModel, BatchParams, EvalRunParams, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
 
 if TYPE_CHECKING:
     from ..config import ParentModel
@@ -48,6 +48,10 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         general.base_model or "", general.tokenizer_name, general.config.trust_remote_code
     )
     interval = os.environ.get("SQFT_CHECKPOINT_INTERVAL_S")
+    judge = cfg.Training.rl_judge
+    judges = {}
+    if judge is not None:  # a reinforcement job's model grader: its judge's real paths checked now too
+        judges = _specs({(cfg.Training.rl_grader or {})["model"]: BatchModel(**judge)}, _model_access(ctx))
     result = run_training(
         cfg,
         ctx.workspace.output.root,
@@ -55,6 +59,7 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         model_cache_dir=ctx.model_cache_dir,
         should_stop=ctx.should_stop,
         resume_every_s=float(interval) if interval else None,
+        judges=judges,
     )
     return {
         "steps": result.steps,

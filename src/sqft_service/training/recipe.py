@@ -757,12 +757,16 @@ def run_training(
     model_cache_dir: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     resume_every_s: float | None = None,
+    judges: dict[str, Any] | None = None,
 ) -> TrainingResult:
+    """Train ``cfg`` to the end. ``judges``: a reinforcement job's model grader's judge (its ModelSpec by
+    name, as the engine loads it)."""
+    kwargs: dict[str, Any] = {}
     recipe_class = FinetuneRecipe
     if cfg.Training.method == "reinforcement":
         from .rl_recipe import ReinforcementRecipe
 
-        recipe_class = ReinforcementRecipe
+        recipe_class, kwargs = ReinforcementRecipe, {"judges": judges or {}}
     recipe = recipe_class(
         cfg,
         output_dir,
@@ -770,6 +774,7 @@ def run_training(
         model_cache_dir=model_cache_dir,
         should_stop=should_stop,
         resume_every_s=resume_every_s,
+        **kwargs,
     )
     recipe.setup()
     try:

@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from ..graders import GradingError, grade, render, sample_namespace
+from ..graders import (
+    MODEL_GRADERS,
+    GradingError,
+    grade,
+    judge_request,
+    model_verdict,
+    render,
+    render_messages,
+    sample_namespace,
+)
 from ..inference.render import chat_ids
 from .loss import LossOutput, label_token_losses
 from .records import DataValidationError
@@ -86,14 +95,21 @@ class _AnySample(dict):
         return _AnySample()
 
 
+def grader_templates(grader: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(where, template)`` of each of a grader's templates (a model grader's are its messages)."""
+    if grader["type"] in MODEL_GRADERS:
+        return [(f"input[{j}].content", m["content"]) for j, m in enumerate(grader["input"])]
+    return [("input", grader["input"]), ("reference", grader["reference"])]
+
+
 def _check_item(grader: dict[str, Any], item: dict[str, Any], index: int) -> None:
     """Render the grader's templates against the record before training, not at its first sampling."""
-    for key in ("input", "reference"):
+    for where, template in grader_templates(grader):
         try:
-            render(grader[key], item, _AnySample())
+            render(template, item, _AnySample())
         except GradingError as exc:
             raise DataValidationError(
-                f"record {index + 1}: the grader's `{key}` template can't read it: {exc}", param="training_file"
+                f"record {index + 1}: the grader's `{where}` template can't read it: {exc}", param="training_file"
             ) from None
 
 
@@ -150,6 +166,27 @@ def grade_answers(
             scores.append(grade(grader, item, sample_namespace(text, None))[0])
         except GradingError:
             scores.append(0.0)
+            failed += 1
+    return scores, failed
+
+
+def judge_answers(
+    answerer: Any, grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]
+) -> tuple[list[float], int]:
+    """A label_model / score_model grader's scores: its judge answers every answer's messages (as an eval
+    run's judge does, ``graders.judge_request``) through ``answerer`` (``jobs/batch.Answerer``); an
+    answer it can't grade (a failed or unparsable verdict) scores 0 and is counted."""
+    scores, lines = [0.0] * len(texts), []
+    for n, (item, text) in enumerate(zip(items, texts, strict=True)):
+        messages = render_messages(grader["input"], item, sample_namespace(text, None))
+        lines.append({"custom_id": str(n), "body": judge_request(grader, messages)})
+    failed = 0
+    for custom_id, status, body in answerer.chunk(lines):
+        try:
+            if status != 200:
+                raise GradingError(body["error"]["message"])
+            scores[int(custom_id)] = model_verdict(grader, body["choices"][0]["message"].get("content") or "")[0]
+        except GradingError:
             failed += 1
     return scores, failed
 

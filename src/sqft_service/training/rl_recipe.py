@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..graders import MODEL_GRADERS
 from .loss import LossOutput
 from .recipe import FinetuneRecipe, TrainerState
 from .records import DataValidationError
@@ -23,6 +24,7 @@ from .reinforcement import (
     Rollout,
     grade_answers,
     group_advantages,
+    judge_answers,
     policy_gradient_loss,
     rollout_batch,
     sample_answers,
@@ -33,8 +35,10 @@ from .reinforcement import (
 class ReinforcementRecipe(FinetuneRecipe):
     unit = "prompts"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, judges: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.judges = judges or {}  # a model grader's judge: its ModelSpec by name
+        self._answerer: Any = None
         self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
         self._rollout_key: tuple[tuple[int, ...], ...] | None = None
         self._next_step = 0
@@ -98,6 +102,26 @@ class ReinforcementRecipe(FinetuneRecipe):
     def _texts(self, answers: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(answers, skip_special_tokens=True)
 
+    def _grade(self, items: list[dict[str, Any]], answers: list[list[int]]) -> tuple[list[float], int]:
+        """The grader's scores of ``answers`` (and how many it could not grade: scored 0)."""
+        grader = self.cfg.Training.rl_grader or {}
+        texts = self._texts(answers)
+        if grader.get("type") not in MODEL_GRADERS:
+            return grade_answers(grader, items, texts)
+        return judge_answers(self._judge(), grader, items, texts)
+
+    def _judge(self) -> Any:
+        """The batch job's answerer on an engine of this process's own, holding the judge (loaded once)."""
+        if self._answerer is None:
+            from ..inference.engine import InferenceEngine
+            from ..jobs.batch import Answerer
+
+            engine = InferenceEngine(
+                threads=torch.get_num_threads(), max_queue=0, max_models=1, model_cache_dir=self.model_cache_dir
+            )
+            self._answerer = Answerer(engine, self.judges, chat=True)
+        return self._answerer
+
     def _roll_out(self, indices: list[int]) -> None:
         """Sample, grade and weigh this step's answers to this rank's prompts ``indices``."""
         t = self.cfg.Training
@@ -108,7 +132,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         t0 = time.perf_counter()
         answers = self._sample(prompts, group, t.rl_temperature, self.seed * 1_000_003 + step * 1009 + self.dp.rank)
         items = [p.item for p in prompts for _ in range(group)]
-        graded, failed = grade_answers(t.rl_grader or {}, items, self._texts(answers))
+        graded, failed = self._grade(items, answers)
         scores = torch.tensor(graded).view(-1, group)
         advantages = group_advantages(scores)
         self._rollouts = {
@@ -172,7 +196,7 @@ class ReinforcementRecipe(FinetuneRecipe):
             prompts = [self.eval_examples[i] for i in mine[first : first + t.batch_size]]
             answers = self._sample(prompts, group, temperature, self.seed + first)
             items = [p.item for p in prompts for _ in range(group)]
-            total += sum(grade_answers(t.rl_grader or {}, items, self._texts(answers))[0])
+            total += sum(self._grade(items, answers)[0])
         total, count = self.dp.sum([total, len(mine) * group])
         metrics = {"valid_reward_mean": round(total / max(count, 1), 6)}
         if self._metric_rows:

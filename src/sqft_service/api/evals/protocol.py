@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import UserError
-from ...graders import SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
+from ...graders import MODEL_GRADERS, SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
 from ..inference.protocol import MAX_TOKENS_LIMIT
 from ..limits import Metadata
 from ..responses.protocol import FunctionTool, TextOptions
@@ -147,7 +147,6 @@ class ScoreModelGrader(_Strict):
 Grader = Annotated[
     StringCheckGrader | TextSimilarityGrader | LabelModelGrader | ScoreModelGrader, Field(discriminator="type")
 ]
-MODEL_GRADERS = ("label_model", "score_model")
 
 
 def grader_templates(at: str, grader: Any) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from ...config import (
 from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
-from ..evals.protocol import MODEL_GRADERS, Grader, check_grader_templates, refuse_unoffered
+from ..evals.protocol import Grader, check_grader_templates, refuse_unoffered
 from ..limits import Metadata
 
 
@@ -99,8 +99,9 @@ class ReinforcementHyperparameters(Hyperparameters):
 class ReinforcementMethod(BaseModel):
     """OpenAI's reinforcement method: a grader scores every sampled answer (``training/reinforcement.py``).
 
-    The graders are the Evals API's string_check and text_similarity; templates read the prompt
-    record's fields as ``item`` and the answer as ``sample.output_text``.
+    The graders are the Evals API's (string_check, text_similarity, and label_model / score_model, whose
+    judge runs in the job); templates read the prompt record's fields as ``item`` and the answer as
+    ``sample.output_text``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -115,13 +116,7 @@ class ReinforcementMethod(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _graded_here(self) -> ReinforcementMethod:
-        if self.grader.type in MODEL_GRADERS:
-            raise ValueError(
-                f"`method.reinforcement.grader.type`: '{self.grader.type}' graders are not offered for "
-                "reinforcement fine-tuning: their judge model would run beside the trained one in the job; "
-                "use a string_check or text_similarity grader"
-            )
+    def _templates(self) -> ReinforcementMethod:
         check_grader_templates(self.grader, "method.reinforcement.grader")
         return self
 

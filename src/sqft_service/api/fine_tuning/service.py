@@ -18,6 +18,7 @@ from ...config import (
 from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
 from ...job_secrets import split_secrets, write_secrets
+from ...jobs.kinds import BatchModel
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
 from ...model_names import FineTunedRef, checkpoint_ref, parse_fine_tuned
@@ -27,7 +28,7 @@ from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ...training.records import inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
-from ..evals.protocol import Grader
+from ..evals.protocol import MODEL_GRADERS, Grader
 from ..files.service import FileService
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
@@ -102,7 +103,7 @@ class FineTuningService:
         hyperparameters = req.hyperparameters
         if req.method is not None and req.method.hyperparameters is not None:
             hyperparameters = req.method.hyperparameters
-        training_section = _with_method(req)
+        training_section = self._with_judge(_with_method(req), via_method=req.method is not None, model=model)
         _check_records(training, validation, training_section.method, req.Dataset)
 
         job_id = new_id("ftjob")
@@ -242,6 +243,24 @@ class FineTuningService:
 
         return [(c, model(c)) for c in records], more
 
+    def _with_judge(self, section: TrainingSection, *, via_method: bool, model: str) -> TrainingSection:
+        """A model grader's judge resolved as an eval run's is (404 naming the grader's ``model`` for one
+        the caller can't use; the job's own base ``model`` is one it can), for the job to load it."""
+        grader = section.rl_grader or {}
+        if grader.get("type") not in MODEL_GRADERS:
+            return section
+        at = "method.reinforcement.grader.model" if via_method else "Training.rl_grader"
+        name = grader["model"]
+        if name == model and parse_fine_tuned(name) is None:  # checked as the job's model already
+            judge = BatchModel(model=ModelAccess.from_settings(self.manager.settings).check_model(name, at))
+        elif self.models is None:
+            raise InvalidRequestError("this service resolves no models for a model grader's judge", param=at)
+        else:
+            judge = self.models.job_model(name, at)
+        copied = section.model_copy(update={"rl_judge": judge.model_dump()})
+        copied.model_fields_set.add("rl_judge")
+        return copied
+
     def log_path(self, job_id: str) -> Path:
         return JobManager.workspace(self.get(job_id)).log
 
@@ -273,7 +292,7 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
     if beta != "auto":
         update["dpo_beta"] = float(beta)
     if (rl := req.method.reinforcement) is not None:
-        update["rl_grader"] = rl.grader.model_dump()
+        update["rl_grader"] = rl.grader.model_dump(mode="json", exclude_none=True)
         if isinstance(hp, ReinforcementHyperparameters):
             settings = {
                 "rl_group_size": hp.group_size,
@@ -290,6 +309,11 @@ _GRADER = TypeAdapter(Grader)
 
 
 def _checked(section: TrainingSection) -> TrainingSection:
+    if section.rl_judge is not None:
+        raise InvalidRequestError(
+            "`Training.rl_judge` is set by the service from the grader's `model`; leave it out",
+            param="Training.rl_judge",
+        )
     try:
         check_method_complete(section)
     except ValueError as exc:

@@ -228,7 +228,8 @@ class ModelService:
 
         def uses(job: JobRecord) -> bool:
             parent = job.config.get("General", {}).get("parent") or {}
-            if parent.get("adapter") == str(directory):
+            judge = job.config.get("Training", {}).get("rl_judge") or {}  # a reinforcement job's grader
+            if str(directory) in (parent.get("adapter"), judge.get("adapter"), judge.get("model")):
                 return not job.is_final
             if job.base_model != str(directory) or job.status in ("failed", "cancelled"):
                 return False
@@ -237,8 +238,8 @@ class ModelService:
         users = [job.id for job in self._fine_tunes(everyone=True) if uses(job)]  # a sharer's jobs too
         if users:
             raise ConflictError(
-                f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from it; "
-                "delete their models (or cancel them) first",
+                f"`{model_id}` cannot be deleted: fine-tuning job(s) {', '.join(users)} train on from it (or "
+                "grade with it); delete their models (or cancel them) first",
                 param="model",
                 code="model_in_use",
             )
