@@ -245,3 +245,40 @@ def test_judged_scores_are_the_judges_verdicts(model_dir):  # noqa: F811
     bad = {**JUDGE, "sampling_params": {"max_completions_tokens": 2}}  # too few tokens for a verdict
     scores, failed = judge_answers(answerer, bad, items, ["red", "blue", "crimson"])
     assert scores == [0.0, 0.0, 0.0] and failed == 3
+
+
+def test_every_step_samples_anew_even_when_its_prompts_repeat(model_dir, tmp_path):  # noqa: F811
+    """Two prompts, a batch of two, three epochs: the same prompts every step, new answers every step."""
+    cfg = rl_cfg(model_dir, write_jsonl(tmp_path / "two.jsonl", prompt_records(2)), epochs=3)
+    sink = MemorySink()
+    run_training(cfg, tmp_path / "out", sink)
+    sampled = [text.split(":")[0] for _, text, _ in sink.messages if text.startswith("step ")]
+    assert sampled == ["step 1", "step 2", "step 3"]
+
+
+def test_out_of_memory_retrains_the_same_answers_in_smaller_passes(model_dir, prompts_file, tmp_path):  # noqa: F811
+    from sqft_service.training.rl_recipe import ReinforcementRecipe
+
+    def train(out: Path, holds: int | None) -> tuple[MemorySink, dict]:
+        sink = MemorySink()
+        recipe = ReinforcementRecipe(rl_cfg(model_dir, prompts_file, max_train_steps=3), out, sink)
+        recipe.setup()
+
+        def device_limit(_module, args):  # training passes only: sampling runs without gradients
+            if holds is not None and torch.is_grad_enabled() and args[0].shape[0] > holds:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        recipe.model.get_base_model().model.layers[-1].register_forward_pre_hook(device_limit)
+        recipe.train()
+        recipe.cleanup()
+        return sink, load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+    fits_sink, fits = train(tmp_path / "fits", None)
+    tight_sink, tight = train(tmp_path / "tight", 3)  # a step's 2 prompts x 3 answers: one prompt a pass
+    assert any("out of memory in step" in text for level, text, _ in tight_sink.messages if level == "warn")
+    sampled = [text.split(":")[0] for _, text, _ in tight_sink.messages if text.startswith("step ")]
+    assert sampled == ["step 1", "step 2", "step 3"]  # the retry trained the step's answers, not new ones
+    rewards = [r["train_reward_mean"] for r in fits_sink.metric_rows if "train_reward_mean" in r]
+    assert rewards == [r["train_reward_mean"] for r in tight_sink.metric_rows if "train_reward_mean" in r]
+    for key in fits:
+        torch.testing.assert_close(tight[key], fits[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -40,7 +40,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         self.judges = judges or {}  # a model grader's judge: its ModelSpec by name
         self._answerer: Any = None
         self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
-        self._rollout_key: tuple[tuple[int, ...], ...] | None = None
+        self._in_step = False  # a collate within a step re-splits its passes after running out of memory
         self._next_step = 0
         self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
         self._rollout_s = 0.0
@@ -155,11 +155,16 @@ class ReinforcementRecipe(FinetuneRecipe):
                 level="warn" if failed else "info",
             )
 
+    def _train_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._in_step = True
+        try:
+            return super()._train_step(*args, **kwargs)
+        finally:
+            self._in_step = False
+
     def _collate(self, shards: list[list[int]]) -> list[dict[str, Any]]:
-        key = tuple(tuple(s) for s in shards)
-        if key != self._rollout_key:  # a new step (not the same step split after running out of memory)
+        if not self._in_step:  # a new step: sample its answers (a retry in more passes trains the same ones)
             self._roll_out([i for s in shards for i in s])
-            self._rollout_key = key
         passes = []
         for idx in self.forward_split.shards(shards):
             rows = [r for i in idx for r in self._rollouts[i]]
