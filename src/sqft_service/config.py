@@ -317,6 +317,9 @@ def check_method_complete(training: TrainingSection) -> None:
     check_method_fields(training)
     if training.method == "reinforcement" and training.rl_grader is None:
         raise ValueError("a reinforcement job needs a grader: `method.reinforcement.grader` (or `rl_grader`)")
+    if training.method == "reinforcement" and training.torch_compile:
+        # Sampling runs the layers at a new length every token: compiled graphs would only recompile.
+        raise ValueError("`torch_compile` does not apply to reinforcement fine-tuning (it samples every step)")
 
 
 class FinetuneConfig(_Section):

@@ -156,6 +156,7 @@ JUDGE = {
             "set by the service from the grader's `model`",
         ),
         ({"Training": {"rl_group_size": 1}}, "Training.rl_group_size", "greater than or equal to 2"),
+        ({"Training": {"torch_compile": True}}, "Training", "`torch_compile` does not apply to reinforcement"),
     ],
 )
 def test_a_reinforcement_request_the_service_cannot_honour_is_a_400_naming_the_field(

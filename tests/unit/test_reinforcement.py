@@ -27,7 +27,7 @@ from sqft_service.training.reinforcement import (
 )
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import write_jsonl
-from tests.unit.test_recipe import make_cfg, model_dir  # noqa: F401
+from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, sparse_model_dir  # noqa: F401
 from tests.unit.test_resume import StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,9 +145,9 @@ def prompts_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("rl") / "prompts.jsonl", prompt_records(12))
 
 
-def rl_cfg(model_dir: Path, prompts_file: Path, **training) -> FinetuneConfig:  # noqa: F811
+def rl_cfg(model_dir: Path, prompts_file: Path, lora: LoraSection | None = None, **training) -> FinetuneConfig:  # noqa: F811
     training = {"epochs": 1, "rl_max_tokens": 6, "rl_group_size": 3, "rl_grader": SIMILARITY, **training}
-    cfg = make_cfg(model_dir, prompts_file, method="reinforcement", **training)
+    cfg = make_cfg(model_dir, prompts_file, lora=lora, method="reinforcement", **training)
     cfg.Training.batch_size = 2
     cfg.Dataset.max_length = 64
     return cfg
@@ -282,3 +282,28 @@ def test_out_of_memory_retrains_the_same_answers_in_smaller_passes(model_dir, pr
     assert rewards == [r["train_reward_mean"] for r in tight_sink.metric_rows if "train_reward_mean" in r]
     for key in fits:
         torch.testing.assert_close(tight[key], fits[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_sqft_adapters_train_by_reinforcement_and_merge_keeping_sparsity_and_the_int4_grid(
+    sparse_model_dir,  # noqa: F811
+    prompts_file,
+    tmp_path,
+):
+    from sqft_service.model_ops import merge
+
+    lora = LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        sparse_adapter=True,
+        quantization_aware=True,
+        quantization_group_size=8,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["4,2", "4,3", "4,2"],
+    )
+    sink = MemorySink()
+    result = run_training(rl_cfg(sparse_model_dir, prompts_file, lora=lora, max_train_steps=3), tmp_path / "out", sink)
+    assert result.steps == 3 and any("nls_stats" in r for r in sink.metric_rows)
+    report = merge(str(sparse_model_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
+    assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
