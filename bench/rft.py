@@ -1,12 +1,12 @@
 """Reinforcement fine-tuning (GRPO with a grader) on SmolLM2: ``python -m bench.rft``.
 
 ARC-Easy questions become prompt records (the question as a user turn, the answer as ``item.answer``);
-the job's grader is a ``text_similarity`` ``fuzzy_match`` of the sampled answer against that answer.
-Nothing is trained on the answers themselves: the model only learns from the scores of its own samples.
-Before and after training the held-out prompts are answered greedily and graded by that grader and by
-two others it never trained on (``rouge_l``, and a ``string_check`` ``ilike``: the answer contains the
-reference). The recipe is the service's own; one learning rate per row, one after another on this
-machine. Figures go to ``bench/results/``.
+the job's grader (``--grader``) is a ``text_similarity`` ``fuzzy_match`` (default) or ``rouge_l`` of the
+sampled answer against that answer, or a ``string_check`` ``ilike`` (the answer contains it). Nothing is
+trained on the answers themselves: the model only learns from the scores of its own samples. Before and
+after training the held-out prompts are answered greedily and graded by all three. The recipe is the
+service's own; one learning rate per row, one after another on this machine. Figures go to
+``bench/results/``.
 """
 
 from __future__ import annotations
@@ -60,15 +60,18 @@ def prompts_from_arc(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
     return prompts[n_val:], prompts[:n_val]
 
 
+GRADERS = {"fuzzy_match": GRADER, **UNSEEN}
+
+
 def held_out(recipe: ReinforcementRecipe) -> dict[str, Any]:
-    """Greedy answers to the validation prompts, graded by the job's grader and the unseen ones."""
+    """Greedy answers to the validation prompts, graded by every grader (the job trained on one of them)."""
     prompts = recipe.eval_examples
     answers: list[list[int]] = []
     for first in range(0, len(prompts), 16):
         answers += recipe._sample(prompts[first : first + 16], 1, None, 0)
     texts = recipe._texts(answers)
     out: dict[str, Any] = {}
-    for name, grader in {"fuzzy_match (trained on)": GRADER, **UNSEEN}.items():
+    for name, grader in GRADERS.items():
         scores = [grade(grader, p.item, sample_namespace(t, None)) for p, t in zip(prompts, texts, strict=True)]
         out[name] = round(sum(s for s, _ in scores) / len(scores), 4)
         out[f"{name} passed"] = round(sum(ok for _, ok in scores) / len(scores), 4)
@@ -84,7 +87,7 @@ def config(model: str, train: Path, val: Path, n_train: int, lr: float, args: ar
     cfg.General.base_model = model
     cfg.Dataset.train_file, cfg.Dataset.validation_file = str(train), str(val)
     t = cfg.Training
-    t.method, t.rl_grader, t.seed, t.logging_steps = "reinforcement", GRADER, 42, 1
+    t.method, t.rl_grader, t.seed, t.logging_steps = "reinforcement", GRADERS[args.grader], 42, 1
     t.rl_group_size, t.rl_max_tokens, t.learning_rate, t.epochs = args.group, args.max_tokens, lr, 1
     t.batch_size = args.batch
     explicit = {f"Training.{k}" for k in t.model_fields_set}
@@ -106,10 +109,11 @@ def run(cfg: FinetuneConfig, out: Path, *, base: bool) -> dict[str, Any]:
     rewards = [m["train_reward_mean"] for m in steps]
     quarter = max(1, len(rewards) // 4)
     row: dict[str, Any] = {
-        "setup": f"RFT lr {t.learning_rate:g}",
+        "setup": f"RFT on {t.rl_grader['name']}, lr {t.learning_rate:g}",
         "train_s": round(time.perf_counter() - t0, 1),
         "steps": len(steps),
         "s_per_step": round(sum(m["step_s"] for m in steps) / max(len(steps), 1), 2),
+        "rollout_s_per_step": round(sum(m.get("rollout_s", 0.0) for m in steps) / max(len(steps), 1), 2),
         "train_reward_first_quarter": round(sum(rewards[:quarter]) / quarter, 4),
         "train_reward_last_quarter": round(sum(rewards[-quarter:]) / quarter, 4),
         "hyperparameters": {
@@ -128,15 +132,15 @@ def run(cfg: FinetuneConfig, out: Path, *, base: bool) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| setup | steps | s/step | train reward (first → last quarter) | held-out fuzzy_match (trained on) | "
+        "| setup | steps | s/step (sampling) | train reward (first → last quarter) | held-out fuzzy_match | "
         "held-out rouge_l | held-out contains answer | answer tokens |\n|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         curve = f"{r['train_reward_first_quarter']:.3f} → {r['train_reward_last_quarter']:.3f}" if "steps" in r else ""
         lines.append(
-            f"| {r['setup']} | {r.get('steps', '')} | {r.get('s_per_step', '')} | {curve} | "
-            f"{r['fuzzy_match (trained on)']:.3f} | {r['rouge_l']:.3f} | {r['contains_answer passed']:.3f} | "
+            f"| {r['setup']} | {r.get('steps', '')} | {r.get('s_per_step', '')} ({r.get('rollout_s_per_step', '')}) | "
+            f"{curve} | {r['fuzzy_match']:.3f} | {r['rouge_l']:.3f} | {r['contains_answer passed']:.3f} | "
             f"{r['answer_tokens']} |"
         )
     return head + "\n".join(lines)
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="prompts per step")
     parser.add_argument("--group", type=int, default=4, help="answers sampled per prompt")
     parser.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
+    parser.add_argument("--grader", choices=list(GRADERS), default="fuzzy_match", help="the grader trained on")
+    parser.add_argument("--no-base", action="store_true", help="skip the base row")
     args = parser.parse_args(argv)
 
     model_dir, _ = prepare_models(None)
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
-    figures = {"train_prompts": len(train), "val_prompts": len(val), "grader": GRADER, "rows": rows, "markdown": table}
+    grader = GRADERS[args.grader]
+    figures = {"train_prompts": len(train), "val_prompts": len(val), "grader": grader, "rows": rows, "markdown": table}
     write_machine_results("rft", torch.get_num_threads(), figures)
 
 
