@@ -307,3 +307,8 @@ def test_sqft_adapters_train_by_reinforcement_and_merge_keeping_sparsity_and_the
     assert result.steps == 3 and any("nls_stats" in r for r in sink.metric_rows)
     report = merge(str(sparse_model_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
     assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
+
+
+def test_a_model_grader_without_its_judge_fails_before_training(model_dir, prompts_file, tmp_path):  # noqa: F811
+    with pytest.raises(DataValidationError, match="the grader's judge `judge` was not resolved for this job"):
+        run_training(rl_cfg(model_dir, prompts_file, rl_grader=JUDGE), tmp_path, MemorySink())

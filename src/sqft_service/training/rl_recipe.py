@@ -48,6 +48,13 @@ class ReinforcementRecipe(FinetuneRecipe):
     # ------------------------------------------------------------------ data
     def _tokenize(self, records: list[dict], source: str | None) -> list:
         t, ds = self.cfg.Training, self.cfg.Dataset
+        judge = (t.rl_grader or {}).get("model")
+        if (t.rl_grader or {}).get("type") in MODEL_GRADERS and judge not in self.judges:
+            raise DataValidationError(
+                f"the grader's judge `{judge}` was not resolved for this job (the service resolves it when "
+                "the job is created)",
+                param="Training.rl_grader",
+            )
         room = ds.max_length - t.rl_max_tokens
         if room < 1:
             raise DataValidationError(
