@@ -101,10 +101,9 @@ class ReinforcementRecipe(FinetuneRecipe):
             self.model.train()
 
     def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
+        from ..inference.engine import InferenceEngine  # the tokens serving stops at (evaluation.py's too)
+
+        return sorted(InferenceEngine._eos_ids(self.model, self.tokenizer))
 
     def _texts(self, answers: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(answers, skip_special_tokens=True)
