@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     grader = GRADERS[args.grader]
     figures = {"train_prompts": len(train), "val_prompts": len(val), "grader": grader, "rows": rows, "markdown": table}
-    write_machine_results("rft", torch.get_num_threads(), figures)
+    write_machine_results(f"rft-{args.grader}", torch.get_num_threads(), figures)
 
 
 if __name__ == "__main__":
