@@ -70,7 +70,7 @@ def test_prompts_render_as_serving_does_and_check_the_graders_fields(tokenizer):
         add_generation_prompt=True,
     )
     assert tokenizer.decode(prompts[0].ids) == expected and dropped == 0
-    assert prompts[0].item == {"answer": "x"}
+    assert prompts[0].item == records[0]  # the whole line: the grader may read `item.messages` too
     assert tokenize_prompts(records, tokenizer, SIMILARITY, 5) == ([], 1)  # no room left to answer
     with pytest.raises(DataValidationError, match=r"record 2: the grader's `reference` template can't read it"):
         tokenize_prompts([*records, {"messages": [{"role": "user", "content": "?"}]}], tokenizer, SIMILARITY, 512)

@@ -15,7 +15,7 @@ Four record formats are accepted, one per file:
   one assistant message (a string is one). :func:`as_openai_preference` turns either into OpenAI's.
 * **Prompt** (for ``method.type: "reinforcement"``, OpenAI's reinforcement fine-tuning form):
   ``{"messages": [...], ...}`` whose last message is the user's (or the developer's): the prompt the
-  model answers while it trains; every other field of the record is the grader's ``item``
+  model answers while it trains; the record, with any other fields, is the grader's ``item``
   (``{{ item.reference_answer }}``). Roles ``system``, ``developer``, ``user``, ``assistant``.
 
 A file is either a JSON array of records or JSONL (one object per non-blank line). Validation errors

@@ -67,7 +67,7 @@ def tokenize_prompts(
     """
     prompts, dropped = [], 0
     for i, record in enumerate(records):
-        item = {k: v for k, v in record.items() if k != "messages"}
+        item = dict(record)  # the whole line, as OpenAI's graders read it: `item.messages` too
         _check_item(grader, item, i)
         if "messages" in record:
             ids = chat_ids(tokenizer, prompt_messages(record), "chat")
