@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> None:
             files[kind] = work / f"{kind}.jsonl"
             files[kind].write_text("".join(json.dumps(r) + "\n" for r in records))
         lrs = [float(x) for x in args.lrs.split(",")]
-        rows.append(
-            run(config(model_dir, files["train"], files["val"], len(train), lrs[0], args), work / "base", base=True)
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        if not args.no_base:
+            base_cfg = config(model_dir, files["train"], files["val"], len(train), lrs[0], args)
+            rows.append(run(base_cfg, work / "base", base=True))
+            print(json.dumps(rows[-1]), flush=True)
         for lr in lrs:
             rows.append(
                 run(
