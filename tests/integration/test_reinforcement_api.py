@@ -212,3 +212,20 @@ def test_a_score_model_grader_judges_with_a_model_of_the_service(sdk, tmp_path, 
     rows = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
     rewards = [r["train_reward_mean"] for r in rows if r and "train_reward_mean" in r]
     assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)
+
+
+@pytest.mark.parametrize(
+    "grader, words",
+    [
+        ({"type": "python", "name": "p", "source": "x"}, "`Training.rl_grader.type`: 'python' graders are not offered"),
+        ({**CHECK, "reference": "{{ row.answer }}"}, "`Training.rl_grader.reference`: a template reads `item`"),
+    ],
+)
+def test_the_reference_routes_grader_is_refused_naming_its_own_field(client, tmp_path, tiny_model_dir, grader, words):
+    f = upload(client, write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)))
+    body = {"model": str(tiny_model_dir), "training_file": f["id"]}
+    body["Training"] = {"method": "reinforcement", "rl_grader": grader}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "Training.rl_grader" and words in error["message"], error

@@ -28,11 +28,11 @@ from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ...training.records import inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
-from ..evals.protocol import MODEL_GRADERS, Grader
+from ..evals.protocol import MODEL_GRADERS, Grader, check_grader_templates, refuse_unoffered
 from ..files.service import FileService
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
-from .protocol import CreateFineTuningJobRequest, ReinforcementHyperparameters, ReinforcementMethod
+from .protocol import CreateFineTuningJobRequest, ReinforcementHyperparameters
 
 
 class FineTuningService:
@@ -319,11 +319,17 @@ def _checked(section: TrainingSection) -> TrainingSection:
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="Training") from None
     if section.rl_grader is not None and "rl_grader" in section.model_fields_set:
-        # The reference's route gives `Training.rl_grader` as it is: the checks `method.reinforcement` makes.
+        # The reference's route gives `Training.rl_grader` as it is: the checks `method.reinforcement` makes,
+        # and the grader kept as that route keeps it.
         try:
-            ReinforcementMethod(grader=_GRADER.validate_python(section.rl_grader))
+            refuse_unoffered(section.rl_grader, "Training.rl_grader")
+            grader = _GRADER.validate_python(section.rl_grader)
+            check_grader_templates(grader, "Training.rl_grader")
         except ValidationError as exc:
             raise InvalidRequestError(_first_error(exc), param="Training.rl_grader") from None
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="Training.rl_grader") from None
+        section.rl_grader = grader.model_dump(mode="json", exclude_none=True)
     return section
 
 
