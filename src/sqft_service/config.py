@@ -313,7 +313,8 @@ def check_method_fields(training: TrainingSection) -> None:
 
 
 def check_method_complete(training: TrainingSection) -> None:
-    """A ValueError for a reinforcement job without its grader (once OpenAI's `method` is folded in)."""
+    """A ValueError for a setting of another method, a reinforcement job without its grader, or one with
+    `torch_compile` (once OpenAI's `method` is folded in)."""
     check_method_fields(training)
     if training.method == "reinforcement" and training.rl_grader is None:
         raise ValueError("a reinforcement job needs a grader: `method.reinforcement.grader` (or `rl_grader`)")
@@ -330,7 +331,7 @@ class FinetuneConfig(_Section):
     Training: TrainingSection = Field(default_factory=TrainingSection)
 
     @model_validator(mode="after")
-    def _preference_fields(self) -> FinetuneConfig:
+    def _method_complete(self) -> FinetuneConfig:
         check_method_complete(self.Training)  # the method is final here (OpenAI's `method` folded in)
         return self
 
