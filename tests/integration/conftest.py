@@ -90,3 +90,19 @@ def sdk_job_end(client, job_id: str, timeout: float = 240):
         timeout,
         what="the job to finish",
     )
+
+
+def assert_job_refused(client: TestClient, body: dict, change: dict, other_file: str, param: str, words: str) -> None:
+    """``body`` with ``change`` applied (a None value drops the key; "sft" stands for ``other_file``) is a
+    400 naming ``param`` with ``words`` in its message, and no job is created."""
+    body = dict(body)
+    for key, value in change.items():
+        if value is None:
+            body.pop(key)
+        else:
+            body[key] = other_file if value == "sft" else value
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
-from tests.integration.conftest import sdk_job_end, upload
+from tests.integration.conftest import assert_job_refused, sdk_job_end, upload
 
 
 def test_openai_sdk_runs_a_dpo_job_and_chats_with_its_model(sdk, tmp_path, tiny_model_dir):
@@ -84,16 +84,7 @@ def test_a_dpo_request_the_service_cannot_honour_is_a_400_naming_the_field(
 ):
     sft = upload(client, write_json(tmp_path / "sft.json", alpaca_records(4)))
     body = dpo_job(tiny_model_dir, pairs_file["id"])
-    for key, value in change.items():
-        if value is None:
-            body.pop(key)
-        else:
-            body[key] = sft["id"] if value == "sft" else value
-    resp = client.post("/v1/fine_tuning/jobs", json=body)
-    assert resp.status_code == 400, resp.text
-    error = resp.json()["error"]
-    assert error["param"] == param and words in error["message"], error
-    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+    assert_job_refused(client, body, change, sft["id"], param, words)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from tests.helpers import write_jsonl
-from tests.integration.conftest import sdk_job_end, upload
+from tests.integration.conftest import assert_job_refused, sdk_job_end, upload
 from tests.unit.test_reinforcement import SIMILARITY, prompt_records
 
 CHECK = {
@@ -166,16 +166,7 @@ def test_a_reinforcement_request_the_service_cannot_honour_is_a_400_naming_the_f
     assert prompts["format"] == "prompt" and prompts["n_records"] == 4
     sft = upload(client, write_jsonl(tmp_path / "sft.jsonl", chat_records(4)))
     body = rl_job(tiny_model_dir, prompts["id"])
-    for key, value in change.items():
-        if value is None:
-            body.pop(key)
-        else:
-            body[key] = sft["id"] if value == "sft" else value
-    resp = client.post("/v1/fine_tuning/jobs", json=body)
-    assert resp.status_code == 400, resp.text
-    error = resp.json()["error"]
-    assert error["param"] == param and words in error["message"], error
-    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+    assert_job_refused(client, body, change, sft["id"], param, words)
 
 
 @pytest.mark.parametrize("via_method", [True, False], ids=["openai", "reference"])

@@ -29,7 +29,7 @@ from sqft_service.training.records import DataValidationError, inspect_training_
 from sqft_service.training.tokenization import IGNORE_INDEX
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import alpaca_records, preference_records, write_json, write_jsonl
-from tests.unit.test_recipe import NLS_GROUPS, losses, make_cfg, model_dir, sparse_model_dir  # noqa: F401
+from tests.unit.test_recipe import losses, make_cfg, model_dir, sparse_model_dir, sqft_lora  # noqa: F401
 from tests.unit.test_resume import StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -336,17 +336,7 @@ def test_dpo_composes_with_nls_and_qa_sparsepeft_and_the_merge_keeps_sparsity(
 ):
     from sqft_service.model_ops import merge
 
-    lora = LoraSection(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        sparse_adapter=True,
-        quantization_aware=True,
-        quantization_group_size=8,
-        neural_lora_search=True,
-        target_module_groups=NLS_GROUPS,
-        search_space=["4,2", "4,3", "4,2"],
-    )
+    lora = sqft_lora()
     sink = MemorySink()
     result = run_training(dpo_cfg(sparse_model_dir, pairs_file, lora=lora, epochs=2), tmp_path / "out", sink)
     curve = losses(sink)

@@ -18,6 +18,22 @@ from tests.helpers import alpaca_records, write_json
 
 NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
 
+
+def sqft_lora() -> LoraSection:
+    """Every SQFT method at once: an NLS super-adapter, SparsePEFT, QA-SparsePEFT (INT4, groups of 8)."""
+    return LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        sparse_adapter=True,
+        quantization_aware=True,
+        quantization_group_size=8,
+        neural_lora_search=True,
+        target_module_groups=NLS_GROUPS,
+        search_space=["4,2", "4,3", "4,2"],
+    )
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

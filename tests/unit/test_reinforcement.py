@@ -27,7 +27,7 @@ from sqft_service.training.reinforcement import (
 )
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import write_jsonl
-from tests.unit.test_recipe import NLS_GROUPS, make_cfg, model_dir, sparse_model_dir  # noqa: F401
+from tests.unit.test_recipe import make_cfg, model_dir, sparse_model_dir, sqft_lora  # noqa: F401
 from tests.unit.test_resume import StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -291,17 +291,7 @@ def test_sqft_adapters_train_by_reinforcement_and_merge_keeping_sparsity_and_the
 ):
     from sqft_service.model_ops import merge
 
-    lora = LoraSection(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        sparse_adapter=True,
-        quantization_aware=True,
-        quantization_group_size=8,
-        neural_lora_search=True,
-        target_module_groups=NLS_GROUPS,
-        search_space=["4,2", "4,3", "4,2"],
-    )
+    lora = sqft_lora()
     sink = MemorySink()
     result = run_training(rl_cfg(sparse_model_dir, prompts_file, lora=lora, max_train_steps=3), tmp_path / "out", sink)
     assert result.steps == 3 and any("nls_stats" in r for r in sink.metric_rows)
