@@ -245,6 +245,9 @@ def test_judged_scores_are_the_judges_verdicts(model_dir):  # noqa: F811
     bad = {**JUDGE, "sampling_params": {"max_completions_tokens": 2}}  # too few tokens for a verdict
     scores, failed = judge_answers(answerer, bad, items, ["red", "blue", "crimson"])
     assert scores == [0.0, 0.0, 0.0] and failed == 3
+    json_judge = {**JUDGE, "input": [{"role": "user", "content": "{{ sample.output_json.colour }}"}]}
+    scores, failed = judge_answers(answerer, json_judge, items, ["red", "blue", "crimson"])
+    assert scores == [0.0, 0.0, 0.0] and failed == 3  # no answer is JSON: none could be put to the judge
 
 
 def test_every_step_samples_anew_even_when_its_prompts_repeat(model_dir, tmp_path):  # noqa: F811

@@ -176,12 +176,15 @@ def judge_answers(
     """A label_model / score_model grader's scores: its judge answers every answer's messages (as an eval
     run's judge does, ``graders.judge_request``) through ``answerer`` (``jobs/batch.Answerer``); an
     answer it can't grade (a failed or unparsable verdict) scores 0 and is counted."""
-    scores, lines = [0.0] * len(texts), []
+    scores, lines, failed = [0.0] * len(texts), [], 0
     for n, (item, text) in enumerate(zip(items, texts, strict=True)):
-        messages = render_messages(grader["input"], item, sample_namespace(text, None))
+        try:  # a message reading `sample.output_json.x` of an answer that is not such JSON: not asked
+            messages = render_messages(grader["input"], item, sample_namespace(text, None))
+        except GradingError:
+            failed += 1
+            continue
         lines.append({"custom_id": str(n), "body": judge_request(grader, messages)})
-    failed = 0
-    for custom_id, status, body in answerer.chunk(lines):
+    for custom_id, status, body in answerer.chunk(lines) if lines else []:
         try:
             if status != 200:
                 raise GradingError(body["error"]["message"])
