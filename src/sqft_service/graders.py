@@ -16,6 +16,8 @@ text and values to fill in (``check_template``): the data a client sends is fill
 * ``label_model`` / ``score_model``: a model of this service reads the grader's ``input`` messages and
   answers held to a JSON schema (``{"result": <one of labels>}`` / ``{"result": <number in range>}``),
   so even a small model always gives a label or a score it may give (``jobs/eval_run.py`` asks it).
+* ``multi`` (reinforcement fine-tuning and ``graders/run``): named graders of the kinds above, their
+  scores combined by a formula (``calculate_output``, ``grader_formula.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from jinja2 import StrictUndefined, TemplateError, Undefined, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import UserError
+from .grader_formula import FormulaValueError, evaluate_formula
 
 NAMESPACES = {"item", "sample"}
 MODEL_GRADERS = ("label_model", "score_model")  # graders whose judge is a model
+MULTI = "multi"
 ROUGE_METRICS = {f"rouge_{n}": f"rouge{n}" for n in range(1, 6)} | {"rouge_l": "rougeL"}
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", *ROUGE_METRICS)
 MAX_SIMILARITY_CHARS = 100_000
@@ -261,3 +265,33 @@ def grade(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, Any] |
         return score, score == 1.0
     score = text_similarity(value, reference, grader["evaluation_metric"])
     return score, score >= grader["pass_threshold"]
+
+
+def sub_graders(grader: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The graders a grader's score is made of, by the name its formula reads them: a multi grader's
+    graders, or the grader itself."""
+    return grader["graders"] if grader["type"] == MULTI else {grader["name"]: grader}
+
+
+def judge_models(grader: dict[str, Any]) -> list[str]:
+    """The judge models a grader's model graders name (a multi grader's, once each, in order)."""
+    models = [g["model"] for g in sub_graders(grader).values() if g["type"] in MODEL_GRADERS]
+    return list(dict.fromkeys(models))
+
+
+def combine(grader: dict[str, Any], scores: dict[str, float]) -> float:
+    """A grader's score from its sub-graders' (``sub_graders``): a multi grader's formula, or the one score.
+
+    Raises:
+        GradingError: the formula has no value for these scores (a division by zero…).
+    """
+    if grader["type"] != MULTI:
+        return scores[grader["name"]]
+    try:
+        return evaluate_formula(grader["calculate_output"], scores)
+    except FormulaValueError as exc:
+        raise FormulaGradingError(str(exc)) from None
+
+
+class FormulaGradingError(GradingError):
+    """A multi grader's formula had no value for its graders' scores."""

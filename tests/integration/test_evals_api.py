@@ -499,6 +499,8 @@ def test_the_openai_sdk_runs_an_eval_on_a_real_server(sdk, tmp_path: Path, tiny_
     graded = client.fine_tuning.alpha.graders.run(grader=FUZZY, model_sample="hallo", item={"answer": "hello"})
     assert graded.reward == pytest.approx(0.8)
     assert client.fine_tuning.alpha.graders.validate(grader=EXACT).grader.name == "exact"
+    multi = client.fine_tuning.alpha.graders.run(grader=MULTI, model_sample="hallo", item={"answer": "hello"})
+    assert multi.reward == pytest.approx(0.32) and multi.sub_rewards == {"exact": 0.0, "fuzzy": pytest.approx(0.8)}
     # the rows' file is read by the run: deleting it once the run has ended works
     assert client.files.delete(rows.id).deleted
 
@@ -533,6 +535,73 @@ def test_the_graders_api_checks_and_runs_one_grader(served, tiny_model_dir):
     assert judged["reward"] in (0.0, 1.0) and not any(v for v in judged["metadata"]["errors"].values())
     usage = judged["model_grader_token_usage_per_model"][base]
     assert usage["completion_tokens"] > 0 and judged["metadata"]["token_usage"] == usage["total_tokens"]
+
+
+MULTI = {
+    "type": "multi",
+    "name": "blend",
+    "graders": {"exact": EXACT, "fuzzy": FUZZY},
+    "calculate_output": "0.5 * exact + 0.5 * fuzzy ^ 2",
+}
+
+
+def test_the_graders_api_runs_a_multi_grader_by_its_formula(served, tiny_model_dir):
+    client, _ = served
+    graders = "/v1/fine_tuning/alpha/graders"
+    assert client.post(f"{graders}/validate", json={"grader": MULTI}).json() == {"grader": MULTI}
+    resp = client.post(f"{graders}/run", json={"grader": MULTI, "model_sample": "hallo", "item": {"answer": "hello"}})
+    assert resp.status_code == 200, resp.text
+    run = resp.json()
+    assert run["sub_rewards"] == {"exact": 0.0, "fuzzy": pytest.approx(0.8)}  # by the names the formula reads
+    assert run["reward"] == pytest.approx(0.5 * 0.8**2) and run["metadata"]["type"] == "multi"
+    assert run["metadata"]["scores"] == run["sub_rewards"]
+    # A judge among the graders answers too; a formula without a value (0 / 0) is an error flag, not a 500.
+    judge = {**JUDGE_NOWHERE, "model": str(tiny_model_dir), "input": [{"role": "user", "content": "Is it red?"}]}
+    ratio = {**MULTI, "graders": {"exact": EXACT, "judge": judge}, "calculate_output": "exact / judge"}
+    resp = client.post(f"{graders}/run", json={"grader": ratio, "model_sample": "blue", "item": {"answer": "red"}})
+    run = resp.json()
+    assert resp.status_code == 200 and set(run["sub_rewards"]) == {"exact", "judge"}, resp.text
+    assert run["model_grader_token_usage_per_model"][str(tiny_model_dir)]["completion_tokens"] > 0
+    if run["sub_rewards"]["judge"] == 0.0:
+        assert run["reward"] == 0.0 and run["metadata"]["errors"]["other_error"]
+    else:
+        assert run["reward"] == 0.0 and not run["metadata"]["errors"]["other_error"]  # 0 / 1
+    one = {**MULTI, "graders": FUZZY, "calculate_output": "1 - fuzzy"}  # one grader, read by its name
+    resp = client.post(f"{graders}/run", json={"grader": one, "model_sample": "hallo", "item": {"answer": "hello"}})
+    assert resp.json()["reward"] == pytest.approx(0.2), resp.text
+
+
+CALC = "grader.multi.calculate_output"
+AT = "grader.graders"
+
+
+@pytest.mark.parametrize(
+    ("grader", "param", "needle"),
+    [
+        ({**MULTI, "calculate_output": "exact + close"}, CALC, "reads `close`, which is not one of `graders`"),
+        ({**MULTI, "calculate_output": "exact.real"}, CALC, "not `exact.real`"),
+        ({**MULTI, "calculate_output": "open('x')"}, CALC, "`open(…)` is not a function"),
+        ({**MULTI, "graders": {"my grader": EXACT}}, "grader.multi.graders", "'my grader' is not a name a formula"),
+        ({**MULTI, "graders": {"p": {"type": "python", "source": "x"}}}, "grader.graders.p.type", "run the client"),
+        ({**MULTI, "graders": {"m": MULTI}}, "grader.graders.m.type", "not multi graders"),
+        ({**MULTI, "graders": {"j": JUDGE_NOWHERE}, "calculate_output": "j"}, "grader.graders.j.model", "nope"),
+        ({**MULTI, "graders": {"e": {**EXACT, "input": "{{ x }}"}}, "calculate_output": "e"}, f"{AT}.e.input", "`x`"),
+        ({**MULTI, "graders": {}}, "grader.multi.graders", "at least 1"),
+    ],
+)
+def test_a_bad_multi_grader_is_refused_naming_its_field(served, grader, param, needle):
+    resp = served[0].post("/v1/fine_tuning/alpha/graders/validate", json={"grader": grader})
+    assert resp.status_code in (400, 404), resp.text
+    error = resp.json()["error"]
+    assert needle in error["message"] and error["param"] == param, error
+
+
+def test_an_eval_refuses_a_multi_grader_saying_where_it_is_offered(served):
+    body = {"data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA}, "testing_criteria": [MULTI]}
+    resp = served[0].post("/v1/evals", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "testing_criteria[0].type" and "reinforcement fine-tuning" in error["message"], error
 
 
 def _chat(client, model: str, content: str, **extra) -> dict:

@@ -80,6 +80,10 @@ def test_the_reference_route_takes_the_grader_in_training(client, tmp_path, tiny
     method = resp.json()["method"]
     assert method["type"] == "reinforcement" and method["reinforcement"]["grader"] == CHECK
     assert method["reinforcement"]["hyperparameters"]["compute_multiplier"] == 0.5
+    # A multi grader too, its graders' scores combined by its formula, echoed as given.
+    body["Training"]["rl_grader"] = MULTI
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200 and resp.json()["method"]["reinforcement"]["grader"] == MULTI, resp.text
 
 
 def chat_records(n: int) -> list[dict]:
@@ -106,6 +110,16 @@ JUDGE = {
     "model": "ft:none:org-local::ftjob-000000000000000000000000",
     "input": [{"role": "user", "content": "Score {{ sample.output_text }} against {{ item.answer }}"}],
 }
+MULTI = {
+    "type": "multi",
+    "name": "blend",
+    "graders": {"exact": CHECK, "close": SIMILARITY},
+    "calculate_output": "0.5 * exact + 0.5 * close",
+}
+
+
+def _multi(graders: dict) -> dict:
+    return {"type": "reinforcement", "reinforcement": {"grader": {**MULTI, "graders": graders}}}
 
 
 @pytest.mark.parametrize(
@@ -141,6 +155,21 @@ JUDGE = {
             "method.reinforcement.hyperparameters.reasoning_effort",
             "no reasoning effort",
         ),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {**MULTI, "calculate_output": "x"}}}},
+            "method.reinforcement.grader.multi.calculate_output",
+            "the formula reads `x`, which is not one of `graders` (exact, close)",
+        ),
+        (
+            {"method": _multi({"exact": CHECK, "p": {"type": "python", "source": "x"}})},
+            "method.reinforcement.grader.graders.p.type",
+            "'python' graders are not offered here",
+        ),
+        (
+            {"method": _multi({"exact": JUDGE, "close": {**JUDGE, "model": "another"}})},
+            "method.reinforcement.grader.graders.exact.model",
+            "share one judge model; these name ft:none:org-local::ftjob-000000000000000000000000, another",
+        ),
         ({"Dataset": {"packing": True}}, "Dataset.packing", "leave `Dataset.packing` off"),
         ({"Dataset": {"mask_input": False}}, "Dataset.mask_input", "a reinforcement job scores the replies only"),
         ({"method": None, "Training": {"rl_group_size": 8}}, "Training", "`rl_group_size` applies to reinforcement"),
@@ -169,35 +198,40 @@ def test_a_reinforcement_request_the_service_cannot_honour_is_a_400_naming_the_f
     assert_job_refused(client, body, change, sft["id"], param, words)
 
 
-@pytest.mark.parametrize("via_method", [True, False], ids=["openai", "reference"])
+@pytest.mark.parametrize("via_method", [True, False, "multi"], ids=["openai", "reference", "multi"])
 def test_a_judge_the_caller_cannot_use_is_a_404_naming_the_graders_model(client, tmp_path, tiny_model_dir, via_method):
     prompts = upload(client, write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)))
     if via_method:
-        body = rl_job(
-            tiny_model_dir, prompts["id"], method={"type": "reinforcement", "reinforcement": {"grader": JUDGE}}
-        )
+        method = {"type": "reinforcement", "reinforcement": {"grader": JUDGE}}
+        if via_method == "multi":  # a judge among a multi grader's graders
+            method = _multi({"exact": CHECK, "close": JUDGE})
+        body = rl_job(tiny_model_dir, prompts["id"], method=method)
     else:
         body = {"model": str(tiny_model_dir), "training_file": prompts["id"]}
         body["Training"] = {"method": "reinforcement", "rl_grader": JUDGE}
     resp = client.post("/v1/fine_tuning/jobs", json=body)
     assert resp.status_code == 404, resp.text
-    param = "method.reinforcement.grader.model" if via_method else "Training.rl_grader"
+    param = {True: "method.reinforcement.grader.model", False: "Training.rl_grader"}.get(via_method)
+    param = param or "method.reinforcement.grader.graders.close.model"
     assert resp.json()["error"]["param"] == param
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 
-def test_a_score_model_grader_judges_with_a_model_of_the_service(sdk, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("multi", [False, True], ids=["score_model", "multi"])
+def test_a_score_model_grader_judges_with_a_model_of_the_service(sdk, tmp_path, tiny_model_dir, multi):
     client = sdk
     with open(write_jsonl(tmp_path / "prompts.jsonl", prompt_records(4)), "rb") as handle:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
     judge = {**JUDGE, "model": str(tiny_model_dir), "range": [0, 1]}
+    if multi:  # the judge as one of a multi grader's graders
+        judge = {**MULTI, "graders": {"judge": judge, "exact": CHECK}, "calculate_output": "(judge + exact) / 2"}
     job = client.fine_tuning.jobs.create(
         model=str(tiny_model_dir),
         training_file=uploaded.id,
         method={"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {"batch_size": 2}}},
         extra_body={"Training": {"logging_steps": 1, "rl_max_tokens": 4, "max_train_steps": 2}},
     )
-    assert job.method.reinforcement.grader.type == "score_model"
+    assert job.method.reinforcement.grader.type == ("multi" if multi else "score_model")
     done = sdk_job_end(client, job.id)
     assert done.status == "succeeded", done.error
     rows = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]

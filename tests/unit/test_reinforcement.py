@@ -23,6 +23,7 @@ from sqft_service.training.reinforcement import (
     policy_gradient_loss,
     rollout_batch,
     sample_answers,
+    score_answers,
     tokenize_prompts,
 )
 from tests.conftest import make_tiny_llama, randomize_b
@@ -199,8 +200,10 @@ def test_answers_the_grader_cannot_grade_score_zero_and_records_are_checked_for_
     # The sample's fields can't be known before sampling: only the record's own are checked.
     prompts, _ = tokenize_prompts(records, tokenizer, json_grader, 512)
     assert len(prompts) == 2
-    scores, failed = grade_answers(json_grader, [p.item for p in prompts], ['{"colour": "red"}', "red"])
-    assert scores == [1.0, 0.0] and failed == 1  # the second answer is not JSON: no `colour` to read
+    items, texts = [p.item for p in prompts], ['{"colour": "red"}', "red"]
+    assert grade_answers(json_grader, items, texts) == [1.0, None]  # the second is not JSON: no `colour`
+    scores, failed = score_answers(json_grader, items, texts, judge=lambda: None)
+    assert scores == [1.0, 0.0] and failed == 1
 
 
 JUDGE = {
@@ -239,15 +242,14 @@ def test_judged_scores_are_the_judges_verdicts(model_dir):  # noqa: F811
     label = {**JUDGE, "type": "label_model", "labels": ["close", "far"], "passing_labels": ["close"]}
     label.pop("range")
     items = [{"answer": "red"}, {"answer": "green"}, {"answer": "red"}]
-    scores, failed = judge_answers(answerer, label, items, ["red", "blue", "crimson"])
+    scores = judge_answers(answerer, label, items, ["red", "blue", "crimson"])
     # A label judge's answer is one of its labels (held by the schema): 1 for a passing label, else 0.
-    assert len(scores) == 3 and set(scores) <= {0.0, 1.0} and failed == 0
+    assert len(scores) == 3 and set(scores) <= {0.0, 1.0}
     bad = {**JUDGE, "sampling_params": {"max_completions_tokens": 2}}  # too few tokens for a verdict
-    scores, failed = judge_answers(answerer, bad, items, ["red", "blue", "crimson"])
-    assert scores == [0.0, 0.0, 0.0] and failed == 3
+    assert judge_answers(answerer, bad, items, ["red", "blue", "crimson"]) == [None, None, None]
     json_judge = {**JUDGE, "input": [{"role": "user", "content": "{{ sample.output_json.colour }}"}]}
-    scores, failed = judge_answers(answerer, json_judge, items, ["red", "blue", "crimson"])
-    assert scores == [0.0, 0.0, 0.0] and failed == 3  # no answer is JSON: none could be put to the judge
+    # No answer is JSON: none could be put to the judge.
+    assert judge_answers(answerer, json_judge, items, ["red", "blue", "crimson"]) == [None, None, None]
 
 
 def test_every_step_samples_anew_even_when_its_prompts_repeat(model_dir, tmp_path):  # noqa: F811
@@ -305,3 +307,43 @@ def test_sqft_adapters_train_by_reinforcement_and_merge_keeping_sparsity_and_the
 def test_a_model_grader_without_its_judge_fails_before_training(model_dir, prompts_file, tmp_path):  # noqa: F811
     with pytest.raises(DataValidationError, match="the grader's judge `judge` was not resolved for this job"):
         run_training(rl_cfg(model_dir, prompts_file, rl_grader=JUDGE), tmp_path, MemorySink())
+
+
+EXACT = {"type": "string_check", "name": "e", "input": "{{ sample.output_text }}", "reference": "{{ item.answer }}"}
+EXACT["operation"] = "eq"
+
+
+def test_a_multi_grader_scores_each_answer_by_its_formula_and_an_ungradable_part_scores_zero(tokenizer):
+    multi = {
+        "type": "multi",
+        "name": "both",
+        "graders": {"exact": EXACT, "json": {**EXACT, "input": "{{ sample.output_json.colour }}"}},
+        "calculate_output": "0.25 * exact + 0.75 * json",
+    }
+    items = [{"answer": "red"}] * 3
+    texts = ["red", '{"colour": "red"}', "blue"]
+    scores, failed = score_answers(multi, items, texts, judge=lambda: None)
+    # "red": exact 1, but not JSON (json can't grade it): 0, counted; the JSON one: exact 0, json 1; "blue": 0.
+    assert scores == [0.0, 0.75, 0.0] and failed == 2
+    divided = {**multi, "calculate_output": "exact / json"}
+    json_only = ['{"colour": "blue"}']
+    assert score_answers(divided, items[:1], json_only, judge=lambda: None) == ([0.0], 1)  # 0 / 0: no value
+
+
+def test_a_multi_grader_with_a_judge_trains(model_dir, prompts_file, tmp_path):  # noqa: F811
+    from sqft_service.inference.spec import ModelSpec
+
+    multi = {
+        "type": "multi",
+        "name": "blend",
+        "graders": {"close": SIMILARITY, "judge": {**JUDGE, "range": [0, 1]}},
+        "calculate_output": "max(close, judge) - 0.5 * min(close, judge)",
+    }
+    sink = MemorySink()
+    cfg = rl_cfg(model_dir, prompts_file, max_train_steps=2, rl_grader=multi)
+    with pytest.raises(DataValidationError, match="the grader's judge `judge` was not resolved"):
+        run_training(cfg, tmp_path / "no-judge", MemorySink())
+    result = run_training(cfg, tmp_path, sink, judges={"judge": ModelSpec("judge", str(model_dir))})
+    assert result.steps == 2
+    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)  # max - min/2 of two scores in [0, 1]

@@ -69,6 +69,8 @@ def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRe
         named = re.match(r"`([^`]+)`: ", message)
         if named and (param is None or named.group(1).startswith(f"{param}.")):
             param = named.group(1)
+        elif named and "." not in named.group(1):  # an object's check naming one of its own fields
+            param = f"{param}.{named.group(1)}"
     else:
         message = f"Invalid value for `{param}`: {msg.removeprefix('Value error, ')}"
     if len(errors) > 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..graders import judge_models
 from ..job_secrets import restore_secrets
 from ..model_access import ModelAccess
 from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
@@ -51,7 +52,8 @@ def fine_tune(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     judge = cfg.Training.rl_judge
     judges = {}
     if judge is not None:  # a reinforcement job's model grader: its judge's real paths checked now too
-        judges = _specs({(cfg.Training.rl_grader or {})["model"]: BatchModel(**judge)}, _model_access(ctx))
+        (name,) = judge_models(cfg.Training.rl_grader or {})  # the API allows one judge model a job
+        judges = _specs({name: BatchModel(**judge)}, _model_access(ctx))
     result = run_training(
         cfg,
         ctx.workspace.output.root,

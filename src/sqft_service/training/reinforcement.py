@@ -16,7 +16,7 @@ same carries no signal (every advantage 0) and is left out of the backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,16 @@ import torch
 
 from ..graders import (
     MODEL_GRADERS,
+    MULTI,
     GradingError,
+    combine,
     grade,
     judge_request,
     model_verdict,
     render,
     render_messages,
     sample_namespace,
+    sub_graders,
 )
 from ..inference.render import chat_ids
 from .loss import LossOutput, label_token_losses
@@ -97,6 +100,8 @@ class _AnySample(dict):
 
 def grader_templates(grader: dict[str, Any]) -> list[tuple[str, str]]:
     """``(where, template)`` of each of a grader's templates (a model grader's are its messages)."""
+    if grader["type"] == MULTI:
+        return [(f"graders.{key}.{w}", t) for key, g in grader["graders"].items() for w, t in grader_templates(g)]
     if grader["type"] in MODEL_GRADERS:
         return [(f"input[{j}].content", m["content"]) for j, m in enumerate(grader["input"])]
     return [("input", grader["input"]), ("reference", grader["reference"])]
@@ -155,33 +160,52 @@ def sample_answers(
     return answers
 
 
-def grade_answers(
-    grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]
+def score_answers(
+    grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str], judge: Callable[[], Any]
 ) -> tuple[list[float], int]:
-    """The grader's score of each answer text against its prompt's record, and how many it could not
-    grade (a template reading ``sample.output_json.x`` of an answer that is not such JSON): those score 0."""
+    """The grader's score of each answer text against its prompt's record, and how many it could not grade
+    (a template reading ``sample.output_json.x`` of an answer that is not such JSON, a failed verdict, a
+    multi grader's formula without a value): those score 0. ``judge()``: the answerer model graders ask."""
+    parts = {}
+    for key, sub in sub_graders(grader).items():
+        model = sub["type"] in MODEL_GRADERS
+        parts[key] = judge_answers(judge(), sub, items, texts) if model else grade_answers(sub, items, texts)
     scores, failed = [], 0
-    for item, text in zip(items, texts, strict=True):
+    for n in range(len(texts)):
+        got = {key: part[n] for key, part in parts.items()}
         try:
-            scores.append(grade(grader, item, sample_namespace(text, None))[0])
+            if any(score is None for score in got.values()):
+                raise GradingError("a grader could not grade the answer")
+            scores.append(combine(grader, got))  # type: ignore[arg-type]  # no None left
         except GradingError:
             scores.append(0.0)
             failed += 1
     return scores, failed
 
 
+def grade_answers(grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]) -> list[float | None]:
+    """A string_check / text_similarity grader's score of each answer (None: it could not grade it)."""
+    scores: list[float | None] = []
+    for item, text in zip(items, texts, strict=True):
+        try:
+            scores.append(grade(grader, item, sample_namespace(text, None))[0])
+        except GradingError:
+            scores.append(None)
+    return scores
+
+
 def judge_answers(
     answerer: Any, grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str]
-) -> tuple[list[float], int]:
-    """A label_model / score_model grader's scores: its judge answers every answer's messages (as an eval
-    run's judge does, ``graders.judge_request``) through ``answerer`` (``jobs/batch.Answerer``); an
-    answer it can't grade (a failed or unparsable verdict) scores 0 and is counted."""
-    scores, lines, failed = [0.0] * len(texts), [], 0
+) -> list[float | None]:
+    """A label_model / score_model grader's scores (None: not graded): its judge answers every answer's
+    messages (as an eval run's judge does, ``graders.judge_request``) through ``answerer``
+    (``jobs/batch.Answerer``)."""
+    scores: list[float | None] = [None] * len(texts)
+    lines = []
     for n, (item, text) in enumerate(zip(items, texts, strict=True)):
         try:  # a message reading `sample.output_json.x` of an answer that is not such JSON: not asked
             messages = render_messages(grader["input"], item, sample_namespace(text, None))
         except GradingError:
-            failed += 1
             continue
         lines.append({"custom_id": str(n), "body": judge_request(grader, messages)})
     for custom_id, status, body in answerer.chunk(lines) if lines else []:
@@ -190,8 +214,8 @@ def judge_answers(
                 raise GradingError(body["error"]["message"])
             scores[int(custom_id)] = model_verdict(grader, body["choices"][0]["message"].get("content") or "")[0]
         except GradingError:
-            failed += 1
-    return scores, failed
+            pass  # stays None: counted as not graded
+    return scores
 
 
 def group_advantages(scores: torch.Tensor) -> torch.Tensor:

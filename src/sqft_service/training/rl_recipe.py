@@ -15,19 +15,18 @@ from typing import Any
 
 import torch
 
-from ..graders import MODEL_GRADERS
+from ..graders import judge_models
 from .loss import LossOutput
 from .recipe import FinetuneRecipe, TrainerState
 from .records import DataValidationError
 from .reinforcement import (
     Prompt,
     Rollout,
-    grade_answers,
     group_advantages,
-    judge_answers,
     policy_gradient_loss,
     rollout_batch,
     sample_answers,
+    score_answers,
     tokenize_prompts,
 )
 
@@ -48,10 +47,10 @@ class ReinforcementRecipe(FinetuneRecipe):
     # ------------------------------------------------------------------ data
     def _tokenize(self, records: list[dict], source: str | None) -> list:
         t, ds = self.cfg.Training, self.cfg.Dataset
-        judge = (t.rl_grader or {}).get("model")
-        if (t.rl_grader or {}).get("type") in MODEL_GRADERS and judge not in self.judges:
+        missing = [m for m in judge_models(t.rl_grader or {}) if m not in self.judges] if t.rl_grader else []
+        if missing:
             raise DataValidationError(
-                f"the grader's judge `{judge}` was not resolved for this job (the service resolves it when "
+                f"the grader's judge `{missing[0]}` was not resolved for this job (the service resolves it when "
                 "the job is created)",
                 param="Training.rl_grader",
             )
@@ -110,11 +109,7 @@ class ReinforcementRecipe(FinetuneRecipe):
 
     def _grade(self, items: list[dict[str, Any]], answers: list[list[int]]) -> tuple[list[float], int]:
         """The grader's scores of ``answers`` (and how many it could not grade: scored 0)."""
-        grader = self.cfg.Training.rl_grader or {}
-        texts = self._texts(answers)
-        if grader.get("type") not in MODEL_GRADERS:
-            return grade_answers(grader, items, texts)
-        return judge_answers(self._judge(), grader, items, texts)
+        return score_answers(self.cfg.Training.rl_grader or {}, items, self._texts(answers), self._judge)
 
     def _judge(self) -> Any:
         """The batch job's answerer on an engine of this process's own, holding the judge (loaded once)."""

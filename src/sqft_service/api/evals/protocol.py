@@ -9,12 +9,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import UserError
-from ...graders import MODEL_GRADERS, SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
+from ...grader_formula import FUNCTIONS, MAX_FORMULA_CHARS, NAME, FormulaError, formula_names
+from ...graders import MODEL_GRADERS, MULTI, SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
 from ..inference.protocol import MAX_TOKENS_LIMIT
 from ..limits import Metadata
 from ..responses.protocol import FunctionTool, TextOptions
 
 MAX_GRADERS = 32
+MAX_MULTI_GRADERS = 16
 MAX_TEMPLATE_CHARS = 32_768
 MAX_NAME_CHARS = 256
 Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
@@ -34,8 +36,12 @@ SAMPLE_SCHEMA = {
 # Grader types OpenAI names that this service refuses, and why.
 UNOFFERED_GRADERS = {
     "python": "it would run the client's code on the host",
-    "multi": "combine graders' results from the run's output items instead",
     "endpoint": "it would call out of the service",
+}
+# Where a multi grader is not offered: an eval reports each testing criterion on its own.
+UNOFFERED_IN_EVALS = UNOFFERED_GRADERS | {
+    MULTI: "an eval reports each testing criterion's result; combine them from the run's output items "
+    "(multi graders are for reinforcement fine-tuning and graders/run)"
 }
 
 
@@ -149,8 +155,54 @@ Grader = Annotated[
 ]
 
 
+class MultiGrader(_Strict):
+    """Named graders whose scores a formula combines: ``{"graders": {"name": {...}, "email": {...}},
+    "calculate_output": "(name + email) / 2"}`` (``grader_formula.py``). ``graders`` may also be one
+    grader, which the formula reads by its ``name``."""
+
+    type: Literal["multi"]
+    name: Name = "multi"
+    graders: dict[str, Grader] = Field(min_length=1, max_length=MAX_MULTI_GRADERS)
+    calculate_output: str = Field(min_length=1, max_length=MAX_FORMULA_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_grader(cls, data: Any) -> Any:
+        graders = data.get("graders") if isinstance(data, dict) else None
+        if isinstance(graders, dict) and isinstance(graders.get("type"), str):  # one grader, not a map of them
+            return {**data, "graders": {str(graders.get("name")): graders}}
+        return data
+
+    @model_validator(mode="after")
+    def _formula(self) -> MultiGrader:
+        for key in self.graders:
+            if not NAME.fullmatch(key) or key in FUNCTIONS:
+                raise ValueError(
+                    f"`graders`: '{key[:64]}' is not a name a formula can read (letters, digits and _, not "
+                    "starting with a digit, nor a function's name)"
+                )
+        try:
+            names = formula_names(self.calculate_output)
+        except FormulaError as exc:
+            raise ValueError(f"`calculate_output`: {exc}") from None
+        if stray := sorted(names - set(self.graders)):
+            raise ValueError(
+                f"`calculate_output`: the formula reads `{stray[0]}`, which is not one of `graders` "
+                f"({', '.join(self.graders)})"
+            )
+        return self
+
+
+GraderOrMulti = Annotated[
+    StringCheckGrader | TextSimilarityGrader | LabelModelGrader | ScoreModelGrader | MultiGrader,
+    Field(discriminator="type"),
+]
+
+
 def grader_templates(at: str, grader: Any) -> list[tuple[str, str]]:
     """``(param, template)`` for every template of a grader (``at``: where the body holds it)."""
+    if grader.type == MULTI:
+        return [t for key, g in grader.graders.items() for t in grader_templates(f"{at}.graders.{key}", g)]
     if grader.type in MODEL_GRADERS:
         return [(f"{at}.input[{j}].content", m.content) for j, m in enumerate(grader.input)]
     return [(f"{at}.input", grader.input), (f"{at}.reference", grader.reference)]
@@ -162,11 +214,23 @@ def _type_of(value: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def refuse_unoffered(grader: Any, at: str) -> None:
+def refuse_unoffered(grader: Any, at: str, *, multi: bool = True) -> None:
     """A ValueError naming ``at.type`` for a grader type this service does not offer (before pydantic's
-    own error, which could only say the type is not one of those it knows)."""
-    if why := UNOFFERED_GRADERS.get(kind := _type_of(grader) or ""):
+    own error, which could only say the type is not one of those it knows). ``multi``: whether a multi
+    grader is offered there (not in an eval; never inside another multi grader)."""
+    kind = _type_of(grader) or ""
+    if why := (UNOFFERED_GRADERS if multi else UNOFFERED_IN_EVALS).get(kind):
         raise ValueError(f"`{at}.type`: '{kind}' graders are not offered here: {why}")
+    graders = grader.get("graders") if kind == MULTI else None
+    if isinstance(graders, dict):  # a map of graders by name, or one grader
+        for where, sub in [(f"{at}.graders", graders)] if _type_of(graders) else _under(f"{at}.graders", graders):
+            if _type_of(sub) == MULTI:
+                raise ValueError(f"`{where}.type`: a multi grader's graders are not multi graders")
+            refuse_unoffered(sub, where, multi=False)
+
+
+def _under(at: str, graders: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(f"{at}.{key}", sub) for key, sub in graders.items()]
 
 
 def check_grader_templates(grader: Any, at: str) -> None:
@@ -190,7 +254,7 @@ class CreateEvalRequest(_Strict):
         if isinstance(data, dict):
             criteria = data.get("testing_criteria")
             for i, grader in enumerate(criteria if isinstance(criteria, list) else []):
-                refuse_unoffered(grader, f"testing_criteria[{i}]")
+                refuse_unoffered(grader, f"testing_criteria[{i}]", multi=False)
         return data
 
     @model_validator(mode="after")

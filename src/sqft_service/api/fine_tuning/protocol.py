@@ -23,7 +23,7 @@ from ...config import (
 from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
-from ..evals.protocol import Grader, check_grader_templates, refuse_unoffered
+from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
 from ..limits import Metadata
 
 
@@ -105,7 +105,7 @@ class ReinforcementMethod(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    grader: Grader
+    grader: GraderOrMulti
     hyperparameters: ReinforcementHyperparameters | None = None
 
     @model_validator(mode="before")

@@ -17,6 +17,7 @@ from ...config import (
 )
 from ...devices import check_device_available
 from ...errors import InvalidRequestError, NotFoundError
+from ...graders import MULTI, judge_models, sub_graders
 from ...job_secrets import split_secrets, write_secrets
 from ...jobs.kinds import BatchModel
 from ...jobs.manager import JobManager
@@ -28,7 +29,7 @@ from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
 from ...training.records import inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
-from ..evals.protocol import MODEL_GRADERS, Grader, check_grader_templates, refuse_unoffered
+from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
 from ..files.service import FileService
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
@@ -247,10 +248,19 @@ class FineTuningService:
         """A model grader's judge resolved as an eval run's is (404 naming the grader's ``model`` for one
         the caller can't use; the job's own base ``model`` is one it can), for the job to load it."""
         grader = section.rl_grader or {}
-        if grader.get("type") not in MODEL_GRADERS:
+        names = judge_models(grader) if grader else []
+        if not names:
             return section
-        at = "method.reinforcement.grader.model" if via_method else "Training.rl_grader"
-        name = grader["model"]
+        key = next(k for k, g in sub_graders(grader).items() if g.get("model") == names[0])
+        at = "Training.rl_grader"  # the reference route's field, as it is named there
+        if via_method:
+            at = "method.reinforcement.grader" + (f".graders.{key}" if grader["type"] == MULTI else "") + ".model"
+        if len(names) > 1:  # the job holds one judge beside the model it trains
+            raise InvalidRequestError(
+                f"a fine-tuning job's model graders share one judge model; these name {', '.join(names[:4])}",
+                param=at,
+            )
+        name = names[0]
         if name == model and parse_fine_tuned(name) is None:  # checked as the job's model already
             judge = BatchModel(model=ModelAccess.from_settings(self.manager.settings).check_model(name, at))
         elif self.models is None:
@@ -305,7 +315,7 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
     return _checked(copied)
 
 
-_GRADER = TypeAdapter(Grader)
+_GRADER = TypeAdapter(GraderOrMulti)
 
 
 def _checked(section: TrainingSection) -> TrainingSection:

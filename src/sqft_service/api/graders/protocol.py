@@ -7,14 +7,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..evals.protocol import Grader, check_grader_templates, refuse_unoffered
+from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
 
 MAX_SAMPLE_CHARS = 1_000_000
 
 
 class _GraderBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grader: Grader
+    grader: GraderOrMulti
 
     @model_validator(mode="before")
     @classmethod
