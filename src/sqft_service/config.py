@@ -34,6 +34,8 @@ DPO_BETA = 0.1  # DPO's usual beta (the paper's, TRL's and OpenAI's default)
 MAX_DPO_BETA = 100.0  # beyond this the policy can hardly move: a typo, not a choice
 MAX_RL_GROUP = 64  # answers sampled per prompt in reinforcement fine-tuning
 MAX_RL_TOKENS = 4096  # new tokens per sampled answer
+MAX_RL_KL_BETA = 10.0  # a KL penalty past this only holds the policy at the base
+MAX_RL_UPDATES = 16  # optimizer steps per sampling
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
@@ -219,6 +221,16 @@ class TrainingSection(_Section):
     rl_temperature: float = Field(1.0, gt=0, le=2.0)
     # Validation: answers per validation prompt sampled at `rl_temperature` (None: one greedy answer).
     rl_eval_samples: int | None = Field(None, ge=1, le=MAX_RL_GROUP)
+    # GRPO's KL penalty to the base model (the adapter switched off), beta * KL per answer token (the k3
+    # estimator, as TRL computes it); 0: none (TRL's default). Holds the policy near the base it started from.
+    rl_kl_beta: float = Field(0.0, ge=0.0, le=MAX_RL_KL_BETA)
+    # Optimizer steps per sampling (TRL's num_iterations, mu): each step's sampled answers train this many
+    # consecutive steps, PPO's clipped ratio to the sampling policy keeping the later ones close to it.
+    rl_updates_per_sample: int = Field(1, ge=1, le=MAX_RL_UPDATES)
+    # PPO's clip range of that ratio: [1 - rl_clip_epsilon, 1 + rl_clip_epsilon_high] (None: the same
+    # epsilon both ways; a larger high bound is DAPO's "clip-higher").
+    rl_clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    rl_clip_epsilon_high: float | None = Field(None, gt=0.0, le=10.0)
     optimizer: Literal["adamw_torch", "adamw", "sgd"] = "adamw_torch"
     batch_size: int = Field(2, ge=1, le=MAX_BATCH_SIZE)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
@@ -299,7 +311,18 @@ METHOD_FIELDS = {
     "dpo": ("preference training", ("dpo_beta", "dpo_loss", "dpo_label_smoothing")),
     "reinforcement": (
         "reinforcement fine-tuning",
-        ("rl_grader", "rl_judge", "rl_group_size", "rl_max_tokens", "rl_temperature", "rl_eval_samples"),
+        (
+            "rl_grader",
+            "rl_judge",
+            "rl_group_size",
+            "rl_max_tokens",
+            "rl_temperature",
+            "rl_eval_samples",
+            "rl_kl_beta",
+            "rl_updates_per_sample",
+            "rl_clip_epsilon",
+            "rl_clip_epsilon_high",
+        ),
     ),
 }
 
@@ -318,6 +341,11 @@ def check_method_complete(training: TrainingSection) -> None:
     check_method_fields(training)
     if training.method == "reinforcement" and training.rl_grader is None:
         raise ValueError("a reinforcement job needs a grader: `method.reinforcement.grader` (or `rl_grader`)")
+    clip = ("rl_clip_epsilon", "rl_clip_epsilon_high")
+    changed = [n for n in clip if getattr(training, n) != TrainingSection.model_fields[n].default]
+    if changed and training.method == "reinforcement" and training.rl_updates_per_sample == 1:
+        # One update per sampling trains the policy that sampled: its ratio is 1 and nothing is clipped.
+        raise ValueError(f"`{changed[0]}` applies with `rl_updates_per_sample` above 1 (PPO's clipped ratio)")
     if training.method == "reinforcement" and training.torch_compile:
         # Sampling runs the layers at a new length every token: compiled graphs would only recompile.
         raise ValueError("`torch_compile` does not apply to reinforcement fine-tuning (it samples every step)")

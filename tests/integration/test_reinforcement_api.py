@@ -185,6 +185,10 @@ def _multi(graders: dict) -> dict:
             "set by the service from the grader's `model`",
         ),
         ({"Training": {"rl_group_size": 1}}, "Training.rl_group_size", "greater than or equal to 2"),
+        ({"Training": {"rl_clip_epsilon": 0.1}}, "Training", "`rl_clip_epsilon` applies with `rl_updates_per_sample`"),
+        ({"Training": {"rl_updates_per_sample": 17}}, "Training.rl_updates_per_sample", "less than or equal to 16"),
+        ({"Training": {"rl_kl_beta": -1}}, "Training.rl_kl_beta", "greater than or equal to 0"),
+        ({"method": None, "Training": {"rl_kl_beta": 0.1}}, "Training", "`rl_kl_beta` applies to reinforcement"),
         ({"Training": {"torch_compile": True}}, "Training", "`torch_compile` does not apply to reinforcement"),
     ],
 )

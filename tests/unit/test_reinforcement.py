@@ -24,6 +24,7 @@ from sqft_service.training.reinforcement import (
     rollout_batch,
     sample_answers,
     score_answers,
+    token_logps,
     tokenize_prompts,
 )
 from tests.conftest import make_tiny_llama, randomize_b
@@ -298,7 +299,10 @@ def test_sqft_adapters_train_by_reinforcement_and_merge_keeping_sparsity_and_the
 
     lora = sqft_lora()
     sink = MemorySink()
-    result = run_training(rl_cfg(sparse_model_dir, prompts_file, lora=lora, max_train_steps=3), tmp_path / "out", sink)
+    # Two updates per sampling and a KL penalty: the base's log-probabilities with the SQFT adapter off.
+    extra = {"rl_updates_per_sample": 2, "rl_kl_beta": 0.05}
+    cfg = rl_cfg(sparse_model_dir, prompts_file, lora=lora, max_train_steps=3, **extra)
+    result = run_training(cfg, tmp_path / "out", sink)
     assert result.steps == 3 and any("nls_stats" in r for r in sink.metric_rows)
     report = merge(str(sparse_model_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
     assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
@@ -347,3 +351,87 @@ def test_a_multi_grader_with_a_judge_trains(model_dir, prompts_file, tmp_path): 
     assert result.steps == 2
     rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
     assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)  # max - min/2 of two scores in [0, 1]
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_the_clipped_ratio_and_kl_loss_equal_the_plain_computation(tokenizer, device_path):
+    """GRPO's loss with kept log-probabilities against a per-sequence computation from the full logits:
+    ``-min(r A, clip(r) A) + beta (exp(ref - logp) - (ref - logp) - 1)``, ``r = exp(logp - old)``."""
+    torch.manual_seed(0)
+    model, _ = build_peft_model(make_tiny_llama(len(tokenizer)), LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_b(model)
+    # Old log-probabilities far enough from the model's that some ratios leave [0.8, 1.3] both ways.
+    shifts = [[0.5, -0.4], [-0.3, 0.02, 0.6], [0.0]]
+    rollouts = []
+    for (prompt, answer, adv), shift in zip(
+        [([5, 6, 7], [8, 9], 1.5), ([5, 6], [10, 11, 12], -0.5), ([4], [13], 0.25)], shifts, strict=True
+    ):
+        r = Rollout(prompt, answer, adv)
+        (now,) = token_logps(model, [r], 0, torch.device("cpu"))
+        r.old_logps = [v + s for v, s in zip(now, shift, strict=True)]
+        r.ref_logps = [v - 0.7 * s for v, s in zip(now, shift, strict=True)]
+        rollouts.append(r)
+    batch = rollout_batch(rollouts, pad_id=0)
+    beta, clip = 0.3, (0.2, 0.3)
+    out = policy_gradient_loss(model, label_positions(batch) if device_path else batch, clip=clip, kl_beta=beta)
+    out.loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    plain = torch.zeros(())
+    clipped_somewhere = set()
+    for r in rollouts:
+        ids = torch.tensor([r.prompt + r.answer])
+        logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        picked = logps.gather(1, ids[0, 1:, None]).squeeze(1)[len(r.prompt) - 1 :]
+        ratio = torch.exp(picked - torch.tensor(r.old_logps))
+        clipped_somewhere |= {"low" for v in ratio if v < 1 - clip[0]} | {"high" for v in ratio if v > 1 + clip[1]}
+        surrogate = torch.minimum(ratio * r.advantage, ratio.clamp(1 - clip[0], 1 + clip[1]) * r.advantage)
+        gap = torch.tensor(r.ref_logps) - picked
+        plain = plain + (-surrogate + beta * (torch.exp(gap) - gap - 1)).sum()
+    plain.backward()
+    assert clipped_somewhere == {"low", "high"}  # the case exercises both bounds
+    assert out.loss_sum.item() == pytest.approx(plain.item(), rel=1e-5)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_several_updates_per_sampling_train_its_answers_again_and_resume_exactly(model_dir, prompts_file, tmp_path):  # noqa: F811
+    """rl_updates_per_sample 2: every sampling trains two steps; a job stopped between them resumes on the
+    answers it kept, to the same adapter; a KL penalty's base log-probabilities are the base's."""
+
+    def cfg():
+        return rl_cfg(model_dir, prompts_file, rl_updates_per_sample=2, rl_kl_beta=0.1, max_train_steps=6)
+
+    sink = MemorySink()
+    whole = run_training(cfg(), tmp_path / "whole", sink)
+    assert whole.steps == 6  # 12 prompts, 2 a step: 6 samplings of 2 steps each, cut at 6
+    sampled = [text.split(":")[0] for _, text, _ in sink.messages if text.startswith("step ")]
+    assert sampled == ["step 1", "step 3", "step 5"]
+    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    assert rewards[0] == rewards[1] and rewards[2] == rewards[3]  # a sampling's answers, trained twice
+    assert not list((tmp_path / "whole").glob(".rl-sampling-*"))  # kept answers go when the job ends
+    first = MemorySink()
+    with pytest.raises(TrainingStopped):  # stopped after step 3, the first of a sampling's two
+        run_training(cfg(), tmp_path / "split", first, should_stop=StopAt(first, 3))
+    kept = torch.load(next((tmp_path / "split").glob(".rl-sampling-00000002.*")), weights_only=True)
+    rows = [r for rows in kept["rollouts"].values() for r in rows]
+    assert rows and all(len(r["old_logps"]) == len(r["answer"]) == len(r["ref_logps"]) for r in rows)
+    second = MemorySink()
+    resumed = run_training(cfg(), tmp_path / "split", second)
+    assert next(t for _, t, _ in second.messages if t.startswith("step ")).startswith("step 5")  # no new sampling
+    a = load_file(str(Path(whole.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_kl_penalty_reads_the_base_model_with_the_adapter_off(model_dir, prompts_file, tmp_path):  # noqa: F811
+    """At the first sampling the adapter adds nothing yet (LoRA's B starts at 0): the sampling policy's
+    and the base's log-probabilities are the same numbers."""
+    cfg = rl_cfg(model_dir, prompts_file, rl_updates_per_sample=2, rl_kl_beta=1.0, max_train_steps=2)
+    first = MemorySink()
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, tmp_path, first, should_stop=StopAt(first, 1))
+    kept = torch.load(next(tmp_path.glob(".rl-sampling-00000000.*")), weights_only=True)
+    rows = [r for rows in kept["rollouts"].values() for r in rows]
+    assert len(rows) == 6  # with a KL penalty every answer trains, whatever its advantage
+    assert all(r["old_logps"] == r["ref_logps"] for r in rows)

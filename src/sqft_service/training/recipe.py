@@ -102,6 +102,7 @@ class FinetuneRecipe:
     """
 
     unit = "examples"  # what the data's items are called in messages
+    updates_per_batch = 1  # optimizer steps each global batch trains (rl_recipe: several per sampling)
 
     def __init__(
         self,
@@ -193,7 +194,7 @@ class FinetuneRecipe:
         if self.preference:
             self.collator = PairCollator(self.collator)
         global_batch = t.batch_size * t.gradient_accumulation_steps * self.dp.world_size
-        self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch)
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / global_batch) * self.updates_per_batch
         if self.dp.enabled:
             on = " (one GPU each)" if self.device.type == "cuda" else ""
             self.sink.message(

@@ -225,46 +225,94 @@ def group_advantages(scores: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Rollout:
-    """One sampled answer to train on: its prompt, its tokens and their advantage."""
+    """One sampled answer to train on: its prompt, its tokens and their advantage; with several updates
+    per sampling, each token's log-probability under the policy that sampled it (``old_logps``), and with
+    a KL penalty under the base model (``ref_logps``)."""
 
     prompt: list[int]
     answer: list[int]
     advantage: float
+    old_logps: list[float] | None = None
+    ref_logps: list[float] | None = None
 
 
 def rollout_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, Any]:
-    """Right-padded rows of prompt + answer: labels and ``label_weights`` (the advantage) on the answer."""
+    """Right-padded rows of prompt + answer: labels and ``label_weights`` (the advantage) on the answer,
+    and ``label_old`` / ``label_ref`` (the answer tokens' kept log-probabilities) when the rollouts hold them."""
     width = max(len(r.prompt) + len(r.answer) for r in rollouts)
     shape = (len(rollouts), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros(shape, dtype=torch.float32)
     mask = torch.zeros(shape, dtype=torch.long)
+    kept = {
+        key: torch.zeros(shape, dtype=torch.float32)
+        for key, field in (("label_old", "old_logps"), ("label_ref", "ref_logps"))
+        if getattr(rollouts[0], field) is not None
+    }
     for i, r in enumerate(rollouts):
         n, m = len(r.prompt), len(r.answer)
         input_ids[i, : n + m] = torch.tensor(r.prompt + r.answer)
         labels[i, n : n + m] = torch.tensor(r.answer)
         weights[i, n : n + m] = r.advantage
         mask[i, : n + m] = 1
+        for key, values in kept.items():
+            values[i, n : n + m] = torch.tensor(r.old_logps if key == "label_old" else r.ref_logps)
     n_real = int(mask.sum())
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
         "label_weights": weights,
+        **kept,
         "n_label_tokens": sum(len(r.answer) for r in rollouts),
         "n_real_tokens": n_real,
         "n_padded_tokens": width * len(rollouts),
     }
 
 
-def policy_gradient_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-    """``sum(-A * log p(token))`` over the batch's answer tokens (see the module docstring)."""
-    row_losses, n_correct = label_token_losses(model, batch)
-    weights = batch["label_weights"]
+def _at_labels(batch: dict[str, Any], key: str) -> torch.Tensor:
+    """``batch[key]`` (one value per position) at the answer tokens, in ``label_token_losses``' order."""
+    values = batch[key]
     if "label_positions" in batch:  # the device path's host-found positions (loss.label_positions)
-        weights = weights.reshape(-1).index_select(0, batch["label_positions"] + 1)
-    else:
-        labels = batch["labels"][:, 1:]
-        weights = weights[:, 1:][labels != IGNORE_INDEX]
-    return LossOutput(loss_sum=(row_losses * weights).sum(), n_correct=n_correct, n_labels=int(row_losses.numel()))
+        return values.reshape(-1).index_select(0, batch["label_positions"] + 1)
+    labels = batch["labels"][:, 1:]
+    return values[:, 1:][labels != IGNORE_INDEX]
+
+
+@torch.no_grad()
+def token_logps(
+    model: torch.nn.Module, rollouts: Sequence[Rollout], pad_id: int, device: torch.device
+) -> list[list[float]]:
+    """Each rollout's answer tokens' log-probabilities under ``model`` as it is (one forward, no grad)."""
+    batch = rollout_batch(rollouts, pad_id)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    flat = (-label_token_losses(model, batch)[0]).float().cpu().tolist()
+    out, first = [], 0
+    for r in rollouts:
+        out.append(flat[first : first + len(r.answer)])
+        first += len(r.answer)
+    return out
+
+
+def policy_gradient_loss(
+    model: torch.nn.Module, batch: dict[str, Any], *, clip: tuple[float, float] = (0.2, 0.2), kl_beta: float = 0.0
+) -> LossOutput:
+    """The step's loss summed over its answer tokens (see the module docstring): ``-A * log p(token)``;
+    with kept log-probabilities, GRPO's ``-min(r * A, clip(r, 1 - lo, 1 + hi) * A)`` with ``r`` the ratio to
+    the sampling policy (``label_old``; the policy itself, ratio 1, without) plus ``kl_beta`` times the
+    k3 estimate of the KL to the base, ``exp(ref - logp) - (ref - logp) - 1`` (``label_ref``)."""
+    row_losses, n_correct = label_token_losses(model, batch)
+    advantages = _at_labels(batch, "label_weights")
+    n_labels = int(row_losses.numel())
+    if "label_old" not in batch and "label_ref" not in batch:
+        return LossOutput(loss_sum=(row_losses * advantages).sum(), n_correct=n_correct, n_labels=n_labels)
+    logps = -row_losses.float()
+    old = _at_labels(batch, "label_old") if "label_old" in batch else logps.detach()
+    ratio = torch.exp(logps - old)
+    clipped = ratio.clamp(1.0 - clip[0], 1.0 + clip[1])
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    if "label_ref" in batch:
+        gap = _at_labels(batch, "label_ref") - logps
+        per_token = per_token + kl_beta * (torch.exp(gap) - gap - 1.0)
+    return LossOutput(loss_sum=per_token.sum(), n_correct=n_correct, n_labels=n_labels)

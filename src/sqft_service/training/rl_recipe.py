@@ -11,12 +11,15 @@ super-adapter samples with its maximal sub-adapter; the step's drawn sub-adapter
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..graders import judge_models
 from .loss import LossOutput
+from .memory import in_fitting_batches
 from .recipe import FinetuneRecipe, TrainerState
 from .records import DataValidationError
 from .reinforcement import (
@@ -27,6 +30,7 @@ from .reinforcement import (
     rollout_batch,
     sample_answers,
     score_answers,
+    token_logps,
     tokenize_prompts,
 )
 
@@ -36,6 +40,7 @@ class ReinforcementRecipe(FinetuneRecipe):
 
     def __init__(self, *args: Any, judges: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.updates_per_batch = self.cfg.Training.rl_updates_per_sample
         self.judges = judges or {}  # a model grader's judge: its ModelSpec by name
         self._answerer: Any = None
         self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
@@ -123,29 +128,37 @@ class ReinforcementRecipe(FinetuneRecipe):
             self._answerer = Answerer(engine, self.judges, chat=True)
         return self._answerer
 
-    def _roll_out(self, indices: list[int]) -> None:
-        """Sample, grade and weigh this step's answers to this rank's prompts ``indices``."""
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's steps, each repeated ``rl_updates_per_sample`` times: the steps of one sampling."""
+        batches, accum = super()._batches(epoch), self.cfg.Training.gradient_accumulation_steps
+        groups = [batches[first : first + accum] for first in range(0, len(batches), accum)]
+        return [b for g in groups for _ in range(self.updates_per_batch) for b in g]
+
+    def _roll_out(self, indices: list[int], step: int) -> None:
+        """Sample, grade and weigh step ``step``'s answers to this rank's prompts ``indices``."""
         t = self.cfg.Training
         group = t.rl_group_size
         prompts = [self.train_examples[i] for i in indices]
-        step = self._next_step
-        self._next_step += 1
         t0 = time.perf_counter()
         answers = self._sample(prompts, group, t.rl_temperature, self.seed * 1_000_003 + step * 1009 + self.dp.rank)
         items = [p.item for p in prompts for _ in range(group)]
         graded, failed = self._grade(items, answers)
         scores = torch.tensor(graded).view(-1, group)
         advantages = group_advantages(scores)
+        # An answer whose advantage is 0 trains nothing, unless a KL penalty holds its tokens to the base.
         self._rollouts = {
             i: [
                 Rollout(prompts[j].ids, answers[j * group + k], float(advantages[j, k]))
                 for k in range(group)
-                if advantages[j, k] != 0
+                if advantages[j, k] != 0 or t.rl_kl_beta > 0
             ]
             for j, i in enumerate(indices)
         }
+        self._keep_logps([r for rows in self._rollouts.values() for r in rows])
         total, count = self.dp.sum([float(scores.sum()), scores.numel()])
         self._step_scores = (total, int(count))
+        if self.updates_per_batch > 1:
+            self._save_block(step)
         self._rollout_s = time.perf_counter() - t0
         self._untimed_s = self._rollout_s  # the step's time and the ETA include its sampling
         if step == 0 or (step + 1) % t.logging_steps == 0 or failed:
@@ -164,8 +177,17 @@ class ReinforcementRecipe(FinetuneRecipe):
             self._in_step = False
 
     def _collate(self, shards: list[list[int]]) -> list[dict[str, Any]]:
-        if not self._in_step:  # a new step: sample its answers (a retry in more passes trains the same ones)
-            self._roll_out([i for s in shards for i in s])
+        if not self._in_step:  # a new step (a retry in more passes trains the same answers)
+            indices, step = [i for s in shards for i in s], self._next_step
+            self._next_step += 1
+            # The first step of a sampling samples; the others train on its answers (those kept on disk
+            # when a resumed job starts within a sampling's steps).
+            within = step % self.updates_per_batch
+            if within == 0 or (not self._rollouts and not self._load_block(step - within, indices)):
+                self._roll_out(indices, step)
+            # The step's dropout masks from (seed, rank, step) alone: the same after a resume, whether or not
+            # this step sampled (sampling reseeds the generator; a resumed step within a sampling does not).
+            torch.manual_seed(self.dp.dropout_seed(self.seed, step))
         passes = []
         for idx in self.forward_split.shards(shards):
             rows = [r for i in idx for r in self._rollouts[i]]
@@ -180,8 +202,87 @@ class ReinforcementRecipe(FinetuneRecipe):
         return passes
 
     def _forward(self, batch: dict[str, Any]) -> LossOutput:
+        t = self.cfg.Training
+        clip = (t.rl_clip_epsilon, t.rl_clip_epsilon_high or t.rl_clip_epsilon)
         with self._autocast():
-            return policy_gradient_loss(self.model, batch)
+            return policy_gradient_loss(self.model, batch, clip=clip, kl_beta=t.rl_kl_beta)
+
+    # ------------------------------------------ kept log-probabilities, blocks
+    def _keep_logps(self, rollouts: list[Rollout]) -> None:
+        """Each answer token's log-probability under the sampling policy (several updates per sampling:
+        PPO's ratio) and under the base model (a KL penalty), computed once per sampling."""
+        t = self.cfg.Training
+        if not rollouts or (self.updates_per_batch == 1 and t.rl_kl_beta == 0):
+            return
+        pad = self.collator.pad_token_id
+
+        def logps(chunk: list[Rollout]) -> list[list[float]]:
+            return token_logps(self.model, chunk, pad, self.device)
+
+        def run() -> list[list[float]]:
+            with self._autocast():
+                chunks = in_fitting_batches(rollouts, t.batch_size * t.rl_group_size, logps, self.device)
+            return [row for chunk in chunks for row in chunk]
+
+        self.model.eval()  # no dropout; an NLS super-adapter as it sampled (maximal)
+        if self.handles.nls is not None:
+            self.handles.nls.activate_maximal()
+        try:
+            if self.updates_per_batch > 1:
+                for r, values in zip(rollouts, run(), strict=True):
+                    r.old_logps = values
+            if t.rl_kl_beta > 0:
+                with self.model.disable_adapter():
+                    for r, values in zip(rollouts, run(), strict=True):
+                        r.ref_logps = values
+        finally:
+            self.model.train()
+
+    def _block_path(self, step: int) -> Path:
+        return self.output_dir / f".rl-sampling-{step:08d}.rank{self.dp.rank}.pt"
+
+    def _save_block(self, step: int) -> None:
+        """This rank's answers of the sampling at ``step``, for a job resumed within its steps."""
+        kept = {
+            "rollouts": {i: [asdict(r) for r in rows] for i, rows in self._rollouts.items()},
+            "scores": list(self._step_scores),
+        }
+        staging = self._block_path(step).with_suffix(".tmp")
+        torch.save(kept, staging)
+        staging.replace(self._block_path(step))
+
+    def _load_block(self, step: int, indices: list[int]) -> bool:
+        """The answers of the sampling at ``step`` back from disk (False: not there, or not these prompts)."""
+        path = self._block_path(step)
+        if not path.exists():
+            self.sink.message(f"the answers sampled at step {step + 1} are gone: sampling again", level="warn")
+            return False
+        kept = torch.load(path, weights_only=True)
+        rollouts = {int(i): [Rollout(**r) for r in rows] for i, rows in kept["rollouts"].items()}
+        if sorted(rollouts) != sorted(indices):
+            return False
+        self._rollouts, self._step_scores = rollouts, (float(kept["scores"][0]), int(kept["scores"][1]))
+        return True
+
+    def _drop_blocks(self, before: int | None) -> None:
+        """Delete this rank's kept samplings older than step ``before`` (None: all of them)."""
+        for path in self.output_dir.glob(f".rl-sampling-*.rank{self.dp.rank}.pt"):
+            if before is None or int(path.name.split("-")[2].split(".")[0]) < before:
+                path.unlink(missing_ok=True)
+
+    def save_resume_state(self, step: int, epoch: int, trained_tokens: int) -> None:
+        super().save_resume_state(step, epoch, trained_tokens)
+        self._drop_blocks(step - step % self.updates_per_batch)  # a resume starts at or after this point
+
+    def save_checkpoint(self, step: int, epoch: int, row: dict[str, Any], trained_tokens: int = 0) -> Path:
+        directory = super().save_checkpoint(step, epoch, row, trained_tokens)
+        self._drop_blocks(step - step % self.updates_per_batch)
+        return directory
+
+    def train(self) -> Any:
+        result = super().train()
+        self._drop_blocks(None)  # done: nothing resumes any more
+        return result
 
     def _step_metrics(self) -> dict[str, Any]:
         total, count = self._step_scores
