@@ -61,6 +61,21 @@ def prompts_from_arc(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
 
 
 GRADERS = {"fuzzy_match": GRADER, **UNSEEN}
+# The trained-on grader's score and "contains the answer" together: a short answer that is close to the
+# reference scores less than one that holds it (fuzzy_match alone rewards brevity).
+MULTI = {
+    "type": "multi",
+    "name": "contains + fuzzy_match",
+    "graders": {"contains": UNSEEN["contains_answer"], "close": GRADER},
+    "calculate_output": "0.5 * contains + 0.5 * close",
+}
+# Setups compared row by row (`--setups`): Training settings on top of the `--grader` job.
+SETUPS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    "kl": {"rl_kl_beta": 0.04},  # DeepSeekMath's beta
+    "mu2": {"rl_updates_per_sample": 2},  # two updates per sampling, PPO's clip 0.2
+    "multi": {"rl_grader": MULTI},
+}
 
 
 def held_out(recipe: ReinforcementRecipe) -> dict[str, Any]:
@@ -82,7 +97,9 @@ def held_out(recipe: ReinforcementRecipe) -> dict[str, Any]:
     return out
 
 
-def config(model: str, train: Path, val: Path, n_train: int, lr: float, args: argparse.Namespace) -> FinetuneConfig:
+def config(
+    model: str, train: Path, val: Path, n_train: int, lr: float, args: argparse.Namespace, setup: str = "grpo"
+) -> FinetuneConfig:
     cfg = FinetuneConfig()
     cfg.General.base_model = model
     cfg.Dataset.train_file, cfg.Dataset.validation_file = str(train), str(val)
@@ -90,6 +107,8 @@ def config(model: str, train: Path, val: Path, n_train: int, lr: float, args: ar
     t.method, t.rl_grader, t.seed, t.logging_steps = "reinforcement", GRADERS[args.grader], 42, 1
     t.rl_group_size, t.rl_max_tokens, t.learning_rate, t.epochs = args.group, args.max_tokens, lr, 1
     t.batch_size = args.batch
+    for key, value in SETUPS[setup].items():
+        setattr(t, key, value)
     explicit = {f"Training.{k}" for k in t.model_fields_set}
     return FinetuneConfig.model_validate(apply(cfg, n_train, explicit=explicit).model_dump())
 
@@ -109,7 +128,9 @@ def run(cfg: FinetuneConfig, out: Path, *, base: bool) -> dict[str, Any]:
     rewards = [m["train_reward_mean"] for m in steps]
     quarter = max(1, len(rewards) // 4)
     row: dict[str, Any] = {
-        "setup": f"RFT on {t.rl_grader['name']}, lr {t.learning_rate:g}",
+        "setup": f"RFT on {t.rl_grader['name']}, lr {t.learning_rate:g}"
+        + (f", KL beta {t.rl_kl_beta:g}" if t.rl_kl_beta else "")
+        + (f", {t.rl_updates_per_sample} updates/sampling" if t.rl_updates_per_sample > 1 else ""),
         "train_s": round(time.perf_counter() - t0, 1),
         "steps": len(steps),
         "s_per_step": round(sum(m["step_s"] for m in steps) / max(len(steps), 1), 2),
@@ -122,6 +143,8 @@ def run(cfg: FinetuneConfig, out: Path, *, base: bool) -> dict[str, Any]:
             "rl_group_size": t.rl_group_size,
             "rl_max_tokens": t.rl_max_tokens,
             "lr_scheduler": t.lr_scheduler,
+            "rl_kl_beta": t.rl_kl_beta,
+            "rl_updates_per_sample": t.rl_updates_per_sample,
             "r": cfg.General.lora_config.r,
         },
         **held_out(recipe),
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most")
     parser.add_argument("--grader", choices=list(GRADERS), default="fuzzy_match", help="the grader trained on")
     parser.add_argument("--no-base", action="store_true", help="skip the base row")
+    parser.add_argument("--setups", default="grpo", help=f"comma-separated, each lr: {', '.join(SETUPS)}")
     args = parser.parse_args(argv)
 
     model_dir, _ = prepare_models(None)
@@ -172,20 +196,17 @@ def main(argv: list[str] | None = None) -> None:
             base_cfg = config(model_dir, files["train"], files["val"], len(train), lrs[0], args)
             rows.append(run(base_cfg, work / "base", base=True))
             print(json.dumps(rows[-1]), flush=True)
-        for lr in lrs:
-            rows.append(
-                run(
-                    config(model_dir, files["train"], files["val"], len(train), lr, args),
-                    work / f"rft-{lr}",
-                    base=False,
-                )
-            )
-            print(json.dumps(rows[-1]), flush=True)
+        for setup in args.setups.split(","):
+            for lr in lrs:
+                cfg = config(model_dir, files["train"], files["val"], len(train), lr, args, setup)
+                rows.append({**run(cfg, work / f"rft-{setup}-{lr}", base=False), "name": setup})
+                print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
     grader = GRADERS[args.grader]
     figures = {"train_prompts": len(train), "val_prompts": len(val), "grader": grader, "rows": rows, "markdown": table}
-    write_machine_results(f"rft-{args.grader}", torch.get_num_threads(), figures)
+    named = "" if args.setups == "grpo" else "-" + args.setups.replace(",", "-")
+    write_machine_results(f"rft-{args.grader}{named}", torch.get_num_threads(), figures)
 
 
 if __name__ == "__main__":

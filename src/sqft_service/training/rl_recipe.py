@@ -183,6 +183,7 @@ class ReinforcementRecipe(FinetuneRecipe):
             # The first step of a sampling samples; the others train on its answers (those kept on disk
             # when a resumed job starts within a sampling's steps).
             within = step % self.updates_per_batch
+            self._rollout_s = 0.0  # a step that trains on an earlier sampling's answers samples nothing
             if within == 0 or (not self._rollouts and not self._load_block(step - within, indices)):
                 self._roll_out(indices, step)
             # The step's dropout masks from (seed, rank, step) alone: the same after a resume, whether or not
