@@ -5,8 +5,11 @@ trained (no dropout, at ``rl_temperature``), scores every answer with the job's 
 the Evals API's string_check / text_similarity), and turns the scores into advantages within each
 prompt's group: ``(score - group mean) / (group std + 1e-4)`` (GRPO, Shao et al. 2024, as TRL computes
 it). The loss is the policy gradient ``-A * log p(token)`` summed over the sampled tokens and divided by
-the step's sampled-token count (DAPO's token-level normalisation). One update per sampling, so the
-importance ratio is 1 and PPO's clipping never acts; no KL term (TRL's GRPO default, beta 0).
+the step's sampled-token count (DAPO's token-level normalisation). By default one update per sampling,
+so the importance ratio is 1 and PPO's clipping never acts, and no KL term (TRL's GRPO default, beta 0);
+``rl_updates_per_sample`` > 1 trains each sampling's answers several steps under PPO's clipped ratio to
+the policy that sampled them, and ``rl_kl_beta`` > 0 adds the k3 KL estimate to the base model (the
+adapter off), each from log-probabilities kept once per sampling (``token_logps``).
 
 That loss is a cross-entropy weighted per token by the advantage of the answer the token belongs to,
 so it runs through the supervised chunked label cross-entropy (``training/loss.py``): the lm_head

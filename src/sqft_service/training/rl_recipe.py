@@ -6,6 +6,10 @@ sharded over data-parallel ranks and split after running out of memory exactly a
 rank samples its prompts' answers once per step (seeded by the seed, the step and the rank, so a
 resumed job samples the same answers again), and the passes of the step train on them. An NLS
 super-adapter samples with its maximal sub-adapter; the step's drawn sub-adapter then trains on them.
+
+With ``rl_updates_per_sample`` μ > 1 every global batch of prompts is μ consecutive steps: the first
+samples, the others train on its answers, which are kept on disk (``.rl-sampling-<step>.rank<r>.pt``)
+until a later resume point no longer needs them, so a job stopped within a sampling resumes exactly.
 """
 
 from __future__ import annotations
