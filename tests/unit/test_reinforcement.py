@@ -407,8 +407,14 @@ def test_several_updates_per_sampling_train_its_answers_again_and_resume_exactly
     assert whole.steps == 6  # 12 prompts, 2 a step: 6 samplings of 2 steps each, cut at 6
     sampled = [text.split(":")[0] for _, text, _ in sink.messages if text.startswith("step ")]
     assert sampled == ["step 1", "step 3", "step 5"]
-    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    by_step = {r["step"]: r for r in sink.metric_rows if "train_reward_mean" in r}
+    rows = [by_step[step] for step in sorted(by_step)]
+    rewards = [r["train_reward_mean"] for r in rows]
     assert rewards[0] == rewards[1] and rewards[2] == rewards[3]  # a sampling's answers, trained twice
+    # The KL to the base: 0 while the adapter adds nothing (LoRA's B starts at 0), then more.
+    assert rows[0]["train_kl"] == 0.0 and all(r["train_kl"] > 0 for r in rows[1:])
+    assert all(0.0 <= r["train_clip_fraction"] <= 1.0 for r in rows) and rows[0]["train_clip_fraction"] == 0.0
+    assert rows[0]["rollout_s"] > 0 and rows[1]["rollout_s"] == 0.0  # the second step of a sampling samples nothing
     assert not list((tmp_path / "whole").glob(".rl-sampling-*"))  # kept answers go when the job ends
     first = MemorySink()
     with pytest.raises(TrainingStopped):  # stopped after step 3, the first of a sampling's two

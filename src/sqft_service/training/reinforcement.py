@@ -299,12 +299,20 @@ def token_logps(
 
 
 def policy_gradient_loss(
-    model: torch.nn.Module, batch: dict[str, Any], *, clip: tuple[float, float] = (0.2, 0.2), kl_beta: float = 0.0
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    *,
+    clip: tuple[float, float] = (0.2, 0.2),
+    kl_beta: float = 0.0,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> LossOutput:
     """The step's loss summed over its answer tokens (see the module docstring): ``-A * log p(token)``;
     with kept log-probabilities, GRPO's ``-min(r * A, clip(r, 1 - lo, 1 + hi) * A)`` with ``r`` the ratio to
     the sampling policy (``label_old``; the policy itself, ratio 1, without) plus ``kl_beta`` times the
-    k3 estimate of the KL to the base, ``exp(ref - logp) - (ref - logp) - 1`` (``label_ref``)."""
+    k3 estimate of the KL to the base, ``exp(ref - logp) - (ref - logp) - 1`` (``label_ref``).
+
+    ``stats``: sums added to (detached): ``tokens``, ``kl`` (the estimate) and ``clipped`` (tokens whose
+    ratio the clip held: past ``1 + hi`` with a positive advantage, below ``1 - lo`` with a negative one)."""
     row_losses, n_correct = label_token_losses(model, batch)
     advantages = _at_labels(batch, "label_weights")
     n_labels = int(row_losses.numel())
@@ -315,7 +323,13 @@ def policy_gradient_loss(
     ratio = torch.exp(logps - old)
     clipped = ratio.clamp(1.0 - clip[0], 1.0 + clip[1])
     per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    kl = None
     if "label_ref" in batch:
         gap = _at_labels(batch, "label_ref") - logps
-        per_token = per_token + kl_beta * (torch.exp(gap) - gap - 1.0)
+        kl = torch.exp(gap) - gap - 1.0
+        per_token = per_token + kl_beta * kl
+    if stats is not None:
+        held = ((ratio > 1.0 + clip[1]) & (advantages > 0)) | ((ratio < 1.0 - clip[0]) & (advantages < 0))
+        for key, value in (("tokens", n_labels), ("clipped", held.sum()), ("kl", kl.sum() if kl is not None else 0)):
+            stats[key] = stats.get(key, 0) + (value.detach() if isinstance(value, torch.Tensor) else value)
     return LossOutput(loss_sum=per_token.sum(), n_correct=n_correct, n_labels=n_labels)

@@ -48,6 +48,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         self.judges = judges or {}  # a model grader's judge: its ModelSpec by name
         self._answerer: Any = None
         self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
+        self._loss_stats: dict[str, Any] = {}  # policy_gradient_loss's sums over the step's passes
         self._in_step = False  # a collate within a step re-splits its passes after running out of memory
         self._next_step = 0
         self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
@@ -175,6 +176,7 @@ class ReinforcementRecipe(FinetuneRecipe):
 
     def _train_step(self, *args: Any, **kwargs: Any) -> Any:
         self._in_step = True
+        self._loss_stats = {}  # a retry in more passes counts anew
         try:
             return super()._train_step(*args, **kwargs)
         finally:
@@ -210,7 +212,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         t = self.cfg.Training
         clip = (t.rl_clip_epsilon, t.rl_clip_epsilon_high or t.rl_clip_epsilon)
         with self._autocast():
-            return policy_gradient_loss(self.model, batch, clip=clip, kl_beta=t.rl_kl_beta)
+            return policy_gradient_loss(self.model, batch, clip=clip, kl_beta=t.rl_kl_beta, stats=self._loss_stats)
 
     # ------------------------------------------ kept log-probabilities, blocks
     def _keep_logps(self, rollouts: list[Rollout]) -> None:
@@ -291,7 +293,15 @@ class ReinforcementRecipe(FinetuneRecipe):
 
     def _step_metrics(self) -> dict[str, Any]:
         total, count = self._step_scores
-        return {"train_reward_mean": round(total / max(count, 1), 6), "rollout_s": round(self._rollout_s, 3)}
+        row = {"train_reward_mean": round(total / max(count, 1), 6), "rollout_s": round(self._rollout_s, 3)}
+        t, stats = self.cfg.Training, self._loss_stats
+        if t.rl_kl_beta > 0 or self.updates_per_batch > 1:  # TRL's `kl` and `clip_ratio`, per answer token
+            tokens, kl, clipped = self.dp.sum([float(stats.get(k, 0)) for k in ("tokens", "kl", "clipped")])
+            if t.rl_kl_beta > 0:
+                row["train_kl"] = round(kl / max(tokens, 1), 6)
+            if self.updates_per_batch > 1:
+                row["train_clip_fraction"] = round(clipped / max(tokens, 1), 6)
+        return row
 
     # ----------------------------------------------------------- validation
     @torch.no_grad()
