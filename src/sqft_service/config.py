@@ -221,6 +221,9 @@ class TrainingSection(_Section):
     rl_temperature: float = Field(1.0, gt=0, le=2.0)
     # Validation: answers per validation prompt sampled at `rl_temperature` (None: one greedy answer).
     rl_eval_samples: int | None = Field(None, ge=1, le=MAX_RL_GROUP)
+    # Chat's `response_format` (`json_object` / `json_schema`, as the API checked it) every sampled answer
+    # is held to, token by token (inference/guided.py), as serving holds a request's answer; None: free text.
+    rl_response_format: dict[str, Any] | None = None
     # GRPO's KL penalty to the base model (the adapter switched off), beta * KL per answer token (the k3
     # estimator, as TRL computes it); 0: none (TRL's default). Holds the policy near the base it started from.
     rl_kl_beta: float = Field(0.0, ge=0.0, le=MAX_RL_KL_BETA)
@@ -318,6 +321,7 @@ METHOD_FIELDS = {
             "rl_max_tokens",
             "rl_temperature",
             "rl_eval_samples",
+            "rl_response_format",
             "rl_kl_beta",
             "rl_updates_per_sample",
             "rl_clip_epsilon",

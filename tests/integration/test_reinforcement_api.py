@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import write_jsonl
 from tests.integration.conftest import assert_job_refused, sdk_job_end, upload
-from tests.unit.test_reinforcement import SIMILARITY, prompt_records
+from tests.unit.test_reinforcement import COLOUR_FORMAT, SIMILARITY, prompt_records
 
 CHECK = {
     "type": "string_check",
@@ -80,6 +80,17 @@ def test_the_reference_route_takes_the_grader_in_training(client, tmp_path, tiny
     method = resp.json()["method"]
     assert method["type"] == "reinforcement" and method["reinforcement"]["grader"] == CHECK
     assert method["reinforcement"]["hyperparameters"]["compute_multiplier"] == 0.5
+    # A response format every answer is held to, checked as chat's and echoed in the job's method.
+    body["Training"]["rl_response_format"] = {"type": "json_object"}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["method"]["reinforcement"]["response_format"] == {"type": "json_object"}
+    openai_body = rl_job(tiny_model_dir, f["id"], Training={"rl_group_size": 2, "rl_max_tokens": 2})
+    openai_body["method"]["reinforcement"]["response_format"] = COLOUR_FORMAT
+    resp = client.post("/v1/fine_tuning/jobs", json=openai_body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["method"]["reinforcement"]["response_format"] == COLOUR_FORMAT
+    del body["Training"]["rl_response_format"]
     # A multi grader too, its graders' scores combined by its formula, echoed as given.
     body["Training"]["rl_grader"] = MULTI
     resp = client.post("/v1/fine_tuning/jobs", json=body)
@@ -116,6 +127,9 @@ MULTI = {
     "graders": {"exact": CHECK, "close": SIMILARITY},
     "calculate_output": "0.5 * exact + 0.5 * close",
 }
+
+
+BAD = {"type": "object", "properties": {"a": {"$ref": "#/definitions/nowhere"}}}
 
 
 def _multi(graders: dict) -> dict:
@@ -169,6 +183,21 @@ def _multi(graders: dict) -> dict:
             {"method": _multi({"exact": JUDGE, "close": {**JUDGE, "model": "another"}})},
             "method.reinforcement.grader.graders.exact.model",
             "share one judge model; these name ft:none:org-local::ftjob-000000000000000000000000, another",
+        ),
+        (
+            {"method": {**_grader(), "reinforcement": {"grader": CHECK, "response_format": {"type": "json_schema"}}}},
+            "method.reinforcement.response_format",
+            "`json_schema` is given with `type: json_schema`",
+        ),
+        (
+            {"Training": {"rl_response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BAD}}}},
+            "Training.rl_response_format",
+            "this JSON schema is not supported",
+        ),
+        (
+            {"method": None, "Training": {"rl_response_format": {"type": "json_object"}}},
+            "Training",
+            "`rl_response_format` applies to reinforcement",
         ),
         ({"Dataset": {"packing": True}}, "Dataset.packing", "leave `Dataset.packing` off"),
         ({"Dataset": {"mask_input": False}}, "Dataset.mask_input", "a reinforcement job scores the replies only"),

@@ -441,3 +441,39 @@ def test_the_kl_penalty_reads_the_base_model_with_the_adapter_off(model_dir, pro
     rows = [r for rows in kept["rollouts"].values() for r in rows]
     assert len(rows) == 6  # with a KL penalty every answer trains, whatever its advantage
     assert all(r["old_logps"] == r["ref_logps"] for r in rows)
+
+
+COLOUR_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "colour",
+        "schema": {
+            "type": "object",
+            "properties": {"colour": {"type": "string", "enum": ["red", "green"]}},
+            "required": ["colour"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_response_format_holds_every_sampled_answer_to_its_schema(model_dir, prompts_file, tmp_path):  # noqa: F811
+    from sqft_service.training.rl_recipe import ReinforcementRecipe
+
+    grader = {**EXACT, "input": "{{ sample.output_json.colour }}"}
+    cfg = rl_cfg(model_dir, prompts_file, rl_response_format=COLOUR_FORMAT, rl_grader=grader, rl_max_tokens=24)
+    recipe = ReinforcementRecipe(cfg, tmp_path / "recipe", MemorySink())
+    recipe.setup()
+    answers = recipe._sample(recipe.train_examples[:4], 3, 1.0, seed=0)
+    texts = recipe._texts(answers)
+    # A random model, sampled at temperature 1, answers the schema's JSON every time, and stops after it.
+    assert len(texts) == 12 and all(json.loads(t)["colour"] in ("red", "green") for t in texts), texts
+    assert all(a[-1] in recipe._eos_ids() for a in answers)
+    _, failed = recipe._grade([p.item for p in recipe.train_examples[:4] for _ in range(3)], answers)
+    assert failed == 0  # every answer has the `colour` the grader reads
+    recipe.cleanup()
+    sink = MemorySink()
+    cfg.Training.max_train_steps = 2
+    assert run_training(cfg, tmp_path / "job", sink).steps == 2
+    rewards = [r["train_reward_mean"] for r in sink.metric_rows if "train_reward_mean" in r]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)

@@ -354,9 +354,10 @@ class InferenceEngine:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
         self._out_of_memory(model, 1, len(ids), 0)
 
-    def _guide_eos(self, model: Any, tokenizer: Any) -> int:
+    @staticmethod
+    def _guide_eos(model: Any, tokenizer: Any) -> int:
         """The end-of-sequence id a guide allows once its grammar is complete (generate() stops on it)."""
-        eos = self._eos_ids(model, tokenizer)
+        eos = InferenceEngine._eos_ids(model, tokenizer)
         return tokenizer.eos_token_id if tokenizer.eos_token_id in eos else min(eos)
 
     @staticmethod

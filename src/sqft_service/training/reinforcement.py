@@ -131,9 +131,11 @@ def sample_answers(
     temperature: float | None,
     pad_id: int,
     eos_ids: Sequence[int],
+    processors: Callable[[int, int], Any] | None = None,
 ) -> list[list[int]]:
     """``group`` answers to each prompt (prompt-major), each cut after its first end token (kept: the model
-    learns to stop). ``temperature`` None: greedy (``group`` is then 1)."""
+    learns to stop). ``temperature`` None: greedy (``group`` is then 1). ``processors(rows, width)``: the
+    logits processors of a batch of ``rows`` rows whose answers start at column ``width`` (a format's guide)."""
     rows = [p for p in prompts for _ in range(group)]
     width = max(len(r) for r in rows)
     device = next(model.parameters()).device
@@ -153,6 +155,7 @@ def sample_answers(
         max_new_tokens=max_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(eos_ids),
+        logits_processor=processors(len(rows), width) if processors is not None else None,
         **sampling,
     )
     ends = set(eos_ids)

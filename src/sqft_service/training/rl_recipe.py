@@ -49,6 +49,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         self._answerer: Any = None
         self._rollouts: dict[int, list[Rollout]] = {}  # this step's sampled answers, by prompt index
         self._loss_stats: dict[str, Any] = {}  # policy_gradient_loss's sums over the step's passes
+        self._guide: tuple[Any, str] | None = None  # rl_response_format's (llguidance tokenizer, grammar)
         self._in_step = False  # a collate within a step re-splits its passes after running out of memory
         self._next_step = 0
         self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
@@ -105,9 +106,34 @@ class ReinforcementRecipe(FinetuneRecipe):
                     temperature=temperature,
                     pad_id=self.collator.pad_token_id,
                     eos_ids=self._eos_ids(),
+                    processors=self._format_guide(),
                 )
         finally:
             self.model.train()
+
+    def _format_guide(self) -> Any:
+        """``rl_response_format``'s guide for a batch of answers (inference/guided.py, as serving holds a
+        request's answer), or None for free text."""
+        fmt = self.cfg.Training.rl_response_format
+        if not fmt:
+            return None
+        if self._guide is None:
+            from ..inference.engine import InferenceEngine
+            from ..inference.guided import JSON_OBJECT_SCHEMA, GuideTokenizers, json_grammar
+
+            schema = fmt["json_schema"].get("schema", {}) if fmt["type"] == "json_schema" else JSON_OBJECT_SCHEMA
+            eos = InferenceEngine._guide_eos(self.model, self.tokenizer)
+            self._guide = (GuideTokenizers().get(self.tokenizer, eos), json_grammar(schema))
+        lltokenizer, grammar = self._guide
+
+        def processors(rows: int, width: int) -> Any:
+            from transformers import LogitsProcessorList
+
+            from ..inference.guided import guide_processor
+
+            return LogitsProcessorList([guide_processor(lltokenizer, grammar, rows, width)])
+
+        return processors
 
     def _eos_ids(self) -> list[int]:
         from ..inference.engine import InferenceEngine  # the tokens serving stops at (evaluation.py's too)

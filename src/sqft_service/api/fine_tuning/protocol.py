@@ -24,6 +24,7 @@ from ...job_secrets import redact
 from ...store.events import CheckpointRecord, EventRecord
 from ...store.jobs import JobRecord
 from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
+from ..inference.protocol import ResponseFormat
 from ..limits import Metadata
 
 
@@ -107,6 +108,9 @@ class ReinforcementMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
     grader: GraderOrMulti
     hyperparameters: ReinforcementHyperparameters | None = None
+    # The format every sampled answer is held to (chat's `response_format`): a grader then reads
+    # `sample.output_json`, and no answer fails to parse unless it runs out of tokens.
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -345,5 +349,7 @@ def _method(training: dict[str, Any], hp: JobHyperparameters) -> dict[str, Any]:
             "reasoning_effort": "default",
         }
         rl = {"grader": training.get("rl_grader"), "hyperparameters": rl_hp}
+        if training.get("rl_response_format"):
+            rl["response_format"] = training["rl_response_format"]
         return {"type": "reinforcement", "reinforcement": rl}
     return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}

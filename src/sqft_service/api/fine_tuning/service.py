@@ -31,6 +31,7 @@ from ...training.records import inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
 from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
 from ..files.service import FileService
+from ..inference.protocol import ResponseFormat
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
 from .protocol import CreateFineTuningJobRequest, ReinforcementHyperparameters
@@ -303,6 +304,8 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
         update["dpo_beta"] = float(beta)
     if (rl := req.method.reinforcement) is not None:
         update["rl_grader"] = rl.grader.model_dump(mode="json", exclude_none=True)
+        if rl.response_format is not None and rl.response_format.type != "text":
+            update["rl_response_format"] = _format_dump(rl.response_format)
         if isinstance(hp, ReinforcementHyperparameters):
             settings = {
                 "rl_group_size": hp.group_size,
@@ -316,6 +319,10 @@ def _with_method(req: CreateFineTuningJobRequest) -> TrainingSection:
 
 
 _GRADER = TypeAdapter(GraderOrMulti)
+
+
+def _format_dump(fmt: ResponseFormat) -> dict:
+    return fmt.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _checked(section: TrainingSection) -> TrainingSection:
@@ -340,6 +347,12 @@ def _checked(section: TrainingSection) -> TrainingSection:
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="Training.rl_grader") from None
         section.rl_grader = grader.model_dump(mode="json", exclude_none=True)
+    if section.rl_response_format is not None and "rl_response_format" in section.model_fields_set:
+        try:  # the reference route's own field: chat's checks (an unsupported schema is a 400 here)
+            fmt = ResponseFormat.model_validate(section.rl_response_format)
+        except ValidationError as exc:
+            raise InvalidRequestError(_first_error(exc), param="Training.rl_response_format") from None
+        section.rl_response_format = _format_dump(fmt) if fmt.type != "text" else None
     return section
 
 
