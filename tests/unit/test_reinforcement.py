@@ -169,6 +169,8 @@ def test_a_reinforcement_job_samples_grades_and_saves_an_adapter(model_dir, prom
     assert 0 < first["rollout_s"] <= first["step_s"]
     valid = [r["valid_reward_mean"] for r in sink.metric_rows if "valid_reward_mean" in r]
     assert len(valid) >= 2 and all(0.0 <= v <= 1.0 for v in valid)
+    lengths = [r[k] for r in sink.metric_rows for k in ("train_answer_tokens", "valid_answer_tokens") if k in r]
+    assert len(lengths) >= 7 and all(1.0 <= n <= 6.0 for n in lengths)  # rl_max_tokens 6
     assert any("9 training and 3 validation prompts" in text for _, text, _ in sink.messages)
     assert any("step 1: sampled 6 answers" in text for _, text, _ in sink.messages)
     weights = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))

@@ -52,7 +52,7 @@ class ReinforcementRecipe(FinetuneRecipe):
         self._guide: tuple[Any, str] | None = None  # rl_response_format's (llguidance tokenizer, grammar)
         self._in_step = False  # a collate within a step re-splits its passes after running out of memory
         self._next_step = 0
-        self._step_scores = (0.0, 0)  # this step's score sum and answer count, all ranks
+        self._step_scores = (0.0, 0, 0)  # this step's score sum, answer count and answer tokens, all ranks
         self._rollout_s = 0.0
 
     # ------------------------------------------------------------------ data
@@ -186,8 +186,8 @@ class ReinforcementRecipe(FinetuneRecipe):
             for j, i in enumerate(indices)
         }
         self._keep_logps([r for rows in self._rollouts.values() for r in rows])
-        total, count = self.dp.sum([float(scores.sum()), scores.numel()])
-        self._step_scores = (total, int(count))
+        total, count, tokens = self.dp.sum([float(scores.sum()), scores.numel(), sum(len(a) for a in answers)])
+        self._step_scores = (total, int(count), int(tokens))
         if self.updates_per_batch > 1:
             self._save_block(step)
         self._rollout_s = time.perf_counter() - t0
@@ -294,7 +294,8 @@ class ReinforcementRecipe(FinetuneRecipe):
         rollouts = {int(i): [Rollout(**r) for r in rows] for i, rows in kept["rollouts"].items()}
         if sorted(rollouts) != sorted(indices):
             return False
-        self._rollouts, self._step_scores = rollouts, (float(kept["scores"][0]), int(kept["scores"][1]))
+        total, count, tokens = kept["scores"]
+        self._rollouts, self._step_scores = rollouts, (float(total), int(count), int(tokens))
         return True
 
     def _drop_blocks(self, before: int | None) -> None:
@@ -318,8 +319,13 @@ class ReinforcementRecipe(FinetuneRecipe):
         return result
 
     def _step_metrics(self) -> dict[str, Any]:
-        total, count = self._step_scores
-        row = {"train_reward_mean": round(total / max(count, 1), 6), "rollout_s": round(self._rollout_s, 3)}
+        total, count, tokens = self._step_scores
+        row = {
+            "train_reward_mean": round(total / max(count, 1), 6),
+            # Mean sampled length: a grader that rewards brevity (or length) shows here first.
+            "train_answer_tokens": round(tokens / max(count, 1), 2),
+            "rollout_s": round(self._rollout_s, 3),
+        }
         t, stats = self.cfg.Training, self._loss_stats
         if t.rl_kl_beta > 0 or self.updates_per_batch > 1:  # TRL's `kl` and `clip_ratio`, per answer token
             tokens, kl, clipped = self.dp.sum([float(stats.get(k, 0)) for k in ("tokens", "kl", "clipped")])
@@ -333,20 +339,25 @@ class ReinforcementRecipe(FinetuneRecipe):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """``valid_reward_mean``: the grader's mean score of answers to the validation prompts (one greedy
-        answer each, or ``rl_eval_samples`` sampled at ``rl_temperature``)."""
+        answer each, or ``rl_eval_samples`` sampled at ``rl_temperature``), and ``valid_answer_tokens``
+        their mean length."""
         self._settle_losses()
         t = self.cfg.Training
         group = t.rl_eval_samples or 1
         temperature = t.rl_temperature if t.rl_eval_samples else None
         mine = self._my_share(self.eval_examples)
-        total = 0.0
+        total, tokens = 0.0, 0
         for first in range(0, len(mine), t.batch_size):
             prompts = [self.eval_examples[i] for i in mine[first : first + t.batch_size]]
             answers = self._sample(prompts, group, temperature, self.seed + first)
             items = [p.item for p in prompts for _ in range(group)]
             total += sum(self._grade(items, answers)[0])
-        total, count = self.dp.sum([total, len(mine) * group])
-        metrics = {"valid_reward_mean": round(total / max(count, 1), 6)}
+            tokens += sum(len(a) for a in answers)
+        total, count, tokens = self.dp.sum([total, len(mine) * group, tokens])
+        metrics = {
+            "valid_reward_mean": round(total / max(count, 1), 6),
+            "valid_answer_tokens": round(tokens / max(count, 1), 2),
+        }
         if self._metric_rows:
             self._metric_rows[-1].update(metrics)
         return metrics
