@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -138,6 +139,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}", "server_error", headers=headers)
 
 
+def _retire_stored(days: float, completions: ChatCompletionStore, responses: ResponseStore) -> None:
+    """Delete the stored chat completions and responses older than ``days`` (SQFT_STORED_RETENTION_DAYS)."""
+    before = int(time.time() - days * 86400)
+    gone = completions.delete_before(before), responses.delete_before(before)
+    if any(gone):
+        log.info("retention: deleted %d stored chat completion(s) and %d stored response(s)", *gone)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
 
@@ -177,9 +186,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             EvalStore(db), jobs, events, file_service, manager, app.state.model_service, stored
         )
         app.state.inference_service = InferenceService(settings, app.state.model_service, stored)
-        app.state.response_service = ResponseService(app.state.inference_service, ResponseStore(db))
+        responses = ResponseStore(db)
+        app.state.response_service = ResponseService(app.state.inference_service, responses)
         app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
+        if settings.stored_retention_days > 0:
+            manager.sweeps.append(lambda: _retire_stored(settings.stored_retention_days, stored, responses))
         manager.start()
         log.info("sqft-service %s: data in %s", __version__, settings.data_dir.resolve())
         try:

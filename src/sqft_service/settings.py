@@ -37,6 +37,9 @@ class Settings:
     # would hold the machine for days, and files fill the disk.
     max_unfinished_jobs: int = 100
     max_files: int = 10000
+    # Stored chat completions (`store: true`) and stored responses are deleted this many days after they
+    # were created, as OpenAI keeps them 30 days; 0 keeps them until deleted. The sweep runs every minute.
+    stored_retention_days: float = 30.0
     # How often a running fine-tune writes its rolling resume point (it also writes one when stopped).
     checkpoint_interval_s: float = 300.0
     # Launches of one job's process before a job that keeps dying (crash, kill -9, OOM) is failed.
@@ -87,6 +90,8 @@ class Settings:
             raise ValueError(
                 f"SQFT_JOB_GPUS={self.job_gpus!r} is not a list of distinct GPU ids (`0,1`, GPU UUIDs) or `none`"
             )
+        if self.stored_retention_days < 0:
+            raise ValueError(f"SQFT_STORED_RETENTION_DAYS={self.stored_retention_days!r} is negative (0 keeps them)")
         if self.runner not in ("subprocess", "ray"):
             raise ValueError(f"SQFT_RUNNER={self.runner!r} is not `subprocess` or `ray`")
 

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
+from sqft_service.settings import Settings
 from tests.helpers import CHAT, write_jsonl
 from tests.integration.conftest import make_settings, wait_status
 
@@ -181,3 +182,26 @@ def test_text_format_and_refused_fields(served):
         resp = client.post("/v1/responses", json={"model": model, "input": "x", **extra})
         assert resp.status_code == status, (extra, resp.text)
         assert resp.json()["error"]["param"].startswith(param), (extra, resp.text)
+
+
+def test_stored_responses_and_chat_completions_go_after_the_retention_period(served):
+    """SQFT_STORED_RETENTION_DAYS (30 by default, as OpenAI keeps them): the manager's sweep deletes what
+    was stored before then, and keeps what is newer."""
+    client, model = served
+    old_response = _respond(client, model=model, input="Name a colour.", **GREEDY)
+    new_response = _respond(client, model=model, input="Name a fruit.", **GREEDY)
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "store": True}
+    old_chat, new_chat = (client.post("/v1/chat/completions", json=body).json() for _ in range(2))
+    db, day = client.app.state.db, 86400
+    db.execute("UPDATE responses SET created_at = created_at - ? WHERE id = ?", (31 * day, old_response["id"]))
+    db.execute("UPDATE chat_completions SET created_at = created_at - ? WHERE id = ?", (31 * day, old_chat["id"]))
+    db.execute("UPDATE chat_completions SET created_at = created_at - ? WHERE id = ?", (29 * day, new_chat["id"]))
+    manager = client.app.state.job_manager
+    manager._next_expiry_sweep = 0.0  # the next tick sweeps
+    manager.tick()
+    assert client.get(f"/v1/responses/{old_response['id']}").status_code == 404
+    assert client.get(f"/v1/chat/completions/{old_chat['id']}").status_code == 404
+    assert client.get(f"/v1/responses/{new_response['id']}").status_code == 200
+    assert client.get(f"/v1/chat/completions/{new_chat['id']}").status_code == 200
+    with pytest.raises(SystemExit, match=r"SQFT_STORED_RETENTION_DAYS=-1\.0 is negative"):
+        Settings.from_env({"SQFT_STORED_RETENTION_DAYS": "-1"})

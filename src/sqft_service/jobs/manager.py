@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_expiry_sweep = 0.0  # at the first tick
+        # More periodic sweeps, with the expired files' (the app's: stored completions' retention).
+        self.sweeps: list[Callable[[], object]] = []
 
     @staticmethod
     def workspace(job: JobRecord) -> JobWorkspace:
@@ -272,6 +275,8 @@ class JobManager:
         if time.monotonic() >= self._next_expiry_sweep:
             self._next_expiry_sweep = time.monotonic() + EXPIRY_SWEEP_S
             self.delete_expired_files()
+            for sweep in self.sweeps:
+                sweep()
 
     def delete_expired_files(self) -> list[str]:
         """Delete the files past their ``expires_at`` that no job will read any more (one a job still

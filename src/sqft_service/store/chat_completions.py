@@ -107,3 +107,7 @@ class ChatCompletionStore:
 
     def delete(self, completion_id: str) -> bool:
         return self.db.execute("DELETE FROM chat_completions WHERE id = ?", (completion_id,)) > 0
+
+    def delete_before(self, created_at: int) -> int:
+        """Delete the completions created before ``created_at`` (the retention sweep); how many."""
+        return self.db.execute("DELETE FROM chat_completions WHERE created_at < ?", (created_at,))

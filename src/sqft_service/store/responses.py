@@ -54,3 +54,7 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         return self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)) > 0
+
+    def delete_before(self, created_at: int) -> int:
+        """Delete the responses created before ``created_at`` (the retention sweep); how many."""
+        return self.db.execute("DELETE FROM responses WHERE created_at < ?", (created_at,))
