@@ -32,6 +32,8 @@ MAX_TRAINING_WORKERS = 64  # data-parallel ranks of one job (one process group)
 MAX_WORKER_RESOURCES = 16  # resource names per worker ("CPU", "GPU", custom Ray resources)
 DPO_BETA = 0.1  # DPO's usual beta (the paper's, TRL's and OpenAI's default)
 MAX_DPO_BETA = 100.0  # beyond this the policy can hardly move: a typo, not a choice
+SIMPO_BETA = 2.0  # SimPO's beta (Meng et al. 2024 tune 2-10; TRL's SimPO example uses 2)
+MAX_SIMPO_GAMMA = 20.0
 MAX_RL_GROUP = 64  # answers sampled per prompt in reinforcement fine-tuning
 MAX_RL_TOKENS = 4096  # new tokens per sampled answer
 MAX_RL_KL_BETA = 10.0  # a KL penalty past this only holds the policy at the base
@@ -203,11 +205,16 @@ class TrainingSection(_Section):
     dpo_beta: float = Field(DPO_BETA, gt=0, le=MAX_DPO_BETA)
     # The preference loss (training/preference.py, TRL's names): "sigmoid" (DPO), "ipo" (IPO: the margin
     # of per-token log-ratios held to 1/(2 beta), no saturation), "hinge" (SLiC), "robust" (DPO robust
-    # to a share `dpo_label_smoothing` of flipped labels). Only with "dpo".
-    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # to a share `dpo_label_smoothing` of flipped labels), "simpo" (SimPO: no reference model; the margin of
+    # the replies' average token log-probabilities, less `dpo_simpo_gamma`). Only with "dpo".
+    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
     # The share of pairs whose labels may be wrong: "sigmoid" becomes conservative DPO (cDPO), "robust"
     # unbiases for it. Below 0.5 (at 0.5 a pair says nothing).
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # SimPO's target reward margin gamma (TRL's `simpo_gamma`): the chosen reply's beta-scaled average
+    # log-probability must beat the rejected one's by this much. Only with `dpo_loss` "simpo", whose
+    # `dpo_beta` is SIMPO_BETA unless given (SimPO's betas are ~20x DPO's: average, not summed, log-probs).
+    dpo_simpo_gamma: float = Field(0.5, ge=0.0, le=MAX_SIMPO_GAMMA)
     # Reinforcement fine-tuning (only with "reinforcement"). The grader that scores every sampled answer,
     # as the Evals API takes one (the API checks it); required.
     rl_grader: dict[str, Any] | None = None
@@ -273,10 +280,14 @@ class TrainingSection(_Section):
     def _method_fields(self) -> TrainingSection:
         if "method" in self.model_fields_set:  # else OpenAI's `method` may still make it a DPO job
             check_method_fields(self)
-        if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
+        if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust", "simpo"):
             raise ValueError(
-                f"`dpo_label_smoothing` applies to the 'sigmoid' and 'robust' losses, not '{self.dpo_loss}'"
+                f"`dpo_label_smoothing` applies to the 'sigmoid', 'robust' and 'simpo' losses, not '{self.dpo_loss}'"
             )
+        if self.dpo_loss != "simpo" and "dpo_simpo_gamma" in self.model_fields_set:
+            raise ValueError(f"`dpo_simpo_gamma` applies to the 'simpo' loss, not '{self.dpo_loss}'")
+        if self.dpo_loss == "simpo" and "dpo_beta" not in self.model_fields_set:
+            self.dpo_beta = SIMPO_BETA
         return self
 
     @field_validator("resources_per_worker")
@@ -311,7 +322,7 @@ def check_worker_resources(resources: dict[str, Any]) -> dict[str, float]:
 
 
 METHOD_FIELDS = {
-    "dpo": ("preference training", ("dpo_beta", "dpo_loss", "dpo_label_smoothing")),
+    "dpo": ("preference training", ("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_simpo_gamma")),
     "reinforcement": (
         "reinforcement fine-tuning",
         (

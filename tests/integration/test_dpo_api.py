@@ -74,9 +74,10 @@ def test_an_uploaded_preference_file_says_its_format(pairs_file):
         (
             {"Training": {"dpo_loss": "hinge", "dpo_label_smoothing": 0.1}},
             "Training",
-            "`dpo_label_smoothing` applies to the 'sigmoid' and 'robust' losses",
+            "`dpo_label_smoothing` applies to the 'sigmoid', 'robust' and 'simpo' losses",
         ),
         ({"Training": {"dpo_label_smoothing": 0.5}}, "Training.dpo_label_smoothing", "less than 0.5"),
+        ({"Training": {"dpo_simpo_gamma": 1.0}}, "Training", "`dpo_simpo_gamma` applies to the 'simpo' loss"),
     ],
 )
 def test_a_dpo_request_the_service_cannot_honour_is_a_400_naming_the_field(
@@ -171,3 +172,21 @@ def test_a_dpo_job_takes_another_preference_loss(client, tiny_model_dir, pairs_f
     job = client.app.state.job_manager.jobs.get(resp.json()["id"])
     assert job.config["Training"]["dpo_loss"] == "robust" and job.config["Training"]["dpo_label_smoothing"] == 0.1
     assert client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel").status_code == 200
+
+
+def test_a_simpo_job_has_simpos_beta_unless_given(client, tiny_model_dir, pairs_file):
+    for given, beta in (({}, 2.0), ({"dpo_beta": 3.0}, 3.0)):
+        training = {"dpo_loss": "simpo", "dpo_simpo_gamma": 1.0, **given}
+        body = dpo_job(tiny_model_dir, pairs_file["id"], Training=training)
+        resp = client.post("/v1/fine_tuning/jobs", json=body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["method"]["dpo"]["hyperparameters"]["beta"] == beta
+        job = client.app.state.job_manager.jobs.get(resp.json()["id"])
+        assert job.config["Training"]["dpo_simpo_gamma"] == 1.0
+        assert client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel").status_code == 200
+    # OpenAI's own beta wins, as for any DPO loss.
+    body = dpo_job(tiny_model_dir, pairs_file["id"], Training={"dpo_loss": "simpo"})
+    body["method"]["dpo"] = {"hyperparameters": {"beta": 4.0}}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200 and resp.json()["method"]["dpo"]["hyperparameters"]["beta"] == 4.0, resp.text
+    assert client.post(f"/v1/fine_tuning/jobs/{resp.json()['id']}/cancel").status_code == 200

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sqft_service.adapters.lora import build_peft_model
-from sqft_service.config import DatasetSection, LoraSection
+from sqft_service.config import DatasetSection, LoraSection, TrainingSection
 from sqft_service.training.batching import Collator
 from sqft_service.training.events import MemorySink
 from sqft_service.training.packing import PackingCollator
@@ -263,6 +263,26 @@ def test_ipo_compares_per_token_log_ratios(tokenizer, adapted):
     assert out.loss_sum.item() == pytest.approx(plain.sum().item(), rel=1e-4)
 
 
+def test_simpo_compares_average_log_probabilities_without_a_reference(tokenizer, adapted):
+    pairs, _ = tokenize_pairs(preference_records(3), tokenizer, DatasetSection())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = PairCollator(Collator(pad, pad_to_multiple_of=None))(pairs)
+    assert "reference_logps" not in batch  # none computed: SimPO needs none
+    out = dpo_loss(adapted, batch, 2.0, "simpo", 0.1, simpo_gamma=0.4)
+    out.loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.grad is not None}
+    adapted.zero_grad()
+    logps = plain_logps(adapted, [ex for p in pairs for ex in (p.chosen, p.rejected)]).view(-1, 2)
+    average = logps / reply_token_counts(batch)
+    z = 2.0 * (average[:, 0] - average[:, 1]) - 0.4
+    plain = (-0.9 * torch.nn.functional.logsigmoid(z) - 0.1 * torch.nn.functional.logsigmoid(-z)).sum()
+    plain.backward()
+    assert out.loss_sum.item() == pytest.approx(plain.item(), rel=1e-4)
+    assert out.reward_sums.tolist() == pytest.approx((2.0 * average).sum(0).tolist(), rel=1e-4)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(adapted.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
+
+
 # ------------------------------------------------------------------ the recipe
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
@@ -314,6 +334,21 @@ def test_dpo_training_prefers_the_preferred_replies(model_dir, pairs_file, tmp_p
     reference = load_file(str(tmp_path / REFERENCE_FILE))["logps"]
     assert reference.shape == (24, 2) and bool((reference < 0).all())
     assert json.loads((Path(result.adapter_dir) / "training_config.json").read_text())["Training"]["method"] == "dpo"
+
+
+def test_simpo_training_prefers_the_preferred_replies_without_a_reference_pass(model_dir, pairs_file, tmp_path):  # noqa: F811
+    sink = MemorySink()
+    assert TrainingSection(method="dpo", dpo_loss="simpo").dpo_beta == 2.0  # SimPO's beta unless given
+    assert TrainingSection(method="dpo", dpo_loss="simpo", dpo_beta=3.0).dpo_beta == 3.0
+    cfg = make_cfg(model_dir, pairs_file, method="dpo", dpo_loss="simpo", dpo_beta=2.5, learning_rate=2e-2, epochs=6)
+    run_training(cfg, tmp_path, sink)
+    curve = losses(sink)
+    # No reference: the first loss is that of the untrained model's margins (less gamma 0.5), not ln 2.
+    assert sum(curve[-10:]) / 10 < 0.6 * curve[0], curve
+    accuracies = [r["train_accuracy"] for r in sink.metric_rows if "train_accuracy" in r]
+    assert sum(accuracies[-10:]) / 10 >= 0.75, accuracies
+    assert not any("DPO reference" in text for _, text, _ in sink.messages)
+    assert not (tmp_path / REFERENCE_FILE).exists()
 
 
 def test_a_stopped_dpo_job_resumes_with_its_reference_to_the_same_adapter(model_dir, pairs_file, tmp_path):  # noqa: F811

@@ -6,9 +6,10 @@ of replies to one prompt, a preferred y_w and another y_l, against a frozen refe
     loss = -log sigmoid(beta [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])
 
 where log π(y) sums the reply's token log-probabilities (``Training.dpo_loss`` picks IPO, hinge or
-robust DPO instead: ``preference_losses``). The reference is the model the job starts
-from: adapters begin as a zero update (LoRA's B = 0, for every NLS rank and SparsePEFT mask), so the
-reference log-probabilities are those of the policy before its first step. They are computed once,
+robust DPO instead: ``preference_losses``; or SimPO, which needs no reference: ``dpo_loss``). The
+reference is the model the job starts from: adapters begin as a zero update (LoRA's B = 0, for every
+NLS rank and SparsePEFT mask), so the reference log-probabilities are those of the policy before its
+first step. They are computed once,
 in one no-grad pass before training (TRL's ``precompute_ref_log_probs``), instead of a second forward
 per step; the recipe keeps them beside the outputs so a resumed job finds them again.
 
@@ -148,14 +149,33 @@ def preference_losses(margins: torch.Tensor, beta: float, loss_type: str, smooth
 
 
 def dpo_loss(
-    model: torch.nn.Module, batch: dict[str, Any], beta: float, loss_type: str = "sigmoid", smoothing: float = 0.0
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    beta: float,
+    loss_type: str = "sigmoid",
+    smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> LossOutput:
     """The summed preference loss of the batch's pairs (``preference_losses``); ``n_correct`` counts the
     pairs whose chosen reply gained more log-probability over the reference than the rejected one, and
-    ``reward_sums`` sums the implicit rewards beta * (log π - log π_ref) of the chosen and rejected replies."""
+    ``reward_sums`` sums the implicit rewards beta * (log π - log π_ref) of the chosen and rejected replies.
+
+    ``simpo`` (SimPO, Meng et al., 2024, arXiv 2405.14734) has no reference: its rewards are beta times each
+    reply's average token log-probability, and the loss -log sigmoid(reward margin - ``simpo_gamma``)
+    (label smoothing as for ``sigmoid``), as TRL's CPO trainer computes ``loss_type="simpo"``."""
+    import torch.nn.functional as F
+
     from .loss import LossOutput
 
     logps = sequence_logps(model, batch)
+    if loss_type == "simpo":
+        average = logps / reply_token_counts(batch).clamp(min=1)
+        rewards = beta * average
+        margins = average[:, 0] - average[:, 1]
+        z = beta * margins - simpo_gamma
+        losses = -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)
+        n_correct, reward_sums = (margins > 0).sum(), rewards.detach().sum(0)
+        return LossOutput(losses.sum(), n_correct, batch["n_pairs"], reward_sums)
     ratios = logps - batch["reference_logps"]  # [pairs, 2]
     rewards = beta * ratios  # DPO's implicit rewards
     if loss_type == "ipo":  # IPO compares average per-token log-ratios, so length does not weigh

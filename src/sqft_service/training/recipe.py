@@ -338,7 +338,7 @@ class FinetuneRecipe:
         with self._autocast():
             if self.preference:
                 t = self.cfg.Training
-                return dpo_loss(self.model, batch, t.dpo_beta, t.dpo_loss, t.dpo_label_smoothing)
+                return dpo_loss(self.model, batch, t.dpo_beta, t.dpo_loss, t.dpo_label_smoothing, t.dpo_simpo_gamma)
             return causal_lm_loss(self.model, batch)
 
     def _autocast(self) -> torch.autocast:
@@ -392,7 +392,7 @@ class FinetuneRecipe:
     def train(self) -> TrainingResult:
         t = self.cfg.Training
         accum = t.gradient_accumulation_steps
-        if self.preference:
+        if self.preference and t.dpo_loss != "simpo":  # SimPO has no reference model
             self._set_reference()
         resumed = self._resume()
         step = resumed.step if resumed else 0
