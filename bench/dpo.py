@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sqft_service.auto_hparams import apply
-from sqft_service.config import FinetuneConfig
+from sqft_service.config import SIMPO_BETA, FinetuneConfig
 from sqft_service.training.batching import Collator
 from sqft_service.training.events import MemorySink
 from sqft_service.training.preference import PairCollator, sequence_logps, tokenize_pairs
@@ -134,6 +134,8 @@ def config(
     if method == "dpo":
         cfg.Training.dpo_loss = loss  # type: ignore[assignment]
         explicit.add("Training.dpo_loss")
+        if beta is None and loss == "simpo":  # as a job gets it (config.TrainingSection)
+            beta = SIMPO_BETA
         if beta is not None:
             cfg.Training.dpo_beta = beta
             explicit.add("Training.dpo_beta")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(run("base", sft, val_pairs, work / "base", base=True))
             rows.append(run("SFT on the preferred replies", sft, val_pairs, work / "sft"))
             print(json.dumps(rows[-1]), flush=True)
-        names = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "robust DPO"}
+        names = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "robust DPO", "simpo": "SimPO"}
         for loss in args.losses.split(","):
             for lr in [float(x) for x in args.lrs.split(",")]:
                 cfg = config(model_dir, files["pref"], files["pref_val"], n, "dpo", lr, loss, args.beta)
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows)
     print(table)
     figures = {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "rows": rows, "markdown": table}
-    write_machine_results("dpo", torch.get_num_threads(), figures)
+    named = "" if args.losses == "sigmoid" else "-" + args.losses.replace(",", "-")
+    write_machine_results(f"dpo{named}", torch.get_num_threads(), figures)
 
 
 if __name__ == "__main__":
