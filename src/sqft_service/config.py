@@ -284,7 +284,8 @@ class TrainingSection(_Section):
             raise ValueError(
                 f"`dpo_label_smoothing` applies to the 'sigmoid', 'robust' and 'simpo' losses, not '{self.dpo_loss}'"
             )
-        if self.dpo_loss != "simpo" and "dpo_simpo_gamma" in self.model_fields_set:
+        gamma_default = TrainingSection.model_fields["dpo_simpo_gamma"].default
+        if self.dpo_loss != "simpo" and self.dpo_simpo_gamma != gamma_default:  # a stored config has them all
             raise ValueError(f"`dpo_simpo_gamma` applies to the 'simpo' loss, not '{self.dpo_loss}'")
         if self.dpo_loss == "simpo" and "dpo_beta" not in self.model_fields_set:
             self.dpo_beta = SIMPO_BETA
