@@ -340,6 +340,8 @@ def test_simpo_training_prefers_the_preferred_replies_without_a_reference_pass(m
     sink = MemorySink()
     assert TrainingSection(method="dpo", dpo_loss="simpo").dpo_beta == 2.0  # SimPO's beta unless given
     assert TrainingSection(method="dpo", dpo_loss="simpo", dpo_beta=3.0).dpo_beta == 3.0
+    for kept in (TrainingSection(), TrainingSection(method="dpo", dpo_loss="simpo")):  # a stored config reloads
+        assert TrainingSection.model_validate(kept.model_dump()) == kept
     cfg = make_cfg(model_dir, pairs_file, method="dpo", dpo_loss="simpo", dpo_beta=2.5, learning_rate=2e-2, epochs=6)
     run_training(cfg, tmp_path, sink)
     curve = losses(sink)
