@@ -14,7 +14,8 @@ adapter off), each from log-probabilities kept once per sampling (``token_logps`
 That loss is a cross-entropy weighted per token by the advantage of the answer the token belongs to,
 so it runs through the supervised chunked label cross-entropy (``training/loss.py``): the lm_head
 sees the answer positions only and the logits never exist whole. A group whose answers all score the
-same carries no signal (every advantage 0) and is left out of the backward.
+same carries no signal (every advantage 0) and is left out of the backward, unless a KL penalty holds
+its tokens to the base.
 """
 
 from __future__ import annotations
