@@ -100,8 +100,9 @@ def _check_node(node: ast.AST) -> None:
 
 def formula_names(text: str) -> set[str]:
     """The names a (checked) formula reads, the functions it calls left out."""
-    called = {n.func for n in ast.walk(parse_formula(text)) if isinstance(n, ast.Call)}
-    return {n.id for n in ast.walk(parse_formula(text)) if isinstance(n, ast.Name) and n not in called}
+    nodes = list(ast.walk(parse_formula(text)))
+    called = {n.func for n in nodes if isinstance(n, ast.Call)}
+    return {n.id for n in nodes if isinstance(n, ast.Name) and n not in called}
 
 
 def evaluate_formula(text: str, scores: Mapping[str, float]) -> float:

@@ -44,13 +44,13 @@ class GraderService:
         grader = self.validate(req)
         t0 = time.monotonic()
         item, sample = req.item or {}, sample_namespace(req.model_sample, None)
-        errors, usage, scores = RunErrors(), {}, {}
-        for key, sub in sub_graders(grader).items():
+        errors, usage, scores, parts = RunErrors(), {}, {}, sub_graders(grader)
+        for key, sub in parts.items():
             score = await self._score(sub, item, sample, errors, usage)
             if score is not None:
                 scores[key] = score
         reward = 0.0
-        if len(scores) == len(sub_graders(grader)):
+        if len(scores) == len(parts):
             try:
                 reward = combine(grader, scores)
             except GradingError:  # the formula has no value for these scores (a division by zero…)
