@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqft_service.training.attention import EAGER_ATTENTION_BYTES, choose_attention, eager_attention_bytes
+from sqft_service.training.attention import (
+    EAGER_ATTENTION_BYTES,
+    GROUPED_EAGER,
+    choose_attention,
+    eager_attention_bytes,
+)
 from sqft_service.training.events import MemorySink
 from sqft_service.training.recipe import run_training
 from tests.conftest import make_tiny_llama
@@ -36,7 +41,37 @@ def _sdpa_llama():
 def test_auto_takes_eager_only_on_a_cpu_under_low_precision_while_it_fits(requested, device, dtype, seq, expected):
     model = _sdpa_llama()
     assert choose_attention(model, requested, device, dtype, rows=8, seq=seq) == expected
-    assert model.config._attn_implementation == expected
+    assert model.config._attn_implementation == (GROUPED_EAGER if expected == "eager" else expected)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])  # multi-query, grouped, one K/V head per query head
+def test_grouped_eager_attention_is_llamas_eager_forward_backward_and_decoding(kv_heads):
+    """Logits, every gradient and a cached decoding step match transformers' eager (repeat_kv) attention,
+    on left-padded rows (the mask differs per row)."""
+    ids = torch.randint(3, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[1, :1] = 0  # left padding
+    runs = {}
+    for implementation in ("eager", GROUPED_EAGER):
+        model = make_tiny_llama(64, num_key_value_heads=kv_heads).train()
+        model.set_attn_implementation(implementation)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            decoded = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2
+            )
+            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+            step = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=prefix.past_key_values).logits
+        runs[implementation] = (out.logits.detach(), grads, decoded, step)
+    (logits, grads, decoded, step), (g_logits, g_grads, g_decoded, g_step) = runs["eager"], runs[GROUPED_EAGER]
+    torch.testing.assert_close(g_logits, logits)
+    for name, grad in grads.items():
+        torch.testing.assert_close(g_grads[name], grad, msg=name)
+    assert torch.equal(g_decoded, decoded)
+    torch.testing.assert_close(g_step, step)
 
 
 def test_the_eager_estimate_counts_every_layers_probabilities():

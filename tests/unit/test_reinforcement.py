@@ -22,11 +22,11 @@ from sqft_service.training.reinforcement import (
     group_advantages,
     policy_gradient_loss,
     rollout_batch,
-    sample_answers,
     score_answers,
     token_logps,
     tokenize_prompts,
 )
+from sqft_service.training.sampling import InverseCdfSampler, sample_answers
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import write_jsonl
 from tests.unit.test_recipe import make_cfg, model_dir, sparse_model_dir, sqft_lora  # noqa: F401
@@ -91,6 +91,33 @@ def test_sampled_answers_stop_after_their_end_token(tokenizer):
     assert greedy == again  # greedy: no draw
     # Left padding changes nothing: the short prompt alone gives the same greedy answer.
     assert sample_answers(model, [[4, 5]], 1, max_tokens=6, temperature=None, pad_id=eos, eos_ids=[eos]) == greedy[1:]
+
+
+def test_a_group_shares_its_prompts_cache_and_decodes_as_each_prompt_alone(tokenizer):
+    """group > 1 reads each prompt once and repeats its cache: at a temperature near 0 every row of every
+    group is the prompt's own greedy answer, the shorter (left-padded) prompt's too."""
+    model = make_tiny_llama(len(tokenizer), seed=1)
+    eos = tokenizer.eos_token_id
+    prompts = [[1, 7, 9, 3, 11], [4, 5], [6]]
+    alone = [
+        sample_answers(model, [p], 1, max_tokens=8, temperature=None, pad_id=eos, eos_ids=[eos])[0] for p in prompts
+    ]
+    torch.manual_seed(0)
+    grouped = sample_answers(model, prompts, 3, max_tokens=8, temperature=1e-4, pad_id=eos, eos_ids=[eos])
+    assert grouped == [a for a in alone for _ in range(3)]
+
+
+def test_the_inverse_cdf_sampler_draws_from_the_tempered_softmax():
+    scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).repeat(40_000, 1)
+    for temperature in (1.0, 0.5):
+        torch.manual_seed(0)
+        chosen = InverseCdfSampler(temperature)(None, scores.clone())
+        assert torch.isneginf(chosen).sum(-1).eq(3).all()  # one token left per row, at score 0
+        tokens = chosen.argmax(-1)
+        share = torch.bincount(tokens, minlength=4).double() / len(tokens)
+        expected = torch.softmax(scores[0].double() / temperature, -1)
+        assert share[3] == 0  # a masked token (a guide's) is never drawn
+        torch.testing.assert_close(share, expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("device_path", [False, True])

@@ -122,51 +122,6 @@ def _check_item(grader: dict[str, Any], item: dict[str, Any], index: int) -> Non
             ) from None
 
 
-@torch.no_grad()
-def sample_answers(
-    model: torch.nn.Module,
-    prompts: Sequence[list[int]],
-    group: int,
-    *,
-    max_tokens: int,
-    temperature: float | None,
-    pad_id: int,
-    eos_ids: Sequence[int],
-    processors: Callable[[int, int], Any] | None = None,
-) -> list[list[int]]:
-    """``group`` answers to each prompt (prompt-major), each cut after its first end token (kept: the model
-    learns to stop). ``temperature`` None: greedy (``group`` is then 1). ``processors(rows, width)``: the
-    logits processors of a batch of ``rows`` rows whose answers start at column ``width`` (a format's guide)."""
-    rows = [p for p in prompts for _ in range(group)]
-    width = max(len(r) for r in rows)
-    device = next(model.parameters()).device
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's answer starts at column `width`
-        input_ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    # The model's own generation defaults (a top_k, top_p or temperature) overridden: the plain distribution.
-    if temperature is None:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    else:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=list(eos_ids),
-        logits_processor=processors(len(rows), width) if processors is not None else None,
-        **sampling,
-    )
-    ends = set(eos_ids)
-    answers = []
-    for row in out[:, width:].tolist():
-        stop = next((j for j, t in enumerate(row) if t in ends), None)
-        answers.append(row if stop is None else row[: stop + 1])
-    return answers
-
-
 def score_answers(
     grader: dict[str, Any], items: Sequence[dict[str, Any]], texts: Sequence[str], judge: Callable[[], Any]
 ) -> tuple[list[float], int]:

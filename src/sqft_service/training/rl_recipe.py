@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from ..graders import judge_models
-from .loss import LossOutput
+from .loss import LossOutput, causal_lm_of
 from .memory import in_fitting_batches
+from .precision import head_cast_once
 from .recipe import FinetuneRecipe, TrainerState
 from .records import DataValidationError
 from .reinforcement import (
@@ -32,11 +33,11 @@ from .reinforcement import (
     group_advantages,
     policy_gradient_loss,
     rollout_batch,
-    sample_answers,
     score_answers,
     token_logps,
     tokenize_prompts,
 )
+from .sampling import sample_answers
 
 
 class ReinforcementRecipe(FinetuneRecipe):
@@ -97,7 +98,7 @@ class ReinforcementRecipe(FinetuneRecipe):
             self.handles.nls.activate_maximal()
         torch.manual_seed(seed)
         try:
-            with self._autocast():
+            with self._autocast(), head_cast_once(causal_lm_of(self.model), self.autocast_dtype):
                 return sample_answers(
                     self.model,
                     [p.ids for p in prompts],

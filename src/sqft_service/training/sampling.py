@@ -1,0 +1,113 @@
+"""Sampling a reinforcement job's answers: ``group`` answers to each prompt from the model being trained.
+
+Two things ``generate()`` would do on its own cost a reinforcement step more than they need to, so
+they are done here (measured in the README, "Reinforcement fine-tuning"):
+
+- Every prompt is read once. Its ``group`` rows are the same prompt, so the prompt (all but its last
+  token) runs through the model once per prompt and its KV cache is repeated ``group`` times; the
+  rows then decode from there, each drawing its own tokens.
+- A token is drawn by the inverse CDF, one uniform number per row, instead of ``torch.multinomial``,
+  which draws an exponential for every vocabulary entry (49k per row per token on SmolLM2: 36 ms a
+  step at 32 rows on two CPU cores, against 2.4 ms). The distribution is the same: softmax of the
+  (guided) scores over the temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+class InverseCdfSampler:
+    """The last logits processor of a ``do_sample=False`` ``generate()``: each row's next token drawn from
+    softmax(scores / temperature), and every other score set to -inf so that the greedy pick is that
+    token. The draw uses torch's global generator, so a seeded sampling draws the same tokens again."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # fp64: a 49k-term running sum keeps tiny probabilities
+        draw = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        # right=True: the first token whose cumulative probability exceeds the draw (never one of probability 0).
+        token = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's answer starts at column `width`
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return input_ids, mask
+
+
+def _prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
+    """The KV cache of every prompt but its last token, computed once and repeated for its ``group`` rows
+    (``generate()`` then runs only the last token: a cache must leave it something to run).
+
+    Positions count real tokens, as ``generate()`` numbers left-padded rows."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(group)
+    return cache
+
+
+@torch.no_grad()
+def sample_answers(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    group: int,
+    *,
+    max_tokens: int,
+    temperature: float | None,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    processors: Callable[[int, int], Any] | None = None,
+) -> list[list[int]]:
+    """``group`` answers to each prompt (prompt-major), each cut after its first end token (kept: the model
+    learns to stop). ``temperature`` None: greedy (``group`` is then 1). ``processors(rows, width)``: the
+    logits processors of a batch of ``rows`` rows whose answers start at column ``width`` (a format's guide)."""
+    device = next(model.parameters()).device
+    input_ids, mask = (t.to(device) for t in _left_padded(prompts, pad_id))
+    width = input_ids.shape[1]
+    shared = group > 1 and width > 1
+    cache = _prompt_cache(model, input_ids, mask, group) if shared else None
+    input_ids, mask = input_ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    rows = input_ids.shape[0]
+    chain = LogitsProcessorList(processors(rows, width) if processors is not None else [])
+    if temperature is not None:
+        chain.append(InverseCdfSampler(temperature))
+    # The model's own generation defaults (a top_k, top_p or temperature) overridden: the plain distribution.
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=max_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+        logits_processor=chain,
+        **GREEDY,
+    )
+    ends = set(eos_ids)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = next((j for j, t in enumerate(row) if t in ends), None)
+        answers.append(row if stop is None else row[: stop + 1])
+    return answers
