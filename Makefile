@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft bench-rft-sampling load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -84,6 +84,9 @@ bench-evals: $(STAMP)
 # Reinforcement fine-tuning (GRPO with a fuzzy_match grader) on SmolLM2, ARC-E prompts (bench/rft.py).
 bench-rft: $(STAMP)
 	$(PY) -m bench.rft $(ARGS)
+
+bench-rft-sampling: $(STAMP)
+	$(PY) -m bench.rft_sampling $(ARGS)
 
 # lm-evaluation-harness scores a model fine-tuned through the service and its base, through the service's
 # completions route (bench/lm_eval_harness.py). lm-eval lives in its own environment, .lmeval/.

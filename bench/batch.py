@@ -5,7 +5,7 @@ first ``--requests`` ARC-Easy questions as chat requests (greedy, ``--max-tokens
 engine a batch job runs (:class:`sqft_service.inference.engine.InferenceEngine`, in this process):
 
 * ``one at a time``: ``generate`` per request (what a batch job did before, and what the chat route does);
-* ``batched, N``: ``generate_greedy`` over chunks of N requests (the job's ``CHUNK_LINES``).
+* ``batched, N``: ``generate_together`` over chunks of N requests (the job's ``CHUNK_LINES``).
 
 Reports requests/s and generated tokens/s per setup and how many answers equal the one-at-a-time
 answers (left padding must not change a greedy answer). ``--guided``: every request held to a JSON
@@ -63,7 +63,7 @@ def main() -> None:
         together = []
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
-            together += engine.generate_greedy(spec, chunk, [sampling] * len(chunk))
+            together += engine.generate_together(spec, chunk, [sampling] * len(chunk))
         rows.append(_row(f"batched, {size}", size, time.perf_counter() - t0, together, alone))
 
     print("| setup | requests/s | generated tokens/s | answers equal to one at a time |\n|---|---|---|---|")

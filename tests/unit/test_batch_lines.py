@@ -1,5 +1,5 @@
 """Which batch lines share a batched greedy generation (``jobs/batch._together``): only those whose
-answer ``generate_greedy`` gives exactly (guided ones too: tests/unit/test_evaluation_generation.py); any
+answer ``generate_together`` gives exactly (guided ones too: tests/unit/test_evaluation_generation.py); any
 line asking for more is answered alone, as the route does."""
 
 from __future__ import annotations

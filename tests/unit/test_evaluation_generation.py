@@ -81,7 +81,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_answers(setup, 
 
 
 def test_the_engines_batched_greedy_answers_are_each_prompts_own(tmp_path, tokenizer):
-    """``InferenceEngine.generate_greedy`` (a batch job's greedy lines): rows of different lengths,
+    """``InferenceEngine.generate_together`` (a batch job's greedy lines): rows of different lengths,
     ``max_tokens`` and stop strings, generated together, get the choices ``generate`` gives each alone."""
     from sqft_service.inference.spec import ModelSpec, Sampling
 
@@ -97,7 +97,7 @@ def test_the_engines_batched_greedy_answers_are_each_prompts_own(tmp_path, token
     samplings = [Sampling(4 + i % 3 * 4, temperature=0.0, stop=(stop,) if i == 2 else ()) for i in range(10)]
     want = [engine.generate(spec, ids, s)[0] for ids, s in zip(prompts, samplings, strict=True)]
     assert want[2].finish_reason == "stop" and {c.completion_tokens for c in want} >= {4, 8}
-    assert engine.generate_greedy(spec, prompts, samplings) == want
+    assert engine.generate_together(spec, prompts, samplings) == want
 
 
 def test_guided_rows_generated_together_get_each_prompts_own_answer(tmp_path, tokenizer):
@@ -133,4 +133,4 @@ def test_guided_rows_generated_together_get_each_prompts_own_answer(tmp_path, to
     alone = [engine.generate(spec, ids, s)[0] for ids, s in zip(prompts, samplings, strict=True)]
     assert json.loads(alone[1].text)["c"] in ("red", "blue") and alone[1].finish_reason == "stop"
     assert alone[3].text.startswith("<tool_call>") and alone[3].finish_reason == "stop"
-    assert engine.generate_greedy(spec, prompts, samplings) == alone
+    assert engine.generate_together(spec, prompts, samplings) == alone

@@ -26,7 +26,7 @@ from sqft_service.training.reinforcement import (
     token_logps,
     tokenize_prompts,
 )
-from sqft_service.training.sampling import InverseCdfSampler, sample_answers
+from sqft_service.training.sampling import sample_answers
 from tests.conftest import make_tiny_llama, randomize_b
 from tests.helpers import write_jsonl
 from tests.unit.test_recipe import make_cfg, model_dir, sparse_model_dir, sqft_lora  # noqa: F401
@@ -105,19 +105,6 @@ def test_a_group_shares_its_prompts_cache_and_decodes_as_each_prompt_alone(token
     torch.manual_seed(0)
     grouped = sample_answers(model, prompts, 3, max_tokens=8, temperature=1e-4, pad_id=eos, eos_ids=[eos])
     assert grouped == [a for a in alone for _ in range(3)]
-
-
-def test_the_inverse_cdf_sampler_draws_from_the_tempered_softmax():
-    scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).repeat(40_000, 1)
-    for temperature in (1.0, 0.5):
-        torch.manual_seed(0)
-        chosen = InverseCdfSampler(temperature)(None, scores.clone())
-        assert torch.isneginf(chosen).sum(-1).eq(3).all()  # one token left per row, at score 0
-        tokens = chosen.argmax(-1)
-        share = torch.bincount(tokens, minlength=4).double() / len(tokens)
-        expected = torch.softmax(scores[0].double() / temperature, -1)
-        assert share[3] == 0  # a masked token (a guide's) is never drawn
-        torch.testing.assert_close(share, expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("device_path", [False, True])

@@ -247,31 +247,43 @@ class InferenceEngine:
             choices.append(echo.choice(decoder, scored))
         return choices
 
-    def generate_greedy(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
-        """One greedy choice for each prompt, all prompts generated together (``inference/greedy.py``),
-        each row then cut where it would have stopped alone (its ``max_tokens``, an end-of-sequence id,
-        a stop string) and held to its own grammar if it has one (structured outputs, required calls):
-        the choices ``generate`` gives each (a batch's many requests, ``jobs/batch.py``)."""
+    def generate_together(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
+        """One choice for each prompt, all prompts generated together (``inference/greedy.py``), each row
+        then cut where it would have stopped alone (its ``max_tokens``, an end-of-sequence id, a stop
+        string), held to its own grammar if it has one (structured outputs, required calls), and drawn
+        at its own temperature and top-p (``inference/draw.py``): a greedy row gets the choice
+        ``generate`` gives it, a sampled one a draw from the same distribution (so a seeded request,
+        whose draws must repeat, is answered alone). A batch's many requests (``jobs/batch.py``)."""
+        import secrets
+
+        import torch
+        from transformers import LogitsProcessorList
+
+        from .draw import TokenDraw
         from .greedy import greedy_tokens
 
         assert all(
-            s.greedy
+            (s.greedy or s.seed is None)
             and s.n == 1
             and not (s.logprobs is not None or s.logit_bias or s.presence_penalty or s.frequency_penalty)
             for s in samplings
         )
         model, tokenizer, context = self._activate(spec)
         eos = self._eos_ids(model, tokenizer)
-        guides = None
-        if any(s.grammar for s in samplings):  # structured outputs and required calls: each row its guide
-            from transformers import LogitsProcessorList
+        guided, sampled = any(s.grammar for s in samplings), not all(s.greedy for s in samplings)
+        lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer)) if guided else None
 
-            lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer))
-
-            def guides(batch: list[int], width: int) -> Any:
+        def processors(batch: list[int], width: int) -> Any:
+            chain = LogitsProcessorList()
+            if guided:  # structured outputs and required calls: each row its guide, before the draw
                 grammars = [samplings[i].grammar for i in batch]
-                return LogitsProcessorList([guide_processor(lltokenizer, grammars, len(batch), width)])
+                chain.append(guide_processor(lltokenizer, grammars, len(batch), width))
+            if sampled:
+                chain.append(TokenDraw([samplings[i].temperature for i in batch], [samplings[i].top_p for i in batch]))
+            return chain
 
+        if sampled:  # as an unseeded request: the worker is this process's only torch user
+            torch.manual_seed(secrets.randbits(63))
         with context:
             rows = greedy_tokens(
                 model,
@@ -280,7 +292,7 @@ class InferenceEngine:
                 len(prompts),
                 pad=tokenizer.pad_token_id,
                 eos=eos,
-                processors=guides,
+                processors=processors if guided or sampled else None,
             )
         choices = []
         for row, sampling in zip(rows, samplings, strict=True):

@@ -74,7 +74,7 @@ class GuideTokenizers:
 
 def guide_processor(lltokenizer: Any, grammar: str | Sequence[str | None], rows: int, prompt_len: int) -> Any:
     """A logits processor holding each of ``rows`` rows to ``grammar``, or row ``i`` to ``grammar[i]``
-    (None: that row is free; a batch's greedy lines, ``InferenceEngine.generate_greedy``): a row's tokens
+    (None: that row is free; a batch's greedy lines, ``InferenceEngine.generate_together``): a row's tokens
     so far advance its matcher; tokens the matcher does not allow next are set to -inf."""
     import torch
     from llguidance import LLMatcher

@@ -2,8 +2,10 @@
 engine of the job's own, each answer appended to the job's output file.
 
 A line gets the answer ``POST /v1/chat/completions`` or ``/v1/completions`` would give it
-(``inference/answer.py``); greedy single-choice lines to one model are generated together, left-padded
-(``InferenceEngine.generate_greedy``), with the answers each gets alone. A line the model can't answer
+(``inference/answer.py``); single-choice lines to one model are generated together, left-padded
+(``InferenceEngine.generate_together``): a greedy line gets the answer it gets alone, an unseeded
+sampled one a draw at its own temperature and top-p (a seeded one is answered alone, so that its draws
+repeat). A line the model can't answer
 (a prompt over its context, an Alpaca model asked a multi-turn chat) goes to the error file with the
 status and error body the route would have sent, and the batch goes on. Lines are flushed as written,
 so a job interrupted by a crash runs again from the requests it has no line for (a line cut off
@@ -35,7 +37,7 @@ from .kinds import BatchParams
 OUTPUT_FILE = "batch_output.jsonl"
 ERROR_FILE = "batch_errors.jsonl"
 PROGRESS_EVERY_S = 2.0
-# Lines read, answered and written together: the greedy ones to a model share one generate() call.
+# Lines read, answered and written together: the plain ones to a model share one generate() call.
 CHUNK_LINES = 32
 
 
@@ -113,9 +115,8 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
 
 
 class Answerer:
-    """Answers a chunk of request lines: plain greedy requests to one model (``_together``) in one batched
-    generation (``InferenceEngine.generate_greedy``: each gets the answer it gets alone), the rest one by
-    one as the route does."""
+    """Answers a chunk of request lines: plain requests to one model (``_together``) in one batched
+    generation (``InferenceEngine.generate_together``), the rest one by one as the route does."""
 
     def __init__(self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool) -> None:
         self.engine, self.specs, self.chat = engine, specs, chat
@@ -124,7 +125,7 @@ class Answerer:
     def chunk(self, lines: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
         """``(custom_id, status, body)`` per line, in the lines' order."""
         results: dict[str, tuple[int, dict[str, Any]]] = {}
-        together: dict[str, list[tuple[str, list[int], Sampling, Any]]] = {}  # model -> its greedy rows
+        together: dict[str, list[tuple[str, list[int], Sampling, Any]]] = {}  # model -> its batched rows
         for line in lines:
             custom_id = line["custom_id"]
             try:
@@ -145,7 +146,7 @@ class Answerer:
                 results[custom_id] = _failure(exc)
         for model, rows in together.items():
             try:
-                choices = self.engine.generate_greedy(self.specs[model], [r[1] for r in rows], [r[2] for r in rows])
+                choices = self.engine.generate_together(self.specs[model], [r[1] for r in rows], [r[2] for r in rows])
             except (ServiceError, UserError) as exc:
                 results.update({custom_id: _failure(exc) for custom_id, *_ in rows})
                 continue
@@ -165,12 +166,13 @@ class Answerer:
 
 
 def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
-    """Whether a request is answered in a batched greedy generation: one greedy choice of some tokens,
-    no log-probabilities, echo, penalties or biases (``generate_greedy`` does none; it holds each row to
-    its structured output or required call)."""
+    """Whether a request is answered in a batched generation: one choice of some tokens, greedy or
+    unseeded (a seed's draws must repeat, and a batch draws for all its rows at once), no
+    log-probabilities, echo, penalties or biases (``generate_together`` does none; it holds each row to
+    its structured output or required call, and draws at its temperature and top-p)."""
     plain = req.scored is None and not getattr(req, "echo", False) and req.max_tokens != 0
     plain = plain and not (req.presence_penalty or req.frequency_penalty or req.biases)
-    return plain and req.temperature == 0 and req.n == 1
+    return plain and (req.temperature == 0 or req.seed is None) and req.n == 1
 
 
 def _failure(exc: ServiceError | UserError) -> tuple[int, dict[str, Any]]:

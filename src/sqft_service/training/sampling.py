@@ -6,10 +6,9 @@ they are done here (measured in the README, "Reinforcement fine-tuning"):
 - Every prompt is read once. Its ``group`` rows are the same prompt, so the prompt (all but its last
   token) runs through the model once per prompt and its KV cache is repeated ``group`` times; the
   rows then decode from there, each drawing its own tokens.
-- A token is drawn by the inverse CDF, one uniform number per row, instead of ``torch.multinomial``,
-  which draws an exponential for every vocabulary entry (49k per row per token on SmolLM2: 36 ms a
-  step at 32 rows on two CPU cores, against 2.4 ms). The distribution is the same: softmax of the
-  (guided) scores over the temperature.
+- A token is drawn by the inverse CDF (``inference/draw.py``), one uniform number per row, instead
+  of ``torch.multinomial``'s exponential per vocabulary entry. The distribution is the same: softmax
+  of the (guided) scores over the temperature.
 """
 
 from __future__ import annotations
@@ -20,27 +19,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
+from ..inference.draw import TokenDraw
+
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
-class InverseCdfSampler:
-    """The last logits processor of a ``do_sample=False`` ``generate()``: each row's next token drawn from
-    softmax(scores / temperature), and every other score set to -inf so that the greedy pick is that
-    token. The draw uses torch's global generator, so a seeded sampling draws the same tokens again."""
-
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        cdf = probs.cumsum(-1, dtype=torch.float64)  # fp64: a 49k-term running sum keeps tiny probabilities
-        draw = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device) * cdf[:, -1:]
-        # right=True: the first token whose cumulative probability exceeds the draw (never one of probability 0).
-        token = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
-
-
-def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -50,7 +34,7 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, mask
 
 
-def _prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
+def prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
     """The KV cache of every prompt but its last token, computed once and repeated for its ``group`` rows
     (``generate()`` then runs only the last token: a cache must leave it something to run).
 
@@ -85,15 +69,15 @@ def sample_answers(
     learns to stop). ``temperature`` None: greedy (``group`` is then 1). ``processors(rows, width)``: the
     logits processors of a batch of ``rows`` rows whose answers start at column ``width`` (a format's guide)."""
     device = next(model.parameters()).device
-    input_ids, mask = (t.to(device) for t in _left_padded(prompts, pad_id))
+    input_ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
     width = input_ids.shape[1]
     shared = group > 1 and width > 1
-    cache = _prompt_cache(model, input_ids, mask, group) if shared else None
+    cache = prompt_cache(model, input_ids, mask, group) if shared else None
     input_ids, mask = input_ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     rows = input_ids.shape[0]
     chain = LogitsProcessorList(processors(rows, width) if processors is not None else [])
     if temperature is not None:
-        chain.append(InverseCdfSampler(temperature))
+        chain.append(TokenDraw([temperature] * rows))
     # The model's own generation defaults (a top_k, top_p or temperature) overridden: the plain distribution.
     out = model.generate(
         input_ids=input_ids,
