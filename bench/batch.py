@@ -10,9 +10,11 @@ engine a batch job runs (:class:`sqft_service.inference.engine.InferenceEngine`,
 Reports requests/s and generated tokens/s per setup and how many answers equal the one-at-a-time
 answers (left padding must not change a greedy answer). ``--guided``: every request held to a JSON
 schema (``{"answer": string}``, structured outputs; required tool calls are held the same way), each
-row of a batch to its own guide. Run from the repository root:
-``.venv/bin/python -m bench.batch [--threads 2] [--requests 64] [--max-tokens 32] [--guided]``; writes
-``bench/results/<date>-batch[-guided]-<host>.json``.
+row of a batch to its own guide. ``--temperature T`` > 0: sampled lines without a seed (OpenAI's default
+temperature is 1), each row drawing its own tokens (``inference/draw.py``), so the answers are draws
+and not compared. Run from the repository root:
+``.venv/bin/python -m bench.batch [--threads 2] [--requests 64] [--max-tokens 32] [--guided]
+[--temperature 1]``; writes ``bench/results/<date>-batch[-guided][-sampled]-<host>.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--chunks", default="8,16,32")
     parser.add_argument("--guided", action="store_true", help="hold every answer to a JSON schema")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled lines (no seed)")
     args = parser.parse_args()
 
     import torch  # noqa: F401 - imported before the clocks start
@@ -51,7 +54,7 @@ def main() -> None:
         grammar = json_grammar(
             {"type": "object", "properties": answer, "required": ["answer"], "additionalProperties": False}
         )
-    sampling = Sampling(args.max_tokens, temperature=0.0, grammar=grammar)
+    sampling = Sampling(args.max_tokens, temperature=args.temperature, grammar=grammar)
     engine.generate(spec, prompts[0], sampling)  # warm-up, not kept
 
     rows = []
@@ -70,13 +73,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['setup']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['same_answers']} |")
     write_machine_results(
-        "batch-guided" if args.guided else "batch",
+        "batch" + ("-guided" if args.guided else "") + ("-sampled" if args.temperature else ""),
         args.threads,
         {
             "model": gguf.name,
             "requests": len(prompts),
             "max_tokens": args.max_tokens,
             "guided": args.guided,
+            "temperature": args.temperature,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
             "rows": rows,
         },
@@ -85,7 +89,7 @@ def main() -> None:
 
 def _row(setup: str, chunk: int, seconds: float, choices: list, reference: list) -> dict:
     tokens = sum(c.completion_tokens for c in choices)
-    same = sum(c == r for c, r in zip(choices, reference, strict=True))
+    same = sum(c == r for c, r in zip(choices, reference, strict=True))  # sampled answers: draws, not compared
     return {
         "setup": setup,
         "chunk": chunk,

@@ -134,3 +134,59 @@ def test_guided_rows_generated_together_get_each_prompts_own_answer(tmp_path, to
     assert json.loads(alone[1].text)["c"] in ("red", "blue") and alone[1].finish_reason == "stop"
     assert alone[3].text.startswith("<tool_call>") and alone[3].finish_reason == "stop"
     assert engine.generate_together(spec, prompts, samplings) == alone
+
+
+def test_sampled_rows_generated_together_draw_at_their_own_temperature_and_top_p(tmp_path, tokenizer):
+    """Unseeded sampled lines share a batch with greedy ones: a greedy row's choice is its own; a row at
+    a temperature near 0, or whose top-p nucleus holds one token, is the greedy answer however hot; a
+    hot row with the whole vocabulary draws something else."""
+    from sqft_service.inference.spec import ModelSpec, Sampling
+
+    model = make_tiny_llama(len(tokenizer), initializer_range=0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None, device="cpu")
+    spec = ModelSpec("tiny", str(tmp_path))
+    prompts = [tokenizer(" ".join(WORDS[: 2 + i]))["input_ids"] for i in range(6)]
+    greedy = [engine.generate(spec, ids, Sampling(10, temperature=0.0))[0] for ids in prompts]
+    ways = [
+        Sampling(10, temperature=0.0),
+        Sampling(10, temperature=1e-4),
+        Sampling(10, temperature=2.0, top_p=1e-6),
+        Sampling(10, temperature=2.0),
+    ]
+    rows = [(i, w) for i in range(len(prompts)) for w in range(len(ways))]
+    got = engine.generate_together(spec, [prompts[i] for i, _ in rows], [ways[w] for _, w in rows])
+    for (i, w), choice in zip(rows, got, strict=True):
+        if w < 3:
+            assert choice == greedy[i], (i, ways[w])
+    hot = [choice for (i, w), choice in zip(rows, got, strict=True) if w == 3]
+    assert sum(c.text != g.text for c, g in zip(hot, greedy, strict=True)) >= 4
+
+
+def test_token_draw_samples_each_row_from_its_tempered_nucleus():
+    """``TokenDraw`` on many rows at once: rows of temperature 0 pass through; the others are left with
+    one token, drawn from softmax(scores / T) within the row's top-p nucleus (transformers' warpers)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from sqft_service.inference.draw import TokenDraw
+
+    base = torch.tensor([0.0, 1.0, 2.0, 0.5, float("-inf")])
+    rows = 30_000
+    settings = [(1.0, 1.0), (0.5, 1.0), (2.0, 0.8), (0.0, 1.0)]  # (temperature, top_p) per block of rows
+    scores = base.repeat(rows * len(settings), 1)
+    torch.manual_seed(0)
+    out = TokenDraw([t for t, _ in settings for _ in range(rows)], [p for _, p in settings for _ in range(rows)])(
+        None, scores.clone()
+    )
+    for k, (temperature, top_p) in enumerate(settings):
+        block = out[k * rows : (k + 1) * rows]
+        if temperature == 0:
+            assert torch.equal(block, scores[:rows])  # greedy: the scores as they were
+            continue
+        assert torch.isneginf(block).sum(-1).eq(4).all()
+        share = torch.bincount(block.argmax(-1), minlength=5).double() / rows
+        warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, base[None].clone()))
+        expected = torch.softmax(warped[0].double(), -1)
+        assert share[expected == 0].sum() == 0  # outside the nucleus (and a masked token): never drawn
+        torch.testing.assert_close(share, expected, atol=0.01, rtol=0)

@@ -4,8 +4,9 @@ graded on their own answers), then graded by every grader of the eval; one outpu
 to the run's output file.
 
 Sampling and the model graders go through the batch job's ``Answerer``: a row gets the answer
-``POST /v1/chat/completions`` would give it, and the greedy requests of a chunk (the graders' always:
-they answer held to a schema at temperature 0 unless asked otherwise) are generated together. Rows are
+``POST /v1/chat/completions`` would give it, and the greedy or unseeded requests of a chunk (the
+graders' always: they answer held to a schema at temperature 0 unless asked otherwise) are generated
+together. Rows are
 flushed as written, so a run interrupted by a crash goes on from the rows it has no item for; a cancel
 stops between chunks and keeps the items written.
 
