@@ -44,6 +44,18 @@ def test_auto_takes_eager_only_on_a_cpu_under_low_precision_while_it_fits(reques
     assert model.config._attn_implementation == (GROUPED_EAGER if expected == "eager" else expected)
 
 
+def test_eager_shares_kv_heads_only_for_grouped_heads_of_llamas_signature():
+    assert choose_attention(_sdpa_llama(), "eager", CPU, BF16, rows=8, seq=64) == "eager"
+    no_groups = make_tiny_llama(64, num_key_value_heads=4)  # one K/V head per query head: nothing to share
+    assert choose_attention(no_groups, "eager", CPU, BF16, rows=8, seq=64) == "eager"
+    assert no_groups.config._attn_implementation == "eager"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))  # scales inside its eager
+    assert choose_attention(gpt2, "eager", CPU, BF16, rows=8, seq=64) == "eager"
+    assert gpt2.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # multi-query, grouped, one K/V head per query head
 def test_grouped_eager_attention_is_llamas_eager_forward_backward_and_decoding(kv_heads):
     """Logits, every gradient and a cached decoding step match transformers' eager (repeat_kv) attention,

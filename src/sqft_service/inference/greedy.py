@@ -6,6 +6,23 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# generate() without the model's own sampling defaults (a top_k, top_p or temperature in its config).
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def left_padded(rows: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of ``rows`` padded on the left: every row ends at the last column,
+    where generation begins."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return input_ids, mask
+
 
 def greedy_tokens(
     model: Any,
@@ -41,18 +58,14 @@ def greedy_tokens(
     rows: list[list[int]] = [[] for _ in prompts]
 
     def generate(batch: Sequence[int]) -> None:
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=device)
+        input_ids, mask = (t.to(device) for t in left_padded([prompts[i] for i in batch], pad))
+        width = input_ids.shape[1]
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=max(max_new_tokens[i] for i in batch),
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **GREEDY,
                 pad_token_id=pad,
                 eos_token_id=sorted(eos),
                 logits_processor=processors(list(batch), width) if processors else None,

@@ -15,6 +15,7 @@ of the time.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -67,6 +68,19 @@ def grouped_eager_attention(
 
 AttentionInterface.register(GROUPED_EAGER, grouped_eager_attention)
 AttentionMaskInterface.register(GROUPED_EAGER, eager_mask)
+_LLAMA_EAGER_PARAMETERS = ["module", "query", "key", "value", "attention_mask", "scaling", "dropout"]
+
+
+def shares_kv_heads(model: PreTrainedModel) -> bool:
+    """Whether :func:`grouped_eager_attention` can stand in for ``model``'s eager attention: it has fewer
+    K/V heads than query heads, and an eager function of Llama's signature (GPT-2's, say, scales
+    inside and takes a head mask: it keeps its own)."""
+    heads = getattr(model.config, "num_attention_heads", None)
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    eager = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
+    if not heads or not kv_heads or kv_heads >= heads or eager is None:
+        return False
+    return list(inspect.signature(eager).parameters)[:7] == _LLAMA_EAGER_PARAMETERS
 
 
 def eager_attention_bytes(model: PreTrainedModel, rows: int, seq: int) -> int | None:
@@ -102,7 +116,7 @@ def choose_attention(
         cpu_low_precision = device.type == "cpu" and autocast_dtype is not None
         fits = need is not None and need <= EAGER_ATTENTION_BYTES
         requested = "eager" if current == "sdpa" and cpu_low_precision and fits else current
-    if requested == "eager":
+    if requested == "eager" and shares_kv_heads(model):
         requested = GROUPED_EAGER
     if requested != current:
         model.set_attn_implementation(requested)

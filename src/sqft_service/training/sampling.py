@@ -20,18 +20,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 
 from ..inference.draw import TokenDraw
-
-GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-
-
-def left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's answer starts at column `width`
-        input_ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return input_ids, mask
+from ..inference.greedy import GREEDY, left_padded
 
 
 def prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
@@ -78,7 +67,6 @@ def sample_answers(
     chain = LogitsProcessorList(processors(rows, width) if processors is not None else [])
     if temperature is not None:
         chain.append(TokenDraw([temperature] * rows))
-    # The model's own generation defaults (a top_k, top_p or temperature) overridden: the plain distribution.
     out = model.generate(
         input_ids=input_ids,
         attention_mask=mask,
