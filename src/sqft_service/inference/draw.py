@@ -2,10 +2,10 @@
 
 ``generate(do_sample=True)`` takes one temperature and one top-p for the whole batch, so requests that
 differ in them could not share a generation; and it draws with ``torch.multinomial``, which draws an
-exponential for every vocabulary entry (49k per row per token on SmolLM2: 36 ms a step at 32 rows on
-two CPU cores). :class:`TokenDraw` is instead the last logits processor of a ``do_sample=False``
-generation: it draws each sampled row's token by the inverse CDF of softmax(scores / temperature)
-restricted to the row's top-p nucleus (one uniform number a row: 2.4 ms at 32 rows), and leaves that
+exponential for every vocabulary entry (49k per row per token on SmolLM2). :class:`TokenDraw` is
+instead the last logits processor of a ``do_sample=False`` generation: it draws each sampled row's
+token by the inverse CDF of softmax(scores / temperature) restricted to the row's top-p nucleus (one
+uniform number a row, an order of magnitude cheaper; README, "Reinforcement fine-tuning"), and leaves that
 token the only one with a finite score, so the greedy pick is the draw. Rows of temperature 0 keep
 their scores (greedy). The distribution is the one transformers samples from (its temperature and
 top-p warpers, then multinomial); the draws use torch's global generator, so a seeded generation

@@ -5,12 +5,11 @@ A line gets the answer ``POST /v1/chat/completions`` or ``/v1/completions`` woul
 (``inference/answer.py``); single-choice lines to one model are generated together, left-padded
 (``InferenceEngine.generate_together``): a greedy line gets the answer it gets alone, an unseeded
 sampled one a draw at its own temperature and top-p (a seeded one is answered alone, so that its draws
-repeat). A line the model can't answer
-(a prompt over its context, an Alpaca model asked a multi-turn chat) goes to the error file with the
-status and error body the route would have sent, and the batch goes on. Lines are flushed as written,
-so a job interrupted by a crash runs again from the requests it has no line for (a line cut off
-mid-write is dropped and answered again). A cancel stops between chunks; the lines written so far are
-the cancelled batch's files (``jobs/manager.py``).
+repeat). A line the model can't answer (a prompt over its context, an Alpaca model asked a multi-turn
+chat) goes to the error file with the status and error body the route would have sent, and the batch
+goes on. Lines are flushed as written, so a job interrupted by a crash runs again from the requests it
+has no line for (a line cut off mid-write is dropped and answered again). A cancel stops between
+chunks; the lines written so far are the cancelled batch's files (``jobs/manager.py``).
 
 Why a job and not the API's engine: a batch of thousands of requests takes the same queue, concurrency
 limit, crash recovery and cancel as the service's other long work, and never holds up interactive

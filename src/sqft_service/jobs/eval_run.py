@@ -6,9 +6,8 @@ to the run's output file.
 Sampling and the model graders go through the batch job's ``Answerer``: a row gets the answer
 ``POST /v1/chat/completions`` would give it, and the greedy or unseeded requests of a chunk (the
 graders' always: they answer held to a schema at temperature 0 unless asked otherwise) are generated
-together. Rows are
-flushed as written, so a run interrupted by a crash goes on from the rows it has no item for; a cancel
-stops between chunks and keeps the items written.
+together. Rows are flushed as written, so a run interrupted by a crash goes on from the rows it has no
+item for; a cancel stops between chunks and keeps the items written.
 
 The summary a run object shows (counts, per-grader results, per-model usage) is read from that file
 (``Summary``, added up by ``api/evals/items.py``) while the run goes and after it ends, so it is never

@@ -7,10 +7,11 @@ fp32 softmax) trains faster on short rows (README, "Performance"). Eager keeps e
 dtype, so "auto" takes it only while that stays under ``EAGER_ATTENTION_BYTES``; SDPA otherwise, in
 fp32 (measured no faster there) and on a GPU (whose SDPA kernels are the fast ones).
 
-Eager runs as :func:`grouped_eager_attention` (registered as ``GROUPED_EAGER``): the same arithmetic
-without transformers' ``repeat_kv``, which copies every K/V head once per query head it serves (3x
-on SmolLM2, 4x on Llama 3) in every layer, every step: in a decoding step those copies were a seventh
-of the time.
+For a model with grouped K/V heads and Llama's eager function (:func:`shares_kv_heads`), eager runs as
+:func:`grouped_eager_attention` (registered as ``GROUPED_EAGER``): the same arithmetic without
+transformers' ``repeat_kv``, which copies every K/V head once per query head it serves (3x on
+SmolLM2, 4x on Llama 3) in every layer, every step; they weigh most in decoding (README,
+"Reinforcement fine-tuning", measures it).
 """
 
 from __future__ import annotations

@@ -113,10 +113,10 @@ def head_cast_once(lm: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     """While generating under autocast: ``lm``'s lm_head (its output embeddings) in ``dtype`` cast once.
 
     A tied head stays fp32 (:func:`cast_frozen_linears` skips it), so autocast casts its whole
-    ``vocab x hidden`` weight anew for every generated token: 55 ms a step on SmolLM2 with two CPU
-    cores, a quarter of a sampling step. Generation changes no weight, so one cast serves every step;
-    the logits are the same, autocast would have rounded the weight to the same values. No-op without
-    autocast, or for a head that is not a plain ``nn.Linear`` (an adapted one).
+    ``vocab x hidden`` weight anew for every generated token, the largest cast of a decoding step
+    (README, "Reinforcement fine-tuning", measures it). Generation changes no weight, so one cast
+    serves every step; the logits are the same, autocast would have rounded the weight to the same
+    values. No-op without autocast, or for a head that is not a plain ``nn.Linear`` (an adapted one).
     """
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if dtype is None or type(head) is not nn.Linear or head.weight.dtype == dtype:
