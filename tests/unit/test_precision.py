@@ -17,7 +17,7 @@ from sqft_service.adapters.sparsify import sparsify_model
 from sqft_service.config import LoraSection
 from sqft_service.training.batching import Collator
 from sqft_service.training.loss import causal_lm_loss
-from sqft_service.training.precision import autocast_dtype, cast_frozen_linears
+from sqft_service.training.precision import autocast_dtype, cast_frozen_linears, head_cast_once
 from sqft_service.training.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.conftest import make_tiny_llama, randomize_b
 
@@ -97,6 +97,22 @@ def test_tied_lm_head_and_embedding_stay_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = causal_lm_loss(model, _batch())
     assert torch.isfinite(out.loss_sum)
+
+
+def test_a_tied_head_cast_once_for_generation_gives_autocasts_logits_and_is_given_back():
+    model = _model(tied=True)
+    lm = model.get_base_model()
+    cast_frozen_linears(model, torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        with head_cast_once(lm, torch.bfloat16):
+            assert "forward" in vars(lm.lm_head)  # the one-cast head stands in
+            got = model(input_ids=ids).logits
+    assert "forward" not in vars(lm.lm_head) and lm.lm_head.weight.dtype == torch.float32
+    assert torch.equal(got, want)
+    with head_cast_once(lm, None):  # fp32 training: nothing to cast
+        assert "forward" not in vars(lm.lm_head)
 
 
 @pytest.mark.parametrize(("asked", "native", "expected"), [
