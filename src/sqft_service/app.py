@@ -31,6 +31,7 @@ from .api.graders.router import router as graders_router
 from .api.graders.service import GraderService
 from .api.inference.router import router as inference_router
 from .api.inference.service import InferenceService
+from .api.inference.tokenize import router as tokenize_router
 from .api.limits import MULTIPART_OVERHEAD_BYTES
 from .api.models.router import router as models_router
 from .api.models.service import ModelService
@@ -232,6 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sqft_router, dependencies=json_only)
     app.include_router(models_router, dependencies=json_only)
     app.include_router(inference_router, dependencies=json_only)
+    app.include_router(tokenize_router, dependencies=json_only)
     app.include_router(stored_completions_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)

@@ -273,6 +273,37 @@ def test_bad_requests_name_the_field(served):
         assert resp.json()["error"]["param"] == param, resp.text
 
 
+def test_tokenize_counts_what_the_routes_render_and_detokenize_reads_it_back(served, tokenizer):
+    """vLLM's /tokenize and /detokenize: a prompt's ids as the chat and completion routes render it (the
+    same count as their usage), for the caller's models only, and ids back to text."""
+    client, jobs = served
+    for name in ("chat", "alpaca"):  # a chat template, and the Alpaca template that job trained with
+        model = jobs[name]["fine_tuned_model"]
+        resp = client.post("/tokenize", json={"model": model, "messages": ASK})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        used = _chat(client, model, max_tokens=1, temperature=0).json()["usage"]["prompt_tokens"]
+        assert body["count"] == len(body["tokens"]) == used and body["max_model_len"] == 512
+    model = jobs["alpaca"]["fine_tuned_model"]
+    tokens = client.post("/tokenize", json={"model": model, "prompt": "The sky is"}).json()["tokens"]
+    assert len(tokens) == _complete(client, model, max_tokens=1).json()["usage"]["prompt_tokens"]
+    back = client.post("/detokenize", json={"model": model, "tokens": tokens})
+    assert back.status_code == 200 and back.json()["prompt"] == tokenizer.decode(tokens), back.text
+    assert back.json()["prompt"].endswith("The sky is")
+    cases = [
+        (client.post("/tokenize", json={"model": model}), 400, None),  # neither prompt nor messages
+        (client.post("/tokenize", json={"model": model, "prompt": "x", "messages": ASK}), 400, None),
+        (client.post("/tokenize", json={"model": "ft:nope:sqft:ftjob-missing", "prompt": "x"}), 404, "model"),
+        (client.post("/tokenize", json={"model": model, "prompt": "x"}, headers=BOB), 404, "model"),  # Alice's
+        (client.post("/detokenize", json={"model": model, "tokens": [len(tokenizer) + 5]}), 400, "tokens"),
+        (client.post("/detokenize", json={"model": model, "tokens": [-1]}), 400, "tokens[0]"),
+    ]
+    for resp, status, param in cases:
+        assert resp.status_code == status, resp.text
+        if param:
+            assert resp.json()["error"]["param"] == param, resp.text
+
+
 def test_delete_removes_the_artifacts(served, tiny_model_dir):
     client, jobs = served
     name, path = jobs["chat"]["fine_tuned_model"], Path(jobs["chat"]["fine_tuned_model_path"])

@@ -203,8 +203,9 @@ class InferenceEngine:
             if Path(key) == path or any(k.startswith(prefix) for k in keys):
                 del self._models[key]
 
-    def prepare(self, spec: ModelSpec, render: Callable[[Any], list[int]]) -> tuple[list[int], int]:
-        """Load what ``spec`` needs and render the prompt: its token ids and the model's context length."""
+    def prepare(self, spec: ModelSpec, render: Callable[[Any], T]) -> tuple[T, int]:
+        """Load what ``spec`` needs and render the prompt with its tokenizer (its token ids; ``/detokenize``:
+        ids back to text), and the model's context length."""
         model, tokenizer, _ = self._activate(spec)
         config = getattr(model, "config", None)
         return render(tokenizer), int(getattr(config, "max_position_embeddings", 0) or 0)

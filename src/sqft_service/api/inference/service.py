@@ -105,6 +105,13 @@ class InferenceService:
             future.add_done_callback(lambda _: engine.release())
         return future
 
+    async def prepared(self, model: str, render: Callable[[ModelSpec], Callable[[Any], Any]]) -> tuple[Any, int]:
+        """``render(spec)`` applied to the tokenizer of the caller's ``model``, and the model's context length
+        (``/tokenize`` and ``/detokenize``: the tokenizer is loaded with the model, on the engine's worker)."""
+        spec = await self._spec(model)
+        engine = self._reserve()
+        return await asyncio.wrap_future(self._submit(engine, engine.prepare, spec, render(spec), release=True))
+
     async def _spec(self, model: str) -> ModelSpec:
         return await asyncio.to_thread(self.models.spec, model)  # store and file reads, off the event loop
 
