@@ -25,12 +25,13 @@ class TokenDraw:
     def __init__(self, temperatures: Sequence[float], top_ps: Sequence[float] | None = None) -> None:
         self.temperatures = torch.tensor([float(t) for t in temperatures], dtype=torch.float32)
         self.top_ps = None if top_ps is None or all(p >= 1.0 for p in top_ps) else torch.tensor(top_ps)
+        self.any_sampled = any(t > 0 for t in temperatures)  # known on the host: no device sync per token
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        if not self.any_sampled:
+            return scores
         temperatures = self.temperatures.to(scores.device)
         sampled = temperatures > 0
-        if not bool(sampled.any()):
-            return scores
         # A greedy row's own division is by 1: its draw is computed and then not used.
         probs = torch.softmax(scores.float() / torch.where(sampled, temperatures, 1.0)[:, None], dim=-1)
         if self.top_ps is not None:
