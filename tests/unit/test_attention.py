@@ -45,7 +45,9 @@ def test_auto_takes_eager_only_on_a_cpu_under_low_precision_while_it_fits(reques
 
 
 def test_eager_shares_kv_heads_only_for_grouped_heads_of_llamas_signature():
-    assert choose_attention(_sdpa_llama(), "eager", CPU, BF16, rows=8, seq=64) == "eager"
+    llama = _sdpa_llama()  # 4 query heads over 2 K/V heads
+    assert choose_attention(llama, "eager", CPU, BF16, rows=8, seq=64) == "eager"
+    assert llama.config._attn_implementation == GROUPED_EAGER
     no_groups = make_tiny_llama(64, num_key_value_heads=4)  # one K/V head per query head: nothing to share
     assert choose_attention(no_groups, "eager", CPU, BF16, rows=8, seq=64) == "eager"
     assert no_groups.config._attn_implementation == "eager"

@@ -98,10 +98,15 @@ def completion_renderer(prompt: str | list[int]) -> Callable[[Any], list[int]]:
         return lambda tokenizer: completion_ids(tokenizer, prompt)
 
     def ids(tokenizer: Any) -> list[int]:
-        if (largest := max(prompt)) >= len(tokenizer):
-            raise InvalidRequestError(
-                f"token id {largest} is not in this model's vocabulary ({len(tokenizer)} tokens)", param="prompt"
-            )
+        check_token_ids(tokenizer, prompt, "prompt")
         return list(prompt)  # token ids are the prompt as they are: no BOS added
 
     return ids
+
+
+def check_token_ids(tokenizer: Any, ids: list[int], param: str) -> None:
+    """A 400 naming ``param`` unless every id of ``ids`` (non-negative: the schema's) is in the vocabulary."""
+    if (largest := max(ids)) >= len(tokenizer):
+        raise InvalidRequestError(
+            f"token id {largest} is not in this model's vocabulary ({len(tokenizer)} tokens)", param=param
+        )

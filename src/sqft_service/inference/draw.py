@@ -30,12 +30,14 @@ class TokenDraw:
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
         if not self.any_sampled:
             return scores
-        temperatures = self.temperatures.to(scores.device)
-        sampled = temperatures > 0
+        if self.temperatures.device != scores.device:  # moved once, not at every token
+            self.temperatures = self.temperatures.to(scores.device)
+            self.top_ps = None if self.top_ps is None else self.top_ps.to(scores.device)
+        sampled = self.temperatures > 0
         # A greedy row's own division is by 1: its draw is computed and then not used.
-        probs = torch.softmax(scores.float() / torch.where(sampled, temperatures, 1.0)[:, None], dim=-1)
+        probs = torch.softmax(scores.float() / torch.where(sampled, self.temperatures, 1.0)[:, None], dim=-1)
         if self.top_ps is not None:
-            probs = _nucleus(probs, self.top_ps.to(scores.device))
+            probs = _nucleus(probs, self.top_ps)
         cdf = probs.cumsum(-1, dtype=torch.float64)  # fp64: a 49k-term running sum keeps tiny probabilities
         draw = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device) * cdf[:, -1:]
         # right=True: the first token whose cumulative probability exceeds the draw (never one of probability 0).

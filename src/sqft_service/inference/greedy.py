@@ -1,5 +1,6 @@
 """Greedy generation for many prompts at once, each row the tokens its prompt gets alone (evaluate
-jobs' answers, batch jobs' greedy lines; torch imported when called)."""
+jobs' answers, batch jobs' lines: a sampled line's row draws through its ``processors``,
+``inference/draw.py``; torch imported when called)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...inference.answer import chat_renderer, completion_renderer
+from ...inference.answer import chat_renderer, check_token_ids, completion_renderer
 from ..openapi import error_responses
 from .protocol import MAX_TOOLS, Message, TokenIds, Tool
 
@@ -73,13 +73,8 @@ async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeRes
 
 
 def _decoder(ids: list[int]) -> Any:
-    from ...errors import InvalidRequestError
-
     def decode(tokenizer: Any) -> str:
-        if (largest := max(ids)) >= len(tokenizer):
-            raise InvalidRequestError(
-                f"token id {largest} is not in this model's vocabulary ({len(tokenizer)} tokens)", param="tokens"
-            )
+        check_token_ids(tokenizer, ids, "tokens")
         return tokenizer.decode(ids)
 
     return decode
