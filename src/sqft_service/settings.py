@@ -40,6 +40,9 @@ class Settings:
     # Stored chat completions (`store: true`) and stored responses are deleted this many days after they
     # were created, as OpenAI keeps them 30 days; 0 keeps them until deleted. The sweep runs every minute.
     stored_retention_days: float = 30.0
+    # Seconds a batch has to end in (OpenAI's `completion_window`, which is "24h"): the requests not answered
+    # by then go to its error file as `batch_expired` and the batch ends `expired`, queued or running.
+    batch_window_s: float = 24 * 3600.0
     # How often a running fine-tune writes its rolling resume point (it also writes one when stopped).
     checkpoint_interval_s: float = 300.0
     # Launches of one job's process before a job that keeps dying (crash, kill -9, OOM) is failed.
@@ -92,6 +95,8 @@ class Settings:
             )
         if self.stored_retention_days < 0:
             raise ValueError(f"SQFT_STORED_RETENTION_DAYS={self.stored_retention_days!r} is negative (0 keeps them)")
+        if self.batch_window_s <= 0:
+            raise ValueError(f"SQFT_BATCH_WINDOW_S={self.batch_window_s!r} is not a positive number of seconds")
         if self.runner not in ("subprocess", "ray"):
             raise ValueError(f"SQFT_RUNNER={self.runner!r} is not `subprocess` or `ray`")
 

@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from openai.types import Batch
 
 from sqft_service.app import create_app
+from sqft_service.settings import Settings
 from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import make_settings, sdk_job_end
+from tests.integration.conftest import make_settings, sdk_job_end, wait_status
 
 ALICE = {"Authorization": "Bearer ka"}
 BOB = {"Authorization": "Bearer kb"}
@@ -85,7 +86,9 @@ def _create(client, file_id: str, endpoint: str = "/v1/chat/completions", **extr
 def _ended(client, batch_id: str, timeout: float = 300) -> dict:
     return wait_until(
         lambda: (
-            (b := client.get(f"/v1/batches/{batch_id}").json())["status"] in ("completed", "failed", "cancelled") and b
+            (b := client.get(f"/v1/batches/{batch_id}").json())["status"]
+            in ("completed", "failed", "cancelled", "expired")
+            and b
         ),
         timeout,
         what=f"batch {batch_id} to end",
@@ -288,6 +291,67 @@ def test_a_batch_killed_mid_way_runs_again_without_repeating_a_line(served, tmp_
     assert any(m.startswith("resuming: ") and m.endswith(" of 120 requests already answered") for m in messages)
 
 
+WINDOW_S = 15
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A service whose batches have WINDOW_S seconds (SQFT_BATCH_WINDOW_S) and one job at a time."""
+    settings = make_settings(tmp_path_factory.mktemp("window") / "data", batch_window_s=WINDOW_S, inference_threads=1)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _expired_rows(client, done: dict) -> dict[str, dict]:
+    errors = _rows(client, done["error_file_id"])
+    for row in errors.values():  # OpenAI's line for a request the window left no time for
+        assert row["response"] is None and row["id"].startswith("batch_req_")
+        assert row["error"]["code"] == "batch_expired" and "completion window expired" in row["error"]["message"]
+    return errors
+
+
+def test_a_batch_still_queued_when_its_window_ends_expires_whole(windowed, tmp_path, tiny_model_dir):
+    client = windowed
+    with open(write_json(tmp_path / "t.json", alpaca_records(64)), "rb") as handle:
+        training = client.post("/v1/files", files={"file": ("t.json", handle)}, data={"purpose": "fine-tune"}).json()
+    body = {"model": str(tiny_model_dir), "training_file": training["id"], "Training": {"epochs": 1000}}  # minutes
+    holder = client.post("/v1/fine_tuning/jobs", json=body).json()  # holds the one job slot
+    wait_status(client, holder["id"], ("running",))
+    lines = [_line(f"q{i}", {"model": str(tiny_model_dir), "messages": ASK, "max_tokens": 2}) for i in range(3)]
+    batch = _create(client, _upload(client, tmp_path, lines)).json()
+    assert batch["expires_at"] == batch["created_at"] + WINDOW_S
+    done = _ended(client, batch["id"], timeout=WINDOW_S + 30)
+    assert done["status"] == "expired", done
+    assert Batch.model_validate(done).status == "expired"
+    assert done["in_progress_at"] is None and done["completed_at"] is None
+    assert done["expired_at"] >= done["expires_at"]
+    assert done["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
+    assert done["output_file_id"] is None and set(_expired_rows(client, done)) == {"q0", "q1", "q2"}
+    events = client.app.state.batch_service.events.list_events(batch["id"], limit=20)[0]
+    assert any(e.message.startswith("Batch expired: its completion window ended before it started") for e in events)
+    assert client.post(f"/v1/fine_tuning/jobs/{holder['id']}/cancel").status_code == 200
+    wait_status(client, holder["id"], ("cancelled",))
+
+
+def test_a_batch_running_when_its_window_ends_keeps_its_answers(windowed, tmp_path, tiny_model_dir):
+    client = windowed
+    total = 3000  # far more than the tiny model answers one by one in WINDOW_S seconds
+    batch_id = _long_batch(client, tmp_path, str(tiny_model_dir), total)
+    done = _ended(client, batch_id, timeout=WINDOW_S + 60)
+    assert done["status"] == "expired", done
+    assert done["in_progress_at"] is not None and done["expired_at"] >= done["expires_at"]
+    answered = done["request_counts"]["completed"]
+    assert 0 < answered < total and done["request_counts"]["failed"] == total - answered
+    answers, errors = _rows(client, done["output_file_id"]), _expired_rows(client, done)
+    assert len(answers) == answered and len(errors) == total - answered
+    assert set(answers) | set(errors) == {f"r{i}" for i in range(total)}  # every request once, one way or the other
+    assert done["usage"]["output_tokens"] == sum(
+        r["response"]["body"]["usage"]["completion_tokens"] for r in answers.values()
+    )
+    log = client.get(f"/v1/batches/{batch_id}/log").text
+    assert f"the completion window ended: {answered} of {total} requests answered" in log
+
+
 def test_the_openai_sdk_runs_a_batch_on_a_real_server(sdk, tmp_path, tiny_model_dir):
     """The official SDK end to end: fine-tune, upload a batch file, create, poll, read the answers."""
     client = sdk
@@ -324,3 +388,8 @@ def test_the_openai_sdk_runs_a_batch_on_a_real_server(sdk, tmp_path, tiny_model_
         i = int(row["custom_id"][1:])
         assert body["object"] == "chat.completion" and 1 <= body["usage"]["completion_tokens"] <= 3 + i
     assert batch.id in [b.id for b in client.batches.list().data]
+
+
+def test_a_batch_window_that_is_not_positive_is_refused():
+    with pytest.raises(SystemExit, match=r"SQFT_BATCH_WINDOW_S=0\.0 is not a positive number of seconds"):
+        Settings.from_env({"SQFT_BATCH_WINDOW_S": "0"})

@@ -9,7 +9,10 @@ repeat). A line the model can't answer (a prompt over its context, an Alpaca mod
 chat) goes to the error file with the status and error body the route would have sent, and the batch
 goes on. Lines are flushed as written, so a job interrupted by a crash runs again from the requests it
 has no line for (a line cut off mid-write is dropped and answered again). A cancel stops between
-chunks; the lines written so far are the cancelled batch's files (``jobs/manager.py``).
+chunks; the lines written so far are the cancelled batch's files (``jobs/manager.py``). At the end of its
+completion window (``BatchParams.expires_at``) a batch stops between chunks too: each request it has not
+answered becomes an error line of code ``batch_expired``, as OpenAI writes them, and the batch ends
+``expired`` (a batch still queued then is expired by the manager, with the same lines).
 
 Why a job and not the API's engine: a batch of thousands of requests takes the same queue, concurrency
 limit, crash recovery and cancel as the service's other long work, and never holds up interactive
@@ -22,7 +25,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,6 +39,11 @@ from .kinds import BatchParams
 OUTPUT_FILE = "batch_output.jsonl"
 ERROR_FILE = "batch_errors.jsonl"
 PROGRESS_EVERY_S = 2.0
+# The error line of a request a batch had no time for, as OpenAI writes it.
+EXPIRED = {
+    "code": "batch_expired",
+    "message": "This request could not be executed before the completion window expired.",
+}
 # Lines read, answered and written together: the plain ones to a model share one generate() call.
 CHUNK_LINES = 32
 
@@ -65,6 +73,17 @@ def read_results(path: Path) -> tuple[list[str], dict[str, int]]:
     return ids, tokens
 
 
+def expire(handle: TextIO, lines: Iterable[dict[str, Any]]) -> int:
+    """Write each of ``lines`` as a ``batch_expired`` error line; how many."""
+    count = 0
+    for line in lines:
+        row = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line["custom_id"], "response": None}
+        handle.write(json.dumps({**row, "error": EXPIRED}) + "\n")
+        count += 1
+    handle.flush()
+    return count
+
+
 def request_lines(path: Path) -> Iterator[dict[str, Any]]:
     """The input file's request objects (checked line by line when the batch was created)."""
     with path.open(encoding="utf-8") as handle:
@@ -76,6 +95,8 @@ def request_lines(path: Path) -> Iterator[dict[str, Any]]:
 def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sink: Any, should_stop: Any, *,
               threads: int, model_cache_dir: Path | None) -> dict[str, Any]:  # fmt: skip
     """Answer every request of ``p``'s input with the models of ``specs`` (by model id).
+
+    Returns ``expired: True`` when the window ended first (the rest are then ``batch_expired`` errors).
 
     Raises:
         JobStopped: ``should_stop()`` turned true between two chunks of requests.
@@ -95,10 +116,17 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     answerer = Answerer(engine, specs, p.endpoint == "/v1/chat/completions")
     last_report = time.monotonic()
     pending = (line for line in request_lines(Path(p.input_path)) if line["custom_id"] not in done)
+    expired = False
     with out_path.open("a", encoding="utf-8") as out, err_path.open("a", encoding="utf-8") as err:
         while chunk := list(itertools.islice(pending, CHUNK_LINES)):
             if should_stop():
                 raise JobStopped(f"cancelled after {counts['completed'] + counts['failed']} of {p.total} requests")
+            if p.expires_at is not None and time.time() >= p.expires_at:
+                answered = counts["completed"] + counts["failed"]
+                counts["failed"] += expire(err, itertools.chain(chunk, pending))
+                sink.message(f"the completion window ended: {answered} of {p.total} requests answered")
+                expired = True
+                break
             for custom_id, status, body in answerer.chunk(chunk):
                 _write(out if status == 200 else err, custom_id, status, body)
                 counts["completed" if status == 200 else "failed"] += 1
@@ -110,7 +138,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
                 last_report = time.monotonic()
     _report(sink, counts, tokens)
     # The counts and tokens of the result are the manager's, read from these files (jobs/manager.py).
-    return {"output_path": str(out_path), "error_path": str(err_path)}
+    return {"output_path": str(out_path), "error_path": str(err_path), **({"expired": True} if expired else {})}
 
 
 class Answerer:

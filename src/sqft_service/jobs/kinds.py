@@ -113,6 +113,13 @@ class BatchParams(_Params):
     total: int
     models: dict[str, BatchModel]  # every model id the requests name
     output_expires_after: int | None = None  # seconds: the output and error files expire that long after
+    window_s: int = 24 * 3600  # its completion window: the batch expires that long after it was created
+    expires_at: int | None = None  # when: set in the job's spec when it is launched (``batch_deadline``)
+
+
+def batch_deadline(config: dict[str, Any], created_at: int) -> int:
+    """When a batch's completion window ends (OpenAI's 24 hours for a batch stored before batches had one)."""
+    return created_at + int(config.get("window_s", 24 * 3600))
 
 
 class EvalRunParams(_Params):

@@ -38,7 +38,7 @@ from ..threads import job_environment, job_thread_budget
 from ..workspace import JobWorkspace, write_atomically
 from .gpus import gpus_wanted
 from .journal import ingest
-from .kinds import DISPLAY_NAMES
+from .kinds import DISPLAY_NAMES, batch_deadline
 from .outcome import JobError, JobOutcome
 from .runner import LaunchError, LaunchSpec, RunHandle, Runner, worker_resources
 from .subprocess_runner import SubprocessRunner
@@ -316,15 +316,36 @@ class JobManager:
                 self.runner.kill(running.handle)
 
     def _launch_queued(self) -> None:
+        queued = [job for job in self.jobs.with_status("queued") if not self._expired_in_queue(job)]
         free = self.settings.max_concurrent_jobs - len(self._running)
-        if free <= 0:
-            return
-        for job in self.jobs.with_status("queued")[:free]:
+        for job in queued[: max(0, free)]:
             self._launch(job)
+
+    def _expired_in_queue(self, job: JobRecord) -> bool:
+        """End a queued batch whose completion window is over, each of its requests a ``batch_expired``
+        error line (OpenAI's ``expired``), as the batch job ends one whose window ends while it runs."""
+        from .batch import batch_files, expire, read_results, request_lines
+
+        if job.kind != "batch" or time.time() < batch_deadline(job.config, job.created_at):
+            return False
+        out_path, err_path = batch_files(self.workspace(job).output.root)
+        err_path.parent.mkdir(parents=True, exist_ok=True)
+        # A batch queued again after its process died keeps the lines it wrote before.
+        done = {*read_results(out_path)[0], *read_results(err_path)[0]}
+        lines = request_lines(Path(job.config["input_path"]))
+        with err_path.open("a", encoding="utf-8") as err:
+            expire(err, (line for line in lines if line["custom_id"] not in done))
+        result = {"expired": True, **self._batch_files(job)}
+        if self.jobs.update(job.id, status="succeeded", finished_at=now(), result=result, only_if_status=("queued",)):
+            self.events.add_event(job.id, "Batch expired: its completion window ended before it started")
+        return True
 
     def _launch(self, job: JobRecord) -> None:
         workspace = self.workspace(job).create()
-        spec = {"kind": job.kind, "params": job.config, "inputs": self._inputs(job)}
+        params = job.config
+        if job.kind == "batch":  # the job stops answering at the end of the batch's window
+            params = {**params, "expires_at": batch_deadline(job.config, job.created_at)}
+        spec = {"kind": job.kind, "params": params, "inputs": self._inputs(job)}
         write_atomically(workspace.spec, json.dumps(spec, indent=2))
         workspace.outcome.unlink(missing_ok=True)
         env = dict(os.environ)
@@ -432,6 +453,8 @@ class JobManager:
             **values,
         )
         done = "The job has successfully completed" if job.kind == FINE_TUNE else f"{DISPLAY_NAMES[job.kind]} done"
+        if result.get("expired"):
+            done = "Batch expired: its completion window ended before every request was answered"
         self.events.add_event(job.id, done, data={"path": result.get("adapter_dir") or result.get("path")})
 
     def _register_result_file(

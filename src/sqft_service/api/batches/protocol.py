@@ -6,11 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...jobs.kinds import batch_deadline
 from ...store.jobs import JobRecord
 from ..files.protocol import ExpiresAfter
 from ..limits import Metadata
-
-COMPLETION_WINDOW_S = 24 * 3600
 
 
 class CreateBatchRequest(BaseModel):
@@ -100,6 +99,9 @@ class BatchObject(BaseModel):
         status = _STATUS.get(job.status, "in_progress")
         if job.status == "running" and job.cancel_requested:
             status = "cancelling"
+        expired = job.status == "succeeded" and bool(result.get("expired"))
+        if expired:
+            status = "expired"
         ended = job.finished_at
         failure = BatchError(code=error.get("code"), message=error.get("message", ""), param=error.get("param"))
         return cls(
@@ -112,10 +114,11 @@ class BatchObject(BaseModel):
             error_file_id=result.get("error_file_id"),
             created_at=job.created_at,
             in_progress_at=job.started_at,
-            expires_at=job.created_at + COMPLETION_WINDOW_S,
-            finalizing_at=ended if job.status == "succeeded" else None,
-            completed_at=ended if job.status == "succeeded" else None,
-            failed_at=ended if job.status == "failed" else None,
+            expires_at=batch_deadline(job.config, job.created_at),
+            finalizing_at=ended if status == "completed" else None,
+            completed_at=ended if status == "completed" else None,
+            failed_at=ended if status == "failed" else None,
+            expired_at=ended if expired else None,
             cancelled_at=ended if job.status == "cancelled" else None,
             request_counts=RequestCounts(**counts),
             usage=BatchUsage.of(tokens),

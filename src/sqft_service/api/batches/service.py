@@ -41,6 +41,8 @@ class BatchService:
     def __init__(
         self, jobs: JobStore, events: EventStore, files: FileService, manager: JobManager, models: ModelService
     ) -> None:
+        # The completion window ("24h" to clients; SQFT_BATCH_WINDOW_S to an operator, or a test).
+        self.window_s = max(1, round(manager.settings.batch_window_s))
         self.jobs = jobs
         self.events = events
         self.files = files
@@ -72,6 +74,7 @@ class BatchService:
             total=total,
             models=models,
             output_expires_after=req.output_expires_after.seconds if req.output_expires_after else None,
+            window_s=self.window_s,
         )
         batch_id = new_id("batch", "_")
         job = self.manager.create(
