@@ -194,6 +194,67 @@ def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
     assert len(got["choices"][0]["logprobs"]["token_logprobs"]) == 3 + 1
 
 
+def _text(response: dict) -> str:
+    return "".join(
+        p["text"] for item in response["output"] for p in item.get("content", []) if p["type"] == "output_text"
+    )
+
+
+def test_responses_batches_answer_each_line_as_post_v1_responses_does(served, tmp_path, tiny_model_dir):
+    client, tuned = served
+    greedy = {"max_output_tokens": 6, "temperature": 0, "store": False}
+    asks = {
+        "plain": {"model": tuned, "input": "Repeat the word red.", **greedy},
+        "items": {"model": f"{tuned}:merged", "input": [{"role": "user", "content": "Name a color."}], **greedy},
+        "json": {"model": tuned, "input": "Pick one.", "temperature": 0, "store": False, "max_output_tokens": 16,
+                 "text": {"format": {"type": "json_schema", **PICK["json_schema"]}}},
+        "call": {"model": str(tiny_model_dir), "input": "Pick one.", "temperature": 0, "max_output_tokens": 32,
+                 "tools": [{"type": "function", **PICK_TOOL["function"]}], "tool_choice": "required"},
+        # Alpaca has no system prompt: the route's 400, naming the Responses field.
+        "system": {"model": tuned, "input": "Hi", "instructions": "Be brief.", "store": False},
+    }  # fmt: skip
+    lines = [_line(cid, body, "/v1/responses") for cid, body in asks.items()]
+    done = _ended(client, _create(client, _upload(client, tmp_path, lines), "/v1/responses").json()["id"])
+    assert done["status"] == "completed" and done["endpoint"] == "/v1/responses", done
+    assert done["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
+    answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
+    for cid in ("plain", "items", "json"):
+        got, want = answers[cid]["response"]["body"], client.post("/v1/responses", json=asks[cid]).json()
+        assert got["object"] == "response" and got["id"].startswith("resp_") and got["status"] == want["status"]
+        assert _text(got) == _text(want) and got["usage"] == want["usage"]
+        assert got["store"] is False and client.get(f"/v1/responses/{got['id']}").status_code == 404
+    assert json.loads(_text(answers["json"]["response"]["body"]))["c"] in ("red", "blue")
+    (call,) = [item for item in answers["call"]["response"]["body"]["output"] if item["type"] == "function_call"]
+    assert call["name"] == "pick" and json.loads(call["arguments"])["c"] in ("red", "blue")
+    refused = errors["system"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "input", refused
+    usage = done["usage"]  # a response counts input_tokens / output_tokens
+    bodies = [row["response"]["body"]["usage"] for row in answers.values()]
+    assert usage["input_tokens"] == sum(u["input_tokens"] for u in bodies) > 0
+    assert usage["output_tokens"] == sum(u["output_tokens"] for u in bodies) > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"previous_response_id": "resp_x"}, "`body.previous_response_id`: a batch line can't continue"),
+        ({"store": True}, "`body.store`"),
+        ({"stream": True}, "`body.stream`"),
+        (
+            {"text": {"format": {"type": "json_object"}}, "tools": [{"type": "function", "name": "f"}]},
+            "`body.text.format`",
+        ),
+    ],
+)
+def test_a_responses_line_a_job_cannot_answer_is_a_400_naming_it(served, tmp_path, body, needle):
+    client, tuned = served
+    lines = [_line("a", {"model": tuned, "input": "Hi", "store": False}, "/v1/responses"),
+             _line("b", {"model": tuned, "input": "Hi", **body}, "/v1/responses")]  # fmt: skip
+    resp = _create(client, _upload(client, tmp_path, lines), "/v1/responses")
+    assert resp.status_code == 400, resp.text
+    assert needle in resp.json()["error"]["message"] and "line 2 of the input file" in resp.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [

@@ -1,7 +1,7 @@
 """A batch job (OpenAI's Batch API): the request lines of an uploaded file answered chunk by chunk on an
 engine of the job's own, each answer appended to the job's output file.
 
-A line gets the answer ``POST /v1/chat/completions`` or ``/v1/completions`` would give it
+A line gets the answer ``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/responses`` would give it
 (``inference/answer.py``); single-choice lines to one model are generated together, left-padded
 (``InferenceEngine.generate_together``): a greedy line gets the answer it gets alone, an unseeded
 sampled one a draw at its own temperature and top-p (a seeded one is answered alone, so that its draws
@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..api.inference.protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
+from ..api.responses.protocol import Response, ResponseRequest
+from ..api.responses.service import chat_request, responded, response_param
 from ..errors import ServiceError, UserError
 from ..inference.answer import answer, chat_renderer, completion_renderer, sampling_for
 from ..inference.engine import InferenceEngine
 from ..inference.spec import Choice, ModelSpec, Sampling
+from ..store.ids import new_id
 from .kinds import BatchParams
 
 OUTPUT_FILE = "batch_output.jsonl"
@@ -67,9 +70,8 @@ def read_results(path: Path) -> tuple[list[str], dict[str, int]]:
     for line in whole.splitlines():
         row = json.loads(line)
         ids.append(row["custom_id"])
-        usage = ((row.get("response") or {}).get("body") or {}).get("usage") or {}
-        tokens["input_tokens"] += int(usage.get("prompt_tokens", 0))
-        tokens["output_tokens"] += int(usage.get("completion_tokens", 0))
+        for key, n in used(((row.get("response") or {}).get("body") or {}).get("usage")).items():
+            tokens[key] += n
     return ids, tokens
 
 
@@ -82,6 +84,16 @@ def expire(handle: TextIO, lines: Iterable[dict[str, Any]]) -> int:
         count += 1
     handle.flush()
     return count
+
+
+def used(usage: dict[str, Any] | None) -> dict[str, int]:
+    """An answer's prompt and generated tokens, as a chat or completion (``prompt_tokens``) or a response
+    (``input_tokens``) counts them."""
+    usage = usage or {}
+    return {
+        "input_tokens": int(usage.get("prompt_tokens", usage.get("input_tokens", 0))),
+        "output_tokens": int(usage.get("completion_tokens", usage.get("output_tokens", 0))),
+    }
 
 
 def request_lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -113,7 +125,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     engine = InferenceEngine(
         threads=threads, max_queue=0, max_models=max(1, len(specs)), model_cache_dir=model_cache_dir
     )
-    answerer = Answerer(engine, specs, p.endpoint == "/v1/chat/completions")
+    answerer = Answerer(engine, specs, p.endpoint == "/v1/chat/completions", p.endpoint == "/v1/responses")
     last_report = time.monotonic()
     pending = (line for line in request_lines(Path(p.input_path)) if line["custom_id"] not in done)
     expired = False
@@ -130,9 +142,8 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
             for custom_id, status, body in answerer.chunk(chunk):
                 _write(out if status == 200 else err, custom_id, status, body)
                 counts["completed" if status == 200 else "failed"] += 1
-                if status == 200:
-                    tokens["input_tokens"] += body["usage"]["prompt_tokens"]
-                    tokens["output_tokens"] += body["usage"]["completion_tokens"]
+                for key, n in used(body.get("usage") if status == 200 else None).items():
+                    tokens[key] += n
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 _report(sink, counts, tokens)
                 last_report = time.monotonic()
@@ -143,53 +154,74 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
 
 class Answerer:
     """Answers a chunk of request lines: plain requests to one model (``_together``) in one batched
-    generation (``InferenceEngine.generate_together``), the rest one by one as the route does."""
+    generation (``InferenceEngine.generate_together``), the rest one by one as the route does. A
+    Responses line is answered as the chat request ``POST /v1/responses`` makes of it."""
 
-    def __init__(self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool) -> None:
-        self.engine, self.specs, self.chat = engine, specs, chat
-        self.kind, self.param = ("chat", "messages") if chat else ("completion", "prompt")
+    def __init__(
+        self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool, responses: bool = False
+    ) -> None:
+        self.engine, self.specs, self.chat, self.responses = engine, specs, chat or responses, responses
+        self.kind, self.param = ("chat", "messages") if self.chat else ("completion", "prompt")
 
     def chunk(self, lines: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
         """``(custom_id, status, body)`` per line, in the lines' order."""
         results: dict[str, tuple[int, dict[str, Any]]] = {}
-        together: dict[str, list[tuple[str, list[int], Sampling, Any]]] = {}  # model -> its batched rows
+        together: dict[str, list[tuple[str, list[int], Sampling, _Body]]] = {}  # model -> its batched rows
         for line in lines:
             custom_id = line["custom_id"]
             try:
-                req = (ChatCompletionRequest if self.chat else CompletionRequest).model_validate(line["body"])
+                req, body = self._request(line["body"])
                 spec = self.specs[req.model]
                 renders = self._renders(spec, req)
                 if _together(req) and len(renders) == 1:
                     ids, context = self.engine.prepare(spec, renders[0])
                     sampling = sampling_for(req, len(ids), context, self.kind, self.param)
-                    together.setdefault(req.model, []).append((custom_id, ids, sampling, req))
+                    together.setdefault(req.model, []).append((custom_id, ids, sampling, body))
                     continue
                 n_prompt, choices = 0, []
                 for render in renders:  # OpenAI: choices of prompt i are indexed i*n .. i*n+n-1
                     n, these = answer(self.engine, spec, render, req, self.kind, self.param)
                     n_prompt, choices = n_prompt + n, [*choices, *these]
-                results[custom_id] = (200, self._body(req, n_prompt, choices))
+                results[custom_id] = (200, body(n_prompt, choices))
             except (ServiceError, UserError) as exc:
-                results[custom_id] = _failure(exc)
+                results[custom_id] = self._failure(exc)
         for model, rows in together.items():
             try:
                 choices = self.engine.generate_together(self.specs[model], [r[1] for r in rows], [r[2] for r in rows])
             except (ServiceError, UserError) as exc:
-                results.update({custom_id: _failure(exc) for custom_id, *_ in rows})
+                results.update({custom_id: self._failure(exc) for custom_id, *_ in rows})
                 continue
-            for (custom_id, ids, _, req), choice in zip(rows, choices, strict=True):
-                results[custom_id] = (200, self._body(req, len(ids), [choice]))
+            for (custom_id, ids, _, body), choice in zip(rows, choices, strict=True):
+                results[custom_id] = (200, body(len(ids), [choice]))
         return [(line["custom_id"], *results[line["custom_id"]]) for line in lines]
+
+    def _request(self, body: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, _Body]:
+        """A line's request (checked when the batch was created) and what makes its answer's body."""
+        if self.responses:  # not stored: the batch's output file holds it
+            asked = ResponseRequest.model_validate(body).model_copy(update={"store": False})
+            system = [{"role": "system", "content": asked.instructions}] if asked.instructions else []
+            chat = chat_request(asked, system + asked.messages())
+            begun = Response.begun(new_id("resp", "_"), asked)
+            return chat, lambda n, choices: responded(begun, chat, n, choices[0])[0].model_dump()
+        if self.chat:  # a line's tool calls are read as the route reads them
+            req = ChatCompletionRequest.model_validate(body)
+            return req, lambda n, choices: ChatCompletion.of(req.model, n, choices, req.call_parser).model_dump()
+        plain = CompletionRequest.model_validate(body)
+        return plain, lambda n, choices: Completion.of(plain.model, n, choices).model_dump()
 
     def _renders(self, spec: ModelSpec, req: Any) -> list[Callable[[Any], list[int]]]:
         if self.chat:
             return [chat_renderer(spec, *req.conversation())]
         return [completion_renderer(p) for p in req.prompts]
 
-    def _body(self, req: Any, n_prompt: int, choices: list[Choice]) -> dict[str, Any]:
-        if self.chat:  # a line's tool calls are read as the route reads them
-            return ChatCompletion.of(req.model, n_prompt, choices, req.call_parser).model_dump()
-        return Completion.of(req.model, n_prompt, choices).model_dump()
+    def _failure(self, exc: ServiceError | UserError) -> tuple[int, dict[str, Any]]:
+        if self.responses:  # the fields as the Responses request names them, as its route does
+            exc.param = response_param(exc.param)
+        return getattr(exc, "status_code", 400), _error_body(exc)
+
+
+# Makes a line's answer body from its prompt's token count and its choices.
+_Body = Callable[[int, list[Choice]], dict[str, Any]]
 
 
 def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -200,10 +232,6 @@ def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
     plain = req.scored is None and not getattr(req, "echo", False) and req.max_tokens != 0
     plain = plain and not (req.presence_penalty or req.frequency_penalty or req.biases)
     return plain and (req.temperature == 0 or req.seed is None) and req.n == 1
-
-
-def _failure(exc: ServiceError | UserError) -> tuple[int, dict[str, Any]]:
-    return getattr(exc, "status_code", 400), _error_body(exc)
 
 
 def _error_body(exc: ServiceError | UserError) -> dict[str, Any]:

@@ -105,11 +105,11 @@ class BatchModel(_Params):
 
 
 class BatchParams(_Params):
-    """Run an uploaded file of chat or completion requests (OpenAI's Batch API) on the embedded engine."""
+    """Run an uploaded file of chat, completion or Responses requests (OpenAI's Batch API) on the embedded engine."""
 
     input_file_id: str
     input_path: str
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
     total: int
     models: dict[str, BatchModel]  # every model id the requests name
     output_expires_after: int | None = None  # seconds: the output and error files expire that long after

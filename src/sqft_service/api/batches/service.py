@@ -1,4 +1,4 @@
-"""Batches (OpenAI's Batch API): a file of chat or completion requests answered by a job.
+"""Batches (OpenAI's Batch API): a file of chat, completion or Responses requests answered by a job.
 
 The input file is checked whole when the batch is created, line by line (JSON, ``custom_id``,
 ``method``, ``url``, a body the endpoint takes, a model the caller may use), so a bad file is a 400
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ...errors import InvalidRequestError, NotFoundError, ServiceError
+from ...errors import InvalidRequestError, NotFoundError, ServiceError, UserError
 from ...jobs.kinds import BatchModel, BatchParams
 from ...jobs.manager import JobManager
 from ...store.events import EventStore
@@ -27,9 +27,12 @@ from ..files.service import FileService
 from ..inference.protocol import ChatCompletionRequest, CompletionRequest
 from ..models.service import ModelService
 from ..owner import current_owner, owned_by_caller
+from ..responses.protocol import ResponseRequest
+from ..responses.service import chat_request
 from .protocol import CreateBatchRequest
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_REQUEST_TYPES = dict(zip(ENDPOINTS, (ChatCompletionRequest, CompletionRequest, ResponseRequest), strict=True))
 # OpenAI's bound on one batch's requests; and the models one batch may name (each stays loaded in its job).
 MAX_BATCH_REQUESTS = 50_000
 MAX_BATCH_MODELS = 4
@@ -85,7 +88,7 @@ class BatchService:
         return self.get(batch_id)
 
     def _check_lines(self, path: Path, endpoint: str) -> tuple[int, dict[str, BatchModel]]:
-        request_type = ChatCompletionRequest if endpoint == ENDPOINTS[0] else CompletionRequest
+        request_type = _REQUEST_TYPES[endpoint]
         seen: set[str] = set()
         models: dict[str, BatchModel] = {}
         with path.open("rb") as handle:
@@ -117,8 +120,10 @@ class BatchService:
                     _refuse(number, f"`body`: {error.message}")
                 if request.stream:
                     _refuse(number, "`body.stream`: a batch's answers are not streamed")
-                if getattr(request, "store", False):
+                if body.get("store") is True:  # (a response's `store` is true unless it says not)
                     _refuse(number, "`body.store`: a batch keeps its answers in its output file")
+                if isinstance(request, ResponseRequest):
+                    _responses_line(number, request)
                 if request.model not in models:
                     if len(models) == MAX_BATCH_MODELS:
                         _refuse(number, f"a batch may name at most {MAX_BATCH_MODELS} models")
@@ -165,6 +170,17 @@ class BatchService:
             counts or {"total": int(job.config.get("total", 0)), "completed": 0, "failed": 0},
             tokens or {"input_tokens": 0, "output_tokens": 0},
         )
+
+
+def _responses_line(number: int, request: ResponseRequest) -> None:
+    """Refuse what a Responses line can't be answered with in a job (no stored responses there)."""
+    if request.previous_response_id is not None:
+        _refuse(number, "`body.previous_response_id`: a batch line can't continue a stored response; send "
+                "the whole conversation as its `input`")  # fmt: skip
+    try:
+        chat_request(request, request.messages())
+    except (ServiceError, UserError) as exc:
+        _refuse(number, f"`body.{exc.param}`: {exc.message}" if exc.param else f"`body`: {exc.message}")
 
 
 def _json_object(number: int, raw: bytes) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from ...errors import NotFoundError, ServiceError, UserError
 from ...inference.engine import drain
+from ...inference.spec import Choice
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
 from ...tool_calls import CallParser, HeldStream
@@ -55,16 +56,14 @@ class ResponseService:
     async def create(self, req: ResponseRequest) -> Response | Iterator[str]:
         turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        chat = self._chat_request(req, system + turns)
+        chat = chat_request(req, system + turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
         keep = _Keep(self.store, req.input_items(), turns, owner)
         if req.stream:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
             return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
         n_prompt, (choice,) = await _named(self.inference.chat_answer(chat))
-        content, parsed = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
-        output, calls, finish = answer_output(item_id, content, parsed, choice.finish_reason)
-        done = response.ended(output, finish, n_prompt, choice.completion_tokens)
+        done, content, calls = responded(response, chat, n_prompt, choice)
         await asyncio.to_thread(keep, done, content, calls)
         return done
 
@@ -95,31 +94,6 @@ class ResponseService:
 
     def _history(self, previous: str | None) -> list[dict[str, Any]]:
         return [] if previous is None else list(self._stored(previous, "previous_response_id").conversation)
-
-    @staticmethod
-    def _chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-        if req.tools and req.tool_choice != "none" and req.text.format.type != "text":
-            raise UserError(
-                "`text.format` with `tools` is not supported: send `tool_choice: none`, or no format",
-                param="text.format",
-            )
-        body = {
-            "model": req.model,
-            "messages": messages,
-            "max_completion_tokens": req.max_output_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "user": req.user,
-            **req.chat_tools(),
-        }
-        try:
-            chat = ChatCompletionRequest.model_validate(body)
-        except ValidationError as exc:  # e.g. a conversation longer than a chat request may be
-            error = validation_error_to_service_error(list(exc.errors()))
-            error.param = _PARAMS.get((error.param or "").split(".")[0], error.param)
-            raise error from None
-        chat.response_format = req.text.response_format  # built (and checked) with the request
-        return chat
 
     def _events(
         self,
@@ -220,10 +194,55 @@ class _Keep:
             self.store.put(response.model_dump(), self.items, [*self.turns, turn], self.owner)
 
 
+def chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request that answers ``req`` with ``messages`` (its instructions, history and input).
+
+    Raises:
+        UserError: what the chat request refuses, naming the Responses field.
+    """
+    if req.tools and req.tool_choice != "none" and req.text.format.type != "text":
+        raise UserError(
+            "`text.format` with `tools` is not supported: send `tool_choice: none`, or no format",
+            param="text.format",
+        )
+    body = {
+        "model": req.model,
+        "messages": messages,
+        "max_completion_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "user": req.user,
+        **req.chat_tools(),
+    }
+    try:
+        chat = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:  # e.g. a conversation longer than a chat request may be
+        error = validation_error_to_service_error(list(exc.errors()))
+        error.param = response_param(error.param)
+        raise error from None
+    chat.response_format = req.text.response_format  # built (and checked) with the request
+    return chat
+
+
+def response_param(param: str | None) -> str | None:
+    """A chat request's field as the Responses request names it (in errors)."""
+    return _PARAMS.get((param or "").split(".")[0], param)
+
+
+def responded(
+    response: Response, chat: ChatCompletionRequest, n_prompt: int, choice: Choice
+) -> tuple[Response, str | None, list[dict[str, str]]]:
+    """``response`` (begun) ended with ``choice``, the answer to its chat request ``chat``; and the
+    answer's text and calls (with ids: ``answer_output``)."""
+    content, parsed = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
+    output, calls, finish = answer_output(new_id("msg", "_"), content, parsed, choice.finish_reason)
+    return response.ended(output, finish, n_prompt, choice.completion_tokens), content, calls
+
+
 async def _named(call: Awaitable[T]) -> T:
     """``call``'s result; its errors name the Responses request's fields, not the chat request's."""
     try:
         return await call
     except (ServiceError, UserError) as exc:
-        exc.param = _PARAMS.get((exc.param or "").split(".")[0], exc.param)
+        exc.param = response_param(exc.param)
         raise
