@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from sqft_service.inference.greedy import left_padded
+from sqft_service.inference.prompt_cache import prompt_cache
 from sqft_service.training.attention import GROUPED_EAGER
 from sqft_service.training.events import MemorySink
 from sqft_service.training.loss import causal_lm_of
 from sqft_service.training.precision import head_cast_once
 from sqft_service.training.rl_recipe import ReinforcementRecipe
-from sqft_service.training.sampling import prompt_cache, sample_answers
+from sqft_service.training.sampling import sample_answers
 
 from .rft import config, prompts_from_arc
 from .throughput.inputs import CACHE, prepare_models

@@ -158,6 +158,34 @@ def test_generated_tokens_carry_their_log_probabilities(served, reference, token
                     assert value == max(top.values())  # greedy picks the likeliest
 
 
+def test_sampled_choices_draw_each_token_from_the_top_p_nucleus_of_the_full_forward(served, reference, tokenizer):
+    """``n`` choices share one run of their prompt (its KV cache repeated per row) and draw by the inverse
+    CDF at the request's temperature and top-p: each token picked must lie in the nucleus that one full
+    forward of the prompt and the tokens before it gives (a draw from the whole vocabulary, or a cache
+    that went wrong, falls outside it almost always: the nucleus is a few percent of the tokens)."""
+    client, model, _ = served
+    by_text: dict[str, list[int]] = {}
+    for token_id in range(len(tokenizer)):
+        by_text.setdefault(tokenizer.decode([token_id]), []).append(token_id)
+    prompt = tokenizer("The sky is")["input_ids"]
+    temperature, top_p = 1.5, 0.05
+    body = {"model": model, "prompt": prompt, "max_tokens": 3, "logprobs": 0, "n": 8, "seed": 9}
+    out = _post(client, "/v1/completions", {**body, "temperature": temperature, "top_p": top_p})
+    drawn = set()
+    for choice in out["choices"]:
+        ids: list[int] = []
+        for text, value in zip(choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"], strict=True):
+            logprobs = reference(prompt + ids)[-1]
+            (token, *_) = [i for i in by_text[text] if abs(float(logprobs[i]) - value) < 1e-4]
+            probs = (logprobs / temperature).softmax(-1)
+            ordered, order = probs.sort(descending=True)
+            nucleus = set(order[(ordered.cumsum(-1) - ordered) < top_p].tolist())
+            assert len(nucleus) < 0.1 * len(probs) and token in nucleus, (text, len(nucleus))
+            ids.append(token)
+        drawn.add(tuple(ids))
+    assert len(drawn) > 1  # the rows drew apart
+
+
 def test_chat_logprobs_streamed_equal_whole(served, tokenizer):
     client, model, _ = served
     body = {"model": model, "messages": ASK, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}

@@ -381,51 +381,57 @@ class InferenceEngine:
         return {i for i in ids if i is not None}
 
     def _run(self, model: Any, tokenizer: Any, ids: list[int], s: Sampling, streamer: Any = None, stop: Any = None):
+        """``s.n`` rows of generated tokens after ``ids`` (the prompt included): the prompt run once for
+        them all (``inference/prompt_cache.py``), each row then drawn at ``s``'s temperature and top-p
+        (``inference/draw.py``, after penalties, biases and a guide) or greedy."""
         import secrets
 
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        from .draw import TokenDraw
+        from .greedy import GREEDY
+        from .prompt_cache import prompt_cache
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.tensor(stop(), dtype=torch.bool, device=input_ids.device)
 
-        # transformers refuses num_return_sequences > 1 without sampling, so n greedy choices are n
-        # copies of the prompt in one batch: the same rows for generate() and the streamer either way.
-        input_ids = torch.tensor([ids] * (s.n if s.greedy else 1), device=next(model.parameters()).device)
+        prompt = torch.tensor([ids], device=next(model.parameters()).device)
+        input_ids = prompt.expand(s.n, -1)
         kwargs: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
-            "num_return_sequences": 1 if s.greedy else s.n,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos_ids(model, tokenizer)),
             "attention_mask": torch.ones_like(input_ids),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([Stop()]) if stop else None,
+            **GREEDY,
         }
-        if s.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:  # OpenAI's sampling has no top-k: 0 turns transformers' default (50) off
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
-        if s.adjusted:  # penalties, biases, a guide: applied before temperature and top-p (inference/penalties.py)
+        chain = LogitsProcessorList()
+        if s.adjusted:  # penalties, biases, a guide: applied before the draw (inference/penalties.py)
             vocabulary = vocabulary_size(model)
             check_biases(s, vocabulary)
             guide = None
             if s.grammar is not None:
                 lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer))
                 guide = guide_processor(lltokenizer, s.grammar, s.n, len(ids))
-            kwargs["logits_processor"] = adjusted_processors(s, len(ids), vocabulary, input_ids.device, guide)
-            if not s.greedy:
-                kwargs.update(temperature=1.0, top_p=1.0)
+            chain.extend(adjusted_processors(s, len(ids), vocabulary, input_ids.device, guide))
+        if not s.greedy:  # OpenAI's sampling: temperature and top-p, no top-k
+            chain.append(TokenDraw([s.temperature] * s.n, [s.top_p] * s.n))
+        kwargs["logits_processor"] = chain
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=tokenizer)
         # The worker is the only torch user in this process, so the global RNG is this request's alone.
         torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
         try:
             with torch.inference_mode():
+                if s.n > 1 and len(ids) > 1:
+                    kwargs["past_key_values"] = prompt_cache(model, prompt, torch.ones_like(prompt), s.n)
                 return model.generate(input_ids=input_ids, **kwargs)
         except torch.OutOfMemoryError:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
-        self._out_of_memory(model, input_ids.shape[0] * kwargs["num_return_sequences"], len(ids), s.max_tokens)
+        self._out_of_memory(model, s.n, len(ids), s.max_tokens)
 
     @staticmethod
     def _out_of_memory(model: Any, rows: int, n_prompt: int, max_tokens: int) -> NoReturn:

@@ -3,11 +3,10 @@ processors, in one list with structured outputs' guide (torch imported when call
 
 OpenAI defines them on the logits before sampling: ``logit[t] - frequency * count(t) - presence *
 [count(t) > 0] + bias[t]``, ``count`` over the tokens generated so far (not the prompt's; vLLM counts
-the same). transformers appends a caller's processors after its own temperature and top-p warpers, which
-would scale a penalty by the temperature and let top-p drop a token before its bias lifts it; so a
-request that adjusts the logits gets no built-in warpers, and this module's list applies the adjustment
-first, then transformers' own ``TemperatureLogitsWarper`` and ``TopPLogitsWarper``, the math generate()
-would do without it. Log-probabilities (``inference/logprobs.py``) stay the model's own distribution.
+the same). The engine generates without transformers' warpers (which would run before a caller's
+processors, scaling a penalty by the temperature and letting top-p drop a token before its bias lifts
+it): this module's list adjusts the logits first, then ``inference/draw.py`` draws at the request's
+temperature and top-p. Log-probabilities (``inference/logprobs.py``) stay the model's own distribution.
 """
 
 from __future__ import annotations
@@ -31,11 +30,11 @@ def check_biases(s: Sampling, vocabulary: int) -> None:
 
 
 def adjusted_processors(s: Sampling, prompt_len: int, vocabulary: int, device: Any, guide: Any = None) -> Any:
-    """The ``logits_processor`` list for ``s`` (its temperature and top-p included when it samples):
-    penalties and biases, then ``guide`` (structured outputs: the tokens it does not allow removed),
-    then temperature and top-p, which so sample among the allowed tokens only."""
+    """The ``logits_processor`` list for ``s``: penalties and biases, then ``guide`` (structured outputs:
+    the tokens it does not allow removed). The draw at ``s``'s temperature and top-p comes after them
+    (``inference/draw.py``), so it samples among the allowed tokens only."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     bias = None
     if s.logit_bias:
@@ -55,9 +54,4 @@ def adjusted_processors(s: Sampling, prompt_len: int, vocabulary: int, device: A
     processors: list[Any] = [Adjust()] if s.presence_penalty or s.frequency_penalty or bias is not None else []
     if guide is not None:
         processors.append(guide)
-    if not s.greedy:
-        if s.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(s.temperature))
-        if s.top_p < 1.0:
-            processors.append(TopPLogitsWarper(s.top_p))
     return LogitsProcessorList(processors)

@@ -17,29 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from ..inference.draw import TokenDraw
 from ..inference.greedy import GREEDY, left_padded
-
-
-def prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
-    """The KV cache of every prompt but its last token, computed once and repeated for its ``group`` rows
-    (``generate()`` then runs only the last token: a cache must leave it something to run).
-
-    Positions count real tokens, as ``generate()`` numbers left-padded rows."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=mask[:, :-1],
-        position_ids=positions[:, :-1],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache.batch_repeat_interleave(group)
-    return cache
+from ..inference.prompt_cache import prompt_cache
 
 
 @torch.no_grad()
