@@ -77,6 +77,7 @@ def main() -> None:
         args.threads,
         {
             "model": gguf.name,
+            "dtype": engine.dtype,  # SQFT_INFERENCE_DTYPE ("auto": bf16 on a CPU that runs it natively)
             "requests": len(prompts),
             "max_tokens": args.max_tokens,
             "guided": args.guided,

@@ -2,7 +2,8 @@
 to a temporary safetensors cache), as the base model and with a rank-16 LoRA adapter on every linear
 layer (random non-zero B, so the adapter path does its real work), greedy, ``--new-tokens`` new tokens.
 
-Run from the repository root: ``.venv/bin/python -m bench.inference [--threads 2] [--new-tokens 64]``.
+Run from the repository root: ``.venv/bin/python -m bench.inference [--threads 2] [--new-tokens 64]
+[--dtypes fp32,bf16]``: every setup in each engine precision (``SQFT_INFERENCE_DTYPE``), prompt by prompt.
 It drives :class:`sqft_service.inference.engine.InferenceEngine` (what the API runs) in this process:
 first-token latency is the time from submitting a streamed request until its first text piece;
 decode tokens/s counts the tokens after the first over the time after it. Prints a table and writes
@@ -82,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="SQFT_INFERENCE_DTYPE values, compared turn by turn")
     args = parser.parse_args()
 
     import torch  # noqa: F401 - imported before the clocks start, so no figure counts its import
@@ -93,28 +95,38 @@ def main() -> None:
     from sqft_service.training.models import resolve_model_dir
 
     gguf = next(smollm2_dir().glob("*.gguf"))
+    dtypes = args.dtypes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         model_dir = resolve_model_dir(str(gguf), Path(tmp) / "cache")
         convert_s = time.perf_counter() - t0
         adapter = make_adapter(model_dir, Path(tmp) / "adapter")
-        engine = InferenceEngine(threads=args.threads, max_queue=4, max_models=1, model_cache_dir=Path(tmp) / "cache")
+        engines = {
+            dtype: InferenceEngine(
+                threads=args.threads, max_queue=4, max_models=1, model_cache_dir=Path(tmp) / "cache", dtype=dtype
+            )
+            for dtype in dtypes
+        }
         specs = {"base": ModelSpec("base", model_dir), "lora-r16": ModelSpec("lora", model_dir, adapter=adapter)}
-        rows = []
-        for setup, spec in specs.items():
+        setups = [(name, dtype) for name in specs for dtype in dtypes]
+        load_s, rows = {}, []
+        for name, dtype in setups:
             t0 = time.perf_counter()
-            engine.submit(engine.prepare, spec, lambda tok: [1]).result()
-            load_s = time.perf_counter() - t0
-            for prompt in [PROMPTS[0], *PROMPTS]:  # the first run warms up and is not kept
-                msgs = [{"role": "user", "content": prompt}]
-                row = measure(engine, spec, lambda tok, m=msgs: chat_ids(tok, m, None), args.new_tokens)
-                rows.append({"setup": setup, "load_s": load_s, **row})
-            rows.pop(-len(PROMPTS) - 1)
-        engine.shutdown()
+            engines[dtype].submit(engines[dtype].prepare, specs[name], lambda tok: [1]).result()
+            load_s[f"{name} {dtype}"] = time.perf_counter() - t0
+        for turn, prompt in enumerate([PROMPTS[0], *PROMPTS]):  # turn 0 warms up and is not kept
+            msgs = [{"role": "user", "content": prompt}]
+            for name, dtype in setups:  # turn by turn: every setup on each prompt before the next prompt
+                engine = engines[dtype]
+                row = measure(engine, specs[name], lambda tok, m=msgs: chat_ids(tok, m, None), args.new_tokens)
+                if turn:
+                    rows.append({"setup": f"{name} {dtype}", **row})
+        for engine in engines.values():
+            engine.shutdown()
 
     summary = {}
     print("| setup | prompt tokens | new tokens | first token (ms) | decode tokens/s |\n|---|---|---|---|---|")
-    for setup in specs:
+    for setup in load_s:
         mine = [r for r in rows if r["setup"] == setup]
         for r in mine:
             rate = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
@@ -122,7 +134,7 @@ def main() -> None:
         summary[setup] = {
             "median_first_token_ms": statistics.median(r["first_token_s"] * 1000 for r in mine),
             "median_decode_tok_s": statistics.median(r["decode_tok_s"] for r in mine if r["decode_tok_s"]),
-            "load_s": mine[0]["load_s"],
+            "load_s": load_s[setup],
         }
     print(json.dumps(summary, indent=1))
     write_machine_results(
@@ -132,6 +144,7 @@ def main() -> None:
             "model": gguf.name,
             "gguf_convert_s": convert_s,
             "new_tokens": args.new_tokens,
+            "dtypes": dtypes,
             "summary": summary,
             "rows": rows,
         },

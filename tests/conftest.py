@@ -18,6 +18,9 @@ from bench.tiny_llama import make_tiny_llama
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Answers are compared with fp32 forwards to 1e-4, and batched with alone, whatever the CPU: the
+# engine computes in fp32 unless a test is about its precision (tests/integration/test_inference_dtype.py).
+os.environ.setdefault("SQFT_INFERENCE_DTYPE", "fp32")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -8,6 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+INFERENCE_DTYPES = ("auto", "bf16", "fp32")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -72,6 +74,11 @@ class Settings:
     # Where the engine serves models: "auto" (a CUDA GPU when torch sees one and the model fits in its free
     # memory, in bf16; else the CPU) or "cpu" (keeps the GPU to the training jobs).
     inference_device: str = "auto"
+    # What the engine computes in: "auto" (bf16 where the device runs it natively: a GPU with bf16, else
+    # fp16; a CPU with AVX512-BF16/AMX; fp32 on other CPUs), "bf16" (also on a CPU without it: slower),
+    # or "fp32" (the model's full precision everywhere: log-probabilities to 1e-4 of an fp32 forward).
+    # Batch, eval and judge jobs' engines compute in the same.
+    inference_dtype: str = "auto"
     # The GPUs the subprocess runner hands out to job processes (jobs/gpus.py): "" all this service sees,
     # "none" none, or the machine's ids ("1,2,3", as nvidia-smi numbers them, or GPU UUIDs), e.g. to
     # keep GPU 0 for the inference engine.
@@ -88,6 +95,9 @@ class Settings:
             raise ValueError(f"SQFT_LOG_FORMAT={self.log_format!r} is not `text` or `json`")
         if self.inference_device not in ("auto", "cpu"):
             raise ValueError(f"SQFT_INFERENCE_DEVICE={self.inference_device!r} is not `auto` or `cpu`")
+        if self.inference_dtype not in INFERENCE_DTYPES:
+            listed = ", ".join(INFERENCE_DTYPES)
+            raise ValueError(f"SQFT_INFERENCE_DTYPE={self.inference_dtype!r} is not one of {listed}")
         ids = self.job_gpu_ids
         if ids is not None and (len(set(ids)) != len(ids) or any(not i.replace("-", "").isalnum() for i in ids)):
             raise ValueError(

@@ -27,6 +27,7 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         cancel_grace_s=5.0,
         threads_per_job=1,
         model_roots=tuple(PYTEST_TMP_ROOT),
+        inference_dtype="fp32",  # as tests/conftest.py says
     ).with_overrides(**overrides)
 
 

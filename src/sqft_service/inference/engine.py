@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -56,12 +57,25 @@ def _adapter_key(path: str) -> str:
     return f"{path}@{Path(path).stat().st_ino}"
 
 
+# How the manager hands a job process the service's SQFT_INFERENCE_DTYPE (batch, eval and judge engines).
+DTYPE_ENV = "SQFT_INFERENCE_DTYPE"
+
+
 class InferenceEngine:
     def __init__(
-        self, *, threads: int, max_queue: int, max_models: int, model_cache_dir: Path | None, device: str = "auto"
+        self,
+        *,
+        threads: int,
+        max_queue: int,
+        max_models: int,
+        model_cache_dir: Path | None,
+        device: str = "auto",
+        dtype: str | None = None,
     ) -> None:
         self.threads = max(1, threads)
         self.device = device  # "auto": a GPU when there is one and the model fits; "cpu"
+        # SQFT_INFERENCE_DTYPE (settings.py); None: a job's engine, as the manager set it for the job.
+        self.dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
         self.max_models = max(1, max_models)
         self.model_cache_dir = model_cache_dir
         self._slots = threading.BoundedSemaphore(1 + max(0, max_queue))
@@ -114,28 +128,29 @@ class InferenceEngine:
         return loaded
 
     def _place(self, model: Any) -> Any:
-        """``model`` on the GPU in bf16 when ``device`` allows it, one is there and the model fits in its
-        free memory; else as it is, on the CPU. Adapters attached later follow their base (peft)."""
-        if self.device == "cpu":
-            return model
+        """``model`` on the GPU (in bf16 or fp16 unless ``dtype`` is fp32) when ``device`` allows it, one
+        is there and the model fits in its free memory; else on the CPU, in bf16 where ``dtype`` says
+        so (``auto``: a CPU that runs bf16 natively, 1.4x the tokens/s of fp32 there; README). Adapters
+        attached later follow their base (peft keeps their own weights in fp32)."""
         import torch
 
         from ..training.device import gpu_inference_dtype, operation_device
+        from ..training.precision import native_bf16_supported
 
-        if not torch.cuda.is_available():
-            return model
-        torch.cuda.empty_cache()  # an evicted model's blocks count as free only once given back
-        dtype = gpu_inference_dtype()
-        device = operation_device(model, dtype=dtype)
-        if device.type != "cuda":
-            return model
-        loaded_dtype = next(model.parameters()).dtype
-        try:
-            return model.to(device, dtype=dtype)
-        except torch.OutOfMemoryError:
-            pass  # a job took the memory since it was measured: serve from the CPU (below, traceback gone)
-        model.to("cpu", dtype=loaded_dtype)  # the part that had moved comes back, as it was loaded
-        torch.cuda.empty_cache()
+        if self.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an evicted model's blocks count as free only once given back
+            dtype = torch.float32 if self.dtype == "fp32" else gpu_inference_dtype()
+            device = operation_device(model, dtype=dtype)
+            if device.type == "cuda":
+                loaded_dtype = next(model.parameters()).dtype
+                try:
+                    return model.to(device, dtype=dtype)
+                except torch.OutOfMemoryError:
+                    pass  # a job took the memory since it was measured: serve from the CPU (traceback gone)
+                model.to("cpu", dtype=loaded_dtype)  # the part that had moved comes back, as it was loaded
+                torch.cuda.empty_cache()
+        if self.dtype == "bf16" or (self.dtype == "auto" and native_bf16_supported()):
+            return model.to(torch.bfloat16)
         return model
 
     def _activate(self, spec: ModelSpec) -> tuple[Any, Any, AbstractContextManager]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..inference.engine import DTYPE_ENV
 from ..model_access import ModelAccess
 from ..model_names import fine_tuned_name
 from ..settings import Settings
@@ -354,6 +355,7 @@ class JobManager:
         # The job process checks the models it loads again: the API's roots, plus the service's own job outputs
         # (a fine-tune of a fine-tuned model loads its merged parent from there; model_access.py).
         env.update(ModelAccess.for_stored_models(self.settings).job_environment())
+        env[DTYPE_ENV] = self.settings.inference_dtype  # a batch's answers computed as the routes compute them
         env["SQFT_CHECKPOINT_INTERVAL_S"] = str(self.settings.checkpoint_interval_s)
         # The settings' format, not the service's environment: create_app may have been given other settings.
         env["SQFT_LOG_FORMAT"] = self.settings.log_format

@@ -74,6 +74,7 @@ class InferenceService:
                     max_models=s.inference_max_models,
                     model_cache_dir=s.model_cache_dir,
                     device=s.inference_device,
+                    dtype=s.inference_dtype,
                 )
             return self._engine
 
