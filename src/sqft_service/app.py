@@ -188,6 +188,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.inference_service = InferenceService(settings, app.state.model_service, stored)
         responses = ResponseStore(db)
+        # A background response a stopped service was generating has no generation left to end it.
+        if failed := responses.fail_unfinished("the service stopped before this background response was answered"):
+            log.info("marked %d unfinished background response(s) failed", failed)
         app.state.response_service = ResponseService(app.state.inference_service, responses)
         app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
@@ -198,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.response_service.shutdown()
             app.state.inference_service.shutdown()
             manager.shutdown()
             app.state.metrics.unwatch_store()

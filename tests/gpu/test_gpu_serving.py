@@ -39,7 +39,7 @@ def trained(tmp_path_factory, gpu_tokenizer_dir) -> tuple[Path, Path, Path]:
 
 def test_the_engine_serves_base_adapter_and_sparse_merge_on_the_gpu_in_bf16(trained):
     model_dir, adapter_dir, _ = trained
-    engine = InferenceEngine(threads=2, max_queue=1, max_models=2, model_cache_dir=None)
+    engine = InferenceEngine(threads=2, max_queue=1, max_models=2, model_cache_dir=None, dtype="auto")
     ids = load_tokenizer(str(model_dir))("Name a colour.")["input_ids"]
     greedy = Sampling(max_tokens=6, temperature=0.0)
     specs = {

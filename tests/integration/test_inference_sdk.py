@@ -8,7 +8,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.helpers import alpaca_records, write_json
+from tests.helpers import alpaca_records, wait_until, write_json
 from tests.integration.conftest import sdk_job_end
 
 
@@ -119,6 +119,18 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model=name, input="Again.", previous_response_id=response.id)
     assert refused.value.body["param"] == "input"
+    # In the background: answered at once, polled with retrieve, the same answer; cancel answers it as it ended.
+    queued = client.responses.create(
+        model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0, background=True
+    )
+    assert queued.status == "queued" and queued.background
+    polled = wait_until(
+        lambda: (r := client.responses.retrieve(queued.id)).status not in ("queued", "in_progress") and r,
+        60,
+        what="the background response",
+    )
+    assert polled.output_text == response.output_text
+    assert client.responses.cancel(queued.id).status == polled.status
     assert client.responses.delete(response.id) is None
 
     # Function calling in the SDK's types, on the base model (the project fine-tuned it): a call the

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
 from sqft_service.settings import Settings
-from tests.helpers import CHAT, write_jsonl
+from tests.helpers import CHAT, wait_until, write_jsonl
 from tests.integration.conftest import make_settings, wait_status
 
 ALICE = {"Authorization": "Bearer ka"}
@@ -205,3 +205,77 @@ def test_stored_responses_and_chat_completions_go_after_the_retention_period(ser
     assert client.get(f"/v1/chat/completions/{new_chat['id']}").status_code == 200
     with pytest.raises(SystemExit, match=r"SQFT_STORED_RETENTION_DAYS=-1\.0 is negative"):
         Settings.from_env({"SQFT_STORED_RETENTION_DAYS": "-1"})
+
+
+def _ended(client, response_id: str) -> dict:
+    return wait_until(
+        lambda: (
+            (r := client.get(f"/v1/responses/{response_id}").json())["status"] not in ("queued", "in_progress") and r
+        ),
+        60,
+        what=f"background response {response_id}",
+    )
+
+
+def test_a_background_response_is_answered_later_as_in_the_foreground(served):
+    client, model = served
+    ask = {"model": model, "input": "Name a colour.", **GREEDY}
+    queued = _respond(client, **ask, background=True)
+    assert queued["status"] == "queued" and queued["background"] is True and queued["output"] == []
+    done = _ended(client, queued["id"])
+    foreground = _respond(client, **ask)
+    assert done["status"] == foreground["status"] == "incomplete"  # cut by max_output_tokens, as the foreground
+    assert _text(done) == _text(foreground) and done["usage"] == foreground["usage"] and done["background"]
+    # Continued as any stored response.
+    follow = _respond(client, model=model, input="Another.", previous_response_id=done["id"], **GREEDY)
+    turns = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": _text(done)},
+        {"role": "user", "content": "Another."},
+    ]
+    assert _text(follow) == _chat(client, model, turns)["choices"][0]["message"]["content"]
+    # Cancelling one that ended answers it as it ended; only background responses can be cancelled.
+    again = client.post(f"/v1/responses/{done['id']}/cancel")
+    assert again.status_code == 200 and again.json() == done
+    refused = client.post(f"/v1/responses/{foreground['id']}/cancel")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_id"
+    assert client.post(f"/v1/responses/{done['id']}/cancel", headers=BOB).status_code == 404
+    assert client.post("/v1/responses/resp_missing/cancel").status_code == 404
+    for extra, param in (({"stream": True}, "stream"), ({"store": False}, "store")):
+        resp = client.post("/v1/responses", json={**ask, "background": True, **extra})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+def test_cancel_stops_a_background_response(served, tiny_model_dir):
+    client, model = served
+    # The random base model greedily writes all 480 tokens (no end token): seconds, not milliseconds.
+    long = {"model": str(tiny_model_dir), "input": "Count.", "temperature": 0, "max_output_tokens": 480}
+    queued = _respond(client, **long, background=True)
+    cancelled = client.post(f"/v1/responses/{queued['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    # It stays cancelled once its generation has stopped, which frees the engine for the next request.
+    assert _respond(client, model=model, input="Hi", **GREEDY)["status"] in ("completed", "incomplete")
+    assert client.get(f"/v1/responses/{queued['id']}").json()["status"] == "cancelled"
+    resp = client.post(
+        "/v1/responses", json={**GREEDY, "model": model, "input": "x", "previous_response_id": queued["id"]}
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "previous_response_id", resp.text
+
+
+def test_a_background_response_a_restart_cut_short_is_failed(tmp_path, tiny_model_dir):
+    settings = make_settings(tmp_path / "data", inference_threads=1)
+    with TestClient(create_app(settings)) as client:
+        with open(write_jsonl(tmp_path / "c.jsonl", [CHAT] * 4), "rb") as handle:
+            uploaded = client.post("/v1/files", files={"file": ("c.jsonl", handle)}, data={"purpose": "fine-tune"})
+        body = {
+            "model": str(tiny_model_dir),
+            "training_file": uploaded.json()["id"],
+            "Training": {"max_train_steps": 1},
+        }
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        long = {"model": str(tiny_model_dir), "input": "Count.", "temperature": 0, "max_output_tokens": 480}
+        queued = _respond(client, **long, background=True)
+    with TestClient(create_app(settings)) as client:  # the service again, after a stop mid-generation
+        got = client.get(f"/v1/responses/{queued['id']}").json()
+        assert got["status"] == "failed" and "service stopped" in got["error"]["message"], got

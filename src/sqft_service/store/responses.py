@@ -52,6 +52,23 @@ class ResponseStore:
         items, conversation = json.loads(row["input_items"]), json.loads(row["conversation"])
         return StoredResponse(row["id"], row["owner"], row["created_at"], json.loads(row["body"]), items, conversation)
 
+    def update(self, response_id: str, body: dict[str, Any], conversation: list[dict[str, Any]] | None = None) -> bool:
+        """Replace a stored response's body (a background response as it moves on) and, when given, its
+        conversation; False when it is no longer stored (deleted meanwhile)."""
+        if conversation is None:
+            return self.db.execute("UPDATE responses SET body = ? WHERE id = ?", (json.dumps(body), response_id)) > 0
+        values = (json.dumps(body), json.dumps(conversation), response_id)
+        return self.db.execute("UPDATE responses SET body = ?, conversation = ? WHERE id = ?", values) > 0
+
+    def fail_unfinished(self, message: str) -> int:
+        """Mark ``failed`` the background responses a stopped service left queued or in progress; how many."""
+        error = json.dumps({"code": "server_error", "message": message})
+        return self.db.execute(
+            "UPDATE responses SET body = json_set(body, '$.status', 'failed', '$.error', json(?)) "
+            "WHERE json_extract(body, '$.status') IN ('queued', 'in_progress')",
+            (error,),
+        )
+
     def delete(self, response_id: str) -> bool:
         return self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)) > 0
 

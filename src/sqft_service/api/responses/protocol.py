@@ -164,6 +164,7 @@ class ResponseRequest(BaseModel):
     text: TextOptions = Field(default_factory=TextOptions)
     stream: bool = False
     store: bool = True
+    background: bool = False  # answered later: poll GET /v1/responses/{id}
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=MAX_METADATA_KEYS)
     user: str | None = None
     tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
@@ -219,7 +220,7 @@ class Response(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    status: Literal["completed", "incomplete", "in_progress", "failed", "queued", "cancelled"]
     model: str
     output: list[dict[str, Any]]
     usage: Usage | None = None
@@ -233,6 +234,7 @@ class Response(BaseModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool
+    background: bool = False
     parallel_tool_calls: bool = True
     tool_choice: str | dict[str, Any] = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
@@ -255,6 +257,7 @@ class Response(BaseModel):
             previous_response_id=req.previous_response_id,
             metadata=req.metadata or {},
             store=req.store,
+            background=req.background,
             user=req.user,
             parallel_tool_calls=req.parallel_tool_calls,
             tool_choice=req.tool_choice.model_dump()

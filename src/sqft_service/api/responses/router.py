@@ -1,6 +1,7 @@
-"""``POST /v1/responses`` (``stream: true`` answers Responses' SSE events), ``GET`` and ``DELETE
-/v1/responses/{response_id}``, ``GET /v1/responses/{response_id}/input_items`` (OpenAI's Responses
-API, text in and out)."""
+"""``POST /v1/responses`` (``stream: true`` answers Responses' SSE events; ``background: true`` answers
+at once, to be polled), ``GET`` and ``DELETE /v1/responses/{response_id}``, ``POST
+/v1/responses/{response_id}/cancel``, ``GET /v1/responses/{response_id}/input_items`` (OpenAI's
+Responses API, text in and out)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ async def create_response(request: Request, body: ResponseRequest):
 @router.get("/{response_id}", response_model=Response, responses=error_responses(404))
 def retrieve_response(request: Request, response_id: str) -> Response:
     return _service(request).get(response_id)
+
+
+@router.post("/{response_id}/cancel", response_model=Response, responses=error_responses(404))
+def cancel_response(request: Request, response_id: str) -> Response:
+    """Stop a ``background`` response (OpenAI's); one that has ended is answered as it ended."""
+    return _service(request).cancel(response_id)
 
 
 @router.get("/{response_id}/input_items", response_model=InputItemList, responses=error_responses(404))

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from ...errors import NotFoundError, ServiceError, UserError
+from ...errors import InvalidRequestError, NotFoundError, ServiceError, UserError
 from ...inference.engine import drain
 from ...inference.spec import Choice
 from ...store.ids import new_id
@@ -52,13 +52,26 @@ class ResponseService:
     def __init__(self, inference: InferenceService, store: ResponseStore) -> None:
         self.inference = inference
         self.store = store
+        self._running: dict[str, _Running] = {}  # background responses being generated, by id
 
     async def create(self, req: ResponseRequest) -> Response | Iterator[str]:
+        if req.background and req.stream:
+            raise UserError("`background` with `stream` is not supported: poll GET /v1/responses/{id}", param="stream")
+        if req.background and not req.store:
+            raise UserError("`background: true` needs `store: true`: its answer is read from the store", param="store")
         turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat = chat_request(req, system + turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
         keep = _Keep(self.store, req.input_items(), turns, owner)
+        if req.background:
+            n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
+            queued = response.model_copy(update={"status": "queued"})
+            running = self._running[queued.id] = _Running(cancel)
+            await asyncio.to_thread(self.store.put, queued.model_dump(), keep.items, turns, owner)
+            args = (queued, chat, n_prompt, sink, running, turns)
+            threading.Thread(target=self._background, args=args, name=f"sqft-{queued.id}", daemon=True).start()
+            return queued
         if req.stream:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
             return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
@@ -80,6 +93,28 @@ class ResponseService:
         first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
         return InputItemList(data=page, first_id=first, last_id=last, has_more=more)
 
+    def cancel(self, response_id: str) -> Response:
+        """Stop a background response: ``cancelled`` (one that has ended stays as it ended)."""
+        stored = self._stored(response_id, "response_id")
+        if not stored.body.get("background"):
+            raise InvalidRequestError(
+                f"Response '{response_id}' was not created with `background: true`; only those can be cancelled",
+                param="response_id",
+            )
+        running = self._running.get(response_id)
+        if running is not None and running.end():
+            running.cancel.set()  # the engine stops at its next token
+            cancelled = {**stored.body, "status": "cancelled"}
+            self.store.update(response_id, cancelled)
+            return Response.model_validate(cancelled)
+        return self.get(response_id)
+
+    def shutdown(self) -> None:
+        """Stop the background generations; what they stored is marked failed at the next start."""
+        for running in list(self._running.values()):
+            if running.end():
+                running.cancel.set()
+
     def delete(self, response_id: str) -> DeletedResponse:
         self._stored(response_id, "response_id")
         self.store.delete(response_id)
@@ -93,7 +128,50 @@ class ResponseService:
         return stored
 
     def _history(self, previous: str | None) -> list[dict[str, Any]]:
-        return [] if previous is None else list(self._stored(previous, "previous_response_id").conversation)
+        if previous is None:
+            return []
+        stored = self._stored(previous, "previous_response_id")
+        if (status := stored.body.get("status")) not in ("completed", "incomplete"):
+            raise InvalidRequestError(
+                f"Response '{previous}' is {status}: only an answered response can be continued",
+                param="previous_response_id",
+            )
+        return list(stored.conversation)
+
+    def _background(
+        self,
+        response: Response,
+        chat: ChatCompletionRequest,
+        n_prompt: int,
+        sink: queue.Queue,
+        running: _Running,
+        turns: list[dict[str, Any]],
+    ) -> None:
+        """Drain a background response's generation (its own thread) and store how it ended."""
+        final, error = None, None
+        try:
+            for item in drain(sink):
+                if isinstance(item, Exception):
+                    error = item
+                elif isinstance(item, list):
+                    final = item[0]
+                elif response.status == "queued":  # its first text: under way
+                    response = response.model_copy(update={"status": "in_progress"})
+                    with running.lock:
+                        if not running.ended:
+                            self.store.update(response.id, response.model_dump())
+        finally:
+            self._running.pop(response.id, None)
+        if not running.end():
+            return  # cancelled (stored so by cancel), or the service is stopping
+        if final is None:
+            message = (str(error) or type(error).__name__) if error else "the generation ended without an answer"
+            failure = {"code": getattr(error, "code", None) or "server_error", "message": message}
+            failed = response.model_copy(update={"status": "failed", "error": failure})
+            self.store.update(response.id, failed.model_dump())
+            return
+        done, content, calls = responded(response, chat, n_prompt, final)
+        self.store.update(response.id, done.model_dump(), [*turns, assistant_turn(content, calls)])
 
     def _events(
         self,
@@ -188,10 +266,29 @@ class _Keep:
     def __call__(self, response: Response, content: str | None, calls: list[dict[str, str]]) -> None:
         """``content`` and ``calls``: the answer's text and its calls (with ids: ``answer_output``)."""
         if response.store:
-            turn: dict[str, Any] = {"role": "assistant", "content": content}
-            if calls:  # a later response's input answers them by call id (previous_response_id)
-                turn["tool_calls"] = [chat_call(c) for c in calls]
-            self.store.put(response.model_dump(), self.items, [*self.turns, turn], self.owner)
+            self.store.put(response.model_dump(), self.items, [*self.turns, assistant_turn(content, calls)], self.owner)
+
+
+class _Running:
+    """A background response being generated: the event that stops it, and whether its end is decided
+    (by its generation ending, a cancel, or the service stopping: whichever comes first writes it)."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel, self.lock, self.ended = cancel, threading.Lock(), False
+
+    def end(self) -> bool:
+        """True for the first caller only: that one decides how the response ends."""
+        with self.lock:
+            first, self.ended = not self.ended, True
+            return first
+
+
+def assistant_turn(content: str | None, calls: list[dict[str, str]]) -> dict[str, Any]:
+    """An answer as the assistant turn a later response's conversation holds."""
+    turn: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:  # a later response's input answers them by call id (previous_response_id)
+        turn["tool_calls"] = [chat_call(c) for c in calls]
+    return turn
 
 
 def chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
