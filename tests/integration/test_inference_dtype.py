@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from sqft_service.app import create_app
@@ -29,7 +30,7 @@ def _first_token_logprobs(model_dir, ids: list[int], dtype: torch.dtype) -> torc
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
 
 
-def test_the_engine_places_models_in_the_dtype_asked(tiny_model_dir):
+def test_the_engine_places_models_in_the_dtype_asked(tmp_path, tiny_model_dir):
     spec = ModelSpec("tiny", str(tiny_model_dir))
     auto = torch.bfloat16 if native_bf16_supported() else torch.float32
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", auto)):
@@ -39,6 +40,20 @@ def test_the_engine_places_models_in_the_dtype_asked(tiny_model_dir):
             assert {p.dtype for p in model.parameters()} == {expected}, dtype
         finally:
             engine.shutdown()
+    # An adapter keeps peft's fp32 weights on a bf16 base: cast to bf16, its low-rank matmuls decoded
+    # slower on the CPU (README, "Models and inference"), so peft casts each adapted layer's input.
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        adapter
+    )
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None, device="cpu", dtype="bf16")
+    try:
+        model, _, _ = engine._activate(ModelSpec("ft", str(tiny_model_dir), adapter=str(adapter)))
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    finally:
+        engine.shutdown()
     with pytest.raises(SystemExit, match=r"SQFT_INFERENCE_DTYPE='fp16' is not one of auto, bf16, fp32"):
         Settings.from_env({"SQFT_INFERENCE_DTYPE": "fp16"})
 
