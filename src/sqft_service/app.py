@@ -194,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.response_service = ResponseService(app.state.inference_service, responses)
         app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
+        app.state.metrics.watch_inference(lambda: app.state.inference_service.created_engine)
         if settings.stored_retention_days > 0:
             manager.sweeps.append(lambda: _retire_stored(settings.stored_retention_days, stored, responses))
         manager.start()

@@ -7,6 +7,8 @@ one whose model cannot load (failed, `invalid_model`).
 
 from __future__ import annotations
 
+import json
+
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -112,3 +114,31 @@ def test_metrics_need_a_key_when_keys_are_set_and_ready_does_not(data_dir):
         # The refused scrapes were counted, under the route's template.
         assert value(samples, "sqft_http_requests_total", method="GET", route="/metrics", status="401") == 2
         assert value(samples, "sqft_http_requests_total", method="GET", route="/ready", status="200") == 1
+
+
+def test_metrics_count_the_engines_tokens_as_the_answers_report_them(data_dir, tmp_path, tiny_model_dir):
+    with TestClient(create_app(make_settings(data_dir, inference_threads=1))) as client:
+        before = scrape(client)  # the engine does not exist yet: zeros, and the scrape does not create it
+        assert value(before, "sqft_inference_tokens_total", type="generated") == 0
+        assert value(before, "sqft_inference_requests_in_flight") == 0
+        assert client.app.state.inference_service.created_engine is None
+        f = upload(client, write_json(tmp_path / "t.json", alpaca_records(4)))
+        job = client.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
+        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        base = {"model": str(tiny_model_dir), "max_tokens": 5, "temperature": 0}
+        answers = [
+            client.post("/v1/completions", json={**base, "prompt": "The sky is"}).json(),
+            client.post(
+                "/v1/chat/completions", json={**base, "messages": [{"role": "user", "content": "Hi"}], "n": 2}
+            ).json(),
+        ]
+        streamed = client.post("/v1/completions", json={**base, "prompt": "Grass is", "stream": True,
+                                                        "stream_options": {"include_usage": True}})  # fmt: skip
+        usage = [json.loads(line[6:])["usage"] for line in streamed.text.splitlines() if '"usage": {' in line][-1]
+        prompt = sum(a["usage"]["prompt_tokens"] for a in answers) + usage["prompt_tokens"]
+        generated = sum(a["usage"]["completion_tokens"] for a in answers) + usage["completion_tokens"]
+        after = scrape(client)
+        assert value(after, "sqft_inference_tokens_total", type="prompt") == prompt
+        assert value(after, "sqft_inference_tokens_total", type="generated") == generated > 0
+        # Every slot given back (a stream's once its generation's future is done, just after its last chunk).
+        wait_until(lambda: value(scrape(client), "sqft_inference_requests_in_flight") == 0, 10, what="slots back")

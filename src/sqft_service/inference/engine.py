@@ -86,14 +86,29 @@ class InferenceEngine:
         self._guide_tokenizers = GuideTokenizers()  # structured outputs' view of the tokenizers
         self._names = itertools.count()
         self._torch_ready = False
+        # What /metrics reports: prompt and generated tokens of the answers given, and requests holding a slot.
+        self.prompt_tokens = self.generated_tokens = self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     # ------------------------------------------------------------ API side
     def reserve(self) -> bool:
         """Take a slot for one request (False: the queue is full); ``release()`` when it is answered."""
-        return self._slots.acquire(blocking=False)
+        taken = self._slots.acquire(blocking=False)
+        if taken:
+            with self._in_flight_lock:
+                self.in_flight += 1
+        return taken
 
     def release(self) -> None:
+        with self._in_flight_lock:
+            self.in_flight -= 1
         self._slots.release()
+
+    def _count(self, prompt: int, choices: list[Choice]) -> list[Choice]:
+        """``choices`` (answered now) counted with their ``prompt`` tokens (worker thread only)."""
+        self.prompt_tokens += prompt
+        self.generated_tokens += sum(c.completion_tokens for c in choices)
+        return choices
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         return self._executor.submit(fn, *args)
@@ -261,7 +276,7 @@ class InferenceEngine:
             decoder.push(tokens, scores[row] if scores else None)
             decoder.close()
             choices.append(echo.choice(decoder, scored))
-        return choices
+        return self._count(len(ids), choices)
 
     def generate_together(self, spec: ModelSpec, prompts: list[list[int]], samplings: list[Sampling]) -> list[Choice]:
         """One choice for each prompt, all prompts generated together (``inference/greedy.py``), each row
@@ -316,7 +331,7 @@ class InferenceEngine:
             decoder.push(row[: sampling.max_tokens])
             decoder.close()
             choices.append(Choice(decoder.text, decoder.finish_reason or "length", len(decoder.ids)))
-        return choices
+        return self._count(sum(len(p) for p in prompts), choices)
 
     def stream(self, spec: ModelSpec, ids: list[int], sampling: Sampling, sink: queue.Queue, cancel: threading.Event):
         """Generate ``sampling.n`` choices in one batch, putting ``(index, text piece, token scores)``
@@ -355,7 +370,7 @@ class InferenceEngine:
                 piece, scores = decoder.close(), decoder.new_logprobs()
                 if piece or scores:
                     sink.put((index, piece, scores))
-            sink.put([echo.choice(d, scored) for d in decoders])
+            sink.put(self._count(len(ids), [echo.choice(d, scored) for d in decoders]))
         except Exception as exc:  # handed to the response, which is already under way
             sink.put(exc)
         finally:

@@ -78,6 +78,11 @@ class InferenceService:
                 )
             return self._engine
 
+    @property
+    def created_engine(self) -> InferenceEngine | None:
+        """The engine if a request has created it (``/metrics`` reads it without creating one)."""
+        return self._engine
+
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()

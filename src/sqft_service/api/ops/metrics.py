@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...inference.engine import InferenceEngine
 from ...jobs.kinds import DISPLAY_NAMES
 from ...jobs.manager import JobManager
 from ...store import stats
@@ -55,6 +56,12 @@ class ServiceMetrics:
             "sqft_upload_bytes", "Bytes of uploaded files stored (POST /v1/files)", registry=self.registry
         )
         self._store: StoreCollector | None = None
+        self._inference: InferenceCollector | None = None
+
+    def watch_inference(self, engine: Callable[[], InferenceEngine | None]) -> None:
+        """Add the engine's token counts and requests in flight (``engine()``: None before its first request)."""
+        self._inference = InferenceCollector(engine)
+        self.registry.register(self._inference)
 
     def watch_store(self, db: Database, manager: JobManager) -> None:
         """Add the job metrics (the lifespan calls this once the store and the manager exist)."""
@@ -62,9 +69,33 @@ class ServiceMetrics:
         self.registry.register(self._store)
 
     def unwatch_store(self) -> None:
-        if self._store is not None:
-            self.registry.unregister(self._store)
-            self._store = None
+        """Remove the job and engine metrics (the lifespan's end: another start adds them again)."""
+        for collector in (self._store, self._inference):
+            if collector is not None:
+                self.registry.unregister(collector)
+        self._store = self._inference = None
+
+
+class InferenceCollector(Collector):
+    """The in-process engine's prompt and generated tokens (since this process started) and the requests
+    holding one of its slots (generating, or waiting behind the one generating)."""
+
+    def __init__(self, engine: Callable[[], InferenceEngine | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine()
+        tokens = CounterMetricFamily(
+            "sqft_inference_tokens", "Tokens of the answers the inference engine gave", labels=("type",)
+        )
+        tokens.add_metric(("prompt",), engine.prompt_tokens if engine else 0)
+        tokens.add_metric(("generated",), engine.generated_tokens if engine else 0)
+        yield tokens
+        yield GaugeMetricFamily(
+            "sqft_inference_requests_in_flight",
+            "Requests generating or waiting for the inference engine",
+            value=engine.in_flight if engine else 0,
+        )
 
 
 class StoreCollector(Collector):
