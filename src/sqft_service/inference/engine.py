@@ -145,7 +145,7 @@ class InferenceEngine:
     def _place(self, model: Any) -> Any:
         """``model`` on the GPU (in bf16 or fp16 unless ``dtype`` is fp32) when ``device`` allows it, one
         is there and the model fits in its free memory; else on the CPU, in bf16 where ``dtype`` says
-        so (``auto``: a CPU that runs bf16 natively, 1.4x the tokens/s of fp32 there; README). Adapters
+        so (``auto``: a CPU that runs bf16 natively, where it decodes faster than fp32; README). Adapters
         attached later follow their base (peft keeps their own weights in fp32)."""
         import torch
 
