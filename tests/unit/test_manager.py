@@ -8,6 +8,7 @@ Python (or a refusal to start): the manager is the part under test, not the trai
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import replace
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sqft_service.jobs.batch import batch_files
 from sqft_service.jobs.manager import JobManager
 from sqft_service.jobs.outcome import JobOutcome
 from sqft_service.jobs.runner import LaunchError, LaunchSpec, worker_resources
@@ -182,3 +184,32 @@ def test_recover_settles_a_job_found_running_as_its_process_ended(stores, stop_r
     assert ("The job process finished while the service was down" in said) is noted
     if status == "queued":
         assert any(m.startswith("Interrupted: the service stopped; queued again") for m in said)
+
+
+def test_a_batch_whose_window_ends_in_the_queue_expires_keeping_what_it_answered(stores, tmp_path):
+    """A batch queued again after its process died, past its window: never launched; the line it had
+    answered stays its output, every other request becomes a ``batch_expired`` error line."""
+    runner = JournallingRunner(job_writes_store=False)
+    manager = JobManager(*stores, runner=runner)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": {}} for i in range(3)]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = {"input_path": str(requests), "total": 3, "window_s": 60, "output_expires_after": None}
+    job = manager.create(new_id("batch", "_"), "batch", config)
+    out_path, _ = batch_files(manager.workspace(job).output.root)
+    out_path.parent.mkdir(parents=True)
+    answered = {"custom_id": "r1", "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": 4}}}}
+    out_path.write_text(json.dumps(answered) + "\n")  # what the attempt before the crash wrote
+    manager.jobs.update(job.id, created_at=job.created_at - 61)  # its window is over
+    manager.enqueue(job)
+    manager.tick()
+
+    ended = manager.jobs.get(job.id)
+    assert ended.status == "succeeded" and ended.result["expired"] is True and runner.argvs == []
+    assert ended.result["request_counts"] == {"total": 3, "completed": 1, "failed": 2}
+    assert ended.result["tokens"] == {"input_tokens": 4, "output_tokens": 0}
+    errors = manager.files.get(ended.result["error_file_id"]).path.read_text().splitlines()
+    rows = [json.loads(row) for row in errors]
+    assert [r["custom_id"] for r in rows] == ["r0", "r2"]
+    assert all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in rows)
+    assert "Batch expired: its completion window ended before it started" in messages(manager, job.id)
