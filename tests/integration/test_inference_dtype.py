@@ -8,6 +8,7 @@ are the route's exactly); ``auto`` is bf16 on a CPU that runs it natively and fp
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -30,14 +31,18 @@ def _first_token_logprobs(model_dir, ids: list[int], dtype: torch.dtype) -> torc
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
 
 
-def test_the_engine_places_models_in_the_dtype_asked(tmp_path, tiny_model_dir):
+def test_the_engine_places_models_in_the_dtype_asked(tmp_path, tiny_model_dir, caplog):
     spec = ModelSpec("tiny", str(tiny_model_dir))
     auto = torch.bfloat16 if native_bf16_supported() else torch.float32
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", auto)):
         engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None, device="cpu", dtype=dtype)
         try:
-            model, _, _ = engine._activate(spec)
+            with caplog.at_level(logging.INFO, logger="sqft_service.inference.engine"):
+                model, _, _ = engine._activate(spec)
             assert {p.dtype for p in model.parameters()} == {expected}, dtype
+            said = str(expected).removeprefix("torch.")
+            assert f"serving {tiny_model_dir} on cpu in {said}" in caplog.text  # what an operator reads
+            caplog.clear()
         finally:
             engine.shutdown()
     # An adapter keeps peft's fp32 weights on a bf16 base: cast to bf16, its low-rank matmuls decoded

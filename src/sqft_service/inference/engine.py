@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -57,6 +58,7 @@ def _adapter_key(path: str) -> str:
     return f"{path}@{Path(path).stat().st_ino}"
 
 
+log = logging.getLogger(__name__)
 # How the manager hands a job process the service's SQFT_INFERENCE_DTYPE (batch, eval and judge engines).
 DTYPE_ENV = "SQFT_INFERENCE_DTYPE"
 
@@ -139,6 +141,8 @@ class InferenceEngine:
             while len(self._models) >= self.max_models:
                 self._models.popitem(last=False)
             loaded = self._models[key] = _Loaded(self._place(build()).eval(), merged_from=merged_from)
+            weights = next(loaded.model.parameters())  # what SQFT_INFERENCE_DTYPE and the device made of it
+            log.info("serving %s on %s in %s", key, weights.device, str(weights.dtype).removeprefix("torch."))
         self._models.move_to_end(key)
         return loaded
 
