@@ -71,3 +71,10 @@ def preference_records(n: int) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+def output_text(response: dict[str, Any]) -> str:
+    """A Responses API response's text (its message items' ``output_text`` parts; calls have none)."""
+    return "".join(
+        part["text"] for item in response["output"] for part in item.get("content", []) if part["type"] == "output_text"
+    )

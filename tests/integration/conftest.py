@@ -54,6 +54,17 @@ def train_file(client, tmp_path) -> dict:
     return upload(client, write_json(tmp_path / "train.json", alpaca_records(16)))
 
 
+def fine_tune_briefly(client: TestClient, model_dir: Path, directory: Path, steps: int = 1) -> dict:
+    """A few steps of fine-tuning ``model_dir`` on Alpaca records, so that the caller's project may use it
+    as a model (a base is a project's once it has fine-tuned it: ModelService); the succeeded job."""
+    training = upload(client, write_json(directory / "brief.json", alpaca_records(8)))
+    body = {"model": str(model_dir), "training_file": training["id"], "Training": {"max_train_steps": steps}}
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
 def wait_status(client: TestClient, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
     def check():
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()

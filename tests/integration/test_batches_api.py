@@ -18,7 +18,7 @@ from openai.types import Batch
 
 from sqft_service.app import create_app
 from sqft_service.settings import Settings
-from tests.helpers import alpaca_records, wait_until, write_json
+from tests.helpers import alpaca_records, output_text, wait_until, write_json
 from tests.integration.conftest import make_settings, sdk_job_end, wait_status
 
 ALICE = {"Authorization": "Bearer ka"}
@@ -194,12 +194,6 @@ def test_completions_batches_answer_every_prompt_of_a_line(served, tmp_path):
     assert len(got["choices"][0]["logprobs"]["token_logprobs"]) == 3 + 1
 
 
-def _text(response: dict) -> str:
-    return "".join(
-        p["text"] for item in response["output"] for p in item.get("content", []) if p["type"] == "output_text"
-    )
-
-
 def test_responses_batches_answer_each_line_as_post_v1_responses_does(served, tmp_path, tiny_model_dir):
     client, tuned = served
     greedy = {"max_output_tokens": 6, "temperature": 0, "store": False}
@@ -221,9 +215,9 @@ def test_responses_batches_answer_each_line_as_post_v1_responses_does(served, tm
     for cid in ("plain", "items", "json"):
         got, want = answers[cid]["response"]["body"], client.post("/v1/responses", json=asks[cid]).json()
         assert got["object"] == "response" and got["id"].startswith("resp_") and got["status"] == want["status"]
-        assert _text(got) == _text(want) and got["usage"] == want["usage"]
+        assert output_text(got) == output_text(want) and got["usage"] == want["usage"]
         assert got["store"] is False and client.get(f"/v1/responses/{got['id']}").status_code == 404
-    assert json.loads(_text(answers["json"]["response"]["body"]))["c"] in ("red", "blue")
+    assert json.loads(output_text(answers["json"]["response"]["body"]))["c"] in ("red", "blue")
     (call,) = [item for item in answers["call"]["response"]["body"]["output"] if item["type"] == "function_call"]
     assert call["name"] == "pick" and json.loads(call["arguments"])["c"] in ("red", "blue")
     refused = errors["system"]["response"]

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import make_settings, sdk_job_end, wait_status
+from tests.integration.conftest import fine_tune_briefly, make_settings, sdk_job_end
 
 ALICE = {"Authorization": "Bearer ka"}
 BOB = {"Authorization": "Bearer kb"}
@@ -59,16 +59,7 @@ def served(tmp_path_factory, tiny_model_dir):
     settings = make_settings(root / "data", api_key="alice:ka,bob:kb", inference_threads=1)
     with TestClient(create_app(settings), headers=ALICE) as client:
         # A base model is the caller's to use once it has fine-tuned it (ModelService): fine-tune it briefly.
-        with open(write_json(root / "a.json", alpaca_records(8)), "rb") as handle:
-            file_id = client.post("/v1/files", files={"file": ("a.json", handle)}, data={"purpose": "fine-tune"})
-        body = {
-            "model": str(tiny_model_dir),
-            "training_file": file_id.json()["id"],
-            "Training": {"max_train_steps": 2},
-        }
-        job = client.post("/v1/fine_tuning/jobs", json=body).json()
-        done = wait_status(client, job["id"], ("succeeded", "failed"), timeout=300)
-        assert done["status"] == "succeeded", done["error"]
+        done = fine_tune_briefly(client, tiny_model_dir, root, steps=2)
         yield client, done["fine_tuned_model"]
 
 

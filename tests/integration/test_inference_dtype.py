@@ -21,8 +21,8 @@ from sqft_service.inference.engine import InferenceEngine
 from sqft_service.inference.spec import ModelSpec
 from sqft_service.settings import Settings
 from sqft_service.training.precision import native_bf16_supported
-from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import make_settings, wait_status
+from tests.helpers import wait_until
+from tests.integration.conftest import fine_tune_briefly, make_settings
 
 
 def _first_token_logprobs(model_dir, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -68,18 +68,7 @@ def test_served_in_bf16_the_route_and_a_batch_job_compute_in_bf16(tmp_path, tiny
     ids = tokenizer("The sky is")["input_ids"]
     body = {"model": str(tiny_model_dir), "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 5}
     with TestClient(create_app(settings)) as client:
-        # A base model is served to a project that has fine-tuned it.
-        with open(write_json(tmp_path / "t.json", alpaca_records(4)), "rb") as handle:
-            training = client.post("/v1/files", files={"file": ("t.json", handle)}, data={"purpose": "fine-tune"})
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={
-                "model": str(tiny_model_dir),
-                "training_file": training.json()["id"],
-                "Training": {"max_train_steps": 1},
-            },
-        ).json()
-        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        fine_tune_briefly(client, tiny_model_dir, tmp_path)  # a base is served to a project that fine-tuned it
         routed = client.post("/v1/completions", json=body)
         assert routed.status_code == 200, routed.text
         top = routed.json()["choices"][0]["logprobs"]["top_logprobs"][0]

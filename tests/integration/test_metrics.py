@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sqft_service.app import create_app
 from tests.helpers import alpaca_records, wait_until, write_json
-from tests.integration.conftest import make_settings, upload, wait_status
+from tests.integration.conftest import fine_tune_briefly, make_settings, upload, wait_status
 from tests.integration.test_jobs_api import tiny_job
 
 Samples = dict[tuple[str, frozenset], float]
@@ -122,9 +122,7 @@ def test_metrics_count_the_engines_tokens_as_the_answers_report_them(data_dir, t
         assert value(before, "sqft_inference_tokens_total", type="generated") == 0
         assert value(before, "sqft_inference_requests_in_flight") == 0
         assert client.app.state.inference_service.created_engine is None
-        f = upload(client, write_json(tmp_path / "t.json", alpaca_records(4)))
-        job = client.post("/v1/fine_tuning/jobs", json=tiny_job(tiny_model_dir, f["id"])).json()
-        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        fine_tune_briefly(client, tiny_model_dir, tmp_path)
         base = {"model": str(tiny_model_dir), "max_tokens": 5, "temperature": 0}
         answers = [
             client.post("/v1/completions", json={**base, "prompt": "The sky is"}).json(),

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
 from sqft_service.settings import Settings
-from tests.helpers import CHAT, wait_until, write_jsonl
-from tests.integration.conftest import make_settings, wait_status
+from tests.helpers import CHAT, output_text, wait_until, write_jsonl
+from tests.integration.conftest import fine_tune_briefly, make_settings, wait_status
 
 ALICE = {"Authorization": "Bearer ka"}
 BOB = {"Authorization": "Bearer kb"}
@@ -44,15 +44,24 @@ def _respond(client, **body) -> dict:
     return resp.json()
 
 
+def _continued(client, model: str, previous: dict, asked: str, question: str) -> dict:
+    """A response to ``question`` continuing ``previous`` (the answer to ``asked``): the chat answer to the
+    same turns, which it must equal."""
+    answer = _respond(client, model=model, input=question, previous_response_id=previous["id"], **GREEDY)
+    turns = [
+        {"role": "user", "content": asked},
+        {"role": "assistant", "content": output_text(previous)},
+        {"role": "user", "content": question},
+    ]
+    assert output_text(answer) == _chat(client, model, turns)["choices"][0]["message"]["content"]
+    return answer
+
+
 def _chat(client, model: str, messages: list[dict], max_tokens: int = 8) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     resp = client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def _text(response: dict) -> str:
-    return "".join(p["text"] for item in response["output"] for p in item["content"] if p["type"] == "output_text")
 
 
 def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(served):
@@ -63,7 +72,7 @@ def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(serve
     assert first["object"] == "response" and first["id"].startswith("resp_") and first["model"] == model
     (item,) = first["output"]
     assert item["type"] == "message" and item["role"] == "assistant" and item["id"].startswith("msg_")
-    assert _text(first) == chat["choices"][0]["message"]["content"]
+    assert output_text(first) == chat["choices"][0]["message"]["content"]
     assert first["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
     assert first["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
     finished = chat["choices"][0]["finish_reason"] == "stop"
@@ -73,13 +82,7 @@ def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(serve
 
     # Stored: retrieved as answered; a next response continues its turns (its instructions not carried).
     assert client.get(f"/v1/responses/{first['id']}").json() == first
-    second = _respond(client, model=model, input="And another?", previous_response_id=first["id"], **GREEDY)
-    turns = [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": _text(first)},
-        {"role": "user", "content": "And another?"},
-    ]
-    assert _text(second) == _chat(client, model, turns)["choices"][0]["message"]["content"]
+    second = _continued(client, model, first, "Name a colour.", "And another?")
     assert second["previous_response_id"] == first["id"]
     # Message lists as input, parts included, equal the same turns as one string each.
     parts = [
@@ -88,7 +91,7 @@ def test_a_response_is_the_chat_answer_and_continues_a_stored_conversation(serve
             "content": [{"type": "input_text", "text": "Name a "}, {"type": "input_text", "text": "colour."}],
         }
     ]
-    assert _text(_respond(client, model=model, input=parts, **GREEDY)) == _text(
+    assert output_text(_respond(client, model=model, input=parts, **GREEDY)) == output_text(
         _respond(client, model=model, input="Name a colour.", **GREEDY)
     )
 
@@ -150,9 +153,9 @@ def test_a_streamed_response_sends_openai_events_and_the_same_text(served):
     ]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
-    assert text == _text(whole) == events[-4]["text"]
+    assert text == output_text(whole) == events[-4]["text"]
     final = events[-1]["response"]
-    assert _text(final) == text and final["usage"] == whole["usage"]
+    assert output_text(final) == text and final["usage"] == whole["usage"]
     assert client.get(f"/v1/responses/{final['id']}").json()["output"] == final["output"]  # stored when done
 
 
@@ -166,7 +169,7 @@ def test_text_format_and_refused_fields(served):
     }
     fmt = {"format": {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}}
     answer = json.loads(
-        _text(_respond(client, model=model, input="Pick one.", text=fmt, temperature=0, max_output_tokens=32))
+        output_text(_respond(client, model=model, input="Pick one.", text=fmt, temperature=0, max_output_tokens=32))
     )
     assert answer["colour"] in ("red", "blue") and isinstance(answer["sure"], bool)
 
@@ -225,15 +228,9 @@ def test_a_background_response_is_answered_later_as_in_the_foreground(served):
     done = _ended(client, queued["id"])
     foreground = _respond(client, **ask)
     assert done["status"] == foreground["status"] == "incomplete"  # cut by max_output_tokens, as the foreground
-    assert _text(done) == _text(foreground) and done["usage"] == foreground["usage"] and done["background"]
+    assert output_text(done) == output_text(foreground) and done["usage"] == foreground["usage"] and done["background"]
     # Continued as any stored response.
-    follow = _respond(client, model=model, input="Another.", previous_response_id=done["id"], **GREEDY)
-    turns = [
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": _text(done)},
-        {"role": "user", "content": "Another."},
-    ]
-    assert _text(follow) == _chat(client, model, turns)["choices"][0]["message"]["content"]
+    _continued(client, model, done, "Name a colour.", "Another.")
     # Cancelling one that ended answers it as it ended; only background responses can be cancelled.
     again = client.post(f"/v1/responses/{done['id']}/cancel")
     assert again.status_code == 200 and again.json() == done
@@ -265,15 +262,7 @@ def test_cancel_stops_a_background_response(served, tiny_model_dir):
 def test_a_background_response_a_restart_cut_short_is_failed(tmp_path, tiny_model_dir):
     settings = make_settings(tmp_path / "data", inference_threads=1)
     with TestClient(create_app(settings)) as client:
-        with open(write_jsonl(tmp_path / "c.jsonl", [CHAT] * 4), "rb") as handle:
-            uploaded = client.post("/v1/files", files={"file": ("c.jsonl", handle)}, data={"purpose": "fine-tune"})
-        body = {
-            "model": str(tiny_model_dir),
-            "training_file": uploaded.json()["id"],
-            "Training": {"max_train_steps": 1},
-        }
-        job = client.post("/v1/fine_tuning/jobs", json=body).json()
-        assert wait_status(client, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+        fine_tune_briefly(client, tiny_model_dir, tmp_path)
         long = {"model": str(tiny_model_dir), "input": "Count.", "temperature": 0, "max_output_tokens": 480}
         queued = _respond(client, **long, background=True)
     with TestClient(create_app(settings)) as client:  # the service again, after a stop mid-generation

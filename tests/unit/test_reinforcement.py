@@ -255,7 +255,7 @@ def test_judged_scores_are_the_judges_verdicts(model_dir):  # noqa: F811
     from sqft_service.training.reinforcement import judge_answers
 
     engine = InferenceEngine(threads=1, max_queue=0, max_models=1, model_cache_dir=None)
-    answerer = Answerer(engine, {"judge": ModelSpec("judge", str(model_dir))}, chat=True)
+    answerer = Answerer(engine, {"judge": ModelSpec("judge", str(model_dir))})
     label = {**JUDGE, "type": "label_model", "labels": ["close", "far"], "passing_labels": ["close"]}
     label.pop("range")
     items = [{"answer": "red"}, {"answer": "green"}, {"answer": "red"}]

@@ -80,7 +80,7 @@ class InferenceEngine:
         self.dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
         self.max_models = max(1, max_models)
         self.model_cache_dir = model_cache_dir
-        self._slots = threading.BoundedSemaphore(1 + max(0, max_queue))
+        self.slots = 1 + max(0, max_queue)  # the one generating, and those that may wait behind it
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqft-inference")
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
@@ -90,21 +90,22 @@ class InferenceEngine:
         self._torch_ready = False
         # What /metrics reports: prompt and generated tokens of the answers given, and requests holding a slot.
         self.prompt_tokens = self.generated_tokens = self.in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self._slots_lock = threading.Lock()
 
     # ------------------------------------------------------------ API side
     def reserve(self) -> bool:
         """Take a slot for one request (False: the queue is full); ``release()`` when it is answered."""
-        taken = self._slots.acquire(blocking=False)
-        if taken:
-            with self._in_flight_lock:
-                self.in_flight += 1
-        return taken
+        with self._slots_lock:
+            if self.in_flight >= self.slots:
+                return False
+            self.in_flight += 1
+            return True
 
     def release(self) -> None:
-        with self._in_flight_lock:
+        with self._slots_lock:
+            if self.in_flight == 0:
+                raise RuntimeError("release() without a reserve()")
             self.in_flight -= 1
-        self._slots.release()
 
     def _count(self, prompt: int, choices: list[Choice]) -> list[Choice]:
         """``choices`` (answered now) counted with their ``prompt`` tokens (worker thread only)."""
@@ -149,7 +150,7 @@ class InferenceEngine:
     def _place(self, model: Any) -> Any:
         """``model`` on the GPU (in bf16 or fp16 unless ``dtype`` is fp32) when ``device`` allows it, one
         is there and the model fits in its free memory; else on the CPU, in bf16 where ``dtype`` says
-        so (``auto``: a CPU that runs bf16 natively, where it decodes faster than fp32; README). Adapters
+        so (``auto``: a CPU that runs bf16 natively, as fine-tunes train there; README). Adapters
         attached later follow their base (peft keeps their own weights in fp32)."""
         import torch
 

@@ -47,6 +47,7 @@ EXPIRED = {
     "code": "batch_expired",
     "message": "This request could not be executed before the completion window expired.",
 }
+CHAT, RESPONSES = "/v1/chat/completions", "/v1/responses"
 # Lines read, answered and written together: the plain ones to a model share one generate() call.
 CHUNK_LINES = 32
 
@@ -125,7 +126,7 @@ def run_batch(p: BatchParams, specs: dict[str, ModelSpec], output_dir: Path, sin
     engine = InferenceEngine(
         threads=threads, max_queue=0, max_models=max(1, len(specs)), model_cache_dir=model_cache_dir
     )
-    answerer = Answerer(engine, specs, p.endpoint == "/v1/chat/completions", p.endpoint == "/v1/responses")
+    answerer = Answerer(engine, specs, p.endpoint)
     last_report = time.monotonic()
     pending = (line for line in request_lines(Path(p.input_path)) if line["custom_id"] not in done)
     expired = False
@@ -157,10 +158,10 @@ class Answerer:
     generation (``InferenceEngine.generate_together``), the rest one by one as the route does. A
     Responses line is answered as the chat request ``POST /v1/responses`` makes of it."""
 
-    def __init__(
-        self, engine: InferenceEngine, specs: dict[str, ModelSpec], chat: bool, responses: bool = False
-    ) -> None:
-        self.engine, self.specs, self.chat, self.responses = engine, specs, chat or responses, responses
+    def __init__(self, engine: InferenceEngine, specs: dict[str, ModelSpec], endpoint: str = CHAT) -> None:
+        """``endpoint``: the route whose requests the lines are (a Responses line is rendered as a chat)."""
+        self.engine, self.specs = engine, specs
+        self.responses, self.chat = endpoint == RESPONSES, endpoint in (CHAT, RESPONSES)
         self.kind, self.param = ("chat", "messages") if self.chat else ("completion", "prompt")
 
     def chunk(self, lines: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
@@ -199,8 +200,7 @@ class Answerer:
         """A line's request (checked when the batch was created) and what makes its answer's body."""
         if self.responses:  # not stored: the batch's output file holds it
             asked = ResponseRequest.model_validate(body).model_copy(update={"store": False})
-            system = [{"role": "system", "content": asked.instructions}] if asked.instructions else []
-            chat = chat_request(asked, system + asked.messages())
+            chat = chat_request(asked, asked.messages())
             begun = Response.begun(new_id("resp", "_"), asked)
             return chat, lambda n, choices: responded(begun, chat, n, choices[0])[0].model_dump()
         if self.chat:  # a line's tool calls are read as the route reads them

@@ -119,7 +119,7 @@ def run_eval(p: EvalRunParams, specs: dict[str, Any], output_dir: Path, sink: An
     engine = InferenceEngine(
         threads=threads, max_queue=0, max_models=max(1, len(specs)), model_cache_dir=model_cache_dir
     )
-    grading = _Grading(p, Answerer(engine, specs, chat=True))
+    grading = _Grading(p, Answerer(engine, specs))
     pending = ((i, row) for i, row in enumerate(rows(p)) if i not in done)
     written, last_report = len(done), time.monotonic()
     with path.open("a", encoding="utf-8") as out:

@@ -157,7 +157,7 @@ class ReinforcementRecipe(FinetuneRecipe):
             engine = InferenceEngine(
                 threads=torch.get_num_threads(), max_queue=0, max_models=1, model_cache_dir=self.model_cache_dir
             )
-            self._answerer = Answerer(engine, self.judges, chat=True)
+            self._answerer = Answerer(engine, self.judges)
         return self._answerer
 
     def _batches(self, epoch: int) -> list[list[int]]:

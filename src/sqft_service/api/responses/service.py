@@ -60,8 +60,7 @@ class ResponseService:
         if req.background and not req.store:
             raise UserError("`background: true` needs `store: true`: its answer is read from the store", param="store")
         turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
-        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        chat = chat_request(req, system + turns)
+        chat = chat_request(req, turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
         keep = _Keep(self.store, req.input_items(), turns, owner)
         if req.background:
@@ -291,8 +290,9 @@ def assistant_turn(content: str | None, calls: list[dict[str, str]]) -> dict[str
     return turn
 
 
-def chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-    """The chat request that answers ``req`` with ``messages`` (its instructions, history and input).
+def chat_request(req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request that answers ``req``: its instructions as the system message, then ``turns``
+    (a stored conversation it continues, then its input).
 
     Raises:
         UserError: what the chat request refuses, naming the Responses field.
@@ -304,7 +304,7 @@ def chat_request(req: ResponseRequest, messages: list[dict[str, Any]]) -> ChatCo
         )
     body = {
         "model": req.model,
-        "messages": messages,
+        "messages": [{"role": "system", "content": req.instructions}, *turns] if req.instructions else turns,
         "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
