@@ -131,6 +131,26 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     )
     assert polled.output_text == response.output_text
     assert client.responses.cancel(queued.id).status == polled.status
+    # Streamed in the background: a reader that leaves does not stop it, and the SDK's stream helper
+    # resumes from the last sequence number it saw (its snapshot rebuilt from the replay), joining the same answer.
+    ask = {"model": name, "input": "Repeat the word red.", "max_output_tokens": 6, "temperature": 0}
+    with client.responses.stream(**ask, background=True) as first:
+        seen = []
+        for event in first:
+            seen.append(event)
+            if event.type == "response.output_text.delta":
+                break
+    assert [e.type for e in seen[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    with client.responses.stream(response_id=seen[0].response.id, starting_after=seen[-1].sequence_number) as rest:
+        resumed = list(rest)
+    final = resumed[-1].response  # `incomplete` (cut at 6 tokens), as the foreground answer
+    assert resumed[0].sequence_number == seen[-1].sequence_number + 1
+    assert seen[-1].delta + "".join(e.delta for e in resumed if e.type == "response.output_text.delta") == (
+        response.output_text
+    )
+    assert final.output_text == response.output_text and final.status == polled.status
+    raw = client.responses.retrieve(final.id, stream=True, starting_after=seen[-1].sequence_number)
+    assert [e.sequence_number for e in raw] == [e.sequence_number for e in resumed]
     assert client.responses.delete(response.id) is None
 
     # Function calling in the SDK's types, on the base model (the project fine-tuned it): a call the

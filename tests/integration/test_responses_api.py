@@ -57,6 +57,19 @@ def _continued(client, model: str, previous: dict, asked: str, question: str) ->
     return answer
 
 
+def _events_of(resp) -> list[dict]:
+    """A Responses SSE answer's events, each checked to be named as its data's type."""
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text
+    events = []
+    for block in resp.text.split("\n\n"):
+        if block.strip() and not block.startswith(":"):
+            kind, data = block.split("\n", 1)
+            event = json.loads(data.removeprefix("data: "))
+            assert kind == f"event: {event['type']}"
+            events.append(event)
+    return events
+
+
 def _chat(client, model: str, messages: list[dict], max_tokens: int = 8) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     resp = client.post("/v1/chat/completions", json=body)
@@ -130,14 +143,7 @@ def test_a_streamed_response_sends_openai_events_and_the_same_text(served):
     resp = client.post(
         "/v1/responses", json={"model": model, "input": "Repeat the word red.", "stream": True, **GREEDY}
     )
-    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-    blocks = [b for b in resp.text.split("\n\n") if b.strip()]
-    events = []
-    for block in blocks:
-        kind, data = block.split("\n", 1)
-        event = json.loads(data.removeprefix("data: "))
-        assert kind == f"event: {event['type']}"
-        events.append(event)
+    events = _events_of(resp)
     kinds = [e["type"] for e in events]
     assert kinds[:4] == [
         "response.created",
@@ -238,9 +244,39 @@ def test_a_background_response_is_answered_later_as_in_the_foreground(served):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_id"
     assert client.post(f"/v1/responses/{done['id']}/cancel", headers=BOB).status_code == 404
     assert client.post("/v1/responses/resp_missing/cancel").status_code == 404
-    for extra, param in (({"stream": True}, "stream"), ({"store": False}, "store")):
-        resp = client.post("/v1/responses", json={**ask, "background": True, **extra})
+    resp = client.post("/v1/responses", json={**ask, "background": True, "store": False})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "store", resp.text
+
+
+def test_a_background_response_streams_and_replays_its_events_from_any_sequence_number(served):
+    client, model = served
+    ask = {"model": model, "input": "Name a colour.", **GREEDY}
+    foreground = _respond(client, **ask)
+    events = _events_of(client.post("/v1/responses", json={**ask, "background": True, "stream": True}))
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.queued", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == f"response.{foreground['status']}" and "error" not in kinds
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["response"]["status"] == "queued" and events[2]["response"]["status"] == "in_progress"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final, response_id = events[-1]["response"], events[0]["response"]["id"]
+    assert text == output_text(final) == output_text(foreground) and final["usage"] == foreground["usage"]
+    assert client.get(f"/v1/responses/{response_id}").json() == final  # stored before its last event
+    # Replayed once ended, whole or after any sequence number (what a reader that lost its connection saw).
+    assert _events_of(client.get(f"/v1/responses/{response_id}", params={"stream": "true"})) == events
+    after = client.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": 3})
+    assert _events_of(after) == events[4:]
+    last = client.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": len(events)})
+    assert _events_of(last) == []
+    # A foreground response's stream ended with its connection; `starting_after` goes with `stream`.
+    for params, param in (
+        ({"stream": "true"}, "stream"),
+        ({"starting_after": 1}, "starting_after"),
+        ({"stream": "true", "starting_after": -1}, "starting_after"),
+    ):
+        resp = client.get(f"/v1/responses/{foreground['id']}", params=params)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    assert client.get(f"/v1/responses/{response_id}", params={"stream": "true"}, headers=BOB).status_code == 404
 
 
 def test_cancel_stops_a_background_response(served, tiny_model_dir):
@@ -257,6 +293,10 @@ def test_cancel_stops_a_background_response(served, tiny_model_dir):
         "/v1/responses", json={**GREEDY, "model": model, "input": "x", "previous_response_id": queued["id"]}
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "previous_response_id", resp.text
+    # Its stream is what it sent before the cancel, then ends: no answer follows.
+    events = _events_of(client.get(f"/v1/responses/{queued['id']}", params={"stream": "true"}))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.queued"]
+    assert not any(e["type"].startswith(("response.completed", "response.incomplete")) for e in events)
 
 
 def test_a_background_response_a_restart_cut_short_is_failed(tmp_path, tiny_model_dir):
@@ -268,3 +308,10 @@ def test_a_background_response_a_restart_cut_short_is_failed(tmp_path, tiny_mode
     with TestClient(create_app(settings)) as client:  # the service again, after a stop mid-generation
         got = client.get(f"/v1/responses/{queued['id']}").json()
         assert got["status"] == "failed" and "service stopped" in got["error"]["message"], got
+        # Its events went with the service: its stream tells it as created, then failed.
+        events = _events_of(client.get(f"/v1/responses/{queued['id']}", params={"stream": "true"}))
+        assert [(e["type"], e["response"]["status"]) for e in events] == [
+            ("response.created", "queued"),
+            ("response.failed", "failed"),
+        ]
+        assert events[1]["response"] == got

@@ -230,6 +230,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX chat_completions_owner ON chat_completions(owner, seq);
     """,
+    # 12: a stored response's status in a column (the background responses a stop left unfinished are
+    # found by index, not by parsing every body), and a background response's stream events, kept when it
+    # ends so a reader can replay them (`GET /v1/responses/{id}?stream=true&starting_after=`).
+    """
+    ALTER TABLE responses ADD COLUMN status TEXT;
+    ALTER TABLE responses ADD COLUMN events TEXT;
+    UPDATE responses SET status = json_extract(body, '$.status');
+    CREATE INDEX responses_status ON responses(status);
+    """,
 ]
 
 

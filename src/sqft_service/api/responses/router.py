@@ -1,15 +1,18 @@
 """``POST /v1/responses`` (``stream: true`` answers Responses' SSE events; ``background: true`` answers
-at once, to be polled), ``GET`` and ``DELETE /v1/responses/{response_id}``, ``POST
+at once, to be polled, or streams events a reader can resume: ``GET /v1/responses/{response_id}?stream=true
+&starting_after=N``), ``GET`` and ``DELETE /v1/responses/{response_id}``, ``POST
 /v1/responses/{response_id}/cancel``, ``GET /v1/responses/{response_id}/input_items`` (OpenAI's
 Responses API, text in and out)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from ...errors import UserError
 from ..openapi import error_responses
 from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest
 from .service import ResponseService
@@ -21,17 +24,30 @@ def _service(request: Request) -> ResponseService:
     return request.app.state.response_service
 
 
+def _events(events: Iterator[str]) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
 @router.post("", response_model=Response, responses=error_responses(404, 429, 503))
 async def create_response(request: Request, body: ResponseRequest):
     answer = await _service(request).create(body)
-    if isinstance(answer, Response):
-        return answer
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(answer, media_type="text/event-stream", headers=headers)
+    return answer if isinstance(answer, Response) else _events(answer)
 
 
 @router.get("/{response_id}", response_model=Response, responses=error_responses(404))
-def retrieve_response(request: Request, response_id: str) -> Response:
+def retrieve_response(
+    request: Request,
+    response_id: str,
+    stream: bool = False,
+    starting_after: int | None = Query(None, ge=0, description="with `stream`: the events after this sequence number"),
+):
+    """The response; with ``stream=true`` (a background response's), its events as SSE: followed while it
+    runs, replayed once it has ended."""
+    if stream:
+        return _events(_service(request).stream(response_id, starting_after))
+    if starting_after is not None:
+        raise UserError("`starting_after` is read with `stream=true` only", param="starting_after")
     return _service(request).get(response_id)
 
 

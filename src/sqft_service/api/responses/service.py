@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import queue
 import threading
 from collections.abc import Awaitable, Iterator
@@ -17,25 +16,23 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from ...errors import InvalidRequestError, NotFoundError, ServiceError, UserError
-from ...inference.engine import drain
 from ...inference.spec import Choice
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
-from ...tool_calls import CallParser, HeldStream
+from ...tool_calls import CallParser
 from ..body import validation_error_to_service_error
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
 from ..limits import page_of
 from ..owner import current_owner, owned_by_caller
+from .events import EventLog, answer_events, error_data, replayed, sse
 from .protocol import (
     DeletedResponse,
     InputItemList,
     Response,
     ResponseRequest,
     answer_output,
-    call_item,
     chat_call,
-    message_item,
 )
 
 T = TypeVar("T")
@@ -55,8 +52,6 @@ class ResponseService:
         self._running: dict[str, _Running] = {}  # background responses being generated, by id
 
     async def create(self, req: ResponseRequest) -> Response | Iterator[str]:
-        if req.background and req.stream:
-            raise UserError("`background` with `stream` is not supported: poll GET /v1/responses/{id}", param="stream")
         if req.background and not req.store:
             raise UserError("`background: true` needs `store: true`: its answer is read from the store", param="store")
         turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
@@ -68,9 +63,11 @@ class ResponseService:
             queued = response.model_copy(update={"status": "queued"})
             running = self._running[queued.id] = _Running(cancel)
             await asyncio.to_thread(self.store.put, queued.model_dump(), keep.items, turns, owner)
-            args = (queued, chat, n_prompt, sink, running, turns)
+            for kind in ("response.created", "response.queued"):
+                running.log.add(kind, {"response": queued.model_dump()})
+            args = (queued, item_id, n_prompt, sink, chat.call_parser, running, turns)
             threading.Thread(target=self._background, args=args, name=f"sqft-{queued.id}", daemon=True).start()
-            return queued
+            return running.log.follow(None) if req.stream else queued
         if req.stream:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
             return self._events(response, item_id, n_prompt, sink, cancel, keep, chat.call_parser)
@@ -81,6 +78,21 @@ class ResponseService:
 
     def get(self, response_id: str) -> Response:
         return Response.model_validate(self._stored(response_id, "response_id").body)
+
+    def stream(self, response_id: str, after: int | None) -> Iterator[str]:
+        """A background response's events after sequence number ``after`` (all when None): followed as
+        they come while it runs, replayed once it has ended."""
+        stored = self._stored(response_id, "response_id")
+        if not stored.body.get("background"):
+            raise InvalidRequestError(
+                f"Response '{response_id}' was not created with `background: true`; only those can be streamed "
+                "again (a foreground stream ends with its connection)",
+                param="stream",
+            )
+        if (running := self._running.get(response_id)) is not None:
+            return running.log.follow(after)
+        stored = self.store.get(response_id) or stored  # as it ended: stored before it stopped running
+        return replayed(stored.body, stored.events, after)
 
     def input_items(self, response_id: str, after: str | None, limit: int, order: str) -> InputItemList:
         """The response's own input items, newest first unless ``order`` is ``asc``; ``after`` an item id."""
@@ -104,7 +116,7 @@ class ResponseService:
         if running is not None and running.end():
             running.cancel.set()  # the engine stops at its next token
             cancelled = {**stored.body, "status": "cancelled"}
-            self.store.update(response_id, cancelled)
+            running.log.close(keep=lambda events: self.store.update(response_id, cancelled, events=events))
             return Response.model_validate(cancelled)
         return self.get(response_id)
 
@@ -113,6 +125,7 @@ class ResponseService:
         for running in list(self._running.values()):
             if running.end():
                 running.cancel.set()
+                running.log.close()
 
     def delete(self, response_id: str) -> DeletedResponse:
         self._stored(response_id, "response_id")
@@ -140,37 +153,43 @@ class ResponseService:
     def _background(
         self,
         response: Response,
-        chat: ChatCompletionRequest,
+        item_id: str,
         n_prompt: int,
         sink: queue.Queue,
+        parser: CallParser | None,
         running: _Running,
         turns: list[dict[str, Any]],
     ) -> None:
-        """Drain a background response's generation (its own thread) and store how it ended."""
-        final, error = None, None
+        """Drain a background response's generation (its own thread) into its event log, storing it in
+        progress at its first event and as it ended at its last."""
+        events = answer_events(response, item_id, n_prompt, sink, parser)
         try:
-            for item in drain(sink):
-                if isinstance(item, Exception):
-                    error = item
-                elif isinstance(item, list):
-                    final = item[0]
-                elif response.status == "queued":  # its first text: under way
-                    response = response.model_copy(update={"status": "in_progress"})
+            while True:
+                try:
+                    kind, data = next(events)
+                except StopIteration as stop:
+                    answer = stop.value
+                    break
+                if kind == "response.in_progress":
                     with running.lock:
                         if not running.ended:
-                            self.store.update(response.id, response.model_dump())
+                            self.store.update(response.id, data["response"])
+                running.log.add(kind, data)
+            if not running.end():
+                return  # cancelled (stored so by cancel), or the service is stopping
+            if isinstance(answer, Exception):
+                conversation = None
+                ended = response.model_copy(update={"status": "failed", "error": error_data(answer)})
+            else:
+                ended, content, calls = answer
+                conversation = [*turns, assistant_turn(content, calls)]
+            body = ended.model_dump()
+            running.log.close(
+                (f"response.{ended.status}", {"response": body}),
+                lambda events: self.store.update(response.id, body, conversation, events=events),
+            )
         finally:
             self._running.pop(response.id, None)
-        if not running.end():
-            return  # cancelled (stored so by cancel), or the service is stopping
-        if final is None:
-            message = (str(error) or type(error).__name__) if error else "the generation ended without an answer"
-            failure = {"code": getattr(error, "code", None) or "server_error", "message": message}
-            failed = response.model_copy(update={"status": "failed", "error": failure})
-            self.store.update(response.id, failed.model_dump())
-            return
-        done, content, calls = responded(response, chat, n_prompt, final)
-        self.store.update(response.id, done.model_dump(), [*turns, assistant_turn(content, calls)])
 
     def _events(
         self,
@@ -182,74 +201,29 @@ class ResponseService:
         keep: _Keep,
         parser: CallParser | None,
     ) -> Iterator[str]:
-        """Responses' stream (iterated by Starlette in a worker thread): the response begun, its message
-        and text part added, a delta per decoded piece, the text, part and message done, then the
-        response ``completed`` (or ``incomplete``, cut by ``max_output_tokens``), stored first.
-
-        With tools, the message is begun with its first text and text is held from a call's start
-        (``tool_calls.HeldStream``); the calls follow the message, each an item added, its arguments
-        (one delta, then done), the item done."""
+        """Responses' stream (iterated by Starlette in a worker thread): the response created, its answer's
+        events (``events.answer_events``), then the response ``completed`` (or ``incomplete``, cut by
+        ``max_output_tokens``), stored first; an ``error`` event when the generation failed."""
         numbers = itertools.count()
 
-        def event(kind: str, **data: Any) -> str:
-            payload = {"type": kind, "sequence_number": next(numbers), **data}
-            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+        def event(kind: str, data: dict[str, Any]) -> str:
+            return sse({"type": kind, "sequence_number": next(numbers), **data})
 
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        part = {"type": "output_text", "text": "", "annotations": []}
-        held, begun = (HeldStream(parser) if parser else None), False
-
-        def begin() -> Iterator[str]:
-            nonlocal begun
-            if not begun:
-                begun = True
-                yield event("response.output_item.added", output_index=0, item=message_item(item_id, "", "in_progress"))
-                yield event("response.content_part.added", **where, part=part)
-
-        def delta(piece: str) -> Iterator[str]:
-            if piece:
-                yield from begin()
-                yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
-
+        events = answer_events(response, item_id, n_prompt, sink, parser)
         try:
-            yield event("response.created", response=response.model_dump())
-            yield event("response.in_progress", response=response.model_dump())
-            if held is None:
-                yield from begin()
-            text, final = "", None
-            for item in drain(sink):
-                if isinstance(item, Exception):
-                    message = str(item) or type(item).__name__
-                    yield event("error", code=getattr(item, "code", None), message=message, param=None)
-                    return
-                if isinstance(item, list):
-                    final = item[0]
-                elif item[1]:
-                    piece = item[1] if held is None else held.push(item[1])
-                    text += piece
-                    yield from delta(piece)
-            assert final is not None
-            parsed: list[dict[str, str]] = []
-            if held is not None:
-                rest, parsed = held.finish()
-                text += rest
-                yield from delta(rest)
-            output, calls, finish = answer_output(item_id, text, parsed, final.finish_reason)
-            if output[0]["type"] == "message":
-                yield from begin()
-                yield event("response.output_text.done", **where, text=text, logprobs=[])
-                yield event("response.content_part.done", **where, part={**part, "text": text})
-                yield event("response.output_item.done", output_index=0, item=output[0])
-            for index, item in enumerate(output):
-                if item["type"] == "function_call":
-                    call = {"item_id": item["id"], "output_index": index}
-                    yield event("response.output_item.added", output_index=index, item=call_item(item, "in_progress"))
-                    yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
-                    yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
-                    yield event("response.output_item.done", output_index=index, item=item)
-            done = response.ended(output, finish, n_prompt, final.completion_tokens)
-            keep(done, text or None if calls else text, calls)
-            yield event(f"response.{done.status}", response=done.model_dump())
+            yield event("response.created", {"response": response.model_dump()})
+            while True:
+                try:
+                    yield event(*next(events))
+                except StopIteration as stop:
+                    answer = stop.value
+                    break
+            if isinstance(answer, Exception):
+                yield event("error", {**error_data(answer), "param": None})
+                return
+            done, content, calls = answer
+            keep(done, content, calls)
+            yield event(f"response.{done.status}", {"response": done.model_dump()})
         finally:
             cancel.set()  # the client left, or the stream ended: stop generating either way
 
@@ -269,11 +243,11 @@ class _Keep:
 
 
 class _Running:
-    """A background response being generated: the event that stops it, and whether its end is decided
+    """A background response being generated: the event that stops it, its events, and whether its end is decided
     (by its generation ending, a cancel, or the service stopping: whichever comes first writes it)."""
 
     def __init__(self, cancel: threading.Event) -> None:
-        self.cancel, self.lock, self.ended = cancel, threading.Lock(), False
+        self.cancel, self.lock, self.ended, self.log = cancel, threading.Lock(), False, EventLog()
 
     def end(self) -> bool:
         """True for the first caller only: that one decides how the response ends."""
