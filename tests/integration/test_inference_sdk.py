@@ -106,6 +106,17 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     assert response.output_text == answer.choices[0].message.content
     assert response.usage.output_tokens == answer.usage.completion_tokens
     assert client.responses.retrieve(response.id).output_text == response.output_text
+    scored = client.responses.create(
+        model=name,
+        input="Repeat the word red.",
+        max_output_tokens=6,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=1,
+    )
+    tokens = scored.output[0].content[0].logprobs  # greedy: each the likeliest
+    assert "".join(t.token for t in tokens) == scored.output_text == response.output_text
+    assert all(t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in tokens)
     (item,) = client.responses.input_items.list(response.id).data
     assert item.content[0].text == "Repeat the word red."
     streamed_events = list(

@@ -165,6 +165,47 @@ def test_a_streamed_response_sends_openai_events_and_the_same_text(served):
     assert client.get(f"/v1/responses/{final['id']}").json()["output"] == final["output"]  # stored when done
 
 
+def test_log_probabilities_are_chats_in_the_text_part_and_its_stream_deltas(served):
+    client, model = served
+    ask = {"model": model, "input": "Name a colour.", **GREEDY}
+    scored = _respond(client, **ask, include=["message.output_text.logprobs"], top_logprobs=2)
+    (part,) = scored["output"][0]["content"]
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()["choices"][0]
+    assert part["text"] == chat["message"]["content"] and part["logprobs"] == chat["logprobs"]["content"]
+    assert "".join(t["token"] for t in part["logprobs"]) == part["text"] and scored["top_logprobs"] == 2
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in part["logprobs"])
+    assert "logprobs" not in _respond(client, **ask)["output"][0]["content"][0]  # not asked: not scored
+    alone = _respond(client, **ask, top_logprobs=0)["output"][0]["content"][0]  # `top_logprobs` asks too
+    assert [t["token"] for t in alone["logprobs"]] == [t["token"] for t in part["logprobs"]]
+    assert all(t["top_logprobs"] == [] for t in alone["logprobs"])
+    # Streamed: each delta carries its tokens' scores, the text done all of them; stored with the answer.
+    events = _events_of(client.post("/v1/responses", json={**ask, "stream": True, "top_logprobs": 2}))
+    deltas = [t for e in events if e["type"] == "response.output_text.delta" for t in e["logprobs"]]
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert deltas == done["logprobs"] == part["logprobs"]
+    final = events[-1]["response"]
+    assert client.get(f"/v1/responses/{final['id']}").json()["output"][0]["content"][0]["logprobs"] == deltas
+    # Refused, naming the field: what the service cannot include, and scores beside calls.
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    for extra, param in (
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 1, "tools": [tool]}, "include"),
+    ):
+        resp = client.post("/v1/responses", json={**ask, **extra})
+        assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(param), resp.text
+
+
 def test_text_format_and_refused_fields(served):
     client, model = served
     schema = {

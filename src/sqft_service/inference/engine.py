@@ -425,23 +425,19 @@ class InferenceEngine:
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         from .draw import TokenDraw
-        from .greedy import GREEDY
-        from .prompt_cache import prompt_cache
+        from .prompt_cache import generate_copies
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.tensor(stop(), dtype=torch.bool, device=input_ids.device)
 
         prompt = torch.tensor([ids], device=next(model.parameters()).device)
-        input_ids = prompt.expand(s.n, -1)
         kwargs: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos_ids(model, tokenizer)),
-            "attention_mask": torch.ones_like(input_ids),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([Stop()]) if stop else None,
-            **GREEDY,
         }
         chain = LogitsProcessorList()
         if s.adjusted:  # penalties, biases, a guide: applied before the draw (inference/penalties.py)
@@ -451,7 +447,7 @@ class InferenceEngine:
             if s.grammar is not None:
                 lltokenizer = self._guide_tokenizers.get(tokenizer, self._guide_eos(model, tokenizer))
                 guide = guide_processor(lltokenizer, s.grammar, s.n, len(ids))
-            chain.extend(adjusted_processors(s, len(ids), vocabulary, input_ids.device, guide))
+            chain.extend(adjusted_processors(s, len(ids), vocabulary, prompt.device, guide))
         if not s.greedy:  # OpenAI's sampling: temperature and top-p, no top-k
             chain.append(TokenDraw([s.temperature] * s.n, [s.top_p] * s.n))
         kwargs["logits_processor"] = chain
@@ -461,9 +457,7 @@ class InferenceEngine:
         torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
         try:
             with torch.inference_mode():
-                if s.n > 1 and len(ids) > 1:
-                    kwargs["past_key_values"] = prompt_cache(model, prompt, torch.ones_like(prompt), s.n)
-                return model.generate(input_ids=input_ids, **kwargs)
+                return generate_copies(model, prompt, torch.ones_like(prompt), s.n, **kwargs)
         except torch.OutOfMemoryError:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
         self._out_of_memory(model, s.n, len(ids), s.max_tokens)

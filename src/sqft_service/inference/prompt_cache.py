@@ -1,11 +1,16 @@
 """A prompt's KV cache computed once for the rows that continue it: a reinforcement job's group of
 answers to one prompt (``training/sampling.py``), a request's ``n`` choices (``inference/engine.py``).
-``generate()`` would run the same prompt once per row."""
+``generate()`` would run the same prompt once per row. ``generate_copies`` is the one ``generate()``
+call of the engine and the reinforcement sampler."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
+
+from .greedy import GREEDY
 
 
 def prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, group: int) -> DynamicCache:
@@ -25,3 +30,21 @@ def prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Te
     )
     cache.batch_repeat_interleave(group)
     return cache
+
+
+def generate_copies(
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, copies: int, **kwargs: Any
+) -> torch.Tensor:
+    """``generate()`` for ``copies`` rows of each prompt (prompt-major; left-padded prompts with their
+    ``mask``): the prompts run once for all their copies when there are copies to share them, and no
+    sampling of the model's own (rows are drawn by a ``TokenDraw`` in ``kwargs['logits_processor']``).
+    ``kwargs``: generate()'s others (``max_new_tokens``, ``eos_token_id``...)."""
+    shared = copies > 1 and input_ids.shape[1] > 1
+    cache = prompt_cache(model, input_ids, mask, copies) if shared else None
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(copies, 0),
+        attention_mask=mask.repeat_interleave(copies, 0),
+        past_key_values=cache,
+        **GREEDY,
+        **kwargs,
+    )

@@ -20,8 +20,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..inference.draw import TokenDraw
-from ..inference.greedy import GREEDY, left_padded
-from ..inference.prompt_cache import prompt_cache
+from ..inference.greedy import left_padded
+from ..inference.prompt_cache import generate_copies
 
 
 @torch.no_grad()
@@ -41,23 +41,19 @@ def sample_answers(
     logits processors of a batch of ``rows`` rows whose answers start at column ``width`` (a format's guide)."""
     device = next(model.parameters()).device
     input_ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
-    width = input_ids.shape[1]
-    shared = group > 1 and width > 1
-    cache = prompt_cache(model, input_ids, mask, group) if shared else None
-    input_ids, mask = input_ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-    rows = input_ids.shape[0]
+    width, rows = input_ids.shape[1], len(prompts) * group
     chain = LogitsProcessorList(processors(rows, width) if processors is not None else [])
     if temperature is not None:
         chain.append(TokenDraw([temperature] * rows))
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        past_key_values=cache,
+    out = generate_copies(
+        model,
+        input_ids,
+        mask,
+        group,
         max_new_tokens=max_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(eos_ids),
         logits_processor=chain,
-        **GREEDY,
     )
     ends = set(eos_ids)
     answers = []

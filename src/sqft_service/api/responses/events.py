@@ -13,7 +13,7 @@ from typing import Any
 
 from ...inference.engine import drain
 from ...tool_calls import CallParser, HeldStream
-from .protocol import Response, answer_output, call_item, message_item
+from .protocol import Response, answer_output, call_item, message_item, token_logprobs
 
 Event = tuple[str, dict[str, Any]]  # its type and its data, before a sequence number is given
 Answer = tuple[Response, "str | None", list[dict[str, str]]]  # the ended response, its text and its calls
@@ -46,10 +46,10 @@ def answer_events(
             yield "response.output_item.added", {"output_index": 0, "item": message_item(item_id, "", "in_progress")}
             yield "response.content_part.added", {**where, "part": part}
 
-    def delta(piece: str) -> Iterator[Event]:
+    def delta(piece: str, scores: Any = ()) -> Iterator[Event]:
         if piece:
             yield from begin()
-            yield "response.output_text.delta", {**where, "delta": piece, "logprobs": []}
+            yield "response.output_text.delta", {**where, "delta": piece, "logprobs": token_logprobs(scores or ())}
 
     text, final, started = "", None, False
     for item in drain(sink):
@@ -65,7 +65,7 @@ def answer_events(
         elif item[1]:
             piece = item[1] if held is None else held.push(item[1])
             text += piece
-            yield from delta(piece)
+            yield from delta(piece, item[2])  # scored only without tools (``chat_request``)
     if final is None:
         return RuntimeError("the generation ended without an answer")
     parsed: list[dict[str, str]] = []
@@ -73,11 +73,12 @@ def answer_events(
         rest, parsed = held.finish()
         text += rest
         yield from delta(rest)
-    output, calls, finish = answer_output(item_id, text, parsed, final.finish_reason)
+    logprobs = None if final.logprobs is None else token_logprobs(final.logprobs)
+    output, calls, finish = answer_output(item_id, text, parsed, final.finish_reason, logprobs)
     if output[0]["type"] == "message":
         yield from begin()
-        yield "response.output_text.done", {**where, "text": text, "logprobs": []}
-        yield "response.content_part.done", {**where, "part": {**part, "text": text}}
+        yield "response.output_text.done", {**where, "text": text, "logprobs": logprobs or []}
+        yield "response.content_part.done", {**where, "part": output[0]["content"][0]}
         yield "response.output_item.done", {"output_index": 0, "item": output[0]}
     for index, item in enumerate(output):
         if item["type"] == "function_call":

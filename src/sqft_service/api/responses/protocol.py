@@ -19,6 +19,8 @@ from ..inference.protocol import (
     MAX_SCHEMA_CHARS,
     MAX_TOKENS_LIMIT,
     MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+    ChatLogprobs,
     FunctionDefinition,
     JsonSchemaFormat,
     ResponseFormat,
@@ -170,6 +172,15 @@ class ResponseRequest(BaseModel):
     tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
+    # The answer's tokens with their log-probabilities (and the ``top_logprobs`` likeliest at each) in its
+    # ``output_text`` part and stream deltas; ``top_logprobs`` alone asks for them too.
+    include: list[Literal["message.output_text.logprobs"]] | None = Field(None, max_length=8)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
+
+    @property
+    def scored(self) -> bool:
+        """Whether the answer's tokens are scored (``include`` or ``top_logprobs``)."""
+        return bool(self.include) or self.top_logprobs is not None
 
     def messages(self) -> list[dict[str, Any]]:
         """The input as chat turns: a call joins the assistant turn before it; a result is a tool turn."""
@@ -238,6 +249,7 @@ class Response(BaseModel):
     parallel_tool_calls: bool = True
     tool_choice: str | dict[str, Any] = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
+    top_logprobs: int | None = None
     user: str | None = None
 
     @classmethod
@@ -264,6 +276,7 @@ class Response(BaseModel):
             if isinstance(req.tool_choice, FunctionChoice)
             else req.tool_choice or "auto",
             tools=[t.model_dump(exclude_none=True) for t in req.tools or ()],
+            top_logprobs=req.top_logprobs,
         )
 
     def ended(self, output: list[dict[str, Any]], finish_reason: str, n_prompt: int, n_output: int) -> Response:
@@ -286,9 +299,18 @@ class Response(BaseModel):
         )
 
 
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
+def message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An assistant message output item; ``logprobs``: its text's tokens scored (``token_logprobs``)."""
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    content = [part] if status != "in_progress" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def token_logprobs(scores: Any) -> list[dict[str, Any]]:
+    """Scored tokens (``inference.spec.TokenLogprob``) as Responses' ``logprobs``: chat's, entry for entry."""
+    return ChatLogprobs.of(scores).model_dump()["content"]
 
 
 def call_item(call: dict[str, str], status: str = "completed") -> dict[str, Any]:
@@ -305,14 +327,18 @@ def call_item(call: dict[str, str], status: str = "completed") -> dict[str, Any]
 
 
 def answer_output(
-    item_id: str, content: str | None, parsed: list[dict[str, str]], finish: str
+    item_id: str,
+    content: str | None,
+    parsed: list[dict[str, str]],
+    finish: str,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], str]:
     """An answer's output items, its calls (``parsed`` given item and call ids) and its finish reason:
-    its message (when it has text, or made no call), then its calls."""
+    its message (when it has text, or made no call; ``logprobs``: its tokens scored), then its calls."""
     calls = [{**c, "id": new_id("fc", "_"), "call_id": new_call_id()} for c in parsed]
     finish = finish_reason(calls, finish)
     status = "incomplete" if finish == "length" else "completed"
-    message = [message_item(item_id, content or "", status)] if content or not calls else []
+    message = [message_item(item_id, content or "", status, logprobs)] if content or not calls else []
     return message + [call_item(c) for c in calls], calls, finish
 
 

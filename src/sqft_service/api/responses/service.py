@@ -33,6 +33,7 @@ from .protocol import (
     ResponseRequest,
     answer_output,
     chat_call,
+    token_logprobs,
 )
 
 T = TypeVar("T")
@@ -276,6 +277,8 @@ def chat_request(req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompl
             "`text.format` with `tools` is not supported: send `tool_choice: none`, or no format",
             param="text.format",
         )
+    if req.tools and req.tool_choice != "none" and req.scored:  # a call's tokens are not its message's text
+        raise UserError("log-probabilities with `tools` are not supported: send `tool_choice: none`", param="include")
     body = {
         "model": req.model,
         "messages": [{"role": "system", "content": req.instructions}, *turns] if req.instructions else turns,
@@ -284,6 +287,7 @@ def chat_request(req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompl
         "top_p": req.top_p,
         "user": req.user,
         **req.chat_tools(),
+        **({"logprobs": True, "top_logprobs": req.top_logprobs or 0} if req.scored else {}),
     }
     try:
         chat = ChatCompletionRequest.model_validate(body)
@@ -306,7 +310,8 @@ def responded(
     """``response`` (begun) ended with ``choice``, the answer to its chat request ``chat``; and the
     answer's text and calls (with ids: ``answer_output``)."""
     content, parsed = chat.call_parser.split(choice.text) if chat.call_parser else (choice.text, [])
-    output, calls, finish = answer_output(new_id("msg", "_"), content, parsed, choice.finish_reason)
+    logprobs = None if choice.logprobs is None else token_logprobs(choice.logprobs)
+    output, calls, finish = answer_output(new_id("msg", "_"), content, parsed, choice.finish_reason, logprobs)
     return response.ended(output, finish, n_prompt, choice.completion_tokens), content, calls
 
 
