@@ -21,6 +21,8 @@ from .api.body_limit import BodyLimitMiddleware
 from .api.chat_completions.router import router as stored_completions_router
 from .api.chat_completions.service import StoredCompletionService
 from .api.content_type import require_json
+from .api.conversations.router import router as conversations_router
+from .api.conversations.service import ConversationService
 from .api.evals.router import router as evals_router
 from .api.evals.service import EvalService
 from .api.files.router import router as files_router
@@ -52,6 +54,7 @@ from .jobs.runner import build_runner
 from .logs import current_request_id
 from .settings import Settings
 from .store.chat_completions import ChatCompletionStore
+from .store.conversations import ConversationStore
 from .store.db import Database
 from .store.evals import EvalStore
 from .store.events import EventStore
@@ -191,7 +194,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A background response a stopped service was generating has no generation left to end it.
         if failed := responses.fail_unfinished("the service stopped before this background response was answered"):
             log.info("marked %d unfinished background response(s) failed", failed)
-        app.state.response_service = ResponseService(app.state.inference_service, responses)
+        app.state.conversation_service = ConversationService(ConversationStore(db))
+        app.state.response_service = ResponseService(
+            app.state.inference_service, responses, app.state.conversation_service
+        )
         app.state.grader_service = GraderService(app.state.model_service, app.state.inference_service)
         app.state.metrics.watch_store(db, manager)
         app.state.metrics.watch_inference(lambda: app.state.inference_service.created_engine)
@@ -242,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stored_completions_router, dependencies=json_only)
     app.include_router(batches_router, dependencies=json_only)
     app.include_router(responses_router, dependencies=json_only)
+    app.include_router(conversations_router, dependencies=json_only)
     app.include_router(evals_router, dependencies=json_only)
     app.include_router(graders_router, dependencies=json_only)
     app.include_router(permissions_router, dependencies=json_only)

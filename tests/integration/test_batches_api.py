@@ -232,6 +232,7 @@ def test_responses_batches_answer_each_line_as_post_v1_responses_does(served, tm
     ("body", "needle"),
     [
         ({"previous_response_id": "resp_x"}, "`body.previous_response_id`: a batch line can't continue"),
+        ({"conversation": "conv_x"}, "`body.conversation`: a batch line can't read or add to"),
         ({"store": True}, "`body.store`"),
         ({"stream": True}, "`body.stream`"),
         (

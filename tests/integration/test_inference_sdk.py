@@ -130,6 +130,19 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model=name, input="Again.", previous_response_id=response.id)
     assert refused.value.body["param"] == "input"
+    # A conversation in the SDK's types: a response made in it adds its input and answer; an
+    # Alpaca-trained model cannot continue it either.
+    conversation = client.conversations.create(metadata={"user": "sdk"})
+    made = client.responses.create(
+        model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0, conversation=conversation.id
+    )
+    assert made.output_text == response.output_text and made.conversation.id == conversation.id
+    kept = client.conversations.items.list(conversation.id, order="asc").data
+    assert [item.role for item in kept] == ["user", "assistant"] and kept[1].content[0].text == made.output_text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=name, input="Again.", conversation=conversation.id)
+    assert refused.value.body["param"] == "input"
+    assert client.conversations.delete(conversation.id).deleted
     # In the background: answered at once, polled with retrieve, the same answer; cancel answers it as it ended.
     queued = client.responses.create(
         model=name, input="Repeat the word red.", max_output_tokens=6, temperature=0, background=True

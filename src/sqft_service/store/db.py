@@ -239,6 +239,24 @@ MIGRATIONS: list[str] = [
     UPDATE responses SET status = json_extract(body, '$.status');
     CREATE INDEX responses_status ON responses(status);
     """,
+    # 13: conversations (OpenAI's Conversations API): the conversation, and its items in the order they
+    # were added (`seq`), each as listed (a message, a call, a call's output); a response made in a
+    # conversation reads them as its history and adds its input and output when it ends.
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        created_at INTEGER NOT NULL,
+        metadata TEXT
+    );
+    CREATE TABLE conversation_items (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        UNIQUE (conversation_id, id)
+    );
+    """,
 ]
 
 

@@ -177,6 +177,9 @@ def _responses_line(number: int, request: ResponseRequest) -> None:
     if request.previous_response_id is not None:
         _refuse(number, "`body.previous_response_id`: a batch line can't continue a stored response; send "
                 "the whole conversation as its `input`")  # fmt: skip
+    if request.conversation is not None:
+        _refuse(number, "`body.conversation`: a batch line can't read or add to a conversation; send the whole "
+                "conversation as its `input`")  # fmt: skip
     try:
         chat_request(request, request.messages())
     except (ServiceError, UserError) as exc:

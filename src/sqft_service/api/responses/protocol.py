@@ -35,6 +35,7 @@ class InputText(BaseModel):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list[Any] | None = None  # an earlier answer's output_text, sent back as it came
+    logprobs: list[Any] | None = None  # ... with its scores (``include``)
 
 
 class InputMessage(BaseModel):
@@ -89,6 +90,29 @@ class FunctionOutputItem(BaseModel):
 
     def listed(self) -> dict[str, Any]:
         return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fco", "_"), "status": "completed"}
+
+
+def turns_of(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items (``InputItem``) as chat turns: a call joins the assistant turn before it; a result is a
+    tool turn."""
+    turns: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, FunctionCallItem):
+            call = chat_call(item.model_dump())
+            if turns and turns[-1]["role"] == "assistant":
+                turns[-1].setdefault("tool_calls", []).append(call)
+            else:
+                turns.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionOutputItem):
+            turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            turns.append(item.as_dict())
+    return turns
+
+
+class ConversationRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=64)
 
 
 def _item_type(value: Any) -> str:
@@ -160,6 +184,9 @@ class ResponseRequest(BaseModel):
     input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     instructions: str | None = None
     previous_response_id: str | None = Field(None, max_length=64)
+    # A conversation (``/v1/conversations``) whose items come before the input; the input and the answer
+    # are added to it when the response ends.
+    conversation: Annotated[str, Field(max_length=64)] | ConversationRef | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -182,23 +209,15 @@ class ResponseRequest(BaseModel):
         """Whether the answer's tokens are scored (``include`` or ``top_logprobs``)."""
         return bool(self.include) or self.top_logprobs is not None
 
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
+
     def messages(self) -> list[dict[str, Any]]:
-        """The input as chat turns: a call joins the assistant turn before it; a result is a tool turn."""
+        """The input as chat turns (``turns_of``)."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        turns: list[dict[str, Any]] = []
-        for item in self.input:
-            if isinstance(item, FunctionCallItem):
-                call = chat_call(item.model_dump())
-                if turns and turns[-1]["role"] == "assistant":
-                    turns[-1].setdefault("tool_calls", []).append(call)
-                else:
-                    turns.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif isinstance(item, FunctionOutputItem):
-                turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-            else:
-                turns.append(item.as_dict())
-        return turns
+        return turns_of(self.input)
 
     def chat_tools(self) -> dict[str, Any]:
         """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as a chat request has them."""
@@ -243,6 +262,7 @@ class Response(BaseModel):
     top_p: float
     text: dict[str, Any]
     previous_response_id: str | None = None
+    conversation: dict[str, str] | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool
     background: bool = False
@@ -267,6 +287,7 @@ class Response(BaseModel):
             top_p=req.top_p,
             text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)},
             previous_response_id=req.previous_response_id,
+            conversation={"id": req.conversation_id} if req.conversation_id else None,
             metadata=req.metadata or {},
             store=req.store,
             background=req.background,
@@ -352,11 +373,18 @@ def chat_call(call: dict[str, str]) -> dict[str, Any]:
 
 
 class InputItemList(BaseModel):
+    """A page of items: a response's input items, a conversation's items."""
+
     object: Literal["list"] = "list"
     data: list[dict[str, Any]]
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+    @classmethod
+    def of(cls, items: list[dict[str, Any]], more: bool = False) -> InputItemList:
+        first, last = (items[0]["id"], items[-1]["id"]) if items else (None, None)
+        return cls(data=items, first_id=first, last_id=last, has_more=more)
 
 
 class DeletedResponse(BaseModel):

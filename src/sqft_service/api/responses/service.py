@@ -21,6 +21,7 @@ from ...store.ids import new_id
 from ...store.responses import ResponseStore
 from ...tool_calls import CallParser
 from ..body import validation_error_to_service_error
+from ..conversations.service import ConversationService
 from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
 from ..limits import page_of
@@ -47,18 +48,20 @@ _PARAMS = {
 
 
 class ResponseService:
-    def __init__(self, inference: InferenceService, store: ResponseStore) -> None:
+    def __init__(self, inference: InferenceService, store: ResponseStore, conversations: ConversationService) -> None:
         self.inference = inference
         self.store = store
+        self.conversations = conversations
         self._running: dict[str, _Running] = {}  # background responses being generated, by id
 
     async def create(self, req: ResponseRequest) -> Response | Iterator[str]:
         if req.background and not req.store:
             raise UserError("`background: true` needs `store: true`: its answer is read from the store", param="store")
-        turns = await asyncio.to_thread(self._history, req.previous_response_id) + req.messages()
+        items = req.input_items()
+        turns = await asyncio.to_thread(self._history, req, items) + req.messages()
         chat = chat_request(req, turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
-        keep = _Keep(self.store, req.input_items(), turns, owner)
+        keep = _Keep(self.store, items, turns, owner, self.conversations, req.conversation_id)
         if req.background:
             n_prompt, sink, cancel = await _named(self.inference.chat_stream(chat))
             queued = response.model_copy(update={"status": "queued"})
@@ -66,7 +69,7 @@ class ResponseService:
             await asyncio.to_thread(self.store.put, queued.model_dump(), keep.items, turns, owner)
             for kind in ("response.created", "response.queued"):
                 running.log.add(kind, {"response": queued.model_dump()})
-            args = (queued, item_id, n_prompt, sink, chat.call_parser, running, turns)
+            args = (queued, item_id, n_prompt, sink, chat.call_parser, running, keep)
             threading.Thread(target=self._background, args=args, name=f"sqft-{queued.id}", daemon=True).start()
             return running.log.follow(None) if req.stream else queued
         if req.stream:
@@ -102,8 +105,7 @@ class ResponseService:
         page, more = page_of(
             items, lambda i: i["id"], after=after, limit=limit, newest_first=order == "desc", what=what
         )
-        first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
-        return InputItemList(data=page, first_id=first, last_id=last, has_more=more)
+        return InputItemList.of(page, more)
 
     def cancel(self, response_id: str) -> Response:
         """Stop a background response: ``cancelled`` (one that has ended stays as it ended)."""
@@ -140,13 +142,22 @@ class ResponseService:
             raise NotFoundError(f"No response found with id '{response_id}'", param=param)
         return stored
 
-    def _history(self, previous: str | None) -> list[dict[str, Any]]:
-        if previous is None:
+    def _history(self, req: ResponseRequest, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The turns ``req`` continues: its previous response's, or its conversation's (``items``, its
+        input, must be new to it)."""
+        if req.conversation_id is not None:
+            if req.previous_response_id is not None:
+                raise InvalidRequestError(
+                    "`conversation` and `previous_response_id` cannot both be given: a response continues one",
+                    param="conversation",
+                )
+            return self.conversations.history(req.conversation_id, items)
+        if req.previous_response_id is None:
             return []
-        stored = self._stored(previous, "previous_response_id")
+        stored = self._stored(req.previous_response_id, "previous_response_id")
         if (status := stored.body.get("status")) not in ("completed", "incomplete"):
             raise InvalidRequestError(
-                f"Response '{previous}' is {status}: only an answered response can be continued",
+                f"Response '{req.previous_response_id}' is {status}: only an answered response can be continued",
                 param="previous_response_id",
             )
         return list(stored.conversation)
@@ -159,7 +170,7 @@ class ResponseService:
         sink: queue.Queue,
         parser: CallParser | None,
         running: _Running,
-        turns: list[dict[str, Any]],
+        keep: _Keep,
     ) -> None:
         """Drain a background response's generation (its own thread) into its event log, storing it in
         progress at its first event and as it ended at its last."""
@@ -179,16 +190,17 @@ class ResponseService:
             if not running.end():
                 return  # cancelled (stored so by cancel), or the service is stopping
             if isinstance(answer, Exception):
-                conversation = None
-                ended = response.model_copy(update={"status": "failed", "error": error_data(answer)})
+                ended, turns = response.model_copy(update={"status": "failed", "error": error_data(answer)}), None
             else:
                 ended, content, calls = answer
-                conversation = [*turns, assistant_turn(content, calls)]
+                turns = [*keep.turns, assistant_turn(content, calls)]
             body = ended.model_dump()
-            running.log.close(
-                (f"response.{ended.status}", {"response": body}),
-                lambda events: self.store.update(response.id, body, conversation, events=events),
-            )
+
+            def stored(events: list[dict[str, Any]]) -> None:
+                self.store.update(response.id, body, turns, events=events)
+                keep.converse(ended)
+
+            running.log.close((f"response.{ended.status}", {"response": body}), stored)
         finally:
             self._running.pop(response.id, None)
 
@@ -230,17 +242,31 @@ class ResponseService:
 
 
 class _Keep:
-    """Stores an ended response (when its ``store`` says so) with its input items and conversation."""
+    """Stores an ended response (when its ``store`` says so) with its input items and conversation, and
+    adds its input and output to the conversation it was made in (``conversation``), if any."""
 
     def __init__(
-        self, store: ResponseStore, items: list[dict[str, Any]], turns: list[dict[str, Any]], owner: str | None
+        self,
+        store: ResponseStore,
+        items: list[dict[str, Any]],
+        turns: list[dict[str, Any]],
+        owner: str | None,
+        conversations: ConversationService,
+        conversation_id: str | None,
     ) -> None:
         self.store, self.items, self.turns, self.owner = store, items, turns, owner
+        self.conversations, self.conversation_id = conversations, conversation_id
 
     def __call__(self, response: Response, content: str | None, calls: list[dict[str, str]]) -> None:
         """``content`` and ``calls``: the answer's text and its calls (with ids: ``answer_output``)."""
         if response.store:
             self.store.put(response.model_dump(), self.items, [*self.turns, assistant_turn(content, calls)], self.owner)
+        self.converse(response)
+
+    def converse(self, response: Response) -> None:
+        """Add the response's input and output to its conversation, once it has answered."""
+        if self.conversation_id is not None and response.status in ("completed", "incomplete"):
+            self.conversations.append(self.conversation_id, [*self.items, *response.output])
 
 
 class _Running:
