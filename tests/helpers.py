@@ -78,3 +78,13 @@ def output_text(response: dict[str, Any]) -> str:
     return "".join(
         part["text"] for item in response["output"] for part in item.get("content", []) if part["type"] == "output_text"
     )
+
+
+def long_conversation(pairs: int) -> list[dict[str, str]]:
+    """``pairs`` user/assistant exchanges of about 45 tokens each, then a last question: longer than the
+    tiny test model's 512-token context from 6 pairs on."""
+    turns: list[dict[str, str]] = []
+    for n in range(pairs):
+        turns.append({"role": "user", "content": f"Question {n}: " + "tell me about the colours of the sea " * 4})
+        turns.append({"role": "assistant", "content": f"Answer {n}: " + "blue and green and grey waves " * 4})
+    return [*turns, {"role": "user", "content": "Which colour came first?"}]

@@ -18,7 +18,7 @@ from openai.types import Batch
 
 from sqft_service.app import create_app
 from sqft_service.settings import Settings
-from tests.helpers import alpaca_records, output_text, wait_until, write_json
+from tests.helpers import alpaca_records, long_conversation, output_text, wait_until, write_json
 from tests.integration.conftest import make_settings, sdk_job_end, wait_status
 
 ALICE = {"Authorization": "Bearer ka"}
@@ -206,13 +206,15 @@ def test_responses_batches_answer_each_line_as_post_v1_responses_does(served, tm
                  "tools": [{"type": "function", **PICK_TOOL["function"]}], "tool_choice": "required"},
         # Alpaca has no system prompt: the route's 400, naming the Responses field.
         "system": {"model": tuned, "input": "Hi", "instructions": "Be brief.", "store": False},
+        # Longer than the model's 512 tokens: its oldest turns dropped, as the route drops them.
+        "long": {"model": str(tiny_model_dir), "input": long_conversation(12), "truncation": "auto", **greedy},
     }  # fmt: skip
     lines = [_line(cid, body, "/v1/responses") for cid, body in asks.items()]
     done = _ended(client, _create(client, _upload(client, tmp_path, lines), "/v1/responses").json()["id"])
     assert done["status"] == "completed" and done["endpoint"] == "/v1/responses", done
-    assert done["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
+    assert done["request_counts"] == {"total": 6, "completed": 5, "failed": 1}
     answers, errors = _rows(client, done["output_file_id"]), _rows(client, done["error_file_id"])
-    for cid in ("plain", "items", "json"):
+    for cid in ("plain", "items", "json", "long"):
         got, want = answers[cid]["response"]["body"], client.post("/v1/responses", json=asks[cid]).json()
         assert got["object"] == "response" and got["id"].startswith("resp_") and got["status"] == want["status"]
         assert output_text(got) == output_text(want) and got["usage"] == want["usage"]

@@ -4,7 +4,7 @@ conversation's turns, which it must equal."""
 
 from __future__ import annotations
 
-from tests.helpers import output_text, wait_until
+from tests.helpers import long_conversation, output_text, wait_until
 from tests.integration.test_responses_api import BOB, GREEDY, _chat, _events_of, _respond, served
 
 __all__ = ["served"]  # the module's fixture: Alice and Bob, and Alice's chat-trained model
@@ -124,3 +124,35 @@ def test_a_cancelled_response_adds_nothing_to_its_conversation(served, tiny_mode
     assert client.post(f"/v1/responses/{queued['id']}/cancel").json()["status"] == "cancelled"
     assert _respond(client, model=str(tiny_model_dir), input="Hi", **GREEDY)["status"] in ("completed", "incomplete")
     assert _items(client, cid)["data"] == []
+
+
+def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_and_the_conversation_keeps_them(served):
+    client, model = served
+    turns = long_conversation(12)  # far over the model's 512 tokens
+    cid = _conversation(client, items=turns[:20])["id"]
+    cid_more = client.post(f"/v1/conversations/{cid}/items", json={"items": turns[20:-1]})
+    assert cid_more.status_code == 200, cid_more.text
+    ask = {"model": model, "input": turns[-1]["content"], "conversation": cid, **GREEDY}
+    refused = client.post("/v1/responses", json=ask)  # `truncation` "disabled", the default
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded", refused.text
+    assert refused.json()["error"]["param"] == "input"
+    answered = _respond(client, **ask, truncation="auto")
+    assert answered["truncation"] == "auto" and answered["usage"]["input_tokens"] + 8 <= 512
+    # The chat answer to the longest tail of the turns (from a question on) that chat accepts: the same.
+    for start in range(0, len(turns), 2):
+        chat = client.post(
+            "/v1/chat/completions", json={"model": model, "messages": turns[start:], "max_tokens": 8, "temperature": 0}
+        )
+        if chat.status_code == 200:
+            break
+        assert chat.json()["error"]["code"] == "context_length_exceeded", chat.text
+    assert start > 0 and output_text(answered) == chat.json()["choices"][0]["message"]["content"]
+    assert answered["usage"]["input_tokens"] == chat.json()["usage"]["prompt_tokens"]
+    # The conversation keeps every turn (the next response fits it again); streamed alike.
+    assert len(_items(client, cid, limit=100)["data"]) == len(turns) + 1
+    events = _events_of(client.post("/v1/responses", json={**ask, "truncation": "auto", "stream": True}))
+    assert events[-1]["response"]["usage"]["input_tokens"] <= 512 - 8
+    # An input too long on its own is refused as too long, whatever `truncation` says.
+    alone = {**ask, "conversation": None, "input": "word " * 600, "truncation": "auto"}
+    resp = client.post("/v1/responses", json=alone)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input", resp.text

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from ..api.inference.protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from ..api.responses.protocol import Response, ResponseRequest
 from ..api.responses.service import chat_request, responded, response_param
+from ..api.responses.truncation import fits, fitted
 from ..errors import ServiceError, UserError
 from ..inference.answer import answer, chat_renderer, completion_renderer, sampling_for
 from ..inference.engine import InferenceEngine
@@ -200,7 +201,17 @@ class Answerer:
         """A line's request (checked when the batch was created) and what makes its answer's body."""
         if self.responses:  # not stored: the batch's output file holds it
             asked = ResponseRequest.model_validate(body).model_copy(update={"store": False})
-            chat = chat_request(asked, asked.messages())
+            turns = asked.messages()
+            if asked.truncation == "auto":  # as the route fits them (api/responses/truncation.py)
+                spec = self.specs[asked.model]
+
+                def measure(candidate: list[dict[str, Any]]) -> bool:
+                    chat = chat_request(asked, candidate)
+                    ids, context = self.engine.prepare(spec, chat_renderer(spec, *chat.conversation()))
+                    return fits(len(ids), context, asked.max_output_tokens)
+
+                turns = fitted(turns, measure)
+            chat = chat_request(asked, turns)
             begun = Response.begun(new_id("resp", "_"), asked)
             return chat, lambda n, choices: responded(begun, chat, n, choices[0])[0].model_dump()
         if self.chat:  # a line's tool calls are read as the route reads them

@@ -203,6 +203,8 @@ class ResponseRequest(BaseModel):
     # ``output_text`` part and stream deltas; ``top_logprobs`` alone asks for them too.
     include: list[Literal["message.output_text.logprobs"]] | None = Field(None, max_length=8)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
+    # "auto": a conversation too long for the model's context loses its oldest turns (``truncation.py``).
+    truncation: Literal["auto", "disabled"] = "disabled"
 
     @property
     def scored(self) -> bool:
@@ -270,6 +272,7 @@ class Response(BaseModel):
     tool_choice: str | dict[str, Any] = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
     top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
     user: str | None = None
 
     @classmethod
@@ -298,6 +301,7 @@ class Response(BaseModel):
             else req.tool_choice or "auto",
             tools=[t.model_dump(exclude_none=True) for t in req.tools or ()],
             top_logprobs=req.top_logprobs,
+            truncation=req.truncation,
         )
 
     def ended(self, output: list[dict[str, Any]], finish_reason: str, n_prompt: int, n_output: int) -> Response:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from ...errors import InvalidRequestError, NotFoundError, ServiceError, UserError
+from ...inference.answer import chat_renderer
 from ...inference.spec import Choice
 from ...store.ids import new_id
 from ...store.responses import ResponseStore
@@ -36,6 +37,7 @@ from .protocol import (
     chat_call,
     token_logprobs,
 )
+from .truncation import fits, fitting
 
 T = TypeVar("T")
 # The chat request's fields, as the Responses request names them (in errors).
@@ -59,7 +61,7 @@ class ResponseService:
             raise UserError("`background: true` needs `store: true`: its answer is read from the store", param="store")
         items = req.input_items()
         turns = await asyncio.to_thread(self._history, req, items) + req.messages()
-        chat = chat_request(req, turns)
+        chat = await self._chat(req, turns)
         response, item_id, owner = Response.begun(new_id("resp", "_"), req), new_id("msg", "_"), current_owner()
         keep = _Keep(self.store, items, turns, owner, self.conversations, req.conversation_id)
         if req.background:
@@ -79,6 +81,24 @@ class ResponseService:
         done, content, calls = responded(response, chat, n_prompt, choice)
         await asyncio.to_thread(keep, done, content, calls)
         return done
+
+    async def _chat(self, req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The chat request that answers ``req`` after ``turns``: with ``truncation: "auto"``, without the
+        oldest turns that do not fit (each measured on the engine's worker; ``truncation.py``). The
+        stored conversation keeps them all: the next response fits it again."""
+        if req.truncation != "auto":
+            return chat_request(req, turns)
+        search = fitting(turns)
+        candidate = next(search)
+        while True:
+            chat = chat_request(req, candidate)
+            ids, context = await _named(
+                self.inference.prepared(chat.model, lambda spec, c=chat: chat_renderer(spec, *c.conversation()))
+            )
+            try:
+                candidate = search.send(fits(len(ids), context, req.max_output_tokens))
+            except StopIteration as stop:
+                return chat_request(req, stop.value)
 
     def get(self, response_id: str) -> Response:
         return Response.model_validate(self._stored(response_id, "response_id").body)
