@@ -156,3 +156,38 @@ def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_and_the_conversa
     alone = {**ask, "conversation": None, "input": "word " * 600, "truncation": "auto"}
     resp = client.post("/v1/responses", json=alone)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "input", resp.text
+
+
+def test_input_tokens_counts_the_prompt_a_response_would_have(served):
+    client, model = served
+
+    def count(**body) -> int:
+        resp = client.post("/v1/responses/input_tokens", json={"model": model, **body})
+        assert resp.status_code == 200 and resp.json()["object"] == "response.input_tokens", resp.text
+        return resp.json()["input_tokens"]
+
+    ask = {"input": "Name a colour.", "instructions": "Be brief."}
+    assert count(**ask) == _respond(client, model=model, **ask, **GREEDY)["usage"]["input_tokens"]
+    cid = _conversation(client, items=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])[
+        "id"
+    ]
+    counted = count(input="Name a colour.", conversation=cid)
+    made = _respond(client, model=model, input="Name a colour.", conversation=cid, **GREEDY)
+    assert counted == made["usage"]["input_tokens"] > count(input="Name a colour.")
+    # No input: the conversation answered as it stands (its last turn a user's), counted alike.
+    added = client.post(f"/v1/conversations/{cid}/items", json={"items": [{"role": "user", "content": "More."}]})
+    assert added.status_code == 200
+    counted = count(conversation=cid)
+    again = _respond(client, model=model, conversation=cid, **GREEDY)
+    assert again["usage"]["input_tokens"] == counted
+    # A conversation too long for the model: counted whole, or as `truncation: "auto"` would send it.
+    turns = long_conversation(12)
+    assert count(input=turns) > 512 >= count(input=turns, truncation="auto") + 1
+    for body, param in (
+        ({"input": "x", "stream": True}, "stream"),
+        ({"input": "x", "model": None}, "model"),
+        ({}, "input"),
+        ({"input": "x", "conversation": "conv_missing"}, "conversation"),
+    ):
+        resp = client.post("/v1/responses/input_tokens", json={"model": model, **body})
+        assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text

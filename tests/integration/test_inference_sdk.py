@@ -106,6 +106,8 @@ def test_openai_sdk_lists_and_chats_with_a_fine_tuned_model(sdk, tmp_path, tiny_
     assert response.output_text == answer.choices[0].message.content
     assert response.usage.output_tokens == answer.usage.completion_tokens
     assert client.responses.retrieve(response.id).output_text == response.output_text
+    counted = client.responses.input_tokens.count(model=name, input="Repeat the word red.")
+    assert counted.input_tokens == response.usage.input_tokens
     scored = client.responses.create(
         model=name,
         input="Repeat the word red.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, create_model, model_validator
 
 from ...store.ids import new_id
 from ...tool_calls import finish_reason, new_call_id
@@ -181,7 +181,8 @@ class ResponseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(max_length=4096)
-    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+    # None: nothing new (a conversation or previous response answered as it stands).
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)] | None = None
     instructions: str | None = None
     previous_response_id: str | None = Field(None, max_length=64)
     # A conversation (``/v1/conversations``) whose items come before the input; the input and the answer
@@ -219,7 +220,7 @@ class ResponseRequest(BaseModel):
         """The input as chat turns (``turns_of``)."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        return turns_of(self.input)
+        return turns_of(self.input or [])
 
     def chat_tools(self) -> dict[str, Any]:
         """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as a chat request has them."""
@@ -236,8 +237,34 @@ class ResponseRequest(BaseModel):
 
     def input_items(self) -> list[dict[str, Any]]:
         """The input as OpenAI lists it back (``input_items``): items with ids, messages with text parts."""
-        given = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        given = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input or []
         return [item.listed() for item in given]
+
+
+# ``POST /v1/responses/input_tokens`` takes what makes a response's prompt (``model`` is required here:
+# its tokenizer counts).
+_COUNTED = (
+    "model",
+    "input",
+    "instructions",
+    "previous_response_id",
+    "conversation",
+    "text",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "truncation",
+)
+InputTokensRequest = create_model(
+    "InputTokensRequest",
+    __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+    **{name: (field.annotation, field) for name, field in ResponseRequest.model_fields.items() if name in _COUNTED},
+)
+
+
+class InputTokens(BaseModel):
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
 
 
 class Usage(BaseModel):

@@ -1,8 +1,8 @@
 """``POST /v1/responses`` (``stream: true`` answers Responses' SSE events; ``background: true`` answers
 at once, to be polled, or streams events a reader can resume: ``GET /v1/responses/{response_id}?stream=true
 &starting_after=N``), ``GET`` and ``DELETE /v1/responses/{response_id}``, ``POST
-/v1/responses/{response_id}/cancel``, ``GET /v1/responses/{response_id}/input_items`` (OpenAI's
-Responses API, text in and out)."""
+/v1/responses/{response_id}/cancel``, ``GET /v1/responses/{response_id}/input_items``, ``POST
+/v1/responses/input_tokens`` (OpenAI's Responses API, text in and out)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from ...errors import UserError
 from ..openapi import error_responses
-from .protocol import DeletedResponse, InputItemList, Response, ResponseRequest
+from .protocol import DeletedResponse, InputItemList, InputTokens, InputTokensRequest, Response, ResponseRequest
 from .service import ResponseService
 
 router = APIRouter(prefix="/v1/responses", tags=["responses"])
@@ -33,6 +33,12 @@ def _events(events: Iterator[str]) -> StreamingResponse:
 async def create_response(request: Request, body: ResponseRequest):
     answer = await _service(request).create(body)
     return answer if isinstance(answer, Response) else _events(answer)
+
+
+@router.post("/input_tokens", response_model=InputTokens, responses=error_responses(404))
+async def count_input_tokens(request: Request, body: InputTokensRequest) -> InputTokens:
+    """The prompt tokens a response made of ``body`` would count (OpenAI's input token counts)."""
+    return await _service(request).input_tokens(body)
 
 
 @router.get("/{response_id}", response_model=Response, responses=error_responses(404))

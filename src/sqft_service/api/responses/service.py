@@ -13,7 +13,7 @@ import threading
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ...errors import InvalidRequestError, NotFoundError, ServiceError, UserError
 from ...inference.answer import chat_renderer
@@ -31,6 +31,7 @@ from .events import EventLog, answer_events, error_data, replayed, sse
 from .protocol import (
     DeletedResponse,
     InputItemList,
+    InputTokens,
     Response,
     ResponseRequest,
     answer_output,
@@ -81,6 +82,18 @@ class ResponseService:
         done, content, calls = responded(response, chat, n_prompt, choice)
         await asyncio.to_thread(keep, done, content, calls)
         return done
+
+    async def input_tokens(self, body: BaseModel) -> InputTokens:
+        """How many tokens the prompt of a response made of ``body`` (``InputTokensRequest``) would be:
+        rendered as ``create`` renders it, its conversation or previous response and ``truncation``
+        included."""
+        req = ResponseRequest.model_validate(body.model_dump(by_alias=True, exclude_unset=True))
+        turns = await asyncio.to_thread(self._history, req, req.input_items()) + req.messages()
+        chat = await self._chat(req, turns)
+        ids, _ = await _named(
+            self.inference.prepared(chat.model, lambda spec: chat_renderer(spec, *chat.conversation()))
+        )
+        return InputTokens(input_tokens=len(ids))
 
     async def _chat(self, req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompletionRequest:
         """The chat request that answers ``req`` after ``turns``: with ``truncation: "auto"``, without the
