@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Awaitable, Iterator
@@ -41,6 +42,7 @@ from .protocol import (
 from .truncation import fits, fitting
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The chat request's fields, as the Responses request names them (in errors).
 _PARAMS = {
     "messages": "input",
@@ -89,10 +91,7 @@ class ResponseService:
         included."""
         req = ResponseRequest.model_validate(body.model_dump(by_alias=True, exclude_unset=True))
         turns = await asyncio.to_thread(self._history, req, req.input_items()) + req.messages()
-        chat = await self._chat(req, turns)
-        ids, _ = await _named(
-            self.inference.prepared(chat.model, lambda spec: chat_renderer(spec, *chat.conversation()))
-        )
+        ids, _ = await self._prompt(await self._chat(req, turns))
         return InputTokens(input_tokens=len(ids))
 
     async def _chat(self, req: ResponseRequest, turns: list[dict[str, Any]]) -> ChatCompletionRequest:
@@ -104,14 +103,15 @@ class ResponseService:
         search = fitting(turns)
         candidate = next(search)
         while True:
-            chat = chat_request(req, candidate)
-            ids, context = await _named(
-                self.inference.prepared(chat.model, lambda spec, c=chat: chat_renderer(spec, *c.conversation()))
-            )
+            ids, context = await self._prompt(chat_request(req, candidate))
             try:
                 candidate = search.send(fits(len(ids), context, req.max_output_tokens))
             except StopIteration as stop:
                 return chat_request(req, stop.value)
+
+    async def _prompt(self, chat: ChatCompletionRequest) -> tuple[list[int], int]:
+        """``chat``'s prompt tokens and its model's context length, measured on the engine's worker."""
+        return await _named(self.inference.prepared(chat.model, lambda spec: chat_renderer(spec, *chat.conversation())))
 
     def get(self, response_id: str) -> Response:
         return Response.model_validate(self._stored(response_id, "response_id").body)
@@ -209,17 +209,22 @@ class ResponseService:
         progress at its first event and as it ended at its last."""
         events = answer_events(response, item_id, n_prompt, sink, parser)
         try:
-            while True:
-                try:
-                    kind, data = next(events)
-                except StopIteration as stop:
-                    answer = stop.value
-                    break
-                if kind == "response.in_progress":
-                    with running.lock:
-                        if not running.ended:
-                            self.store.update(response.id, data["response"])
-                running.log.add(kind, data)
+            try:
+                while True:
+                    try:
+                        kind, data = next(events)
+                    except StopIteration as stop:
+                        answer = stop.value
+                        break
+                    if kind == "response.in_progress":
+                        with running.lock:
+                            if not running.ended:
+                                self.store.update(response.id, data["response"])
+                    running.log.add(kind, data)
+            except Exception as exc:  # a fault of ours: the response fails, its readers are not left waiting
+                log.exception("background response %s", response.id)
+                running.cancel.set()
+                answer = exc
             if not running.end():
                 return  # cancelled (stored so by cancel), or the service is stopping
             if isinstance(answer, Exception):
