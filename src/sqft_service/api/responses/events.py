@@ -124,10 +124,12 @@ class EventLog:
             if last is not None and not self._closed:
                 kind, data = last
                 self._events.append({"type": kind, "sequence_number": len(self._events), **data})
-            if keep is not None:
-                keep(list(self._events))
-            self._closed = True
-            self._changed.notify_all()
+            try:
+                if keep is not None:
+                    keep(list(self._events))
+            finally:  # closed even if storing failed: no reader is left waiting
+                self._closed = True
+                self._changed.notify_all()
 
     def follow(self, after: int | None) -> Iterator[str]:
         """The events after sequence number ``after`` (all when None) as SSE, waiting for each until the
