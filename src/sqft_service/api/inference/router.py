@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from ..openapi import error_responses
+from ..sse import event_stream
 from .protocol import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from .service import InferenceService
 
@@ -21,11 +21,7 @@ def _service(request: Request) -> InferenceService:
 
 
 def _respond(answer: ChatCompletion | Completion | Iterator[str]):
-    if isinstance(answer, ChatCompletion | Completion):
-        return answer
-    # no-cache / no proxy buffering: each event must reach the client as it is generated.
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(answer, media_type="text/event-stream", headers=headers)
+    return answer if isinstance(answer, ChatCompletion | Completion) else event_stream(answer)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)

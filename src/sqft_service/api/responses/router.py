@@ -6,14 +6,13 @@ at once, to be polled, or streams events a reader can resume: ``GET /v1/response
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
 
 from ...errors import UserError
 from ..openapi import error_responses
+from ..sse import event_stream
 from .protocol import DeletedResponse, InputItemList, InputTokens, InputTokensRequest, Response, ResponseRequest
 from .service import ResponseService
 
@@ -24,15 +23,10 @@ def _service(request: Request) -> ResponseService:
     return request.app.state.response_service
 
 
-def _events(events: Iterator[str]) -> StreamingResponse:
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-
-
 @router.post("", response_model=Response, responses=error_responses(404, 429, 503))
 async def create_response(request: Request, body: ResponseRequest):
     answer = await _service(request).create(body)
-    return answer if isinstance(answer, Response) else _events(answer)
+    return answer if isinstance(answer, Response) else event_stream(answer)
 
 
 @router.post("/input_tokens", response_model=InputTokens, responses=error_responses(404))
@@ -51,7 +45,7 @@ def retrieve_response(
     """The response; with ``stream=true`` (a background response's), its events as SSE: followed while it
     runs, replayed once it has ended."""
     if stream:
-        return _events(_service(request).stream(response_id, starting_after))
+        return event_stream(_service(request).stream(response_id, starting_after))
     if starting_after is not None:
         raise UserError("`starting_after` is read with `stream=true` only", param="starting_after")
     return _service(request).get(response_id)
