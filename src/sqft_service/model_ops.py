@@ -7,6 +7,7 @@ reader (or a crash) never sees a half-written model, and two runs never interlea
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import torch
 
 from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
-from .adapters.sparsify import sparsify_model
+from .adapters.qa.gptq import QUANTIZED_BASE_FILE, gptq_quantize_, save_quantized_base
+from .adapters.sparse import sparsity_report
+from .adapters.sparsify import prunable_linears, sparsify_model
+from .errors import InvalidConfigurationError
 from .model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
@@ -67,41 +71,77 @@ def sparsify(
     max_calibration_tokens: int = 256,
     model_cache_dir: Path | None = None,
     calibration_label: str | None = None,
+    quantization: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Prune a base model and save it as a model directory a job can use as ``model``.
 
     ``calibration_label`` is how the result names the calibration data (e.g. the uploaded file's id
-    rather than its path on the server).
+    rather than its path on the server). ``quantization`` (``{"method": "gptq", "bits", "group_size"}``)
+    then quantizes the pruned linears by GPTQ on the same calibration text (``adapters/qa/gptq.py``):
+    the saved weights are the INT model's, and ``QUANTIZED_BASE_FILE`` beside them holds what
+    QA-SparsePEFT trains from. ``progress`` is called after each decoder layer GPTQ quantizes.
     """
     model_dir = resolve_model_dir(model, model_cache_dir)
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir)
-    # Wanda's calibration pass and the per-row top-k run on the GPU when the model fits there.
+    # The calibration passes and the per-row top-k run on the GPU when the model fits there.
     device = operation_device(base)
     base.to(device)
+    if quantization is not None:
+        _check_group_size(base, quantization["group_size"])  # before any weight changes
     calibration = None
-    if method == "wanda":
+    if method == "wanda" or quantization is not None:
         texts = calibration_texts(calibration_file, n_calibration)
         calibration = [
             torch.tensor([tokenizer(t, truncation=True, max_length=max_calibration_tokens)["input_ids"]]) for t in texts
         ]
-    report = sparsify_model(base, method, sparsity, pattern, calibration)  # type: ignore[arg-type]
+    report = sparsify_model(base, method, sparsity, pattern, calibration if method == "wanda" else None)  # type: ignore[arg-type]
+    quantized = None
+    if quantization is not None:
+        layers = gptq_quantize_(
+            base, prunable_linears(base), calibration or [], quantization["bits"], quantization["group_size"], progress
+        )
+        quantized = {
+            **quantization,
+            "layers": len(layers),
+            # ||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs, averaged over the layers: GPTQ's
+            # and what round-to-nearest would have left.
+            "output_error": sum(r.error for r in layers.values()) / len(layers),
+            "rtn_output_error": sum(r.rtn_error for r in layers.values()) / len(layers),
+            # A kept weight can round to 0: the INT model is sparser than the pruning (QA trains the pruning's mask).
+            "overall_zeros_after_rounding": sparsity_report(base)["overall"],
+            "file": QUANTIZED_BASE_FILE,
+        }
     result = {
         "path": str(output_dir.resolve()),
         "source_model": model,
         "method": method,
         "sparsity": sparsity,
         "pattern": pattern,
-        "calibration": calibration_label or calibration_file or ("builtin" if method == "wanda" else None),
+        "calibration": calibration_label or calibration_file or ("builtin" if calibration else None),
         "report": report,
         "device": device.type,
+        **({"quantization": quantized} if quantized else {}),
     }
     with staged(output_dir) as staging:
         staging.mkdir(parents=True)
         base.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if quantization is not None:
+            save_quantized_base(staging, layers)
         (staging / "sparsity_report.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_group_size(model: torch.nn.Module, group_size: int) -> None:
+    widths = sorted({m.in_features for m in prunable_linears(model).values() if m.in_features % group_size})
+    if widths:
+        raise InvalidConfigurationError(
+            f"`quantization.group_size` {group_size} must divide the input width of every decoder linear; "
+            f"this model has layers {', '.join(map(str, widths))} wide",
+            param="quantization.group_size",
+        )
 
 
 def merge(

@@ -47,6 +47,15 @@ def sqft(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[TestClient, dict]]:
         )
         assert sparse.status_code == 200, sparse.text
         sparse_dir = sparse.json()["path"]
+        gptq = client.post(
+            "/v1/finetune/sparsify",
+            json={
+                "model": str(tiny_model_dir),
+                "sparsity": 0.5,
+                "quantization": {"bits": 4, "group_size": QA_LORA_CONFIG["quantization_group_size"]},
+            },
+        )
+        assert gptq.status_code == 200, gptq.text
         bodies = {
             "lora": {"training_file": "alpaca_data.json", "model": str(tiny_model_dir)},
             "sparse": {
@@ -70,6 +79,11 @@ def sqft(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[TestClient, dict]]:
                 # A checkpoint per step.
                 "General": {"lora_config": QA_LORA_CONFIG, "save_strategy": "steps", "save_steps": 1},
             },
+            "qa_gptq": {
+                "training_file": "alpaca_data.json",
+                "model": gptq.json()["path"],
+                "General": {"lora_config": QA_LORA_CONFIG},
+            },
         }
         jobs = {}
         for name, body in bodies.items():
@@ -81,6 +95,7 @@ def sqft(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[TestClient, dict]]:
             assert done["status"] == "succeeded", (name, done["error"])
         jobs["sparse_dir"] = sparse_dir
         jobs["sparse_report"] = sparse.json()
+        jobs["gptq_report"] = gptq.json()
         yield client, jobs
 
 
@@ -213,6 +228,50 @@ def test_qa_sparse_job_merges_into_the_integers_it_trained_with(sqft):
     assert scored.status_code == 200, scored.text
     adapter_row, merged_row = scored.json()["data"]
     assert adapter_row["loss"] == merged_row["loss"] and adapter_row["n_label_tokens"] == merged_row["n_label_tokens"]
+
+
+def test_qa_on_a_gptq_base_serves_and_merges_to_the_same_int_model(sqft):
+    client, jobs = sqft
+    report = jobs["gptq_report"]
+    quantization = report["quantization"]
+    assert quantization["method"] == "gptq" and quantization["layers"] == 7 * N_LAYERS
+    assert report["calibration"] == "builtin" and quantization["output_error"] < quantization["rtn_output_error"]
+    (op,) = [
+        o
+        for o in client.get("/v1/finetune/operations?kind=sparsify").json()["data"]
+        if o["result"]["path"] == report["path"]
+    ]
+    events = client.get(f"/v1/finetune/operations/{op['id']}/events").json()["data"]
+    assert any(f"GPTQ INT4: {N_LAYERS}/{N_LAYERS}" in e["message"] for e in events)
+    job = client.get(f"/v1/fine_tuning/jobs/{jobs['qa_gptq']}").json()
+    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa_gptq"]})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["zeros_preserved"] is True
+    assert out["quantization"] == {
+        "bits": 4,
+        "group_size": 16,
+        "layers": 7 * N_LAYERS,
+        "base": "gptq",
+        "int_weights": INT_WEIGHTS_FILE,
+    }
+    scored = client.post(
+        "/v1/finetune/evaluate",
+        json={
+            "candidates": [report["path"], job["fine_tuned_model"], out["path"]],
+            "file": job["training_file"],
+            "generate": False,
+        },
+    )
+    assert scored.status_code == 200, scored.text
+    base_row, adapter_row, merged_row = scored.json()["data"]
+    # Served through its adapter (on W~) and merged, the fine-tune is one model, to the bit; and it trained.
+    assert adapter_row["loss"] == merged_row["loss"] and adapter_row["loss"] < base_row["loss"]
+    # The unit tests check a QA job's bits and group size against the base's (tests/unit/test_gptq.py).
+    refused = _post(
+        client, "/v1/finetune/sparsify", {"model": report["source_model"], "quantization": {"group_size": 24}}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "quantization.group_size", refused.text
 
 
 def test_qa_settings_are_checked_by_the_api(sqft):

@@ -22,7 +22,14 @@ from peft import PeftModel
 from torch import nn
 
 from .peft_utils import base_of, lora_layers
-from .qa import GroupQuantizer, enable_quantization_aware, save_int_weights, saved_quantizers
+from .qa import (
+    GroupQuantizer,
+    attach_quantized_base,
+    enable_quantization_aware,
+    quantized_base_of,
+    save_int_weights,
+    saved_quantizers,
+)
 from .sparse import enable_sparse_peft, sparsity_report
 
 
@@ -92,16 +99,22 @@ def merge_adapter(
         model = AutoModelForCausalLM.from_pretrained(
             str(base_model_path_or_model), dtype=dtype or "auto", use_safetensors=True
         )  # safetensors only: never unpickle a checkpoint
+        attach_quantized_base(model, base_model_path_or_model)
     save_dtype = dtype or next(model.parameters()).dtype
     before_all = sparsity_report(model)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     layers = lora_layers(peft_model, peft_model.active_adapter)
     adapted = [name for name, _ in layers]
+    if sparse:
+        # First: on a GPTQ base this puts W~ under the adapted layers, whose zeros are the pruning's.
+        _enable_masked(peft_model, quantizers)
     before = sparsity_report(base_of(peft_model), names=adapted)
     zero_masks = {name: layer.get_base_layer().weight.detach() == 0 for name, layer in layers}
-    if sparse:
-        _enable_masked(peft_model, quantizers)
     merged = peft_model.merge_and_unload()
+    gptq = quantized_base_of(model)
+    if quantizers is not None and gptq is not None:
+        # The GPTQ base's other layers are its integers as loaded: the export writes every INT layer.
+        quantizers = {**{n: q for n, q in gptq.quantizers().items() if n not in quantizers}, **quantizers}
     modules = dict(merged.named_modules())
     preserved = all(bool((modules[name].weight[mask] == 0).all()) for name, mask in zero_masks.items())
     merged = merged.to(save_dtype)
@@ -110,12 +123,13 @@ def merge_adapter(
     merged.save_pretrained(str(out))
     quantization = None
     if quantizers is not None:
-        path = save_int_weights({name: modules[name].weight for name in adapted}, quantizers, out)
+        path = save_int_weights({name: modules[name].weight for name in quantizers}, quantizers, out)
         first = next(iter(quantizers.values()))
         quantization = {
             "bits": first.bits,
             "group_size": first.group_size,
-            "layers": len(adapted),
+            "layers": len(quantizers),
+            **({"base": "gptq"} if gptq is not None else {}),
             "int_weights": path.name,
         }
     if tokenizer_dir is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 JobKind = Literal["fine_tune", "extract", "merge", "sparsify", "evaluate", "batch", "eval_run"]
 OPERATION_KINDS: tuple[str, ...] = ("extract", "merge", "sparsify", "evaluate")
@@ -53,6 +53,14 @@ class MergeParams(_Params):
     gguf: str | None = None  # also write merged_model/model.gguf, other weights in this type
 
 
+class SparsifyQuantization(_Params):
+    """GPTQ of the pruned base (SQFT's INT base for QA-SparsePEFT); also the request's ``quantization``."""
+
+    method: Literal["gptq"] = "gptq"
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(64, ge=8, le=65536, multiple_of=8)  # 4-bit codes pack in pairs
+
+
 class SparsifyParams(_Params):
     """Prune a base model into a model directory a job can train on."""
 
@@ -64,6 +72,7 @@ class SparsifyParams(_Params):
     calibration_path: str | None = None
     calibration_file: str | None = None
     n_calibration: int = 32
+    quantization: SparsifyQuantization | None = None
 
 
 class EvalCandidate(_Params):

@@ -157,6 +157,12 @@ def sparsify(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     p = SparsifyParams.model_validate(params)
     model_path = _model_access(ctx).check_model(p.model, "model")
     ctx.sink.message(f"sparsifying {p.model}: {p.method}, sparsity {p.sparsity}{f', {p.pattern}' if p.pattern else ''}")
+    q = p.quantization
+
+    def progress(done: int, layers: int) -> None:
+        if done == layers or done % max(1, layers // 4) == 0:
+            ctx.sink.message(f"GPTQ INT{q.bits}: {done}/{layers} decoder layers quantized")
+
     result = model_ops.sparsify(
         model_path,
         Path(p.output),
@@ -167,6 +173,8 @@ def sparsify(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         calibration_label=p.calibration_file,
         n_calibration=p.n_calibration,
         model_cache_dir=ctx.model_cache_dir,
+        quantization=q.model_dump() if q else None,
+        progress=progress,
     )
     return {**result, "source_model": p.model}  # as the client named it, not the resolved path
 

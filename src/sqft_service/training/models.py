@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..adapters.qa.gptq import attach_quantized_base
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def load_base_model(
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
     clear_gguf_quantization_flag(model)
+    attach_quantized_base(model, model_dir)
     return model
 
 

@@ -1,7 +1,8 @@
 """QA-SparsePEFT: SparsePEFT trained through the quantizer of the base (SQFT, arXiv 2410.03750, Sec. 3.3).
 
 Each adapted weight ``W`` of the sparse base gets a group-wise quantizer ``Q`` (``quantizer.GroupQuantizer``,
-RTN on ``W``, parameters then fixed), and the layer computes with
+RTN on ``W``, or GPTQ's on a base that ``gptq.py`` quantized, then ``W`` is its ``W~``; parameters then
+fixed), and the layer computes with
 
     ``Q(W + M * scaling * B @ A)``
 
@@ -35,7 +36,9 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..autocast import autocast_input
+from ..peft_utils import lora_layers
 from ..sparse.peft import SparseAdapter, SparseLoraLinear, enable_sparse_peft
+from .gptq import quantized_base_of
 from .quantizer import GroupQuantizer, load_quantizers, save_quantizers
 
 QUANT_FILE = "sqft_quantization.safetensors"  # beside the adapter: the base's scales and zero points
@@ -46,6 +49,14 @@ ZERO_BUFFER = "sqft_quant_zero"
 
 class GroupSizeError(ValueError):
     """The group size does not divide an adapted layer's input size (a setting the user can change)."""
+
+
+class QuantizedBaseMismatch(ValueError):
+    """The job's bits or group size differ from the GPTQ base's; ``param`` names the setting."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class QuantAwareSparseLoraLinear(SparseLoraLinear):
@@ -175,13 +186,32 @@ def enable_quantization_aware(
         peft_model: A ``PeftModel`` with unmerged LoRA adapters on the sparse base's linears.
         bits: Bits per code.
         group_size: Inputs per scale; must divide every adapted layer's input size.
-        quantizers: Saved parameters to use (a merge of a trained adapter); fitted by RTN when ``None``.
+        quantizers: Saved parameters to use (a merge of a trained adapter); when ``None``, a GPTQ base's
+            (``gptq.QUANTIZED_BASE_FILE``), else fitted by RTN. On a GPTQ base the adapted layers
+            compute from its ``W~`` either way.
         adapter: The adapter name.
 
     Raises:
         GroupSizeError: A layer whose input size ``group_size`` does not divide.
+        QuantizedBaseMismatch: ``bits`` / ``group_size`` differ from a GPTQ base's.
         ValueError: A dropout that is live, or saved quantizers that do not cover the adapted layers.
     """
+    gptq = quantized_base_of(peft_model)
+    if gptq is not None and quantizers is None and (gptq.bits, gptq.group_size) != (bits, group_size):
+        param = "quantization_bits" if gptq.bits != bits else "quantization_group_size"
+        raise QuantizedBaseMismatch(
+            f"the base was quantized by GPTQ to {gptq.bits} bits in groups of {gptq.group_size}; "
+            f"QA-SparsePEFT on it trains with those: set `quantization_bits` {gptq.bits} and "
+            f"`quantization_group_size` {gptq.group_size}",
+            param,
+        )
+    if gptq is not None:
+        # Train (or merge) on W~, whose rounding is the GPTQ weight the base holds; before the masks are
+        # taken, so they are the pruning's (a kept weight that rounds to 0 stays trainable).
+        for name, layer in lora_layers(peft_model, adapter):
+            if name in gptq:
+                weight = layer.get_base_layer().weight
+                weight.data = gptq.float_weight(name).to(weight.device, weight.dtype)
     sparse = enable_sparse_peft(peft_model, adapter)
     handle = QuantAwareAdapter(sparse=sparse, bits=bits, group_size=group_size)
     for name, module in sparse.modules.items():
@@ -193,12 +223,14 @@ def enable_quantization_aware(
         dropout = module.lora_dropout[adapter]
         if isinstance(dropout, nn.Dropout) and dropout.p > 0:
             raise ValueError("QA-SparsePEFT trains without LoRA dropout: set `lora_dropout` to 0")
-        if quantizers is None:
-            quantizer = GroupQuantizer.fit(weight, bits, group_size)
-        elif name in quantizers:
+        if quantizers is not None and name in quantizers:
             quantizer = quantizers[name]
-        else:
+        elif quantizers is not None:
             raise ValueError(f"the saved quantization parameters have no entry for {name!r}")
+        elif gptq is not None and name in gptq:
+            quantizer = gptq.quantizer(name)
+        else:
+            quantizer = GroupQuantizer.fit(weight, bits, group_size)
         module.register_buffer(SCALE_BUFFER, quantizer.scale.to(weight.device), persistent=False)
         module.register_buffer(ZERO_BUFFER, quantizer.zero.to(weight.device), persistent=False)
         module.quant_bits, module.quant_group_size = bits, group_size

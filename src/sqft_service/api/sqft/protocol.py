@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ...jobs.kinds import SparsifyQuantization
 from ...model_names import CHECKPOINT_PREFIX
 from ...model_sources import GGUFType
 from ...store.jobs import JobRecord
@@ -88,6 +89,8 @@ class SparsifyRequest(BaseModel):
     pattern: str | None = Field(None, pattern=r"^[1-9][0-9]{0,3}:[1-9][0-9]{0,3}$")
     calibration_file: str | None = None
     n_calibration: int = Field(32, ge=1, le=1024)
+    # Extension: also quantize the pruned base by GPTQ (on the same calibration text as Wanda).
+    quantization: SparsifyQuantization | None = None
     output_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     wait: bool = True
 
@@ -190,6 +193,21 @@ class MergedModel(BaseModel):
     gguf: dict[str, Any] | None = None
 
 
+class QuantizedBase(BaseModel):
+    """What GPTQ did to a pruned base (``SparsifyRequest.quantization``)."""
+
+    method: Literal["gptq"]
+    bits: int
+    group_size: int
+    layers: int
+    # ||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs, the mean over the quantized layers: GPTQ's
+    # and what round-to-nearest would have left on the same layers.
+    output_error: float
+    rtn_output_error: float
+    overall_zeros_after_rounding: float  # the INT model's zero fraction (kept weights can round to 0)
+    file: str  # beside the weights: the scales, zero points and float weights QA-SparsePEFT trains from
+
+
 class SparseModel(BaseModel):
     object: Literal["sparse_model"] = "sparse_model"
     path: str
@@ -199,6 +217,7 @@ class SparseModel(BaseModel):
     pattern: str | None
     calibration: str | None
     report: dict[str, Any]
+    quantization: QuantizedBase | None = None
 
 
 class Operation(BaseModel):

@@ -140,6 +140,7 @@ class SqftService:
             calibration_path=str(calibration.path) if calibration else None,
             calibration_file=calibration.id if calibration else None,
             n_calibration=body.n_calibration,
+            quantization=body.quantization,
         )
         return self._submit("sparsify", params, model=body.model)
 

@@ -1,0 +1,258 @@
+"""GPTQ for a (sparse) base: the INT base of QA-SparsePEFT, made as SQFT makes it (arXiv 2410.03750 Sec. 3.3).
+
+GPTQ (Frantar et al., 2022, arXiv 2210.17323) quantizes a linear weight one input column at a time and
+spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
+Hessian ``H = X^T X`` of the layer's calibration inputs, so the layer's *outputs* move less than with
+round-to-nearest (RTN). Decoder layers are quantized in order, each calibrated on the outputs of the
+already-quantized ones (the reference "sequential" mode), by replaying the arguments the model gave its
+first decoder layer (AutoGPTQ's "catcher"), so one forward of each layer per sample suffices.
+
+Three things differ from the reference code, and are why this is written here instead of taken from
+AutoGPTQ / GPTQModel (which also need their CUDA kernels and write their own packed formats):
+
+* a pruned weight stays exactly 0: its code is the zero point, and the drift the compensation gave it
+  is propagated as error like any rounding error (SparseGPT's joint sparsity + quantization);
+* the quantizer is :class:`~.quantizer.GroupQuantizer` (float16-exact scales), so GGUF and
+  ``sqft_int_weights.safetensors`` hold the same integers; a group's parameters are fitted when its
+  first column is reached, on the columns as compensated so far (the blocks are whole groups);
+* it also returns ``W~``, each column as compensated just before its rounding: ``Q(W~)`` *is* the GPTQ
+  weight, bit for bit, and QA-SparsePEFT trains ``Q(W~ + M * delta)`` from it: a float base whose
+  weights lie anywhere in their code's interval, like the RTN base, not on its centre (``qa/peft.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .quantizer import GroupQuantizer, save_quantizers
+
+QUANTIZED_BASE_FILE = "sqft_quantized_base.safetensors"  # in a GPTQ base's model directory
+FLOAT_SUFFIX = ".float_weight"  # W~ of a layer, beside its scales and zeros
+GPTQ_METHOD = "gptq-sequential-f16scales"
+_ATTRIBUTE = "sqft_quantized_base"  # set on a loaded model whose directory holds QUANTIZED_BASE_FILE
+
+
+@dataclass
+class LayerResult:
+    """One quantized weight: its quantizer, ``W~`` and the calibration output errors of GPTQ and of RTN."""
+
+    quantizer: GroupQuantizer
+    float_weight: torch.Tensor
+    error: float
+    rtn_error: float
+
+
+def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||X (W - Q)^T||^2 / ||X W^T||^2`` over the calibration inputs, from ``H = X^T X``."""
+    diff = weight - quantized
+    total = float(((weight @ hessian) * weight).sum())
+    return float(((diff @ hessian) * diff).sum()) / total if total > 0 else 0.0
+
+
+@torch.no_grad()
+def gptq_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, block: int = 128
+) -> LayerResult:
+    """GPTQ of one ``(out, in)`` weight (unchanged) given ``H = X^T X`` of its inputs; zeros stay zeros."""
+    w = weight.detach().float().clone()
+    out, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {cols} inputs of the weight")
+    keep = (w != 0).float()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0  # an input never active in calibration: nothing to compensate with
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
+    # The upper Cholesky factor of H^-1: row i holds how column i's error spreads over later columns.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    block = max(group_size, block // group_size * group_size)  # whole groups per block
+    scale = torch.empty(out, cols // group_size, device=w.device)
+    zero = torch.empty_like(scale)
+    tilde = torch.empty_like(w)
+    qmax = 2**bits - 1
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, g = i1 + i, (i1 + i) // group_size
+            if col % group_size == 0:
+                group = w1[:, i : i + group_size] * keep[:, col : col + group_size]
+                fitted = GroupQuantizer.fit(group, bits, group_size)
+                scale[:, g], zero[:, g] = fitted.scale[:, 0], fitted.zero[:, 0]
+            current = w1[:, i] * keep[:, col]
+            tilde[:, col] = current
+            # The same operations as GroupQuantizer's fake quantization, so Q(W~) is these values exactly.
+            q = ((torch.round(current / scale[:, g]) + zero[:, g]).clamp(0, qmax) - zero[:, g]) * scale[:, g]
+            err = (w1[:, i] - q) / u1[i, i]  # a pruned weight's drift counts as error too
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    quantizer = GroupQuantizer(scale=scale, zero=zero, bits=bits, group_size=group_size)
+    original = weight.detach().float()
+    hess = hessian.float()
+    rtn = GroupQuantizer.fit(original, bits, group_size).fake_quantize(original)
+    return LayerResult(
+        quantizer=quantizer,
+        float_weight=tilde,
+        error=_output_error(original, quantizer.fake_quantize(tilde), hess),
+        rtn_error=_output_error(original, rtn, hess),
+    )
+
+
+class _Captured(Exception):
+    """Raised by the first decoder layer's pre-hook once it holds its inputs (the rest of the model is not run)."""
+
+
+def _decoder_layers(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple[nn.Module, dict[str, nn.Linear]]]:
+    """Each decoder layer (the module at the numbered path component) with its linears, in layer order."""
+    modules = dict(model.named_modules())
+    layers: dict[str, dict[str, nn.Linear]] = {}
+    for name, linear in linears.items():
+        parts = name.split(".")
+        at = next(i for i, part in enumerate(parts) if part.isdigit())
+        layers.setdefault(".".join(parts[: at + 1]), {})[name] = linear
+    ordered = sorted(layers, key=lambda path: int(path.rpartition(".")[2]))
+    return [(modules[path], layers[path]) for path in ordered]
+
+
+def _first_layer_inputs(model: nn.Module, first: nn.Module, samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` the model calls its first decoder layer with, for each sample."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args, kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for ids in samples:
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return calls
+
+
+def _hessians(layer: nn.Module, members: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]) -> dict[str, Tensor]:
+    """``X^T X`` of each linear's inputs while ``layer`` runs on every recorded call."""
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in members.items()}
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            hessians[name] += x.T @ x
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in members.items()]
+    try:
+        for args, kwargs in calls:
+            layer(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+@torch.no_grad()
+def gptq_quantize_(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    samples: list[torch.Tensor],
+    bits: int,
+    group_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, LayerResult]:
+    """Quantize ``linears`` (inside numbered decoder layers) of ``model`` in place to ``Q(W~)``, layer by layer.
+
+    Args:
+        model: A causal LM whose decoder layers take the hidden states first.
+        linears: Module path -> linear to quantize (``sparsify.prunable_linears``).
+        samples: Calibration token ids (``[seq]`` or ``[1, seq]``).
+        bits: Bits per code.
+        group_size: Inputs per scale (must divide every layer's input size).
+        progress: Called with (layers done, layers) after each decoder layer.
+    """
+    layers = _decoder_layers(model, linears)
+    calls = _first_layer_inputs(model, layers[0][0], samples)
+    results: dict[str, LayerResult] = {}
+    for done, (layer, members) in enumerate(layers, start=1):
+        hessians = _hessians(layer, members, calls)
+        for name, linear in members.items():
+            result = gptq_weight(linear.weight, hessians[name], bits, group_size)
+            linear.weight.data = result.quantizer.fake_quantize(result.float_weight).to(linear.weight.dtype)
+            results[name] = result
+        # The next layer is calibrated on this one's quantized outputs.
+        for index, (args, kwargs) in enumerate(calls):
+            output = layer(*args, **kwargs)
+            calls[index] = _with_hidden(args, kwargs, output[0] if isinstance(output, tuple) else output)
+        if progress is not None:
+            progress(done, len(layers))
+    return results
+
+
+def save_quantized_base(directory: Path, results: dict[str, LayerResult]) -> Path:
+    """Write the quantizers and ``W~`` of every quantized layer into ``directory`` (:data:`QUANTIZED_BASE_FILE`)."""
+    return save_quantizers(
+        Path(directory) / QUANTIZED_BASE_FILE,
+        {name: r.quantizer for name, r in results.items()},
+        extra={f"{name}{FLOAT_SUFFIX}": r.float_weight.detach().cpu().contiguous() for name, r in results.items()},
+        method=GPTQ_METHOD,
+    )
+
+
+class QuantizedBase:
+    """The quantizers and float weights ``W~`` a GPTQ base directory holds, read one layer at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+        self.names = sorted(key.removesuffix(".scales") for key in keys if key.endswith(".scales"))
+        self.bits, self.group_size = int(meta["bits"]), int(meta["group_size"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(key)
+
+    def quantizer(self, name: str) -> GroupQuantizer:
+        scale, zero = self._tensor(f"{name}.scales"), self._tensor(f"{name}.zeros").float()
+        return GroupQuantizer(scale, zero, self.bits, self.group_size)
+
+    def quantizers(self) -> dict[str, GroupQuantizer]:
+        return {name: self.quantizer(name) for name in self.names}
+
+    def float_weight(self, name: str) -> torch.Tensor:
+        return self._tensor(f"{name}{FLOAT_SUFFIX}")
+
+
+def attach_quantized_base(model: nn.Module, model_dir: str | Path) -> None:
+    """Remember on a just-loaded model that its directory is a GPTQ base (QA-SparsePEFT then trains on ``W~``)."""
+    path = Path(model_dir) / QUANTIZED_BASE_FILE
+    if path.is_file():
+        setattr(model, _ATTRIBUTE, QuantizedBase(path))
+
+
+def quantized_base_of(model: Any) -> QuantizedBase | None:
+    """The GPTQ base a loaded model (or a PEFT model around it) came from, if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, _ATTRIBUTE, None)

@@ -1,0 +1,161 @@
+"""GPTQ of a sparse base (adapters/qa/gptq.py) and QA-SparsePEFT trained and merged on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench.tiny_llama import make_tiny_llama
+
+from sqft_service.adapters.lora import AdapterConfigError, build_peft_model
+from sqft_service.adapters.merge import merge_adapter
+from sqft_service.adapters.qa import QUANTIZED_BASE_FILE, GroupQuantizer, load_int_weights, quantized_base_of
+from sqft_service.adapters.qa.gptq import gptq_quantize_, gptq_weight
+from sqft_service.adapters.sparsify import prunable_linears, sparsify_model
+from sqft_service.config import LoraSection
+from sqft_service.errors import InvalidConfigurationError
+from sqft_service.model_ops import sparsify
+from sqft_service.training.models import load_base_model
+from tests.conftest import randomize_b
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=64)
+GROUP = 16
+
+
+def _samples(vocab: int, n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, 48), generator=gen) for _ in range(n)]
+
+
+def _sparse_model():
+    model = make_tiny_llama(128, 0, **SHAPE)
+    sparsify_model(model, "magnitude", 0.5)
+    return model
+
+
+def test_gptq_rounds_exactly_to_its_float_weights_keeps_the_zeros_and_beats_rtn():
+    model = _sparse_model()
+    pruned = {name: m.weight.detach().clone() for name, m in prunable_linears(model).items()}
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    results = gptq_quantize_(model, prunable_linears(model), _samples(128, 24, 1), 4, GROUP)
+    assert set(results) == set(pruned)
+    for name, linear in prunable_linears(model).items():
+        r = results[name]
+        # The model holds Q(W~), bit for bit, and every pruned weight is exactly 0 in W~ and in Q(W~).
+        assert torch.equal(r.quantizer.fake_quantize(r.float_weight), linear.weight), name
+        assert torch.equal(r.float_weight == 0, pruned[name] == 0), name
+        assert (linear.weight[pruned[name] == 0] == 0).all(), name
+        assert torch.equal(r.quantizer.dequantize(r.quantizer.codes(linear.weight)), linear.weight), name
+    assert sum(r.error for r in results.values()) < 0.9 * sum(r.rtn_error for r in results.values())
+    rtn = _sparse_model()
+    for linear in prunable_linears(rtn).values():
+        linear.weight.data = GroupQuantizer.fit(linear.weight, 4, GROUP).fake_quantize(linear.weight)
+    with torch.no_grad():
+        gptq_drift = (model(input_ids=ids).logits - reference).pow(2).mean()
+        rtn_drift = (rtn(input_ids=ids).logits - reference).pow(2).mean()
+    assert gptq_drift < rtn_drift
+
+
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
+    # H = I: the inverse Hessian has no off-diagonal term, so no error is spread and GPTQ rounds as RTN.
+    weight = torch.randn(8, 32)
+    weight[weight.abs() < 0.3] = 0
+    result = gptq_weight(weight, torch.eye(32), 4, GROUP)
+    rtn = GroupQuantizer.fit(weight, 4, GROUP)
+    assert torch.equal(result.quantizer.fake_quantize(result.float_weight), rtn.fake_quantize(weight))
+    assert result.error == pytest.approx(result.rtn_error)
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory, tokenizer_dir):
+    """A saved tiny Llama pruned by Wanda and quantized by GPTQ through ``model_ops.sparsify``."""
+    from transformers import AutoTokenizer
+
+    source = tmp_path_factory.mktemp("dense")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    make_tiny_llama(len(tokenizer), 0, **SHAPE).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path_factory.mktemp("gptq") / "model"
+    done: list[tuple[int, int]] = []
+    report = sparsify(
+        str(source),
+        out,
+        method="wanda",
+        quantization={"method": "gptq", "bits": 4, "group_size": GROUP},
+        progress=lambda *step: done.append(step),
+    )
+    assert done == [(1, 2), (2, 2)]
+    quantization = report["quantization"]
+    assert quantization["layers"] == 14 and quantization["output_error"] < quantization["rtn_output_error"]
+    assert quantization["overall_zeros_after_rounding"] >= report["report"]["overall"]
+    assert (out / QUANTIZED_BASE_FILE).is_file()
+    return out
+
+
+def _qa(bits: int = 4, group: int = GROUP) -> LoraSection:
+    return LoraSection(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        sparse_adapter=True,
+        quantization_aware=True,
+        quantization_bits=bits,
+        quantization_group_size=group,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+
+
+def test_qa_on_a_gptq_base_starts_from_it_trains_the_pruning_mask_and_merges_to_its_integers(gptq_dir, tmp_path):
+    base = load_base_model(str(gptq_dir))
+    gptq = quantized_base_of(base)
+    assert gptq is not None and (gptq.bits, gptq.group_size) == (4, GROUP)
+    loaded = {name: m.weight.detach().clone() for name, m in prunable_linears(base).items()}
+    model, handles = build_peft_model(base, _qa(), seed=0)
+    adapted = handles.quant.modules
+    assert len(adapted) == 6
+    for name, layer in adapted.items():
+        w_tilde = gptq.float_weight(name)
+        assert torch.equal(layer.get_base_layer().weight, w_tilde), name  # trained from W~ ...
+        assert torch.equal(layer.quantized_weight(["default"]), loaded[name]), name  # ... which starts as the base
+        assert torch.equal(layer.quantizer.scale, gptq.quantizer(name).scale), name
+        # The mask is the pruning's: weights that round to 0 in the INT base stay trainable.
+        assert torch.equal(handles.sparse.masks[name].bool(), w_tilde != 0), name
+    assert any(((gptq.float_weight(n) != 0) & (loaded[n] == 0)).any() for n in adapted)  # such weights exist
+    randomize_b(model, seed=3)
+    for p in model.parameters():
+        if p.requires_grad and p.dim() == 2 and p.shape[1] == 4:
+            p.data.mul_(0.02)
+    trained = {name: layer.quantized_weight(["default"]).detach().clone() for name, layer in adapted.items()}
+    assert any(not torch.equal(trained[n], loaded[n]) for n in trained)  # the update moved codes
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    handles.quant.save(adapter_dir)
+    report = merge_adapter(str(gptq_dir), adapter_dir, tmp_path / "merged", sparse=True)
+    assert report["zeros_preserved"] is True
+    assert report["quantization"] == {
+        "bits": 4,
+        "group_size": GROUP,
+        "layers": 14,
+        "base": "gptq",
+        "int_weights": "sqft_int_weights.safetensors",
+    }
+    ints = load_int_weights(tmp_path / "merged")
+    assert set(ints) == set(loaded)  # every GPTQ layer is written as integers, adapted or not
+    for name, weight in ints.items():
+        assert torch.equal(weight, trained.get(name, loaded[name])), name
+
+
+def test_qa_settings_that_differ_from_the_gptq_base_are_refused_naming_them(gptq_dir):
+    for lora, param in ((_qa(bits=8), "quantization_bits"), (_qa(group=8), "quantization_group_size")):
+        with pytest.raises(AdapterConfigError) as caught:
+            build_peft_model(load_base_model(str(gptq_dir)), lora, seed=0)
+        assert caught.value.param == f"General.lora_config.{param}"
+        assert "4 bits in groups of 16" in str(caught.value)
+
+
+def test_a_group_size_that_does_not_fit_the_model_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(InvalidConfigurationError) as caught:
+        sparsify(str(tiny_model_dir), tmp_path / "out", quantization={"method": "gptq", "bits": 4, "group_size": 24})
+    assert caught.value.param == "quantization.group_size" and "16, 32" in str(caught.value)
+    assert not (tmp_path / "out").exists()
