@@ -5,7 +5,9 @@ on an ARC-E subset with the service's own recipe, twice with the same seed, data
 
 * ``sparse``: SparsePEFT in float32, then merged and quantized to INT``bits`` by round-to-nearest
   (group-wise min/max fitted on the merged weight): the usual "train, then quantize" route;
-* ``qa``: QA-SparsePEFT, trained through the quantizer of the base, whose merge is the INT model.
+* ``qa``: QA-SparsePEFT, trained through the quantizer of the base, whose merge is the INT model;
+* ``qa_gptq``: the same on a GPTQ base (the same pruning, then ``sparsify``'s ``quantization``, GPTQ
+  calibrated on ``--calibration`` training records): SQFT's own pipeline.
 
 It reports the held-out loss (response tokens) of: the pruned base in float32 and quantized; each
 fine-tune's float forward; the sparse one after PTQ; the QA model merged (which must equal its
@@ -26,6 +28,7 @@ import torch
 from sqft_service.adapters.qa import GroupQuantizer
 from sqft_service.adapters.sparse import SparseLoraLinear
 from sqft_service.config import FinetuneConfig
+from sqft_service.model_ops import sparsify
 
 from .auto_hparams import prepare_data
 from .throughput.inputs import CACHE, TARGETS, prepare_models
@@ -98,21 +101,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--runs", default="sparse,qa", help="comma-separated: sparse, qa")
+    parser.add_argument("--calibration", type=int, default=128, help="GPTQ calibration records (training file)")
+    parser.add_argument("--runs", default="sparse,qa,qa_gptq", help="comma-separated: sparse, qa, qa_gptq")
     args = parser.parse_args(argv)
-    _, sparse_dir = prepare_models(None)
+    model_dir, sparse_dir = prepare_models(None)
     work = Path(tempfile.mkdtemp(prefix="sqft-qa-bench-"))
     # The auto-hparams benchmark's split (shuffle seed 0, validation first); its GSM8K part unused.
     train, val = prepare_data(work, {"arc_e": args.train, "gsm8k": 0}, {"arc_e": args.val, "gsm8k": 0})["arc_e"]
     names = args.runs.split(",")
-    rows = {name: run(name, config(sparse_dir, train, val, args, qa=name == "qa"), work, args) for name in names}
+    bases = {"sparse": sparse_dir, "qa": sparse_dir}
+    gptq_report = None
+    if "qa_gptq" in names:
+        t0 = time.perf_counter()
+        gptq_report = sparsify(
+            model_dir,
+            work / "gptq-base",
+            method="magnitude",
+            sparsity=0.5,
+            calibration_file=str(train),
+            n_calibration=args.calibration,
+            quantization={"method": "gptq", "bits": args.bits, "group_size": args.group},
+        )
+        gptq_report = {"seconds": round(time.perf_counter() - t0, 1), **gptq_report["quantization"]}
+        print("gptq", gptq_report, flush=True)
+        bases["qa_gptq"] = gptq_report["path"] = str(work / "gptq-base")
+    rows = {name: run(name, config(bases[name], train, val, args, qa=name != "sparse"), work, args) for name in names}
     figures = {
         "model": "SmolLM2-135M-Instruct, 50% magnitude-sparse",
         "data": {"arc_e_train": args.train, "arc_e_valid": args.val, "shuffle_seed": 0},
         "settings": {"bits": args.bits, "group_size": args.group, "lr": args.lr, "batch_size": 8, "r": 16},
         "rows": rows,
+        **({"gptq": gptq_report} if gptq_report else {}),
     }
-    if len(rows) == 2:
+    if {"qa", "sparse"} <= set(rows):
         figures["qa_step_over_sparse_step"] = round(rows["qa"]["s_per_step"] / rows["sparse"]["s_per_step"], 3)
     write_machine_results("qa-sparse", torch.get_num_threads(), figures)
     print(json.dumps(figures, indent=1))

@@ -113,9 +113,23 @@ def _sparsify(args: argparse.Namespace) -> int:
         calibration_file=args.calibration_file,
         n_calibration=args.n_calibration,
         model_cache_dir=Path(args.model_cache),
+        quantization=_gptq(args),
     )
     _emit(result, args.json_out)
     return 0
+
+
+def _gptq(args: argparse.Namespace) -> dict | None:
+    if args.gptq_bits is None:
+        return None
+    from .jobs.kinds import SparsifyQuantization
+
+    # The API's checks (bits 2-8, a group size that is a multiple of 8), with the flag named in the error.
+    try:
+        spec = SparsifyQuantization(bits=args.gptq_bits, group_size=args.gptq_group_size)
+    except ValueError as exc:
+        raise ValueError(f"--gptq-bits / --gptq-group-size: {exc}") from None
+    return spec.model_dump()
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -193,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
     sparsify.add_argument("--calibration-file", default=None, help="Alpaca/chat file for Wanda (default: built-in)")
     sparsify.add_argument("--n-calibration", type=int, default=32)
+    sparsify.add_argument(
+        "--gptq-bits", type=int, default=None, help="then quantize by GPTQ to this many bits (QA-SparsePEFT's base)"
+    )
+    sparsify.add_argument("--gptq-group-size", type=int, default=64, help="inputs per GPTQ scale")
     sparsify.add_argument("--output", required=True)
     sparsify.set_defaults(func=_sparsify)
 

@@ -19,6 +19,7 @@ from tests.conftest import randomize_b
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=64)
 GROUP = 16
+BITS = 2  # the fixture base: coarse enough that some kept weights round to 0
 
 
 def _samples(vocab: int, n: int, seed: int) -> list[torch.Tensor]:
@@ -82,7 +83,7 @@ def gptq_dir(tmp_path_factory, tokenizer_dir):
         str(source),
         out,
         method="wanda",
-        quantization={"method": "gptq", "bits": 4, "group_size": GROUP},
+        quantization={"method": "gptq", "bits": BITS, "group_size": GROUP},
         progress=lambda *step: done.append(step),
     )
     assert done == [(1, 2), (2, 2)]
@@ -93,7 +94,7 @@ def gptq_dir(tmp_path_factory, tokenizer_dir):
     return out
 
 
-def _qa(bits: int = 4, group: int = GROUP) -> LoraSection:
+def _qa(bits: int = BITS, group: int = GROUP) -> LoraSection:
     return LoraSection(
         r=4,
         lora_alpha=8,
@@ -109,7 +110,7 @@ def _qa(bits: int = 4, group: int = GROUP) -> LoraSection:
 def test_qa_on_a_gptq_base_starts_from_it_trains_the_pruning_mask_and_merges_to_its_integers(gptq_dir, tmp_path):
     base = load_base_model(str(gptq_dir))
     gptq = quantized_base_of(base)
-    assert gptq is not None and (gptq.bits, gptq.group_size) == (4, GROUP)
+    assert gptq is not None and (gptq.bits, gptq.group_size) == (BITS, GROUP)
     loaded = {name: m.weight.detach().clone() for name, m in prunable_linears(base).items()}
     model, handles = build_peft_model(base, _qa(), seed=0)
     adapted = handles.quant.modules
@@ -134,7 +135,7 @@ def test_qa_on_a_gptq_base_starts_from_it_trains_the_pruning_mask_and_merges_to_
     report = merge_adapter(str(gptq_dir), adapter_dir, tmp_path / "merged", sparse=True)
     assert report["zeros_preserved"] is True
     assert report["quantization"] == {
-        "bits": 4,
+        "bits": BITS,
         "group_size": GROUP,
         "layers": 14,
         "base": "gptq",
@@ -151,7 +152,7 @@ def test_qa_settings_that_differ_from_the_gptq_base_are_refused_naming_them(gptq
         with pytest.raises(AdapterConfigError) as caught:
             build_peft_model(load_base_model(str(gptq_dir)), lora, seed=0)
         assert caught.value.param == f"General.lora_config.{param}"
-        assert "4 bits in groups of 16" in str(caught.value)
+        assert "2 bits in groups of 16" in str(caught.value)
 
 
 def test_a_group_size_that_does_not_fit_the_model_is_refused_before_any_work(tiny_model_dir, tmp_path):
@@ -159,3 +160,15 @@ def test_a_group_size_that_does_not_fit_the_model_is_refused_before_any_work(tin
         sparsify(str(tiny_model_dir), tmp_path / "out", quantization={"method": "gptq", "bits": 4, "group_size": 24})
     assert caught.value.param == "quantization.group_size" and "16, 32" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_quantizes_after_pruning_and_names_its_flags_on_bad_input(tiny_model_dir, tmp_path, capsys):
+    from sqft_service.cli import main
+
+    out = tmp_path / "gptq"
+    argv = ["sparsify", "--model", str(tiny_model_dir), "--output", str(out), "--gptq-bits", "3"]
+    assert main([*argv, "--gptq-group-size", "16"]) == 0
+    base = load_base_model(str(out))
+    assert (quantized_base_of(base).bits, quantized_base_of(base).group_size) == (3, 16)
+    assert main([*argv, "--gptq-group-size", "12"]) == 2
+    assert "--gptq-group-size" in capsys.readouterr().err
