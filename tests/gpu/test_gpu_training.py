@@ -3,7 +3,8 @@
 A tiny Llama trains a few steps on the GPU and on the CPU from the same weights and data; the losses
 agree (fp32 both, so only the kernels' summation order differs). What a GPU job saves opens on the
 CPU with stock peft; a sparse merge keeps every zero; Wanda calibrates on the GPU; and between
-logging points the training step never makes the host wait for the device (DPO jobs too).
+logging points the training step never makes the host wait for the device (DPO jobs too); GPTQ
+quantizes on the GPU to weights that round alike on the CPU.
 """
 
 from __future__ import annotations
@@ -190,6 +191,24 @@ def test_wanda_calibrates_on_the_gpu(model_dirs, tmp_path):
     assert result["device"] == "cuda"
     assert abs(result["report"]["overall"] - 0.5) < 0.02
     assert json.loads((tmp_path / "wanda" / "sparsity_report.json").read_text())["method"] == "wanda"
+
+
+def test_gptq_quantizes_on_the_gpu_to_weights_that_its_file_rounds_to_on_the_cpu(model_dirs, tmp_path):
+    from sqft_service.adapters.qa import quantized_base_of
+    from sqft_service.model_ops import sparsify
+    from sqft_service.training.models import load_base_model
+
+    quantization = {"method": "gptq", "bits": 4, "group_size": 32}
+    result = sparsify(str(model_dirs[False]), tmp_path / "gptq", method="wanda", quantization=quantization)
+    assert result["device"] == "cuda"
+    assert result["quantization"]["output_error"] < result["quantization"]["rtn_output_error"]
+    base = load_base_model(str(tmp_path / "gptq"))  # on the CPU: the INT export and merges round here
+    gptq = quantized_base_of(base)
+    layers = [(name, m) for name, m in base.named_modules() if name in gptq]
+    assert len(layers) == 7 * base.config.num_hidden_layers
+    for name, module in layers:
+        rounded = gptq.quantizer(name).fake_quantize(gptq.float_weight(name))
+        assert torch.equal(rounded, module.weight), name
 
 
 class SyncRecorder(StepHook):
