@@ -17,7 +17,7 @@ from .adapters.merge import merge_adapter
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
 from .adapters.qa.gptq import QUANTIZED_BASE_FILE, gptq_quantize_, save_quantized_base
 from .adapters.sparse import sparsity_report
-from .adapters.sparsify import prunable_linears, sparsify_model
+from .adapters.sparsify import misfit_widths, prunable_linears, sparsify_model
 from .errors import InvalidConfigurationError
 from .model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
 from .training.device import operation_device
@@ -100,7 +100,7 @@ def sparsify(
     quantized = None
     if quantization is not None:
         layers = gptq_quantize_(
-            base, prunable_linears(base), calibration or [], quantization["bits"], quantization["group_size"], progress
+            base, prunable_linears(base), calibration, quantization["bits"], quantization["group_size"], progress
         )
         quantized = {
             **quantization,
@@ -135,8 +135,7 @@ def sparsify(
 
 
 def _check_group_size(model: torch.nn.Module, group_size: int) -> None:
-    widths = sorted({m.in_features for m in prunable_linears(model).values() if m.in_features % group_size})
-    if widths:
+    if widths := misfit_widths(prunable_linears(model), group_size):
         raise InvalidConfigurationError(
             f"`quantization.group_size` {group_size} must divide the input width of every decoder linear; "
             f"this model has layers {', '.join(map(str, widths))} wide",

@@ -19,7 +19,7 @@ from .dropout import share_lora_dropout
 from .fused_lora import fuse_lora_layers
 from .nls import ElasticRankController
 from .peft_utils import matches_module
-from .qa import GroupSizeError, QuantAwareAdapter, QuantizedBaseMismatch, enable_quantization_aware
+from .qa import QuantAwareAdapter, QuantSettingError, enable_quantization_aware
 from .sparse import SparseAdapter, enable_sparse_peft
 
 # The attention and MLP projections of Llama-style decoders (SQFT's default targets).
@@ -143,9 +143,7 @@ def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tupl
     if lora.quantization_aware:
         try:
             handles.quant = enable_quantization_aware(peft_model, lora.quantization_bits, lora.quantization_group_size)
-        except GroupSizeError as exc:
-            raise AdapterConfigError(str(exc), param="General.lora_config.quantization_group_size") from None
-        except QuantizedBaseMismatch as exc:
+        except QuantSettingError as exc:
             raise AdapterConfigError(str(exc), param=f"General.lora_config.{exc.param}") from None
         handles.sparse = handles.quant.sparse
     elif lora.sparse_adapter:

@@ -114,7 +114,7 @@ def merge_adapter(
     gptq = quantized_base_of(model)
     if quantizers is not None and gptq is not None:
         # The GPTQ base's other layers are its integers as loaded: the export writes every INT layer.
-        quantizers = {**{n: q for n, q in gptq.quantizers().items() if n not in quantizers}, **quantizers}
+        quantizers = {**{n: gptq.quantizer(n) for n in gptq.names if n not in quantizers}, **quantizers}
     modules = dict(merged.named_modules())
     preserved = all(bool((modules[name].weight[mask] == 0).all()) for name, mask in zero_masks.items())
     merged = merged.to(save_dtype)

@@ -39,6 +39,11 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def misfit_widths(layers: dict[str, nn.Linear], divisor: int) -> list[int]:
+    """The input widths among ``layers`` that ``divisor`` does not divide (an N:M pattern's M, a group size)."""
+    return sorted({m.in_features for m in layers.values() if m.in_features % divisor})
+
+
 def _parse_pattern(pattern: str) -> tuple[int, int]:
     """``N:M`` as two ints; a pattern that cannot work is the client's error (a ValueError too), naming it."""
     try:
@@ -131,7 +136,7 @@ def sparsify_model(
     layers = prunable_linears(model)
     if not layers:
         raise ValueError("the model has no linear layer inside numbered decoder layers")
-    if nm is not None and (widths := sorted({m.in_features for m in layers.values() if m.in_features % nm[1]})):
+    if nm is not None and (widths := misfit_widths(layers, nm[1])):
         # Checked before any weight changes, so the message names every width that does not fit.
         raise InvalidConfigurationError(
             f"sparsity pattern {pattern!r} needs M={nm[1]} to divide the input width of every pruned layer; "

@@ -4,10 +4,9 @@ from .export import INT_WEIGHTS_FILE, load_int_weights, save_int_weights
 from .gptq import QUANTIZED_BASE_FILE, attach_quantized_base, quantized_base_of
 from .peft import (
     QUANT_FILE,
-    GroupSizeError,
     QuantAwareAdapter,
     QuantAwareSparseLoraLinear,
-    QuantizedBaseMismatch,
+    QuantSettingError,
     enable_quantization_aware,
     saved_quantizers,
 )
@@ -18,10 +17,9 @@ __all__ = [
     "QUANTIZED_BASE_FILE",
     "QUANT_FILE",
     "GroupQuantizer",
-    "GroupSizeError",
     "QuantAwareAdapter",
     "QuantAwareSparseLoraLinear",
-    "QuantizedBaseMismatch",
+    "QuantSettingError",
     "attach_quantized_base",
     "enable_quantization_aware",
     "load_int_weights",

@@ -238,9 +238,6 @@ class QuantizedBase:
         scale, zero = self._tensor(f"{name}.scales"), self._tensor(f"{name}.zeros").float()
         return GroupQuantizer(scale, zero, self.bits, self.group_size)
 
-    def quantizers(self) -> dict[str, GroupQuantizer]:
-        return {name: self.quantizer(name) for name in self.names}
-
     def float_weight(self, name: str) -> torch.Tensor:
         return self._tensor(f"{name}{FLOAT_SUFFIX}")
 

@@ -47,14 +47,10 @@ SCALE_BUFFER = "sqft_quant_scale"
 ZERO_BUFFER = "sqft_quant_zero"
 
 
-class GroupSizeError(ValueError):
-    """The group size does not divide an adapted layer's input size (a setting the user can change)."""
+class QuantSettingError(ValueError):
+    """A QA setting the user can change does not fit the model; ``param`` names it (``quantization_bits``, ...)."""
 
-
-class QuantizedBaseMismatch(ValueError):
-    """The job's bits or group size differ from the GPTQ base's; ``param`` names the setting."""
-
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str = "quantization_group_size") -> None:
         super().__init__(message)
         self.param = param
 
@@ -192,14 +188,14 @@ def enable_quantization_aware(
         adapter: The adapter name.
 
     Raises:
-        GroupSizeError: A layer whose input size ``group_size`` does not divide.
-        QuantizedBaseMismatch: ``bits`` / ``group_size`` differ from a GPTQ base's.
+        QuantSettingError: A layer whose input size ``group_size`` does not divide, or ``bits`` /
+            ``group_size`` that differ from a GPTQ base's.
         ValueError: A dropout that is live, or saved quantizers that do not cover the adapted layers.
     """
     gptq = quantized_base_of(peft_model)
     if gptq is not None and quantizers is None and (gptq.bits, gptq.group_size) != (bits, group_size):
         param = "quantization_bits" if gptq.bits != bits else "quantization_group_size"
-        raise QuantizedBaseMismatch(
+        raise QuantSettingError(
             f"the base was quantized by GPTQ to {gptq.bits} bits in groups of {gptq.group_size}; "
             f"QA-SparsePEFT on it trains with those: set `quantization_bits` {gptq.bits} and "
             f"`quantization_group_size` {gptq.group_size}",
@@ -217,7 +213,7 @@ def enable_quantization_aware(
     for name, module in sparse.modules.items():
         weight = module.get_base_layer().weight
         if weight.shape[1] % group_size:
-            raise GroupSizeError(
+            raise QuantSettingError(
                 f"`quantization_group_size` {group_size} does not divide the {weight.shape[1]} inputs of {name!r}"
             )
         dropout = module.lora_dropout[adapter]
