@@ -41,6 +41,16 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory, gguf_path) -> Path:
+    """A model cache holding SmolLM2 de-quantized into a plain model directory (``convert_gguf``)."""
+    from sqft_service.training.models import convert_gguf
+
+    cache = tmp_path_factory.mktemp("gguf-cache")
+    convert_gguf(gguf_path, cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, gguf_path) -> Path:
     from transformers import AutoTokenizer
 

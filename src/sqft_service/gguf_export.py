@@ -21,6 +21,7 @@ package's writer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +112,74 @@ def _encode_int(weight: np.ndarray, quantizer: GroupQuantizer, row_order) -> tup
     return data, qtype, exact
 
 
+@dataclass
+class _Layout:
+    """What an export takes from its source: architecture, settings, tensor names and order."""
+
+    arch: str
+    n_head: int
+    n_head_kv: int
+    n_blocks: int
+    add_fields: Callable[[gguf.GGUFWriter], None]
+    order: list[str] | None  # tensor names in file order; None: the model's own (llama.cpp's converter's)
+    shapes: dict[str, tuple[int, ...]]  # the shape each tensor must have, where the source says
+    fixed: dict[str, tuple[np.ndarray, Any]]  # tensors that are settings, not weights: data and GGML type
+
+
+def _gguf_layout(source: Path) -> _Layout:
+    reader = gguf.GGUFReader(str(source))
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    if arch not in _ARCHITECTURES:
+        raise GGUFExportError(f"GGUF export writes {sorted(_ARCHITECTURES)} models; {source.name} is {arch!r}")
+    rewritten = (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
+
+    def setting(key: str) -> int:
+        return int(reader.get_field(key.format(arch=arch)).contents())
+
+    return _Layout(
+        arch=arch,
+        n_head=setting(gguf.Keys.Attention.HEAD_COUNT),
+        n_head_kv=setting(gguf.Keys.Attention.HEAD_COUNT_KV),
+        n_blocks=setting(gguf.Keys.LLM.BLOCK_COUNT),
+        add_fields=lambda writer: copy_fields(reader, writer, lambda name: name not in rewritten),
+        order=[t.name for t in reader.tensors],
+        shapes={t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors},
+        # Llama 3's rope frequencies: settings computed from the config, not weights; kept as they were.
+        fixed={t.name: (t.data, t.tensor_type) for t in reader.tensors if t.name.startswith("rope_freqs")},
+    )
+
+
+def _hf_layout(source: Path, config: Any) -> _Layout:
+    from .gguf_hf import add_hf_fields, hf_architecture, rope_factors
+
+    arch = hf_architecture(config)
+    n_head = config.num_attention_heads
+    factors = rope_factors(config, getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    return _Layout(
+        arch=arch,
+        n_head=n_head,
+        n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
+        n_blocks=config.num_hidden_layers,
+        add_fields=lambda writer: add_hf_fields(writer, source, config, source.name),
+        order=None,
+        shapes={},
+        fixed={} if factors is None else {"rope_freqs.weight": (factors, gguf.GGMLQuantizationType.F32)},
+    )
+
+
 def export_gguf(
     model: nn.Module,
-    base_gguf: Path,
+    source: Path,
     path: Path,
     out_type: str = "f16",
     quantizers: dict[str, GroupQuantizer] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` (a merged model of ``base_gguf``'s architecture) to ``path``.
+    """Write ``model`` (a merged model of ``source``'s architecture) to ``path``.
 
     Args:
         model: The merged model (any device and dtype; a QA-SparsePEFT merge in float32).
-        base_gguf: The GGUF file its base came from: metadata, tokenizer and tensor names.
+        source: The GGUF file its base came from (metadata, tokenizer, tensor names and order copied), or
+            the base's model directory (``config.json`` + ``tokenizer.json``: metadata derived, ``gguf_hf``).
         path: The file to write.
         out_type: One of :data:`GGUF_TYPES`, for every 2-D weight that is not a QA layer.
         quantizers: A QA-SparsePEFT adapter's quantizers (module name -> quantizer).
@@ -132,46 +189,46 @@ def export_gguf(
         (QA layers that GGML decodes to the merged weights bit for bit; ``int_layers`` of them).
 
     Raises:
-        GGUFExportError: an architecture not in ``_ARCHITECTURES``, or the model doesn't match the file.
+        GGUFExportError: an architecture or tokenizer we don't write, or the model doesn't match the file.
     """
     if out_type not in _FLOAT_TYPES:
         raise GGUFExportError(f"unknown GGUF type {out_type!r}: one of {', '.join(GGUF_TYPES)}")
-    reader = gguf.GGUFReader(str(base_gguf))
-    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    if arch not in _ARCHITECTURES:
-        raise GGUFExportError(f"GGUF export writes {sorted(_ARCHITECTURES)} models; {base_gguf.name} is {arch!r}")
-    n_head = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)).contents())
-    n_head_kv = int(reader.get_field(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)).contents())
-    n_blocks = int(reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)).contents())
-    model_arch, permuted = _ARCHITECTURES[arch]
-    names = gguf.get_tensor_name_map(model_arch, n_blocks)
+    config = getattr(model, "config", None)
+    layout = _gguf_layout(source) if source.suffix == ".gguf" else _hf_layout(source, config)
+    model_arch, permuted = _ARCHITECTURES[layout.arch]
+    names = gguf.get_tensor_name_map(model_arch, layout.n_blocks)
     state = {}
     for key, tensor in model.state_dict().items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is not None:
             state[name] = (key.removesuffix(".weight"), tensor)
+    order = layout.order
+    if order is None:
+        # A tied head is the embedding (llama.cpp falls back to token_embd when output is absent).
+        tied = getattr(config, "tie_word_embeddings", False)
+        order = [*layout.fixed, *(name for name in state if not (tied and name == "output.weight"))]
     quantizers = quantizers or {}
 
-    writer = gguf.GGUFWriter(str(path), arch)
-    rewritten = (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
-    copy_fields(reader, writer, lambda name: name not in rewritten)
+    writer = gguf.GGUFWriter(str(path), layout.arch)
+    layout.add_fields(writer)
 
     types: dict[str, int] = {}
     int_layers = exact = 0
-    for info in reader.tensors:
-        shape = tuple(int(n) for n in reversed(info.shape.tolist()))
-        if info.name not in state:
-            if not info.name.startswith("rope_freqs"):
-                raise GGUFExportError(f"the base GGUF's {info.name} has no counterpart in the merged model")
-            # Llama 3's rope frequencies: settings computed from the config, not weights; kept as they were.
-            writer.add_tensor(info.name, info.data, raw_shape=info.data.shape, raw_dtype=info.tensor_type)
-            types[info.tensor_type.name] = types.get(info.tensor_type.name, 0) + 1
+    for name in order:
+        if name not in state:
+            if name not in layout.fixed:
+                raise GGUFExportError(f"the base GGUF's {name} has no counterpart in the merged model")
+            data, raw_type = layout.fixed[name]
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw_type)
+            types[raw_type.name] = types.get(raw_type.name, 0) + 1
             continue
-        module, tensor = state[info.name]
+        module, tensor = state[name]
         weight = tensor.detach().float().cpu().numpy()
-        if weight.shape != shape:
-            raise GGUFExportError(f"{info.name}: the model's {weight.shape} differs from the base GGUF's {shape}")
-        heads = n_head if ".attn_q." in info.name else n_head_kv if ".attn_k." in info.name else None
+        if weight.shape != layout.shapes.get(name, weight.shape):
+            raise GGUFExportError(
+                f"{name}: the model's {weight.shape} differs from the base GGUF's {layout.shapes[name]}"
+            )
+        heads = layout.n_head if ".attn_q." in name else layout.n_head_kv if ".attn_k." in name else None
         heads = heads if permuted else None
 
         def row_order(rows, heads=heads):
@@ -186,7 +243,7 @@ def export_gguf(
             if qtype == gguf.GGMLQuantizationType.Q8_0 and weight.shape[-1] % _BLOCK:
                 qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp: rows Q8_0 can't block
             data = gguf.quants.quantize(row_order(weight), qtype)
-        writer.add_tensor(info.name, data, raw_dtype=qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1
     dominant = max(
         (t for t in types if gguf.GGMLQuantizationType[t] in _FILE_TYPES and t != "F32"), key=types.get, default="F32"

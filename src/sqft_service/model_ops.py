@@ -19,7 +19,7 @@ from .adapters.qa.gptq import QUANTIZED_BASE_FILE, gptq_quantize_, save_quantize
 from .adapters.sparse import sparsity_report
 from .adapters.sparsify import misfit_widths, prunable_linears, sparsify_model
 from .errors import InvalidConfigurationError
-from .model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
+from .model_sources import NO_SOURCE_GGUF, GGUFExportError, export_source
 from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
@@ -155,14 +155,14 @@ def merge(
     """Merge a PEFT adapter into its base; save model + tokenizer in the base's dtype (QA-SparsePEFT: float32).
 
     With ``gguf_type`` (``gguf_export.GGUF_TYPES``) the merged model is also written as
-    ``merged_model/model.gguf``, its metadata from the GGUF the base came from.
+    ``merged_model/model.gguf``, its metadata from the GGUF the base came from, else from the base's directory.
 
     Raises:
-        GGUFExportError: ``gguf_type`` is set and the base did not come from a GGUF we can write.
+        GGUFExportError: ``gguf_type`` is set and the base has no metadata source we can write from.
     """
     base_gguf = None
     if gguf_type is not None:
-        base_gguf = source_gguf(model)
+        base_gguf = export_source(model)
         if base_gguf is None:
             raise GGUFExportError(NO_SOURCE_GGUF)
     model_dir = resolve_model_dir(model, model_cache_dir)

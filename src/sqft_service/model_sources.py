@@ -1,8 +1,10 @@
-"""Where a base model came from: the GGUF file behind a model reference (stdlib only, for the API too).
+"""Where a base model came from, for a GGUF export of its merge (stdlib only, for the API too).
 
 A job's ``model`` is a ``.gguf`` file, a model directory, or a sparse model that ``sparsify`` pruned from
 one of those (its ``sparsity_report.json`` records the ``source_model``). A GGUF export of a merge copies
-the tokenizer and settings of that file, so it needs the chain to end in one.
+the tokenizer and settings of the GGUF file that chain ends in; failing one, it derives them from the
+base's own directory when that holds a ``config.json`` of an architecture we write and a ``tokenizer.json``
+(``gguf_hf.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ class GGUFExportError(ValueError):
     """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
 
 
+# A Hugging Face config's ``model_type`` -> the GGUF architecture its export is written as.
+HF_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
 NO_SOURCE_GGUF = (
-    "a GGUF export copies the tokenizer and settings of the GGUF file the base model came from; this job's "
-    "base is neither a .gguf file nor a model sparsified from one"
+    "a GGUF export takes the tokenizer and settings from the GGUF file the base model came from, or from "
+    "the base's directory (config.json of a Llama or Qwen2 model, and tokenizer.json); this job's base has neither"
 )
 
 
@@ -42,3 +47,19 @@ def source_gguf(model: str) -> Path | None:
         except (OSError, ValueError, AttributeError):
             return None
     return None
+
+
+def hf_export_dir(model: str) -> Path | None:
+    """``model`` if it is a model directory a GGUF export can take its metadata from (``gguf_hf.py``)."""
+    path = Path(model)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = isinstance(config, dict) and config.get("model_type") in HF_GGUF_ARCHITECTURES
+    return path if known and (path / "tokenizer.json").is_file() else None
+
+
+def export_source(model: str) -> Path | None:
+    """Where a GGUF export of a merge of ``model`` takes its metadata: the GGUF it came from, else its directory."""
+    return source_gguf(model) or hf_export_dir(model)

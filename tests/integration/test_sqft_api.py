@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -287,16 +288,33 @@ def test_qa_settings_are_checked_by_the_api(sqft):
         assert error["param"] == "General.lora_config" and named in error["message"], error
 
 
-def test_gguf_export_needs_a_base_that_came_from_a_gguf(sqft):
+def test_gguf_export_of_a_merge_on_a_model_directory(sqft):
+    """The QA job's base is a plain model directory (the Wanda-pruned tiny Llama): its GGUF export takes
+    the settings and tokenizer from that directory's config.json and tokenizer.json, and stock
+    transformers reads it back as the merged model, the QA layers' integers included."""
+    client, jobs = sqft
+    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"], "gguf": "f32"})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    exported = out["gguf"]
+    # Groups of 16 fit no GGML block: the QA layers go as exact floats (rows in llama.cpp's order).
+    assert exported["int_layers"] == exported["exact_int_layers"] == 7 * N_LAYERS
+    path = Path(exported["path"])
+    assert path.parent == Path(out["path"]) and exported["tensor_types"] == {"F32": 3 + 9 * N_LAYERS}
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2" and fields["llama.block_count"].contents() == N_LAYERS
+    merged = AutoModelForCausalLM.from_pretrained(out["path"], dtype=torch.float32)
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    theirs = from_gguf.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in merged.state_dict().items())
+
+
+def test_gguf_export_refuses_types_it_does_not_write(sqft):
     client, jobs = sqft
     before = client.get("/v1/finetune/operations", params={"kind": "merge"}).json()["data"]
-    resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"], "gguf": "f16"})
-    assert resp.status_code == 400, resp.text
-    error = resp.json()["error"]
-    assert error["param"] == "gguf" and "came from" in error["message"], error
     resp = _post(client, "/v1/finetune/merge_adapter", {"fine_tuning_job_id": jobs["qa"], "gguf": "q4_k"})
     assert resp.status_code == 400 and "gguf" in resp.text, resp.text
-    # Nothing was queued for either.
+    # Nothing was queued.
     assert client.get("/v1/finetune/operations", params={"kind": "merge"}).json()["data"] == before
 
 

@@ -70,13 +70,6 @@ def test_source_gguf_follows_sparsify_reports(tmp_path, gguf_path):
 
 
 @pytest.fixture(scope="module")
-def gguf_cache(tmp_path_factory, gguf_path) -> Path:
-    cache = tmp_path_factory.mktemp("gguf-cache")
-    convert_gguf(gguf_path, cache)
-    return cache
-
-
-@pytest.fixture(scope="module")
 def smollm2_qa(gguf_cache, gguf_path):
     """SmolLM2 de-quantized, with some layers pruned and put on a QA grid as a QA-SparsePEFT merge leaves them:
     4-bit q/k (llama.cpp permutes their rows), 5-bit up, 7-bit down, an 8-bit o and a k in groups of 16

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..graders import judge_models
 from ..job_secrets import restore_secrets
 from ..model_access import ModelAccess
-from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, source_gguf
+from ..model_sources import NO_SOURCE_GGUF, GGUFExportError, export_source
 from ..training.events import EventSink
 from ..workspace import JobWorkspace
 from .kinds import BatchModel, BatchParams, EvalRunParams, EvaluateParams, ExtractParams, MergeParams, SparsifyParams
@@ -122,7 +122,7 @@ def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     p = MergeParams.model_validate(params)
     p.model = _model_access(ctx).check_model(p.model, "model")
     if p.gguf is not None:  # its metadata is copied into the export: the source must be a readable model too
-        source = source_gguf(p.model)
+        source = export_source(p.model)
         if source is None:
             raise UserError(NO_SOURCE_GGUF, param="gguf")
         _model_access(ctx).check_model(str(source), "gguf")

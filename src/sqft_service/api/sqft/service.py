@@ -20,7 +20,7 @@ from ...jobs.kinds import OPERATION_KINDS, EvalCandidate, EvaluateParams, Extrac
 from ...jobs.manager import JobManager
 from ...model_access import ModelAccess
 from ...model_names import parse_fine_tuned
-from ...model_sources import NO_SOURCE_GGUF, source_gguf
+from ...model_sources import NO_SOURCE_GGUF, export_source
 from ...settings import Settings
 from ...store.events import EventRecord, EventStore
 from ...store.ids import new_id
@@ -99,7 +99,7 @@ class SqftService:
 
     def merge(self, job_id: str, version: str | None, gguf: str | None = None) -> JobRecord:
         job = self._succeeded_job(job_id)
-        if gguf is not None and source_gguf(job.base_model) is None:
+        if gguf is not None and export_source(job.base_model) is None:
             raise InvalidRequestError(f"`gguf`: {NO_SOURCE_GGUF}", param="gguf")
         outputs = self.manager.workspace(job).output
         if version is not None:

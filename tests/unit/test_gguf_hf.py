@@ -1,0 +1,212 @@
+"""GGUF export of a merge whose base is a plain model directory: the settings and tokenizer llama.cpp's
+converter would derive, checked against the SmolLM2 GGUF that converter wrote, and read back by stock
+transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+from sqft_service.gguf_export import GGUFExportError, export_gguf
+from sqft_service.gguf_hf import pre_tokenizer_name
+from sqft_service.model_sources import export_source, hf_export_dir
+from sqft_service.training.models import convert_gguf
+
+# Llama 3's tokenizer.json pre-tokenizer, as the hub file spells it.
+LLAMA3_PRE = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {
+            "type": "Split",
+            "pattern": {
+                "Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+                "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+            },
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
+# SmolLM2's on the hub: every digit alone, then GPT-2's byte-level split.
+SMOLLM_PRE = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ],
+}
+
+
+def _with_pre(pre: dict | None) -> Tokenizer:
+    data = json.loads(Tokenizer(models.BPE()).to_str())
+    data["pre_tokenizer"] = pre
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def test_pre_tokenizers_are_named_by_how_they_split():
+    assert pre_tokenizer_name(_with_pre(LLAMA3_PRE)) == "llama-bpe"
+    qwen2 = json.loads(json.dumps(LLAMA3_PRE).replace("\\\\p{N}{1,3}", "\\\\p{N}"))
+    assert pre_tokenizer_name(_with_pre(qwen2)) == "qwen2"
+    assert pre_tokenizer_name(_with_pre(SMOLLM_PRE)) == "smollm"
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer_name(_with_pre(gpt2)) == "gpt-2"
+    # Llama 3's split with digit runs of two: llama.cpp implements no such pre-tokenizer.
+    other = json.loads(json.dumps(LLAMA3_PRE).replace("{1,3}", "{1,2}"))
+    for pre in (other, {"type": "Whitespace"}, None):
+        with pytest.raises(GGUFExportError, match="pre-tokenizer"):
+            pre_tokenizer_name(_with_pre(pre))
+    splitter = pre_tokenizers.Split(Regex(r"\d"), behavior="isolated")
+    with pytest.raises(GGUFExportError):
+        pre_tokenizer_name(_with_tokenizer_pre(splitter))
+
+
+def _with_tokenizer_pre(pre: pre_tokenizers.PreTokenizer) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre
+    return tok
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(gguf_path, gguf_cache) -> Path:
+    """SmolLM2 as a plain model directory (transformers' conversion of the GGUF)."""
+    return convert_gguf(gguf_path, gguf_cache)
+
+
+def _metadata_dir(model_dir: Path, into: Path, pre: dict | None = None) -> Path:
+    """The small files of ``model_dir`` (no weights), the tokenizer's pre-tokenizer replaced by ``pre``."""
+    into.mkdir()
+    for path in model_dir.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, into / path.name)
+    if pre is not None:
+        data = json.loads((into / "tokenizer.json").read_text())
+        data["pre_tokenizer"] = pre
+        (into / "tokenizer.json").write_text(json.dumps(data))
+    return into
+
+
+def _fields(path: Path) -> dict:
+    return {f.name: f.contents() for f in gguf.GGUFReader(str(path)).fields.values() if not f.name.startswith("GGUF.")}
+
+
+def test_a_model_directory_exports_what_llamacpp_converter_wrote(tmp_path, gguf_path, smollm2_dir):
+    """The directory with SmolLM2's hub pre-tokenizer gives the settings and the whole tokenizer (tokens,
+    types, merges, special ids, add_bos, chat template, "smollm") that llama.cpp's converter wrote into the
+    published GGUF; only the file's descriptive ``general.*`` fields are not derived. transformers reads the
+    export back as the same model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    source = _metadata_dir(smollm2_dir, tmp_path / "SmolLM2-hub", SMOLLM_PRE)
+    assert export_source(str(source)) == source
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    report = export_gguf(model, source, out, "f32")
+    assert report["tensor_types"] == {"F32": 272} and report["int_layers"] == 0  # the head is tied: no output
+    ours, published = _fields(out), _fields(gguf_path)
+    descriptive = {k for k in published if k.startswith("general.")} - {"general.architecture"}
+    assert {k: v for k, v in published.items() if k not in descriptive} == {
+        k: v for k, v in ours.items() if k not in descriptive
+    }
+    assert ours["general.name"] == "SmolLM2-hub" and ours["general.file_type"] == 0  # all F32
+    published_names = {t.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    assert {t.name for t in gguf.GGUFReader(str(out)).tensors} == published_names
+    loaded = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32)
+    theirs = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # The directory as transformers wrote it splits like GPT-2 (its GGUF converter drops the digit split).
+    assert pre_tokenizer_name(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))) == "gpt-2"
+
+
+def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """Llama 3.1's rope scaling (its paper's rule), as the factor dividing each frequency."""
+    out = []
+    for freq in inv_freq:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_scaling_a_tied_head_and_a_bos_adding_tokenizer(tmp_path, tokenizer_dir, tokenizer):
+    from tests.conftest import make_tiny_llama
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    rope |= {"original_max_position_embeddings": 256, "rope_theta": 500000.0}
+    model = make_tiny_llama(len(tokenizer), hidden_size=64, rope_parameters=rope, tie_word_embeddings=True)
+    source = tmp_path / "llama3-like"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = LLAMA3_PRE
+    bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [bos], "tokens": ["<|im_start|>"]}},
+    }
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    report = export_gguf(model, source, tmp_path / "model.gguf", "f16")
+    assert report["tensor_types"] == {"F32": 1 + 1 + 2 * 2, "F16": 1 + 2 * 7}  # rope_freqs, norms; weights
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors and next(iter(tensors)) == "rope_freqs.weight"
+    head_dim = 64 // 4
+    inv_freq = 1.0 / 500000.0 ** (np.arange(0, head_dim, 2) / head_dim)
+    expected = _llama3_factors(inv_freq, 8.0, 1.0, 4.0, 256)
+    assert np.allclose(tensors["rope_freqs.weight"].data, expected, rtol=1e-5)
+    assert len(set(expected.tolist())) > 2  # the rule's three regimes all occur at this size
+    fields = _fields(tmp_path / "model.gguf")
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe"
+    assert fields["tokenizer.ggml.add_bos_token"] is True and "tokenizer.ggml.add_eos_token" not in fields
+    assert fields["llama.rope.freq_base"] == 500000.0 and fields["llama.rope.dimension_count"] == head_dim
+    assert fields["llama.vocab_size"] == len(tokenizer) and fields["tokenizer.ggml.bos_token_id"] == bos
+
+
+def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, tiny_model_dir, gguf_path):
+    assert hf_export_dir(str(tiny_model_dir)) == tiny_model_dir
+    assert export_source(str(tiny_model_dir)) == tiny_model_dir
+    # A sparse model pruned from a GGUF takes the GGUF's metadata, not its own directory's.
+    sparse = _metadata_dir(tiny_model_dir, tmp_path / "sparse")
+    (sparse / "sparsity_report.json").write_text(json.dumps({"source_model": str(gguf_path)}))
+    assert export_source(str(sparse)) == gguf_path
+    no_tokenizer = _metadata_dir(tiny_model_dir, tmp_path / "no-tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    mistral = _metadata_dir(tiny_model_dir, tmp_path / "mistral")
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    for path in (no_tokenizer, mistral, tmp_path / "missing", tmp_path):
+        assert export_source(str(path)) is None, path
+    # A SentencePiece-style tokenizer (byte fallback) is refused with the reason, nothing written.
+    from tests.conftest import make_tiny_llama
+
+    spm = _metadata_dir(tiny_model_dir, tmp_path / "spm")
+    data = json.loads((spm / "tokenizer.json").read_text())
+    data["model"]["byte_fallback"] = True
+    (spm / "tokenizer.json").write_text(json.dumps(data))
+    model = make_tiny_llama(49152)
+    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+        export_gguf(model, spm, tmp_path / "spm.gguf")
+    scaled = _metadata_dir(tiny_model_dir, tmp_path / "yarn")
+    yarn = make_tiny_llama(49152, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(GGUFExportError, match="'yarn' rope scaling"):
+        export_gguf(yarn, scaled, tmp_path / "yarn.gguf")
