@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft bench-rft-sampling load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-gguf-hf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft bench-rft-sampling load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -63,6 +63,9 @@ $(LLAMACPP)/llama_cpp/__init__.py: $(STAMP)
 		$(VENV)/bin/pip install --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
 bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 	$(PY) -m bench.gguf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
+# GGUF exports of plain model directories (settings and tokenizer derived) against transformers, in llama.cpp.
+bench-gguf-hf: $(LLAMACPP)/llama_cpp/__init__.py
+	$(PY) -m bench.gguf_hf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
 
 # Preference fine-tuning (DPO) against SFT on the same replies, ARC-E pairs on SmolLM2 (bench/dpo.py).
 bench-dpo: $(STAMP)

@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gguf",
         choices=GGUF_TYPES,
         default=None,
-        help="also write <output>/model.gguf (base must come from a .gguf), other weights in this type",
+        help="also write <output>/model.gguf (base: a .gguf, or a model dir with tokenizer.json), others in this type",
     )
     merge.set_defaults(func=_merge)
 

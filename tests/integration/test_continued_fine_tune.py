@@ -3,6 +3,8 @@ merged and evaluated; what the service refuses. The real app, real job processes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -69,9 +71,13 @@ def test_a_dpo_job_trains_on_from_a_merged_fine_tuned_model(chain, tiny_model_di
         json={"model": dpo["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
     )
     assert answer.status_code == 200, answer.text
-    resp = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": dpo["id"]})
+    # Also as GGUF: its settings and tokenizer from the merged parent's directory.
+    resp = client.post("/v1/finetune/merge_adapter", json={"fine_tuning_job_id": dpo["id"], "gguf": "f32"})
     assert resp.status_code == 200, resp.text
+    exported = Path(resp.json()["gguf"]["path"])
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name).state_dict()
     grandchild = AutoModelForCausalLM.from_pretrained(resp.json()["path"]).state_dict()
+    assert all(torch.equal(value, from_gguf[key]) for key, value in grandchild.items())
     parent_weights = AutoModelForCausalLM.from_pretrained(merged["path"]).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     key = "model.layers.0.self_attn.q_proj.weight"

@@ -1,0 +1,203 @@
+"""GGUF exports from plain model directories, run by llama.cpp: does it tokenize and compute as transformers?
+
+``gguf_hf.py`` derives a GGUF's settings and tokenizer from a model directory instead of copying them from
+a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``make bench-gguf``'s rule into
+``.llamacpp/``; pass ``--llama-cpp-path``) against transformers on the same directory:
+
+* SmolLM2-135M as a model directory with its hub tokenizer's pre-tokenizer (digits split one by one:
+  llama.cpp's "smollm"), and as transformers' GGUF conversion writes it (GPT-2's split: "gpt-2"):
+  token ids of a set of texts (digits, code, contractions, non-Latin, emoji, runs of spaces and newlines),
+  and the logits of a prompt (F32 export);
+* random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
+  ``rope_freqs``) and a tied head, and a random tiny Qwen2 with biases ("qwen2"): logits over 300
+  positions, where the scaled rope frequencies matter (and, as a control, the Llama 3 one exported with
+  every rope factor 1).
+
+Prints and saves ``bench/results/<date>-gguf-hf-llamacpp-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .throughput.inputs import CACHE, default_model
+from .throughput.report import write_machine_results
+
+TEXTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "I'm sure it's 12345 or 3.14159, isn't it? Don'T  'Ve   they'll",
+    "def f(x):\n    return x**2 + 1  # squares\n\n\n\tindented\r\nwindows line",
+    "über Straße — 東京 and Москва, 🚀🚀 emoji, résumé; ½ + ¾ = 1¼",
+    "   leading spaces and trailing   ",
+    "<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n56<|im_end|>",
+    "a1b22c333d4444 x=100000, y=-2.5e-3; $1,234.56 (approx.)",
+]
+
+
+def _llama(path: Path, n_ctx: int = 512):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, n_threads=torch.get_num_threads(), verbose=False, n_batch=512
+    )
+
+
+def _llama_logits(llama, ids: list[int]) -> np.ndarray:
+    llama.reset()
+    llama.eval(ids)
+    return np.asarray(llama.scores[: len(ids)], dtype=np.float64)
+
+
+def _compare_logits(model, llama, ids: list[int]) -> dict:
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].double().numpy()
+    theirs = _llama_logits(llama, ids)
+    return {
+        "positions": len(ids),
+        "max_abs_diff": float(np.abs(ours - theirs).max()),
+        "logit_scale": float(np.abs(ours).max()),
+        "argmax_agree": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+    }
+
+
+def _tokenization(tokenizer, llama) -> dict:
+    agree = 0
+    mismatches = []
+    for text in TEXTS:
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        theirs = llama.tokenize(text.encode(), add_bos=False, special=True)
+        agree += ours == theirs
+        if ours != theirs:
+            mismatches.append({"text": text, "transformers": ours, "llama.cpp": theirs})
+    return {"texts": len(TEXTS), "same_ids": agree, "mismatches": mismatches}
+
+
+def _smollm2(work: Path, pre: dict | None, name: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqft_service.gguf_export import export_gguf
+    from sqft_service.training.models import convert_gguf
+
+    converted = convert_gguf(default_model(), CACHE / "models")
+    source = work / name
+    source.mkdir()
+    for path in converted.iterdir():
+        if path.suffix == ".safetensors":
+            (source / path.name).symlink_to(path)
+        else:
+            shutil.copy(path, source / path.name)
+    if pre is not None:
+        data = json.loads((source / "tokenizer.json").read_text())
+        data["pre_tokenizer"] = pre
+        (source / "tokenizer.json").write_text(json.dumps(data))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    out = work / f"{name}.gguf"
+    started = time.perf_counter()
+    report = export_gguf(model, source, out, "f32")
+    seconds = time.perf_counter() - started
+    llama = _llama(out)
+    ids = tokenizer.encode(TEXTS[0] + " " + TEXTS[2], add_special_tokens=False)
+    return {
+        "pre_tokenizer": _pre(out),
+        "export_s": round(seconds, 2),
+        "bytes": report["bytes"],
+        "tokenization": _tokenization(tokenizer, llama),
+        "logits": _compare_logits(model, llama, ids),
+    }
+
+
+def _pre(path: Path) -> str:
+    import gguf
+
+    return str(gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre").contents())
+
+
+def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from sqft_service.gguf_export import export_gguf
+
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    if kind == "llama3":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        rope |= {"original_max_position_embeddings": 256, "rope_theta": 500000.0}
+        model = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=rope, tie_word_embeddings=True))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
+    with torch.no_grad():  # weights big enough that the attention pattern (and so the rope) shows in the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    model.eval()
+    source = work / kind
+    model.save_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = pre
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    out = work / f"{kind}.gguf"
+    export_gguf(model, source, out, "f32")
+    ids = torch.randint(20, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    result = {"pre_tokenizer": _pre(out), "logits": _compare_logits(model, _llama(out), ids)}
+    if kind == "llama3":  # the control: the same export with every rope factor 1 (the scaling left out)
+        from unittest import mock
+
+        from sqft_service import gguf_hf
+
+        unscaled = work / f"{kind}-unscaled.gguf"
+        with mock.patch.object(gguf_hf, "rope_factors", lambda c, d: np.ones(d // 2, dtype=np.float32)):
+            export_gguf(model, source, unscaled, "f32")
+        result["logits_without_rope_factors"] = _compare_logits(model, _llama(unscaled), ids)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp-path", default=None, help="a directory where llama_cpp is installed")
+    args = parser.parse_args(argv)
+    if args.llama_cpp_path:
+        sys.path.insert(0, args.llama_cpp_path)
+    import llama_cpp
+    from tests.unit.test_gguf_hf import LLAMA3_PRE, SMOLLM_PRE
+    from transformers import AutoTokenizer
+
+    qwen2_pre = json.loads(json.dumps(LLAMA3_PRE).replace("\\\\p{N}{1,3}", "\\\\p{N}"))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        gguf_file = default_model()
+        tokenizer_dir = work / "tokenizer"
+        AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(tokenizer_dir)
+        figures = {
+            "llama_cpp_python": llama_cpp.__version__,
+            "smollm2_hub_pre": _smollm2(work, SMOLLM_PRE, "smollm2-hub"),
+            "smollm2_as_converted": _smollm2(work, None, "smollm2-converted"),
+            "tiny_llama3_rope_tied": _tiny(work, "llama3", tokenizer_dir, LLAMA3_PRE),
+            "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, qwen2_pre),
+        }
+    print(json.dumps(figures, indent=1))
+    print(f"saved {write_machine_results('gguf-hf-llamacpp', torch.get_num_threads(), figures)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
