@@ -7,7 +7,8 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
 * SmolLM2-135M as a model directory with its hub tokenizer's pre-tokenizer (digits split one by one:
   llama.cpp's "smollm"), and as transformers' GGUF conversion writes it (GPT-2's split: "gpt-2"):
   token ids of a set of texts (digits, code, contractions, non-Latin, emoji, runs of spaces and newlines),
-  and the logits of a prompt (F32 export);
+  and the logits of a prompt (F32 export); and (hub pre-tokenizer) the loss on 40 held-out ARC-E records
+  of the export in each weight type, in llama.cpp, against transformers in float32;
 * random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
   ``rope_freqs``) and a tied head, and a random tiny Qwen2 with biases ("qwen2"): logits over 300
   positions, where the scaled rope frequencies matter (and, as a control, the Llama 3 one exported with
@@ -108,12 +109,50 @@ def _smollm2(work: Path, pre: dict | None, name: str) -> dict:
     llama = _llama(out)
     ids = tokenizer.encode(TEXTS[0] + " " + TEXTS[2], add_special_tokens=False)
     return {
+        **({"weight_types": _weight_types(work, model, tokenizer, source)} if pre is not None else {}),
         "pre_tokenizer": _pre(out),
         "export_s": round(seconds, 2),
         "bytes": report["bytes"],
         "tokenization": _tokenization(tokenizer, llama),
         "logits": _compare_logits(model, llama, ids),
     }
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+    """Summed next-token negative log-likelihood of ``ids[1:]`` under ``logits`` (float64)."""
+    logits = logits[: len(ids) - 1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def _weight_types(work: Path, model, tokenizer, source: Path) -> dict:
+    """Held-out loss of SmolLM2 exported in each weight type, in llama.cpp, against transformers."""
+    from sqft_service.gguf_export import export_gguf
+    from sqft_service.model_sources import GGUF_TYPES
+
+    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())[-40:]
+    texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
+    sequences = [tokenizer.encode(t, add_special_tokens=False)[:192] for t in texts]
+    n_tokens = sum(len(ids) - 1 for ids in sequences)
+    with torch.no_grad():
+        reference = sum(_nll(model(torch.tensor([ids])).logits[0].double().numpy(), ids) for ids in sequences)
+    rows = {"transformers_fp32": {"loss": round(reference / n_tokens, 4)}}
+    for out_type in GGUF_TYPES:
+        path = work / f"smollm2-{out_type}.gguf"
+        started = time.perf_counter()
+        export_gguf(model, source, path, out_type)
+        seconds = time.perf_counter() - started
+        llama = _llama(path)
+        total = sum(_nll(_llama_logits(llama, ids), ids) for ids in sequences)
+        rows[out_type] = {
+            "loss": round(total / n_tokens, 4),
+            "mb": round(path.stat().st_size / 1e6),
+            "export_s": round(seconds, 1),
+        }
+        del llama
+        path.unlink()
+    return {"records": len(sequences), "tokens": n_tokens, "types": rows}
 
 
 def _pre(path: Path) -> str:

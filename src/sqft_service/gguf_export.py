@@ -10,7 +10,8 @@ QA-SparsePEFT layers are written as the integers they trained with, never re-qua
 ``Q4_1`` (2 to 4 bits) or ``Q5_1`` (5 bits) with ``d = s`` and ``m = -s * z``, ``Q8_0`` (6 or 7 bits) with
 ``d = s`` and codes ``q - z``, or plain ``F32`` (8 bits). The quantizer keeps its scales float16-exact
 (``adapters/qa/quantizer.py``), so GGML's ``d * q + m`` gives the merged model's weights bit for bit,
-its zeros included; each layer is checked after encoding. Other weights go in the requested type;
+its zeros included; each layer is checked after encoding. Other weights go in the requested type
+(4- and 5-bit types by the ``gguf`` package's GGML rounding, the embedding and head then in ``Q8_0``);
 1-D tensors (norms) stay F32, as llama.cpp's own converter keeps them.
 
 Written here because llama.cpp's ``convert_hf_to_gguf.py`` is not a package and re-quantizes from
@@ -36,25 +37,26 @@ from .model_sources import GGUF_TYPES, GGUFExportError
 __all__ = ["GGUF_FILE", "GGUF_TYPES", "GGUFExportError", "copy_fields", "export_gguf", "int_blocks"]
 
 GGUF_FILE = "model.gguf"
-_FLOAT_TYPES = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
+_WEIGHT_TYPES = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_TYPES}
 _FILE_TYPES = {
     gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
     gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
     gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    gguf.GGMLQuantizationType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
     gguf.GGMLQuantizationType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
 }
+_BLOCKED = {t for t in _WEIGHT_TYPES.values() if t.name.startswith("Q")}
+# The embedding and the head (the embedding again when tied) are what 4- and 5-bit types hurt most:
+# llama.cpp's quantizer gives the head more bits too. They go Q8_0 when the rest is 4 or 5 bits.
+_WIDE = ("token_embd.weight", "output.weight")
 # Architectures whose tensor layout we write and test, and whether llama.cpp stores their q/k rows
 # interleaved for its rotary kernel (``_permute``: Llama's, not Qwen2's); another architecture needs its
 # own rules checked before it is listed.
 _ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
-_BLOCK = 32  # the block length of Q4_1, Q5_1 and Q8_0
+_BLOCK = 32  # the block length of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
 
 
 def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, keep: Callable[[str], bool]) -> None:
@@ -191,7 +193,7 @@ def export_gguf(
     Raises:
         GGUFExportError: an architecture or tokenizer we don't write, or the model doesn't match the file.
     """
-    if out_type not in _FLOAT_TYPES:
+    if out_type not in _WEIGHT_TYPES:
         raise GGUFExportError(f"unknown GGUF type {out_type!r}: one of {', '.join(GGUF_TYPES)}")
     config = getattr(model, "config", None)
     layout = _gguf_layout(source) if source.suffix == ".gguf" else _hf_layout(source, config)
@@ -239,9 +241,11 @@ def export_gguf(
             int_layers += 1
             exact += ok
         else:
-            qtype = _FLOAT_TYPES[out_type] if weight.ndim == 2 else gguf.GGMLQuantizationType.F32
-            if qtype == gguf.GGMLQuantizationType.Q8_0 and weight.shape[-1] % _BLOCK:
-                qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp: rows Q8_0 can't block
+            qtype = _WEIGHT_TYPES[out_type] if weight.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if qtype in _BLOCKED and qtype != gguf.GGMLQuantizationType.Q8_0 and name in _WIDE:
+                qtype = gguf.GGMLQuantizationType.Q8_0
+            if qtype in _BLOCKED and weight.shape[-1] % _BLOCK:
+                qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp: rows no block fits
             data = gguf.quants.quantize(row_order(weight), qtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 # What a merge's GGUF export writes its weights in (other than a QA-SparsePEFT layer's integers).
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 GGUF_TYPES: tuple[str, ...] = get_args(GGUFType)
 
 

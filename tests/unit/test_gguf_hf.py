@@ -123,6 +123,26 @@ def test_a_model_directory_exports_what_llamacpp_converter_wrote(tmp_path, gguf_
     assert pre_tokenizer_name(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))) == "gpt-2"
 
 
+@pytest.fixture(scope="module")
+def small_bpe(tmp_path_factory):
+    """A byte-level BPE tokenizer of 320 ids (the GGUF reader parses SmolLM2's 49,152 tokens in seconds)."""
+    from tokenizers import decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["the cat sat on the mat, and 12 cats sat there"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[1], eos_token=specials[2])
+    out = tmp_path_factory.mktemp("small-bpe")
+    fast.save_pretrained(out)
+    return fast
+
+
 def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
     """Llama 3.1's rope scaling (its paper's rule), as the factor dividing each frequency."""
     out = []
@@ -138,7 +158,8 @@ def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float
     return np.array(out, dtype=np.float32)
 
 
-def test_llama3_rope_scaling_a_tied_head_and_a_bos_adding_tokenizer(tmp_path, tokenizer_dir, tokenizer):
+def test_llama3_rope_scaling_a_tied_head_and_a_bos_adding_tokenizer(tmp_path, small_bpe):
+    tokenizer = small_bpe
     from tests.conftest import make_tiny_llama
 
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -202,3 +223,41 @@ def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, t
     yarn = make_tiny_llama(49152, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
     with pytest.raises(GGUFExportError, match="'yarn' rope scaling"):
         export_gguf(yarn, scaled, tmp_path / "yarn.gguf")
+
+
+# The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:
+# half a step of the block's range in 15 / 31 steps. Q4_0 / Q5_0: a whole step d = absmax / 8 (/ 16),
+# since the codes reach -8 d but only +7 d: the side opposite the largest weight is clipped by up to d.
+_HALF_STEP = {"q4_0": 1 / 7.9, "q4_1": 1 / 14.5, "q5_0": 1 / 15.9, "q5_1": 1 / 30}
+
+
+@pytest.mark.parametrize("out_type", sorted(_HALF_STEP))
+def test_four_and_five_bit_exports(tmp_path, small_bpe, out_type):
+    """The linears in the asked type, the embedding and the head in Q8_0, norms F32; each weight within
+    half a step of its value; transformers reads the file back (de-quantizing with the gguf package)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(small_bpe), hidden_size=64, intermediate_size=128)
+    pruned = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        pruned[pruned.abs() < pruned.abs().median()] = 0.0  # a SparsePEFT merge's zeros
+    source = tmp_path / "tiny"
+    model.save_pretrained(source)
+    small_bpe.save_pretrained(source)
+    report = export_gguf(model, source, tmp_path / "model.gguf", out_type)
+    qtype = out_type.upper()
+    assert report["tensor_types"] == {qtype: 2 * 7, "Q8_0": 2, "F32": 1 + 2 * 2}
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    assert int(reader.get_field("general.file_type").contents()) == gguf.LlamaFileType[f"MOSTLY_{qtype}"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    theirs = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        if key.endswith("_proj.weight"):
+            error = (theirs[key] - value).abs().max()
+            assert 0 < error <= _HALF_STEP[out_type] * value.abs().max(), key
+    assert torch.equal(theirs["model.norm.weight"], model.state_dict()["model.norm.weight"])
+    # Zero is a code of the symmetric types; the others' grids start at each block's minimum.
+    zeros = theirs["model.layers.1.mlp.down_proj.weight"][pruned == 0]
+    assert (zeros == 0).all() if out_type.endswith("_0") else (zeros != 0).any()

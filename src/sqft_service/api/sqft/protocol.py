@@ -69,8 +69,9 @@ class MergeAdapterRequest(BaseModel):
     fine_tuning_job_id: str
     adapter_version: str | None = None
     sub_adapter_version: str | None = None
-    # Extension: also write merged_model/model.gguf (llama.cpp, Ollama), other weights in this type;
-    # QA-SparsePEFT layers go as their trained integers (Q4_1 / Q5_1 / Q8_0 blocks).
+    # Extension: also write merged_model/model.gguf (llama.cpp, Ollama), other weights in this type
+    # (f32 … q4_0; with 4/5 bits the embedding and head in q8_0); QA-SparsePEFT layers go as their trained
+    # integers (Q4_1 / Q5_1 / Q8_0 blocks).
     gguf: GGUFType | None = None
     wait: bool = True
 
