@@ -225,6 +225,35 @@ def test_streaming_n_choices_equals_the_whole_answer(served, kind):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_greedy_choices_are_generated_once_and_given_to_each(served, tiny_model_dir):
+    """n greedy choices are n copies of the one greedy answer (each step the argmax of the same history),
+    so the engine generates one row: every forward has batch 1, and the usage still counts every choice."""
+    client, _ = served
+    model = str(tiny_model_dir)
+    args = {"max_tokens": 6, "temperature": 0, "logprobs": 2, "frequency_penalty": 0.5}
+    one = _complete(client, model, **args).json()
+    engine = client.app.state.inference_service.engine
+    [loaded] = [m for key, m in engine._models.items() if Path(key).resolve() == Path(model).resolve()]
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    batches: list[int] = []
+    hook = base.register_forward_pre_hook(lambda _m, _a, kw: batches.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        three = _complete(client, model, **args, n=3).json()
+        chunks = _events(_complete(client, model, **args, n=3, stream=True, stream_options={"include_usage": True}))
+    finally:
+        hook.remove()
+    assert batches and set(batches) == {1}
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    for choice in three["choices"]:
+        assert {k: v for k, v in choice.items() if k != "index"} == {
+            k: v for k, v in one["choices"][0].items() if k != "index"
+        }
+    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    texts, finishes = _per_choice(chunks[:-1], 3, "completion")
+    assert texts == [one["choices"][0]["text"]] * 3 and finishes == [one["choices"][0]["finish_reason"]] * 3
+    assert chunks[-1]["usage"] == three["usage"]
+
+
 def test_streaming_a_list_of_prompts_numbers_choices_as_the_whole_answer(served):
     client, jobs = served
     model = jobs["alpaca"]["fine_tuned_model"]
@@ -353,16 +382,17 @@ def test_running_out_of_device_memory_is_a_503_and_the_engine_goes_on(served, ti
 
     hook = base.register_forward_pre_hook(tight, with_kwargs=True)
     try:
-        resp = _complete(client, model, max_tokens=4, n=3, temperature=0)
+        # Sampled rows (greedy ones are generated once, as one row).
+        resp = _complete(client, model, max_tokens=4, n=3, temperature=1.0)
         assert resp.status_code == 503 and resp.headers["retry-after"] == "10", resp.text
         error = resp.json()["error"]
         assert error["code"] == "out_of_memory" and error["type"] == "server_error"
         assert "no memory left for 3 sequence(s)" in error["message"] and "`n`, `max_tokens`" in error["message"]
         # A stream has answered 200 before generating: the error is its last event.
-        streamed = _complete(client, model, max_tokens=4, n=2, temperature=0, stream=True).text.splitlines()
+        streamed = _complete(client, model, max_tokens=4, n=2, temperature=1.0, stream=True).text.splitlines()
         last = json.loads([line for line in streamed if line.startswith("data: ")][-1][len("data: ") :])
         assert last["error"]["code"] == "out_of_memory"
-        assert _complete(client, model, max_tokens=4, n=1, temperature=0).status_code == 200  # smaller fits
+        assert _complete(client, model, max_tokens=4, n=1, temperature=1.0).status_code == 200  # smaller fits
     finally:
         hook.remove()
-    assert _complete(client, model, max_tokens=4, n=3, temperature=0).status_code == 200
+    assert _complete(client, model, max_tokens=4, n=3, temperature=1.0).status_code == 200

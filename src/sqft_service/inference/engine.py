@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -265,16 +265,18 @@ class InferenceEngine:
                 first = score_token(texts, token, echo.after, sampling.logprobs or 0)
                 rows, scores = [[token]] * sampling.n, [[first]] * sampling.n
             else:
+                runs = _one_row(sampling)
                 recorder = Recorder(model, texts, sampling.logprobs or 0) if scored else None
-                scores = [[] for _ in range(sampling.n)] if scored else None
+                scores = [[] for _ in range(runs.n)] if scored else None
 
                 def keep(tokens: list[int]) -> None:
                     for row, token in enumerate(tokens):
                         scores[row].append(recorder.score(row, token))
 
                 with recorder or nullcontext():
-                    out = self._run(model, tokenizer, ids, sampling, _streamer(keep) if scored else None)
-                rows = out[:, len(ids) :].tolist()
+                    out = self._run(model, tokenizer, ids, runs, _streamer(keep) if scored else None)
+                rows = out[:, len(ids) :].tolist() * (sampling.n // runs.n)
+                scores = scores * (sampling.n // runs.n) if scores else None
         choices = []
         for row, tokens in enumerate(rows):
             decoder = Decoder(tokenizer, eos, sampling.stop)
@@ -352,16 +354,17 @@ class InferenceEngine:
             # One decoder per returned sequence: generate() expands the prompt to n rows and hands over
             # one token per row each step (a finished row gets padding, which its decoder ignores).
             decoders = [Decoder(tokenizer, eos, sampling.stop) for _ in range(sampling.n)]
+            runs = _one_row(sampling)  # greedy: one row generated, each token handed to every decoder
 
             def put(tokens: list[int]) -> None:
-                for index, token in enumerate(tokens):
-                    decoder = decoders[index]
-                    score = [recorder.score(index, token)] if recorder and not decoder.done else None
-                    if piece := decoder.push([token], score):
+                for index, decoder in enumerate(decoders):
+                    row = index % runs.n
+                    score = [recorder.score(row, tokens[row])] if recorder and not decoder.done else None
+                    if piece := decoder.push([tokens[row]], score):
                         sink.put((index, piece, decoder.new_logprobs()))
 
             def stopped() -> list[bool]:  # per row: a row whose decoder saw EOS or a stop string ends
-                return [cancel.is_set() or d.done for d in decoders]
+                return [cancel.is_set() or d.done for d in decoders[: runs.n]]
 
             with context:
                 echo = self._echo(model, tokenizer, ids, sampling)
@@ -370,7 +373,7 @@ class InferenceEngine:
                         sink.put((index, echo.text, list(echo.scores or ())))
                 if sampling.max_tokens:
                     with recorder or nullcontext():
-                        self._run(model, tokenizer, ids, sampling, _streamer(put), stopped)
+                        self._run(model, tokenizer, ids, runs, _streamer(put), stopped)
             for index, decoder in enumerate(decoders):
                 piece, scores = decoder.close(), decoder.new_logprobs()
                 if piece or scores:
@@ -489,6 +492,12 @@ class _Echo:
         logprobs = tuple(decoder.logprobs) if scored else None
         n = len(decoder.ids)
         return Choice(decoder.text, decoder.finish_reason or "length", n, logprobs, self.text, self.scores)
+
+
+def _one_row(sampling: Sampling) -> Sampling:
+    """What to generate for ``sampling``'s choices: greedy rows are all alike (each step the argmax of
+    the same history, through the same penalties, biases and guide), so one row, given to every choice."""
+    return replace(sampling, n=1) if sampling.greedy and sampling.n > 1 else sampling
 
 
 def _streamer(on_tokens: Callable[[list[int]], None]) -> Any:
