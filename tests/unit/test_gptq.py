@@ -68,6 +68,33 @@ def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
     assert result.error == pytest.approx(result.rtn_error)
 
 
+def test_linears_fed_one_input_share_its_hessian_and_are_quantized_as_if_alone():
+    """q, k, v (and gate, up) see one tensor: one Hessian, one stacked GPTQ, each row as it would be alone."""
+    from sqft_service.adapters.qa.gptq import _decoder_layers, _first_layer_inputs, _hessians, gptq_weights
+
+    model = _sparse_model()
+    (layer, members), _ = _decoder_layers(model, prunable_linears(model))
+    calls = _first_layer_inputs(model, layer, _samples(128, 4, 2))
+    hessians, fed = _hessians(layer, members, calls)
+    prefix = "model.layers.0."
+    groups = sorted(sorted(n.removeprefix(prefix) for n in names) for names in fed.values())
+    assert groups == [
+        ["mlp.down_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+    ]
+    first = next(first for first, names in fed.items() if len(names) == 3)
+    weights = [members[name].weight for name in fed[first]]
+    together = gptq_weights(weights, hessians[first], 4, GROUP)
+    for weight, result in zip(weights, together, strict=True):
+        alone = gptq_weight(weight, hessians[first], 4, GROUP)
+        assert torch.equal(result.float_weight, alone.float_weight)
+        assert torch.equal(result.quantizer.scale, alone.quantizer.scale)
+        assert torch.equal(result.quantizer.zero, alone.quantizer.zero)
+        assert result.error == pytest.approx(alone.error) and result.rtn_error == alone.rtn_error
+
+
 @pytest.fixture(scope="module")
 def gptq_dir(tmp_path_factory, tokenizer_dir):
     """A saved tiny Llama pruned by Wanda and quantized by GPTQ through ``model_ops.sparsify``."""

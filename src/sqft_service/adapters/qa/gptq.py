@@ -61,6 +61,49 @@ def gptq_weight(
     weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, block: int = 128
 ) -> LayerResult:
     """GPTQ of one ``(out, in)`` weight (unchanged) given ``H = X^T X`` of its inputs; zeros stay zeros."""
+    return gptq_weights([weight], hessian, bits, group_size, damp, block)[0]
+
+
+@torch.no_grad()
+def gptq_weights(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block: int = 128,
+) -> list[LayerResult]:
+    """GPTQ of weights that share their input (q, k, v; gate, up), as one: their rows stacked.
+
+    Every row is quantized on its own given ``H`` (the error spreads along a row, never across rows), so
+    stacking changes no result; it runs the column loop, GPTQ's Python-bound part, once instead of once
+    per weight, on wider vectors.
+    """
+    stacked = torch.cat([w.detach().float() for w in weights]) if len(weights) > 1 else weights[0]
+    quantizer, tilde = _gptq(stacked, hessian, bits, group_size, damp, block)
+    hess = hessian.float()
+    results, start = [], 0
+    for weight in weights:
+        rows = slice(start, start + weight.shape[0])
+        start = rows.stop
+        part = GroupQuantizer(scale=quantizer.scale[rows], zero=quantizer.zero[rows], bits=bits, group_size=group_size)
+        original = weight.detach().float()
+        rtn = GroupQuantizer.fit(original, bits, group_size).fake_quantize(original)
+        results.append(
+            LayerResult(
+                quantizer=part,
+                float_weight=tilde[rows],
+                error=_output_error(original, part.fake_quantize(tilde[rows]), hess),
+                rtn_error=_output_error(original, rtn, hess),
+            )
+        )
+    return results
+
+
+def _gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float, block: int
+) -> tuple[GroupQuantizer, torch.Tensor]:
+    """The column loop of GPTQ: the quantizer and ``W~`` of ``weight``."""
     w = weight.detach().float().clone()
     out, cols = w.shape
     if cols % group_size:
@@ -91,19 +134,10 @@ def gptq_weight(
             # The same operations as GroupQuantizer's fake quantization, so Q(W~) is these values exactly.
             q = ((torch.round(current / scale[:, g]) + zero[:, g]).clamp(0, qmax) - zero[:, g]) * scale[:, g]
             err = (w1[:, i] - q) / u1[i, i]  # a pruned weight's drift counts as error too
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(err, u1[i, i:], alpha=-1.0)  # in place: no (out, block) temporary
             err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    quantizer = GroupQuantizer(scale=scale, zero=zero, bits=bits, group_size=group_size)
-    original = weight.detach().float()
-    hess = hessian.float()
-    rtn = GroupQuantizer.fit(original, bits, group_size).fake_quantize(original)
-    return LayerResult(
-        quantizer=quantizer,
-        float_weight=tilde,
-        error=_output_error(original, quantizer.fake_quantize(tilde), hess),
-        rtn_error=_output_error(original, rtn, hess),
-    )
+    return GroupQuantizer(scale=scale, zero=zero, bits=bits, group_size=group_size), tilde
 
 
 class _Captured(Exception):
@@ -144,25 +178,46 @@ def _first_layer_inputs(model: nn.Module, first: nn.Module, samples: list[torch.
     return calls
 
 
-def _hessians(layer: nn.Module, members: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]) -> dict[str, Tensor]:
-    """``X^T X`` of each linear's inputs while ``layer`` runs on every recorded call."""
-    hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in members.items()}
+def _hessians(
+    layer: nn.Module, members: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]
+) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """``X^T X`` of the inputs of ``members`` while ``layer`` runs on every recorded call, once per input:
+    linears fed the same tensor (q, k, v; gate, up) share it. Returns the Hessians and the linears fed
+    each, both keyed by the first linear fed it."""
+    hessians: dict[str, Tensor] = {}
+    fed: dict[str, list[str]] = {}
+    seen: list[tuple[Tensor, str]] = []  # this call's inputs (held, so no later input reuses their memory)
 
     def make_hook(name: str):
         def hook(_module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            hessians[name] += x.T @ x
+            x = inputs[0]
+            first = next((lead for held, lead in seen if held is x), None)
+            if first is None:
+                seen.append((x, name))
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                if name not in hessians:
+                    hessians[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                    fed[name] = [name]
+                hessians[name] += flat.T @ flat
+            elif name not in fed[first]:
+                fed[first].append(name)
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in members.items()]
     try:
         for args, kwargs in calls:
+            seen.clear()
             layer(*args, **kwargs)
     finally:
+        seen.clear()
         for handle in handles:
             handle.remove()
-    return hessians
+    for name, m in members.items():  # a linear the calibration never reached: no input to compensate with
+        if not any(name in names for names in fed.values()):
+            hessians[name] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+            fed[name] = [name]
+    return hessians, fed
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -192,11 +247,13 @@ def gptq_quantize_(
     calls = _first_layer_inputs(model, layers[0][0], samples)
     results: dict[str, LayerResult] = {}
     for done, (layer, members) in enumerate(layers, start=1):
-        hessians = _hessians(layer, members, calls)
-        for name, linear in members.items():
-            result = gptq_weight(linear.weight, hessians[name], bits, group_size)
-            linear.weight.data = result.quantizer.fake_quantize(result.float_weight).to(linear.weight.dtype)
-            results[name] = result
+        hessians, fed = _hessians(layer, members, calls)
+        for first, names in fed.items():
+            weights = [members[name].weight for name in names]
+            for name, result in zip(names, gptq_weights(weights, hessians[first], bits, group_size), strict=True):
+                linear = members[name]
+                linear.weight.data = result.quantizer.fake_quantize(result.float_weight).to(linear.weight.dtype)
+                results[name] = result
         # The next layer is calibrated on this one's quantized outputs.
         for index, (args, kwargs) in enumerate(calls):
             output = layer(*args, **kwargs)
