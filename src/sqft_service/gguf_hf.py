@@ -142,8 +142,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
         GGUFExportError: a tokenizer or rope scaling llama.cpp would not run as transformers does.
     """
     params = _rope_parameters(config)
-    if params["rope_type"] not in ("default", "llama3", "linear"):
-        raise GGUFExportError(f"GGUF export writes no {params['rope_type']!r} rope scaling (default, llama3, linear)")
+    _check_rope(params["rope_type"])
     n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer.add_name(name)
@@ -187,6 +186,25 @@ def _adds_special(tokenizer: Tokenizer, special: gguf.SpecialVocab) -> dict[str,
     if eos is not None and len(ids) > len(plain) and ids[-1] == eos:  # rare: written only when it does
         added["eos"] = True
     return added
+
+
+def _check_rope(rope_type: str) -> None:
+    if rope_type not in ("default", "llama3", "linear"):
+        raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling (default, llama3, linear)")
+
+
+def check_source(model_dir: Path) -> None:
+    """What :func:`add_hf_fields` would refuse in ``model_dir``, found before a merge spends its time on it.
+
+    Raises:
+        GGUFExportError: a tokenizer or rope scaling GGUF export does not write.
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5's name, and 4's (read by 5 too)
+        if isinstance(params := config.get(key), dict):
+            _check_rope(params.get("rope_type", params.get("type", "default")))
+    _tokenizer_json(model_dir)
+    pre_tokenizer_name(Tokenizer.from_file(str(model_dir / "tokenizer.json")))
 
 
 def hf_architecture(config: Any) -> str:

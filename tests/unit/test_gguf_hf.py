@@ -16,7 +16,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from sqft_service.gguf_export import GGUFExportError, export_gguf
-from sqft_service.gguf_hf import pre_tokenizer_name
+from sqft_service.gguf_hf import check_source, pre_tokenizer_name
 from sqft_service.model_sources import export_source, hf_export_dir
 from sqft_service.training.models import convert_gguf
 
@@ -219,10 +219,18 @@ def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, t
     model = make_tiny_llama(49152)
     with pytest.raises(GGUFExportError, match="byte-level BPE"):
         export_gguf(model, spm, tmp_path / "spm.gguf")
+    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+        check_source(spm)  # what the merge job checks before merging
     scaled = _metadata_dir(tiny_model_dir, tmp_path / "yarn")
-    yarn = make_tiny_llama(49152, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    yarn = make_tiny_llama(49152, rope_parameters=rope)
     with pytest.raises(GGUFExportError, match="'yarn' rope scaling"):
         export_gguf(yarn, scaled, tmp_path / "yarn.gguf")
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    with pytest.raises(GGUFExportError, match="'yarn' rope scaling"):
+        check_source(scaled)
+    check_source(tiny_model_dir)  # a directory we write passes
 
 
 # The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:
