@@ -29,6 +29,7 @@ from .model_sources import HF_GGUF_ARCHITECTURES, GGUFExportError
 
 # The Split patterns of Llama 3's and Qwen2's tokenizer.json (the pre-tokenizers llama.cpp calls
 # "llama-bpe" and "qwen2"); Qwen2's differs in splitting every digit instead of runs of up to three.
+# (transformers' GGUF tokenizer loader holds the same two, privately, for the other direction.)
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
