@@ -76,8 +76,8 @@ def gptq_weights(
     """GPTQ of weights that share their input (q, k, v; gate, up), as one: their rows stacked.
 
     Every row is quantized on its own given ``H`` (the error spreads along a row, never across rows), so
-    stacking changes no result; it runs the column loop, GPTQ's Python-bound part, once instead of once
-    per weight, on wider vectors.
+    stacking changes no result (bit for bit); the column loop and the inverse Hessian then run once for
+    the group instead of once per weight.
     """
     stacked = torch.cat([w.detach().float() for w in weights]) if len(weights) > 1 else weights[0]
     quantizer, tilde = _gptq(stacked, hessian, bits, group_size, damp, block)
@@ -186,7 +186,7 @@ def _hessians(
     each, both keyed by the first linear fed it."""
     hessians: dict[str, Tensor] = {}
     fed: dict[str, list[str]] = {}
-    seen: list[tuple[Tensor, str]] = []  # this call's inputs (held, so no later input reuses their memory)
+    seen: list[tuple[Tensor, str]] = []  # this call's inputs so far, each with the first linear fed it
 
     def make_hook(name: str):
         def hook(_module: nn.Module, inputs: tuple) -> None:
