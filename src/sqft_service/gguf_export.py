@@ -152,11 +152,11 @@ def _gguf_layout(source: Path) -> _Layout:
 
 
 def _hf_layout(source: Path, config: Any) -> _Layout:
-    from .gguf_hf import add_hf_fields, hf_architecture, rope_factors
+    from .gguf_hf import add_hf_fields, head_dim, hf_architecture, rope_factors
 
     arch = hf_architecture(config)
     n_head = config.num_attention_heads
-    factors = rope_factors(config, getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    factors = rope_factors(config, head_dim(config))
     return _Layout(
         arch=arch,
         n_head=n_head,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-from .model_sources import HF_GGUF_ARCHITECTURES, GGUFExportError
+from .model_sources import GGUF_MODEL_TYPES, GGUFExportError
 
 # The Split patterns of Llama 3's and Qwen2's tokenizer.json (the pre-tokenizers llama.cpp calls
 # "llama-bpe" and "qwen2"); Qwen2's differs in splitting every digit instead of runs of up to three.
@@ -78,8 +78,14 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     )
 
 
-def _tokenizer_json(model_dir: Path) -> dict[str, Any]:
-    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+def _read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], Tokenizer]:
+    """``tokenizer.json`` (read once) as its JSON and as the tokenizer, if GGUF export writes it.
+
+    Raises:
+        GGUFExportError: not a byte-level BPE tokenizer, or one that normalizes text.
+    """
+    text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    data = json.loads(text)
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise GGUFExportError(
@@ -89,7 +95,12 @@ def _tokenizer_json(model_dir: Path) -> dict[str, Any]:
     normalizer = (data.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):  # llama.cpp normalizes nothing; NFC (Qwen2's) changes no typed text
         raise GGUFExportError(f"the tokenizer normalizes text ({normalizer}), which llama.cpp would not do")
-    return data
+    return data, Tokenizer.from_str(text)
+
+
+def head_dim(config: Any) -> int:
+    """The attention head width of a loaded config (set explicitly, or hidden size over heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _tokens(data: dict[str, Any], vocab_size: int) -> tuple[list[str], list[gguf.TokenType]]:
@@ -144,8 +155,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     """
     params = _rope_parameters(config)
     _check_rope(params["rope_type"])
-    n_head = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -156,17 +166,16 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     writer.add_rope_freq_base(float(params["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(width)
+    if width != config.hidden_size // n_head:
+        writer.add_key_length(width)
+        writer.add_value_length(width)
     if params["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
 
-    data = _tokenizer_json(model_dir)
+    data, tokenizer = _read_tokenizer(model_dir)
     writer.add_tokenizer_model("gpt2")
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
     writer.add_add_space_prefix(False)  # every pre-tokenizer named above splits "I" without a leading space
     tokens, types = _tokens(data, config.vocab_size)
@@ -204,8 +213,7 @@ def check_source(model_dir: Path) -> None:
     for key in ("rope_parameters", "rope_scaling"):  # transformers 5's name, and 4's (read by 5 too)
         if isinstance(params := config.get(key), dict):
             _check_rope(params.get("rope_type", params.get("type", "default")))
-    _tokenizer_json(model_dir)
-    pre_tokenizer_name(Tokenizer.from_file(str(model_dir / "tokenizer.json")))
+    pre_tokenizer_name(_read_tokenizer(model_dir)[1])
 
 
 def hf_architecture(config: Any) -> str:
@@ -214,10 +222,7 @@ def hf_architecture(config: Any) -> str:
     Raises:
         GGUFExportError: one we don't write.
     """
-    arch = HF_GGUF_ARCHITECTURES.get(getattr(config, "model_type", None) or "")
-    if arch is None:
-        raise GGUFExportError(
-            f"GGUF export writes {sorted(HF_GGUF_ARCHITECTURES)} model directories; this one is "
-            f"{getattr(config, 'model_type', None)!r}"
-        )
-    return arch
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_MODEL_TYPES:
+        raise GGUFExportError(f"GGUF export writes {list(GGUF_MODEL_TYPES)} model directories, not {model_type!r}")
+    return model_type

@@ -165,6 +165,10 @@ def merge(
         base_gguf = export_source(model)
         if base_gguf is None:
             raise GGUFExportError(NO_SOURCE_GGUF)
+        if base_gguf.suffix != ".gguf":  # settings and tokenizer derived from the directory: checked first
+            from .gguf_hf import check_source
+
+            check_source(base_gguf)
     model_dir = resolve_model_dir(model, model_cache_dir)
     # "auto": keep the dtype the base was saved in, so the merged model has it too.
     base = load_base_model(model_dir, dtype="auto")

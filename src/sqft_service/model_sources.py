@@ -22,8 +22,8 @@ class GGUFExportError(ValueError):
     """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
 
 
-# A Hugging Face config's ``model_type`` -> the GGUF architecture its export is written as.
-HF_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# The Hugging Face ``model_type``s a model directory's export is written for (GGUF names the architectures alike).
+GGUF_MODEL_TYPES = ("llama", "qwen2")
 
 NO_SOURCE_GGUF = (
     "a GGUF export takes the tokenizer and settings from the GGUF file the base model came from, or from "
@@ -56,7 +56,7 @@ def hf_export_dir(model: str) -> Path | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    known = isinstance(config, dict) and config.get("model_type") in HF_GGUF_ARCHITECTURES
+    known = isinstance(config, dict) and config.get("model_type") in GGUF_MODEL_TYPES
     return path if known and (path / "tokenizer.json").is_file() else None
 
 

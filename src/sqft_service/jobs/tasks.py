@@ -126,13 +126,6 @@ def merge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         if source is None:
             raise UserError(NO_SOURCE_GGUF, param="gguf")
         _model_access(ctx).check_model(str(source), "gguf")
-        if source.suffix != ".gguf":  # settings and tokenizer derived from the directory: checked first
-            from ..gguf_hf import check_source
-
-            try:
-                check_source(source)
-            except GGUFExportError as exc:
-                raise UserError(str(exc), param="gguf") from None
     ctx.sink.message(f"merging {p.adapter} into {p.model}{' (SparsePEFT: zeros kept)' if p.sparse else ''}")
     try:
         report = model_ops.merge(
