@@ -12,7 +12,10 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
 * random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
   ``rope_freqs``) and a tied head, and a random tiny Qwen2 with biases ("qwen2"): logits over 300
   positions, where the scaled rope frequencies matter (and, as a control, the Llama 3 one exported with
-  every rope factor 1).
+  every rope factor 1);
+* a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
+  Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself, and
+  logits.
 
 Prints and saves ``bench/results/<date>-gguf-hf-llamacpp-<host>.json``.
 """
@@ -210,6 +213,46 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     return result
 
 
+def _sentencepiece(work: Path) -> dict:
+    """A SentencePiece tokenizer (GGUF's ``llama`` model) with a tiny Llama and a tiny Mistral."""
+    import sentencepiece
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from sqft_service.gguf_export import export_gguf
+
+    from .hub_tokenizers import sentencepiece_tokenizer
+
+    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())
+    lines = [f"{r['instruction']} {r.get('input') or ''} {r['output']}" for r in records]
+    tokenizer = sentencepiece_tokenizer(work / "spm", lines, vocab_size=2000)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(work / "spm" / "tokenizer.model"))
+    shape = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    shape |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    results = {}
+    for kind, make in (
+        ("llama2", lambda: LlamaForCausalLM(LlamaConfig(**shape))),
+        ("mistral", lambda: MistralForCausalLM(MistralConfig(**shape, sliding_window=1024))),
+    ):
+        torch.manual_seed(0)
+        model = make().eval()
+        source = work / f"tiny-{kind}"
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        out = work / f"{kind}.gguf"
+        export_gguf(model, source, out, "f32")
+        llama = _llama(out)
+        same_as_sentencepiece = sum(
+            processor.encode(t) == llama.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS
+        )
+        ids = tokenizer.encode(" ".join(TEXTS[:4]), add_special_tokens=False)
+        results[kind] = {
+            "tokenization": _tokenization(tokenizer, llama),
+            "same_ids_as_sentencepiece": same_as_sentencepiece,
+            "logits": _compare_logits(model, llama, ids),
+        }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp-path", default=None, help="a directory where llama_cpp is installed")
@@ -217,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_cpp_path:
         sys.path.insert(0, args.llama_cpp_path)
     import llama_cpp
-    from tests.unit.test_gguf_hf import LLAMA3_PRE, SMOLLM_PRE
     from transformers import AutoTokenizer
 
-    qwen2_pre = json.loads(json.dumps(LLAMA3_PRE).replace("\\\\p{N}{1,3}", "\\\\p{N}"))
+    from .hub_tokenizers import LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gguf_file = default_model()
@@ -231,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             "smollm2_hub_pre": _smollm2(work, SMOLLM_PRE, "smollm2-hub"),
             "smollm2_as_converted": _smollm2(work, None, "smollm2-converted"),
             "tiny_llama3_rope_tied": _tiny(work, "llama3", tokenizer_dir, LLAMA3_PRE),
-            "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, qwen2_pre),
+            "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, QWEN2_PRE),
+            "sentencepiece": _sentencepiece(work),
         }
     print(json.dumps(figures, indent=1))
     print(f"saved {write_machine_results('gguf-hf-llamacpp', torch.get_num_threads(), figures)}")

@@ -22,12 +22,13 @@ class GGUFExportError(ValueError):
     """The model can't be written as GGUF (no source GGUF, an architecture we don't write, a mismatch)."""
 
 
-# The Hugging Face ``model_type``s a model directory's export is written for (GGUF names the architectures alike).
-GGUF_MODEL_TYPES = ("llama", "qwen2")
+# The Hugging Face ``model_type``s a model directory's export is written for, and their GGUF architectures.
+GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 NO_SOURCE_GGUF = (
     "a GGUF export takes the tokenizer and settings from the GGUF file the base model came from, or from "
-    "the base's directory (config.json of a Llama or Qwen2 model, and tokenizer.json); this job's base has neither"
+    "the base's directory (config.json of a Llama, Mistral or Qwen2 model, and tokenizer.json); this job's "
+    "base has neither"
 )
 
 

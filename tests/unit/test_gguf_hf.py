@@ -13,37 +13,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from bench.hub_tokenizers import LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE, sentencepiece_tokenizer
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from sqft_service.gguf_export import GGUFExportError, export_gguf
-from sqft_service.gguf_hf import check_source, pre_tokenizer_name
+from sqft_service.gguf_hf import check_source
+from sqft_service.gguf_tokenizer import pre_tokenizer_name
 from sqft_service.model_sources import export_source, hf_export_dir
 from sqft_service.training.models import convert_gguf
-
-# Llama 3's tokenizer.json pre-tokenizer, as the hub file spells it.
-LLAMA3_PRE = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {
-            "type": "Split",
-            "pattern": {
-                "Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
-                "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-            },
-            "behavior": "Isolated",
-            "invert": False,
-        },
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-    ],
-}
-# SmolLM2's on the hub: every digit alone, then GPT-2's byte-level split.
-SMOLLM_PRE = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ],
-}
 
 
 def _with_pre(pre: dict | None) -> Tokenizer:
@@ -54,8 +31,7 @@ def _with_pre(pre: dict | None) -> Tokenizer:
 
 def test_pre_tokenizers_are_named_by_how_they_split():
     assert pre_tokenizer_name(_with_pre(LLAMA3_PRE)) == "llama-bpe"
-    qwen2 = json.loads(json.dumps(LLAMA3_PRE).replace("\\\\p{N}{1,3}", "\\\\p{N}"))
-    assert pre_tokenizer_name(_with_pre(qwen2)) == "qwen2"
+    assert pre_tokenizer_name(_with_pre(QWEN2_PRE)) == "qwen2"
     assert pre_tokenizer_name(_with_pre(SMOLLM_PRE)) == "smollm"
     gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     assert pre_tokenizer_name(_with_pre(gpt2)) == "gpt-2"
@@ -195,7 +171,7 @@ def test_llama3_rope_scaling_a_tied_head_and_a_bos_adding_tokenizer(tmp_path, sm
     assert fields["llama.vocab_size"] == len(tokenizer) and fields["tokenizer.ggml.bos_token_id"] == bos
 
 
-def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, tiny_model_dir, gguf_path):
+def test_which_directories_are_sources_and_what_is_refused(tmp_path, tiny_model_dir, gguf_path):
     assert hf_export_dir(str(tiny_model_dir)) == tiny_model_dir
     assert export_source(str(tiny_model_dir)) == tiny_model_dir
     # A sparse model pruned from a GGUF takes the GGUF's metadata, not its own directory's.
@@ -204,12 +180,12 @@ def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, t
     assert export_source(str(sparse)) == gguf_path
     no_tokenizer = _metadata_dir(tiny_model_dir, tmp_path / "no-tokenizer")
     (no_tokenizer / "tokenizer.json").unlink()
-    mistral = _metadata_dir(tiny_model_dir, tmp_path / "mistral")
-    config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    for path in (no_tokenizer, mistral, tmp_path / "missing", tmp_path):
+    gemma = _metadata_dir(tiny_model_dir, tmp_path / "gemma")
+    config = json.loads((gemma / "config.json").read_text())
+    (gemma / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    for path in (no_tokenizer, gemma, tmp_path / "missing", tmp_path):
         assert export_source(str(path)) is None, path
-    # A SentencePiece-style tokenizer (byte fallback) is refused with the reason, nothing written.
+    # Byte fallback with a byte-level decoder is neither kind llama.cpp runs: refused, nothing written.
     from tests.conftest import make_tiny_llama
 
     spm = _metadata_dir(tiny_model_dir, tmp_path / "spm")
@@ -217,9 +193,10 @@ def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, t
     data["model"]["byte_fallback"] = True
     (spm / "tokenizer.json").write_text(json.dumps(data))
     model = make_tiny_llama(49152)
-    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+    with pytest.raises(GGUFExportError, match="decoder is not SentencePiece's"):
         export_gguf(model, spm, tmp_path / "spm.gguf")
-    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+    assert not (tmp_path / "spm.gguf").exists()
+    with pytest.raises(GGUFExportError, match="decoder is not SentencePiece's"):
         check_source(spm)  # what the merge job checks before merging
     scaled = _metadata_dir(tiny_model_dir, tmp_path / "yarn")
     rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
@@ -231,6 +208,120 @@ def test_only_byte_level_bpe_llama_and_qwen2_directories_are_sources(tmp_path, t
     with pytest.raises(GGUFExportError, match="'yarn' rope scaling"):
         check_source(scaled)
     check_source(tiny_model_dir)  # a directory we write passes
+
+
+def _lines() -> list[str]:
+    """Text to train a tokenizer on: code and prose of a few standard modules (the same on every run)."""
+    import argparse
+    import inspect
+    import textwrap
+
+    return [line for m in (argparse, textwrap) for line in inspect.getsource(m).splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sentencepiece")
+    sentencepiece_tokenizer(out, _lines(), vocab_size=600)
+    return out
+
+
+# Texts with code, runs of spaces, newlines and tabs, digits, and characters outside the vocabulary (bytes).
+_TEXTS = [
+    "Hello world, this is a test.",
+    "def parse_args(self, args=None):\n    return self._parse(args)\n",
+    "two  spaces\n\nnewlines\tand tabs 12345 über 東京 🚀",
+]
+
+
+def test_sentencepiece_tokenizers_export_as_llamas(tmp_path, sentencepiece_dir):
+    """A Llama 2-style tokenizer becomes GGUF's ``llama`` model: scores in the order of its merges, byte
+    tokens BYTE, ``<unk>`` UNKNOWN, the prefix space, BOS added; transformers builds its tokenizer back from
+    the GGUF's tokens and scores and encodes every text to the same ids. (llama.cpp itself:
+    ``make bench-gguf-hf``.) The hub's older spelling of the same pipeline gives the same fields."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import make_tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    source = tmp_path / "llama2-like"
+    make_tiny_llama(len(tokenizer), hidden_size=64).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    model = make_tiny_llama(len(tokenizer), hidden_size=64)
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields = _fields(reader)
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in fields
+    assert fields["tokenizer.ggml.add_space_prefix"] is True and fields["tokenizer.ggml.add_bos_token"] is True
+    assert [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("unknown", "bos", "eos")] == [0, 1, 2]
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert types.count(gguf.TokenType.BYTE) == 256 and tokens[types.index(gguf.TokenType.BYTE)] == "<0x00>"
+    scores = fields["tokenizer.ggml.scores"]
+    merges = json.loads((source / "tokenizer.json").read_text())["model"]["merges"]
+    first, last = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in (merges[0], merges[-1]))
+    assert scores[tokens.index(first)] == 0.0 and scores[tokens.index(last)] == -(len(merges) - 1)
+    assert scores[3] == -len(merges)  # a byte: no merge makes it
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    for text in _TEXTS:
+        ids = tokenizer.encode(text)
+        assert back.encode(text) == ids and len(ids) < len(text.encode()) * 0.8, text
+    # The same tokenizer as the hub's Llama 2 files spell it: normalizers instead of the Metaspace.
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = None
+    data["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    export_gguf(model, source, tmp_path / "older.gguf", "f32")
+    older = _fields(gguf.GGUFReader(str(tmp_path / "older.gguf")))
+    assert {k: v for k, v in older.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in fields.items() if k.startswith("tokenizer.")
+    }
+    # Split at every space: llama.cpp merges across them, so refused, the pipeline named.
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(GGUFExportError, match="splits at spaces"):
+        check_source(source)
+
+
+def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sentencepiece_dir):
+    """Mistral is GGUF's ``llama`` architecture, as llama.cpp's converter writes it; that has no sliding
+    window, so the context length written is the window, where the two attend alike. transformers reads
+    the file back as the same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=128,
+    )
+    model = MistralForCausalLM(config).eval()
+    source = tmp_path / "tiny-mistral"  # (transformers' GGUF reader fails a file named exactly "mistral")
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert export_source(str(source)) == source
+    check_source(source)
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    fields = _fields(gguf.GGUFReader(str(tmp_path / "model.gguf")))
+    assert fields["general.architecture"] == "llama" and fields["llama.context_length"] == 128
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode(_TEXTS[1])])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
 # The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:

@@ -95,6 +95,32 @@ def test_linears_fed_one_input_share_its_hessian_and_are_quantized_as_if_alone()
         assert result.error == pytest.approx(alone.error) and result.rtn_error == alone.rtn_error
 
 
+def test_calibration_batches_pad_on_the_right_and_leave_the_pads_out():
+    """Samples of different lengths run together, right-padded: every layer's Hessians and the quantized
+    model are those of one sample at a time (to float rounding), the pads counted nowhere."""
+    from sqft_service.adapters.qa.gptq import _batches, _decoder_layers, _first_layer_inputs, _hessians
+
+    gen = torch.Generator().manual_seed(3)
+    samples = [torch.randint(3, 128, (1, n), generator=gen) for n in (48, 9, 31, 48, 17, 2, 40)]
+    batches = _batches(samples, max_tokens=100)
+    assert [tuple(ids.shape) for ids, _ in batches] == [(2, 48), (2, 40), (3, 17)]  # longest first
+    assert sum(int(real.sum()) for _, real in batches) == sum(s.numel() for s in samples)
+    model = _sparse_model()
+    (layer, members), _ = _decoder_layers(model, prunable_linears(model))
+    alone, _ = _hessians(layer, members, _first_layer_inputs(model, layer, samples, max_tokens=1))
+    together, _ = _hessians(layer, members, _first_layer_inputs(model, layer, samples, max_tokens=100))
+    assert alone.keys() == together.keys()
+    for name, hessian in alone.items():
+        assert torch.allclose(together[name], hessian, rtol=1e-4, atol=1e-3), name
+    one, batched = _sparse_model(), _sparse_model()
+    gptq_quantize_(one, prunable_linears(one), samples, 4, GROUP, batch_tokens=1)
+    gptq_quantize_(batched, prunable_linears(batched), samples, 4, GROUP, batch_tokens=100)
+    changed = [(a - b).abs().max() for a, b in zip(one.parameters(), batched.parameters(), strict=True)]
+    # A weight on a rounding boundary may take the neighbouring code: at most one step (16 at 4 bits).
+    step = max(w.abs().max() for w in one.parameters()) / 7
+    assert max(changed) <= step and sum(bool(c > 0) for c in changed) <= 2
+
+
 @pytest.fixture(scope="module")
 def gptq_dir(tmp_path_factory, tokenizer_dir):
     """A saved tiny Llama pruned by Wanda and quantized by GPTQ through ``model_ops.sparsify``."""
