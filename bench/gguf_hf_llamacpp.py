@@ -14,8 +14,8 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   positions, where the scaled rope frequencies matter (and, as a control, the Llama 3 one exported with
   every rope factor 1);
 * a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
-  Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself, and
-  logits.
+  Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
+  of a text with special tokens in it), and logits.
 
 Prints and saves ``bench/results/<date>-gguf-hf-llamacpp-<host>.json``.
 """
@@ -245,8 +245,17 @@ def _sentencepiece(work: Path) -> dict:
             processor.encode(t) == llama.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS
         )
         ids = tokenizer.encode(" ".join(TEXTS[:4]), add_special_tokens=False)
+        after_special = "Which is a mammal?</s> A whale</s>\nB: a shark"
+        ours = tokenizer.encode(after_special, add_special_tokens=False)
+        theirs = llama.tokenize(after_special.encode(), add_bos=False, special=True)
         results[kind] = {
             "tokenization": _tokenization(tokenizer, llama),
+            # transformers' Metaspace (prepend_scheme "first") adds no "▁" after a special token; llama.cpp does
+            "text_after_special_tokens": {
+                "same_ids": ours == theirs,
+                "transformers": tokenizer.convert_ids_to_tokens(ours),
+                "llama.cpp": tokenizer.convert_ids_to_tokens(theirs),
+            },
             "same_ids_as_sentencepiece": same_as_sentencepiece,
             "logits": _compare_logits(model, llama, ids),
         }

@@ -59,6 +59,29 @@ def test_wanda_uses_calibration_norms():
     assert (q_wanda[:, 0] != 0).all() and (q_mag[:, 0] == 0).any()
 
 
+def test_wanda_norms_batched_leave_the_padding_out():
+    """Calibration samples of different lengths run right-padded together: the input norms (and so the
+    masks) are those of one sample at a time, to float rounding; the pads count nowhere."""
+    from sqft_service.adapters.sparsify import _input_norms
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 128, (1, n), generator=gen) for n in (30, 5, 17, 30, 2)]
+    model = tiny()
+    layers = prunable_linears(model)
+    alone = _input_norms(model, layers, calib, max_tokens=1)
+    together = _input_norms(model, layers, calib, max_tokens=64)
+    for name, norms in alone.items():
+        assert torch.allclose(together[name], norms, rtol=1e-6), name
+    # Without the mask the pads' rows would count: the norms would grow.
+    padded = [torch.cat([c, torch.zeros(1, 30 - c.shape[1], dtype=c.dtype)], 1) for c in calib]
+    grown = _input_norms(model, layers, padded, max_tokens=1)
+    assert all((grown[n] > alone[n]).any() for n in alone)
+    one, batched = tiny(), tiny()
+    sparsify_model(one, "wanda", 0.5, calibration_input_ids=calib, batch_tokens=1)
+    sparsify_model(batched, "wanda", 0.5, calibration_input_ids=calib)
+    assert all(torch.equal(a == 0, b == 0) for a, b in zip(one.parameters(), batched.parameters(), strict=True))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="calibration_input_ids"):
         sparsify_model(tiny(), "wanda", 0.5)

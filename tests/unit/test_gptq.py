@@ -98,11 +98,12 @@ def test_linears_fed_one_input_share_its_hessian_and_are_quantized_as_if_alone()
 def test_calibration_batches_pad_on_the_right_and_leave_the_pads_out():
     """Samples of different lengths run together, right-padded: every layer's Hessians and the quantized
     model are those of one sample at a time (to float rounding), the pads counted nowhere."""
-    from sqft_service.adapters.qa.gptq import _batches, _decoder_layers, _first_layer_inputs, _hessians
+    from sqft_service.adapters.calibration import calibration_batches
+    from sqft_service.adapters.qa.gptq import _decoder_layers, _first_layer_inputs, _hessians
 
     gen = torch.Generator().manual_seed(3)
     samples = [torch.randint(3, 128, (1, n), generator=gen) for n in (48, 9, 31, 48, 17, 2, 40)]
-    batches = _batches(samples, max_tokens=100)
+    batches = calibration_batches(samples, max_tokens=100)
     assert [tuple(ids.shape) for ids, _ in batches] == [(2, 48), (2, 40), (3, 17)]  # longest first
     assert sum(int(real.sum()) for _, real in batches) == sum(s.numel() for s in samples)
     model = _sparse_model()

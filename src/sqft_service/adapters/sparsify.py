@@ -6,9 +6,9 @@ e.g. ``model.layers.3.mlp.up_proj``); embeddings and ``lm_head`` stay dense, as 
 * ``magnitude``: score ``|W|``.
 * ``wanda`` (Sun et al., 2023, arXiv 2306.11695): score ``|W_ij| * ||X_j||_2``, where ``||X_j||`` is the
   L2 norm of input feature ``j`` over every calibration token reaching the layer. Norms are collected
-  in one pass of the dense model with forward pre-hooks (the reference Wanda code instead prunes layer
-  by layer, feeding each layer the outputs of the already-pruned ones; one pass is cheaper and is
-  what "Wanda without sequential calibration" computes).
+  in one pass of the dense model with forward pre-hooks, the samples batched (``calibration.py``). (The
+  reference Wanda code instead prunes layer by layer, feeding each layer the outputs of the
+  already-pruned ones; one pass is cheaper and is what "Wanda without sequential calibration" computes.)
 
 Both compare scores per output row (Wanda's comparison group; for magnitude it keeps every output
 neuron equally sparse): each row loses its ``round(sparsity * in_features)`` lowest-scoring weights.
@@ -18,12 +18,14 @@ highest scores instead (``sparsity`` is then implied: ``1 - N/M``).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..errors import InvalidConfigurationError
+from .calibration import CALIBRATION_BATCH_TOKENS, calibration_batches
 from .peft_utils import layer_index
 from .sparse import sparsity_report
 
@@ -59,26 +61,30 @@ def _parse_pattern(pattern: str) -> tuple[int, int]:
 
 @torch.no_grad()
 def _input_norms(
-    model: nn.Module, layers: dict[str, nn.Linear], samples: list[torch.Tensor]
+    model: nn.Module, layers: dict[str, nn.Linear], samples: list[torch.Tensor], max_tokens: int
 ) -> dict[str, torch.Tensor]:
     # Kept on each layer's device: a GPU calibration pass then never waits on a copy to the host.
     sq_sums = {
         name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in layers.items()
     }
+    real: list[torch.Tensor] = []  # this batch's real-token mask: padding counts nowhere
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = (args[0].detach().double() * real[0]).reshape(-1, args[0].shape[-1])
             sq_sums[name] += (x * x).sum(0)
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     device = next(model.parameters()).device
+    # Only the last position's logits (transformers' ``logits_to_keep``): the head's GEMM over every
+    # token is work no norm needs.
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
-        for ids in samples:
-            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-            model(input_ids=ids.to(device))
+        for ids, mask in calibration_batches(samples, max_tokens):
+            real[:] = [mask.to(device, torch.float64)]
+            model(input_ids=ids.to(device), use_cache=False, **head)
     finally:
         for handle in handles:
             handle.remove()
@@ -110,6 +116,7 @@ def sparsify_model(
     sparsity: float = 0.5,
     pattern: str | None = None,
     calibration_input_ids: list[torch.Tensor] | None = None,
+    batch_tokens: int = CALIBRATION_BATCH_TOKENS,
 ) -> dict[str, Any]:
     """Zero weights of the decoder linears in place.
 
@@ -118,7 +125,8 @@ def sparsify_model(
         method: ``magnitude`` or ``wanda``.
         sparsity: Fraction of each row to zero (ignored with ``pattern``).
         pattern: ``"N:M"`` semi-structured sparsity (e.g. ``"2:4"``), or ``None`` for unstructured.
-        calibration_input_ids: Token-id tensors (``[seq]`` or ``[batch, seq]``) for ``wanda``.
+        calibration_input_ids: Token-id tensors (``[seq]`` or ``[1, seq]``) for ``wanda``.
+        batch_tokens: Tokens per calibration forward, padding included (``calibration.py``; 1: a sample at a time).
 
     Returns:
         ``method``, ``sparsity`` (target), ``pattern``, ``overall`` achieved zero fraction and
@@ -147,7 +155,7 @@ def sparsify_model(
     if method == "wanda":
         if not calibration_input_ids:
             raise ValueError("wanda pruning needs calibration_input_ids")
-        norms = _input_norms(model, layers, calibration_input_ids)
+        norms = _input_norms(model, layers, calibration_input_ids, batch_tokens)
     for name, module in layers.items():
         weight = module.weight
         score = weight.detach().abs().float()

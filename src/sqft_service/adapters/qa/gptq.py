@@ -5,7 +5,8 @@ spreads each column's rounding error over the columns not yet quantized, weighte
 Hessian ``H = X^T X`` of the layer's calibration inputs, so the layer's *outputs* move less than with
 round-to-nearest (RTN). Decoder layers are quantized in order, each calibrated on the outputs of the
 already-quantized ones (the reference "sequential" mode), by replaying the arguments the model gave its
-first decoder layer (AutoGPTQ's "catcher"), so one forward of each layer per sample suffices.
+first decoder layer (AutoGPTQ's "catcher"), so one forward of each layer per calibration batch suffices
+(samples batched right-padded: ``adapters/calibration.py``).
 
 Three things differ from the reference code, and are why this is written here instead of taken from
 AutoGPTQ / GPTQModel (which also need their CUDA kernels and write their own packed formats):
@@ -31,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from ..calibration import CALIBRATION_BATCH_TOKENS, calibration_batches
 from .quantizer import GroupQuantizer, save_quantizers
 
 QUANTIZED_BASE_FILE = "sqft_quantized_base.safetensors"  # in a GPTQ base's model directory
@@ -156,13 +158,6 @@ def _decoder_layers(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tup
     return [(modules[path], layers[path]) for path in ordered]
 
 
-# Tokens per calibration forward: samples run together, right-padded, so each layer's GEMMs see a few
-# thousand rows instead of one sample's hundred or so (4 SmolLM2 layers, 128 ARC-E samples: see
-# bench/gptq_speed.py). Right padding needs no attention mask: under the causal mask a sample's tokens
-# never attend to the pads after them, and the pads' rows are left out of the Hessians.
-CALIBRATION_BATCH_TOKENS = 4096
-
-
 @dataclass
 class _Call:
     """One recorded call of a decoder layer: its arguments, and which rows are real tokens (1) or padding (0)."""
@@ -172,32 +167,10 @@ class _Call:
     real: Tensor  # [batch, seq, 1]
 
 
-def _batches(samples: list[torch.Tensor], max_tokens: int) -> list[tuple[Tensor, Tensor]]:
-    """The samples as right-padded batches of at most ``max_tokens`` (padding included), longest first,
-    each with its real-token mask."""
-    flat = sorted((ids.reshape(-1) for ids in samples), key=len, reverse=True)
-    groups: list[list[Tensor]] = []
-    for ids in flat:
-        if groups and len(groups[-1][0]) * (len(groups[-1]) + 1) <= max_tokens:
-            groups[-1].append(ids)
-        else:
-            groups.append([ids])
-    out = []
-    for group in groups:
-        width = len(group[0])
-        batch = torch.zeros(len(group), width, dtype=group[0].dtype)
-        real = torch.zeros(len(group), width, 1)
-        for row, ids in enumerate(group):
-            batch[row, : len(ids)] = ids
-            real[row, : len(ids)] = 1.0
-        out.append((batch, real))
-    return out
-
-
 def _first_layer_inputs(
     model: nn.Module, first: nn.Module, samples: list[torch.Tensor], max_tokens: int = CALIBRATION_BATCH_TOKENS
 ) -> list[_Call]:
-    """The arguments the model calls its first decoder layer with, batch by batch (:func:`_batches`)."""
+    """The arguments the model calls its first decoder layer with, batch by batch (``calibration_batches``)."""
     calls: list[_Call] = []
     device = next(model.parameters()).device
 
@@ -207,7 +180,7 @@ def _first_layer_inputs(
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for ids, real in _batches(samples, max_tokens):
+        for ids, real in calibration_batches(samples, max_tokens):
             real = real.to(device)
             try:
                 model(input_ids=ids.to(device), use_cache=False)
