@@ -250,3 +250,29 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
         assert 0 < s.label_tokens < s.real_tokens <= s.padded_tokens
         assert 0 < s.seconds < 60 and math.isfinite(s.loss) and s.loss > 0
     assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
+    """The recipe knows no architecture: a pruned Mistral or Qwen2 (biases on q/k/v) trains an NLS,
+    SparsePEFT, QA-SparsePEFT adapter whose loss falls, and merges to an INT model as sparse as its base."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from sqft_service.adapters.sparsify import sparsify_model
+    from sqft_service.model_ops import merge
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3)
+    shape |= dict(num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1)
+    shape |= dict(eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = MistralForCausalLM(MistralConfig(**shape)) if kind == "mistral" else Qwen2ForCausalLM(Qwen2Config(**shape))
+    sparsify_model(model, "magnitude", 0.5)
+    base = tmp_path / kind
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    sink = MemorySink()
+    result = run_training(make_cfg(base, train_file, lora=sqft_lora(), epochs=2), tmp_path / "out", sink)
+    curve = losses(sink)
+    assert sum(curve[-3:]) < sum(curve[:3]), curve
+    report = merge(str(base), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
+    assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
