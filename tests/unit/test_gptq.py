@@ -106,6 +106,8 @@ def test_calibration_batches_pad_on_the_right_and_leave_the_pads_out():
     batches = calibration_batches(samples, max_tokens=100)
     assert [tuple(ids.shape) for ids, _ in batches] == [(2, 48), (2, 40), (3, 17)]  # longest first
     assert sum(int(real.sum()) for _, real in batches) == sum(s.numel() for s in samples)
+    with pytest.raises(ValueError, match="one sequence each"):
+        calibration_batches([torch.zeros(2, 5, dtype=torch.long)], max_tokens=100)
     model = _sparse_model()
     (layer, members), _ = _decoder_layers(model, prunable_linears(model))
     alone, _ = _hessians(layer, members, _first_layer_inputs(model, layer, samples, max_tokens=1))
