@@ -135,6 +135,8 @@ def read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], Tokenizer, str]:
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         sentencepiece_prefix(data)
+        if not model.get("merges"):  # llama.cpp would merge any pair the vocabulary holds; BPE then none
+            raise GGUFExportError("the SentencePiece-style tokenizer has no merges for llama.cpp to rank tokens by")
         return data, tokenizer, "llama"
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
         raise GGUFExportError(

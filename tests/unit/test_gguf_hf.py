@@ -289,6 +289,11 @@ def test_sentencepiece_tokenizers_export_as_llamas(tmp_path, sentencepiece_dir):
     (source / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(GGUFExportError, match="splits at spaces"):
         check_source(source)
+    data["pre_tokenizer"] = {**data["pre_tokenizer"], "split": False}
+    data["model"]["merges"] = []
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(GGUFExportError, match="no merges"):
+        check_source(source)
 
 
 def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sentencepiece_dir):
