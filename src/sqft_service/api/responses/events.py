@@ -9,7 +9,7 @@ import json
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from ...inference.engine import drain
 from ...tool_calls import CallParser, HeldStream
@@ -89,6 +89,31 @@ def answer_events(
             yield "response.output_item.done", {"output_index": index, "item": item}
     done = response.ended(output, finish, n_prompt, final.completion_tokens)
     return done, text or None if calls else text, calls
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def mapped(events: Generator[Event, None, R], each: Callable[[str, dict[str, Any]], T]) -> Generator[T, None, R]:
+    """``each(kind, data)`` of every event of ``events`` in turn, then what ``events`` returns (so
+    ``answer = yield from mapped(...)`` streams them and keeps the answer; :func:`returned` where
+    nothing is streamed)."""
+    while True:
+        try:
+            kind, data = next(events)
+        except StopIteration as stop:
+            return stop.value
+        yield each(kind, data)
+
+
+def returned(generator: Generator[Any, None, R]) -> R:
+    """Run ``generator`` to its end, for what it returns."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from ..inference.protocol import ChatCompletionRequest
 from ..inference.service import InferenceService
 from ..limits import page_of
 from ..owner import current_owner, owned_by_caller
-from .events import EventLog, answer_events, error_data, replayed, sse
+from .events import EventLog, answer_events, error_data, mapped, replayed, returned, sse
 from .protocol import (
     DeletedResponse,
     InputItemList,
@@ -207,20 +207,17 @@ class ResponseService:
     ) -> None:
         """Drain a background response's generation (its own thread) into its event log, storing it in
         progress at its first event and as it ended at its last."""
-        events = answer_events(response, item_id, n_prompt, sink, parser)
+
+        def record(kind: str, data: dict[str, Any]) -> None:
+            if kind == "response.in_progress":
+                with running.lock:
+                    if not running.ended:
+                        self.store.update(response.id, data["response"])
+            running.log.add(kind, data)
+
         try:
             try:
-                while True:
-                    try:
-                        kind, data = next(events)
-                    except StopIteration as stop:
-                        answer = stop.value
-                        break
-                    if kind == "response.in_progress":
-                        with running.lock:
-                            if not running.ended:
-                                self.store.update(response.id, data["response"])
-                    running.log.add(kind, data)
+                answer = returned(mapped(answer_events(response, item_id, n_prompt, sink, parser), record))
             except Exception as exc:  # a fault of ours: the response fails, its readers are not left waiting
                 log.exception("background response %s", response.id)
                 running.cancel.set()
@@ -260,15 +257,9 @@ class ResponseService:
         def event(kind: str, data: dict[str, Any]) -> str:
             return sse({"type": kind, "sequence_number": next(numbers), **data})
 
-        events = answer_events(response, item_id, n_prompt, sink, parser)
         try:
             yield event("response.created", {"response": response.model_dump()})
-            while True:
-                try:
-                    yield event(*next(events))
-                except StopIteration as stop:
-                    answer = stop.value
-                    break
+            answer = yield from mapped(answer_events(response, item_id, n_prompt, sink, parser), event)
             if isinstance(answer, Exception):
                 yield event("error", {**error_data(answer), "param": None})
                 return
