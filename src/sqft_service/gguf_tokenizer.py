@@ -122,14 +122,26 @@ def sentencepiece_prefix(data: dict[str, Any]) -> bool:
     )
 
 
+def _as_transformers_loads_it(model_dir: Path) -> str:
+    """The tokenizer transformers loads from ``model_dir``, as ``tokenizer.json`` text: the one the model
+    was trained with. transformers 5 rebuilds some tokenizers (Llama's: its Metaspace, whether it adds
+    BOS) from ``tokenizer_config.json``, whatever ``tokenizer.json`` spells."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer.to_str()
+    except Exception as exc:  # transformers raises many types; the merge reports one sentence
+        raise GGUFExportError(f"transformers could not load the tokenizer of {model_dir.name}: {exc}") from exc
+
+
 def read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], Tokenizer, str]:
-    """``tokenizer.json`` (read once) as its JSON, as the tokenizer, and as GGUF's tokenizer model
-    (``gpt2`` or ``llama``), if GGUF export writes it.
+    """The tokenizer of ``model_dir`` (loaded once) as ``tokenizer.json``'s JSON, as the tokenizer, and as
+    GGUF's tokenizer model (``gpt2`` or ``llama``), if GGUF export writes it.
 
     Raises:
         GGUFExportError: a tokenizer llama.cpp would not run as transformers does.
     """
-    text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    text = _as_transformers_loads_it(model_dir)
     data = json.loads(text)
     tokenizer = Tokenizer.from_str(text)
     model, decoder = data.get("model") or {}, data.get("decoder") or {}

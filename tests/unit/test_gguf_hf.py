@@ -267,7 +267,8 @@ def test_sentencepiece_tokenizers_export_as_llamas(tmp_path, sentencepiece_dir):
     for text in _TEXTS:
         ids = tokenizer.encode(text)
         assert back.encode(text) == ids and len(ids) < len(text.encode()) * 0.8, text
-    # The same tokenizer as the hub's Llama 2 files spell it: normalizers instead of the Metaspace.
+    # The same tokenizer as the hub's Llama 2 files spell it (normalizers instead of the Metaspace), loaded
+    # as a Llama tokenizer (transformers 5 rebuilds its pipeline) or kept as the file says: the same fields.
     data = json.loads((source / "tokenizer.json").read_text())
     data["pre_tokenizer"] = None
     data["normalizer"] = {
@@ -278,12 +279,13 @@ def test_sentencepiece_tokenizers_export_as_llamas(tmp_path, sentencepiece_dir):
         ],
     }
     (source / "tokenizer.json").write_text(json.dumps(data))
-    export_gguf(model, source, tmp_path / "older.gguf", "f32")
-    older = _fields(gguf.GGUFReader(str(tmp_path / "older.gguf")))
-    assert {k: v for k, v in older.items() if k.startswith("tokenizer.")} == {
-        k: v for k, v in fields.items() if k.startswith("tokenizer.")
-    }
-    # Split at every space: llama.cpp merges across them, so refused, the pipeline named.
+    tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    for tokenizer_class in ("LlamaTokenizer", "PreTrainedTokenizerFast"):
+        _set_tokenizer_config(source, tokenizer_class=tokenizer_class)
+        export_gguf(model, source, tmp_path / "older.gguf", "f32")
+        older = _fields(gguf.GGUFReader(str(tmp_path / "older.gguf")))
+        assert {k: v for k, v in older.items() if k.startswith("tokenizer.")} == tokenizer_fields, tokenizer_class
+    # Split at every space (kept as the file says): llama.cpp merges across spaces, so refused.
     data["normalizer"] = None
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     (source / "tokenizer.json").write_text(json.dumps(data))
@@ -294,6 +296,33 @@ def test_sentencepiece_tokenizers_export_as_llamas(tmp_path, sentencepiece_dir):
     (source / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(GGUFExportError, match="no merges"):
         check_source(source)
+
+
+def _set_tokenizer_config(model_dir: Path, **fields) -> None:
+    path = model_dir / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def test_the_prefix_space_is_the_one_transformers_loads(tmp_path, sentencepiece_dir):
+    """transformers 5 rebuilds a Llama tokenizer's Metaspace from ``tokenizer_config.json`` whatever
+    ``tokenizer.json`` spells; the model was trained on what transformers loaded, and the GGUF follows it."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import make_tiny_llama
+
+    source = tmp_path / "never"
+    shutil.copytree(sentencepiece_dir, source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    model = make_tiny_llama(len(AutoTokenizer.from_pretrained(source)), hidden_size=64)
+    for tokenizer_class, prefix in (("LlamaTokenizer", True), ("PreTrainedTokenizerFast", False)):
+        _set_tokenizer_config(source, tokenizer_class=tokenizer_class)
+        first = AutoTokenizer.from_pretrained(source).tokenize("hello")[0]
+        assert first.startswith("▁") is prefix, tokenizer_class
+        export_gguf(model, source, tmp_path / "model.gguf", "f32")
+        fields = _fields(gguf.GGUFReader(str(tmp_path / "model.gguf")))
+        assert fields["tokenizer.ggml.add_space_prefix"] is prefix, tokenizer_class
 
 
 def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sentencepiece_dir):
