@@ -1,6 +1,7 @@
-"""A model directory's ``tokenizer.json`` as GGUF tokenizer fields, for ``gguf_hf`` (export of a merge).
+"""A model directory's tokenizer as GGUF tokenizer fields, for ``gguf_hf`` (export of a merge).
 
-Two kinds, the two llama.cpp runs from a Hugging Face BPE tokenizer:
+The tokenizer is the one transformers loads (serialized as ``tokenizer.json``), the one the model was
+trained with. Two kinds, the two llama.cpp runs from a Hugging Face BPE tokenizer:
 
 - byte-level BPE (Llama 3, Qwen2, SmolLM2, GPT-2) as GGUF's ``gpt2`` model: every id's token and type,
   the merges, and the name of the pre-tokenizer, which llama.cpp runs from its own table of regexes and so
@@ -124,8 +125,8 @@ def sentencepiece_prefix(data: dict[str, Any]) -> bool:
 
 def _as_transformers_loads_it(model_dir: Path) -> str:
     """The tokenizer transformers loads from ``model_dir``, as ``tokenizer.json`` text: the one the model
-    was trained with. transformers 5 rebuilds some tokenizers (Llama's: its Metaspace, whether it adds
-    BOS) from ``tokenizer_config.json``, whatever ``tokenizer.json`` spells."""
+    was trained with. transformers 5 rebuilds some tokenizers' pipelines (Llama's Metaspace) from their
+    class and ``tokenizer_config.json``, whatever ``tokenizer.json`` spells."""
     from transformers import AutoTokenizer
 
     try:
