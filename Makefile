@@ -17,7 +17,7 @@ $(error EXTRAS: unknown extra "$(filter-out ray,$(EXTRAS))"; the one `make insta
 endif
 ARGS ?=
 
-.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-gguf-hf bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft bench-rft-sampling load fuzz lint format clean
+.PHONY: install serve test test-fast bench bench-gpu bench-gguf bench-gguf-hf bench-calibration bench-dpo bench-batch bench-lm-eval bench-tools bench-evals bench-rft bench-rft-sampling load fuzz lint format clean
 
 install: $(STAMP) $(if $(filter ray,$(EXTRAS)),$(RAY_STAMP))
 
@@ -66,6 +66,10 @@ bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 # GGUF exports of plain model directories (settings and tokenizer derived) against transformers, in llama.cpp.
 bench-gguf-hf: $(LLAMACPP)/llama_cpp/__init__.py
 	$(PY) -m bench.gguf_hf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
+
+# Wanda's and GPTQ's calibration a sample at a time against batched, SmolLM2 on ARC-E (bench/calibration_speed.py).
+bench-calibration: $(STAMP)
+	$(PY) -m bench.calibration_speed $(ARGS)
 
 # Preference fine-tuning (DPO) against SFT on the same replies, ARC-E pairs on SmolLM2 (bench/dpo.py).
 bench-dpo: $(STAMP)
