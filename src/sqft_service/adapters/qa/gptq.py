@@ -126,16 +126,18 @@ def _gptq(
         i2 = min(i1 + block, cols)
         w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col, g = i1 + i, (i1 + i) // group_size
+            col = i1 + i
             if col % group_size == 0:
+                g = col // group_size
                 group = w1[:, i : i + group_size] * keep[:, col : col + group_size]
                 fitted = GroupQuantizer.fit(group, bits, group_size)
                 scale[:, g], zero[:, g] = fitted.scale[:, 0], fitted.zero[:, 0]
+                s, z = scale[:, g], zero[:, g]  # this group's, read once (the loop is dispatch-bound)
             current = w1[:, i] * keep[:, col]
             tilde[:, col] = current
             # The same operations as GroupQuantizer's fake quantization, so Q(W~) is these values exactly.
-            q = ((torch.round(current / scale[:, g]) + zero[:, g]).clamp(0, qmax) - zero[:, g]) * scale[:, g]
-            err = (w1[:, i] - q) / u1[i, i]  # a pruned weight's drift counts as error too
+            q = ((torch.round(current / s) + z).clamp_(0, qmax) - z).mul_(s)
+            err = (w1[:, i] - q).div_(u1[i, i])  # a pruned weight's drift counts as error too
             w1[:, i:].addr_(err, u1[i, i:], alpha=-1.0)  # in place: no (out, block) temporary
             err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
