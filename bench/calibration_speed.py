@@ -81,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{task} {name}: {seconds[name][-1]:.1f} s", flush=True)
         (one, one_report), (batched, batched_report) = last["one_sample_per_forward"], last["batched"]
         other = dict(batched.named_parameters())
-        weights = {n: p for n, p in one.named_parameters() if n.startswith(prefixes) and n.endswith("proj.weight")}
-        if task == "wanda":
-            weights = {n: p for n, p in one.named_parameters() if n.endswith("proj.weight")}
+        scope = () if task == "wanda" else prefixes  # Wanda prunes every layer; GPTQ quantized the first few
+        weights = {n: p for n, p in one.named_parameters() if n.startswith(scope or "") and n.endswith("proj.weight")}
         figures[task] = {
             **({"layers": args.layers, "bits": 4, "group_size": 64} if task == "gptq" else {"sparsity": 0.5}),
             "seconds": {name: [round(s, 2) for s in runs] for name, runs in seconds.items()},
