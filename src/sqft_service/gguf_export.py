@@ -2,8 +2,8 @@
 
 The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
 came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
-goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama and
-Qwen2 architectures (a Mistral GGUF is a Llama one).
+goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama, Qwen2
+and Qwen3 architectures (a Mistral GGUF is a Llama one).
 
 QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
 ``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -52,10 +52,23 @@ _BLOCKED = {t for t in _WEIGHT_TYPES.values() if t.name.startswith("Q")}
 # The embedding and the head (the embedding again when tied) are what 4- and 5-bit types hurt most:
 # llama.cpp's quantizer gives the head more bits too. They go Q8_0 when the rest is 4 or 5 bits.
 _WIDE = ("token_embd.weight", "output.weight")
-# Architectures whose tensor layout we write and test, and whether llama.cpp stores their q/k rows
-# interleaved for its rotary kernel (``_permute``: Llama's, not Qwen2's); another architecture needs its
-# own rules checked before it is listed.
-_ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
+
+
+class _Arch(NamedTuple):
+    """How llama.cpp stores an architecture's tensors, where it differs from transformers."""
+
+    model_arch: gguf.MODEL_ARCH
+    permuted: bool  # q/k rows interleaved for llama.cpp's rotary kernel (``_permute``): Llama's, not Qwen's
+    norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by 1 + weight, llama.cpp's by weight
+
+
+# Architectures whose tensor layout we write and test; another needs its own rules checked before it is listed.
+_ARCHITECTURES = {
+    "llama": _Arch(gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": _Arch(gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": _Arch(gguf.MODEL_ARCH.QWEN3, False),
+    "gemma3": _Arch(gguf.MODEL_ARCH.GEMMA3, False, norm_shift=1.0),
+}
 _BLOCK = 32  # the block length of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
 
 
@@ -197,7 +210,7 @@ def export_gguf(
         raise GGUFExportError(f"unknown GGUF type {out_type!r}: one of {', '.join(GGUF_TYPES)}")
     config = getattr(model, "config", None)
     layout = _gguf_layout(source) if source.suffix == ".gguf" else _hf_layout(source, config)
-    model_arch, permuted = _ARCHITECTURES[layout.arch]
+    model_arch, permuted, norm_shift = _ARCHITECTURES[layout.arch]
     names = gguf.get_tensor_name_map(model_arch, layout.n_blocks)
     state = {}
     for key, tensor in model.state_dict().items():
@@ -226,6 +239,8 @@ def export_gguf(
             continue
         module, tensor = state[name]
         weight = tensor.detach().float().cpu().numpy()
+        if norm_shift and name.endswith("norm.weight"):
+            weight = weight + np.float32(norm_shift)
         if weight.shape != layout.shapes.get(name, weight.shape):
             raise GGUFExportError(
                 f"{name}: the model's {weight.shape} differs from the base GGUF's {layout.shapes[name]}"

@@ -5,14 +5,16 @@ A merge of a GGUF base copies that file's metadata; a base that is a model direc
 settings from the config, and the tokenizer (``gguf_tokenizer.py``: byte-level BPE and SentencePiece BPE).
 
 Llama (also Llama 3's rope scaling, written as ``rope_freqs`` as the converter does), Mistral (GGUF's
-``llama`` architecture, as the converter writes it; llama.cpp has no sliding window there, so the context
-length written is the window: within it, attention is the same) and Qwen2. Other rope scalings and
-tokenizers are refused with the reason, never written wrong.
+``llama`` architecture, as the converter writes it), Qwen2 and Qwen3 (its q/k norms are tensors the name
+map knows). llama.cpp has no sliding window in these architectures, so a model that slides (Mistral,
+a Qwen with ``use_sliding_window``) gets its window as the context length: within it, attention is the
+same. Gemma 3 (text; ``gemma3_text``) has its sliding window in llama.cpp, whose other settings are fixed
+there (``_check_gemma3``); its norms are shifted by one on writing (``gguf_export``). Other rope scalings,
+settings and tokenizers are refused with the reason, never written wrong.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,12 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    # transformers 5 holds rope_theta and the scaling in ``rope_parameters``; 4.x in two attributes.
+def _rope_parameters(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    # transformers 5 holds rope_theta and the scaling in ``rope_parameters`` (one per layer type where the
+    # types differ: Gemma 3's); 4.x in two attributes.
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))
     return params
@@ -59,9 +64,13 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     """
     params = _rope_parameters(config)
     _check_rope(params["rope_type"])
+    gemma3 = hf_architecture(config) == "gemma3"
+    if gemma3:
+        _check_gemma3(config)
     n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(name)
-    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    slides = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    window = getattr(config, "sliding_window", None) if slides else None
     writer.add_context_length(min(config.max_position_embeddings, window or config.max_position_embeddings))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -72,9 +81,11 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(width)
-    if width != config.hidden_size // n_head:
+    if width != config.hidden_size // n_head or gemma3:
         writer.add_key_length(width)
         writer.add_value_length(width)
+    if gemma3:
+        writer.add_sliding_window(config.sliding_window)
     if params["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
@@ -87,16 +98,41 @@ def _check_rope(rope_type: str) -> None:
         raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling (default, llama3, linear)")
 
 
+def _check_gemma3(config: Any) -> None:
+    """Refuse a Gemma 3 that llama.cpp would run otherwise than transformers: llama.cpp's Gemma 3 takes
+    neither the layer pattern, nor the sliding layers' rope, nor the query scale from the file."""
+    n_layers, problems = config.num_hidden_layers, []
+    every_sixth = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    if list(getattr(config, "layer_types", None) or every_sixth) != every_sixth:
+        problems.append("global attention at layers other than every sixth")
+    local = _rope_parameters(config, "sliding_attention")
+    if local["rope_type"] != "default" or float(local["rope_theta"]) != 10000.0:
+        problems.append(f"a sliding-layer rope other than the default with base 10000 ({local})")
+    # llama.cpp scales queries by 1/sqrt(head width), or by 1/sqrt(hidden / heads) for 62 layers (27B).
+    scalar = config.hidden_size // config.num_attention_heads if n_layers == 62 else head_dim(config)
+    if float(config.query_pre_attn_scalar) != scalar:
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar}, not {scalar}")
+    for flag in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(config, flag, None):
+            problems.append(f"{flag} {getattr(config, flag)}")
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        problems.append(f"the activation {config.hidden_activation}, not gelu_pytorch_tanh")
+    if problems:
+        raise GGUFExportError(f"GGUF export writes Gemma 3 as llama.cpp runs it; this one has {'; '.join(problems)}")
+
+
 def check_source(model_dir: Path) -> None:
     """What :func:`add_hf_fields` would refuse in ``model_dir``, found before a merge spends its time on it.
 
     Raises:
-        GGUFExportError: a tokenizer or rope scaling GGUF export does not write.
+        GGUFExportError: a tokenizer, rope scaling or architecture setting GGUF export does not write.
     """
-    config = json.loads((model_dir / "config.json").read_text())
-    for key in ("rope_parameters", "rope_scaling"):  # transformers 5's name, and 4's (read by 5 too)
-        if isinstance(params := config.get(key), dict):
-            _check_rope(params.get("rope_type", params.get("type", "default")))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)  # the config file alone: milliseconds
+    _check_rope(_rope_parameters(config)["rope_type"])
+    if hf_architecture(config) == "gemma3":
+        _check_gemma3(config)
     read_tokenizer(model_dir)
 
 

@@ -20,6 +20,7 @@ for SentencePiece the ``tokenizer.model`` file, which a saved transformers token
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -97,7 +98,7 @@ def _steps(step: Any) -> list[Any]:
 def sentencepiece_prefix(data: dict[str, Any]) -> bool:
     """Whether a SentencePiece-style ``tokenizer.json`` puts a ``▁`` before the text (llama.cpp's
     ``add_space_prefix``), the way transformers writes it (a Metaspace pre-tokenizer) or the hub's older
-    files do (normalizers ``Prepend("▁")`` then ``Replace(" ", "▁")``).
+    files do (normalizers ``Prepend("▁")`` then ``Replace(" ", "▁")``; Gemma's: the Replace alone).
 
     Raises:
         GGUFExportError: a pipeline llama.cpp's SentencePiece tokenizer would not reproduce.
@@ -115,7 +116,9 @@ def sentencepiece_prefix(data: dict[str, Any]) -> bool:
     steps = _steps(normalizer)
     replace = [s for s in steps if _is(s, "Replace", content=_SPACE) and s.get("pattern") == {"String": " "}]
     prepend = [s for s in steps if _is(s, "Prepend", prepend=_SPACE)]
-    if pre is None and replace and len(steps) == len(replace) + len(prepend):
+    # transformers 5's Gemma tokenizer also splits at " ", of which its Replace normalizer leaves none.
+    no_op_split = _is(pre, "Split", pattern={"String": " "})
+    if (pre is None or no_op_split) and replace and len(steps) == len(replace) + len(prepend):
         return bool(prepend)
     raise GGUFExportError(
         "the tokenizer is byte-fallback BPE but not SentencePiece's pipeline (a Metaspace pre-tokenizer, or the "
@@ -127,12 +130,21 @@ def _as_transformers_loads_it(model_dir: Path) -> str:
     """The tokenizer transformers loads from ``model_dir``, as ``tokenizer.json`` text: the one the model
     was trained with. transformers 5 rebuilds some tokenizers' pipelines (Llama's Metaspace) from their
     class and ``tokenizer_config.json``, whatever ``tokenizer.json`` spells."""
+    # A merge checks the tokenizer before it starts and writes it after: one load (seconds for a 128k
+    # vocabulary) serves both while the tokenizer files are unchanged.
+    files = [*sorted(model_dir.glob("*token*")), model_dir / "config.json"]
+    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file())
+    return _load_tokenizer_text(str(model_dir), stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer_text(model_dir: str, _stamps: tuple) -> str:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer.to_str()
+        return AutoTokenizer.from_pretrained(model_dir).backend_tokenizer.to_str()
     except Exception as exc:  # transformers raises many types; the merge reports one sentence
-        raise GGUFExportError(f"transformers could not load the tokenizer of {model_dir.name}: {exc}") from exc
+        raise GGUFExportError(f"transformers could not load the tokenizer of {Path(model_dir).name}: {exc}") from exc
 
 
 def read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], Tokenizer, str]:
@@ -154,7 +166,7 @@ def read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], Tokenizer, str]:
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
         raise GGUFExportError(
             "GGUF export writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2, GPT-2) and SentencePiece BPE "
-            f"ones (Llama 2, Mistral); this model's tokenizer.json is a {model.get('type')!r} model with a "
+            f"ones (Llama 2, Mistral, Gemma); this model's tokenizer.json is a {model.get('type')!r} model with a "
             f"{decoder.get('type')!r} decoder"
         )
     normalizer = (data.get("normalizer") or {}).get("type")

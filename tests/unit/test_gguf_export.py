@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from bench.tiny_llama import make_tiny_causal_lm
 
 from sqft_service.adapters.qa.quantizer import GroupQuantizer
 from sqft_service.gguf_export import GGUFExportError, copy_fields, export_gguf, int_blocks
@@ -196,21 +197,7 @@ def _tiny_qwen2_gguf(path: Path, tokenizer_gguf: Path):
     """A random 2-layer Qwen2 written as an F32 GGUF with SmolLM2's tokenizer: a base of another
     architecture (q/k/v biases, q/k rows not permuted). transformers loads it as the same model (checked
     here); llama.cpp gave the same logits (bench machine, llama-cpp-python 0.3.36, max diff 2e-4)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=49152,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    model = make_tiny_causal_lm("qwen2", 49152, hidden_size=64, intermediate_size=128)
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_context_length(512)
     writer.add_embedding_length(64)

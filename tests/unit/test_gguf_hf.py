@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from bench.hub_tokenizers import LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE, sentencepiece_tokenizer
+from bench.tiny_llama import make_tiny_causal_lm
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from sqft_service.gguf_export import GGUFExportError, export_gguf
@@ -329,21 +330,10 @@ def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sente
     """Mistral is GGUF's ``llama`` architecture, as llama.cpp's converter writes it; that has no sliding
     window, so the context length written is the window, where the two attend alike. transformers reads
     the file back as the same weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=128,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = make_tiny_causal_lm("mistral", len(tokenizer), hidden_size=64, intermediate_size=128, sliding_window=128)
     source = tmp_path / "tiny-mistral"  # (transformers' GGUF reader fails a file named exactly "mistral")
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
@@ -356,6 +346,114 @@ def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sente
     ids = torch.tensor([tokenizer.encode(_TEXTS[1])])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, small_bpe):
+    """Qwen3: GGUF's ``qwen3`` architecture, its per-head q/k norms as F32 tensors, its head width (wider
+    than hidden size over heads) as the key and value lengths, Qwen2's pre-tokenizer; a sliding window
+    becomes the context length."""
+    model = make_tiny_causal_lm(
+        "qwen3", len(small_bpe), hidden_size=64, intermediate_size=128, head_dim=32, tie_word_embeddings=True
+    )
+    with torch.no_grad():  # norms away from 1, so a norm written wrong (or not at all) shows in the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    source = tmp_path / "tiny-qwen3"
+    model.save_pretrained(source)
+    small_bpe.save_pretrained(source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": QWEN2_PRE}))
+    assert export_source(str(source)) == source
+    check_source(source)
+    report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    assert report["tensor_types"] == {"F32": 1 + 1 + 2 * (7 + 4)}  # embedding, norm; 7 linears + 4 norms
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "qwen3" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 32
+    assert fields["qwen3.context_length"] == 512
+    # transformers' GGUF reader takes no head width from a qwen3 file (it would build 16-wide heads), so the
+    # tensors are compared here, and llama.cpp runs the file (make bench-gguf-hf).
+    tensors = {t.name: t.data for t in reader.tensors}
+    layer = model.model.layers[1].self_attn
+    for name, weight in (("attn_q_norm", layer.q_norm), ("attn_k_norm", layer.k_norm), ("attn_q", layer.q_proj)):
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"], weight.weight.detach().numpy()), name
+    assert np.array_equal(tensors["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy())
+    model.config.use_sliding_window, model.config.sliding_window = True, 64
+    export_gguf(model, source, tmp_path / "sliding.gguf", "f32")
+    assert _fields(gguf.GGUFReader(str(tmp_path / "sliding.gguf")))["qwen3.context_length"] == 64
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gemma-tokenizer")
+    sentencepiece_tokenizer(out, _lines(), vocab_size=600, style="gemma")
+    return out
+
+
+def _tiny_gemma3(vocab_size: int, **overrides):
+    """Six layers (five sliding, one global: llama.cpp's pattern), heads wider than hidden size over heads,
+    every norm away from zero (Gemma scales by 1 + weight, so a shift left out shows)."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32)
+    shape |= dict(sliding_window=16, bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    model = make_tiny_causal_lm("gemma3_text", vocab_size, **(shape | overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path, gemma_tokenizer_dir):
+    """Gemma 3 (text) is GGUF's ``gemma3``: every norm written as 1 + weight (llama.cpp multiplies by the
+    weight), the four norms of a layer, key/value length and sliding window written, the Gemma tokenizer
+    (no space prefix: transformers 5's Replace normalizer and no-op Split) as SentencePiece. transformers'
+    GGUF reader takes the shift back off, and that GGUF as a base exports the same file. A Gemma 3 that
+    llama.cpp would run otherwise is refused, before the merge (``check_source``) and at export, naming
+    what differs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+    model = _tiny_gemma3(len(tokenizer))
+    source = tmp_path / "tiny-gemma3"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert export_source(str(source)) == source
+    check_source(source)
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t for t in reader.tensors}
+    assert fields["general.architecture"] == "gemma3" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["gemma3.attention.key_length"] == fields["gemma3.attention.value_length"] == 32
+    assert fields["gemma3.attention.sliding_window"] == 16 and fields["gemma3.context_length"] == 512
+    assert fields["tokenizer.ggml.add_space_prefix"] is False and fields["tokenizer.ggml.add_bos_token"] is True
+    norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
+    assert {f"blk.5.{n}.weight" for n in norms} <= tensors.keys() and "output.weight" not in tensors
+    written = tensors["blk.5.post_ffw_norm.weight"].data
+    assert np.array_equal(written, model.model.layers[5].post_feedforward_layernorm.weight.detach().numpy() + 1)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    theirs = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(theirs[key], value, atol=1e-6), key
+    # A merge of that GGUF as a base (metadata copied from it) writes the same tensors again.
+    export_gguf(loaded, tmp_path / "model.gguf", tmp_path / "again.gguf", "f32")
+    again = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert again.keys() == tensors.keys()
+    assert all(np.allclose(again[name], tensors[name].data, atol=1e-6) for name in again)
+    for overrides, named in (
+        (dict(query_pre_attn_scalar=256), "query_pre_attn_scalar 256, not 32"),
+        (dict(layer_types=["full_attention"] * 6), "global attention at layers other than every sixth"),
+        (dict(final_logit_softcapping=30.0), "final_logit_softcapping 30.0"),
+    ):
+        other = _tiny_gemma3(len(tokenizer), **overrides)
+        directory = tmp_path / f"other-{len(named)}"
+        other.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        with pytest.raises(GGUFExportError, match=named):
+            check_source(directory)
+        with pytest.raises(GGUFExportError, match=named):
+            export_gguf(other, directory, tmp_path / "other.gguf")
 
 
 # The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench.tiny_llama import make_tiny_causal_lm
 
 from sqft_service.adapters.nls import ELASTIC_CONFIG_FILE, STATS_FILE
 from sqft_service.config import FinetuneConfig, LoraSection
@@ -252,20 +253,15 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
     assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
-def test_mistral_and_qwen2_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
-    """The recipe knows no architecture: a pruned Mistral or Qwen2 (biases on q/k/v) trains an NLS,
-    SparsePEFT, QA-SparsePEFT adapter whose loss falls, and merges to an INT model as sparse as its base."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_mistral_and_qwen_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
+    """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms) or
+    Gemma 3 (sliding layers, four norms a layer, scaled embeddings) trains an NLS, SparsePEFT, QA-SparsePEFT
+    adapter whose loss falls, and merges to an INT model as sparse as its base."""
     from sqft_service.adapters.sparsify import sparsify_model
     from sqft_service.model_ops import merge
 
-    torch.manual_seed(0)
-    shape = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3)
-    shape |= dict(num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1)
-    shape |= dict(eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    model = MistralForCausalLM(MistralConfig(**shape)) if kind == "mistral" else Qwen2ForCausalLM(Qwen2Config(**shape))
+    model = make_tiny_causal_lm(kind, len(tokenizer), num_hidden_layers=3, initializer_range=0.3).train()
     sparsify_model(model, "magnitude", 0.5)
     base = tmp_path / kind
     model.save_pretrained(base)

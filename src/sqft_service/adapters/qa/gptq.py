@@ -174,20 +174,22 @@ def _first_layer_inputs(
 ) -> list[_Call]:
     """The arguments the model calls its first decoder layer with, batch by batch (``calibration_batches``)."""
     calls: list[_Call] = []
+    caught: list[tuple[tuple, dict]] = []
     device = next(model.parameters()).device
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append(_Call(args, kwargs, real))
+        caught.append((args, kwargs))
         raise _Captured
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for ids, real in calibration_batches(samples, max_tokens):
-            real = real.to(device)
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Captured:
                 pass
+            args, kwargs = caught.pop()
+            calls.append(_Call(args, kwargs, real.to(device)))
     finally:
         handle.remove()
     return calls
