@@ -11,8 +11,10 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   of the export in each weight type, in llama.cpp, against transformers in float32;
 * random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
   ``rope_freqs``) and a tied head, a random tiny Qwen2 with biases ("qwen2") and a random tiny Qwen3
-  (q/k norms, heads wider than hidden size over heads, a tied head): logits over 300 positions, where the
-  scaled rope frequencies matter (and, as a control, the Llama 3 one exported with every rope factor 1);
+  (q/k norms, heads wider than hidden size over heads, a tied head) and a random tiny SmolLM3 (no rope at
+  every fourth layer): logits over 300 positions, where the scaled rope frequencies matter (and, as
+  controls, the Llama 3 one exported with every rope factor 1, and the SmolLM3 file against transformers
+  with rope at every layer);
 * a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
   Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
   of a text with special tokens in it), and logits;
@@ -51,10 +53,19 @@ TEXTS = [
 
 
 def _llama(path: Path, n_ctx: int = 512):
+    """llama.cpp on ``path`` with a float32 KV cache: these runs check the file, and llama.cpp's default
+    float16 cache alone puts random models of a few sharp layers 0.03-0.25 apart from transformers."""
     import llama_cpp
 
     return llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, logits_all=True, n_threads=torch.get_num_threads(), verbose=False, n_batch=512
+        str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        n_threads=torch.get_num_threads(),
+        verbose=False,
+        n_batch=512,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
     )
 
 
@@ -185,6 +196,8 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    elif kind == "smollm3":  # 4 layers, the 4th rope-less
+        model = make_tiny_causal_lm("smollm3", 49152, num_hidden_layers=4, tie_word_embeddings=True, **shape)
     else:
         model = make_tiny_causal_lm(kind, 49152, **shape)
     with torch.no_grad():  # weights big enough that the attention pattern (and so the rope) shows in the logits
@@ -203,6 +216,13 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     export_gguf(model, source, out, "f32")
     ids = torch.randint(20, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     result = {"pre_tokenizer": _pre(out), "logits": _compare_logits(model, _llama(out), ids)}
+    if kind == "smollm3":  # the control: transformers with rope at every layer, against the same file
+        import copy
+
+        roped = copy.deepcopy(model)
+        for layer in roped.model.layers:
+            layer.self_attn.use_rope = 1
+        result["logits_against_rope_everywhere"] = _compare_logits(roped, _llama(out), ids)
     if kind == "llama3":  # the control: the same export with every rope factor 1 (the scaling left out)
         from unittest import mock
 
@@ -283,8 +303,8 @@ def _gemma3(work: Path) -> dict:
     shape |= dict(sliding_window=64, max_position_embeddings=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     model = make_tiny_causal_lm("gemma3_text", len(tokenizer), **shape)
     # Every norm (q/k's too) scales by 1 + weight in 0.5..1.5: written without the shift, a norm would scale
-    # by -0.5..0.5. (Sharper attention, q/k norms of 3 to 5, amplifies llama.cpp's float16 KV cache through
-    # 12 random layers: 0.9 apart, the window and the rope left out alike.)
+    # by -0.5..0.5. (Sharper attention, q/k norms of 3 to 5, makes 12 random layers chaotic: 0.5 apart even
+    # with a float32 KV cache, and as far for a model whose window spans the whole text.)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -338,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiny_llama3_rope_tied": _tiny(work, "llama3", tokenizer_dir, LLAMA3_PRE),
             "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, QWEN2_PRE),
             "tiny_qwen3_wide_heads_tied": _tiny(work, "qwen3", tokenizer_dir, QWEN2_PRE),
+            "tiny_smollm3_nope_tied": _tiny(work, "smollm3", tokenizer_dir, LLAMA3_PRE),
             "sentencepiece": _sentencepiece(work),
             "tiny_gemma3_sliding": _gemma3(work),
         }

@@ -9,8 +9,9 @@ Llama (also Llama 3's rope scaling, written as ``rope_freqs`` as the converter d
 map knows). llama.cpp has no sliding window in these architectures, so a model that slides (Mistral,
 a Qwen with ``use_sliding_window``) gets its window as the context length: within it, attention is the
 same. Gemma 3 (text; ``gemma3_text``) has its sliding window in llama.cpp, whose other settings are fixed
-there (``_check_gemma3``); its norms are shifted by one on writing (``gguf_export``). Other rope scalings,
-settings and tokenizers are refused with the reason, never written wrong.
+there (``_check_gemma3``); its norms are shifted by one on writing (``gguf_export``). SmolLM3 is Llama
+with no rope at every fourth layer, which llama.cpp fixes in its code too (``_check_smollm3``). Other
+rope scalings, settings and tokenizers are refused with the reason, never written wrong.
 """
 
 from __future__ import annotations
@@ -64,9 +65,8 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     """
     params = _rope_parameters(config)
     _check_rope(params["rope_type"])
+    _check_fixed_settings(config)
     gemma3 = hf_architecture(config) == "gemma3"
-    if gemma3:
-        _check_gemma3(config)
     n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(name)
     slides = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
@@ -121,6 +121,25 @@ def _check_gemma3(config: Any) -> None:
         raise GGUFExportError(f"GGUF export writes Gemma 3 as llama.cpp runs it; this one has {'; '.join(problems)}")
 
 
+def _check_smollm3(config: Any) -> None:
+    """Refuse a SmolLM3 whose rope-less layers are not llama.cpp's: every fourth, fixed in its code."""
+    every_fourth = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if list(config.no_rope_layers) != every_fourth:
+        raise GGUFExportError(
+            "GGUF export writes SmolLM3 as llama.cpp runs it, without rope at every fourth layer only; this "
+            f"one's no_rope_layers are {config.no_rope_layers}"
+        )
+
+
+def _check_fixed_settings(config: Any) -> None:
+    """What llama.cpp fixes in its code for the architecture, checked against the config."""
+    arch = hf_architecture(config)
+    if arch == "gemma3":
+        _check_gemma3(config)
+    elif arch == "smollm3":
+        _check_smollm3(config)
+
+
 def check_source(model_dir: Path) -> None:
     """What :func:`add_hf_fields` would refuse in ``model_dir``, found before a merge spends its time on it.
 
@@ -131,8 +150,7 @@ def check_source(model_dir: Path) -> None:
 
     config = AutoConfig.from_pretrained(model_dir)  # the config file alone: milliseconds
     _check_rope(_rope_parameters(config)["rope_type"])
-    if hf_architecture(config) == "gemma3":
-        _check_gemma3(config)
+    _check_fixed_settings(config)
     read_tokenizer(model_dir)
 
 

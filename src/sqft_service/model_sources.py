@@ -23,7 +23,14 @@ class GGUFExportError(ValueError):
 
 
 # The Hugging Face ``model_type``s a model directory's export is written for, and their GGUF architectures.
-GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+GGUF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "smollm3": "smollm3",
+}
 
 NO_SOURCE_GGUF = (
     "a GGUF export takes the tokenizer and settings from the GGUF file the base model came from, or from "

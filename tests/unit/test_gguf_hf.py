@@ -456,6 +456,39 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
             export_gguf(other, directory, tmp_path / "other.gguf")
 
 
+def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
+    """SmolLM3: GGUF's ``smollm3``, Llama's tensors (q/k rows interleaved for llama.cpp's rope), Llama 3's
+    pre-tokenizer; its rope-less layers (every fourth) are fixed in llama.cpp's code, so another pattern is
+    refused, before the merge and at export."""
+    model = make_tiny_causal_lm(
+        "smollm3", len(small_bpe), hidden_size=64, num_hidden_layers=4, tie_word_embeddings=True
+    )
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    source = tmp_path / "tiny-smollm3"
+    model.save_pretrained(source)
+    small_bpe.save_pretrained(source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": LLAMA3_PRE}))
+    assert export_source(str(source)) == source
+    check_source(source)
+    report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    assert report["tensor_types"] == {"F32": 1 + 1 + 4 * (7 + 2)}  # embedding, norm; 7 linears + 2 norms
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
+    assert fields["general.architecture"] == "smollm3" and fields["tokenizer.ggml.pre"] == "llama-bpe"
+    assert "output.weight" not in tensors
+    k_proj = model.model.layers[3].self_attn.k_proj.weight.detach().numpy()
+    assert not np.array_equal(tensors["blk.3.attn_k.weight"], k_proj)  # interleaved, as llama.cpp's converter
+    assert np.array_equal(np.sort(tensors["blk.3.attn_k.weight"], axis=0), np.sort(k_proj, axis=0))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "no_rope_layers": [1, 0, 1, 0]}))
+    with pytest.raises(GGUFExportError, match=r"no_rope_layers are \[1, 0, 1, 0\]"):
+        check_source(source)
+    model.config.no_rope_layers = [1, 0, 1, 0]
+    with pytest.raises(GGUFExportError, match="without rope at every fourth layer only"):
+        export_gguf(model, source, tmp_path / "other.gguf")
+
+
 # The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:
 # half a step of the block's range in 15 / 31 steps. Q4_0 / Q5_0: a whole step d = absmax / 8 (/ 16),
 # since the codes reach -8 d but only +7 d: the side opposite the largest weight is clipped by up to d.

@@ -253,11 +253,11 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
     assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"])
 def test_mistral_and_qwen_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
-    """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms) or
-    Gemma 3 (sliding layers, four norms a layer, scaled embeddings) trains an NLS, SparsePEFT, QA-SparsePEFT
-    adapter whose loss falls, and merges to an INT model as sparse as its base."""
+    """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms),
+    Gemma 3 (sliding layers, four norms a layer, scaled embeddings) or SmolLM3 (rope-less layers) trains an
+    NLS, SparsePEFT, QA-SparsePEFT adapter whose loss falls, and merges to an INT model as sparse as its base."""
     from sqft_service.adapters.sparsify import sparsify_model
     from sqft_service.model_ops import merge
 
