@@ -348,6 +348,18 @@ def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sente
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
+def _checked_source(model, tokenizer, source: Path, pre: dict) -> Path:
+    """``model`` and ``tokenizer`` saved as a model directory with the pre-tokenizer ``pre``, which GGUF
+    export takes as a source and whose checks (the merge's, before it starts) it passes."""
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    data = json.loads((source / "tokenizer.json").read_text())
+    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": pre}))
+    assert export_source(str(source)) == source
+    check_source(source)
+    return source
+
+
 def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, small_bpe):
     """Qwen3: GGUF's ``qwen3`` architecture, its per-head q/k norms as F32 tensors, its head width (wider
     than hidden size over heads) as the key and value lengths, Qwen2's pre-tokenizer; a sliding window
@@ -359,13 +371,7 @@ def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, s
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    source = tmp_path / "tiny-qwen3"
-    model.save_pretrained(source)
-    small_bpe.save_pretrained(source)
-    data = json.loads((source / "tokenizer.json").read_text())
-    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": QWEN2_PRE}))
-    assert export_source(str(source)) == source
-    check_source(source)
+    source = _checked_source(model, small_bpe, tmp_path / "tiny-qwen3", QWEN2_PRE)
     report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
     assert report["tensor_types"] == {"F32": 1 + 1 + 2 * (7 + 4)}  # embedding, norm; 7 linears + 4 norms
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
@@ -464,13 +470,7 @@ def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
         "smollm3", len(small_bpe), hidden_size=64, num_hidden_layers=4, tie_word_embeddings=True
     )
     assert model.config.no_rope_layers == [1, 1, 1, 0]
-    source = tmp_path / "tiny-smollm3"
-    model.save_pretrained(source)
-    small_bpe.save_pretrained(source)
-    data = json.loads((source / "tokenizer.json").read_text())
-    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": LLAMA3_PRE}))
-    assert export_source(str(source)) == source
-    check_source(source)
+    source = _checked_source(model, small_bpe, tmp_path / "tiny-smollm3", LLAMA3_PRE)
     report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
     assert report["tensor_types"] == {"F32": 1 + 1 + 4 * (7 + 2)}  # embedding, norm; 7 linears + 2 norms
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
