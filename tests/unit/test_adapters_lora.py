@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench.tiny_llama import make_tiny_causal_lm
 from transformers import LlamaForCausalLM
 
 from sqft_service.adapters.lora import (
@@ -31,6 +32,13 @@ def test_default_targets_are_the_projections():
         "up_proj",
         "down_proj",
     ]
+
+
+def test_default_targets_of_fused_projections_are_the_fused_ones():
+    """Phi-3 computes q/k/v in one ``qkv_proj`` and gate/up in one ``gate_up_proj``: both are targeted,
+    not just the unfused ``o_proj`` and ``down_proj``."""
+    model = make_tiny_causal_lm("phi3", 128, max_position_embeddings=64, pad_token_id=0)
+    assert default_target_modules(model) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def test_default_targets_fallback_excludes_lm_head():

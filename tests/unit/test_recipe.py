@@ -20,7 +20,7 @@ from tests.helpers import alpaca_records, write_json
 NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
 
 
-def sqft_lora() -> LoraSection:
+def sqft_lora(groups: list[list[str]] = NLS_GROUPS) -> LoraSection:
     """Every SQFT method at once: an NLS super-adapter, SparsePEFT, QA-SparsePEFT (INT4, groups of 8)."""
     return LoraSection(
         r=4,
@@ -30,7 +30,7 @@ def sqft_lora() -> LoraSection:
         quantization_aware=True,
         quantization_group_size=8,
         neural_lora_search=True,
-        target_module_groups=NLS_GROUPS,
+        target_module_groups=groups,
         search_space=["4,2", "4,3", "4,2"],
     )
 
@@ -253,11 +253,12 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
     assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "phi3"])
 def test_mistral_and_qwen_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
     """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms),
-    Gemma 3 (sliding layers, four norms a layer, scaled embeddings) or SmolLM3 (rope-less layers) trains an
-    NLS, SparsePEFT, QA-SparsePEFT adapter whose loss falls, and merges to an INT model as sparse as its base."""
+    Gemma 3 (sliding layers, four norms a layer, scaled embeddings), SmolLM3 (rope-less layers) or Phi-3
+    (fused q/k/v and gate/up projections, adapted by default) trains an NLS, SparsePEFT, QA-SparsePEFT
+    adapter whose loss falls, and merges to an INT model as sparse as its base."""
     from sqft_service.adapters.sparsify import sparsify_model
     from sqft_service.model_ops import merge
 
@@ -267,7 +268,8 @@ def test_mistral_and_qwen_bases_train_with_every_sqft_method(kind, tokenizer, tr
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     sink = MemorySink()
-    result = run_training(make_cfg(base, train_file, lora=sqft_lora(), epochs=2), tmp_path / "out", sink)
+    groups = [["qkv_proj"], ["gate_up_proj"], ["down_proj"]] if kind == "phi3" else NLS_GROUPS
+    result = run_training(make_cfg(base, train_file, lora=sqft_lora(groups), epochs=2), tmp_path / "out", sink)
     curve = losses(sink)
     assert sum(curve[-3:]) < sum(curve[:3]), curve
     report = merge(str(base), Path(result.adapter_dir), tmp_path / "merged", sparse=True)

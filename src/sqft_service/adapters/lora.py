@@ -22,8 +22,19 @@ from .peft_utils import matches_module
 from .qa import QuantAwareAdapter, QuantSettingError, enable_quantization_aware
 from .sparse import SparseAdapter, enable_sparse_peft
 
-# The attention and MLP projections of Llama-style decoders (SQFT's default targets).
-PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The attention and MLP projections of Llama-style decoders (SQFT's default targets), with the fused ones
+# of Phi-3-style decoders (q/k/v as one ``qkv_proj``, gate and up as one ``gate_up_proj``).
+PROJECTION_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+)
 
 
 class AdapterConfigError(InvalidConfigurationError):
@@ -71,7 +82,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
         model: The base causal LM.
 
     Returns:
-        The subset of ``q_proj .. down_proj`` present as ``nn.Linear`` leaves, in canonical order;
+        The subset of :data:`PROJECTION_NAMES` present as ``nn.Linear`` leaves, in canonical order;
         if none is present, every ``nn.Linear`` leaf name except ``lm_head``.
     """
     leaves = _linear_leaf_names(model)
