@@ -112,6 +112,8 @@ def _check_gemma3(config: Any) -> None:
     scalar = config.hidden_size // config.num_attention_heads if n_layers == 62 else head_dim(config)
     if float(config.query_pre_attn_scalar) != scalar:
         problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar}, not {scalar}")
+    if not getattr(config, "sliding_window", None):  # llama.cpp slides, with the sliding layers' rope, only given one
+        problems.append("no sliding_window")
     for flag in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
         if getattr(config, flag, None):
             problems.append(f"{flag} {getattr(config, flag)}")
