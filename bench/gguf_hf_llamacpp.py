@@ -215,14 +215,15 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     out = work / f"{kind}.gguf"
     export_gguf(model, source, out, "f32")
     ids = torch.randint(20, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    result = {"pre_tokenizer": _pre(out), "logits": _compare_logits(model, _llama(out), ids)}
+    llama = _llama(out)
+    result = {"pre_tokenizer": _pre(out), "logits": _compare_logits(model, llama, ids)}
     if kind == "smollm3":  # the control: transformers with rope at every layer, against the same file
         import copy
 
         roped = copy.deepcopy(model)
         for layer in roped.model.layers:
             layer.self_attn.use_rope = 1
-        result["logits_against_rope_everywhere"] = _compare_logits(roped, _llama(out), ids)
+        result["logits_against_rope_everywhere"] = _compare_logits(roped, llama, ids)
     if kind == "llama3":  # the control: the same export with every rope factor 1 (the scaling left out)
         from unittest import mock
 
@@ -235,6 +236,12 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     return result
 
 
+def _arce_lines() -> list[str]:
+    """The ARC-E training records as plain text lines, to train the SentencePiece tokenizers on."""
+    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())
+    return [f"{r['instruction']} {r.get('input') or ''} {r['output']}" for r in records]
+
+
 def _sentencepiece(work: Path) -> dict:
     """A SentencePiece tokenizer (GGUF's ``llama`` model) with a tiny Llama and a tiny Mistral."""
     import sentencepiece
@@ -244,8 +251,7 @@ def _sentencepiece(work: Path) -> dict:
 
     from .hub_tokenizers import sentencepiece_tokenizer
 
-    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())
-    lines = [f"{r['instruction']} {r.get('input') or ''} {r['output']}" for r in records]
+    lines = _arce_lines()
     tokenizer = sentencepiece_tokenizer(work / "spm", lines, vocab_size=2000)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(work / "spm" / "tokenizer.model"))
     shape = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2)
@@ -295,8 +301,7 @@ def _gemma3(work: Path) -> dict:
     from .hub_tokenizers import sentencepiece_tokenizer
     from .tiny_llama import make_tiny_causal_lm
 
-    records = json.loads(Path("../shared/data/arce_train_instruct.json").read_text())
-    lines = [f"{r['instruction']} {r.get('input') or ''} {r['output']}" for r in records]
+    lines = _arce_lines()
     tokenizer = sentencepiece_tokenizer(work / "gemma-spm", lines, vocab_size=2000, style="gemma")
     processor = sentencepiece.SentencePieceProcessor(model_file=str(work / "gemma-spm" / "tokenizer.model"))
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, head_dim=64, query_pre_attn_scalar=64)

@@ -63,10 +63,8 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     Raises:
         GGUFExportError: a tokenizer or rope scaling llama.cpp would not run as transformers does.
     """
-    params = _rope_parameters(config)
-    _check_rope(params["rope_type"])
-    _check_fixed_settings(config)
-    gemma3 = hf_architecture(config) == "gemma3"
+    arch, params = _checked(config)
+    gemma3 = arch == "gemma3"
     n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(name)
     slides = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
@@ -133,13 +131,20 @@ def _check_smollm3(config: Any) -> None:
         )
 
 
-def _check_fixed_settings(config: Any) -> None:
-    """What llama.cpp fixes in its code for the architecture, checked against the config."""
-    arch = hf_architecture(config)
+def _checked(config: Any) -> tuple[str, dict[str, Any]]:
+    """The GGUF architecture and the (full-attention) rope parameters of ``config``, once its rope scaling
+    and what llama.cpp fixes in its code for the architecture are checked against it.
+
+    Raises:
+        GGUFExportError: an architecture, rope scaling or fixed setting GGUF export does not write.
+    """
+    arch, params = hf_architecture(config), _rope_parameters(config)
+    _check_rope(params["rope_type"])
     if arch == "gemma3":
         _check_gemma3(config)
     elif arch == "smollm3":
         _check_smollm3(config)
+    return arch, params
 
 
 def check_source(model_dir: Path) -> None:
@@ -150,9 +155,7 @@ def check_source(model_dir: Path) -> None:
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)  # the config file alone: milliseconds
-    _check_rope(_rope_parameters(config)["rope_type"])
-    _check_fixed_settings(config)
+    _checked(AutoConfig.from_pretrained(model_dir))  # the config file alone: milliseconds
     read_tokenizer(model_dir)
 
 

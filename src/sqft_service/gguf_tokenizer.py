@@ -133,7 +133,8 @@ def _as_transformers_loads_it(model_dir: Path) -> str:
     # A merge checks the tokenizer before it starts and writes it after: one load (seconds for a 128k
     # vocabulary) serves both while the tokenizer files are unchanged.
     files = [*sorted(model_dir.glob("*token*")), model_dir / "config.json"]
-    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file())
+    stats = {p.name: p.stat() for p in files if p.is_file()}
+    stamps = tuple((name, stat.st_mtime_ns, stat.st_size) for name, stat in stats.items())
     return _load_tokenizer_text(str(model_dir), stamps)
 
 

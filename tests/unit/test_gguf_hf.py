@@ -348,13 +348,14 @@ def test_mistral_directories_export_as_llama_within_their_window(tmp_path, sente
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
-def _checked_source(model, tokenizer, source: Path, pre: dict) -> Path:
-    """``model`` and ``tokenizer`` saved as a model directory with the pre-tokenizer ``pre``, which GGUF
-    export takes as a source and whose checks (the merge's, before it starts) it passes."""
+def _checked_source(model, tokenizer, source: Path, pre: dict | None = None) -> Path:
+    """``model`` and ``tokenizer`` saved as a model directory (with the pre-tokenizer ``pre``, if given),
+    which GGUF export takes as a source and whose checks (the merge's, before it starts) it passes."""
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
-    data = json.loads((source / "tokenizer.json").read_text())
-    (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": pre}))
+    if pre is not None:
+        data = json.loads((source / "tokenizer.json").read_text())
+        (source / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": pre}))
     assert export_source(str(source)) == source
     check_source(source)
     return source
@@ -367,7 +368,7 @@ def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, s
     model = make_tiny_causal_lm(
         "qwen3", len(small_bpe), hidden_size=64, intermediate_size=128, head_dim=32, tie_word_embeddings=True
     )
-    with torch.no_grad():  # norms away from 1, so a norm written wrong (or not at all) shows in the logits
+    with torch.no_grad():  # norms away from 1 and each other, so a norm left out or swapped shows
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
@@ -422,11 +423,7 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
 
     tokenizer = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
     model = _tiny_gemma3(len(tokenizer))
-    source = tmp_path / "tiny-gemma3"
-    model.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    assert export_source(str(source)) == source
-    check_source(source)
+    source = _checked_source(model, tokenizer, tmp_path / "tiny-gemma3")
     export_gguf(model, source, tmp_path / "model.gguf", "f32")
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
     fields, tensors = _fields(reader), {t.name: t for t in reader.tensors}

@@ -254,7 +254,7 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "phi3"])
-def test_mistral_and_qwen_bases_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
+def test_other_families_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
     """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms),
     Gemma 3 (sliding layers, four norms a layer, scaled embeddings), SmolLM3 (rope-less layers) or Phi-3
     (fused q/k/v and gate/up projections, adapted by default) trains an NLS, SparsePEFT, QA-SparsePEFT
