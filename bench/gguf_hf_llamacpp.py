@@ -11,10 +11,13 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   of the export in each weight type, in llama.cpp, against transformers in float32;
 * random tiny Llamas with Llama 3's tokenizer split ("llama-bpe"), Llama 3's rope scaling (llama.cpp's
   ``rope_freqs``) and a tied head, a random tiny Qwen2 with biases ("qwen2") and a random tiny Qwen3
-  (q/k norms, heads wider than hidden size over heads, a tied head) and a random tiny SmolLM3 (no rope at
-  every fourth layer): logits over 300 positions, where the scaled rope frequencies matter (and, as
-  controls, the Llama 3 one exported with every rope factor 1, and the SmolLM3 file against transformers
-  with rope at every layer);
+  (q/k norms, heads wider than hidden size over heads, a tied head), a random tiny SmolLM3 (no rope at
+  every fourth layer), a random tiny Phi-3 (fused projections, rope over half of each head) and one with
+  Phi-4-mini's LongRoPE (over 3/4 of each head) and GPT-4o's split ("gpt-4o"): token ids of the texts
+  (SmolLM2's vocabulary with each split) and logits over 300 positions, where the scaled rope
+  frequencies matter (and, as controls, the Llama 3 one exported with every rope factor 1, and the
+  SmolLM3 and Phi-3 files against transformers with rope at every layer, over whole heads, without
+  LongRoPE);
 * a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
   Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
   of a text with special tokens in it), and logits;
@@ -47,6 +50,7 @@ TEXTS = [
     "def f(x):\n    return x**2 + 1  # squares\n\n\n\tindented\r\nwindows line",
     "über Straße — 東京 and Москва, 🚀🚀 emoji, résumé; ½ + ¾ = 1¼",
     "   leading spaces and trailing   ",
+    "parseHTTPResponse(userID) in ./usr/local/lib — we'RE DON'T CamelCase",
     "<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n56<|im_end|>",
     "a1b22c333d4444 x=100000, y=-2.5e-3; $1,234.56 (approx.)",
 ]
@@ -198,13 +202,11 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     elif kind == "smollm3":  # 4 layers, the 4th rope-less
         model = make_tiny_causal_lm("smollm3", 49152, num_hidden_layers=4, tie_word_embeddings=True, **shape)
+    elif kind.startswith("phi3"):
+        model = _tiny_phi3(kind, shape)
     else:
         model = make_tiny_causal_lm(kind, 49152, **shape)
-    with torch.no_grad():  # weights big enough that the attention pattern (and so the rope) shows in the logits
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    model.eval()
+    _sharpen(model)
     source = work / kind
     model.save_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -216,7 +218,8 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     export_gguf(model, source, out, "f32")
     ids = torch.randint(20, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     llama = _llama(out)
-    result = {"pre_tokenizer": _pre(out), "logits": _compare_logits(model, llama, ids)}
+    result = {"pre_tokenizer": _pre(out), "tokenization": _tokenization(AutoTokenizer.from_pretrained(source), llama)}
+    result["logits"] = _compare_logits(model, llama, ids)
     if kind == "smollm3":  # the control: transformers with rope at every layer, against the same file
         import copy
 
@@ -233,7 +236,46 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
         with mock.patch.object(gguf_hf, "rope_factors", lambda c, d: np.ones(d // 2, dtype=np.float32)):
             export_gguf(model, source, unscaled, "f32")
         result["logits_without_rope_factors"] = _compare_logits(model, _llama(unscaled), ids)
+    if kind.startswith("phi3"):  # the control: transformers with rope over whole heads / without LongRoPE
+        other = _sharpen(_tiny_phi3(kind, shape, control=True))
+        result["logits_against_whole_heads" if kind == "phi3" else "logits_against_default_rope"] = _compare_logits(
+            other, llama, ids
+        )
     return result
+
+
+def _sharpen(model):
+    """``model`` with its q and k projections scaled by 8: weights big enough that the attention pattern (and
+    so the rope) shows in the logits."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            if hasattr(attention, "qkv_proj"):  # Phi-3: [q; k; v] rows in one projection
+                width = attention.head_dim
+                rows = (attention.config.num_attention_heads + attention.config.num_key_value_heads) * width
+                attention.qkv_proj.weight[:rows].mul_(8.0)
+            else:
+                attention.q_proj.weight.mul_(8.0)
+                attention.k_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+def _tiny_phi3(kind: str, shape: dict, control: bool = False):
+    """A tiny Phi-3 with rope over half of each head and a sliding window (``phi3``), or Phi-4-mini's
+    LongRoPE over 3/4 of each head, short factors of 1-2 and long ones of 2-8, 16k of a 4k context
+    (``phi3_longrope``); ``control``: the same weights with rope over whole heads / the default rope."""
+    from .tiny_llama import make_tiny_causal_lm
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    if kind == "phi3":
+        rope = rope | {"partial_rotary_factor": 1.0} if control else rope
+        return make_tiny_causal_lm("phi3", 49152, rope_parameters=rope, sliding_window=1024, **shape)
+    factors = torch.Generator().manual_seed(0)
+    rope |= {"rope_type": "default" if control else "longrope", "partial_rotary_factor": 0.75}
+    rope |= {"short_factor": (1 + torch.rand(24, generator=factors)).tolist()}
+    rope |= {"long_factor": (2 + 6 * torch.rand(24, generator=factors)).tolist()}
+    longer = shape | {"max_position_embeddings": 16384, "original_max_position_embeddings": 4096}
+    return make_tiny_causal_lm("phi3", 49152, rope_parameters=rope, **longer)
 
 
 def _arce_lines() -> list[str]:
@@ -349,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from .hub_tokenizers import LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE
+    from .hub_tokenizers import GPT4O_PRE, LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -364,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             "tiny_qwen2": _tiny(work, "qwen2", tokenizer_dir, QWEN2_PRE),
             "tiny_qwen3_wide_heads_tied": _tiny(work, "qwen3", tokenizer_dir, QWEN2_PRE),
             "tiny_smollm3_nope_tied": _tiny(work, "smollm3", tokenizer_dir, LLAMA3_PRE),
+            "tiny_phi3_half_rope": _tiny(work, "phi3", tokenizer_dir, LLAMA3_PRE),
+            "tiny_phi4_mini_longrope_gpt4o_pre": _tiny(work, "phi3_longrope", tokenizer_dir, GPT4O_PRE),
             "sentencepiece": _sentencepiece(work),
             "tiny_gemma3_sliding": _gemma3(work),
         }

@@ -1,9 +1,9 @@
 """Tokenizers as the hub's model directories hold them, for the GGUF export tests and ``gguf_hf_llamacpp``.
 
 No hub directory can be downloaded here, so these rebuild the parts that matter: the pre-tokenizers of
-Llama 3's and SmolLM2's ``tokenizer.json`` as the hub files spell them, and a Llama 2-style tokenizer made
-the way Llama 2's and Mistral's were (a SentencePiece BPE model with byte fallback, converted by
-transformers into ``tokenizer.json``).
+Llama 3's, Qwen2's, Phi-4-mini's (GPT-4o's) and SmolLM2's ``tokenizer.json`` as the hub files spell
+them, and a Llama 2-style tokenizer made the way Llama 2's and Mistral's were (a SentencePiece BPE model
+with byte fallback, converted by transformers into ``tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,22 @@ QWEN2_PRE = {
         {
             **LLAMA3_PRE["pretokenizers"][0],
             "pattern": {"Regex": LLAMA3_PRE["pretokenizers"][0]["pattern"]["Regex"].replace("{1,3}", "")},
+        },
+        LLAMA3_PRE["pretokenizers"][1],
+    ],
+}
+# GPT-4o's (o200k), as Phi-4-mini's tokenizer.json spells it: Llama 3's shape with another split.
+GPT4O_PRE = {
+    **LLAMA3_PRE,
+    "pretokenizers": [
+        {
+            **LLAMA3_PRE["pretokenizers"][0],
+            "pattern": {
+                "Regex": "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+                "(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+                "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+                "[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+            },
         },
         LLAMA3_PRE["pretokenizers"][1],
     ],

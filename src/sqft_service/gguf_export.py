@@ -3,7 +3,7 @@
 The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
 came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
 goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama, Qwen2,
-Qwen3, Gemma 3 and SmolLM3 architectures (a Mistral GGUF is a Llama one).
+Qwen3, Gemma 3, SmolLM3 and Phi-3 architectures (a Mistral GGUF is a Llama one).
 
 QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
 ``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
@@ -69,7 +69,11 @@ _ARCHITECTURES = {
     "qwen3": _Arch(gguf.MODEL_ARCH.QWEN3, False),
     "gemma3": _Arch(gguf.MODEL_ARCH.GEMMA3, False, norm_shift=1.0),
     "smollm3": _Arch(gguf.MODEL_ARCH.SMOLLM3, True),
+    # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are ([q; k; v],
+    # [gate; up]: llama.cpp's fused SwiGLU gates by the first half, as transformers' chunk(2) does).
+    "phi3": _Arch(gguf.MODEL_ARCH.PHI3, False),
 }
+_ROPE_TENSORS = ("rope_freqs.", "rope_factors_long.", "rope_factors_short.")
 _BLOCK = 32  # the block length of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
 
 
@@ -160,17 +164,17 @@ def _gguf_layout(source: Path) -> _Layout:
         add_fields=lambda writer: copy_fields(reader, writer, lambda name: name not in rewritten),
         order=[t.name for t in reader.tensors],
         shapes={t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors},
-        # Llama 3's rope frequencies: settings computed from the config, not weights; kept as they were.
-        fixed={t.name: (t.data, t.tensor_type) for t in reader.tensors if t.name.startswith("rope_freqs")},
+        # Llama 3's rope frequencies, LongRoPE's factors: settings, not weights; kept as they were.
+        fixed={t.name: (t.data, t.tensor_type) for t in reader.tensors if t.name.startswith(_ROPE_TENSORS)},
     )
 
 
 def _hf_layout(source: Path, config: Any) -> _Layout:
-    from .gguf_hf import add_hf_fields, head_dim, hf_architecture, rope_factors
+    from .gguf_hf import add_hf_fields, head_dim, hf_architecture, rope_tensors
 
     arch = hf_architecture(config)
     n_head = config.num_attention_heads
-    factors = rope_factors(config, head_dim(config))
+    rope = rope_tensors(config, head_dim(config))
     return _Layout(
         arch=arch,
         n_head=n_head,
@@ -179,7 +183,7 @@ def _hf_layout(source: Path, config: Any) -> _Layout:
         add_fields=lambda writer: add_hf_fields(writer, source, config, source.name),
         order=None,
         shapes={},
-        fixed={} if factors is None else {"rope_freqs.weight": (factors, gguf.GGMLQuantizationType.F32)},
+        fixed={name: (data, gguf.GGMLQuantizationType.F32) for name, data in rope.items()},
     )
 
 

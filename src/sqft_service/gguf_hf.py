@@ -10,8 +10,11 @@ map knows). llama.cpp has no sliding window in these architectures, so a model t
 a Qwen with ``use_sliding_window``) gets its window as the context length: within it, attention is the
 same. Gemma 3 (text; ``gemma3_text``) has its sliding window in llama.cpp, whose other settings are fixed
 there (``_check_gemma3``); its norms are shifted by one on writing (``gguf_export``). SmolLM3 is Llama
-with no rope at every fourth layer, which llama.cpp fixes in its code too (``_check_smollm3``). Other
-rope scalings, settings and tokenizers are refused with the reason, never written wrong.
+with no rope at every fourth layer, which llama.cpp fixes in its code too (``_check_smollm3``). Phi-3
+(and Phi-4, also ``phi3``) keeps its fused projections; its rope may turn a part of each head only; its
+sliding window is off in llama.cpp, so it too bounds the context length; its LongRoPE (Phi-3.5,
+Phi-4-mini) is written as llama.cpp's factor tensors, within the original context (``add_hf_fields``).
+Other rope scalings, settings and tokenizers are refused with the reason, never written wrong.
 """
 
 from __future__ import annotations
@@ -57,6 +60,27 @@ def rope_factors(config: Any, head_dim: int) -> np.ndarray | None:
     return (plain / scaled.float()).numpy().astype(np.float32)
 
 
+def rope_tensors(config: Any, head_dim: int) -> dict[str, np.ndarray]:
+    """The rope settings llama.cpp takes as tensors: Llama 3's ``rope_freqs`` (:func:`rope_factors`), or
+    LongRoPE's ``rope_factors_long`` and ``rope_factors_short`` (the config's factors as they are)."""
+    params = _rope_parameters(config)
+    if params["rope_type"] == "longrope":
+        return {
+            f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG]}.weight": _floats(params["long_factor"]),
+            f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT]}.weight": _floats(params["short_factor"]),
+        }
+    factors = rope_factors(config, head_dim)
+    return {} if factors is None else {f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight": factors}
+
+
+def _floats(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def _original_context(config: Any, params: dict[str, Any]) -> int:
+    return int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+
+
 def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: str) -> None:
     """The settings and tokenizer of ``model_dir`` (``config``: its loaded config) into ``writer``.
 
@@ -67,9 +91,20 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     gemma3 = arch == "gemma3"
     n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(name)
-    slides = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    slides = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
     window = getattr(config, "sliding_window", None) if slides else None
-    writer.add_context_length(min(config.max_position_embeddings, window or config.max_position_embeddings))
+    context = min(config.max_position_embeddings, window or config.max_position_embeddings)
+    if params["rope_type"] == "longrope":
+        # llama.cpp takes the long factors in a context longer than the original one, for every sequence;
+        # transformers only for a sequence longer than that. Within the original context both take the
+        # short ones, so that is the context written (a longer one is the user's choice, with that caveat).
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, attention = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+        context = min(context, _original_context(config, params))
+        writer.add_rope_scaling_orig_ctx_len(_original_context(config, params))
+        writer.add_rope_scaling_attn_factors(float(attention))
+    writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -78,7 +113,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     writer.add_rope_freq_base(float(params["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(width)
+    writer.add_rope_dimension_count(int(width * params.get("partial_rotary_factor", 1.0)))
     if width != config.hidden_size // n_head or gemma3:
         writer.add_key_length(width)
         writer.add_value_length(width)
@@ -91,9 +126,11 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     add_tokenizer(writer, model_dir, config.vocab_size)
 
 
-def _check_rope(rope_type: str) -> None:
-    if rope_type not in ("default", "llama3", "linear"):
-        raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling (default, llama3, linear)")
+def _check_rope(rope_type: str, arch: str) -> None:
+    # LongRoPE only where llama.cpp's architecture takes its factors: Phi-3's.
+    written = ("default", "llama3", "linear", *(("longrope",) if arch == "phi3" else ()))
+    if rope_type not in written:
+        raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling in {arch} ({', '.join(written)})")
 
 
 def _check_gemma3(config: Any) -> None:
@@ -139,7 +176,7 @@ def _checked(config: Any) -> tuple[str, dict[str, Any]]:
         GGUFExportError: an architecture, rope scaling or fixed setting GGUF export does not write.
     """
     arch, params = hf_architecture(config), _rope_parameters(config)
-    _check_rope(params["rope_type"])
+    _check_rope(params["rope_type"], arch)
     if arch == "gemma3":
         _check_gemma3(config)
     elif arch == "smollm3":

@@ -39,6 +39,13 @@ _LLAMA3_SPLIT = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# GPT-4o's (o200k; Phi-4-mini's tokenizer.json, llama.cpp's "gpt-4o"): words split before capitals, a
+# contraction kept with its word, "/" kept with the punctuation before it.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
@@ -58,10 +65,15 @@ PRE_TOKENIZERS = {
     ),
     "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
     "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
+    "gpt-4o": lambda: _split_then_bytes(_GPT4O_SPLIT),
 }
 # Text that tells those pre-tokenizers apart: contractions in both cases, runs of digits, punctuation
-# before letters, newlines after punctuation, runs of spaces, non-Latin letters and an emoji.
-_PROBE = "I'm sure it's 12345 or 3.14, isn't it?\n\n  \t Don'T  'Ve\r\n...\n(x)=y+1;  über 東京 12 🚀 a1b22c333\n   \n"
+# before letters, newlines after punctuation, runs of spaces, non-Latin letters, an emoji, capitals inside
+# words and a path.
+_PROBE = (
+    "I'm sure it's 12345 or 3.14, isn't it?\n\n  \t Don'T  'Ve\r\n...\n(x)=y+1;  über 東京 12 🚀 a1b22c333\n   \n"
+    " parseHTTPResponse(userID) ./usr/local"
+)
 _SPACE = "▁"  # SentencePiece's space
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 

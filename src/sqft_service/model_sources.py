@@ -30,6 +30,7 @@ GGUF_MODEL_TYPES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "smollm3": "smollm3",
+    "phi3": "phi3",
 }
 
 NO_SOURCE_GGUF = (

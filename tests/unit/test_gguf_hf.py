@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from bench.hub_tokenizers import LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE, sentencepiece_tokenizer
+from bench.hub_tokenizers import GPT4O_PRE, LLAMA3_PRE, QWEN2_PRE, SMOLLM_PRE, sentencepiece_tokenizer
 from bench.tiny_llama import make_tiny_causal_lm
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
@@ -21,7 +21,7 @@ from sqft_service.gguf_export import GGUFExportError, export_gguf
 from sqft_service.gguf_hf import check_source
 from sqft_service.gguf_tokenizer import pre_tokenizer_name
 from sqft_service.model_sources import export_source, hf_export_dir
-from sqft_service.training.models import convert_gguf
+from sqft_service.training.models import ModelLoadError, convert_gguf
 
 
 def _with_pre(pre: dict | None) -> Tokenizer:
@@ -34,6 +34,7 @@ def test_pre_tokenizers_are_named_by_how_they_split():
     assert pre_tokenizer_name(_with_pre(LLAMA3_PRE)) == "llama-bpe"
     assert pre_tokenizer_name(_with_pre(QWEN2_PRE)) == "qwen2"
     assert pre_tokenizer_name(_with_pre(SMOLLM_PRE)) == "smollm"
+    assert pre_tokenizer_name(_with_pre(GPT4O_PRE)) == "gpt-4o"
     gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     assert pre_tokenizer_name(_with_pre(gpt2)) == "gpt-2"
     # Llama 3's split with digit runs of two: llama.cpp implements no such pre-tokenizer.
@@ -364,7 +365,9 @@ def _checked_source(model, tokenizer, source: Path, pre: dict | None = None) -> 
 def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, small_bpe):
     """Qwen3: GGUF's ``qwen3`` architecture, its per-head q/k norms as F32 tensors, its head width (wider
     than hidden size over heads) as the key and value lengths, Qwen2's pre-tokenizer; a sliding window
-    becomes the context length."""
+    becomes the context length. The file as a base loads with that head width."""
+    from transformers import AutoModelForCausalLM
+
     model = make_tiny_causal_lm(
         "qwen3", len(small_bpe), hidden_size=64, intermediate_size=128, head_dim=32, tie_word_embeddings=True
     )
@@ -380,13 +383,21 @@ def test_qwen3_directories_export_with_their_qk_norms_and_head_width(tmp_path, s
     assert fields["general.architecture"] == "qwen3" and fields["tokenizer.ggml.pre"] == "qwen2"
     assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 32
     assert fields["qwen3.context_length"] == 512
-    # transformers' GGUF reader takes no head width from a qwen3 file (it would build 16-wide heads), so the
-    # tensors are compared here, and llama.cpp runs the file (make bench-gguf-hf).
     tensors = {t.name: t.data for t in reader.tensors}
     layer = model.model.layers[1].self_attn
     for name, weight in (("attn_q_norm", layer.q_norm), ("attn_k_norm", layer.k_norm), ("attn_q", layer.q_proj)):
         assert np.array_equal(tensors[f"blk.1.{name}.weight"], weight.weight.detach().numpy()), name
-    assert np.array_equal(tensors["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy())
+    # As a base: the head width comes from the file (transformers alone would build its default 128-wide
+    # heads), so the converted model gives the original's logits, and a merge of it exports the same file.
+    converted = convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    assert loaded.config.head_dim == 32
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    export_gguf(loaded, tmp_path / "model.gguf", tmp_path / "again.gguf", "f32")
+    again = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert again.keys() == tensors.keys() and all(np.array_equal(again[n], tensors[n]) for n in again)
     model.config.use_sliding_window, model.config.sliding_window = True, 64
     export_gguf(model, source, tmp_path / "sliding.gguf", "f32")
     assert _fields(gguf.GGUFReader(str(tmp_path / "sliding.gguf")))["qwen3.context_length"] == 64
@@ -462,7 +473,8 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
 def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
     """SmolLM3: GGUF's ``smollm3``, Llama's tensors (q/k rows interleaved for llama.cpp's rope), Llama 3's
     pre-tokenizer; its rope-less layers (every fourth) are fixed in llama.cpp's code, so another pattern is
-    refused, before the merge and at export."""
+    refused, before the merge and at export. transformers reads no ``smollm3`` GGUF: as a base, the file is
+    refused with transformers' reason, as is a file that is no GGUF."""
     model = make_tiny_causal_lm(
         "smollm3", len(small_bpe), hidden_size=64, num_hidden_layers=4, tie_word_embeddings=True
     )
@@ -477,6 +489,12 @@ def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
     k_proj = model.model.layers[3].self_attn.k_proj.weight.detach().numpy()
     assert not np.array_equal(tensors["blk.3.attn_k.weight"], k_proj)  # interleaved, as llama.cpp's converter
     assert np.array_equal(np.sort(tensors["blk.3.attn_k.weight"], axis=0), np.sort(k_proj, axis=0))
+    with pytest.raises(ModelLoadError, match="could not read GGUF file 'model.gguf': .*architecture smollm3"):
+        convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
+    (tmp_path / "damaged.gguf").write_bytes(b"GGUF" + bytes(range(60)))
+    with pytest.raises(ModelLoadError, match="could not read GGUF file 'damaged.gguf'"):
+        convert_gguf(tmp_path / "damaged.gguf", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*/config.json"))  # nothing cached for either
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "no_rope_layers": [1, 0, 1, 0]}))
     with pytest.raises(GGUFExportError, match=r"no_rope_layers are \[1, 0, 1, 0\]"):
@@ -522,3 +540,86 @@ def test_four_and_five_bit_exports(tmp_path, small_bpe, out_type):
     # Zero is a code of the symmetric types; the others' grids start at each block's minimum.
     zeros = theirs["model.layers.1.mlp.down_proj.weight"][pruned == 0]
     assert (zeros == 0).all() if out_type.endswith("_0") else (zeros != 0).any()
+
+
+def test_phi3_directories_export_their_fused_projections_and_partial_rope(tmp_path, sentencepiece_dir):
+    """Phi-3 is GGUF's ``phi3``: the fused ``qkv_proj`` and ``gate_up_proj`` written as they are (llama.cpp's
+    ``attn_qkv`` and ``ffn_up``), the rope over part of each head as the rope width, the sliding window
+    (off in llama.cpp) as the context length. As a base the file loads back with that rope width
+    (transformers' reader alone would turn whole heads) and the same logits; LongRoPE is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    shape = dict(hidden_size=64, intermediate_size=96, num_key_value_heads=2, sliding_window=100)
+    model = make_tiny_causal_lm("phi3", len(tokenizer), rope_parameters=rope, **shape)
+    source = _checked_source(model, tokenizer, tmp_path / "tiny-phi3")
+    report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    assert report["tensor_types"] == {"F32": 2 + 1 + 2 * (4 + 2)}  # embedding, head, norm; 4 linears + 2 norms
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
+    assert fields["general.architecture"] == "phi3" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["phi3.rope.dimension_count"] == 8 and fields["phi3.context_length"] == 100
+    layer = model.model.layers[1]
+    assert tensors["blk.1.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
+    assert np.array_equal(tensors["blk.1.attn_qkv.weight"], layer.self_attn.qkv_proj.weight.detach().numpy())
+    assert np.array_equal(tensors["blk.1.ffn_up.weight"], layer.mlp.gate_up_proj.weight.detach().numpy())
+    converted = convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    assert loaded.config.rope_parameters["partial_rotary_factor"] == 0.5
+    ids = torch.tensor([tokenizer.encode(_TEXTS[1])])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    export_gguf(loaded, tmp_path / "model.gguf", tmp_path / "again.gguf", "f32")
+    again = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert again.keys() == tensors.keys() and all(np.array_equal(again[n], tensors[n]) for n in again)
+
+
+def test_phi3_longrope_is_written_as_llamacpp_factors_within_the_original_context(tmp_path, sentencepiece_dir):
+    """Phi-3.5's LongRoPE: its short and long factors as llama.cpp's ``rope_factors_short``/``_long``, the
+    attention factor transformers computes, and the original context as the context length (llama.cpp
+    takes the long factors in any longer context, transformers only for longer sequences). Read back as a
+    base, the file gives the same LongRoPE model: the same logits. Another family's LongRoPE is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    generator = torch.Generator().manual_seed(0)
+    short, long = 1 + torch.rand(4, generator=generator), 2 + 6 * torch.rand(4, generator=generator)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    rope |= {"short_factor": short.tolist(), "long_factor": long.tolist()}
+    shape = dict(hidden_size=64, intermediate_size=96, max_position_embeddings=1024)
+    model = make_tiny_causal_lm(
+        "phi3", len(tokenizer), rope_parameters=rope, original_max_position_embeddings=256, **shape
+    )
+    source = _checked_source(model, tokenizer, tmp_path / "tiny-phi35")
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
+    assert fields["phi3.context_length"] == fields["phi3.rope.scaling.original_context_length"] == 256
+    assert math.isclose(
+        fields["phi3.rope.scaling.attn_factor"], math.sqrt(1 + math.log(4) / math.log(256)), rel_tol=1e-6
+    )
+    assert np.array_equal(tensors["rope_factors_short.weight"], short.numpy())
+    assert np.array_equal(tensors["rope_factors_long.weight"], long.numpy())
+    converted = convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    assert loaded.config.rope_parameters["rope_type"] == "longrope"
+    ids = torch.tensor([tokenizer.encode(" ".join(_TEXTS))])
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert torch.allclose(loaded(ids).logits, ours, atol=1e-5)
+        # The control: the same model with default rope is another model.
+        plain = make_tiny_causal_lm("phi3", len(tokenizer), rope_parameters=rope | {"rope_type": "default"}, **shape)
+        assert (plain(ids).logits - ours).abs().max() > 1e-3  # a hundred times the tolerance above
+    export_gguf(loaded, tmp_path / "model.gguf", tmp_path / "again.gguf", "f32")
+    again = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
+    assert again.keys() == tensors.keys() and all(np.array_equal(again[n], tensors[n]) for n in again)
+    qwen_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    qwen = make_tiny_causal_lm(
+        "qwen2", len(tokenizer), rope_parameters=qwen_rope, original_max_position_embeddings=256, **shape
+    )
+    directory = tmp_path / "qwen2-longrope"
+    qwen.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    with pytest.raises(GGUFExportError, match="'longrope' rope scaling in qwen2"):
+        check_source(directory)

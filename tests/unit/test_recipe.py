@@ -20,7 +20,7 @@ from tests.helpers import alpaca_records, write_json
 NLS_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
 
 
-def sqft_lora(groups: list[list[str]] = NLS_GROUPS) -> LoraSection:
+def sqft_lora(groups: list[list[str]] = NLS_GROUPS, group_size: int = 8) -> LoraSection:
     """Every SQFT method at once: an NLS super-adapter, SparsePEFT, QA-SparsePEFT (INT4, groups of 8)."""
     return LoraSection(
         r=4,
@@ -28,7 +28,7 @@ def sqft_lora(groups: list[list[str]] = NLS_GROUPS) -> LoraSection:
         lora_dropout=0.0,
         sparse_adapter=True,
         quantization_aware=True,
-        quantization_group_size=8,
+        quantization_group_size=group_size,
         neural_lora_search=True,
         target_module_groups=groups,
         search_space=["4,2", "4,3", "4,2"],
@@ -258,19 +258,26 @@ def test_other_families_train_with_every_sqft_method(kind, tokenizer, train_file
     """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms),
     Gemma 3 (sliding layers, four norms a layer, scaled embeddings), SmolLM3 (rope-less layers) or Phi-3
     (fused q/k/v and gate/up projections, adapted by default) trains an NLS, SparsePEFT, QA-SparsePEFT
-    adapter whose loss falls, and merges to an INT model as sparse as its base."""
+    adapter whose loss falls, and merges to an INT model as sparse as its base, exported to GGUF with every
+    QA layer as the integers it trained with (GGML decodes them to the merged weights bit for bit)."""
     from sqft_service.adapters.sparsify import sparsify_model
     from sqft_service.model_ops import merge
 
-    model = make_tiny_causal_lm(kind, len(tokenizer), num_hidden_layers=3, initializer_range=0.3).train()
+    # 32 inputs to a quantization group: one GGML block, so the GGUF holds the QA layers as Q4_1 blocks.
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, initializer_range=0.3)
+    model = make_tiny_causal_lm(kind, len(tokenizer), **shape).train()
     sparsify_model(model, "magnitude", 0.5)
     base = tmp_path / kind
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     sink = MemorySink()
     groups = [["qkv_proj"], ["gate_up_proj"], ["down_proj"]] if kind == "phi3" else NLS_GROUPS
-    result = run_training(make_cfg(base, train_file, lora=sqft_lora(groups), epochs=2), tmp_path / "out", sink)
+    cfg = make_cfg(base, train_file, lora=sqft_lora(groups, group_size=32), epochs=2)
+    result = run_training(cfg, tmp_path / "out", sink)
     curve = losses(sink)
     assert sum(curve[-3:]) < sum(curve[:3]), curve
-    report = merge(str(base), Path(result.adapter_dir), tmp_path / "merged", sparse=True)
+    report = merge(str(base), Path(result.adapter_dir), tmp_path / "merged", sparse=True, gguf_type="f16")
     assert report["zeros_preserved"] is True and report["quantization"]["bits"] == 4
+    exported = report["gguf"]
+    assert exported["int_layers"] == exported["exact_int_layers"] == report["adapted_modules"] > 0, exported
+    assert exported["tensor_types"]["Q4_1"] == exported["int_layers"], exported
