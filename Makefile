@@ -61,9 +61,12 @@ bench-gpu: $(STAMP)
 
 # A QA-SparsePEFT merge exported to GGUF and scored by llama.cpp (bench/gguf_llamacpp.py). llama-cpp-python
 # is built from source (about 10 minutes on 2 cores) into .llamacpp/, outside the service's environment.
+# For AVX2 (every machine these sessions get), not -march=native: on a VM whose CPU lists AVX-512 and AMX,
+# the native build's Q8_0 kernels died in llama.cpp's decode (2026-12-01); the figures are accuracy, not speed.
 LLAMACPP := .llamacpp
 $(LLAMACPP)/llama_cpp/__init__.py: $(STAMP)
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF" \
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF \
+		-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
 		$(VENV)/bin/pip install --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
 bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 	$(PY) -m bench.gguf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)

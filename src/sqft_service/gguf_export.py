@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters.peft_utils import language_model_path
 from .adapters.qa.quantizer import GroupQuantizer
 from .model_sources import GGUF_TYPES, GGUFExportError
 
@@ -214,12 +215,21 @@ def export_gguf(
     if out_type not in _WEIGHT_TYPES:
         raise GGUFExportError(f"unknown GGUF type {out_type!r}: one of {', '.join(GGUF_TYPES)}")
     config = getattr(model, "config", None)
+    # An image-text model (Gemma 3 4B and up) is written as its text decoder, as llama.cpp's converter
+    # does (the image side goes in a separate mmproj file; fine-tuning on text leaves it as it was).
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layout = _gguf_layout(source) if source.suffix == ".gguf" else _hf_layout(source, config)
     model_arch, permuted, norm_shift = _ARCHITECTURES[layout.arch]
     names = gguf.get_tensor_name_map(model_arch, layout.n_blocks)
+    decoder = language_model_path(model)
     state = {}
     for key, tensor in model.state_dict().items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        text_key = key  # a causal LM's own names; an image-text model's decoder renamed to them
+        if decoder and decoder != "model" and not key.startswith("lm_head."):
+            if not key.startswith(f"{decoder}."):
+                continue
+            text_key = f"model.{key.removeprefix(f'{decoder}.')}"
+        name = names.get_name(text_key, try_suffixes=(".weight", ".bias"))
         if name is not None:
             state[name] = (key.removesuffix(".weight"), tensor)
     order = layout.order

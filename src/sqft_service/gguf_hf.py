@@ -192,7 +192,7 @@ def check_source(model_dir: Path) -> None:
     """
     from transformers import AutoConfig
 
-    _checked(AutoConfig.from_pretrained(model_dir))  # the config file alone: milliseconds
+    _checked(AutoConfig.from_pretrained(model_dir).get_text_config())  # the config file alone: milliseconds
     read_tokenizer(model_dir)
 
 

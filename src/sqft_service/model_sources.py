@@ -65,7 +65,11 @@ def hf_export_dir(model: str) -> Path | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    known = isinstance(config, dict) and config.get("model_type") in GGUF_MODEL_TYPES
+    if not isinstance(config, dict):
+        return None
+    # An image-text model (Gemma 3 4B and up) exports its text decoder: its text_config says which.
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    known = text.get("model_type") in GGUF_MODEL_TYPES
     return path if known and (path / "tokenizer.json").is_file() else None
 
 

@@ -489,10 +489,10 @@ def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
     k_proj = model.model.layers[3].self_attn.k_proj.weight.detach().numpy()
     assert not np.array_equal(tensors["blk.3.attn_k.weight"], k_proj)  # interleaved, as llama.cpp's converter
     assert np.array_equal(np.sort(tensors["blk.3.attn_k.weight"], axis=0), np.sort(k_proj, axis=0))
-    with pytest.raises(ModelLoadError, match="could not read GGUF file 'model.gguf': .*architecture smollm3"):
+    with pytest.raises(ModelLoadError, match=r"could not read GGUF file 'model\.gguf': .*architecture smollm3"):
         convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
     (tmp_path / "damaged.gguf").write_bytes(b"GGUF" + bytes(range(60)))
-    with pytest.raises(ModelLoadError, match="could not read GGUF file 'damaged.gguf'"):
+    with pytest.raises(ModelLoadError, match=r"could not read GGUF file 'damaged\.gguf'"):
         convert_gguf(tmp_path / "damaged.gguf", tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*/config.json"))  # nothing cached for either
     config = json.loads((source / "config.json").read_text())

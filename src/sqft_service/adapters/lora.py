@@ -8,6 +8,7 @@ plain ``LoraConfig``; NLS (elastic ranks) and SparsePEFT are attached afterwards
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -18,7 +19,7 @@ from ..errors import InvalidConfigurationError
 from .dropout import share_lora_dropout
 from .fused_lora import fuse_lora_layers
 from .nls import ElasticRankController
-from .peft_utils import matches_module
+from .peft_utils import language_model_linears, language_model_path, matches_module
 from .qa import QuantAwareAdapter, QuantSettingError, enable_quantization_aware
 from .sparse import SparseAdapter, enable_sparse_peft
 
@@ -68,30 +69,38 @@ class AdapterHandles:
 
 def _linear_leaf_names(model: nn.Module) -> list[str]:
     names: list[str] = []
-    for name, module in model.named_modules():
+    for name in language_model_linears(model):
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and leaf not in names:
+        if leaf not in names:
             names.append(leaf)
     return names
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """The attention and MLP projection names the model has (SQFT targets all of them).
+    """The attention and MLP projection names the model's language model has (SQFT targets all of them).
 
     Args:
         model: The base causal LM.
 
     Returns:
-        The subset of :data:`PROJECTION_NAMES` present as ``nn.Linear`` leaves, in canonical order;
-        if none is present, every ``nn.Linear`` leaf name except ``lm_head``.
+        The subset of :data:`PROJECTION_NAMES` present as ``nn.Linear`` leaves of the language model
+        (``peft_utils.language_model_linears``), in canonical order; if none is present, every
+        ``nn.Linear`` leaf name of it.
     """
     leaves = _linear_leaf_names(model)
     found = [n for n in PROJECTION_NAMES if n in leaves]
-    return found or [n for n in leaves if n != "lm_head"]
+    return found or leaves
+
+
+def _targetable(model: nn.Module) -> list[str]:
+    """The full names of the linears a target entry may name: the language model's and the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [*language_model_linears(model), *(n for n, m in model.named_modules() if m is head and n)]
 
 
 def check_target_modules(model: nn.Module, names: list[str], param: str = "General.lora_config.target_modules"):
-    """Raise :class:`AdapterConfigError` naming the first entry that matches no linear layer.
+    """Raise :class:`AdapterConfigError` naming the first entry that matches no linear layer of the
+    language model (or the output head).
 
     Args:
         model: The base causal LM.
@@ -99,15 +108,30 @@ def check_target_modules(model: nn.Module, names: list[str], param: str = "Gener
         param: The config field reported in the error.
 
     Raises:
-        AdapterConfigError: If some name matches no ``nn.Linear`` of ``model``.
+        AdapterConfigError: If some name matches no such ``nn.Linear`` of ``model``.
     """
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = _targetable(model)
     for key in names:
         if not any(matches_module(n, key) for n in linear):
             have = ", ".join(_linear_leaf_names(model))
             raise AdapterConfigError(
                 f"target module {key!r} matches no linear layer of the model (it has: {have})", param
             )
+
+
+def _outside_language_model(model: nn.Module, targets: list[str]) -> str | None:
+    """PEFT's ``exclude_modules`` (a regex on full names) for everything but the language model and the
+    head, if ``targets`` match a linear elsewhere (an image-text model's vision tower, whose q/k/v share
+    the decoder's names); None otherwise, so text-only models' adapter configs stay as they were."""
+    allowed = set(_targetable(model))
+    if not any(
+        isinstance(module, nn.Linear) and name not in allowed and any(matches_module(name, t) for t in targets)
+        for name, module in model.named_modules()
+    ):
+        return None
+    inside = language_model_linears(model)
+    spared = [re.escape(f"{language_model_path(model)}."), *(re.escape(n) + "$" for n in allowed if n not in inside)]
+    return f"(?!{'|'.join(spared)}).*"
 
 
 def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tuple[PeftModel, AdapterHandles]:
@@ -139,6 +163,7 @@ def build_peft_model(model: nn.Module, lora: LoraSection, seed: int = 0) -> tupl
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=list(targets),
+        exclude_modules=_outside_language_model(model, list(targets)),
     )
     peft_model = get_peft_model(model, config)
     share_lora_dropout(peft_model)

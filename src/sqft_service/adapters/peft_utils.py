@@ -55,6 +55,27 @@ def lora_layers(peft_model: nn.Module, adapter: str) -> list[tuple[str, LoraLaye
     ]
 
 
+def language_model_path(model: nn.Module) -> str | None:
+    """The module path of ``model``'s language model: ``model`` in a causal LM, ``model.language_model`` in
+    an image-text model (Gemma 3's); None for a model without ``get_decoder``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return next((name for name, module in model.named_modules() if module is decoder and name), None)
+
+
+def language_model_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of ``model``'s language model (:func:`language_model_path`), by full name.
+
+    A causal LM's whole body (not ``lm_head``); an image-text model's text decoder only: its vision tower
+    and projector see no text training data, so adapters, pruning and quantization leave them as they
+    are. A model without ``get_decoder``: every linear but ``lm_head``.
+    """
+    from torch import nn
+
+    prefix = language_model_path(model)
+    inside = (lambda name: name.startswith(f"{prefix}.")) if prefix else (lambda name: name != "lm_head")
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and inside(n)}
+
+
 def matches_module(name: str, key: str) -> bool:
     """Whether module ``name`` is targeted by ``key`` under PEFT's list semantics.
 

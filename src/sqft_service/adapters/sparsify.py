@@ -26,18 +26,19 @@ from torch import nn
 
 from ..errors import InvalidConfigurationError
 from .calibration import CALIBRATION_BATCH_TOKENS, calibration_batches
-from .peft_utils import layer_index
+from .peft_utils import language_model_linears, layer_index
 from .sparse import sparsity_report
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules inside numbered decoder layers (not embeddings / ``lm_head``)."""
+    """The ``nn.Linear`` modules inside numbered decoder layers of the language model (not embeddings,
+    ``lm_head``, nor an image-text model's vision tower: ``peft_utils.language_model_linears``)."""
     # "Inside" a numbered layer: the index is in the parent path, so a Linear that is itself the
     # numbered entry of a ModuleList (``blocks.0``) is not taken for a decoder layer.
     return {
         name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and layer_index(name.rpartition(".")[0]) is not None
+        for name, module in language_model_linears(model).items()
+        if layer_index(name.rpartition(".")[0]) is not None
     }
 
 

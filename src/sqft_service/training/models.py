@@ -125,9 +125,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             config = gguf_config(gguf_path)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, config=config
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         except Exception as exc:  # an architecture transformers doesn't read, a damaged file: one sentence
             raise ModelLoadError(f"could not read GGUF file {gguf_path.name!r}: {_first_line(exc)}") from exc
