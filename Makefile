@@ -67,7 +67,7 @@ LLAMACPP := .llamacpp
 $(LLAMACPP)/llama_cpp/__init__.py: $(STAMP)
 	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF \
 		-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-		$(VENV)/bin/pip install --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
+		$(VENV)/bin/pip install --no-cache-dir --no-deps --target $(LLAMACPP) llama-cpp-python==0.3.36 diskcache
 bench-gguf: $(LLAMACPP)/llama_cpp/__init__.py
 	$(PY) -m bench.gguf_llamacpp --llama-cpp-path $(LLAMACPP) $(ARGS)
 # GGUF exports of plain model directories (settings and tokenizer derived) against transformers, in llama.cpp.

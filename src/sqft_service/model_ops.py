@@ -110,7 +110,7 @@ def sparsify(
             "output_error": sum(r.error for r in layers.values()) / len(layers),
             "rtn_output_error": sum(r.rtn_error for r in layers.values()) / len(layers),
             # A kept weight can round to 0: the INT model is sparser than the pruning (QA trains the pruning's mask).
-            "overall_zeros_after_rounding": sparsity_report(base)["overall"],
+            "overall_zeros_after_rounding": sparsity_report(base, names=list(prunable_linears(base)))["overall"],
             "file": QUANTIZED_BASE_FILE,
         }
     result = {

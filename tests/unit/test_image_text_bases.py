@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqft_service.adapters.lora import build_peft_model, default_target_modules
+from sqft_service.adapters.lora import PROJECTION_NAMES, build_peft_model, default_target_modules
 from sqft_service.adapters.peft_utils import language_model_linears, language_model_path
 from sqft_service.adapters.sparsify import prunable_linears, sparsify_model
 from sqft_service.config import LoraSection
@@ -74,15 +74,7 @@ def test_only_the_text_decoder_is_adapted_pruned_and_quantized(tokenizer):
     assert language_model_path(model) == "model.language_model"
     linears = language_model_linears(model)
     assert linears and all(name.startswith("model.language_model.layers.") for name in linears)
-    assert default_target_modules(model) == [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
+    assert default_target_modules(model) == [n for n in PROJECTION_NAMES if n not in ("qkv_proj", "gate_up_proj")]
     assert set(prunable_linears(model)) == set(linears)
     tower = {k: v.clone() for k, v in _vision(model.state_dict()).items()}
     assert any(".self_attn.q_proj." in k for k in tower)  # the names that would collide
@@ -110,6 +102,7 @@ def test_every_sqft_method_trains_and_merges_leaving_the_vision_tower_as_it_was(
     assert export_source(str(image_text_dir)) == image_text_dir
     report = merge(str(image_text_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=True, gguf_type="f32")
     assert report["adapted_modules"] == 3 * 5 and report["zeros_preserved"] is True
+    assert report["before"]["overall"] == pytest.approx(0.5, abs=0.01)  # the decoder's, the tower left out
     assert report["quantization"]["bits"] == 4
     before = load_file(image_text_dir / "model.safetensors")
     after = load_file(tmp_path / "merged" / "model.safetensors")
@@ -153,3 +146,24 @@ def test_the_engine_answers_as_transformers_batched_and_alone(image_text_dir, to
     for ids, answer in zip(prompts, alone, strict=True):
         out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert tokenizer.decode(out[0, len(ids) :]) == answer.text
+
+
+def test_wanda_and_gptq_calibrate_on_text_and_quantize_the_decoder_only(image_text_dir, tmp_path):
+    """Wanda's calibration and GPTQ's layer-by-layer pass run the image-text model on text; the pruned and
+    INT4 layers are the decoder's 21, and the vision tower is saved as it was."""
+    from sqft_service.model_ops import sparsify
+
+    result = sparsify(
+        str(image_text_dir),
+        tmp_path / "gptq",
+        method="wanda",
+        n_calibration=8,
+        max_calibration_tokens=32,
+        quantization={"method": "gptq", "bits": 4, "group_size": 32},
+    )
+    assert len(result["report"]["layers"]) == result["quantization"]["layers"] == 3 * 7
+    assert result["quantization"]["output_error"] < result["quantization"]["rtn_output_error"]
+    before = load_file(image_text_dir / "model.safetensors")
+    after = load_file(tmp_path / "gptq" / "model.safetensors")
+    for key, value in _vision(before).items():
+        assert torch.equal(after[key].to(value.dtype), value), key

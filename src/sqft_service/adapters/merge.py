@@ -21,7 +21,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .peft_utils import base_of, lora_layers
+from .peft_utils import base_of, language_model_linears, lora_layers
 from .qa import (
     GroupQuantizer,
     attach_quantized_base,
@@ -101,7 +101,8 @@ def merge_adapter(
         )  # safetensors only: never unpickle a checkpoint
         attach_quantized_base(model, base_model_path_or_model)
     save_dtype = dtype or next(model.parameters()).dtype
-    before_all = sparsity_report(model)
+    text_linears = list(language_model_linears(model))  # an image-text model's vision tower is no part of it
+    before_all = sparsity_report(model, names=text_linears)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     layers = lora_layers(peft_model, peft_model.active_adapter)
     adapted = [name for name, _ in layers]
@@ -144,7 +145,7 @@ def merge_adapter(
         "sparse": sparse,
         "adapted_modules": len(adapted),
         "before": {"overall": before_all["overall"], "adapted": before},
-        "after": {"overall": sparsity_report(merged)["overall"], "adapted": after},
+        "after": {"overall": sparsity_report(merged, names=text_linears)["overall"], "adapted": after},
         "zeros_preserved": preserved,
         **({"quantization": quantization} if quantization else {}),
         **({"gguf": exported} if exported is not None else {}),
