@@ -19,6 +19,7 @@ Other rope scalings, settings and tokenizers are refused with the reason, never 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     arch, params = _checked(config)
     gemma3 = arch == "gemma3"
     n_head, width = config.num_attention_heads, head_dim(config)
-    writer.add_name(name)
+    writer.add_name(_loadable_name(name, model_dir))
     slides = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
     window = getattr(config, "sliding_window", None) if slides else None
     context = min(config.max_position_embeddings, window or config.max_position_embeddings)
@@ -124,6 +125,23 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
         writer.add_rope_scaling_factor(float(params["factor"]))
 
     add_tokenizer(writer, model_dir, config.vocab_size)
+
+
+# llama.cpp marks Phi-3's special tokens by the model's name (a ``general.name`` holding "phi-3" or "phi3", in
+# any architecture), looking up these four: a vocabulary without one of them fails to load.
+_PHI3_NAME = re.compile(r"(?i)(phi)-?(3)")
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, model_dir: Path) -> str:
+    """``name`` as the GGUF's ``general.name``: as it is, unless llama.cpp would take it for a Phi-3 whose
+    tokens the vocabulary lacks (a directory named for Phi-3, a tokenizer that isn't); then ``phi_3``."""
+    if not _PHI3_NAME.search(name):
+        return name
+    tokenizer = read_tokenizer(model_dir)[1]
+    if all(tokenizer.token_to_id(token) is not None for token in _PHI3_TOKENS):
+        return name
+    return _PHI3_NAME.sub(r"\1_\2", name)
 
 
 def _check_rope(rope_type: str, arch: str) -> None:

@@ -560,6 +560,9 @@ def test_phi3_directories_export_their_fused_projections_and_partial_rope(tmp_pa
     fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
     assert fields["general.architecture"] == "phi3" and fields["tokenizer.ggml.model"] == "llama"
     assert fields["phi3.rope.dimension_count"] == 8 and fields["phi3.context_length"] == 100
+    # llama.cpp takes a model named for Phi-3 to hold Phi-3's special tokens; this vocabulary has no
+    # <|endoftext|>, so the name is written so that llama.cpp loads it.
+    assert fields["general.name"] == "tiny-phi_3"
     layer = model.model.layers[1]
     assert tensors["blk.1.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
     assert np.array_equal(tensors["blk.1.attn_qkv.weight"], layer.self_attn.qkv_proj.weight.detach().numpy())

@@ -51,9 +51,14 @@ def clear_gguf_quantization_flag(model: PreTrainedModel) -> None:
             del model.__dict__[attr]
 
 
+# Bumped when a conversion would now come out otherwise (2: the head and rope widths, LongRoPE, from
+# the file: ``gguf_config``), so a cache written before is not taken for this one.
+_CONVERSION = 2
+
+
 def _gguf_cache_key(path: Path) -> str:
     stat = path.stat()
-    ident = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    ident = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}:{_CONVERSION}"
     return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
