@@ -22,8 +22,9 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
   of a text with special tokens in it), and logits;
 * a Gemma-style SentencePiece tokenizer on a random tiny Gemma 3 of 12 layers (sliding windows of 64
-  positions, two global layers): token ids and logits over 300 positions (and, as a control, the same
-  export without its sliding window).
+  positions, two global layers) and a Gemma 2 (every other layer global, logits soft-capped): token ids
+  and logits over 300 positions (and, as controls, the Gemma 3 export without its sliding window, the
+  Gemma 2 file against transformers without soft-caps).
 
 Prints and saves ``bench/results/<date>-gguf-hf-llamacpp-<host>.json``.
 """
@@ -332,10 +333,15 @@ def _sentencepiece(work: Path) -> dict:
     return results
 
 
-def _gemma3(work: Path) -> dict:
+def _gemma(work: Path, model_type: str = "gemma3_text") -> dict:
     """A Gemma-style SentencePiece tokenizer (trained on ARC-E) on a random tiny Gemma 3 of 12 layers (two
-    global, ten sliding over 64 positions): ids against transformers and SentencePiece, and the logits over
-    300 positions, where the sliding window, its own rope base and the layer pattern all matter."""
+    global, ten sliding over 64 positions), or Gemma 2 (alternating; attention and final logits soft-capped
+    at 5 and 1, low enough to bind): ids against transformers and SentencePiece, and the logits over 300
+    positions, where the sliding window, its own rope base, the layer pattern and the caps all matter."""
+    import copy
+    from unittest import mock
+
+    import gguf
     import sentencepiece
 
     from sqft_service.gguf_export import export_gguf
@@ -348,7 +354,10 @@ def _gemma3(work: Path) -> dict:
     processor = sentencepiece.SentencePieceProcessor(model_file=str(work / "gemma-spm" / "tokenizer.model"))
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, head_dim=64, query_pre_attn_scalar=64)
     shape |= dict(sliding_window=64, max_position_embeddings=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    model = make_tiny_causal_lm("gemma3_text", len(tokenizer), **shape)
+    gemma2 = model_type == "gemma2"
+    if gemma2:
+        shape |= dict(attn_logit_softcapping=5.0, final_logit_softcapping=1.0, tie_word_embeddings=True)
+    model = make_tiny_causal_lm(model_type, len(tokenizer), **shape)
     # Every norm (q/k's too) scales by 1 + weight in 0.5..1.5: written without the shift, a norm would scale
     # by -0.5..0.5. (Sharper attention, q/k norms of 3 to 5, makes 12 random layers chaotic: 0.5 apart even
     # with a float32 KV cache, and as far for a model whose window spans the whole text.)
@@ -356,30 +365,34 @@ def _gemma3(work: Path) -> dict:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
-    source = work / "tiny-gemma3"
+    source = work / f"tiny-{model_type}"
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
-    out = work / "gemma3.gguf"
+    out = work / f"{model_type}.gguf"
     export_gguf(model, source, out, "f32")
     llama = _llama(out)
     ids = tokenizer.encode(" ".join(TEXTS * 3), add_special_tokens=False)[:300]
-    # The control: the same export without the sliding window, which llama.cpp then runs as global attention
-    # everywhere with the global rope base (the sliding layers' base comes with the window).
-    from unittest import mock
-
-    import gguf
-
-    unwindowed = work / "gemma3-no-window.gguf"
-    with mock.patch.object(gguf.GGUFWriter, "add_sliding_window", lambda writer, window: None):
-        export_gguf(model, source, unwindowed, "f32")
-    return {
+    result = {
         "tokenization": _tokenization(tokenizer, llama),
         "same_ids_as_sentencepiece": sum(
             processor.encode(t) == llama.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS
         ),
         "logits": _compare_logits(model, llama, ids),
-        "logits_without_sliding_window": _compare_logits(model, _llama(unwindowed), ids),
     }
+    if gemma2:  # the control: transformers without the soft-caps, against the same file
+        uncapped = copy.deepcopy(model)
+        uncapped.config.attn_logit_softcapping = uncapped.config.final_logit_softcapping = None
+        for layer in uncapped.model.layers:  # each attention took its cap from the config when built
+            layer.self_attn.attn_logit_softcapping = None
+        result["logits_against_no_soft_caps"] = _compare_logits(uncapped, llama, ids)
+        return result
+    # The control: the same export without the sliding window, which llama.cpp then runs as global attention
+    # everywhere with the global rope base (the sliding layers' base comes with the window).
+    unwindowed = work / "gemma3-no-window.gguf"
+    with mock.patch.object(gguf.GGUFWriter, "add_sliding_window", lambda writer, window: None):
+        export_gguf(model, source, unwindowed, "f32")
+    result["logits_without_sliding_window"] = _compare_logits(model, _llama(unwindowed), ids)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             "tiny_phi3_half_rope": _tiny(work, "phi3", tokenizer_dir, LLAMA3_PRE),
             "tiny_phi4_mini_longrope_gpt4o_pre": _tiny(work, "phi3_longrope", tokenizer_dir, GPT4O_PRE),
             "sentencepiece": _sentencepiece(work),
-            "tiny_gemma3_sliding": _gemma3(work),
+            "tiny_gemma3_sliding": _gemma(work),
+            "tiny_gemma2_soft_capped": _gemma(work, "gemma2"),
         }
     print(json.dumps(figures, indent=1))
     print(f"saved {write_machine_results('gguf-hf-llamacpp', torch.get_num_threads(), figures)}")

@@ -3,7 +3,7 @@
 The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
 came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
 goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama, Qwen2,
-Qwen3, Gemma 3, SmolLM3 and Phi-3 architectures (a Mistral GGUF is a Llama one).
+Qwen3, Gemma 2, Gemma 3, SmolLM3 and Phi-3 architectures (a Mistral GGUF is a Llama one).
 
 QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
 ``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
@@ -68,6 +68,7 @@ _ARCHITECTURES = {
     "llama": _Arch(gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": _Arch(gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": _Arch(gguf.MODEL_ARCH.QWEN3, False),
+    "gemma2": _Arch(gguf.MODEL_ARCH.GEMMA2, False, norm_shift=1.0),
     "gemma3": _Arch(gguf.MODEL_ARCH.GEMMA3, False, norm_shift=1.0),
     "smollm3": _Arch(gguf.MODEL_ARCH.SMOLLM3, True),
     # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are ([q; k; v],

@@ -8,8 +8,9 @@ Llama (also Llama 3's rope scaling, written as ``rope_freqs`` as the converter d
 ``llama`` architecture, as the converter writes it), Qwen2 and Qwen3 (its q/k norms are tensors the name
 map knows). llama.cpp has no sliding window in these architectures, so a model that slides (Mistral,
 a Qwen with ``use_sliding_window``) gets its window as the context length: within it, attention is the
-same. Gemma 3 (text; ``gemma3_text``) has its sliding window in llama.cpp, whose other settings are fixed
-there (``_check_gemma3``); its norms are shifted by one on writing (``gguf_export``). SmolLM3 is Llama
+same. Gemma 2 and Gemma 3 (text; ``gemma3_text``) have their sliding window in llama.cpp (and Gemma 2
+its soft-capping), whose other settings are fixed there (``_check_gemma``); their norms are shifted by one
+on writing (``gguf_export``). SmolLM3 is Llama
 with no rope at every fourth layer, which llama.cpp fixes in its code too (``_check_smollm3``). Phi-3
 (and Phi-4, also ``phi3``) keeps its fused projections; its rope may turn a part of each head only; its
 sliding window is off in llama.cpp, so it too bounds the context length; its LongRoPE (Phi-3.5,
@@ -89,7 +90,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
         GGUFExportError: a tokenizer or rope scaling llama.cpp would not run as transformers does.
     """
     arch, params = _checked(config)
-    gemma3 = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     n_head, width = config.num_attention_heads, head_dim(config)
     writer.add_name(_loadable_name(name, model_dir))
     slides = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
@@ -115,11 +116,14 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(int(width * params.get("partial_rotary_factor", 1.0)))
-    if width != config.hidden_size // n_head or gemma3:
+    if width != config.hidden_size // n_head or gemma:
         writer.add_key_length(width)
         writer.add_value_length(width)
-    if gemma3:
+    if gemma:
         writer.add_sliding_window(config.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     if params["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
@@ -151,29 +155,39 @@ def _check_rope(rope_type: str, arch: str) -> None:
         raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling in {arch} ({', '.join(written)})")
 
 
-def _check_gemma3(config: Any) -> None:
-    """Refuse a Gemma 3 that llama.cpp would run otherwise than transformers: llama.cpp's Gemma 3 takes
-    neither the layer pattern, nor the sliding layers' rope, nor the query scale from the file."""
+def _check_gemma(config: Any, arch: str) -> None:
+    """Refuse a Gemma 2 or 3 that llama.cpp would run otherwise than transformers: llama.cpp takes neither
+    the layer pattern (Gemma 2: every other layer global; Gemma 3: every sixth), nor Gemma 3's sliding
+    layers' rope, nor the query scale, nor (Gemma 2) whether logits are soft-capped from the file."""
     n_layers, problems = config.num_hidden_layers, []
-    every_sixth = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
-    if list(getattr(config, "layer_types", None) or every_sixth) != every_sixth:
-        problems.append("global attention at layers other than every sixth")
-    local = _rope_parameters(config, "sliding_attention")
-    if local["rope_type"] != "default" or float(local["rope_theta"]) != 10000.0:
-        problems.append(f"a sliding-layer rope other than the default with base 10000 ({local})")
-    # llama.cpp scales queries by 1/sqrt(head width), or by 1/sqrt(hidden / heads) for 62 layers (27B).
-    scalar = config.hidden_size // config.num_attention_heads if n_layers == 62 else head_dim(config)
+    period, big = (2, 46) if arch == "gemma2" else (6, 62)  # the global layers' period; the 27B's layers
+    pattern = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)]
+    if list(getattr(config, "layer_types", None) or pattern) != pattern:
+        problems.append(f"global attention at layers other than every {'other' if period == 2 else 'sixth'}")
+    if arch == "gemma3":
+        local = _rope_parameters(config, "sliding_attention")
+        if local["rope_type"] != "default" or float(local["rope_theta"]) != 10000.0:
+            problems.append(f"a sliding-layer rope other than the default with base 10000 ({local})")
+    # llama.cpp scales queries by 1/sqrt(head width), or by 1/sqrt(hidden / heads) for the 27B.
+    scalar = config.hidden_size // config.num_attention_heads if n_layers == big else head_dim(config)
     if float(config.query_pre_attn_scalar) != scalar:
         problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar}, not {scalar}")
     if not getattr(config, "sliding_window", None):  # llama.cpp slides, with the sliding layers' rope, only given one
         problems.append("no sliding_window")
-    for flag in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+    # Gemma 2 soft-caps in llama.cpp always, by the file's values; Gemma 3 never.
+    capped = ("attn_logit_softcapping", "final_logit_softcapping")
+    for flag in (*(() if arch == "gemma2" else capped), "use_bidirectional_attention"):
         if getattr(config, flag, None):
             problems.append(f"{flag} {getattr(config, flag)}")
+    if arch == "gemma2":
+        problems += [f"no {flag}" for flag in capped if not getattr(config, flag, None)]
+        if not config.tie_word_embeddings:  # llama.cpp's Gemma 2 reads its head from the embedding
+            problems.append("a head not tied to the embedding")
     if config.hidden_activation != "gelu_pytorch_tanh":
         problems.append(f"the activation {config.hidden_activation}, not gelu_pytorch_tanh")
     if problems:
-        raise GGUFExportError(f"GGUF export writes Gemma 3 as llama.cpp runs it; this one has {'; '.join(problems)}")
+        name = "Gemma 2" if arch == "gemma2" else "Gemma 3"
+        raise GGUFExportError(f"GGUF export writes {name} as llama.cpp runs it; this one has {'; '.join(problems)}")
 
 
 def _check_smollm3(config: Any) -> None:
@@ -195,8 +209,8 @@ def _checked(config: Any) -> tuple[str, dict[str, Any]]:
     """
     arch, params = hf_architecture(config), _rope_parameters(config)
     _check_rope(params["rope_type"], arch)
-    if arch == "gemma3":
-        _check_gemma3(config)
+    if arch in ("gemma2", "gemma3"):
+        _check_gemma(config, arch)
     elif arch == "smollm3":
         _check_smollm3(config)
     return arch, params

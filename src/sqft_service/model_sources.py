@@ -28,6 +28,7 @@ GGUF_MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "smollm3": "smollm3",
     "phi3": "phi3",

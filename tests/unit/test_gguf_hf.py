@@ -410,12 +410,13 @@ def gemma_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _tiny_gemma3(vocab_size: int, **overrides):
-    """Six layers (five sliding, one global: llama.cpp's pattern), heads wider than hidden size over heads,
-    every norm away from zero (Gemma scales by 1 + weight, so a shift left out shows)."""
+def _tiny_gemma3(vocab_size: int, model_type: str = "gemma3_text", **overrides):
+    """Six layers (Gemma 3: five sliding, one global; Gemma 2: alternating; llama.cpp's patterns), heads
+    wider than hidden size over heads, every norm away from zero (Gemma scales by 1 + weight, so a shift
+    left out shows)."""
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32)
     shape |= dict(sliding_window=16, bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
-    model = make_tiny_causal_lm("gemma3_text", vocab_size, **(shape | overrides))
+    model = make_tiny_causal_lm(model_type, vocab_size, **(shape | overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -450,6 +451,12 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
     theirs = loaded.state_dict()
     for key, value in model.state_dict().items():
         assert torch.allclose(theirs[key], value, atol=1e-6), key
+    # Its query scale (transformers' reader keeps 256; llama.cpp's rule gives the head width) from the file:
+    # as a base, the same logits.
+    converted = AutoModelForCausalLM.from_pretrained(convert_gguf(tmp_path / "model.gguf", tmp_path / "cache"))
+    ids = torch.tensor([tokenizer.encode(" ".join(_TEXTS))])
+    with torch.no_grad():
+        assert torch.allclose(converted(ids).logits, model(ids).logits, atol=1e-5)
     # A merge of that GGUF as a base (metadata copied from it) writes the same tensors again.
     export_gguf(loaded, tmp_path / "model.gguf", tmp_path / "again.gguf", "f32")
     again = {t.name: t.data for t in gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors}
@@ -468,6 +475,45 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
             check_source(directory)
         with pytest.raises(GGUFExportError, match=named):
             export_gguf(other, directory, tmp_path / "other.gguf")
+
+
+def test_gemma2_directories_export_with_their_soft_caps(tmp_path, gemma_tokenizer_dir):
+    """Gemma 2 is GGUF's ``gemma2``: norms shifted as Gemma 3's, every other layer sliding, and its logit
+    soft-capping written (llama.cpp caps always, by the file's values). Read back as a base: the same
+    logits over more positions than the window. A Gemma 2 that llama.cpp would run otherwise (no caps, an
+    untied head, another layer pattern) is refused before the merge, naming the setting."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+    model = _tiny_gemma3(len(tokenizer), "gemma2", attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    source = _checked_source(model, tokenizer, tmp_path / "tiny-gemma2")
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
+    assert fields["general.architecture"] == "gemma2" and fields["gemma2.attention.sliding_window"] == 16
+    assert fields["gemma2.attn_logit_softcapping"] == 5.0 and fields["gemma2.final_logit_softcapping"] == 3.0
+    norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+    assert {f"blk.5.{n}.weight" for n in norms} <= tensors.keys() and "output.weight" not in tensors
+    written = tensors["blk.5.post_attention_norm.weight"]
+    assert np.array_equal(written, model.model.layers[5].post_attention_layernorm.weight.detach().numpy() + 1)
+    converted = convert_gguf(tmp_path / "model.gguf", tmp_path / "cache")
+    loaded = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode(" ".join(_TEXTS))])
+    assert ids.shape[1] > 16
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    for overrides, named in (
+        (dict(final_logit_softcapping=None), "no final_logit_softcapping"),
+        (dict(tie_word_embeddings=False), "a head not tied to the embedding"),
+        (dict(layer_types=["full_attention"] * 6), "global attention at layers other than every other"),
+    ):
+        other = _tiny_gemma3(len(tokenizer), "gemma2", **overrides)
+        directory = tmp_path / f"other-{len(named)}"
+        other.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        with pytest.raises(GGUFExportError, match=f"Gemma 2 as llama.cpp runs it; this one has {named}"):
+            check_source(directory)
 
 
 def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):

@@ -16,7 +16,7 @@ from sqft_service.adapters.lora import PROJECTION_NAMES, build_peft_model, defau
 from sqft_service.adapters.peft_utils import language_model_linears, language_model_path
 from sqft_service.adapters.sparsify import prunable_linears, sparsify_model
 from sqft_service.config import LoraSection
-from sqft_service.model_ops import merge
+from sqft_service.model_ops import extract, merge, sub_adapter_ranks
 from sqft_service.model_sources import export_source
 from sqft_service.training.events import MemorySink
 from sqft_service.training.recipe import run_training
@@ -111,6 +111,13 @@ def test_every_sqft_method_trains_and_merges_leaving_the_vision_tower_as_it_was(
         assert torch.equal(after[key].to(value.dtype), value), key
     changed = [k for k in before if "language_model." in k and not torch.equal(before[k], after[k].to(before[k].dtype))]
     assert len(changed) == 3 * 5, changed
+    # A sub-adapter extracted from the super-adapter (stock PEFT, no retraining) merges the same way.
+    sub = extract(
+        Path(result.adapter_dir), tmp_path / "sub", sub_adapter_ranks(Path(result.adapter_dir), "minimal", None)
+    )
+    assert merge(str(image_text_dir), Path(sub["path"]), tmp_path / "merged-sub", sparse=True)["adapted_modules"] == 15
+    merged_sub = load_file(tmp_path / "merged-sub" / "model.safetensors")
+    assert all(torch.equal(merged_sub[k].to(v.dtype), v) for k, v in _vision(before).items())
     # GGUF: the text decoder, as llama.cpp's converter writes one (the image side goes in an mmproj file;
     # the base's own works, the tower being unchanged), every trained layer as its integers.
     exported = report["gguf"]

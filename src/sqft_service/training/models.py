@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters.qa.gptq import attach_quantized_base
 from ..errors import UserError
+from .gguf_config import gguf_config
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def clear_gguf_quantization_flag(model: PreTrainedModel) -> None:
             del model.__dict__[attr]
 
 
-# Bumped when a conversion would now come out otherwise (2: the head and rope widths, LongRoPE, from
-# the file: ``gguf_config``), so a cache written before is not taken for this one.
+# Bumped when a conversion would now come out otherwise (2: the head and rope widths, LongRoPE, Gemma's
+# query scale and soft-caps, from the file: ``gguf_config``), so a cache written before is not taken for it.
 _CONVERSION = 2
 
 
@@ -71,50 +72,6 @@ def _file_lock(lock_path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def gguf_config(gguf_path: Path):
-    """The model config of ``gguf_path`` as transformers reads it, with the head and rope settings it records.
-
-    transformers 5 maps ``attention.key_length`` to ``head_dim`` for some architectures only (``qwen3_moe``,
-    ``gemma3``, not ``qwen3``), elsewhere keeping the class default (128 for Qwen3), and reads neither
-    ``rope.dimension_count`` (Phi-4-mini turns 3/4 of each head) nor LongRoPE's factor tensors (Phi-3.5)
-    for ``phi3``: each builds another model than the one llama.cpp runs from the file.
-    """
-    import gguf
-
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-
-    def setting(key: str):
-        field = reader.fields.get(key.format(arch=arch))
-        return None if field is None else field.contents()
-
-    key_length = setting(gguf.Keys.Attention.KEY_LENGTH)
-    if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
-        config.head_dim = int(key_length)
-    rope = getattr(config, "rope_parameters", None)
-    if not isinstance(rope, dict) or "partial_rotary_factor" not in rope:  # transformers' Phi-3 rope
-        return config
-    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_dims = setting(gguf.Keys.Rope.DIMENSION_COUNT)
-    if rope_dims is not None:
-        rope["partial_rotary_factor"] = int(rope_dims) / width
-    factors = {t.name.split(".")[0]: t.data.tolist() for t in reader.tensors if t.name.startswith("rope_factors_")}
-    if factors:
-        # llama.cpp takes the short factors within the original context, the long ones beyond it, and
-        # multiplies both by the file's attention factor, as transformers' longrope does by sequence length.
-        original = int(setting(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN) or config.max_position_embeddings)
-        config.original_max_position_embeddings = original
-        rope.update(
-            rope_type="longrope",
-            short_factor=factors["rope_factors_short"],
-            long_factor=factors["rope_factors_long"],
-            attention_factor=float(setting(gguf.Keys.Rope.SCALING_ATTN_FACTOR) or 1.0),
-            original_max_position_embeddings=original,
-        )
-    return config
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
