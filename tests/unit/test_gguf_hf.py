@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -171,6 +172,28 @@ def test_llama3_rope_scaling_a_tied_head_and_a_bos_adding_tokenizer(tmp_path, sm
     assert fields["tokenizer.ggml.add_bos_token"] is True and "tokenizer.ggml.add_eos_token" not in fields
     assert fields["llama.rope.freq_base"] == 500000.0 and fields["llama.rope.dimension_count"] == head_dim
     assert fields["llama.vocab_size"] == len(tokenizer) and fields["tokenizer.ggml.bos_token_id"] == bos
+    # As a base: transformers' reader takes no rope scaling from a GGUF; Llama 3's rule is read back from
+    # the rope_freqs divisors, so the converted model has the file's rope (and the original's logits).
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "f32").mkdir()
+    (tmp_path / "odd").mkdir()
+    export_gguf(model, source, tmp_path / "f32" / "model.gguf", "f32")
+    converted = AutoModelForCausalLM.from_pretrained(convert_gguf(tmp_path / "f32" / "model.gguf", tmp_path / "cache"))
+    assert converted.config.rope_parameters == rope | {"rope_type": "llama3"}
+    ids = torch.arange(3, 200)[None]
+    with torch.no_grad():
+        assert torch.allclose(converted(ids).logits, model(ids).logits, atol=1e-5)
+    # Divisors no Llama 3 rule gives are kept as they are (LongRoPE with equal short and long factors).
+    odd = np.linspace(1.0, 3.0, head_dim // 2, dtype=np.float32)
+    with mock.patch("sqft_service.gguf_hf.rope_factors", lambda config, width: odd):
+        export_gguf(model, source, tmp_path / "odd" / "model.gguf", "f32")
+    other = AutoModelForCausalLM.from_pretrained(convert_gguf(tmp_path / "odd" / "model.gguf", tmp_path / "cache"))
+    assert other.config.rope_parameters["rope_type"] == "longrope"
+    assert np.allclose(other.config.rope_parameters["short_factor"], odd)
+    assert np.allclose(
+        other.model.rotary_emb.inv_freq.numpy(), 1 / 500000.0 ** (np.arange(0, head_dim, 2) / head_dim) / odd
+    )
 
 
 def test_which_directories_are_sources_and_what_is_refused(tmp_path, tiny_model_dir, gguf_path):

@@ -4,12 +4,15 @@ leaves out and llama.cpp reads, so the converted model is the one llama.cpp runs
 transformers 5 maps ``attention.key_length`` to ``head_dim`` for some architectures only (``qwen3_moe``,
 ``gemma3``, not ``qwen3``), elsewhere keeping the class default (128 for Qwen3); reads neither
 ``rope.dimension_count`` (Phi-4-mini turns 3/4 of each head) nor LongRoPE's factor tensors (Phi-3.5) for
-``phi3``; and neither Gemma 2's soft-caps nor either Gemma's query scale, which llama.cpp fixes by its own
-rule (1/sqrt(head width), 1/sqrt(hidden / heads) for the 27Bs) where transformers keeps 256.
+``phi3``; neither Gemma 2's soft-caps nor either Gemma's query scale, which llama.cpp fixes by its own
+rule (1/sqrt(head width), 1/sqrt(hidden / heads) for the 27Bs) where transformers keeps 256; nor Llama 3's
+rope scaling, which llama.cpp's converter writes as a ``rope_freqs`` tensor of per-frequency divisors
+(Llama 3.1, 3.2 and 3.3 GGUFs: without it transformers trains a model with another rope than the file's).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,9 @@ def gguf_config(gguf_path: Path) -> PretrainedConfig:
     if arch in _GEMMA_27B_LAYERS:
         _gemma_attention(config, arch, setting)
     rope = getattr(config, "rope_parameters", None)
+    divisors = next((t.data for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if isinstance(rope, dict) and divisors is not None:
+        _llama3_rope(config, rope, divisors)
     if isinstance(rope, dict) and "partial_rotary_factor" in rope:  # transformers' Phi-3 rope
         factors = {t.name.split(".")[0]: t.data.tolist() for t in reader.tensors if t.name.startswith("rope_factors_")}
         _phi3_rope(config, rope, setting, factors)
@@ -78,3 +84,44 @@ def _phi3_rope(config: PretrainedConfig, rope: dict, setting, factors: dict[str,
             attention_factor=float(setting(gguf.Keys.Rope.SCALING_ATTN_FACTOR) or 1.0),
             original_max_position_embeddings=original,
         )
+
+
+def _llama3_rope(config: PretrainedConfig, rope: dict, divisors: Any) -> None:
+    """Llama 3's rope scaling back from llama.cpp's ``rope_freqs`` (what divides each frequency).
+
+    Between its two wavelength bounds the rule's divisor ``d`` gives ``smooth = (1/d - 1/factor) / (1 -
+    1/factor)``, linear in 1/wavelength with slope ``original / (high - low)`` and intercept ``-low / (high -
+    low)``; any (low, high, original) with those two gives the same divisors, so ``high - low`` is taken as
+    Llama 3's 3. The result is checked by recomputing the divisors; a tensor the rule does not give is kept
+    exactly as LongRoPE with equal short and long factors (transformers divides each frequency by them).
+    """
+    import numpy as np
+
+    from ..gguf_hf import rope_factors
+
+    divisors = np.asarray(divisors, dtype=np.float64)
+    theta, width = float(rope.get("rope_theta", 10000.0)), _width(config)
+    wavelength = 2 * np.pi * theta ** (np.arange(0, width, 2) / width)
+    factor = float(divisors.max())
+    if factor > 1.0:
+        smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+        between = (smooth > 1e-4) & (smooth < 1 - 1e-4)
+        if between.sum() >= 2:
+            slope, intercept = np.polyfit(1 / wavelength[between], smooth[between], 1)
+            low, original = round(float(-3 * intercept), 4), round(float(3 * slope))
+        elif between.sum() == 1:  # Llama 3's bounds (1, 4) through the one point
+            low, original = 1.0, round(float((3 * smooth[between][0] + 1) * wavelength[between][0]))
+        else:  # any original context between the last undivided and the first divided wavelength
+            low, original = 1.0, round(float(4 * wavelength[smooth >= 1 - 1e-4].max())) + 1
+        llama3 = {"rope_type": "llama3", "rope_theta": theta, "factor": round(factor, 4), "low_freq_factor": low}
+        llama3 |= {"high_freq_factor": low + 3, "original_max_position_embeddings": original}
+        probe = copy.copy(config)
+        probe.rope_parameters = llama3
+        if np.allclose(rope_factors(probe, width), divisors, rtol=1e-4):
+            rope.clear()
+            rope.update(llama3)
+            return
+    rope.clear()
+    rope.update(rope_type="longrope", rope_theta=theta, attention_factor=1.0)
+    rope.update(short_factor=divisors.tolist(), long_factor=divisors.tolist())
+    rope["original_max_position_embeddings"] = config.max_position_embeddings

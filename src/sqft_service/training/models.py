@@ -52,8 +52,8 @@ def clear_gguf_quantization_flag(model: PreTrainedModel) -> None:
             del model.__dict__[attr]
 
 
-# Bumped when a conversion would now come out otherwise (2: the head and rope widths, LongRoPE, Gemma's
-# query scale and soft-caps, from the file: ``gguf_config``), so a cache written before is not taken for it.
+# Bumped when a conversion would now come out otherwise (2: the head and rope widths, LongRoPE, Llama 3's
+# rope, Gemma's query scale and soft-caps, from the file: ``gguf_config``), so an older cache is not taken.
 _CONVERSION = 2
 
 
