@@ -500,6 +500,29 @@ def test_gemma3_directories_export_with_shifted_norms_and_their_window(tmp_path,
             export_gguf(other, directory, tmp_path / "other.gguf")
 
 
+def test_gemma3_linear_rope_scaling_is_written_and_read_back(tmp_path, gemma_tokenizer_dir):
+    """Gemma 3 4B and up scale their global layers' rope linearly (by 8): the export writes it, and as a base
+    the file gives that scaling back (transformers' GGUF reader drops it), so the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    rope["sliding_attention"] = {"rope_type": "default", "rope_theta": 10000.0}
+    model = _tiny_gemma3(len(tokenizer), rope_parameters=rope)
+    source = _checked_source(model, tokenizer, tmp_path / "tiny-gemma3-4b")
+    export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    fields = _fields(gguf.GGUFReader(str(tmp_path / "model.gguf")))
+    assert fields["gemma3.rope.scaling.type"] == "linear" and fields["gemma3.rope.scaling.factor"] == 8.0
+    converted = AutoModelForCausalLM.from_pretrained(convert_gguf(tmp_path / "model.gguf", tmp_path / "cache"))
+    assert converted.config.rope_parameters["full_attention"]["rope_type"] == "linear"
+    ids = torch.tensor([tokenizer.encode(" ".join(_TEXTS))])
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert torch.allclose(converted(ids).logits, ours, atol=1e-5)
+        plain = _tiny_gemma3(len(tokenizer), rope_parameters={**rope, "full_attention": {"rope_theta": 1e6}})
+        assert (plain(ids).logits - ours).abs().max() > 1e-3  # the scaling matters here
+
+
 def test_gemma2_directories_export_with_their_soft_caps(tmp_path, gemma_tokenizer_dir):
     """Gemma 2 is GGUF's ``gemma2``: norms shifted as Gemma 3's, every other layer sliding, and its logit
     soft-capping written (llama.cpp caps always, by the file's values). Read back as a base: the same

@@ -7,7 +7,8 @@ transformers 5 maps ``attention.key_length`` to ``head_dim`` for some architectu
 ``phi3``; neither Gemma 2's soft-caps nor either Gemma's query scale, which llama.cpp fixes by its own
 rule (1/sqrt(head width), 1/sqrt(hidden / heads) for the 27Bs) where transformers keeps 256; nor Llama 3's
 rope scaling, which llama.cpp's converter writes as a ``rope_freqs`` tensor of per-frequency divisors
-(Llama 3.1, 3.2 and 3.3 GGUFs: without it transformers trains a model with another rope than the file's).
+(Llama 3.1, 3.2 and 3.3 GGUFs: without it transformers trains a model with another rope than the file's);
+nor any linear rope scaling (Gemma 3 4B and up).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def gguf_config(gguf_path: Path) -> PretrainedConfig:
     if arch in _GEMMA_27B_LAYERS:
         _gemma_attention(config, arch, setting)
     rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and setting(gguf.Keys.Rope.SCALING_TYPE) == "linear":
+        # Linear rope scaling (Gemma 3 4B and up, on its global layers: llama.cpp scales no sliding layer).
+        full = rope["full_attention"] if isinstance(rope.get("full_attention"), dict) else rope
+        full.update(rope_type="linear", factor=float(setting(gguf.Keys.Rope.SCALING_FACTOR)))
     divisors = next((t.data for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if isinstance(rope, dict) and divisors is not None:
         _llama3_rope(config, rope, divisors)
