@@ -108,6 +108,8 @@ def _llama3_rope(config: PretrainedConfig, rope: dict, divisors: Any) -> None:
     theta, width = float(rope.get("rope_theta", 10000.0)), _width(config)
     wavelength = 2 * np.pi * theta ** (np.arange(0, width, 2) / width)
     factor = float(divisors.max())
+    if np.all(divisors == 1.0):  # no scaling at all: the rope transformers read is the file's
+        return
     if factor > 1.0:
         smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor)
         between = (smooth > 1e-4) & (smooth < 1 - 1e-4)
@@ -117,7 +119,8 @@ def _llama3_rope(config: PretrainedConfig, rope: dict, divisors: Any) -> None:
         elif between.sum() == 1:  # Llama 3's bounds (1, 4) through the one point
             low, original = 1.0, round(float((3 * smooth[between][0] + 1) * wavelength[between][0]))
         else:  # any original context between the last undivided and the first divided wavelength
-            low, original = 1.0, round(float(4 * wavelength[smooth >= 1 - 1e-4].max())) + 1
+            undivided = wavelength[smooth >= 1 - 1e-4]
+            low, original = 1.0, round(float(4 * undivided.max())) + 1 if undivided.size else 8192
         llama3 = {"rope_type": "llama3", "rope_theta": theta, "factor": round(factor, 4), "low_freq_factor": low}
         llama3 |= {"high_freq_factor": low + 3, "original_max_position_embeddings": original}
         probe = copy.copy(config)
