@@ -69,7 +69,7 @@ def _vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_only_the_text_decoder_is_adapted_pruned_and_quantized(tokenizer):
     """The vision tower's q/k/v share the decoder's names: by default, and when named, only the decoder's
-    are adapted (PEFT's ``exclude_modules`` spares the rest); pruning leaves the tower dense."""
+    are adapted (PEFT's ``exclude_modules`` keeps LoRA off the rest); pruning leaves the tower dense."""
     model = _tiny_gemma3_image_text(len(tokenizer))
     assert language_model_path(model) == "model.language_model"
     linears = language_model_linears(model)
