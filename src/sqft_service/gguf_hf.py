@@ -10,11 +10,11 @@ map knows). llama.cpp has no sliding window in these architectures, so a model t
 a Qwen with ``use_sliding_window``) gets its window as the context length: within it, attention is the
 same. Gemma 2 and Gemma 3 (text; ``gemma3_text``) have their sliding window in llama.cpp (and Gemma 2
 its soft-capping), whose other settings are fixed there (``_check_gemma``); their norms are shifted by one
-on writing (``gguf_export``). SmolLM3 is Llama
-with no rope at every fourth layer, which llama.cpp fixes in its code too (``_check_smollm3``). Phi-3
-(and Phi-4, also ``phi3``) keeps its fused projections; its rope may turn a part of each head only; its
-sliding window is off in llama.cpp, so it too bounds the context length; its LongRoPE (Phi-3.5,
-Phi-4-mini) is written as llama.cpp's factor tensors, within the original context (``add_hf_fields``).
+on writing (``gguf_export``). SmolLM3 is Llama with no rope at every fourth layer, which llama.cpp fixes
+in its code too (``_check_smollm3``). Phi-3 (and Phi-4, also ``phi3``) keeps its fused projections; its
+rope may turn a part of each head only; its sliding window is off in llama.cpp, so it too bounds the
+context length; its LongRoPE (Phi-3.5, Phi-4-mini) is written as llama.cpp's factor tensors, within the
+original context (``add_hf_fields``). An image-text model's directory gives its text decoder's settings.
 Other rope scalings, settings and tokenizers are refused with the reason, never written wrong.
 """
 
