@@ -13,11 +13,12 @@ a GGUF. This runs each export in llama.cpp (``llama-cpp-python``, built by ``mak
   ``rope_freqs``) and a tied head, a random tiny Qwen2 with biases ("qwen2") and a random tiny Qwen3
   (q/k norms, heads wider than hidden size over heads, a tied head), a random tiny SmolLM3 (no rope at
   every fourth layer), a random tiny Phi-3 (fused projections, rope over half of each head) and one with
-  Phi-4-mini's LongRoPE (over 3/4 of each head) and GPT-4o's split ("gpt-4o"): token ids of the texts
+  Phi-4-mini's LongRoPE (over 3/4 of each head) and GPT-4o's split ("gpt-4o"), a random tiny OLMo 2
+  (q/k norms over whole projections, norms after attention and MLP): token ids of the texts
   (SmolLM2's vocabulary with each split) and logits over 300 positions, where the scaled rope
   frequencies matter (and, as controls, the Llama 3 one exported with every rope factor 1, and the
-  SmolLM3 and Phi-3 files against transformers with rope at every layer, over whole heads, without
-  LongRoPE);
+  SmolLM3, Phi-3 and OLMo 2 files against transformers with rope at every layer, over whole heads,
+  without LongRoPE, with q/k norms of 1);
 * a Llama 2-style SentencePiece tokenizer (``bench/hub_tokenizers.py``, trained on ARC-E) on a random tiny
   Llama and a random tiny Mistral: token ids against transformers and against SentencePiece itself (and
   of a text with special tokens in it), and logits;
@@ -205,6 +206,14 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
         model = make_tiny_causal_lm("smollm3", 49152, num_hidden_layers=4, tie_word_embeddings=True, **shape)
     elif kind.startswith("phi3"):
         model = _tiny_phi3(kind, shape)
+    elif kind == "olmo2":  # q/k normalized over whole projections: the norms' weights set how sharp attention is
+        model = make_tiny_causal_lm("olmo2", 49152, **shape)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".self_attn." in name and name.endswith("norm.weight"):
+                    p.uniform_(2.0, 4.0)
+                elif name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
     else:
         model = make_tiny_causal_lm(kind, 49152, **shape)
     _sharpen(model)
@@ -237,6 +246,15 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
         with mock.patch.object(gguf_hf, "rope_factors", lambda c, d: np.ones(d // 2, dtype=np.float32)):
             export_gguf(model, source, unscaled, "f32")
         result["logits_without_rope_factors"] = _compare_logits(model, _llama(unscaled), ids)
+    if kind == "olmo2":  # the control: transformers with q/k norms of 1, against the same file
+        import copy
+
+        plain = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in plain.model.layers:
+                layer.self_attn.q_norm.weight.fill_(1.0)
+                layer.self_attn.k_norm.weight.fill_(1.0)
+        result["logits_against_unit_qk_norms"] = _compare_logits(plain, llama, ids)
     if kind.startswith("phi3"):  # the control: transformers with rope over whole heads / without LongRoPE
         other = _sharpen(_tiny_phi3(kind, shape, control=True))
         result["logits_against_whole_heads" if kind == "phi3" else "logits_against_default_rope"] = _compare_logits(
@@ -421,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiny_smollm3_nope_tied": _tiny(work, "smollm3", tokenizer_dir, LLAMA3_PRE),
             "tiny_phi3_half_rope": _tiny(work, "phi3", tokenizer_dir, LLAMA3_PRE),
             "tiny_phi4_mini_longrope_gpt4o_pre": _tiny(work, "phi3_longrope", tokenizer_dir, GPT4O_PRE),
+            "tiny_olmo2_post_norms": _tiny(work, "olmo2", tokenizer_dir, LLAMA3_PRE),
             "sentencepiece": _sentencepiece(work),
             "tiny_gemma3_sliding": _gemma(work),
             "tiny_gemma2_soft_capped": _gemma(work, "gemma2"),

@@ -3,7 +3,7 @@
 The tokenizer, chat template and architecture settings are copied from the GGUF file the base model
 came from (the job's ``model``, or the source a sparse model was pruned from): a fine-tune of a GGUF
 goes back to GGUF with nothing re-derived. Tensors keep the base file's names and order. Llama, Qwen2,
-Qwen3, Gemma 2, Gemma 3, SmolLM3 and Phi-3 architectures (a Mistral GGUF is a Llama one).
+Qwen3, Gemma 2, Gemma 3, SmolLM3, Phi-3 and OLMo 2 architectures (a Mistral GGUF is a Llama one).
 
 QA-SparsePEFT layers are written as the integers they trained with, never re-quantized: a group of
 ``group_size`` inputs with scale ``s`` and zero point ``z`` becomes ``group_size / 32`` GGML blocks,
@@ -61,6 +61,7 @@ class _Arch(NamedTuple):
     model_arch: gguf.MODEL_ARCH
     permuted: bool  # q/k rows interleaved for llama.cpp's rotary kernel (``_permute``): Llama's, not Qwen's
     norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by 1 + weight, llama.cpp's by weight
+    head_required: bool = False  # llama.cpp loads no model without an ``output`` tensor (OLMo 2): a tied one too
 
 
 # Architectures whose tensor layout we write and test; another needs its own rules checked before it is listed.
@@ -74,6 +75,8 @@ _ARCHITECTURES = {
     # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are ([q; k; v],
     # [gate; up]: llama.cpp's fused SwiGLU gates by the first half, as transformers' chunk(2) does).
     "phi3": _Arch(gguf.MODEL_ARCH.PHI3, False),
+    # OLMo 2: q/k norms over whole projections, norms after attention and MLP (none before), NeoX rope.
+    "olmo2": _Arch(gguf.MODEL_ARCH.OLMO2, False, head_required=True),
 }
 _ROPE_TENSORS = ("rope_freqs.", "rope_factors_long.", "rope_factors_short.")
 _BLOCK = 32  # the block length of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
@@ -220,7 +223,7 @@ def export_gguf(
     # does (the image side goes in a separate mmproj file; fine-tuning on text leaves it as it was).
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layout = _gguf_layout(source) if source.suffix == ".gguf" else _hf_layout(source, config)
-    model_arch, permuted, norm_shift = _ARCHITECTURES[layout.arch]
+    model_arch, permuted, norm_shift, head_required = _ARCHITECTURES[layout.arch]
     names = gguf.get_tensor_name_map(model_arch, layout.n_blocks)
     decoder = language_model_path(model)
     state = {}
@@ -236,7 +239,7 @@ def export_gguf(
     order = layout.order
     if order is None:
         # A tied head is the embedding (llama.cpp falls back to token_embd when output is absent).
-        tied = getattr(config, "tie_word_embeddings", False)
+        tied = getattr(config, "tie_word_embeddings", False) and not head_required
         order = [*layout.fixed, *(name for name in state if not (tied and name == "output.weight"))]
     quantizers = quantizers or {}
 

@@ -32,6 +32,7 @@ GGUF_MODEL_TYPES = {
     "gemma3_text": "gemma3",
     "smollm3": "smollm3",
     "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 
 NO_SOURCE_GGUF = (

@@ -596,6 +596,33 @@ def test_smollm3_directories_export_as_llamacpp_runs_them(tmp_path, small_bpe):
         export_gguf(model, source, tmp_path / "other.gguf")
 
 
+def test_olmo2_directories_export_with_their_post_norms_and_a_head(tmp_path, small_bpe):
+    """OLMo 2 is GGUF's ``olmo2``: q/k norms over whole projections, norms after attention and MLP (none
+    before), q/k rows as they are (NeoX rope); llama.cpp loads no OLMo 2 without an ``output`` tensor, so a
+    tied head is written too."""
+    model = make_tiny_causal_lm("olmo2", len(small_bpe), hidden_size=64, tie_word_embeddings=True)
+    with torch.no_grad():  # norms away from 1, so one left out or swapped shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    source = _checked_source(model, small_bpe, tmp_path / "tiny-olmo2", LLAMA3_PRE)
+    report = export_gguf(model, source, tmp_path / "model.gguf", "f32")
+    assert report["tensor_types"] == {"F32": 3 + 2 * (7 + 4)}  # embedding, head, norm; 7 linears + 4 norms
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields, tensors = _fields(reader), {t.name: t.data for t in reader.tensors}
+    assert fields["general.architecture"] == "olmo2" and fields["tokenizer.ggml.pre"] == "llama-bpe"
+    layer = model.model.layers[1]
+    assert tensors["blk.1.attn_q_norm.weight"].shape == (64,)  # the whole projection's
+    for name, module in (
+        ("attn_q_norm", layer.self_attn.q_norm),
+        ("attn_k", layer.self_attn.k_proj),
+        ("post_attention_norm", layer.post_attention_layernorm),
+        ("post_ffw_norm", layer.post_feedforward_layernorm),
+    ):
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"], module.weight.detach().numpy()), name
+    assert np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+
+
 # The most a weight of each 4- and 5-bit type moves, relative to the largest in its tensor. Q4_1 / Q5_1:
 # half a step of the block's range in 15 / 31 steps. Q4_0 / Q5_0: a whole step d = absmax / 8 (/ 16),
 # since the codes reach -8 d but only +7 d: the side opposite the largest weight is clipped by up to d.

@@ -253,13 +253,14 @@ def test_step_hooks_run_once_per_optimizer_step(model_dir, train_file, tmp_path)
     assert [round(s.loss, 6) for s in stats] == losses(sink)  # the loss the metrics report
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "phi3"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "phi3", "olmo2"])
 def test_other_families_train_with_every_sqft_method(kind, tokenizer, train_file, tmp_path):
     """The recipe knows no architecture: a pruned Mistral, Qwen2 (biases on q/k/v), Qwen3 (q/k norms), Gemma 2
-    (soft-capped logits), Gemma 3 (sliding layers, four norms a layer, scaled embeddings), SmolLM3 (rope-less layers)
-    or Phi-3 (fused q/k/v and gate/up projections, adapted by default) trains an NLS, SparsePEFT, QA-SparsePEFT
-    adapter whose loss falls, and merges to an INT model as sparse as its base, exported to GGUF with every QA
-    layer as the integers it trained with (GGML decodes them to the merged weights bit for bit)."""
+    (soft-capped logits), Gemma 3 (sliding layers, four norms a layer, scaled embeddings), SmolLM3 (rope-less
+    layers), Phi-3 (fused q/k/v and gate/up projections, adapted by default) or OLMo 2 (norms after the blocks)
+    trains an NLS, SparsePEFT, QA-SparsePEFT adapter whose loss falls, and merges to an INT model as sparse as
+    its base, exported to GGUF with every QA layer as the integers it trained with (GGML decodes them to the
+    merged weights bit for bit)."""
     from sqft_service.adapters.sparsify import sparsify_model
     from sqft_service.model_ops import merge
 
