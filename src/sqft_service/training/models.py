@@ -89,6 +89,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
             config = gguf_config(gguf_path)
             model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except MemoryError:
+            raise  # the machine's limit, not the file's fault
         except Exception as exc:  # an architecture transformers doesn't read, a damaged file: one sentence
             raise ModelLoadError(f"could not read GGUF file {gguf_path.name!r}: {_first_line(exc)}") from exc
         clear_gguf_quantization_flag(model)
