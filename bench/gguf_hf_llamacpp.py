@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,23 @@ def _llama_logits(llama, ids: list[int]) -> np.ndarray:
     llama.reset()
     llama.eval(ids)
     return np.asarray(llama.scores[: len(ids)], dtype=np.float64)
+
+
+def _exported(model, tokenizer, source: Path, pre: dict | None = None) -> tuple[Path, Path, Any]:
+    """``model`` and ``tokenizer`` saved as the model directory ``source`` (its pre-tokenizer replaced by
+    ``pre``, if given), exported beside it as an F32 GGUF, and that file loaded in llama.cpp: the directory,
+    the file and the ``Llama``."""
+    from sqft_service.gguf_export import export_gguf
+
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    if pre is not None:
+        data = json.loads((source / "tokenizer.json").read_text())
+        data["pre_tokenizer"] = pre
+        (source / "tokenizer.json").write_text(json.dumps(data))
+    out = source.with_suffix(".gguf")
+    export_gguf(model, source, out, "f32")
+    return source, out, _llama(out)
 
 
 def _compare_logits(model, llama, ids: list[int]) -> dict:
@@ -217,17 +235,8 @@ def _tiny(work: Path, kind: str, tokenizer_dir: Path, pre: dict) -> dict:
     else:
         model = make_tiny_causal_lm(kind, 49152, **shape)
     _sharpen(model)
-    source = work / kind
-    model.save_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(source)
-    data = json.loads((source / "tokenizer.json").read_text())
-    data["pre_tokenizer"] = pre
-    (source / "tokenizer.json").write_text(json.dumps(data))
-    out = work / f"{kind}.gguf"
-    export_gguf(model, source, out, "f32")
+    source, out, llama = _exported(model, AutoTokenizer.from_pretrained(tokenizer_dir), work / kind, pre)
     ids = torch.randint(20, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    llama = _llama(out)
     result = {"pre_tokenizer": _pre(out), "tokenization": _tokenization(AutoTokenizer.from_pretrained(source), llama)}
     result["logits"] = _compare_logits(model, llama, ids)
     if kind == "smollm3":  # the control: transformers with rope at every layer, against the same file
@@ -308,8 +317,6 @@ def _sentencepiece(work: Path) -> dict:
     import sentencepiece
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    from sqft_service.gguf_export import export_gguf
-
     from .hub_tokenizers import sentencepiece_tokenizer
 
     lines = _arce_lines()
@@ -324,12 +331,7 @@ def _sentencepiece(work: Path) -> dict:
     ):
         torch.manual_seed(0)
         model = make().eval()
-        source = work / f"tiny-{kind}"
-        model.save_pretrained(source)
-        tokenizer.save_pretrained(source)
-        out = work / f"{kind}.gguf"
-        export_gguf(model, source, out, "f32")
-        llama = _llama(out)
+        _, _, llama = _exported(model, tokenizer, work / f"tiny-{kind}")
         same_as_sentencepiece = sum(
             processor.encode(t) == llama.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS
         )
@@ -383,12 +385,7 @@ def _gemma(work: Path, model_type: str = "gemma3_text") -> dict:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
-    source = work / f"tiny-{model_type}"
-    model.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    out = work / f"{model_type}.gguf"
-    export_gguf(model, source, out, "f32")
-    llama = _llama(out)
+    source, _, llama = _exported(model, tokenizer, work / f"tiny-{model_type}")
     ids = tokenizer.encode(" ".join(TEXTS * 3), add_special_tokens=False)[:300]
     result = {
         "tokenization": _tokenization(tokenizer, llama),

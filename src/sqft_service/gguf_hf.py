@@ -27,6 +27,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from .gguf_tokenizer import add_tokenizer, read_tokenizer
 from .model_sources import GGUF_MODEL_TYPES, GGUFExportError
@@ -79,10 +80,6 @@ def _floats(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def _original_context(config: Any, params: dict[str, Any]) -> int:
-    return int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
-
-
 def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: str) -> None:
     """The settings and tokenizer of ``model_dir`` (``config``: its loaded config) into ``writer``.
 
@@ -92,7 +89,8 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
     arch, params = _checked(config)
     gemma = arch in ("gemma2", "gemma3")
     n_head, width = config.num_attention_heads, head_dim(config)
-    writer.add_name(_loadable_name(name, model_dir))
+    tokenizer = read_tokenizer(model_dir)
+    writer.add_name(_loadable_name(name, tokenizer[1]))
     slides = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
     window = getattr(config, "sliding_window", None) if slides else None
     context = min(config.max_position_embeddings, window or config.max_position_embeddings)
@@ -103,8 +101,9 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         _, attention = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
-        context = min(context, _original_context(config, params))
-        writer.add_rope_scaling_orig_ctx_len(_original_context(config, params))
+        original = int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+        context = min(context, original)
+        writer.add_rope_scaling_orig_ctx_len(original)
         writer.add_rope_scaling_attn_factors(float(attention))
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
@@ -128,7 +127,7 @@ def add_hf_fields(writer: gguf.GGUFWriter, model_dir: Path, config: Any, name: s
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
 
-    add_tokenizer(writer, model_dir, config.vocab_size)
+    add_tokenizer(writer, model_dir, config.vocab_size, tokenizer)
 
 
 # llama.cpp marks Phi-3's special tokens by the model's name (a ``general.name`` holding "phi-3" or "phi3", in
@@ -137,12 +136,11 @@ _PHI3_NAME = re.compile(r"(?i)(phi)-?(3)")
 _PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 
 
-def _loadable_name(name: str, model_dir: Path) -> str:
+def _loadable_name(name: str, tokenizer: Tokenizer) -> str:
     """``name`` as the GGUF's ``general.name``: as it is, unless llama.cpp would take it for a Phi-3 whose
     tokens the vocabulary lacks (a directory named for Phi-3, a tokenizer that isn't); then ``phi_3``."""
     if not _PHI3_NAME.search(name):
         return name
-    tokenizer = read_tokenizer(model_dir)[1]
     if all(tokenizer.token_to_id(token) is not None for token in _PHI3_TOKENS):
         return name
     return _PHI3_NAME.sub(r"\1_\2", name)
@@ -155,12 +153,24 @@ def _check_rope(rope_type: str, arch: str) -> None:
         raise GGUFExportError(f"GGUF export writes no {rope_type!r} rope scaling in {arch} ({', '.join(written)})")
 
 
+# llama.cpp's 27B Gemmas, known by their layer count: their queries are scaled by hidden size over heads.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_query_scalar(config: Any, arch: str) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's Gemma 2 or 3 runs with, whatever the file says: the head
+    width, or hidden size over heads for the 27B."""
+    if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]:
+        return config.hidden_size // config.num_attention_heads
+    return head_dim(config)
+
+
 def _check_gemma(config: Any, arch: str) -> None:
     """Refuse a Gemma 2 or 3 that llama.cpp would run otherwise than transformers: llama.cpp takes neither
     the layer pattern (Gemma 2: every other layer global; Gemma 3: every sixth), nor Gemma 3's sliding
     layers' rope, nor the query scale, nor (Gemma 2) whether logits are soft-capped from the file."""
     n_layers, problems = config.num_hidden_layers, []
-    period, big = (2, 46) if arch == "gemma2" else (6, 62)  # the global layers' period; the 27B's layers
+    period = 2 if arch == "gemma2" else 6  # a global layer every ``period``
     pattern = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)]
     if list(getattr(config, "layer_types", None) or pattern) != pattern:
         problems.append(f"global attention at layers other than every {'other' if period == 2 else 'sixth'}")
@@ -168,8 +178,7 @@ def _check_gemma(config: Any, arch: str) -> None:
         local = _rope_parameters(config, "sliding_attention")
         if local["rope_type"] != "default" or float(local["rope_theta"]) != 10000.0:
             problems.append(f"a sliding-layer rope other than the default with base 10000 ({local})")
-    # llama.cpp scales queries by 1/sqrt(head width), or by 1/sqrt(hidden / heads) for the 27B.
-    scalar = config.hidden_size // config.num_attention_heads if n_layers == big else head_dim(config)
+    scalar = gemma_query_scalar(config, arch)
     if float(config.query_pre_attn_scalar) != scalar:
         problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar}, not {scalar}")
     if not getattr(config, "sliding_window", None):  # llama.cpp slides, with the sliding layers' rope, only given one

@@ -227,13 +227,16 @@ def sentencepiece_scores(data: dict[str, Any], tokens: list[str]) -> list[float]
     return [-float(rank.get(token, len(merges))) for token in tokens]
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    """The tokenizer of ``model_dir`` into ``writer`` (``vocab_size``: the model's embedding rows).
+def add_tokenizer(
+    writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, read: tuple[dict[str, Any], Tokenizer, str] | None = None
+) -> None:
+    """The tokenizer of ``model_dir`` into ``writer`` (``vocab_size``: the model's embedding rows; ``read``:
+    what :func:`read_tokenizer` gave for it, if the caller has it already).
 
     Raises:
         GGUFExportError: a tokenizer llama.cpp would not run as transformers does.
     """
-    data, tokenizer, kind = read_tokenizer(model_dir)
+    data, tokenizer, kind = read or read_tokenizer(model_dir)
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=vocab_size)
     tokens, types = _tokens(data, vocab_size, special.special_token_ids.get("unk"))
     writer.add_tokenizer_model(kind)

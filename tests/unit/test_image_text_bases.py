@@ -20,8 +20,7 @@ from sqft_service.model_ops import extract, merge, sub_adapter_ranks
 from sqft_service.model_sources import export_source
 from sqft_service.training.events import MemorySink
 from sqft_service.training.recipe import run_training
-from tests.helpers import alpaca_records, write_json
-from tests.unit.test_recipe import losses, make_cfg, sqft_lora
+from tests.unit.test_recipe import losses, make_cfg, sqft_lora, train_file  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The image side, in the module tree and as transformers 5 saves it (``vision_tower.*`` at the top).
@@ -46,11 +45,6 @@ def _tiny_gemma3_image_text(vocab: int):
     )
     torch.manual_seed(0)
     return Gemma3ForConditionalGeneration(config).train()
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    return write_json(tmp_path_factory.mktemp("data") / "train.json", alpaca_records(32))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +85,10 @@ def test_only_the_text_decoder_is_adapted_pruned_and_quantized(tokenizer):
 
 
 def test_every_sqft_method_trains_and_merges_leaving_the_vision_tower_as_it_was(
-    image_text_dir, tokenizer, train_file, tmp_path
+    image_text_dir,
+    tokenizer,
+    train_file,  # noqa: F811
+    tmp_path,
 ):
     sink = MemorySink()
     groups = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]

@@ -92,10 +92,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return found or leaves
 
 
-def _targetable(model: nn.Module) -> list[str]:
-    """The full names of the linears a target entry may name: the language model's and the output head."""
+def _head_names(model: nn.Module) -> list[str]:
+    """The full name of the output head (a target entry may name it too), if the model has one."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [*language_model_linears(model), *(n for n, m in model.named_modules() if m is head and n)]
+    return [n for n, m in model.named_modules() if m is head and n]
 
 
 def check_target_modules(model: nn.Module, names: list[str], param: str = "General.lora_config.target_modules"):
@@ -110,7 +110,7 @@ def check_target_modules(model: nn.Module, names: list[str], param: str = "Gener
     Raises:
         AdapterConfigError: If some name matches no such ``nn.Linear`` of ``model``.
     """
-    linear = _targetable(model)
+    linear = [*language_model_linears(model), *_head_names(model)]
     for key in names:
         if not any(matches_module(n, key) for n in linear):
             have = ", ".join(_linear_leaf_names(model))
@@ -123,14 +123,13 @@ def _outside_language_model(model: nn.Module, targets: list[str]) -> str | None:
     """PEFT's ``exclude_modules`` (a regex on full names) for everything but the language model and the
     head, if ``targets`` match a linear elsewhere (an image-text model's vision tower, whose q/k/v share
     the decoder's names); None otherwise, so text-only models' adapter configs stay as they were."""
-    allowed = set(_targetable(model))
+    allowed = {*language_model_linears(model), *(heads := _head_names(model))}
     if not any(
         isinstance(module, nn.Linear) and name not in allowed and any(matches_module(name, t) for t in targets)
         for name, module in model.named_modules()
     ):
         return None
-    inside = language_model_linears(model)
-    spared = [re.escape(f"{language_model_path(model)}."), *(re.escape(n) + "$" for n in allowed if n not in inside)]
+    spared = [re.escape(f"{language_model_path(model)}."), *(re.escape(n) + "$" for n in heads)]
     return f"(?!{'|'.join(spared)}).*"
 
 

@@ -19,9 +19,6 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-# llama.cpp's 27B Gemmas by layer count: their queries are scaled by hidden size over heads.
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-
 
 def gguf_config(gguf_path: Path) -> PretrainedConfig:
     """The model config of ``gguf_path``, as llama.cpp would run the file."""
@@ -38,7 +35,7 @@ def gguf_config(gguf_path: Path) -> PretrainedConfig:
     key_length = setting(gguf.Keys.Attention.KEY_LENGTH)
     if key_length is not None and getattr(config, "head_dim", None) not in (None, key_length):
         config.head_dim = int(key_length)
-    if arch in _GEMMA_27B_LAYERS:
+    if arch in ("gemma2", "gemma3"):
         _gemma_attention(config, arch, setting)
     rope = getattr(config, "rope_parameters", None)
     if isinstance(rope, dict) and setting(gguf.Keys.Rope.SCALING_TYPE) == "linear":
@@ -61,8 +58,9 @@ def _width(config: PretrainedConfig) -> int:
 def _gemma_attention(config: PretrainedConfig, arch: str, setting) -> None:
     import gguf
 
-    big = config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]
-    config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if big else _width(config)
+    from ..gguf_hf import gemma_query_scalar
+
+    config.query_pre_attn_scalar = gemma_query_scalar(config, arch)
     for key, name in (
         (gguf.Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping"),
         (gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping"),
