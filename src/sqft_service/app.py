@@ -226,6 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         max_json_bytes=settings.max_json_bytes,
+        max_media_json_bytes=max(settings.max_media_json_bytes, settings.max_json_bytes),
         max_upload_body_bytes=settings.upload_limit_bytes + MULTIPART_OVERHEAD_BYTES,
         max_part_body_bytes=min(MAX_PART_BYTES, settings.upload_limit_bytes) + MULTIPART_OVERHEAD_BYTES,
     )

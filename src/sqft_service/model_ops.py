@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .adapters.merge import merge_adapter
+from .adapters.merge import merge_adapter, save_processor
 from .adapters.nls import ELASTIC_CONFIG_FILE, extract_sub_adapter, select_ranks
 from .adapters.qa.gptq import QUANTIZED_BASE_FILE, gptq_quantize_, save_quantized_base
 from .adapters.sparse import sparsity_report
@@ -127,6 +127,7 @@ def sparsify(
     with staged(output_dir) as staging:
         staging.mkdir(parents=True)
         base.save_pretrained(staging)
+        save_processor(model_dir, staging)  # first: it writes its tokenizer's files too
         tokenizer.save_pretrained(staging)
         if quantization is not None:
             save_quantized_base(staging, layers)

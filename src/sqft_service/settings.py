@@ -32,6 +32,8 @@ class Settings:
     max_upload_bytes: int | None = None
     # Largest JSON request body, checked as it arrives (413); nothing a client sends here is bigger.
     max_json_bytes: int = 1024 * 1024
+    # ... for the routes that take images as base64 (chat completions, responses): OpenAI's 20 MB per image.
+    max_media_json_bytes: int = 20 * 1024 * 1024
     # Threads per job process (unset: the physical cores divided by max_concurrent_jobs).
     threads_per_job: int | None = None
     # Per project (API key; the whole service without keys): jobs of any kind not yet ended (queued,

@@ -136,6 +136,7 @@ def merge_adapter(
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
+        save_processor(tokenizer_dir, out)  # first: it writes its tokenizer's files too
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
     exported = after_merge(merged, quantizers) if after_merge is not None else None
     after = sparsity_report(merged, names=adapted)
@@ -150,3 +151,12 @@ def merge_adapter(
         **({"quantization": quantization} if quantization else {}),
         **({"gguf": exported} if exported is not None else {}),
     }
+
+
+def save_processor(source: str | Path, out: str | Path) -> None:
+    """An image-text model's processor (its images' size and tokens) saved from ``source`` at ``out``, so
+    the merged or pruned model takes images as its base did (``inference/images.py``); nothing for others."""
+    from transformers import AutoProcessor
+
+    if any((Path(source) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        AutoProcessor.from_pretrained(str(source)).save_pretrained(str(out))

@@ -43,16 +43,42 @@ def validate_body(model: type[BaseModel], payload: Any) -> Any:
 
 
 def _loc(loc: tuple | list) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    """A pydantic location as the request names the field: ``messages[0].content[1].image_url``. A union's
+    branch labels (``list[tagged-union[...]]``, ``function-after[...]``) are not fields, nor the tag a
+    tagged union adds after its position (``image_url`` for a ``{"type": "image_url"}`` part)."""
+    out, tagged = "", False
+    for part in (str(p) for p in loc if p not in ("body", "query", "path")):
+        if "[" in part:
+            tagged = tagged or "tagged-union[" in part
+            continue
+        if part.isdigit():
+            out += f"[{part}]"
+            continue
+        if tagged:  # the tag itself
+            tagged = False
+            continue
+        out += f".{part}" if out else part
     return out
 
 
-def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
-    """The first pydantic error as a message that names the field (unknown keys too)."""
+# Errors that say only that a value is of another kind: a union reports one per alternative it tried.
+_KIND = {"string_type", "list_type", "dict_type", "model_type", "model_attributes_type", "none_required"}
+
+
+def _chosen(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: the first, unless it is a union alternative's "not a string" beside one that
+    went further into the value (``content`` sent as parts, one of them wrong): that one."""
     first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") not in _KIND or len(loc) < 2:
+        return first
+    within = [e for e in errors if tuple(e.get("loc", ()))[: len(loc) - 1] == loc[:-1]]
+    return max(within, key=lambda e: (len(e.get("loc", ())), e.get("type") not in _KIND))
+
+
+def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
+    """The first pydantic error (``_chosen``) as a message that names the field (unknown keys too)."""
+    first = _chosen(errors)
     param = _loc(first.get("loc", ())) or None
     kind = first.get("type", "")
     msg = first.get("msg", "invalid value")
@@ -73,6 +99,7 @@ def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRe
             param = f"{param}.{named.group(1)}"
     else:
         message = f"Invalid value for `{param}`: {msg.removeprefix('Value error, ')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error(s))"
+    # A union alternative passed over (``_chosen``) is no error of the request's.
+    if (more := len(errors) - (1 if first is errors[0] else 2)) > 0:
+        message += f" (and {more} more error(s))"
     return InvalidRequestError(message, param=param)

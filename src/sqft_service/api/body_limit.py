@@ -24,6 +24,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_ROUTE = ("POST", "/v1/files")
+# JSON routes that take images (base64 ``data:`` URLs: inference/images.py), under their own larger limit.
+MEDIA_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/responses")}
 
 
 def _is_part_route(method: str, path: str) -> bool:
@@ -62,10 +64,17 @@ async def _too_large(send: Send, message: str, param: str | None, code: str) -> 
 
 class BodyLimitMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_json_bytes: int, max_upload_body_bytes: int, max_part_body_bytes: int
+        self,
+        app: ASGIApp,
+        *,
+        max_json_bytes: int,
+        max_upload_body_bytes: int,
+        max_part_body_bytes: int,
+        max_media_json_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_json_bytes = max_json_bytes
+        self.max_media_json_bytes = max_media_json_bytes or max_json_bytes
         self.max_upload_body_bytes = max_upload_body_bytes
         self.max_part_body_bytes = max_part_body_bytes
 
@@ -93,7 +102,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        limit = self.max_json_bytes
+        limit = self.max_media_json_bytes if (method, path) in MEDIA_ROUTES else self.max_json_bytes
         message = f"the request body is larger than the limit of {limit} bytes"
         if length is not None and length > limit:
             message = f"the request body is {length} bytes, over the limit of {limit} bytes"

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from ..errors import InvalidRequestError
 from .engine import InferenceEngine
-from .render import chat_ids, completion_ids
+from .render import chat_ids, completion_ids, has_images
 from .spec import Choice, ModelSpec, Sampling
 
 # OpenAI's defaults when max_tokens is not given: completions 16; chat "up to the context", capped here.
@@ -89,8 +89,15 @@ def answer(
 
 def chat_renderer(
     spec: ModelSpec, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-) -> Callable[[Any], list[int]]:
-    return lambda tokenizer: chat_ids(tokenizer, messages, spec.data_format, tools)
+) -> Callable[..., list[int]]:
+    """Renders with the tokenizer; a prompt with images also takes the model's processor (``images`` set:
+    ``InferenceEngine.prepare`` hands it over, None for a model that reads text only)."""
+
+    def render(tokenizer: Any, processor: Any = None) -> list[int]:
+        return chat_ids(tokenizer, messages, spec.data_format, tools, processor)
+
+    render.images = has_images(messages)  # type: ignore[attr-defined]
+    return render
 
 
 def completion_renderer(prompt: str | list[int]) -> Callable[[Any], list[int]]:

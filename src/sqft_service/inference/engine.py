@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .guided import GuideTokenizers, guide_processor
+from .images import media_of, takes_images
 from .logprobs import Recorder, TokenTexts, score_prompt, score_token
 from .penalties import adjusted_processors, check_biases, vocabulary_size
 from .spec import Choice, ModelSpec, Sampling, TokenLogprob
@@ -84,6 +85,7 @@ class InferenceEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqft-inference")
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
+        self._processors: dict[str, Any] = {}  # image-text models' (None: text only)
         self._token_texts: dict[int, TokenTexts] = {}  # by tokenizer (they live as long as the engine)
         self._guide_tokenizers = GuideTokenizers()  # structured outputs' view of the tokenizers
         self._names = itertools.count()
@@ -134,6 +136,25 @@ class InferenceEngine:
         if source not in self._tokenizers:
             self._tokenizers[source] = load_tokenizer(source)
         return self._tokenizers[source]
+
+    def _processor(self, spec: ModelSpec, model: Any) -> Any:
+        """An image-text model's processor (its images' resizing and tokens; ``inference/images.py``), or
+        None for a model that reads text only."""
+        from ..training.models import resolve_model_dir
+
+        if getattr(getattr(model, "config", None), "vision_config", None) is None:
+            return None
+        source = spec.tokenizer or resolve_model_dir(spec.model, self.model_cache_dir)
+        if source not in self._processors:
+            from transformers import AutoProcessor
+
+            try:
+                processor = AutoProcessor.from_pretrained(source)
+            except (OSError, ValueError, TypeError) as exc:  # no processor saved beside the weights
+                log.warning("no image processor for %s: %s", source, exc)
+                processor = None
+            self._processors[source] = processor if takes_images(model, processor) else None
+        return self._processors[source]
 
     def _load(self, key: str, build: Callable[[], Any], merged_from: str | None = None) -> _Loaded:
         """The loaded model under ``key`` (built if absent), least recently used ones evicted beyond the bound."""
@@ -243,7 +264,11 @@ class InferenceEngine:
         ids back to text), and the model's context length."""
         model, tokenizer, _ = self._activate(spec)
         config = getattr(model, "config", None)
-        return render(tokenizer), int(getattr(config, "max_position_embeddings", 0) or 0)
+        if getattr(render, "images", False):
+            rendered = render(tokenizer, self._processor(spec, model))
+        else:
+            rendered = render(tokenizer)
+        return rendered, _context_length(config)
 
     def check(self, spec: ModelSpec, sampling: Sampling) -> None:
         """What only the model can tell about ``sampling`` (its biases' token ids), before a stream begins."""
@@ -300,6 +325,7 @@ class InferenceEngine:
         from .draw import TokenDraw
         from .greedy import greedy_tokens
 
+        assert all(media_of(p) is None for p in prompts)  # a prompt with images is answered alone
         assert all(
             (s.greedy or s.seed is None)
             and s.n == 1
@@ -460,7 +486,8 @@ class InferenceEngine:
         torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
         try:
             with torch.inference_mode():
-                return generate_copies(model, prompt, torch.ones_like(prompt), s.n, **kwargs)
+                media = {k: v.to(prompt.device) for k, v in (media_of(ids) or {}).items()}
+                return generate_copies(model, prompt, torch.ones_like(prompt), s.n, media, **kwargs)
         except torch.OutOfMemoryError:
             pass  # answered below, once the traceback (and the tensors it holds) is gone
         self._out_of_memory(model, s.n, len(ids), s.max_tokens)
@@ -524,3 +551,11 @@ def drain(sink: queue.Queue) -> Iterator[Any]:
     """The items ``stream`` puts on ``sink``, until its end mark."""
     while (item := sink.get()) is not _END:
         yield item
+
+
+def _context_length(config: Any) -> int:
+    """The model's context (an image-text model's is its text decoder's); 0: unknown."""
+    if config is None:
+        return 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "max_position_embeddings", 0) or 0)

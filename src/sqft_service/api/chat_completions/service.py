@@ -53,8 +53,12 @@ def body(found: StoredCompletion) -> dict[str, Any]:
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
-    """A request message as OpenAI lists it: its text content (parts joined), role, name and calls."""
+    """A request message as OpenAI lists it: its text content (parts joined), role, name and calls; a
+    message with images also has its parts as sent (``content_parts``)."""
     content = message.get("content")
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content)
+        parts = content
+        content = "".join(part.get("text", "") for part in parts)
+        if any(part.get("type") == "image_url" for part in parts):
+            return {**message, "content": content, "content_parts": parts}
     return {**message, "content": content}

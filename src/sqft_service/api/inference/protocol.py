@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ...config import MAX_SEED
+from ...inference.images import MAX_IMAGES
 from ...inference.spec import Choice, TokenLogprob
 from ...tool_calls import CallParser, finish_reason, new_call_id
 from ..limits import Metadata
@@ -34,6 +35,36 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str  # a base64 ``data:`` URL (inference/images.py: the service fetches nothing)
+    # "high": the processor's pan-and-scan crops beside the whole image (Gemma 3), where it has them.
+    detail: Literal["auto", "low", "high"] = "auto"
+    _image: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _read(self) -> ImageURL:
+        from ...inference.images import read_image
+
+        self._image = read_image(self.url)  # the header: a bad image is a 400 before any model work
+        return self
+
+    @property
+    def image(self) -> Any:
+        return self._image
+
+
+class ImagePart(BaseModel):
+    """An image for an image-text model (``inference/images.py``); a text-only model answers 400."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 MAX_TOOLS = 128  # OpenAI's bound
@@ -66,7 +97,7 @@ class ToolCall(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's calls
     tool_call_id: str | None = Field(None, max_length=256)  # the call a tool message answers
@@ -79,10 +110,26 @@ class Message(BaseModel):
             raise ValueError("a `tool` message has a `tool_call_id` (the call it answers), and only it")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a `{self.role}` message needs `content`")
+        if self.images and self.role != "user":
+            raise ValueError(f"images are sent in `user` messages, not `{self.role}` ones")
         return self
 
+    @property
+    def images(self) -> list[ImageURL]:
+        return [p.image_url for p in self.content or () if isinstance(p, ImagePart)]
+
     def as_dict(self) -> dict[str, Any]:
-        """The message in OpenAI's chat form as ``tool_calls.template_messages`` takes it."""
+        """The message in OpenAI's chat form as ``tool_calls.template_messages`` takes it (a message with
+        images: content parts ``{"type": "text", "text"}`` and ``{"type": "image", "image", "detail"}``,
+        as processors' chat templates take them)."""
+        if self.images:
+            parts = [
+                {"type": "text", "text": p.text}
+                if isinstance(p, TextPart)
+                else {"type": "image", "image": p.image_url.image, "detail": p.image_url.detail}
+                for p in self.content
+            ]
+            return {"role": self.role, "content": parts}
         text = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
@@ -233,6 +280,8 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("messages")
     @classmethod
     def _results_answer_calls(cls, v: list[Message]) -> list[Message]:
+        if (count := sum(len(m.images) for m in v)) > MAX_IMAGES:
+            raise ValueError(f"{count} images: a request takes at most {MAX_IMAGES}")
         called: set[str] = set()
         for i, m in enumerate(v):
             called |= {c.id for c in m.tool_calls or ()}
@@ -293,6 +342,10 @@ class ChatCompletionRequest(_Sampling):
         if not self.tools or self.tool_choice == "none":
             return None
         return CallParser(frozenset(t.function.name for t in self.tools), self.parallel_tool_calls)
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.images for m in self.messages)
 
     def conversation(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """The messages and the tools (OpenAI's chat form) the prompt is rendered from."""

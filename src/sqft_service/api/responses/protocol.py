@@ -3,7 +3,9 @@
 A response is one assistant message, or its function calls, generated as a chat completion is (the
 same rendering, sampling, structured outputs and tools: ``api/inference``, ``tool_calls.py``), in
 Responses' spelling: flat function tools, ``function_call`` output items, ``function_call_output``
-input items. Fields for built-in tools, reasoning, audio or images are refused with a 400 naming them.
+input items. Images (``input_image``, as base64 ``data:`` URLs) go to image-text models as chat's
+``image_url`` parts (``inference/images.py``). Fields for built-in tools, reasoning, audio or files are
+refused with a 400 naming them.
 """
 
 from __future__ import annotations
@@ -38,22 +40,72 @@ class InputText(BaseModel):
     logprobs: list[Any] | None = None  # ... with its scores (``include``)
 
 
+class InputImage(BaseModel):
+    """An image for an image-text model, as a base64 ``data:`` URL (the service fetches nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] = "auto"
+
+    @model_validator(mode="after")
+    def _read(self) -> InputImage:
+        from ...inference.images import read_image
+
+        if self.file_id is not None or self.image_url is None:
+            raise ValueError("send the image as `image_url`, a base64 `data:` URL (`file_id` images are not read)")
+        read_image(self.image_url)  # a bad image is a 400 naming this part
+        return self
+
+    def as_chat(self) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": self.image_url, "detail": self.detail}}
+
+
+ContentPart = Annotated[InputText | InputImage, Field(discriminator="type")]
+
+
 class InputMessage(BaseModel):
-    """``{"role", "content"}`` (``type: "message"`` optional); ``content`` a string or text parts."""
+    """``{"role", "content"}`` (``type: "message"`` optional); ``content`` a string, or text and image parts."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputText]
+    content: str | list[ContentPart]
     id: str | None = None  # an earlier output item sent back
     status: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _images_from_users(self) -> InputMessage:
+        if self.role != "user" and self.images:
+            raise ValueError(f"images are sent in `user` messages, not `{self.role}` ones")
+        return self
+
+    @property
+    def images(self) -> bool:
+        return not isinstance(self.content, str) and any(isinstance(p, InputImage) for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat turn (JSON: a stored response keeps its turns); images as ``image_url`` parts."""
+        role = "system" if self.role == "developer" else self.role
+        if self.images:
+            parts = self.content
+            chat = [p.as_chat() if isinstance(p, InputImage) else {"type": "text", "text": p.text} for p in parts]
+            return {"role": role, "content": chat}
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": role, "content": text}
 
     def listed(self) -> dict[str, Any]:
-        content = [{"type": "input_text", "text": self.as_dict()["content"]}]
+        turn = self.as_dict()["content"]
+        if isinstance(turn, str):
+            content = [{"type": "input_text", "text": turn}]
+        else:
+            content = [
+                {"type": "input_text", "text": p["text"]}
+                if p["type"] == "text"
+                else {"type": "input_image", "image_url": p["image_url"]["url"], "detail": p["image_url"]["detail"]}
+                for p in turn
+            ]
         return {
             "id": self.id or new_id("msg", "_"),
             "type": "message",

@@ -1,0 +1,107 @@
+"""Images in chat prompts, for image-text models (Gemma 3 4B and up: ``Gemma3ForConditionalGeneration``,
+fine-tuned on text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
+
+* Only ``data:`` URLs (base64): a self-hosted service that fetched any ``http(s)`` URL a caller named
+  would reach, from the host, whatever the host reaches (an SSRF); the caller sends the bytes instead.
+* PNG, JPEG, WEBP and non-animated GIF, as OpenAI takes; the header is read when the request is
+  validated (a bad image is a 400 naming its part before any model work), the pixels on the engine's
+  worker, by the model's own processor (``AutoProcessor``: its resizing, normalisation and image tokens,
+  as the model was trained with).
+* A prompt with images is its token ids (the processor's image tokens in them, counted as prompt
+  tokens, as OpenAI counts image tokens) carrying the processor's other model inputs (``pixel_values``,
+  ``token_type_ids``) to ``generate()``: :class:`Prompt`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Any
+
+from ..errors import UserError
+
+FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
+MAX_IMAGES = 16  # per request
+# Beyond this many pixels an image is refused (a small file can claim a huge canvas): the processor
+# resizes to the model's own size (896 x 896 for Gemma 3), so nothing is lost by asking for less.
+MAX_PIXELS = 40_000_000
+_DATA_URL = re.compile(r"data:(image/[a-zA-Z0-9.+-]+)?(;[^,;]*)*;base64,", re.ASCII)
+
+
+class Prompt(list):
+    """A prompt's token ids, and the other inputs its images give the model (``pixel_values``, ...)."""
+
+    def __init__(self, ids: list[int], media: dict[str, Any]) -> None:
+        super().__init__(ids)
+        self.media = media
+
+
+def media_of(ids: list[int]) -> dict[str, Any] | None:
+    return getattr(ids, "media", None)
+
+
+def read_image(url: str) -> Any:
+    """The image of a ``data:`` URL (a PIL image, header read), or a ValueError saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise ValueError(
+            f"this service takes images as base64 `data:` URLs (data:image/png;base64,...), not {scheme!r} URLs: "
+            "it fetches nothing on a caller's behalf"
+        )
+    header = _DATA_URL.match(url)
+    if header is None:
+        raise ValueError("a `data:` URL of an image is `data:image/<format>;base64,<data>`")
+    try:
+        data = base64.b64decode(url[header.end() :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the `data:` URL's data is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ValueError("the `data:` URL's data is not an image this service reads (PNG, JPEG, WEBP, GIF)") from None
+    if image.format not in FORMATS:
+        raise ValueError(f"{image.format} images are not taken: send PNG, JPEG, WEBP or non-animated GIF")
+    if getattr(image, "is_animated", False):
+        raise ValueError("animated images are not taken: send one frame")
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"the image is {width} x {height} pixels, over the limit of {MAX_PIXELS:,} pixels")
+    return image
+
+
+def takes_images(model: Any, processor: Any) -> bool:
+    config = getattr(model, "config", None)
+    return (
+        processor is not None
+        and getattr(processor, "image_processor", None) is not None
+        and (getattr(config, "vision_config", None) is not None)
+    )
+
+
+def image_prompt(processor: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Prompt:
+    """``turns`` (content parts ``{"type": "text"|"image", ...}``) rendered and tokenized by the processor."""
+    import torch
+
+    parts = [part for turn in turns if isinstance(turn["content"], list) for part in turn["content"]]
+    images = [part["image"] for part in parts if part["type"] == "image"]
+    options: dict[str, Any] = {}
+    if any(part.get("detail") == "high" for part in parts):
+        if not hasattr(processor.image_processor, "do_pan_and_scan"):
+            raise UserError("`detail: high`: this model's processor has no high-detail mode", param="messages")
+        options["do_pan_and_scan"] = True  # Gemma 3: crops of a wide or tall image beside the whole
+    try:
+        for image in images:
+            image.load()  # the pixels now: a truncated file fails here, not inside the processor
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"an image of `messages` could not be decoded: {exc}", param="messages") from None
+    text = processor.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
+    # The template wrote the BOS where the model wants one, as for text prompts (render.py).
+    rgb = [image.convert("RGB") for image in images]
+    inputs = processor(text=text, images=rgb, add_special_tokens=False, return_tensors="pt", **options)
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    return Prompt(ids, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})

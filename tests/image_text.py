@@ -1,0 +1,70 @@
+"""A tiny image-text model directory as the hub's Gemma 3 4B ones are laid out (weights, tokenizer with
+the image tokens, processor, a chat template that places images), and images as ``data:`` URLs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# A Gemma 3-like chat template over ChatML turns: a content part ``{"type": "image"}`` is the processor's
+# image placeholder (``<start_of_image>``, which it expands to the image's tokens).
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+
+
+def save_image_text_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A random ``Gemma3ForConditionalGeneration`` (28-pixel images as 4 tokens) with its processor at ``out``."""
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=IMAGE_TOKENS)
+    tokenizer.chat_template = TEMPLATE
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = Gemma3Processor(image_processor, tokenizer, chat_template=TEMPLATE, image_seq_length=4)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    text |= dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
+    text |= dict(sliding_window=64, initializer_range=0.3, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    vision |= dict(image_size=28, patch_size=14)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises the projector to zeros: every image would look alike
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def image_data_url(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> str:
+    """A random RGB image (``size``: width, height) as a base64 ``data:`` URL."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"

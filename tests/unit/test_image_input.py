@@ -1,0 +1,157 @@
+"""Images in chat prompts to image-text models (``inference/images.py``): the engine answers as
+transformers' own ``generate`` does from the model's processor, for every copy of a sampled request and
+after a merge or a pruning; a text-only model, or one trained on Alpaca records, refuses images."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from sqft_service.adapters.lora import build_peft_model
+from sqft_service.config import LoraSection
+from sqft_service.errors import UserError
+from sqft_service.inference.answer import chat_renderer
+from sqft_service.inference.engine import InferenceEngine
+from sqft_service.inference.images import MAX_PIXELS, read_image
+from sqft_service.inference.spec import ModelSpec, Sampling
+from sqft_service.model_ops import merge, sparsify
+from tests.image_text import image_data_url, save_image_text_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory, tokenizer_dir):
+    return save_image_text_model(tmp_path_factory.mktemp("tiny-vlm"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return InferenceEngine(threads=1, max_queue=0, max_models=2, model_cache_dir=None, device="cpu")
+
+
+def _messages(url: str, text: str = "What is in this picture?") -> list[dict]:
+    """A chat request's messages as the API hands them to the renderer (``Message.as_dict``)."""
+    from sqft_service.api.inference.protocol import Message
+
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+    return [Message.model_validate({"role": "user", "content": content}).as_dict()]
+
+
+def _answer(engine, spec, messages, sampling) -> tuple[int, list]:
+    ids, _ = engine.prepare(spec, chat_renderer(spec, messages))
+    return len(ids), engine.generate(spec, ids, sampling)
+
+
+def _transformers(model_dir, url: str, max_new_tokens: int) -> tuple[int, str]:
+    """The prompt's length and the greedy answer, by transformers alone from the model's processor."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    image = read_image(url)
+    turns = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, {"type": "image"}]}]
+    text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    n_prompt = inputs["input_ids"].shape[1]
+    return n_prompt, processor.tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
+
+
+def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine):
+    spec = ModelSpec("vlm", str(vlm_dir))
+    answers = []
+    for seed in (1, 2):
+        url = image_data_url(seed)
+        n_prompt, choices = _answer(engine, spec, _messages(url), Sampling(8, temperature=0.0))
+        expected_prompt, expected = _transformers(vlm_dir, url, 8)
+        assert n_prompt == expected_prompt  # the image's tokens counted as prompt tokens
+        assert choices[0].text == expected and choices[0].completion_tokens == 8
+        answers.append(expected)
+    assert answers[0] != answers[1]  # the image, not only the text, decides the answer
+
+
+def test_every_copy_of_a_sampled_request_sees_its_image(vlm_dir, engine):
+    """n rows drawn from one image prompt: each row's image inputs are its own copy (a cold temperature
+    makes every draw the greedy token, so each row must be the greedy answer)."""
+    spec = ModelSpec("vlm", str(vlm_dir))
+    messages = _messages(image_data_url(3))
+    _, greedy = _answer(engine, spec, messages, Sampling(8, temperature=0.0))
+    _, drawn = _answer(engine, spec, messages, Sampling(8, temperature=1e-4, n=3, seed=5))
+    assert [c.text for c in drawn] == [greedy[0].text] * 3
+
+
+def test_text_only_and_alpaca_trained_models_refuse_images(vlm_dir, tiny_model_dir, engine):
+    messages = _messages(image_data_url(4))
+    with pytest.raises(UserError, match="reads text only") as refused:
+        _answer(engine, ModelSpec("tiny", str(tiny_model_dir)), messages, Sampling(4, temperature=0.0))
+    assert refused.value.param == "messages"
+    alpaca = ModelSpec("ft", str(vlm_dir), data_format="alpaca")
+    with pytest.raises(UserError, match="Alpaca records"):
+        _answer(engine, alpaca, messages, Sampling(4, temperature=0.0))
+
+
+def test_a_merged_or_pruned_image_text_model_takes_images_as_its_base(vlm_dir, engine, tmp_path):
+    """Merging an adapter and sparsifying save the processor with the weights: the new models answer
+    image prompts (as transformers does from their directories)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    base = Gemma3ForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32)
+    peft_model, _ = build_peft_model(base, LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained-looking update: the merged answer is not the base's
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge(str(vlm_dir), tmp_path / "adapter", tmp_path / "merged", sparse=False)
+    sparsify(str(vlm_dir), tmp_path / "pruned", method="magnitude", sparsity=0.5)
+    url = image_data_url(5)
+    original = Gemma3ForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32).state_dict()
+    for name in ("merged", "pruned"):
+        assert (tmp_path / name / "processor_config.json").is_file()
+        changed = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / name, dtype=torch.float32)
+        q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(changed.state_dict()[q_proj], original[q_proj])
+        _, choices = _answer(
+            engine, ModelSpec(name, str(tmp_path / name)), _messages(url), Sampling(8, temperature=0.0)
+        )
+        assert choices[0].text == _transformers(tmp_path / name, url, 8)[1]
+
+
+def _png(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG", **save) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format=fmt, **save)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("https://example.com/cat.png", "not 'https' URLs"),
+        ("data:image/png,rawbytes", "data:image/<format>;base64"),
+        ("data:image/png;base64,not*base64", "not valid base64"),
+        ("data:image/png;base64," + base64.b64encode(b"plain text, no image").decode(), "not an image"),
+        (_png((4, 4), fmt="BMP"), "BMP images are not taken"),
+        (_png((8000, 6000), mode="1"), f"over the limit of {MAX_PIXELS:,} pixels"),
+    ],
+)
+def test_an_image_that_cannot_be_read_is_refused_saying_why(url, words):
+    with pytest.raises(ValueError, match=words):
+        read_image(url)
+
+
+def test_an_animated_gif_is_refused_and_a_still_one_read():
+    from PIL import Image
+
+    frames = [Image.new("RGB", (4, 4), color) for color in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match="animated"):
+        read_image("data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode())
+    assert read_image(_png((4, 4), fmt="GIF")).size == (4, 4)
