@@ -130,6 +130,12 @@ def _png(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG", **save) -> 
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
+def _cut_png(n: int) -> str:
+    """A PNG's first ``n`` bytes: a header PIL starts reading and then cannot finish."""
+    raw = base64.b64decode(_png((4, 4)).split(",")[1])
+    return "data:image/png;base64," + base64.b64encode(raw[:n]).decode()
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [
@@ -138,6 +144,7 @@ def _png(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG", **save) -> 
         ("data:image/png;base64,not*base64", "not valid base64"),
         ("data:image/png;base64," + base64.b64encode(b"plain text, no image").decode(), "not an image"),
         (_png((4, 4), fmt="BMP"), "BMP images are not taken"),
+        (_cut_png(20), "could not be read: Truncated File Read"),
         (_png((8000, 6000), mode="1"), f"over the limit of {MAX_PIXELS:,} pixels"),
     ],
 )

@@ -61,11 +61,14 @@ def read_image(url: str) -> Any:
         raise ValueError("the `data:` URL's data is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        animated = getattr(image, "is_animated", False)
+    except (UnidentifiedImageError, Image.DecompressionBombError):
         raise ValueError("the `data:` URL's data is not an image this service reads (PNG, JPEG, WEBP, GIF)") from None
+    except Exception as exc:  # a damaged header: PIL raises many kinds (SyntaxError, struct.error, ...)
+        raise ValueError(f"the `data:` URL's image could not be read: {exc}") from None
     if image.format not in FORMATS:
         raise ValueError(f"{image.format} images are not taken: send PNG, JPEG, WEBP or non-animated GIF")
-    if getattr(image, "is_animated", False):
+    if animated:
         raise ValueError("animated images are not taken: send one frame")
     width, height = image.size
     if width * height > MAX_PIXELS:
