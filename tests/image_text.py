@@ -68,3 +68,30 @@ def image_data_url(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG"
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+COLOUR_QUESTION = "What colour is this?"
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def colour_url(rgb: tuple[int, int, int], seed: int) -> str:
+    """A ``data:`` URL of a 28 x 28 image of one colour with a little noise (no two alike)."""
+    from PIL import Image
+
+    noise = np.random.default_rng(seed).integers(-20, 21, (28, 28, 3))
+    pixels = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def image_record(urls: list[str], answer: str, text: str = COLOUR_QUESTION, detail: str | None = None) -> dict:
+    parts = [{"type": "text", "text": text}]
+    for url in urls:
+        parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}})
+    return {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]}
+
+
+def colour_records(n: int, seed: int = 0) -> list[dict]:
+    names = list(COLOURS)
+    return [image_record([colour_url(COLOURS[names[i % 2]], seed + i)], names[i % 2]) for i in range(n)]

@@ -36,11 +36,35 @@ GENERATION_BATCH_SIZE = 8  # bench/evaluation.py measured the gain over one prom
 N_SAMPLES = 3
 
 
-def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> tuple[list[int], str]:
-    """The prompt's token ids as the candidate saw prompts in training, and the reference answer."""
+def _served(message: dict[str, Any]) -> dict[str, Any]:
+    """A record's message as the chat route hands a request's to the renderer (``Message.as_dict``): text
+    parts joined, and a message with images as parts with the images read."""
+    from .inference.images import read_image
+    from .training.records import text_of
+
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    if not any(part["type"] == "image_url" for part in content):
+        return {**message, "content": text_of(content)}
+    parts = [
+        {"type": "text", "text": part["text"]}
+        if part["type"] == "text"
+        else {"type": "image", "image": read_image(part["image_url"]["url"]), "detail": part["image_url"].get("detail")}
+        for part in content
+    ]
+    return {**message, "content": parts}
+
+
+def _prompt(
+    tokenizer: Any, record: dict[str, Any], data_format: str | None, processor: Any = None
+) -> tuple[list[int], str]:
+    """The prompt's token ids as the candidate saw prompts in training, and the reference answer
+    (``processor``: an image-text model's, for records with images)."""
     from .inference.render import chat_ids
     from .tool_calls import assistant_text
     from .training.prompts import alpaca_prompt
+    from .training.records import text_of
     from .training.tokenization import _adds_bos
 
     if "messages" in record:
@@ -49,12 +73,16 @@ def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> 
         if last is None:
             raise UserError("a chat record has no assistant message to compare against", param="file")
         # A turn of calls is compared as the model writes it (``tool_calls.assistant_text``).
-        context, reference = messages[:last], assistant_text(messages[last])
+        context, reference = [_served(m) for m in messages[:last]], assistant_text(messages[last])
         if data_format == "alpaca":  # a model trained on Alpaca: the last user turn as the instruction
             users = [m for m in context if m.get("role") == "user"]
-            record = {"instruction": users[-1]["content"] if users else ""}
+            if users and isinstance(users[-1]["content"], list):
+                raise UserError(
+                    "a model fine-tuned on Alpaca records reads text: its records have images", param="file"
+                )
+            record = {"instruction": text_of(users[-1]["content"]) if users else ""}
         else:
-            return chat_ids(tokenizer, context, "chat", record.get("tools")), reference
+            return chat_ids(tokenizer, context, "chat", record.get("tools"), processor), reference
     else:
         reference = record["output"]
         if data_format == "chat":  # a model trained on chat: the instruction (and input) as one user turn
@@ -64,7 +92,9 @@ def _prompt(tokenizer: Any, record: dict[str, Any], data_format: str | None) -> 
     return bos + tokenizer(alpaca_prompt(record), add_special_tokens=False)["input_ids"], reference
 
 
-def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate) -> dict[str, Any]:
+def _scores(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, images: Any = None
+) -> dict[str, Any]:
     import torch
 
     from .config import DatasetSection
@@ -75,8 +105,8 @@ def _scores(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCa
     from .training.tokenization import tokenize_records
 
     cfg = DatasetSection.model_validate(c.dataset)
-    examples = tokenize_records(records, tokenizer, cfg).examples
-    collator = Collator.from_config(tokenizer, cfg, pad_to_multiple_of=None)
+    examples = tokenize_records(records, tokenizer, cfg, images=images).examples
+    collator = Collator.from_config(tokenizer, cfg, pad_to_multiple_of=None, images=images)
     device = model_device(model)
 
     def score(chunk: Sequence[Any]) -> tuple[float, int, int]:
@@ -155,8 +185,11 @@ def _preference_scores(model: Any, tokenizer: Any, records: list[dict[str, Any]]
     }
 
 
-def _generations(model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int):
-    prompts, references = zip(*(_prompt(tokenizer, r, c.data_format) for r in records), strict=True)
+def _generations(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], c: EvalCandidate, max_new: int, images: Any = None
+):
+    processor = images.processor if images is not None else None
+    prompts, references = zip(*(_prompt(tokenizer, r, c.data_format, processor) for r in records), strict=True)
     outputs = greedy_answers(model, tokenizer, list(prompts), max_new, GENERATION_BATCH_SIZE)
     exact = sum(o.strip() == ref.strip() for o, ref in zip(outputs, references, strict=True))
     contains = sum(ref.strip() in o for o, ref in zip(outputs, references, strict=True))
@@ -202,13 +235,15 @@ def _validation_records(split: dict[str, Any], model_cache_dir: Path | None) -> 
     from .training.tokenization import split_train_eval, tokenize_records
 
     cfg = DatasetSection.model_validate(split["dataset"])
-    tokenizer = load_tokenizer(resolve_model_dir(split["model"], model_cache_dir), split.get("tokenizer"))
+    model_dir = resolve_model_dir(split["model"], model_cache_dir)
+    tokenizer = load_tokenizer(model_dir, split.get("tokenizer"))
 
     def kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Each record is tokenized on its own exactly as within the whole list (a DPO job's as pairs).
         if records and is_preference_record(records[0]):
             return [r for r in records if tokenize_pairs([r], tokenizer, cfg)[0]]
-        return [r for r in records if tokenize_records([r], tokenizer, cfg).examples]
+        images = _image_inputs(records, str(model_dir), "fine_tuning_job_id")
+        return [r for r in records if tokenize_records([r], tokenizer, cfg, images=images).examples]
 
     if cfg.validation_file:
         evals = kept(load_records(cfg.validation_file))
@@ -231,6 +266,19 @@ def trained_sparse(adapter_dir: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return bool(config.get("General", {}).get("lora_config", {}).get("sparse_adapter"))
+
+
+def _image_inputs(records: list[dict[str, Any]], model_dir: str, param: str) -> Any:
+    """The model's processor when ``records`` have images (``training/images.py``), else None."""
+    from .training.images import load_image_inputs
+    from .training.records import DataValidationError, record_images
+
+    if not any(record_images(r) for r in records):
+        return None
+    try:
+        return load_image_inputs(model_dir, trust_remote_code=False, token=None)
+    except DataValidationError as exc:
+        raise UserError(exc.message.replace("training data", "data"), param=param) from None
 
 
 def _loading_adapter(c: EvalCandidate, load: Callable[[], T]) -> T:
@@ -304,16 +352,17 @@ def run_evaluation(p: EvaluateParams, sink: EventSink, model_cache_dir: Path | N
     for i, c in enumerate(p.candidates):
         model_dir = resolve_model_dir(c.model, model_cache_dir)
         tokenizer = load_tokenizer(model_dir, c.tokenizer)
+        images = _image_inputs(records, str(model_dir), param)
         model, context = _candidate_model(c, f"c{i}", model_dir, models)
         sink.message(f"candidate {i + 1}/{len(p.candidates)}: {c.name} (on {model_device(model)})")
         with context:
             row: dict[str, Any] = {"candidate": c.name, "n_examples": len(records)}
             row.update(exact_match=None, contains_match=None, samples=[])
-            row.update(_scores(model, tokenizer, records, c))
+            row.update(_scores(model, tokenizer, records, c, images))
             if pairs is not None:
                 row.update(_preference_scores(model, tokenizer, pairs, c))
             if p.generate:
-                row.update(_generations(model, tokenizer, records, c, p.max_new_tokens))
+                row.update(_generations(model, tokenizer, records, c, p.max_new_tokens, images))
         sink.message(
             f"{c.name}: loss {row['loss']}, token accuracy {row['token_accuracy']}"
             + (f", exact match {row['exact_match']:.3f}" if p.generate else "")

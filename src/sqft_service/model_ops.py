@@ -23,7 +23,7 @@ from .model_sources import NO_SOURCE_GGUF, GGUFExportError, export_source
 from .training.device import operation_device
 from .training.models import load_base_model, load_tokenizer, resolve_model_dir
 from .training.prompts import alpaca_prompt
-from .training.records import load_records
+from .training.records import load_records, text_of
 from .workspace import staged
 
 # Used for Wanda's activation statistics when the caller gives no calibration file: generic prose,
@@ -53,7 +53,7 @@ def calibration_texts(calibration_file: str | None, n_samples: int) -> list[str]
     texts = []
     for record in load_records(calibration_file)[:n_samples]:
         if "messages" in record:
-            texts.append("\n".join(m.get("content") or "" for m in record["messages"]))
+            texts.append("\n".join(text_of(m.get("content")) for m in record["messages"]))
         else:
             texts.append(alpaca_prompt(record) + record["output"])
     return texts

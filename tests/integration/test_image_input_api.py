@@ -5,6 +5,7 @@ text-only model, a URL or an unreadable image is a 400 naming the part."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import openai
@@ -14,7 +15,15 @@ from fastapi.testclient import TestClient
 from sqft_service.app import create_app
 from sqft_service.inference.images import read_image
 from tests.helpers import CHAT, write_jsonl
-from tests.image_text import image_data_url, save_image_text_model
+from tests.image_text import (
+    COLOUR_QUESTION,
+    COLOURS,
+    colour_records,
+    colour_url,
+    image_data_url,
+    image_record,
+    save_image_text_model,
+)
 from tests.integration.conftest import make_settings, sdk_job_end
 from tests.unit.test_image_input import _transformers
 
@@ -141,3 +150,41 @@ def test_the_image_routes_take_bodies_up_to_their_own_limit(tmp_path):
         assert chat.status_code == 404  # read whole, then the unknown model
         huge = client.post("/v1/chat/completions", json={"model": padding * 3, "messages": []})
         assert huge.status_code == 413
+
+
+def test_the_sdk_fine_tunes_on_images_and_the_model_answers_from_the_picture(sdk, client, tmp_path, tokenizer_dir):
+    """OpenAI's vision fine-tuning: every record asks the same question of a red or a blue picture; the
+    fine-tuned model, served, names the colour of pictures it never saw."""
+    vlm = str(save_image_text_model(tmp_path / "tiny-vlm", tokenizer_dir))
+    with open(write_jsonl(tmp_path / "colours.jsonl", colour_records(16)), "rb") as handle:
+        uploaded = sdk.files.create(file=handle, purpose="fine-tune")
+    body = {
+        "General": {"lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        "Training": {"epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "mixed_precision": "no"},
+    }
+    with pytest.raises(openai.BadRequestError, match="padded batches") as refused:
+        sdk.fine_tuning.jobs.create(
+            model=vlm, training_file=uploaded.id, extra_body={**body, "Dataset": {"packing": True}}
+        )
+    assert refused.value.body["param"] == "Dataset.packing"
+    job = sdk.fine_tuning.jobs.create(model=vlm, training_file=uploaded.id, extra_body=body)
+    done = sdk_job_end(sdk, job.id)
+    assert done.status == "succeeded", done.error
+    events = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any("images: 16 in the data" in m for m in events), events
+    for seed, name in enumerate(COLOURS, start=200):
+        content = [
+            {"type": "text", "text": COLOUR_QUESTION},
+            {"type": "image_url", "image_url": {"url": colour_url(COLOURS[name], seed)}},
+        ]
+        answer = sdk.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": content}], max_tokens=1, temperature=0
+        )
+        assert answer.choices[0].message.content == name
+
+    # An upload whose image the service cannot take is a 400 naming the line; nothing is kept.
+    records = [*colour_records(1), image_record(["https://example.com/red.png"], "red")]
+    data = "\n".join(json.dumps(r) for r in records).encode()
+    resp = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("bad.jsonl", data)})
+    assert resp.status_code == 400, resp.text
+    assert "line 2" in resp.json()["error"]["message"] and "fetches nothing" in resp.json()["error"]["message"]

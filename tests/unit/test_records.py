@@ -86,9 +86,14 @@ BAD_FILES = {
         "role must be one of",
     ),
     "content not string": (
+        _lines(json.dumps({"messages": [{"role": "assistant", "content": 5}]})),
+        1,
+        "content must be a string, got number",
+    ),
+    "content part not object": (
         _lines(json.dumps({"messages": [{"role": "assistant", "content": ["x"]}]})),
         1,
-        "content must be a string, got array",
+        "content[0] must be a content part (an object with 'type'), got string",
     ),
     "mixed formats": (_lines(_ok, _ok, _chat), 3, "chat format but earlier records are in alpaca"),
     "mixed formats chat first": (_lines(_chat, _ok), 2, "alpaca format but earlier records are in chat"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .images import media_of
+
 # generate() without the model's own sampling defaults (a top_k, top_p or temperature in its config).
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
@@ -61,10 +63,12 @@ def greedy_tokens(
     def generate(batch: Sequence[int]) -> None:
         input_ids, mask = (t.to(device) for t in left_padded([prompts[i] for i in batch], pad))
         width = input_ids.shape[1]
+        media = media_of(prompts[batch[0]]) if len(batch) == 1 else None
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
+                **{key: value.to(device) for key, value in (media or {}).items()},
                 max_new_tokens=max(max_new_tokens[i] for i in batch),
                 **GREEDY,
                 pad_token_id=pad,
@@ -74,6 +78,9 @@ def greedy_tokens(
         for i, row in zip(batch, out[:, width:].tolist(), strict=True):
             rows[i] = row
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # A prompt with images (inference/images.py) is generated alone: its image inputs are its own.
+    for i in (i for i, prompt in enumerate(prompts) if media_of(prompt) is not None):
+        generate([i])
+    order = sorted((i for i, prompt in enumerate(prompts) if media_of(prompt) is None), key=lambda i: len(prompts[i]))
     in_fitting_batches(order, batch_size, generate, device)
     return rows

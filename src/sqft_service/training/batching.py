@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
     from sqft_service.config import DatasetSection
 
+    from .images import ImageInputs
+
 
 def length_grouped_batches(
     lengths: list[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool = True
@@ -54,7 +56,9 @@ class Collator:
     The result holds tensors ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads), plus
     python ints ``n_real_tokens`` (attention-mask sum), ``n_label_tokens`` (labels that take a
     loss after the causal shift, ``labels[:, 1:] != -100``) and ``n_padded_tokens`` (the tensor
-    size); pop the ints before calling the model.
+    size); pop the ints before calling the model. A batch with images (``images``: the model's
+    :class:`~.images.ImageInputs`) also holds ``media``: the image inputs its model body takes
+    (``pixel_values``, and Gemma 3's ``token_type_ids``, 1 on image tokens).
 
     Args:
         pad_token_id: Id written into padded positions of ``input_ids``.
@@ -68,20 +72,24 @@ class Collator:
         pad_token_id: int,
         padding_side: Literal["left", "right"] = "right",
         pad_to_multiple_of: int | None = 8,
+        images: ImageInputs | None = None,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.images = images
 
     @classmethod
-    def from_config(cls, tokenizer: Any, cfg: DatasetSection, pad_to_multiple_of: int | None = 8) -> Collator:
+    def from_config(
+        cls, tokenizer: Any, cfg: DatasetSection, pad_to_multiple_of: int | None = 8, images: ImageInputs | None = None
+    ) -> Collator:
         """A collator using the tokenizer's pad token (EOS when it has none) and ``cfg.padding_side``."""
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token")
-        return cls(pad, cfg.padding_side, pad_to_multiple_of)
+        return cls(pad, cfg.padding_side, pad_to_multiple_of, images)
 
     def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, Any]:
         import torch
@@ -113,4 +121,22 @@ class Collator:
             "n_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
             "n_padded_tokens": input_ids.numel(),
         }
+        if any(ex.images for ex in examples):
+            batch["media"] = self._media(examples, width)
         return batch
+
+    def _media(self, examples: Sequence[TokenizedExample], width: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        if self.images is None:
+            raise ValueError("a batch with images needs the model's image inputs (Collator images=)")
+        media = self.images.model_inputs(examples)
+        if self.images.token_types:
+            types = torch.zeros((len(examples), width), dtype=torch.long)
+            for row, ex in enumerate(examples):
+                if ex.image_tokens is not None:
+                    k = len(ex.image_tokens)
+                    sl = slice(0, k) if self.padding_side == "right" else slice(width - k, width)
+                    types[row, sl] = torch.tensor(ex.image_tokens, dtype=torch.long)
+            media["token_type_ids"] = types
+        return media

@@ -98,6 +98,8 @@ def device_batch(batch: dict, device: torch.device) -> dict:
     batch = label_positions(batch)
     if "position_ids" in batch:  # packed: no 2-D mask, the examples' blocks instead
         batch["attention_mask"] = packed_mask_4d(batch["position_ids"])
+    elif "token_type_ids" in batch.get("media", {}):
+        pass  # Gemma 3 builds its image blocks into the mask from the 2-D one (it reads a 4-D one as final)
     else:
         batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
     return move_batch(batch, device)
@@ -115,6 +117,8 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.pin_memory().to(device, non_blocking=True)
+        elif isinstance(value, dict):  # a batch's image inputs (training/images.py)
+            value = move_batch(value, device)
         moved[key] = value
     return moved
 

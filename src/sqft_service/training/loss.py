@@ -111,7 +111,10 @@ def label_token_losses(
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
-    hidden = decoder(**kwargs, use_cache=False).last_hidden_state
+    if "media" in batch:  # images (training/images.py): the image-text body puts their features in
+        hidden = lm.base_model(**kwargs, **batch["media"], use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(**kwargs, use_cache=False).last_hidden_state
     if "label_positions" in batch:
         # Positions found on the host before the copy (label_positions): a boolean-mask index on a
         # GPU would wait for the device to learn how many rows it yields.

@@ -40,12 +40,20 @@ from .device import describe_device, device_batch, resolve_device
 from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
+from .images import ImageInputs, load_image_inputs
 from .loss import LossOutput, causal_lm_loss
 from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
 from .packing import PackingCollator, separates_packed_examples
 from .preference import PairCollator, PreferencePair, dpo_loss, sequence_logps, tokenize_pairs
-from .records import DataValidationError, load_records, record_format, wrong_format
+from .records import (
+    IMAGES_UNPACKED,
+    DataValidationError,
+    load_records,
+    record_format,
+    record_images,
+    wrong_format,
+)
 from .resume import TrainerState, latest_resume_point
 from .step_totals import PendingStep, StepTotals
 from .tokenization import TokenizedExample, split_train_eval, tokenize_records
@@ -154,6 +162,8 @@ class FinetuneRecipe:
         self.tokenizer = load_tokenizer(
             model_dir, cfg.General.tokenizer_name, trust_remote_code=load.trust_remote_code, token=load.token
         )
+        self.model_dir = model_dir
+        self.images: ImageInputs | None = None  # an image-text model's processor, for data with images
         self.train_examples, self.eval_examples = self._load_data()
 
         self.sink.message(f"loading base model {model_ref}")
@@ -184,7 +194,7 @@ class FinetuneRecipe:
         t = cfg.Training
         # No rounding of lengths up to a multiple of 8: on the CPU it only adds padding, and on a GPU the
         # GEMMs' row count (batch x length) needs no alignment; their other dimensions are the model's.
-        self.collator = Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=None)
+        self.collator = Collator.from_config(self.tokenizer, cfg.Dataset, pad_to_multiple_of=None, images=self.images)
         if cfg.Dataset.packing:
             # Rows as long as max_length rather than the batch's longest example: fewer rows beat the
             # extra masked attention (one 8-batch comparison on SmolLM2/ARC-E: 121 vs 107 tok/s).
@@ -262,9 +272,10 @@ class FinetuneRecipe:
         self._check_format(train_records, "training_file")
         if ds.max_train_samples is not None:
             train_records = train_records[: ds.max_train_samples]
+        eval_records = load_records(ds.validation_file) if ds.validation_file else None
+        self._read_images([*train_records, *(eval_records or ())])
         train = self._tokenize(train_records, ds.train_file)
-        if ds.validation_file:
-            eval_records = load_records(ds.validation_file)
+        if eval_records is not None:
             self._check_format(eval_records, "validation_file")
             evals = self._tokenize(eval_records, ds.validation_file)
         else:
@@ -281,6 +292,17 @@ class FinetuneRecipe:
         )
         return train, evals
 
+    def _read_images(self, records: list[dict]) -> None:
+        """Load the model's processor when the records have images (``training/images.py``)."""
+        n_images = sum(len(record_images(r)) for r in records)
+        if not n_images:
+            return
+        if self.cfg.Dataset.packing:
+            raise DataValidationError(IMAGES_UNPACKED, param="Dataset.packing")
+        load = self.cfg.General.config
+        self.images = load_image_inputs(self.model_dir, trust_remote_code=load.trust_remote_code, token=load.token)
+        self.sink.message(f"images: {n_images} in the data, read by the model's {type(self.images.processor).__name__}")
+
     def _check_format(self, records: list[dict], param: str) -> None:
         """Each method takes its record formats (``records.METHOD_FORMATS``; the API checks it first)."""
         if why := wrong_format(self.cfg.Training.method, record_format(records[0], 1)):
@@ -290,8 +312,15 @@ class FinetuneRecipe:
         if self.preference:
             examples, dropped = tokenize_pairs(records, self.tokenizer, self.cfg.Dataset)
         else:
-            tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset)
+            tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset, images=self.images)
             examples, dropped = tokenized.examples, tokenized.n_dropped
+            if tokenized.n_images_cut:
+                self.sink.message(
+                    f"{tokenized.n_images_cut} example(s) of {Path(source or '').name} were skipped: truncation "
+                    "would cut into their images' tokens (raise `Dataset.max_source_length` and `max_length`)",
+                    level="warn",
+                )
+                dropped -= tokenized.n_images_cut
         if dropped:
             what = "pair(s)" if self.preference else "example(s)"
             self.sink.message(

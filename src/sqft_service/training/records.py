@@ -8,6 +8,10 @@ Four record formats are accepted, one per file:
   beside ``"messages"``, assistant messages with ``"tool_calls"`` (content then optional) and ``"tool"``
   messages answering them (``"tool_call_id"``); rendered as ``tool_calls.py`` renders them when serving.
   An assistant message with ``"weight": 0`` (OpenAI's) stays context: it is not trained on.
+  Content may be an array of parts (OpenAI's vision fine-tuning form): ``{"type": "text", "text"}``, and
+  in user messages ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,...", "detail"}}``
+  for image-text models (``training/images.py``); images come as ``data:`` URLs (the service fetches
+  nothing), read here as serving reads them (``inference/images.py``), up to ``MAX_IMAGES`` a record.
 * **Preference** (for ``method.type: "dpo"``), in OpenAI's form ``{"input": {"messages": [...]},
   "preferred_output": [{"role": "assistant", "content": str}], "non_preferred_output": [...]}`` or in
   TRL's (Hugging Face preference data sets) ``{"prompt": str | messages, "chosen": str | messages,
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..inference.images import MAX_IMAGES, read_image
 
 Format = Literal["alpaca", "chat", "preference", "prompt"]
 _ROLES = ("system", "user", "assistant", "tool")
@@ -88,6 +93,7 @@ class FileStats:
     format: Format
     n_records: int
     n_lines: int
+    n_images: int = 0  # image parts in chat records (for image-text models)
 
 
 def json_type(value: Any) -> str:
@@ -185,8 +191,10 @@ def _validate_record(rec: Any, line: int, expected: Format | None) -> Format:
         _validate_messages(rec["messages"], "messages", line, roles=_RL_ROLES)
         return fmt
     messages = rec["messages"]
-    _validate_messages(messages, "messages", line, tools=True, weights=True)
+    _validate_messages(messages, "messages", line, tools=True, weights=True, parts=True)
     _validate_tools(rec, messages, line)
+    if len(record_images(rec)) > MAX_IMAGES:
+        raise DataValidationError(f"record has {len(record_images(rec))} images, over the limit of {MAX_IMAGES}", line)
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise DataValidationError("'messages' has no assistant message (of weight 1): nothing to train on", line)
     if messages[-1]["role"] != "assistant":
@@ -202,9 +210,11 @@ def _validate_messages(
     tools: bool = False,
     weights: bool = False,
     roles: tuple[str, ...] | None = None,
+    parts: bool = False,
 ) -> None:
     """Each message's role (one of ``roles``, by default those of ``tools``) and content; with ``tools``,
-    tool calls and tool messages too; with ``weights`` (a chat record's), an assistant message's ``weight``."""
+    tool calls and tool messages too; with ``weights`` (a chat record's), an assistant message's ``weight``;
+    with ``parts`` (a chat record's), content as an array of text and (user messages) image parts."""
     if not isinstance(messages, list) or not messages:
         raise DataValidationError(f"field '{where}' must be a non-empty array", line)
     roles = roles or (_ROLES if tools else _PROMPT_ROLES)
@@ -218,8 +228,15 @@ def _validate_messages(
         calls = msg.get("tool_calls") if tools else None
         if calls is not None:
             _validate_calls(calls, f"{at}.tool_calls", role, line)
-        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
-            got = json_type(msg["content"]) if "content" in msg else "nothing"
+        content = msg.get("content")
+        if isinstance(content, list) and parts:
+            _validate_parts(content, f"{at}.content", role, line)
+        elif isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            raise DataValidationError(
+                f"{at}.content: images are taken in chat records (supervised fine-tuning) only", line
+            )
+        elif not isinstance(content, str) and not (calls and content is None):
+            got = json_type(content) if "content" in msg else "nothing"
             raise DataValidationError(f"{at}.content must be a string, got {got}", line)
         if "weight" in msg and (
             not weights or role != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool)
@@ -227,6 +244,64 @@ def _validate_messages(
             raise DataValidationError(f"{at}.weight: only an assistant message of a chat record has one, 0 or 1", line)
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
             raise DataValidationError(f"{at}.tool_call_id must be a string (the id of the call it answers)", line)
+
+
+def _validate_parts(content: list[Any], at: str, role: str, line: int) -> None:
+    """Content parts: text, and images in a user message (their headers read, as serving reads them)."""
+    if not content:
+        raise DataValidationError(f"{at} must be a string or a non-empty array of parts", line)
+    for k, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise DataValidationError(
+                f"{at}[{k}] must be a content part (an object with 'type'), got {json_type(part)}", line
+            )
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise DataValidationError(f"{at}[{k}]: a text part is {{'type': 'text', 'text': str}}", line)
+        elif kind == "image_url":
+            if role != "user":
+                raise DataValidationError(f"{at}[{k}]: images are taken in user messages, not {role} ones", line)
+            image = part.get("image_url")
+            if (
+                not isinstance(image, dict)
+                or not isinstance(image.get("url"), str)
+                or set(image) - {"url", "detail"}
+                or set(part) - {"type", "image_url"}
+            ):
+                raise DataValidationError(
+                    f"{at}[{k}]: an image part is {{'type': 'image_url', 'image_url': {{'url': str, 'detail'?}}}}", line
+                )
+            if image.get("detail", "auto") not in ("auto", "low", "high"):
+                raise DataValidationError(f"{at}[{k}].image_url.detail must be one of auto, low, high", line)
+            try:
+                read_image(image["url"])
+            except ValueError as exc:
+                raise DataValidationError(f"{at}[{k}].image_url.url: {exc}", line) from None
+        else:
+            raise DataValidationError(f"{at}[{k}].type must be 'text' or 'image_url', got {kind!r}", line)
+
+
+# Images train in padded batches: a packed row would put several examples' image blocks in one sequence.
+IMAGES_UNPACKED = "the training data has images, which train in padded batches: leave `Dataset.packing` off"
+
+
+def text_of(content: Any) -> str:
+    """A validated message's text: its string, or its text parts joined (its images left out)."""
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if part["type"] == "text")
+    return content or ""
+
+
+def record_images(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``image_url`` objects of a validated chat record's messages, in order."""
+    return [
+        part["image_url"]
+        for msg in rec.get("messages") or ()
+        if isinstance(msg.get("content"), list)
+        for part in msg["content"]
+        if part["type"] == "image_url"
+    ]
 
 
 def _validate_calls(calls: Any, at: str, role: str, line: int) -> None:
@@ -466,7 +541,8 @@ def inspect_training_file(path: str | Path, *, max_bytes: int | None = None) -> 
             with a missing or mistyped field, or records of both formats.
     """
     fmt, records, n_lines = _parse_file(path, max_bytes)
-    return FileStats(format=fmt, n_records=len(records), n_lines=n_lines)
+    n_images = sum(len(record_images(rec)) for rec in records) if fmt == "chat" else 0
+    return FileStats(format=fmt, n_records=len(records), n_lines=n_lines, n_images=n_images)
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:

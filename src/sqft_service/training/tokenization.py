@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .prompts import alpaca_prompt, chat_segments
+from .records import DataValidationError, record_images
 
 if TYPE_CHECKING:
     from sqft_service.config import DatasetSection
+
+    from .images import ImageInputs
 
 # The label of a position that takes no loss (PyTorch's cross-entropy default ``ignore_index``).
 # Defined only here so the collators, the loss and the tests cannot disagree on it.
@@ -28,6 +31,11 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    # A record with images (training/images.py): their ``image_url`` objects in order, whether they are
+    # read in high detail, and a flag per token, 1 where an image's features go.
+    images: tuple[dict[str, Any], ...] = ()
+    high_detail: bool = False
+    image_tokens: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -41,12 +49,14 @@ class TokenizedDataset:
         examples: The examples, in record order (dropped ones left out).
         n_dropped: Records dropped because no label survived truncation and masking.
         n_truncated: Kept examples that were shortened.
+        n_images_cut: Records dropped because truncation would have cut into their images' tokens.
         kept: The index of each example's record in the records given.
     """
 
     examples: list[TokenizedExample] = field(default_factory=list)
     n_dropped: int = 0
     n_truncated: int = 0
+    n_images_cut: int = 0
     kept: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -78,15 +88,71 @@ def _record_segments(
     """``(text, is_target)`` pieces of one record, and whether EOS must be appended to the target."""
     if "messages" not in record:
         return [(alpaca_prompt(record), False), (record["output"], True)], True
-    segments = chat_segments(record["messages"], tokenizer, index, record.get("tools"))
+    segments = chat_segments(template_turns(record["messages"]), tokenizer, index, record.get("tools"))
     if last_turn_only:  # earlier assistant turns become context
         last = max(i for i, (_, target) in enumerate(segments) if target)
         segments = [(text, target and i == last) for i, (text, target) in enumerate(segments)]
     return segments, False
 
 
+def template_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as templates take them: content given as text parts joined into a string, and a message
+    with images as parts ``{"type": "text", "text"}`` and ``{"type": "image"}`` (the processor's placeholder)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            if any(part["type"] == "image_url" for part in content):
+                content = [
+                    {"type": "image"} if part["type"] == "image_url" else {"type": "text", "text": part["text"]}
+                    for part in content
+                ]
+            else:
+                content = "".join(part["text"] for part in content)
+            m = {**m, "content": content}
+        out.append(m)
+    return out
+
+
+def _tokenize_pieces(
+    per_record: list[tuple[list[tuple[str, bool]], bool]],
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    images: ImageInputs | None,
+) -> list[list[tuple[list[int], list[int] | None]]]:
+    """Each record's pieces as ``(ids, image flags)``: text in one batched tokenizer call, a piece with
+    images by the processor (flags None: a piece without images)."""
+    texts = [text for segs, _ in per_record for text, _ in segs]
+    all_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for index, ((segs, _), record) in enumerate(zip(per_record, records, strict=True)):
+        pictures = record_images(record) if "messages" in record else []
+        if pictures and images is None:
+            raise DataValidationError(f"record {index} has images, and this model reads text only")
+        high = images.high_detail(pictures) if pictures else False
+        pieces: list[tuple[list[int], list[int] | None]] = []
+        for text, _ in segs:
+            ids = next(all_ids)
+            n = text.count(images.placeholder) if pictures else 0
+            if n:
+                ids, kinds = images.encode(text, pictures[:n], high)
+                pictures = pictures[n:]
+                pieces.append((ids, kinds))
+            else:
+                pieces.append((ids, None))
+        if pictures:
+            raise DataValidationError(f"record {index}: the chat template placed fewer images than the record has")
+        out.append(pieces)
+    return out
+
+
 def tokenize_records(
-    records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DatasetSection, *, last_turn_only: bool = False
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    cfg: DatasetSection,
+    *,
+    last_turn_only: bool = False,
+    images: ImageInputs | None = None,
 ) -> TokenizedDataset:
     """Tokenize validated records into masked training examples.
 
@@ -98,7 +164,9 @@ def tokenize_records(
     ``cfg.mask_response`` masks target tokens (then the prompt is trained). BOS is prepended to
     Alpaca prompts only when the tokenizer would add it itself; chat templates render their own.
     ``last_turn_only``: a conversation's last assistant turn is its only target (a preference pair's
-    reply); otherwise every assistant turn is.
+    reply); otherwise every assistant turn is. ``images``: an image-text model's processor, for records
+    with images (``training/images.py``); their image tokens take no loss, and a record whose images
+    truncation would cut into is dropped (counted in ``n_images_cut``) rather than trained half-seen.
 
     Returns:
         A :class:`TokenizedDataset`; records whose labels (after the causal shift, i.e. beyond
@@ -112,52 +180,61 @@ def tokenize_records(
     per_record: list[tuple[list[tuple[str, bool]], bool]] = [
         _record_segments(rec, tokenizer, i, last_turn_only) for i, rec in enumerate(records)
     ]
-    texts = [text for segs, _ in per_record for text, _ in segs]
-    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    tokenized = _tokenize_pieces(per_record, records, tokenizer, images)
 
     out = TokenizedDataset()
-    k = 0
-    for index, (segs, add_eos) in enumerate(per_record):
+    for index, ((segs, add_eos), pieces) in enumerate(zip(per_record, tokenized, strict=True)):
         ids: list[int] = []
         target: list[bool] = []
+        kinds: list[int] = []  # 1: an image token
         last_target_start = 0
-        for _text, is_target in segs:
-            piece = all_ids[k]
-            k += 1
+        for (_text, is_target), (piece, piece_kinds) in zip(segs, pieces, strict=True):
             if is_target:
                 last_target_start = len(ids)
                 if add_eos and eos_id is not None:
                     piece = [*piece, eos_id]
             ids.extend(piece)
             target.extend([is_target] * len(piece))
+            kinds.extend(piece_kinds or [0] * len(piece))
         # Chat templates render their own BOS; Alpaca text gets it only if the tokenizer adds one.
         prefix: list[int] = bos if add_eos else []
-        src_ids, src_tgt = ids[:last_target_start], target[:last_target_start]
-        tgt_ids, tgt_tgt = ids[last_target_start:], target[last_target_start:]
+        src, tgt = slice(0, last_target_start), slice(last_target_start, len(ids))
+        src_ids, src_tgt, src_kinds = ids[src], target[src], kinds[src]
+        tgt_ids, tgt_tgt, tgt_kinds = ids[tgt], target[tgt], kinds[tgt]
         n_before = len(prefix) + len(ids)
         if cfg.truncation:
             room = max(cfg.max_source_length - len(prefix), 0)
             if len(src_ids) > room:
-                if cfg.truncation_side == "left":
-                    src_ids, src_tgt = src_ids[len(src_ids) - room :], src_tgt[len(src_tgt) - room :]
-                else:
-                    src_ids, src_tgt = src_ids[:room], src_tgt[:room]
+                keep = slice(len(src_ids) - room, None) if cfg.truncation_side == "left" else slice(0, room)
+                src_ids, src_tgt, src_kinds = src_ids[keep], src_tgt[keep], src_kinds[keep]
             room = max(cfg.max_length - len(prefix) - len(src_ids), 0)
-            tgt_ids, tgt_tgt = tgt_ids[:room], tgt_tgt[:room]
+            tgt_ids, tgt_tgt, tgt_kinds = tgt_ids[:room], tgt_tgt[:room], tgt_kinds[:room]
         input_ids = prefix + src_ids + tgt_ids
         flags = [False] * len(prefix) + src_tgt + tgt_tgt
+        image_tokens = [0] * len(prefix) + src_kinds + tgt_kinds
+        if sum(image_tokens) != sum(kinds):  # an image's features need every one of its tokens
+            out.n_dropped += 1
+            out.n_images_cut += 1
+            continue
         if cfg.mask_input:
             labels = [t if f else IGNORE_INDEX for t, f in zip(input_ids, flags, strict=True)]
         elif cfg.mask_response:
             labels = [IGNORE_INDEX if f else t for t, f in zip(input_ids, flags, strict=True)]
         else:
             labels = list(input_ids)
+        if any(image_tokens):  # an image's tokens stand for its features: nothing to predict there
+            labels = [IGNORE_INDEX if k else t for t, k in zip(labels, image_tokens, strict=True)]
         # Position 0 is never predicted, so a label there alone would give no loss.
         if all(lab == IGNORE_INDEX for lab in labels[1:]):
             out.n_dropped += 1
             continue
         out.n_truncated += len(input_ids) < n_before
-        out.examples.append(TokenizedExample(input_ids=input_ids, labels=labels))
+        example = TokenizedExample(input_ids=input_ids, labels=labels)
+        if any(image_tokens):
+            example.images = tuple(record_images(records[index]))
+            example.high_detail = images.high_detail(example.images)
+            example.image_tokens = image_tokens
+        out.examples.append(example)
         out.kept.append(index)
     return out
 

@@ -93,7 +93,7 @@ class FileService:
                     raise DataValidationError(
                         f"invalid training file '{name}': {exc.message}", param="file", code="invalid_file"
                     ) from exc
-                meta = {"format": stats.format, "n_records": stats.n_records}
+                meta = {"format": stats.format, "n_records": stats.n_records, "n_images": stats.n_images}
             return self.store.add(
                 filename=name,
                 purpose=purpose,

@@ -27,7 +27,7 @@ from ...store.events import CheckpointRecord, EventRecord, EventStore
 from ...store.files import FileRecord
 from ...store.ids import new_id
 from ...store.jobs import FINE_TUNE, JobRecord, JobStore
-from ...training.records import inspect_training_file, wrong_format
+from ...training.records import IMAGES_UNPACKED, inspect_training_file, wrong_format
 from ...workspace import PARENT_MERGED_DIR
 from ..evals.protocol import GraderOrMulti, check_grader_templates, refuse_unoffered
 from ..files.service import FileService
@@ -371,6 +371,8 @@ def _check_records(training: FileRecord, validation: FileRecord | None, method: 
             continue
         if why := wrong_format(method, fmt):
             raise InvalidRequestError(f"file {record.id} {why}", param=param)
+    if dataset.packing and any(r is not None and r.meta.get("n_images") for r in (training, validation)):
+        raise InvalidRequestError(IMAGES_UNPACKED, param="Dataset.packing")
     if method == "reinforcement" and dataset.packing:
         raise InvalidRequestError(
             "a reinforcement job trains on the answers it samples, unpacked: leave `Dataset.packing` off",

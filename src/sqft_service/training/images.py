@@ -1,0 +1,102 @@
+"""Training on images (OpenAI's vision fine-tuning): chat records whose user messages hold ``image_url``
+parts, for image-text models (Gemma 3 4B and up), read by the model's own processor as serving reads them
+(``inference/images.py``).
+
+* Tokenization: a chat template writes an image part as the processor's placeholder (Gemma 3's
+  ``<start_of_image>``); the pieces holding placeholders are tokenized by the processor with their images,
+  which expands each into the image's tokens (and, with ``detail: "high"``, its pan-and-scan crops), so a
+  training sequence holds exactly the tokens a served prompt holds. The image tokens take no loss.
+* Batches: an example keeps its images' URLs, not their pixels (an 896 x 896 image is 9.6 MB of fp32); the
+  collator decodes them and runs the processor's image half per batch (:meth:`ImageInputs.model_inputs`).
+* The model: the batch's image inputs go to the image-text model's body (``base_model``), which puts
+  the vision tower's features where the image tokens are and, for Gemma 3, lets an image's tokens see
+  each other (``token_type_ids``); adapters train the text decoder only (``adapters/lora.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..inference.images import read_image
+from .records import DataValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .tokenization import TokenizedExample
+
+# Per-token inputs the collator builds itself; the processor's other inputs are per image.
+_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
+
+
+class ImageInputs:
+    """A model's processor as training uses it: tokenizing pieces with images, and a batch's image inputs."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.placeholder: str = processor.image_token  # what a chat template writes for an image part
+        names = set(getattr(processor, "model_input_names", ()))
+        # Gemma 3's image tokens see one another (a bidirectional block); models without it are causal.
+        self.token_types = "token_type_ids" in names
+        self.media_keys = names - _TEXT_INPUTS - set(getattr(processor, "unused_input_names", ()))
+
+    def encode(self, text: str, images: Sequence[dict[str, Any]], high: bool) -> tuple[list[int], list[int]]:
+        """``text``'s token ids with its ``images`` (``image_url`` objects) expanded, and a flag per token:
+        1 where an image's features go."""
+        pictures = [read_image(image["url"]).convert("RGB") for image in images]
+        options = {"do_pan_and_scan": True} if high else {}
+        try:
+            out = self.processor(text=text, images=pictures or None, add_special_tokens=False, **options)
+        except ValueError as exc:  # e.g. a message that writes the placeholder itself
+            raise DataValidationError(f"a message's images could not be placed in its text: {exc}") from None
+        ids = list(out["input_ids"][0])
+        kinds = out.get("token_type_ids") or out.get("mm_token_type_ids")
+        if kinds is None:
+            image_id = getattr(self.processor, "image_token_id", None)
+            return ids, [int(i == image_id) for i in ids]
+        return ids, [int(k == 1) for k in kinds[0]]
+
+    def high_detail(self, images: Sequence[dict[str, Any]]) -> bool:
+        """Whether a record's images are read in high detail (any one asks, as serving reads a prompt)."""
+        if not any(image.get("detail") == "high" for image in images):
+            return False
+        if not hasattr(self.processor.image_processor, "do_pan_and_scan"):
+            raise DataValidationError("`detail: high`: this model's processor has no high-detail mode")
+        return True
+
+    def model_inputs(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        """The image inputs of a batch's examples (their images in order), e.g. ``pixel_values``."""
+        import torch
+
+        per_key: dict[str, list[torch.Tensor]] = {}
+        for ex in examples:
+            if not ex.images:
+                continue
+            pictures = [read_image(image["url"]).convert("RGB") for image in ex.images]
+            options = {"do_pan_and_scan": True} if ex.high_detail else {}
+            out = self.processor.image_processor(pictures, return_tensors="pt", **options)
+            for key in self.media_keys & set(out):
+                per_key.setdefault(key, []).append(out[key])
+        return {key: torch.cat(values) for key, values in per_key.items()}
+
+
+def load_image_inputs(model_dir: str, *, trust_remote_code: bool, token: str | None) -> ImageInputs:
+    """The processor of an image-text model's directory; a DataValidationError when it reads text only."""
+    from transformers import AutoConfig, AutoProcessor
+
+    why = "reads text only"
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, token=token)
+        if getattr(config, "vision_config", None) is not None:
+            processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code, token=token)
+            if getattr(processor, "image_processor", None) is not None and hasattr(processor, "image_token"):
+                return ImageInputs(processor)
+            why = "has no image processor saved beside its weights"
+    except (OSError, ValueError, TypeError) as exc:
+        why = f"has no image processor ({exc})"
+    raise DataValidationError(
+        f"the training data has images, and this model {why}: train an image-text model (such as Gemma 3 4B) "
+        "on it, or send text",
+        param="training_file",
+    )

@@ -1,0 +1,209 @@
+"""Training on images (``training/images.py``, OpenAI's vision fine-tuning): chat records with ``image_url``
+parts are validated with the line named, tokenized as the model's processor tokenizes the conversation,
+batched with their pixels, scored exactly as transformers scores them, and trained until the model answers
+what only the image tells."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+
+from sqft_service.config import DatasetSection, LoraSection
+from sqft_service.evaluation import run_evaluation
+from sqft_service.inference.images import MAX_IMAGES, read_image
+from sqft_service.jobs.kinds import EvalCandidate, EvaluateParams
+from sqft_service.training.batching import Collator
+from sqft_service.training.events import MemorySink
+from sqft_service.training.images import load_image_inputs
+from sqft_service.training.loss import causal_lm_loss
+from sqft_service.training.recipe import run_training
+from sqft_service.training.records import DataValidationError, inspect_training_file
+from sqft_service.training.tokenization import IGNORE_INDEX, tokenize_records
+from tests.helpers import write_jsonl
+from tests.image_text import COLOURS, colour_records, colour_url, image_data_url, image_record, save_image_text_model
+from tests.unit.test_recipe import losses, make_cfg, model_dir  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory, tokenizer_dir):
+    return save_image_text_model(tmp_path_factory.mktemp("tiny-vlm"), tokenizer_dir)
+
+
+def test_image_records_validate_naming_the_line_and_are_counted(tmp_path):
+    url = image_data_url(1)
+    good = [
+        image_record([url], "a picture"),
+        image_record([url, url], "two"),
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Say hi"}]},
+                {"role": "assistant", "content": "hi"},
+            ]
+        },
+    ]
+    stats = inspect_training_file(write_jsonl(tmp_path / "good.jsonl", good))
+    assert (stats.format, stats.n_records, stats.n_images) == ("chat", 3, 3)
+
+    def error(record: dict) -> str:
+        with pytest.raises(DataValidationError) as caught:
+            inspect_training_file(write_jsonl(tmp_path / "bad.jsonl", [good[0], record]))
+        assert caught.value.line == 2
+        return caught.value.message
+
+    web = image_record(["https://example.com/cat.png"], "a cat")
+    assert "messages[0].content[1].image_url.url" in error(web) and "data:" in error(web)
+    assert "not an image" in error(image_record(["data:image/png;base64," + base64.b64encode(b"text").decode()], "x"))
+    assert "detail must be one of" in error(image_record([url], "x", detail="ultra"))
+    assert "over the limit of 16" in error(image_record([url] * (MAX_IMAGES + 1), "x"))
+    in_reply = {
+        "messages": [
+            image_record([url], "x")["messages"][0],
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+        ]
+    }
+    assert "images are taken in user messages, not assistant ones" in error(in_reply)
+    odd = {"messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}, good[0]["messages"][1]]}
+    assert "content[0].type must be 'text' or 'image_url'" in error(odd)
+    # Only supervised chat records take images: a reinforcement prompt with one is refused.
+    prompt = {"messages": [image_record([url], "x")["messages"][0]]}
+    with pytest.raises(DataValidationError, match="images are taken in chat records"):
+        inspect_training_file(write_jsonl(tmp_path / "prompts.jsonl", [prompt]))
+
+
+def test_an_image_record_is_tokenized_as_the_processor_tokenizes_the_conversation(vlm_dir):
+    images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
+    processor = images.processor
+    urls = [image_data_url(2), image_data_url(3, size=(20, 50))]
+    record = image_record(urls, "Two pictures.", text="Compare these:")
+    record["messages"].insert(0, {"role": "system", "content": [{"type": "text", "text": "Be brief."}]})
+    cfg = DatasetSection()
+    (example,) = tokenize_records([record], processor.tokenizer, cfg, images=images).examples
+
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Compare these:"}, {"type": "image"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Two pictures."},
+    ]
+    text = processor.apply_chat_template(turns, tokenize=False)
+    pictures = [read_image(u).convert("RGB") for u in urls]
+    whole = processor(text=text, images=pictures, add_special_tokens=False)
+    assert example.input_ids == whole["input_ids"][0][: len(example.input_ids)]
+    assert example.image_tokens == whole["token_type_ids"][0][: len(example.input_ids)]
+    assert sum(example.image_tokens) == 2 * 4 and example.images == tuple(
+        p["image_url"] for p in record["messages"][1]["content"][1:]
+    )
+    reply = processor.tokenizer("Two pictures.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert [t for t in example.labels if t != IGNORE_INDEX] == reply  # the image tokens take no loss
+
+    # Truncation that would cut into an image drops the record rather than train it half-seen.
+    short = DatasetSection(max_source_length=12, max_length=24)
+    cut = tokenize_records([record], processor.tokenizer, short, images=images)
+    assert (len(cut), cut.n_dropped, cut.n_images_cut) == (0, 1, 1)
+    with pytest.raises(DataValidationError, match="reads text only"):
+        tokenize_records([record], processor.tokenizer, cfg)
+
+
+def test_a_batch_with_images_scores_as_transformers_scores_it(vlm_dir):
+    from transformers import Gemma3ForConditionalGeneration
+
+    images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
+    tokenizer = images.processor.tokenizer
+    records = [
+        image_record([colour_url(COLOURS["red"], 1)], "red"),
+        image_record([image_data_url(4), image_data_url(5)], "Two different pictures, side by side."),
+        {"messages": [{"role": "user", "content": "No picture here."}, {"role": "assistant", "content": "Fine."}]},
+    ]
+    examples = tokenize_records(records, tokenizer, DatasetSection(), images=images).examples
+    batch = Collator.from_config(tokenizer, DatasetSection(), pad_to_multiple_of=None, images=images)(examples)
+    assert batch["media"]["pixel_values"].shape == (3, 3, 28, 28)  # the batch's images in order
+    model = Gemma3ForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = causal_lm_loss(model, batch)
+        theirs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            **batch["media"],
+        ).loss
+        assert float(ours.loss_sum) / ours.n_labels == pytest.approx(float(theirs), rel=1e-5)
+        # The images reach the loss: another picture scores the same text differently.
+        other = {**batch["media"], "pixel_values": batch["media"]["pixel_values"].flip(0)}
+        moved = causal_lm_loss(model, {**batch, "media": other})
+    assert float(moved.loss_sum) != pytest.approx(float(ours.loss_sum), rel=1e-4)
+
+
+def _answer_logps(model, images, url: str) -> dict[str, float]:
+    """The log-probability of each colour's name as the answer to ``url``'s image."""
+    tokenizer = images.processor.tokenizer
+    out = {}
+    for name in COLOURS:
+        (example,) = tokenize_records([image_record([url], name)], tokenizer, DatasetSection(), images=images).examples
+        batch = Collator.from_config(tokenizer, DatasetSection(), pad_to_multiple_of=None, images=images)([example])
+        with torch.no_grad():
+            out[name] = -float(causal_lm_loss(model, batch).loss_sum)
+    return out
+
+
+def test_training_on_images_learns_what_only_the_image_tells(vlm_dir, tmp_path):
+    """Every record asks the same question; only its picture says red or blue. After training the model
+    prefers the right answer for held-out pictures of either colour: the pixels went into training."""
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(20))
+    cfg = make_cfg(vlm_dir, train, lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.0), epochs=8)
+    cfg.Training.learning_rate = 5e-2
+    cfg.Dataset.validation_split_percentage = 20  # 4 held out
+    sink = MemorySink()
+    result = run_training(cfg, tmp_path / "out", sink)
+    assert any("images: 20 in the data" in text for _, text, _ in sink.messages)
+    curve = losses(sink)
+    assert sum(curve[-4:]) < 0.5 * sum(curve[:4]), curve
+    accuracy = [row["train_accuracy"] for row in sink.metric_rows if "train_accuracy" in row]
+    assert accuracy[0] == 0 and accuracy[-4:] == [1.0] * 4, accuracy  # each answer's tokens, argmax right
+
+    images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
+    base = Gemma3ForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    tuned = PeftModel.from_pretrained(base, result.adapter_dir).eval()  # stock peft loads it
+    for seed, name in enumerate(COLOURS, start=100):
+        logps = _answer_logps(tuned, images, colour_url(COLOURS[name], seed))
+        assert max(logps, key=logps.get) == name, (name, logps)
+
+    # The evaluate job scores and answers the held-out records with their pictures, as served.
+    dataset = cfg.Dataset.model_dump(mode="json")
+    candidates = [
+        EvalCandidate(name="base", model=str(vlm_dir)),
+        EvalCandidate(
+            name="tuned", model=str(vlm_dir), adapter=result.adapter_dir, data_format="chat", dataset=dataset
+        ),
+    ]
+    split = {"model": str(vlm_dir), "dataset": dataset, "seed": cfg.Training.seed}
+    base_row, tuned_row = run_evaluation(
+        EvaluateParams(candidates=candidates, split=split, max_new_tokens=2), MemorySink(), None
+    )
+    assert tuned_row["n_examples"] == 4 and tuned_row["exact_match"] == 1.0 > base_row["exact_match"]
+    assert tuned_row["loss"] < base_row["loss"]
+
+
+def test_images_need_an_image_text_model_and_padded_batches(model_dir, vlm_dir, tmp_path):  # noqa: F811
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(4))
+    with pytest.raises(DataValidationError, match="this model reads text only") as caught:
+        run_training(make_cfg(model_dir, train, max_train_steps=1), tmp_path / "llama", MemorySink())
+    assert caught.value.param == "training_file"
+    cfg = make_cfg(vlm_dir, train, max_train_steps=1)
+    cfg.Dataset.packing = True
+    with pytest.raises(DataValidationError, match=r"leave `Dataset\.packing` off") as caught:
+        run_training(cfg, tmp_path / "packed", MemorySink())
+    assert caught.value.param == "Dataset.packing"
+
+
+def test_media_of_a_batch_is_none_without_images(vlm_dir):
+    images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
+    record = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]}
+    examples = tokenize_records([record], images.processor.tokenizer, DatasetSection(), images=images).examples
+    assert examples[0].images == () and examples[0].image_tokens is None
+    assert "media" not in Collator(0, images=images)(examples)
