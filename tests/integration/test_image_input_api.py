@@ -158,6 +158,7 @@ def test_the_sdk_fine_tunes_on_images_and_the_model_answers_from_the_picture(sdk
     vlm = str(save_image_text_model(tmp_path / "tiny-vlm", tokenizer_dir))
     with open(write_jsonl(tmp_path / "colours.jsonl", colour_records(16)), "rb") as handle:
         uploaded = sdk.files.create(file=handle, purpose="fine-tune")
+    assert (uploaded.format, uploaded.n_records, uploaded.n_images) == ("chat", 16, 16)
     body = {
         "General": {"lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
         "Training": {"epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "mixed_precision": "no"},
@@ -172,6 +173,7 @@ def test_the_sdk_fine_tunes_on_images_and_the_model_answers_from_the_picture(sdk
     assert done.status == "succeeded", done.error
     events = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any("images: 16 in the data" in m for m in events), events
+    assert any(m.endswith("(16 records, 16 images)") for m in events), events
     for seed, name in enumerate(COLOURS, start=200):
         content = [
             {"type": "text", "text": COLOUR_QUESTION},

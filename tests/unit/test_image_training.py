@@ -199,6 +199,12 @@ def test_images_need_an_image_text_model_and_padded_batches(model_dir, vlm_dir, 
     with pytest.raises(DataValidationError, match=r"leave `Dataset\.packing` off") as caught:
         run_training(cfg, tmp_path / "packed", MemorySink())
     assert caught.value.param == "Dataset.packing"
+    cfg = make_cfg(vlm_dir, train, max_train_steps=1)
+    cfg.Dataset.max_source_length, cfg.Dataset.max_length = 8, 16
+    sink = MemorySink()
+    with pytest.raises(DataValidationError, match="or of their images: raise"):
+        run_training(cfg, tmp_path / "short", sink)
+    assert any("4 example(s) of colours.jsonl were skipped" in text for _, text, _ in sink.messages)
 
 
 def test_media_of_a_batch_is_none_without_images(vlm_dir):

@@ -15,7 +15,9 @@ parts, for image-text models (Gemma 3 4B and up), read by the model's own proces
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..inference.images import read_image
@@ -40,6 +42,8 @@ class ImageInputs:
         # Gemma 3's image tokens see one another (a bidirectional block); models without it are causal.
         self.token_types = "token_type_ids" in names
         self.media_keys = names - _TEXT_INPUTS - set(getattr(processor, "unused_input_names", ()))
+        self.workers = min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
 
     def encode(self, text: str, images: Sequence[dict[str, Any]], high: bool) -> tuple[list[int], list[int]]:
         """``text``'s token ids with its ``images`` (``image_url`` objects) expanded, and a flag per token:
@@ -69,16 +73,22 @@ class ImageInputs:
         """The image inputs of a batch's examples (their images in order), e.g. ``pixel_values``."""
         import torch
 
-        per_key: dict[str, list[torch.Tensor]] = {}
-        for ex in examples:
-            if not ex.images:
-                continue
+        def process(ex: TokenizedExample) -> dict[str, torch.Tensor]:
             pictures = [read_image(image["url"]).convert("RGB") for image in ex.images]
             options = {"do_pan_and_scan": True} if ex.high_detail else {}
             out = self.processor.image_processor(pictures, return_tensors="pt", **options)
-            for key in self.media_keys & set(out):
-                per_key.setdefault(key, []).append(out[key])
-        return {key: torch.cat(values) for key, values in per_key.items()}
+            return {key: out[key] for key in self.media_keys & set(out)}
+
+        with_images = [ex for ex in examples if ex.images]
+        # Decoding and resizing release the GIL (PIL, numpy): the examples' images are read side by side.
+        if len(with_images) > 1 and self.workers > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sqft-images")
+            outputs = list(self._pool.map(process, with_images))
+        else:
+            outputs = [process(ex) for ex in with_images]
+        keys = outputs[0].keys() if outputs else ()
+        return {key: torch.cat([out[key] for out in outputs]) for key in keys}
 
 
 def load_image_inputs(model_dir: str, *, trust_remote_code: bool, token: str | None) -> ImageInputs:

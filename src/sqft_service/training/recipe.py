@@ -164,6 +164,7 @@ class FinetuneRecipe:
         )
         self.model_dir = model_dir
         self.images: ImageInputs | None = None  # an image-text model's processor, for data with images
+        self._images_cut = 0  # examples dropped because truncation would cut into their images
         self.train_examples, self.eval_examples = self._load_data()
 
         self.sink.message(f"loading base model {model_ref}")
@@ -283,7 +284,10 @@ class FinetuneRecipe:
         if ds.max_eval_samples is not None:
             evals = evals[: ds.max_eval_samples]
         if not train:
-            raise DataValidationError("no training example has a token left to learn after truncation")
+            cut = (
+                " (or of their images: raise `Dataset.max_source_length` and `max_length`)" if self._images_cut else ""
+            )
+            raise DataValidationError(f"no training example has a token left to learn after truncation{cut}")
         n_tokens = sum(len(e) for e in train)
         unit = "preference pairs" if self.preference else self.unit
         self.sink.message(
@@ -314,6 +318,7 @@ class FinetuneRecipe:
         else:
             tokenized = tokenize_records(records, self.tokenizer, self.cfg.Dataset, images=self.images)
             examples, dropped = tokenized.examples, tokenized.n_dropped
+            self._images_cut += tokenized.n_images_cut
             if tokenized.n_images_cut:
                 self.sink.message(
                     f"{tokenized.n_images_cut} example(s) of {Path(source or '').name} were skipped: truncation "

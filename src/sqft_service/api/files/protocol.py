@@ -62,6 +62,7 @@ class FileObject(BaseModel):
     sha256: str | None = None
     format: str | None = None
     n_records: int | None = None
+    n_images: int | None = None  # image parts in chat records (vision fine-tuning)
 
     @classmethod
     def from_record(cls, r: FileRecord) -> FileObject:
@@ -76,6 +77,7 @@ class FileObject(BaseModel):
             sha256=r.sha256,
             format=r.meta.get("format"),
             n_records=r.meta.get("n_records"),
+            n_images=r.meta.get("n_images"),
             expires_at=r.expires_at,
         )
 

@@ -159,7 +159,8 @@ class FineTuningService:
             )
         self.events.add_event(
             job_id,
-            f"Validated training file: {training.filename} ({training.meta.get('n_records', '?')} records)",
+            f"Validated training file: {training.filename} ({training.meta.get('n_records', '?')} records"
+            + (f", {training.meta['n_images']} images)" if training.meta.get("n_images") else ")"),
         )
         self.manager.enqueue(job)
         return self.get(job_id)
