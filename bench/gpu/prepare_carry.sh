@@ -5,8 +5,9 @@
 #   data/       ARC-E and GSM8K from ../shared/data (which does not travel)
 #   wheels/     pydantic (+ core, annotated-types, typing-inspection), and the peft and transformers
 #               versions this checkout is tested with (the image's may differ); the service's own
-#               packages (FastAPI, uvicorn, httpx, llguidance, jsonschema, ...: tests/gpu/test_gpu_service.py runs `sqft serve`)
-# About 26 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
+#               packages (FastAPI, uvicorn, httpx, llguidance, jsonschema, ...: tests/gpu/test_gpu_service.py runs `sqft serve`;
+#               Pillow for the image tests)
+# About 36 MB: well under the 64 MiB a device call carries. Then run bench/gpu/device_run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -28,7 +29,7 @@ names = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "t
          "transformers", "fastapi", "starlette", "annotated-doc", "opentelemetry-api", "anyio", "sniffio", "idna",
          "uvicorn", "h11", "click", "python-multipart", "prometheus_client", "python-json-logger", "httpx",
          "httpcore", "certifi", "llguidance", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-         "attrs")
+         "attrs", "pillow")
 print(" ".join(f"{n}=={v(n)}" for n in names))')
 rm -f "$CARRY"/wheels/*.whl
 # The GPU image's Python is 3.12 (x86-64); see /work/.library/device/README.md.

@@ -4,7 +4,7 @@ A tiny Llama trains a few steps on the GPU and on the CPU from the same weights 
 agree (fp32 both, so only the kernels' summation order differs). What a GPU job saves opens on the
 CPU with stock peft; a sparse merge keeps every zero; Wanda calibrates on the GPU; and between
 logging points the training step never makes the host wait for the device (DPO jobs too); GPTQ
-quantizes on the GPU to weights that round alike on the CPU.
+quantizes on the GPU to weights that round alike on the CPU; a vision fine-tune trains on the GPU.
 """
 
 from __future__ import annotations
@@ -334,3 +334,26 @@ def test_a_reinforcement_job_samples_and_trains_on_cuda(model_dirs, tmp_path, me
     weights = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_a_vision_fine_tune_trains_on_cuda_as_on_the_cpu_and_loads_there(gpu_tokenizer_dir, tmp_path):
+    """Image records (training/images.py): the batch's pixels go to the GPU with it; the losses agree with
+    a CPU run's, and the adapter opens on the CPU with stock peft."""
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    from tests.helpers import write_jsonl
+    from tests.image_text import colour_records, save_image_text_model
+
+    vlm = save_image_text_model(tmp_path / "tiny-vlm", gpu_tokenizer_dir)
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(16))
+    curves = {}
+    for device in ("cpu", "cuda"):
+        sink = MemorySink()
+        run_training(_cfg(vlm, train, "lora", device, epochs=1), tmp_path / device, sink)
+        curves[device] = _losses(sink)
+    assert len(curves["cuda"]) == 4 and curves["cuda"][-1] < curves["cuda"][0]
+    torch.testing.assert_close(torch.tensor(curves["cuda"]), torch.tensor(curves["cpu"]), rtol=5e-3, atol=5e-3)
+    base = Gemma3ForConditionalGeneration.from_pretrained(vlm, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "cuda" / "adapter"))
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}

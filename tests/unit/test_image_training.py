@@ -6,6 +6,7 @@ what only the image tells."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sqft_service.evaluation import run_evaluation
 from sqft_service.inference.images import MAX_IMAGES, read_image
 from sqft_service.jobs.kinds import EvalCandidate, EvaluateParams
 from sqft_service.training.batching import Collator
+from sqft_service.training.device import device_batch
 from sqft_service.training.events import MemorySink
 from sqft_service.training.images import load_image_inputs
 from sqft_service.training.loss import causal_lm_loss
@@ -23,7 +25,7 @@ from sqft_service.training.records import DataValidationError, inspect_training_
 from sqft_service.training.tokenization import IGNORE_INDEX, tokenize_records
 from tests.helpers import write_jsonl
 from tests.image_text import COLOURS, colour_records, colour_url, image_data_url, image_record, save_image_text_model
-from tests.unit.test_recipe import losses, make_cfg, model_dir  # noqa: F401 (a fixture)
+from tests.unit.test_recipe import losses, make_cfg, model_dir, sqft_lora  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +132,11 @@ def test_a_batch_with_images_scores_as_transformers_scores_it(vlm_dir):
             **batch["media"],
         ).loss
         assert float(ours.loss_sum) / ours.n_labels == pytest.approx(float(theirs), rel=1e-5)
+        # As a GPU step takes it (training/device.py): label positions found on the host, and the 2-D mask
+        # left for Gemma 3 to build its image blocks from.
+        prepared = device_batch(dict(batch), torch.device("cpu"))
+        assert prepared["attention_mask"].dim() == 2 and "label_positions" in prepared
+        assert float(causal_lm_loss(model, prepared).loss_sum) == pytest.approx(float(ours.loss_sum), rel=1e-6)
         # The images reach the loss: another picture scores the same text differently.
         other = {**batch["media"], "pixel_values": batch["media"]["pixel_values"].flip(0)}
         moved = causal_lm_loss(model, {**batch, "media": other})
@@ -213,3 +220,15 @@ def test_media_of_a_batch_is_none_without_images(vlm_dir):
     examples = tokenize_records([record], images.processor.tokenizer, DatasetSection(), images=images).examples
     assert examples[0].images == () and examples[0].image_tokens is None
     assert "media" not in Collator(0, images=images)(examples)
+
+
+def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
+    """An NLS super-adapter with SparsePEFT and QA-SparsePEFT at once, on image records."""
+    groups = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(16))
+    sink = MemorySink()
+    cfg = make_cfg(vlm_dir, train, lora=sqft_lora(groups, group_size=32), epochs=2)
+    result = run_training(cfg, tmp_path / "out", sink)
+    curve = losses(sink)
+    assert result.steps == 8 and sum(curve[-2:]) < sum(curve[:2]), curve
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
