@@ -21,8 +21,18 @@ TEMPLATE = (
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
 
 
-def save_image_text_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
-    """A random ``Gemma3ForConditionalGeneration`` (28-pixel images as 4 tokens) with its processor at ``out``."""
+def save_image_text_model(
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    seed: int = 0,
+    text_shape: dict | None = None,
+    vision_shape: dict | None = None,
+    image_size: int = 28,
+    tokens_per_image: int = 4,
+) -> Path:
+    """A random ``Gemma3ForConditionalGeneration`` with its processor at ``out``: by default tiny, 28-pixel
+    images as 4 tokens; ``text_shape`` / ``vision_shape`` override the two configs' sizes (benchmarks)."""
     from transformers import (
         AutoTokenizer,
         Gemma3Config,
@@ -34,18 +44,18 @@ def save_image_text_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> P
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=IMAGE_TOKENS)
     tokenizer.chat_template = TEMPLATE
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    processor = Gemma3Processor(image_processor, tokenizer, chat_template=TEMPLATE, image_seq_length=4)
+    processor = Gemma3Processor(image_processor, tokenizer, chat_template=TEMPLATE, image_seq_length=tokens_per_image)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     text |= dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
     text |= dict(sliding_window=64, initializer_range=0.3, max_position_embeddings=512)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    vision |= dict(image_size=28, patch_size=14)
+    vision |= dict(image_size=image_size, patch_size=14)
     config = Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=4,
+        text_config=text | (text_shape or {}),
+        vision_config=vision | (vision_shape or {}),
+        mm_tokens_per_image=tokens_per_image,
         boi_token_index=tokenizer.boi_token_id,
         eoi_token_index=tokenizer.eoi_token_id,
         image_token_index=tokenizer.image_token_id,

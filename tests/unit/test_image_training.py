@@ -18,6 +18,7 @@ from sqft_service.jobs.kinds import EvalCandidate, EvaluateParams
 from sqft_service.training.batching import Collator
 from sqft_service.training.device import device_batch
 from sqft_service.training.events import MemorySink
+from sqft_service.training.image_features import cache_image_features
 from sqft_service.training.images import load_image_inputs
 from sqft_service.training.loss import causal_lm_loss
 from sqft_service.training.recipe import run_training
@@ -137,6 +138,16 @@ def test_a_batch_with_images_scores_as_transformers_scores_it(vlm_dir):
         prepared = device_batch(dict(batch), torch.device("cpu"))
         assert prepared["attention_mask"].dim() == 2 and "label_positions" in prepared
         assert float(causal_lm_loss(model, prepared).loss_sum) == pytest.approx(float(ours.loss_sum), rel=1e-6)
+        # Features computed once (training/image_features.py) score the batch as its pixels do.
+        off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+        assert cache_image_features(model, images, examples, torch.device("cpu"), off, budget=1).startswith(
+            "their features would take"
+        )
+        assert all(ex.image_features is None for ex in examples)
+        assert cache_image_features(model, images, examples, torch.device("cpu"), off) == (3, 3 * 4 * 32 * 4)
+        cached = Collator.from_config(tokenizer, DatasetSection(), pad_to_multiple_of=None, images=images)(examples)
+        assert set(cached["media"]) == {"image_features", "token_type_ids"}
+        assert float(causal_lm_loss(model, cached).loss_sum) == pytest.approx(float(ours.loss_sum), rel=1e-6)
         # The images reach the loss: another picture scores the same text differently.
         other = {**batch["media"], "pixel_values": batch["media"]["pixel_values"].flip(0)}
         moved = causal_lm_loss(model, {**batch, "media": other})
@@ -168,6 +179,7 @@ def test_training_on_images_learns_what_only_the_image_tells(vlm_dir, tmp_path):
     sink = MemorySink()
     result = run_training(cfg, tmp_path / "out", sink)
     assert any("images: 20 in the data" in text for _, text, _ in sink.messages)
+    assert any("image features of 20 images computed once" in text for _, text, _ in sink.messages)
     curve = losses(sink)
     assert sum(curve[-4:]) < 0.5 * sum(curve[:4]), curve
     accuracy = [row["train_accuracy"] for row in sink.metric_rows if "train_accuracy" in row]

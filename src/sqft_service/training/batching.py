@@ -58,7 +58,8 @@ class Collator:
     loss after the causal shift, ``labels[:, 1:] != -100``) and ``n_padded_tokens`` (the tensor
     size); pop the ints before calling the model. A batch with images (``images``: the model's
     :class:`~.images.ImageInputs`) also holds ``media``: the image inputs its model body takes
-    (``pixel_values``, and Gemma 3's ``token_type_ids``, 1 on image tokens).
+    (``pixel_values``, or the images' cached ``image_features``; and Gemma 3's ``token_type_ids``, 1 on
+    image tokens).
 
     Args:
         pad_token_id: Id written into padded positions of ``input_ids``.
@@ -130,7 +131,11 @@ class Collator:
 
         if self.images is None:
             raise ValueError("a batch with images needs the model's image inputs (Collator images=)")
-        media = self.images.model_inputs(examples)
+        with_images = [ex for ex in examples if ex.images]
+        if all(ex.image_features is not None for ex in with_images):  # computed once (training/image_features.py)
+            media = {"image_features": torch.cat([ex.image_features for ex in with_images])}
+        else:
+            media = self.images.model_inputs(examples)
         if self.images.token_types:
             types = torch.zeros((len(examples), width), dtype=torch.long)
             for row, ex in enumerate(examples):

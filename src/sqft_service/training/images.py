@@ -73,7 +73,14 @@ class ImageInputs:
         """The image inputs of a batch's examples (their images in order), e.g. ``pixel_values``."""
         import torch
 
-        def process(ex: TokenizedExample) -> dict[str, torch.Tensor]:
+        outputs = self.per_example(examples)
+        keys = outputs[0].keys() if outputs else ()
+        return {key: torch.cat([out[key] for out in outputs]) for key in keys}
+
+    def per_example(self, examples: Sequence[TokenizedExample]) -> list[dict[str, torch.Tensor]]:
+        """The image inputs of each example that has images, in order."""
+
+        def process(ex: TokenizedExample) -> dict[str, Any]:
             pictures = [read_image(image["url"]).convert("RGB") for image in ex.images]
             options = {"do_pan_and_scan": True} if ex.high_detail else {}
             out = self.processor.image_processor(pictures, return_tensors="pt", **options)
@@ -84,11 +91,8 @@ class ImageInputs:
         if len(with_images) > 1 and self.workers > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sqft-images")
-            outputs = list(self._pool.map(process, with_images))
-        else:
-            outputs = [process(ex) for ex in with_images]
-        keys = outputs[0].keys() if outputs else ()
-        return {key: torch.cat([out[key] for out in outputs]) for key in keys}
+            return list(self._pool.map(process, with_images))
+        return [process(ex) for ex in with_images]
 
 
 def load_image_inputs(model_dir: str, *, trust_remote_code: bool, token: str | None) -> ImageInputs:

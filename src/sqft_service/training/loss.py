@@ -112,7 +112,12 @@ def label_token_losses(
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     if "media" in batch:  # images (training/images.py): the image-text body puts their features in
-        hidden = lm.base_model(**kwargs, **batch["media"], use_cache=False).last_hidden_state
+        media = dict(batch["media"])
+        if "image_features" in media:  # computed once (training/image_features.py)
+            from .image_features import encoder_outputs
+
+            media["mm_encoder_outputs"] = encoder_outputs(media.pop("image_features"))
+        hidden = lm.base_model(**kwargs, **media, use_cache=False).last_hidden_state
     else:
         hidden = decoder(**kwargs, use_cache=False).last_hidden_state
     if "label_positions" in batch:

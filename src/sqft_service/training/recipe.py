@@ -40,6 +40,7 @@ from .device import describe_device, device_batch, resolve_device
 from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
+from .image_features import cache_image_features
 from .images import ImageInputs, load_image_inputs
 from .loss import LossOutput, causal_lm_loss
 from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
@@ -184,6 +185,8 @@ class FinetuneRecipe:
             )
         self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
         self._place_model()
+        if self.images is not None:
+            self._cache_image_features()
         if cfg.Training.torch_compile:
             n_layers = compile_decoder_layers(self.model)
             self.sink.message(f"torch.compile: {n_layers} decoder layers (dynamic shapes); the first steps compile")
@@ -306,6 +309,20 @@ class FinetuneRecipe:
         load = self.cfg.General.config
         self.images = load_image_inputs(self.model_dir, trust_remote_code=load.trust_remote_code, token=load.token)
         self.sink.message(f"images: {n_images} in the data, read by the model's {type(self.images.processor).__name__}")
+
+    def _cache_image_features(self) -> None:
+        """The images' features once, the vision tower being frozen (``training/image_features.py``)."""
+        t0 = time.perf_counter()
+        examples = [*self.train_examples, *self.eval_examples]
+        cached = cache_image_features(self.model, self.images, examples, self.device, self._autocast)
+        if isinstance(cached, str):
+            self.sink.message(f"image features computed every batch: {cached}")
+            return
+        n_images, size = cached
+        self.sink.message(
+            f"image features of {n_images} images computed once in {time.perf_counter() - t0:.1f} s "
+            f"({size / 2**20:.0f} MiB kept): the vision tower is frozen, so no batch reads its pixels again"
+        )
 
     def _check_format(self, records: list[dict], param: str) -> None:
         """Each method takes its record formats (``records.METHOD_FORMATS``; the API checks it first)."""

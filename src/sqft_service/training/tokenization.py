@@ -32,10 +32,11 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     # A record with images (training/images.py): their ``image_url`` objects in order, whether they are
-    # read in high detail, and a flag per token, 1 where an image's features go.
+    # read in high detail, a flag per token (1 where an image's features go), and the features once cached.
     images: tuple[dict[str, Any], ...] = ()
     high_detail: bool = False
     image_tokens: list[int] | None = None
+    image_features: Any = None  # the images' features, once computed (training/image_features.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)

