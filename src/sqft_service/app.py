@@ -122,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = validation_error_to_service_error(list(exc.errors()))
+        err = validation_error_to_service_error(list(exc.errors()), exc.body)
         return JSONResponse(status_code=err.status_code, content=err.to_dict())
 
     @app.exception_handler(StarletteHTTPException)

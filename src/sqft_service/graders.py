@@ -222,15 +222,46 @@ def judge_request(grader: dict[str, Any], messages: list[dict[str, str]]) -> dic
     return body
 
 
+def content_templates(content: Any) -> list[tuple[str, str]]:
+    """``(where, template)`` of a template message's content: text, one part or a list of parts
+    (``input_text``'s ``text``, ``input_image``'s ``image_url``); ``where`` suffixes its param."""
+    if isinstance(content, str):
+        return [("", content)]
+    parts = [("", content)] if isinstance(content, dict) else [(f"[{k}]", part) for k, part in enumerate(content)]
+    return [
+        (f"{at}.text", part["text"]) if part["type"] == "input_text" else (f"{at}.image_url", part["image_url"])
+        for at, part in parts
+    ]
+
+
+def render_content(content: Any, item: dict[str, Any], sample: dict[str, Any] | None) -> Any:
+    """A template message's content filled in, as chat takes it: text, or (with images) chat content parts."""
+    if isinstance(content, str):
+        return render(content, item, sample)
+    parts = [content] if isinstance(content, dict) else content
+    if all(part["type"] == "input_text" for part in parts):
+        return "".join(render(part["text"], item, sample) for part in parts)
+    return [
+        {"type": "text", "text": render(part["text"], item, sample)}
+        if part["type"] == "input_text"
+        else {
+            "type": "image_url",
+            "image_url": {"url": render(part["image_url"], item, sample), "detail": part.get("detail", "auto")},
+        }
+        for part in parts
+    ]
+
+
 def render_messages(
     messages: list[dict[str, Any]], item: dict[str, Any], sample: dict[str, Any] | None
-) -> list[dict[str, str]]:
-    """Template messages (a run's ``input_messages``, a judge's ``input``) filled with the row and sample.
+) -> list[dict[str, Any]]:
+    """Template messages (a run's ``input_messages``, a judge's ``input``) filled with the row and sample;
+    content with ``input_image`` parts becomes chat's ``image_url`` parts (for image-text models).
 
     Raises:
         TemplateVariableError: a template reads a field the row or the sample does not have.
     """
-    return [{"role": m["role"], "content": render(m["content"], item, sample)} for m in messages]
+    return [{"role": m["role"], "content": render_content(m["content"], item, sample)} for m in messages]
 
 
 def model_verdict(grader: dict[str, Any], answer: str) -> tuple[float, bool, Any]:

@@ -246,7 +246,7 @@ def test_a_responses_run_samples_as_the_responses_api_answers(served):
         ({**FUZZY, "evaluation_metric": "meteor"}, "testing_criteria[0]", "WordNet"),
         ({**EXACT, "input": "{{ sample.output_text "}, "testing_criteria[0].input", "does not parse"),
         ({**EXACT, "reference": "{{ os.environ }}"}, "testing_criteria[0].reference", "`os`"),
-        ({**EXACT, "operation": "regex"}, "testing_criteria.0.string_check.operation", "eq"),
+        ({**EXACT, "operation": "regex"}, "testing_criteria[0].operation", "eq"),
         (JUDGE_NOWHERE, "testing_criteria[0].model", "nope/nothing"),
     ],
 )
@@ -562,7 +562,7 @@ def test_the_graders_api_runs_a_multi_grader_by_its_formula(served, tiny_model_d
     assert resp.json()["reward"] == pytest.approx(0.2), resp.text
 
 
-CALC = "grader.multi.calculate_output"
+CALC = "grader.calculate_output"
 AT = "grader.graders"
 
 
@@ -572,12 +572,12 @@ AT = "grader.graders"
         ({**MULTI, "calculate_output": "exact + close"}, CALC, "reads `close`, which is not one of `graders`"),
         ({**MULTI, "calculate_output": "exact.real"}, CALC, "not `exact.real`"),
         ({**MULTI, "calculate_output": "open('x')"}, CALC, "`open(…)` is not a function"),
-        ({**MULTI, "graders": {"my grader": EXACT}}, "grader.multi.graders", "'my grader' is not a name a formula"),
+        ({**MULTI, "graders": {"my grader": EXACT}}, AT, "'my grader' is not a name a formula"),
         ({**MULTI, "graders": {"p": {"type": "python", "source": "x"}}}, "grader.graders.p.type", "run the client"),
         ({**MULTI, "graders": {"m": MULTI}}, "grader.graders.m.type", "not multi graders"),
         ({**MULTI, "graders": {"j": JUDGE_NOWHERE}, "calculate_output": "j"}, "grader.graders.j.model", "nope"),
         ({**MULTI, "graders": {"e": {**EXACT, "input": "{{ x }}"}}, "calculate_output": "e"}, f"{AT}.e.input", "`x`"),
-        ({**MULTI, "graders": {}}, "grader.multi.graders", "at least 1"),
+        ({**MULTI, "graders": {}}, AT, "at least 1"),
     ],
 )
 def test_a_bad_multi_grader_is_refused_naming_its_field(served, grader, param, needle):

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from sqft_service.app import create_app
 from sqft_service.inference.images import read_image
-from tests.helpers import CHAT, write_jsonl
+from tests.helpers import CHAT, wait_until, write_jsonl
 from tests.image_text import (
     COLOUR_QUESTION,
     COLOURS,
@@ -183,6 +183,86 @@ def test_the_sdk_fine_tunes_on_images_and_the_model_answers_from_the_picture(sdk
             model=done.fine_tuned_model, messages=[{"role": "user", "content": content}], max_tokens=1, temperature=0
         )
         assert answer.choices[0].message.content == name
+
+    # The Evals API compares what was trained: a template with an `input_image` part read from each row,
+    # graded by exact match and by a judge that is itself shown the picture (the base model).
+    rows = [{"item": {"image_url": colour_url(COLOURS[n], 300 + i), "answer": n}} for i, n in enumerate(COLOURS)]
+    judge = {
+        "type": "label_model",
+        "name": "judge",
+        "model": vlm,
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Is this picture {{ sample.output_text }}?"},
+                    {"type": "input_image", "image_url": "{{ item.image_url }}"},
+                ],
+            },
+        ],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+    }
+    exact = {
+        "type": "string_check",
+        "name": "exact",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "operation": "eq",
+    }
+    schema = {"type": "object", "properties": {"image_url": {"type": "string"}, "answer": {"type": "string"}}}
+    ev = sdk.evals.create(
+        name="colours",
+        data_source_config={"type": "custom", "item_schema": schema, "include_sample_schema": True},
+        testing_criteria=[exact, judge],
+    )
+    template = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": COLOUR_QUESTION},
+                {"type": "input_image", "image_url": "{{ item.image_url }}"},
+            ],
+        }
+    ]
+    run = sdk.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "completions",
+            "model": done.fine_tuned_model,
+            "input_messages": {"type": "template", "template": template},
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 1},
+            "source": {"type": "file_content", "content": rows},
+        },
+    )
+    ended = wait_until(
+        lambda: (r := sdk.evals.runs.retrieve(run.id, eval_id=ev.id)).status in ("completed", "failed") and r,
+        120,
+        what="the eval run",
+    )
+    assert ended.status == "completed", ended.error
+    assert ended.result_counts.errored == 0
+    items = list(sdk.evals.runs.output_items.list(run.id, eval_id=ev.id))
+    for item in items:
+        assert item.sample.input[0].content == COLOUR_QUESTION + "[image]"
+        assert item.sample.output[0].content == item.datasource_item["answer"]
+        verdict = next(r for r in item.results if r.name == "judge")
+        assert verdict.sample["model"] == vlm and verdict.result in ("yes", "no")
+    by_name = {r.testing_criteria: r for r in ended.per_testing_criteria_results}
+    assert by_name["exact"].passed == 2 and by_name["exact"].failed == 0
+    # A template part that is not one of OpenAI's is a 400 naming it.
+    bad = [{"role": "user", "content": [{"type": "input_audio", "data": "x"}]}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.evals.runs.create(
+            ev.id,
+            data_source={
+                "type": "completions",
+                "model": done.fine_tuned_model,
+                "input_messages": {"type": "template", "template": bad},
+                "source": {"type": "file_content", "content": rows},
+            },
+        )
+    assert refused.value.body["param"].startswith("data_source.input_messages.template[0].content")
 
     # An upload whose image the service cannot take is a 400 naming the line; nothing is kept.
     records = [*colour_records(1), image_record(["https://example.com/red.png"], "red")]

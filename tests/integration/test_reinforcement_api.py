@@ -143,7 +143,7 @@ def _multi(graders: dict) -> dict:
         ({"method": None}, "training_file", "holds prompt records; a supervised job needs Alpaca or chat records"),
         ({"method": {"type": "reinforcement", "dpo": {}}}, "method", "`method.dpo` given with `method.type`"),
         ({"method": _grader(reference="{{ row.answer }}")}, "method.reinforcement.grader.reference", "row"),
-        ({"method": _grader(operation="contains")}, "method.reinforcement.grader.string_check.operation", "'eq'"),
+        ({"method": _grader(operation="contains")}, "method.reinforcement.grader.operation", "'eq'"),
         (
             {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}},
             "method.reinforcement.grader.type",
@@ -171,7 +171,7 @@ def _multi(graders: dict) -> dict:
         ),
         (
             {"method": {"type": "reinforcement", "reinforcement": {"grader": {**MULTI, "calculate_output": "x"}}}},
-            "method.reinforcement.grader.multi.calculate_output",
+            "method.reinforcement.grader.calculate_output",
             "the formula reads `x`, which is not one of `graders` (exact, close)",
         ),
         (

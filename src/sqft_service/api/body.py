@@ -39,25 +39,46 @@ def validate_body(model: type[BaseModel], payload: Any) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        raise validation_error_to_service_error(exc.errors()) from None
+        raise validation_error_to_service_error(exc.errors(), payload) from None
 
 
-def _loc(loc: tuple | list) -> str:
+_UNSEEN = object()  # no payload to walk beside the location
+
+
+def _loc(loc: tuple | list, payload: Any = _UNSEEN, kind: str = "") -> str:
     """A pydantic location as the request names the field: ``messages[0].content[1].image_url``. A union's
     branch labels (``list[tagged-union[...]]``, ``function-after[...]``) are not fields, nor the tag a
-    tagged union adds after its position (``image_url`` for a ``{"type": "image_url"}`` part)."""
+    tagged union adds where it reaches the value (``image_url`` for a ``{"type": "image_url"}`` part,
+    ``completions`` for a ``{"type": "completions"}`` data source). Walking ``payload`` (the body as
+    sent) beside the location tells a tag from a field of the same name (``kind``: the error's type; a
+    ``missing`` field is the location's last part, never a tag)."""
     out, tagged = "", False
-    for part in (str(p) for p in loc if p not in ("body", "query", "path")):
+    node, arrived = payload, True  # the value the location has reached; just reached
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    for k, part in enumerate(parts):
         if "[" in part:
             tagged = tagged or "tagged-union[" in part
             continue
         if part.isdigit():
             out += f"[{part}]"
+            node = node[int(part)] if isinstance(node, list) and int(part) < len(node) else _UNSEEN
+            arrived = True
             continue
-        if tagged:  # the tag itself
+        after = parts[k + 1] if k + 1 < len(parts) else None
+        if (
+            isinstance(node, dict)
+            and arrived
+            and node.get("type") == part
+            and (after == part or (part not in node and (after is not None or kind != "missing")))
+        ):
+            tagged = arrived = False  # the tag: the object's own "type", then a field of that name or another
+            continue
+        if tagged and node is _UNSEEN:  # the tag, known only from the label before it
             tagged = False
             continue
+        tagged = False
         out += f".{part}" if out else part
+        node, arrived = (node.get(part, _UNSEEN) if isinstance(node, dict) else _UNSEEN), True
     return out
 
 
@@ -76,10 +97,11 @@ def _chosen(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(within, key=lambda e: (len(e.get("loc", ())), e.get("type") not in _KIND))
 
 
-def validation_error_to_service_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
-    """The first pydantic error (``_chosen``) as a message that names the field (unknown keys too)."""
+def validation_error_to_service_error(errors: list[dict[str, Any]], payload: Any = _UNSEEN) -> InvalidRequestError:
+    """The first pydantic error (``_chosen``) as a message that names the field (unknown keys too);
+    ``payload``: the body validated, to tell tagged unions' tags from fields (``_loc``)."""
     first = _chosen(errors)
-    param = _loc(first.get("loc", ())) or None
+    param = _loc(first.get("loc", ()), payload, first.get("type", "")) or None
     kind = first.get("type", "")
     msg = first.get("msg", "invalid value")
     if kind == "json_invalid":  # FastAPI's own body parsing; its loc ("body", 0) names no field

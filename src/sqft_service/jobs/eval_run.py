@@ -318,4 +318,9 @@ def _calls(message: dict[str, Any]) -> dict[str, Any]:
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") in ("text", "image_url") for p in content
+    ):
+        # A message with images: its text, each image as "[image]" (the row's item keeps its URL).
+        return "".join(p["text"] if p["type"] == "text" else "[image]" for p in content)
     return json.dumps(content) if content is not None else ""

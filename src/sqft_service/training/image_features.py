@@ -76,10 +76,13 @@ def cache_image_features(
             batch = {key: torch.cat([x[key] for x in inputs]).to(device) for key in inputs[0]}
             with autocast():
                 features = body.get_image_features(**batch).pooler_output
-            for ex, part in zip(chunk, features.split(counts), strict=True):
-                if part.shape[0] * part.shape[1] != sum(ex.image_tokens or ()):
-                    _forget(with_images)
-                    return "the tower's features do not match the image tokens one for one"
+            parts = features.split(counts) if features.dim() == 3 and features.shape[0] == sum(counts) else None
+            if parts is None or any(
+                p.shape[0] * p.shape[1] != sum(ex.image_tokens or ()) for ex, p in zip(chunk, parts, strict=True)
+            ):
+                _forget(with_images)  # a tower whose features are laid out otherwise (per patch, flattened)
+                return "the tower's features do not match the image tokens one for one"
+            for ex, part in zip(chunk, parts, strict=True):
                 ex.image_features = part.to("cpu", copy=True)
             done += len(chunk)
     finally:

@@ -31,6 +31,7 @@ from ..graders import (
     MULTI,
     GradingError,
     combine,
+    content_templates,
     grade,
     judge_request,
     model_verdict,
@@ -107,7 +108,11 @@ def grader_templates(grader: dict[str, Any]) -> list[tuple[str, str]]:
     if grader["type"] == MULTI:
         return [(f"graders.{key}.{w}", t) for key, g in grader["graders"].items() for w, t in grader_templates(g)]
     if grader["type"] in MODEL_GRADERS:
-        return [(f"input[{j}].content", m["content"]) for j, m in enumerate(grader["input"])]
+        return [
+            (f"input[{j}].content{where}", text)
+            for j, m in enumerate(grader["input"])
+            for where, text in content_templates(m["content"])
+        ]
     return [("input", grader["input"]), ("reference", grader["reference"])]
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ... import graders
 from ...errors import UserError
 from ...grader_formula import FUNCTIONS, MAX_FORMULA_CHARS, NAME, FormulaError, formula_names
 from ...graders import MODEL_GRADERS, MULTI, SIMILARITY_METRICS, UNOFFERED_METRICS, check_template
@@ -104,10 +105,38 @@ class TextSimilarityGrader(_Strict):
         return self
 
 
+class InputTextPart(_Strict):
+    type: Literal["input_text"]
+    text: Template
+
+
+class InputImagePart(_Strict):
+    """An image for an image-text model: a base64 ``data:`` URL, or a template that gives one from the row
+    (``{{ item.image_url }}``); read when the row is answered (``inference/images.py``)."""
+
+    type: Literal["input_image"]
+    image_url: Template
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+TemplatePart = Annotated[InputTextPart | InputImagePart, Field(discriminator="type")]
+# A template message's content: text, one part, or parts (OpenAI's eval item content).
+TemplateContent = Template | TemplatePart | Annotated[list[TemplatePart], Field(min_length=1, max_length=64)]
+
+
+def content_templates(content: Any) -> list[tuple[str, str]]:
+    """``(where, template)`` of a template message's content (``graders.content_templates``)."""
+    if isinstance(content, BaseModel):
+        content = content.model_dump()
+    elif isinstance(content, list):
+        content = [part.model_dump() if isinstance(part, BaseModel) else part for part in content]
+    return graders.content_templates(content)
+
+
 class GraderMessage(_Strict):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: Template
+    content: TemplateContent
 
 
 class GraderSampling(_Strict):
@@ -204,7 +233,11 @@ def grader_templates(at: str, grader: Any) -> list[tuple[str, str]]:
     if grader.type == MULTI:
         return [t for key, g in grader.graders.items() for t in grader_templates(f"{at}.graders.{key}", g)]
     if grader.type in MODEL_GRADERS:
-        return [(f"{at}.input[{j}].content", m.content) for j, m in enumerate(grader.input)]
+        return [
+            (f"{at}.input[{j}].content{where}", text)
+            for j, m in enumerate(grader.input)
+            for where, text in content_templates(m.content)
+        ]
     return [(f"{at}.input", grader.input), (f"{at}.reference", grader.reference)]
 
 
@@ -331,7 +364,7 @@ CompletionsSource = Annotated[FileContentSource | FileIdSource | StoredCompletio
 class TemplateMessage(_Strict):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: Template
+    content: TemplateContent
 
 
 class TemplateInput(_Strict):

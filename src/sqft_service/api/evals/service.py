@@ -48,6 +48,7 @@ from .protocol import (
     RunObject,
     StoredCompletionsSource,
     UpdateEvalRequest,
+    content_templates,
 )
 
 STORED_ROWS = "stored_rows.jsonl"  # a stored_completions source's rows, as selected when the run was created
@@ -193,10 +194,11 @@ class EvalService:
     def _check_sampling(self, ds: CompletionsDataSource | ResponsesDataSource) -> None:
         if ds.input_messages is not None and ds.input_messages.type == "template":
             for j, message in enumerate(ds.input_messages.template):
-                param = f"data_source.input_messages.template[{j}].content"
-                check_template(message.content, param)
-                if "sample" in template_names(message.content):
-                    raise InvalidRequestError("the messages a model is asked can't read `sample`", param=param)
+                for where, text in content_templates(message.content):
+                    param = f"data_source.input_messages.template[{j}].content{where}"
+                    check_template(text, param)
+                    if "sample" in template_names(text):
+                        raise InvalidRequestError("the messages a model is asked can't read `sample`", param=param)
         try:  # checked as chat/completions checks them: a schema or tool it can't hold is a 400 now
             ChatCompletionRequest.model_validate(
                 {"model": ds.model, "messages": [{"role": "user", "content": "-"}], **ds.chat_sampling()}
@@ -373,7 +375,11 @@ def _reads(criteria: list[dict[str, Any]], name: str) -> bool:
     for grader in criteria:
         for key in ("input", "reference"):
             value = grader.get(key)
-            texts += [value] if isinstance(value, str) else [m["content"] for m in value or []]
+            texts += (
+                [value]
+                if isinstance(value, str)
+                else [t for m in value or [] for _, t in content_templates(m["content"])]
+            )
     return any(name in template_names(text) for text in texts)
 
 
