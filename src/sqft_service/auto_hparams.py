@@ -15,8 +15,10 @@ Torch-free: the API resolves a job's configuration with it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .training.tokenization import held_out_count  # torch-free, as this module must stay
@@ -120,3 +122,39 @@ def _optimizer_steps(cfg: FinetuneConfig, n_examples: int) -> int:
     per_step = t.batch_size * t.gradient_accumulation_steps * t.num_training_workers
     steps = math.ceil(max(n_examples, 1) / per_step) * t.epochs
     return min(steps, t.max_train_steps or steps)
+
+
+# Tokens around an image's own in a prompt (Gemma 3 writes "\n\n<start_of_image>", then "<end_of_image>\n\n").
+IMAGE_MARGIN_TOKENS = 8
+
+
+def image_tokens(model_dir: str | None) -> int | None:
+    """Tokens one image takes in a prompt of an image-text model directory (Gemma 3: ``mm_tokens_per_image``,
+    256), from its ``config.json`` or processor settings; None when the directory does not say."""
+    if not model_dir or not Path(model_dir).is_dir():
+        return None
+    for name, key in (("config.json", "mm_tokens_per_image"), ("processor_config.json", "image_seq_length")):
+        try:
+            value = json.loads((Path(model_dir) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_images(dataset: DatasetSection, max_images: int, per_image: int, sent: set[str] | None = None) -> list[str]:
+    """Raise the length limits the client left unset (``sent``: the ``Dataset`` fields it sent, by default
+    ``dataset.model_fields_set``) so that a record with ``max_images`` images of ``per_image`` tokens keeps
+    the text room the defaults give; the changes, said."""
+    need = max_images * (per_image + IMAGE_MARGIN_TOKENS)
+    unset = {"max_source_length", "max_length"} - (dataset.model_fields_set if sent is None else sent)
+    said = []
+    for name in ("max_source_length", "max_length"):
+        default = type(dataset).model_fields[name].default
+        if name in unset and getattr(dataset, name) < default + need:
+            setattr(dataset, name, default + need)
+            said.append(f"`Dataset.{name}` {default + need}")
+    if "max_source_length" in unset and dataset.max_source_length > dataset.max_length:
+        dataset.max_source_length = dataset.max_length  # within the client's own max_length
+    return said

@@ -171,9 +171,17 @@ def test_the_sdk_fine_tunes_on_images_and_the_model_answers_from_the_picture(sdk
     job = sdk.fine_tuning.jobs.create(model=vlm, training_file=uploaded.id, extra_body=body)
     done = sdk_job_end(sdk, job.id)
     assert done.status == "succeeded", done.error
-    events = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    events = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100)]  # every page
     assert any("images: 16 in the data" in m for m in events), events
     assert any(m.endswith("(16 records, 16 images)") for m in events), events
+    # The length limits left unset grew to fit an image (4 tokens in this tiny model) beside the default text room.
+    assert any(
+        m.startswith(
+            "`Dataset.max_source_length` 396 and `Dataset.max_length` 524: "
+            "the records hold up to 1 image(s) of 4 tokens"
+        )
+        for m in events
+    ), events
     for seed, name in enumerate(COLOURS, start=200):
         content = [
             {"type": "text", "text": COLOUR_QUESTION},

@@ -150,3 +150,23 @@ def test_a_multiplier_past_the_bound_still_names_the_openai_field():
     with pytest.raises(InvalidConfigurationError) as err:
         resolve({"hyperparameters": {"learning_rate_multiplier": 1e5}})
     assert err.value.param == "hyperparameters.learning_rate_multiplier"
+
+
+def test_length_limits_left_unset_grow_to_fit_the_records_images(tmp_path):
+    """Two 256-token images a record (Gemma 3's): the defaults' text room kept beside them; a limit the client
+    sent stays, and the source limit stays within the client's own max_length."""
+    from sqft_service.config import DatasetSection
+
+    unset = DatasetSection()
+    said = auto_hparams.fit_images(unset, max_images=2, per_image=256)
+    assert (unset.max_source_length, unset.max_length) == (384 + 528, 512 + 528)
+    assert said == ["`Dataset.max_source_length` 912", "`Dataset.max_length` 1040"]
+    capped = DatasetSection.model_validate({"max_length": 600})
+    assert auto_hparams.fit_images(capped, max_images=2, per_image=256) == ["`Dataset.max_source_length` 912"]
+    assert (capped.max_source_length, capped.max_length) == (600, 600)
+    sent = DatasetSection.model_validate({"max_length": 600, "max_source_length": 100})
+    assert auto_hparams.fit_images(sent, max_images=2, per_image=256) == []
+    assert (sent.max_source_length, sent.max_length) == (100, 600)
+    (tmp_path / "config.json").write_text(json.dumps({"mm_tokens_per_image": 256}))
+    assert auto_hparams.image_tokens(str(tmp_path)) == 256
+    assert auto_hparams.image_tokens(str(tmp_path / "nothing")) is None

@@ -94,6 +94,7 @@ class FileStats:
     n_records: int
     n_lines: int
     n_images: int = 0  # image parts in chat records (for image-text models)
+    max_images: int = 0  # the most images one record holds
 
 
 def json_type(value: Any) -> str:
@@ -541,8 +542,8 @@ def inspect_training_file(path: str | Path, *, max_bytes: int | None = None) -> 
             with a missing or mistyped field, or records of both formats.
     """
     fmt, records, n_lines = _parse_file(path, max_bytes)
-    n_images = sum(len(record_images(rec)) for rec in records) if fmt == "chat" else 0
-    return FileStats(format=fmt, n_records=len(records), n_lines=n_lines, n_images=n_images)
+    counts = [len(record_images(rec)) for rec in records] if fmt == "chat" else [0]
+    return FileStats(format=fmt, n_records=len(records), n_lines=n_lines, n_images=sum(counts), max_images=max(counts))
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:

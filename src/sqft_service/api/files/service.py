@@ -94,6 +94,8 @@ class FileService:
                         f"invalid training file '{name}': {exc.message}", param="file", code="invalid_file"
                     ) from exc
                 meta = {"format": stats.format, "n_records": stats.n_records, "n_images": stats.n_images}
+                if stats.max_images:
+                    meta["max_images"] = stats.max_images
             return self.store.add(
                 filename=name,
                 purpose=purpose,

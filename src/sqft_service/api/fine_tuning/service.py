@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from ... import auto_hparams
 from ...config import (
     DatasetSection,
     FinetuneConfig,
@@ -127,6 +128,13 @@ class FineTuningService:
             seed=seed,
             n_training_records=_n_records(training),
         )
+        fitted = _fit_images(
+            cfg,
+            req.Dataset.model_fields_set,
+            training,
+            validation,
+            parent_dir or (parent.base_model if parent else model),
+        )
         if parent_dir is not None:
             cfg.General.base_model = parent_dir
             cfg.General.parent = parent
@@ -157,6 +165,8 @@ class FineTuningService:
                 f"General.output_dir {requested_output!r} ignored: outputs are kept in {cfg.General.output_dir}",
                 level="warn",
             )
+        if fitted:
+            self.events.add_event(job_id, fitted)
         self.events.add_event(
             job_id,
             f"Validated training file: {training.filename} ({training.meta.get('n_records', '?')} records"
@@ -275,6 +285,24 @@ class FineTuningService:
 
     def log_path(self, job_id: str) -> Path:
         return JobManager.workspace(self.get(job_id)).log
+
+
+def _fit_images(
+    cfg: FinetuneConfig, sent: set[str], training: FileRecord, validation: FileRecord | None, model_dir: str
+) -> str:
+    """Length limits the client left unset (not in ``sent``), raised so that the records' images fit
+    (``auto_hparams.fit_images``); what was raised, said for the job's events ("" when nothing was)."""
+    most = max(int(r.meta.get("max_images") or 0) for r in (training, validation) if r is not None)
+    per_image = auto_hparams.image_tokens(model_dir) if most else None
+    if not per_image:
+        return ""
+    said = auto_hparams.fit_images(cfg.Dataset, most, per_image, sent)
+    if not said:
+        return ""
+    return (
+        f"{' and '.join(said)}: the records hold up to {most} image(s) of {per_image} tokens each "
+        "(limits left unset are raised to fit them)"
+    )
 
 
 def _n_records(training: FileRecord) -> int:
