@@ -74,6 +74,26 @@ def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine)
     assert answers[0] != answers[1]  # the image, not only the text, decides the answer
 
 
+def test_image_prompts_generated_together_answer_as_each_alone(vlm_dir, engine):
+    """A batch's rows (``generate_together``, batch jobs and eval runs): prompts with one image, two images
+    or none, of different lengths, left-padded into one generation, each answered as it is alone."""
+    spec = ModelSpec("vlm", str(vlm_dir))
+    two = _messages(image_data_url(6), "Compare:")
+    two[0]["content"].append(_messages(image_data_url(7))[0]["content"][1])
+    conversations = [
+        _messages(image_data_url(5)),
+        [{"role": "user", "content": "No picture, a longer question than the others have."}],
+        two,
+        _messages(image_data_url(8), "Short?"),
+    ]
+    prompts = [engine.prepare(spec, chat_renderer(spec, m))[0] for m in conversations]
+    samplings = [Sampling(6, temperature=0.0) for _ in prompts]
+    together = engine.generate_together(spec, prompts, samplings)
+    alone = [engine.generate(spec, ids, Sampling(6, temperature=0.0))[0] for ids in prompts]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert len({c.text for c in alone}) > 1  # the rows differ: each kept its own image
+
+
 def test_every_copy_of_a_sampled_request_sees_its_image(vlm_dir, engine):
     """n rows drawn from one image prompt: each row's image inputs are its own copy (a cold temperature
     makes every draw the greedy token, so each row must be the greedy answer)."""

@@ -325,7 +325,6 @@ class InferenceEngine:
         from .draw import TokenDraw
         from .greedy import greedy_tokens
 
-        assert all(media_of(p) is None for p in prompts)  # a prompt with images is answered alone
         assert all(
             (s.greedy or s.seed is None)
             and s.n == 1

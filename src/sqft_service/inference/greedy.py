@@ -63,12 +63,12 @@ def greedy_tokens(
     def generate(batch: Sequence[int]) -> None:
         input_ids, mask = (t.to(device) for t in left_padded([prompts[i] for i in batch], pad))
         width = input_ids.shape[1]
-        media = media_of(prompts[batch[0]]) if len(batch) == 1 else None
+        media = batch_media([prompts[i] for i in batch], width)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
-                **{key: value.to(device) for key, value in (media or {}).items()},
+                **{key: value.to(device) for key, value in media.items()},
                 max_new_tokens=max(max_new_tokens[i] for i in batch),
                 **GREEDY,
                 pad_token_id=pad,
@@ -78,9 +78,27 @@ def greedy_tokens(
         for i, row in zip(batch, out[:, width:].tolist(), strict=True):
             rows[i] = row
 
-    # A prompt with images (inference/images.py) is generated alone: its image inputs are its own.
-    for i in (i for i, prompt in enumerate(prompts) if media_of(prompt) is not None):
-        generate([i])
-    order = sorted((i for i, prompt in enumerate(prompts) if media_of(prompt) is None), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     in_fitting_batches(order, batch_size, generate, device)
     return rows
+
+
+def batch_media(prompts: Sequence[list[int]], width: int) -> dict[str, Any]:
+    """The image inputs of left-padded prompts (``inference/images.py``), as one ``generate()`` takes them:
+    per-image inputs (``pixel_values``) in row order, per-token ones (``token_type_ids``) padded on the left
+    with zeros like the rows; {} when no prompt has images."""
+    import torch
+
+    media = [media_of(p) or {} for p in prompts]
+    keys = {key for m in media for key in m}
+    out = {}
+    for key in keys:
+        if key.endswith("token_type_ids"):
+            rows = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, (prompt, m) in enumerate(zip(prompts, media, strict=True)):
+                if key in m:
+                    rows[row, width - len(prompt) :] = m[key].reshape(-1)
+            out[key] = rows
+        else:
+            out[key] = torch.cat([m[key] for m in media if key in m])
+    return out

@@ -239,10 +239,9 @@ def _together(req: ChatCompletionRequest | CompletionRequest) -> bool:
     """Whether a request is answered in a batched generation: one choice of some tokens, greedy or
     unseeded (a seed's draws must repeat, and a batch draws for all its rows at once), no
     log-probabilities, echo, penalties or biases (``generate_together`` does none; it holds each row to
-    its structured output or required call, and draws at its temperature and top-p), no images (their
-    prompts run with the images' inputs, alone)."""
+    its structured output or required call, and draws at its temperature and top-p); rows with images
+    go together too, their images' inputs in row order (``inference/greedy.batch_media``)."""
     plain = req.scored is None and not getattr(req, "echo", False) and req.max_tokens != 0
-    plain = plain and not getattr(req, "has_images", False)
     plain = plain and not (req.presence_penalty or req.frequency_penalty or req.biases)
     return plain and (req.temperature == 0 or req.seed is None) and req.n == 1
 

@@ -343,10 +343,6 @@ class ChatCompletionRequest(_Sampling):
             return None
         return CallParser(frozenset(t.function.name for t in self.tools), self.parallel_tool_calls)
 
-    @property
-    def has_images(self) -> bool:
-        return any(m.images for m in self.messages)
-
     def conversation(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """The messages and the tools (OpenAI's chat form) the prompt is rendered from."""
         return [m.as_dict() for m in self.messages], [t.model_dump() for t in self.tools] if self.tools else None
