@@ -70,6 +70,50 @@ def save_image_text_model(
     return out
 
 
+def save_llava_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A random ``LlavaForConditionalGeneration`` (a CLIP tower, a Llama decoder; 28-pixel images as 4
+    tokens, ``<image>`` in the template) with its processor at ``out``: an image-text model that
+    ``AutoModelForCausalLM`` does not load."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<image>"})
+    template = TEMPLATE.replace("<start_of_image>", "<image>")
+    tokenizer.chat_template = template
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = LlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=template,
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+    )
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64)
+    text |= dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    vision |= dict(num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tokenizer.image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def image_data_url(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> str:
     """A random RGB image (``size``: width, height) as a base64 ``data:`` URL."""
     from PIL import Image

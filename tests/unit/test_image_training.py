@@ -25,7 +25,15 @@ from sqft_service.training.recipe import run_training
 from sqft_service.training.records import DataValidationError, inspect_training_file
 from sqft_service.training.tokenization import IGNORE_INDEX, tokenize_records
 from tests.helpers import write_jsonl
-from tests.image_text import COLOURS, colour_records, colour_url, image_data_url, image_record, save_image_text_model
+from tests.image_text import (
+    COLOURS,
+    colour_records,
+    colour_url,
+    image_data_url,
+    image_record,
+    save_image_text_model,
+    save_llava_model,
+)
 from tests.unit.test_recipe import losses, make_cfg, model_dir, sqft_lora  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,3 +252,69 @@ def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
     curve = losses(sink)
     assert result.steps == 8 and sum(curve[-2:]) < sum(curve[:2]), curve
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory, tokenizer_dir):
+    return save_llava_model(tmp_path_factory.mktemp("tiny-llava"), tokenizer_dir)
+
+
+def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, tmp_path):
+    """LLaVA (loaded as an image-text model, its features a block per image): a batch scores as transformers
+    scores it, from pixels and from cached features; the job trains, and the engine's answers with the
+    adapter, and from its merge, are transformers' and peft's own."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sqft_service.api.inference.protocol import Message
+    from sqft_service.inference.answer import chat_renderer
+    from sqft_service.inference.engine import InferenceEngine
+    from sqft_service.inference.spec import ModelSpec, Sampling
+    from sqft_service.model_ops import merge
+
+    images = load_image_inputs(str(llava_dir), trust_remote_code=False, token=None)
+    tokenizer = images.processor.tokenizer
+    records = [image_record([colour_url(COLOURS["red"], 1)], "red"), image_record([image_data_url(4)] * 2, "Two.")]
+    examples = tokenize_records(records, tokenizer, DatasetSection(), images=images).examples
+    collate = Collator.from_config(tokenizer, DatasetSection(), pad_to_multiple_of=None, images=images)
+    batch = collate(examples)
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    with torch.no_grad():
+        theirs = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, **batch["media"]).loss
+        ours = causal_lm_loss(model, batch)
+        assert float(ours.loss_sum) / ours.n_labels == pytest.approx(float(theirs), rel=1e-5)
+        assert cache_image_features(model, images, examples, torch.device("cpu"), off) == (3, 3 * 4 * 32 * 4)
+        cached = collate(examples)
+        assert cached["media"]["image_features_as_list"] is True
+        assert float(causal_lm_loss(model, cached).loss_sum) == pytest.approx(float(ours.loss_sum), rel=1e-6)
+
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(12))
+    cfg = make_cfg(llava_dir, train, lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.0), epochs=4)
+    sink = MemorySink()
+    result = run_training(cfg, tmp_path / "out", sink)
+    curve = losses(sink)
+    assert sum(curve[-3:]) < sum(curve[:3]), curve
+
+    url = colour_url(COLOURS["blue"], 50)
+    content = [{"type": "text", "text": "What colour is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    messages = [Message.model_validate({"role": "user", "content": content}).as_dict()]
+    engine = InferenceEngine(threads=1, max_queue=0, max_models=2, model_cache_dir=None, device="cpu")
+
+    def answer(spec: ModelSpec) -> str:
+        ids, _ = engine.prepare(spec, chat_renderer(spec, messages))
+        return engine.generate(spec, ids, Sampling(4, temperature=0.0))[0].text
+
+    tuned = answer(ModelSpec("ft", str(llava_dir), adapter=result.adapter_dir, data_format="chat"))
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    turns = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"}, {"type": "image"}]}]
+    text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    inputs = processor(
+        text=text, images=[read_image(url).convert("RGB")], add_special_tokens=False, return_tensors="pt"
+    )
+    peft_model = PeftModel.from_pretrained(model, result.adapter_dir).eval()
+    eos = sorted(InferenceEngine._eos_ids(model, tokenizer))  # where the engine stops, transformers stops
+    out = peft_model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=eos)
+    assert tuned == tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    merge(str(llava_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=False)
+    assert answer(ModelSpec("merged", str(tmp_path / "merged"), data_format="chat")) == tuned

@@ -94,9 +94,9 @@ def merge_adapter(
         if dtype is not None:
             model = model.to(dtype)
     else:
-        from transformers import AutoModelForCausalLM
+        from ..training.models import model_class
 
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class(str(base_model_path_or_model)).from_pretrained(
             str(base_model_path_or_model), dtype=dtype or "auto", use_safetensors=True
         )  # safetensors only: never unpickle a checkpoint
         attach_quantized_base(model, base_model_path_or_model)

@@ -134,6 +134,8 @@ class Collator:
         with_images = [ex for ex in examples if ex.images]
         if all(ex.image_features is not None for ex in with_images):  # computed once (training/image_features.py)
             media = {"image_features": torch.cat([ex.image_features for ex in with_images])}
+            if self.images.features_as_list:
+                media["image_features_as_list"] = True
         else:
             media = self.images.model_inputs(examples)
         if self.images.token_types:

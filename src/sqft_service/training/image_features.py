@@ -33,11 +33,12 @@ def image_body(model: torch.nn.Module) -> Any:
     return body if takes and callable(getattr(body, "get_image_features", None)) else None
 
 
-def encoder_outputs(features: torch.Tensor) -> dict[str, Any]:
-    """Cached features as the model body's ``mm_encoder_outputs``."""
+def encoder_outputs(features: torch.Tensor, as_list: bool = False) -> dict[str, Any]:
+    """Cached features (``[images, tokens, hidden]``) as the model body's ``mm_encoder_outputs``: one tensor
+    (Gemma 3), or a block per image where its tower gives a list (``as_list``: LLaVA)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    return {"image": BaseModelOutputWithPooling(pooler_output=list(features.unbind(0)) if as_list else features)}
 
 
 @torch.no_grad()
@@ -76,6 +77,10 @@ def cache_image_features(
             batch = {key: torch.cat([x[key] for x in inputs]).to(device) for key in inputs[0]}
             with autocast():
                 features = body.get_image_features(**batch).pooler_output
+            if isinstance(features, (list, tuple)):  # LLaVA: a block per image; stacked when they are alike
+                images.features_as_list = True
+                alike = len({tuple(f.shape) for f in features}) == 1
+                features = torch.stack(list(features)) if alike else features[0].new_empty(0)
             parts = features.split(counts) if features.dim() == 3 and features.shape[0] == sum(counts) else None
             if parts is None or any(
                 p.shape[0] * p.shape[1] != sum(ex.image_tokens or ()) for ex, p in zip(chunk, parts, strict=True)

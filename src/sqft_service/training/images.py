@@ -43,6 +43,7 @@ class ImageInputs:
         self.token_types = "token_type_ids" in names
         self.media_keys = names - _TEXT_INPUTS - set(getattr(processor, "unused_input_names", ()))
         self.workers = min(8, os.cpu_count() or 1)
+        self.features_as_list = False  # the model body takes cached features as a block per image (LLaVA)
         self._pool: ThreadPoolExecutor | None = None
 
     def encode(self, text: str, images: Sequence[dict[str, Any]], high: bool) -> tuple[list[int], list[int]]:

@@ -116,7 +116,8 @@ def label_token_losses(
         if "image_features" in media:  # computed once (training/image_features.py)
             from .image_features import encoder_outputs
 
-            media["mm_encoder_outputs"] = encoder_outputs(media.pop("image_features"))
+            as_list = media.pop("image_features_as_list", False)
+            media["mm_encoder_outputs"] = encoder_outputs(media.pop("image_features"), as_list)
         hidden = lm.base_model(**kwargs, **media, use_cache=False).last_hidden_state
     else:
         hidden = decoder(**kwargs, use_cache=False).last_hidden_state

@@ -15,6 +15,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -139,6 +140,24 @@ def load_tokenizer(
     return tokenizer
 
 
+def model_class(model_dir: str, **kwargs: Any) -> Any:
+    """The auto class that loads ``model_dir``: ``AutoModelForCausalLM``, or ``AutoModelForImageTextToText``
+    for an image-text model causal LMs don't cover (LLaVA; Gemma 3's image-text models are both)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    try:
+        kind = AutoConfig.from_pretrained(model_dir, **kwargs).model_type
+    except (OSError, ValueError):
+        return AutoModelForCausalLM  # its own load says what is wrong
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_base_model(
     model_dir: str,
     *,
@@ -148,14 +167,15 @@ def load_base_model(
 ) -> PreTrainedModel:
     # safetensors only: a pickled checkpoint (pytorch_model.bin) could run code when it is read.
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, token=_token(token), use_safetensors=True)
+    auto = model_class(model_dir, trust_remote_code=trust_remote_code, token=_token(token))
     try:
         # SDPA: PyTorch's fused attention (flash / memory-efficient kernels on a GPU). A model class
         # without it is loaded with its own default attention instead.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+        model = auto.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
     except ValueError:
         # transformers refuses an attention implementation a model class lacks with a ValueError; any
         # other problem of the model fails the default load too, and that error is the one reported.
-        model = _load_default_attention(model_dir, kwargs)
+        model = _load_default_attention(auto, model_dir, kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
     clear_gguf_quantization_flag(model)
@@ -163,9 +183,9 @@ def load_base_model(
     return model
 
 
-def _load_default_attention(model_dir: str, kwargs: dict) -> PreTrainedModel:
+def _load_default_attention(auto: Any, model_dir: str, kwargs: dict) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return auto.from_pretrained(model_dir, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_dir!r}: {_first_line(exc)}") from exc
 
