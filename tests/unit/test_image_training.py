@@ -316,5 +316,14 @@ def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, t
     eos = sorted(InferenceEngine._eos_ids(model, tokenizer))  # where the engine stops, transformers stops
     out = peft_model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=eos)
     assert tuned == tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    merge(str(llava_dir), Path(result.adapter_dir), tmp_path / "merged", sparse=False)
-    assert answer(ModelSpec("merged", str(tmp_path / "merged"), data_format="chat")) == tuned
+    merged = tmp_path / "merged"
+    assert merge(str(llava_dir), Path(result.adapter_dir), merged, sparse=False, gguf_type="f32")["gguf"]
+    assert answer(ModelSpec("merged", str(merged), data_format="chat")) == tuned
+    # Its GGUF is the Llama text decoder: read back by transformers, the same logits as the merged model's.
+    from transformers import AutoModelForCausalLM
+
+    text_only = AutoModelForCausalLM.from_pretrained(merged, gguf_file="model.gguf", dtype=torch.float32).eval()
+    whole = LlavaForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("The sky is blue.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(text_only(ids).logits, whole(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
