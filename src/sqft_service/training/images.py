@@ -56,7 +56,7 @@ class ImageInputs:
         except ValueError as exc:  # e.g. a message that writes the placeholder itself
             raise DataValidationError(f"a message's images could not be placed in its text: {exc}") from None
         ids = list(out["input_ids"][0])
-        kinds = out.get("token_type_ids") or out.get("mm_token_type_ids")
+        kinds = next((out[key] for key in ("token_type_ids", "mm_token_type_ids") if out.get(key) is not None), None)
         if kinds is None:
             image_id = getattr(self.processor, "image_token_id", None)
             return ids, [int(i == image_id) for i in ids]
