@@ -79,7 +79,8 @@ def main() -> None:
     for width, height, fmt in SIZES:
         url = data_url(width, height, fmt)
         for detail in ("low", "high"):
-            example = TokenizedExample([0], [0], images=({"url": url, "detail": detail},), high_detail=detail == "high")
+            picture = {"url": url, "detail": detail}
+            example = TokenizedExample([0], [0], images=(picture,), image_options=images.options([picture]))
             batch = [example] * args.batch
             best = {}
             for _ in range(args.repeats):

@@ -85,17 +85,30 @@ def takes_images(model: Any, processor: Any) -> bool:
     )
 
 
+NO_HIGH_DETAIL = "`detail: high`: this model's processor has no high-detail mode"
+
+
+def detail_options(processor: Any, details: Any) -> dict[str, Any]:
+    """The processor options a prompt's images are read with: ``detail: high`` on any one (``details``)
+    turns on Gemma 3's pan-and-scan crops, beside the whole image, for all of them; a ValueError
+    (:data:`NO_HIGH_DETAIL`) for a processor without that mode. Serving and training read alike."""
+    if not any(detail == "high" for detail in details):
+        return {}
+    if not hasattr(processor.image_processor, "do_pan_and_scan"):
+        raise ValueError(NO_HIGH_DETAIL)
+    return {"do_pan_and_scan": True}
+
+
 def image_prompt(processor: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Prompt:
     """``turns`` (content parts ``{"type": "text"|"image", ...}``) rendered and tokenized by the processor."""
     import torch
 
     parts = [part for turn in turns if isinstance(turn["content"], list) for part in turn["content"]]
     images = [part["image"] for part in parts if part["type"] == "image"]
-    options: dict[str, Any] = {}
-    if any(part.get("detail") == "high" for part in parts):
-        if not hasattr(processor.image_processor, "do_pan_and_scan"):
-            raise UserError("`detail: high`: this model's processor has no high-detail mode", param="messages")
-        options["do_pan_and_scan"] = True  # Gemma 3: crops of a wide or tall image beside the whole
+    try:
+        options = detail_options(processor, (part.get("detail") for part in parts))
+    except ValueError as exc:
+        raise UserError(str(exc), param="messages") from None
     try:
         for image in images:
             image.load()  # the pixels now: a truncated file fails here, not inside the processor

@@ -98,9 +98,8 @@ def device_batch(batch: dict, device: torch.device) -> dict:
     batch = label_positions(batch)
     if "position_ids" in batch:  # packed: no 2-D mask, the examples' blocks instead
         batch["attention_mask"] = packed_mask_4d(batch["position_ids"])
-    elif "token_type_ids" in batch.get("media", {}):
-        pass  # Gemma 3 builds its image blocks into the mask from the 2-D one (it reads a 4-D one as final)
-    else:
+    elif "token_type_ids" not in batch.get("media", {}):
+        # (Gemma 3 builds its image blocks into the mask from the 2-D one: it would read a 4-D one as final.)
         batch["attention_mask"] = attention_mask_4d(batch["attention_mask"])
     return move_batch(batch, device)
 

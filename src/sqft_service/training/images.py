@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..inference.images import read_image
+from ..inference.images import detail_options, read_image
 from .records import DataValidationError
 
 if TYPE_CHECKING:
@@ -46,11 +46,12 @@ class ImageInputs:
         self.features_as_list = False  # the model body takes cached features as a block per image (LLaVA)
         self._pool: ThreadPoolExecutor | None = None
 
-    def encode(self, text: str, images: Sequence[dict[str, Any]], high: bool) -> tuple[list[int], list[int]]:
-        """``text``'s token ids with its ``images`` (``image_url`` objects) expanded, and a flag per token:
-        1 where an image's features go."""
+    def encode(
+        self, text: str, images: Sequence[dict[str, Any]], options: dict[str, Any]
+    ) -> tuple[list[int], list[int]]:
+        """``text``'s token ids with its ``images`` (``image_url`` objects) expanded (``options``: the
+        record's :meth:`options`), and a flag per token: 1 where an image's features go."""
         pictures = [read_image(image["url"]).convert("RGB") for image in images]
-        options = {"do_pan_and_scan": True} if high else {}
         try:
             out = self.processor(text=text, images=pictures or None, add_special_tokens=False, **options)
         except ValueError as exc:  # e.g. a message that writes the placeholder itself
@@ -62,13 +63,12 @@ class ImageInputs:
             return ids, [int(i == image_id) for i in ids]
         return ids, [int(k == 1) for k in kinds[0]]
 
-    def high_detail(self, images: Sequence[dict[str, Any]]) -> bool:
-        """Whether a record's images are read in high detail (any one asks, as serving reads a prompt)."""
-        if not any(image.get("detail") == "high" for image in images):
-            return False
-        if not hasattr(self.processor.image_processor, "do_pan_and_scan"):
-            raise DataValidationError("`detail: high`: this model's processor has no high-detail mode")
-        return True
+    def options(self, images: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """What a record's images are read with, as serving reads a prompt's (``images.detail_options``)."""
+        try:
+            return detail_options(self.processor, (image.get("detail") for image in images))
+        except ValueError as exc:
+            raise DataValidationError(str(exc)) from None
 
     def model_inputs(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
         """The image inputs of a batch's examples (their images in order), e.g. ``pixel_values``."""
@@ -83,8 +83,7 @@ class ImageInputs:
 
         def process(ex: TokenizedExample) -> dict[str, Any]:
             pictures = [read_image(image["url"]).convert("RGB") for image in ex.images]
-            options = {"do_pan_and_scan": True} if ex.high_detail else {}
-            out = self.processor.image_processor(pictures, return_tensors="pt", **options)
+            out = self.processor.image_processor(pictures, return_tensors="pt", **ex.image_options)
             return {key: out[key] for key in self.media_keys & set(out)}
 
         with_images = [ex for ex in examples if ex.images]

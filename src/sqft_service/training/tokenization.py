@@ -31,10 +31,10 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
-    # A record with images (training/images.py): their ``image_url`` objects in order, whether they are
-    # read in high detail, a flag per token (1 where an image's features go), and the features once cached.
+    # A record with images (training/images.py): their ``image_url`` objects in order, the processor options
+    # they are read with, a flag per token (1 where an image's features go), and the features once cached.
     images: tuple[dict[str, Any], ...] = ()
-    high_detail: bool = False
+    image_options: dict[str, Any] = field(default_factory=dict)
     image_tokens: list[int] | None = None
     image_features: Any = None  # the images' features, once computed (training/image_features.py)
 
@@ -120,30 +120,40 @@ def _tokenize_pieces(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
     images: ImageInputs | None,
-) -> list[list[tuple[list[int], list[int] | None]]]:
-    """Each record's pieces as ``(ids, image flags)``: text in one batched tokenizer call, a piece with
-    images by the processor (flags None: a piece without images)."""
-    texts = [text for segs, _ in per_record for text, _ in segs]
-    all_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    out = []
+) -> list[tuple[list[tuple[list[int], list[int] | None]], tuple[dict[str, Any], ...], dict[str, Any]]]:
+    """Each record's pieces as ``(ids, image flags)`` (flags None: a piece without images), its images and
+    the options they are read with: text pieces in one batched tokenizer call, a piece with images by the
+    processor, which expands them."""
+    plans = []  # per record: its images, their options, and each piece's images (none: the tokenizer's)
     for index, ((segs, _), record) in enumerate(zip(per_record, records, strict=True)):
-        pictures = record_images(record) if "messages" in record else []
-        if pictures and images is None:
+        pictures = tuple(record_images(record))
+        if not pictures:
+            plans.append(((), {}, [()] * len(segs)))
+            continue
+        if images is None:
             raise DataValidationError(f"record {index} has images, and this model reads text only")
-        high = images.high_detail(pictures) if pictures else False
-        pieces: list[tuple[list[int], list[int] | None]] = []
+        shares, left = [], list(pictures)
         for text, _ in segs:
-            ids = next(all_ids)
-            n = text.count(images.placeholder) if pictures else 0
-            if n:
-                ids, kinds = images.encode(text, pictures[:n], high)
-                pictures = pictures[n:]
-                pieces.append((ids, kinds))
-            else:
-                pieces.append((ids, None))
-        if pictures:
+            n = text.count(images.placeholder)
+            shares.append(tuple(left[:n]))
+            left = left[n:]
+        if left:
             raise DataValidationError(f"record {index}: the chat template placed fewer images than the record has")
-        out.append(pieces)
+        plans.append((pictures, images.options(pictures), shares))
+    texts = [
+        text
+        for (segs, _), (_, _, shares) in zip(per_record, plans, strict=True)
+        for (text, _), share in zip(segs, shares, strict=True)
+        if not share
+    ]
+    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for (segs, _), (pictures, options, shares) in zip(per_record, plans, strict=True):
+        pieces: list[tuple[list[int], list[int] | None]] = [
+            images.encode(text, share, options) if share else (next(text_ids), None)  # type: ignore[union-attr]
+            for (text, _), share in zip(segs, shares, strict=True)
+        ]
+        out.append((pieces, pictures, options))
     return out
 
 
@@ -184,7 +194,7 @@ def tokenize_records(
     tokenized = _tokenize_pieces(per_record, records, tokenizer, images)
 
     out = TokenizedDataset()
-    for index, ((segs, add_eos), pieces) in enumerate(zip(per_record, tokenized, strict=True)):
+    for index, ((segs, add_eos), (pieces, pictures, options)) in enumerate(zip(per_record, tokenized, strict=True)):
         ids: list[int] = []
         target: list[bool] = []
         kinds: list[int] = []  # 1: an image token
@@ -232,9 +242,7 @@ def tokenize_records(
         out.n_truncated += len(input_ids) < n_before
         example = TokenizedExample(input_ids=input_ids, labels=labels)
         if any(image_tokens):
-            example.images = tuple(record_images(records[index]))
-            example.high_detail = images.high_detail(example.images)
-            example.image_tokens = image_tokens
+            example.images, example.image_options, example.image_tokens = pictures, options, image_tokens
         out.examples.append(example)
         out.kept.append(index)
     return out
