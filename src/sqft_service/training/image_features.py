@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..inference.images import stack_inputs
 from .loss import causal_lm_of
 from .tokenization import TokenizedExample
 
@@ -34,11 +35,12 @@ def image_body(model: torch.nn.Module) -> Any:
 
 
 def encoder_outputs(features: torch.Tensor, as_list: bool = False) -> dict[str, Any]:
-    """Cached features (``[images, tokens, hidden]``) as the model body's ``mm_encoder_outputs``: one tensor
-    (Gemma 3), or a block per image where its tower gives a list (``as_list``: LLaVA)."""
+    """Cached features (``[image tokens, hidden]``, in token order) as the model body's
+    ``mm_encoder_outputs``: one tensor (Gemma 3), or a one-block list where its tower gives a list (``as_list``:
+    LLaVA and Idefics3 concatenate the blocks)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"image": BaseModelOutputWithPooling(pooler_output=list(features.unbind(0)) if as_list else features)}
+    return {"image": BaseModelOutputWithPooling(pooler_output=[features] if as_list else features)}
 
 
 @torch.no_grad()
@@ -73,21 +75,21 @@ def cache_image_features(
                 chunk.append(with_images[done + len(chunk)])
                 n += len(chunk[-1].images)
             inputs = images.per_example(chunk)
-            counts = [x["pixel_values"].shape[0] for x in inputs]  # images and crops, each a feature block
-            batch = {key: torch.cat([x[key] for x in inputs]).to(device) for key in inputs[0]}
+            batch = {key: stack_inputs([x[key] for x in inputs]).to(device) for key in inputs[0]}
             with autocast():
                 features = body.get_image_features(**batch).pooler_output
-            if isinstance(features, (list, tuple)):  # LLaVA: a block per image; stacked when they are alike
+            if isinstance(features, (list, tuple)):  # LLaVA a block per image, Idefics3 per row: a list back
                 images.features_as_list = True
-                alike = len({tuple(f.shape) for f in features}) == 1
-                features = torch.stack(list(features)) if alike else features[0].new_empty(0)
-            parts = features.split(counts) if features.dim() == 3 and features.shape[0] == sum(counts) else None
-            if parts is None or any(
-                p.shape[0] * p.shape[1] != sum(ex.image_tokens or ()) for ex, p in zip(chunk, parts, strict=True)
-            ):
-                _forget(with_images)  # a tower whose features are laid out otherwise (per patch, flattened)
+            else:
+                features = [features]
+            # In image-token order, one row per token, whatever blocks the tower gives them in (Gemma 3 an
+            # image's or crop's, LLaVA an image's, Idefics3 a row's tiles): split by the examples' tokens.
+            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+            need = [sum(ex.image_tokens or ()) for ex in chunk]
+            if flat.shape[0] != sum(need):
+                _forget(with_images)  # a tower whose features are laid out otherwise (per patch, merged later)
                 return "the tower's features do not match the image tokens one for one"
-            for ex, part in zip(chunk, parts, strict=True):
+            for ex, part in zip(chunk, flat.split(need), strict=True):
                 ex.image_features = part.to("cpu", copy=True)
             done += len(chunk)
     finally:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..inference.images import detail_options, read_image
+from ..inference.images import detail_options, read_image, stack_inputs
 from .records import DataValidationError
 
 if TYPE_CHECKING:
@@ -72,11 +72,9 @@ class ImageInputs:
 
     def model_inputs(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
         """The image inputs of a batch's examples (their images in order), e.g. ``pixel_values``."""
-        import torch
-
         outputs = self.per_example(examples)
         keys = outputs[0].keys() if outputs else ()
-        return {key: torch.cat([out[key] for out in outputs]) for key in keys}
+        return {key: stack_inputs([out[key] for out in outputs]) for key in keys}
 
     def per_example(self, examples: Sequence[TokenizedExample]) -> list[dict[str, torch.Tensor]]:
         """The image inputs of each example that has images, in order."""
