@@ -16,6 +16,7 @@ from sqft_service.config import DatasetSection, LoraSection
 from sqft_service.evaluation import run_evaluation
 from sqft_service.inference.images import MAX_IMAGES, read_image
 from sqft_service.jobs.kinds import EvalCandidate, EvaluateParams
+from sqft_service.training import image_features
 from sqft_service.training.batching import Collator
 from sqft_service.training.device import device_batch
 from sqft_service.training.events import MemorySink
@@ -268,7 +269,7 @@ def family(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, int]:
     return save(tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer_dir), rows
 
 
-def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(family, tmp_path):
+def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(family, tmp_path, monkeypatch):
     """LLaVA and Idefics3/SmolVLM (loaded as image-text models; features a block per image, or per row of
     tiles padded across the batch): a batch scores as transformers scores it, from pixels and from cached
     features; the job trains, and the engine's answers with the adapter, and from its merge, are
@@ -302,6 +303,8 @@ def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(fa
         theirs = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, **batch["media"]).loss
         ours = causal_lm_loss(model, batch)
         assert float(ours.loss_sum) / ours.n_labels == pytest.approx(float(theirs), rel=1e-5)
+        # Tower passes of up to 4 blocks: Idefics3's rows of 5, 6 and 1 tiles each a pass, LLaVA's 1+2 and 1.
+        monkeypatch.setattr(image_features, "IMAGES_PER_PASS", 4)
         assert cache_image_features(model, images, examples, torch.device("cpu"), off) == (4, rows * 32 * 4)
         cached = collate(examples)
         assert cached["media"]["image_features_as_list"] is True

@@ -24,7 +24,7 @@ from .loss import causal_lm_of
 from .tokenization import TokenizedExample
 
 CACHE_BYTES = 4 * 2**30  # host memory the cached features of a job's examples may take
-IMAGES_PER_PASS = 16  # images through the tower at once while caching
+IMAGES_PER_PASS = 16  # images (or tiles) through the tower at once while caching
 
 
 def image_body(model: torch.nn.Module) -> Any:
@@ -74,29 +74,56 @@ def cache_image_features(
             while done + len(chunk) < len(with_images) and (not chunk or n < IMAGES_PER_PASS):
                 chunk.append(with_images[done + len(chunk)])
                 n += len(chunk[-1].images)
-            inputs = images.per_example(chunk)
-            batch = {key: stack_inputs([x[key] for x in inputs]).to(device) for key in inputs[0]}
-            with autocast():
-                features = body.get_image_features(**batch).pooler_output
-            if isinstance(features, (list, tuple)):  # LLaVA a block per image, Idefics3 per row: a list back
-                images.features_as_list = True
-            else:
-                features = [features]
-            # In image-token order, one row per token, whatever blocks the tower gives them in (Gemma 3 an
-            # image's or crop's, LLaVA an image's, Idefics3 a row's tiles): split by the examples' tokens.
-            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-            need = [sum(ex.image_tokens or ()) for ex in chunk]
-            if flat.shape[0] != sum(need):
-                _forget(with_images)  # a tower whose features are laid out otherwise (per patch, merged later)
-                return "the tower's features do not match the image tokens one for one"
-            for ex, part in zip(chunk, flat.split(need), strict=True):
-                ex.image_features = part.to("cpu", copy=True)
+            inputs = images.per_example(chunk)  # decoded side by side (ImageInputs' thread pool)
+            start = 0
+            while start < len(chunk):  # tower passes of up to IMAGES_PER_PASS blocks (Idefics3: tiles)
+                end, blocks = start + 1, _blocks(inputs[start])
+                while end < len(chunk) and blocks + _blocks(inputs[end]) <= IMAGES_PER_PASS:
+                    blocks += _blocks(inputs[end])
+                    end += 1
+                if why := _features(body, images, chunk[start:end], inputs[start:end], device, autocast):
+                    _forget(with_images)
+                    return why
+                start = end
             done += len(chunk)
     finally:
         model.train(was_training)
     return sum(len(ex.images) for ex in with_images), sum(
         ex.image_features.numel() * ex.image_features.element_size() for ex in with_images
     )
+
+
+def _features(
+    body: Any,
+    images: Any,
+    examples: Sequence[TokenizedExample],
+    inputs: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> str | None:
+    """Give ``examples`` their features from one pass of the tower over their ``inputs``; None, or why not."""
+    batch = {key: stack_inputs([x[key] for x in inputs]).to(device) for key in inputs[0]}
+    with autocast():
+        features = body.get_image_features(**batch).pooler_output
+    if isinstance(features, (list, tuple)):  # LLaVA a block per image, Idefics3 per row: a list back
+        images.features_as_list = True
+    else:
+        features = [features]
+    # In image-token order, one row per token, whatever blocks the tower gives them in (Gemma 3 an image's
+    # or crop's, LLaVA an image's, Idefics3 a row's tiles): split by the examples' image tokens.
+    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    need = [sum(ex.image_tokens or ()) for ex in examples]
+    if flat.shape[0] != sum(need):  # a tower whose features are laid out otherwise (per patch, merged later)
+        return "the tower's features do not match the image tokens one for one"
+    for ex, part in zip(examples, flat.split(need), strict=True):
+        ex.image_features = part.to("cpu", copy=True)
+    return None
+
+
+def _blocks(inputs: dict[str, torch.Tensor]) -> int:
+    """Images the tower sees in an example's inputs: images and crops (``[n, 3, H, W]``), or tiles of a row
+    (Idefics3's ``[1, tiles, 3, H, W]``)."""
+    return inputs["pixel_values"].shape[:-3].numel()
 
 
 def _autocast_on(autocast: Callable[[], AbstractContextManager], device: torch.device) -> bool:
