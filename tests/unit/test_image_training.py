@@ -257,6 +257,41 @@ def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
 
 
+def test_checkpointed_training_runs_no_backward_through_the_vision_tower(vlm_dir):
+    """With gradient checkpointing, transformers and peft make every sub-model's input embeddings require
+    grad; ``text_input_grads_only`` leaves only the text's, so a batch read from pixels builds no graph in
+    the frozen tower, and the adapter's gradients are the same as without checkpointing."""
+    from sqft_service.adapters.lora import build_peft_model
+    from sqft_service.training.images import text_input_grads_only
+    from sqft_service.training.models import load_base_model
+
+    images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
+    records = [image_record([colour_url(COLOURS["red"], 1)], "red"), image_record([image_data_url(2)], "noise")]
+    examples = tokenize_records(records, images.processor.tokenizer, DatasetSection(), images=images).examples
+    batch = Collator(0, images=images)(examples)
+
+    def gradients(checkpointed: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        base = load_base_model(str(vlm_dir), trust_remote_code=False, token=None)
+        if checkpointed:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)  # the adapter's initial weights
+        model, _ = build_peft_model(base, LoraSection(r=4, lora_alpha=8, lora_dropout=0.0))
+        if checkpointed:
+            assert text_input_grads_only(base) >= 1
+        tower = []
+        base.model.vision_tower.register_forward_hook(lambda m, i, out: tower.append(out[0].requires_grad))
+        model.train()
+        causal_lm_loss(model, batch).loss_sum.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, tower[0]
+
+    plain, plain_tower = gradients(False)
+    checkpointed, checkpointed_tower = gradients(True)
+    assert not plain_tower and not checkpointed_tower
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
 # Image-text models AutoModelForCausalLM does not load, and the feature rows the test's four images give:
 # LLaVA's tower a 4-token block per image; Idefics3's (SmolVLM's) a row's tiles, 5 blocks of 4 tokens for a
 # 28-pixel image (a 2 x 2 split beside the whole), 3 for a 200 x 60 one (1 x 2), 1 at low detail.

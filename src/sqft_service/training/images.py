@@ -93,6 +93,33 @@ class ImageInputs:
         return [process(ex) for ex in with_images]
 
 
+def text_input_grads_only(model: torch.nn.Module) -> int:
+    """Drop the hooks that make an image-text model's vision tower's input embeddings require grad; the
+    hooks removed. Gradient checkpointing needs the text embeddings' output to require grad, and
+    transformers (``gradient_checkpointing_enable``) and peft (for a checkpointed base) hook every
+    sub-model's embeddings for it, the tower's too: a batch that reads pixels then ran backward through
+    the frozen tower (and recomputed it), though no weight there trains. Their
+    ``disable_input_require_grads`` forgets the handles of earlier calls, so the hooks are found by name."""
+    from transformers import PreTrainedModel
+
+    text = model.get_input_embeddings()
+    removed = 0
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        try:
+            embeddings = module.get_input_embeddings()
+        except NotImplementedError:
+            continue
+        if embeddings is None or embeddings is text:
+            continue
+        for key, hook in list(embeddings._forward_hooks.items()):
+            if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                del embeddings._forward_hooks[key]
+                removed += 1
+    return removed
+
+
 def load_image_inputs(model_dir: str, *, trust_remote_code: bool, token: str | None) -> ImageInputs:
     """The processor of an image-text model's directory; a DataValidationError when it reads text only."""
     from transformers import AutoConfig, AutoProcessor

@@ -41,7 +41,7 @@ from .distributed import DataParallel
 from .events import EventSink
 from .hooks import StepHook, StepStats
 from .image_features import cache_image_features
-from .images import ImageInputs, load_image_inputs
+from .images import ImageInputs, load_image_inputs, text_input_grads_only
 from .loss import LossOutput, causal_lm_loss
 from .memory import ForwardSplit, free_cached, in_fitting_batches, peak_gib
 from .models import load_base_model, load_tokenizer, resolve_model_dir
@@ -184,6 +184,8 @@ class FinetuneRecipe:
                 param="Dataset.packing",
             )
         self.model, self.handles = build_peft_model(base, cfg.General.lora_config, seed=self.seed)
+        if self.images is not None and cfg.General.enable_gradient_checkpointing:
+            text_input_grads_only(base)  # no backward through the frozen vision tower
         self._place_model()
         if self.images is not None:
             self._cache_image_features()
