@@ -1,13 +1,15 @@
 """Training on images (OpenAI's vision fine-tuning): chat records whose user messages hold ``image_url``
-parts, for image-text models (Gemma 3 4B and up), read by the model's own processor as serving reads them
-(``inference/images.py``).
+parts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM), read by the model's own
+processor as serving reads them (``inference/images.py``).
 
 * Tokenization: a chat template writes an image part as the processor's placeholder (Gemma 3's
   ``<start_of_image>``); the pieces holding placeholders are tokenized by the processor with their images,
-  which expands each into the image's tokens (and, with ``detail: "high"``, its pan-and-scan crops), so a
+  which expands each into the image's tokens (Gemma 3's pan-and-scan crops with ``detail: "high"``,
+  Idefics3's tiles unless every image is ``detail: "low"``), so a
   training sequence holds exactly the tokens a served prompt holds. The image tokens take no loss.
 * Batches: an example keeps its images' URLs, not their pixels (an 896 x 896 image is 9.6 MB of fp32); the
-  collator decodes them and runs the processor's image half per batch (:meth:`ImageInputs.model_inputs`).
+  collator decodes them and runs the processor's image half per batch (:meth:`ImageInputs.model_inputs`;
+  Idefics3's rows of tiles zero-padded to the batch's most, as the processor pads them).
 * The model: the batch's image inputs go to the image-text model's body (``base_model``), which puts
   the vision tower's features where the image tokens are and, for Gemma 3, lets an image's tokens see
   each other (``token_type_ids``); adapters train the text decoder only (``adapters/lora.py``).
