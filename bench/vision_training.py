@@ -16,7 +16,10 @@ Two setups take turns, ``--rounds`` times, each training ``--steps`` LoRA steps 
 * ``cached``: the job's default (``training/image_features.py``): the frozen tower runs once per image
   before training, and batches carry the features;
 * ``pixels``: the cache switched off (its budget 0): every batch decodes, resizes and runs its images
-  through the tower, as a trainer without the cache does.
+  through the tower, as a trainer without the cache does;
+* with ``--checkpointing`` (gradient checkpointing on), also ``pixels-tower-grads``: pixels with the input-grad
+  hooks transformers and peft put on the tower's embeddings kept (``images.text_input_grads_only`` not run),
+  so each step also runs backward through the frozen tower, as before that fix.
 
 Reports each run's wall time (setup and the one-off feature pass included), the mean step time, and the
 first and last loss (the same in both: the cache changes no number). Run from the repository root:
@@ -99,11 +102,14 @@ def records(n: int, detail: str = "auto") -> list[dict]:
     ]
 
 
-def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, cached: bool) -> dict:
+def run(
+    model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, setup: str, checkpointing: bool
+) -> dict:
     from sqft_service import auto_hparams
     from sqft_service.config import FinetuneConfig, LoraSection
-    from sqft_service.training import image_features
+    from sqft_service.training import image_features, recipe
     from sqft_service.training.events import MemorySink
+    from sqft_service.training.images import text_input_grads_only
     from sqft_service.training.recipe import run_training
 
     cfg = FinetuneConfig()
@@ -111,10 +117,13 @@ def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, 
     cfg.General.lora_config = LoraSection(r=16, lora_alpha=32, lora_dropout=0.05)
     cfg.Dataset.train_file = str(train_file)
     cfg.Dataset.validation_split_percentage = 0
+    cfg.General.enable_gradient_checkpointing = checkpointing
     t = cfg.Training
     t.batch_size, t.max_train_steps, t.logging_steps, t.num_threads, t.epochs = 4, steps, 1, threads, 10
     auto_hparams.fit_images(cfg.Dataset, 1, auto_hparams.image_tokens(str(model_dir)))  # as the API does
-    image_features.CACHE_BYTES = 4 * 2**30 if cached else 0
+    image_features.CACHE_BYTES = 4 * 2**30 if setup == "cached" else 0
+    # "pixels-tower-grads": the tower's input-grad hooks kept, as transformers and peft leave them.
+    recipe.text_input_grads_only = (lambda model: 0) if setup == "pixels-tower-grads" else text_input_grads_only
     sink = MemorySink()
     t0 = time.perf_counter()
     run_training(cfg, out, sink)
@@ -122,7 +131,7 @@ def run(model_dir: Path, train_file: Path, out: Path, steps: int, threads: int, 
     rows = [r for r in sink.metric_rows if "train_loss" in r]
     once = next((m for _, m, _ in sink.messages if "computed once in" in m), None)
     return {
-        "setup": "cached" if cached else "pixels",
+        "setup": setup,
         "wall_s": round(wall, 2),
         "feature_pass_s": float(re.search(r"once in ([\d.]+) s", once).group(1)) if once else 0.0,
         "mean_step_s": round(sum(r["step_s"] for r in rows) / len(rows), 3),
@@ -139,7 +148,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--family", choices=("gemma3", "smolvlm"), default="gemma3")
     parser.add_argument("--detail", choices=("auto", "low"), default="auto")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing on, and a third setup: pixels with the tower's input-grad hooks kept",
+    )
     args = parser.parse_args()
+    setups = ["pixels-tower-grads"] * args.checkpointing + ["pixels", "cached"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = build(root, args.family)
@@ -147,19 +162,21 @@ def main() -> None:
         train_file.write_text("\n".join(json.dumps(r) for r in records(args.records, args.detail)) + "\n")
         results = []
         for k in range(args.rounds):
-            for cached in (False, True):
-                row = run(model_dir, train_file, root / f"out-{k}-{cached}", args.steps, args.threads, cached)
+            for setup in setups:
+                out = root / f"out-{k}-{setup}"
+                row = run(model_dir, train_file, out, args.steps, args.threads, setup, args.checkpointing)
                 print(row, flush=True)
                 results.append(row)
-    print(f"{'setup':<8} {'wall s':>8} {'feature pass s':>15} {'step s':>8} {'first loss':>11} {'last loss':>10}")
+    print(f"{'setup':<18} {'wall s':>8} {'feature pass s':>15} {'step s':>8} {'first loss':>11} {'last loss':>10}")
     for r in results:
         print(
-            f"{r['setup']:<8} {r['wall_s']:>8} {r['feature_pass_s']:>15} {r['mean_step_s']:>8} "
+            f"{r['setup']:<18} {r['wall_s']:>8} {r['feature_pass_s']:>15} {r['mean_step_s']:>8} "
             f"{r['first_loss']:>11} {r['last_loss']:>10}"
         )
     figures = {"family": args.family, "detail": args.detail, "records": args.records, "steps": args.steps}
-    figures |= {"batch_size": 4, "runs": results}
+    figures |= {"batch_size": 4, "gradient_checkpointing": args.checkpointing, "runs": results}
     name = "vision-training" if args.family == "gemma3" else f"vision-training-{args.family}-{args.detail}"
+    name += "-checkpointed" * args.checkpointing
     write_machine_results(name, args.threads, figures)
 
 
