@@ -141,16 +141,15 @@ def image_tokens(model_dir: str | None) -> int | None:
         return None
     config, processor = _json(Path(model_dir) / "config.json"), _json(Path(model_dir) / "processor_config.json")
     per_block = config.get("mm_tokens_per_image") or processor.get("image_seq_length") or processor.get("image_seq_len")
-    vision = config.get("vision_config") or {}
-    if per_block is None and config.get("model_type") == "llava" and vision.get("patch_size"):
-        per_block = (vision.get("image_size", 0) // vision["patch_size"]) ** 2  # a CLIP tower's patches
-    if not isinstance(per_block, int) or per_block <= 0:
+    patch, size = _at(config, "vision_config", "patch_size"), _at(config, "vision_config", "image_size")
+    if per_block is None and config.get("model_type") == "llava" and _positive(patch) and _positive(size):
+        per_block = (size // patch) ** 2  # a CLIP tower's patches
+    if not _positive(per_block):
         return None
     # transformers 5 saves the image processor's settings in processor_config.json, earlier ones beside it.
     reader = processor.get("image_processor") or _json(Path(model_dir) / "preprocessor_config.json")
-    largest = (reader.get("size") or {}).get("longest_edge")
-    tile = (reader.get("max_image_size") or {}).get("longest_edge")
-    if reader.get("do_image_splitting") and isinstance(largest, int) and isinstance(tile, int) and tile > 0:
+    largest, tile = _at(reader, "size", "longest_edge"), _at(reader, "max_image_size", "longest_edge")
+    if _at(reader, "do_image_splitting") and _positive(largest) and _positive(tile):
         side = math.ceil(largest / tile)
         return (side * side + (side > 1)) * (per_block + TILE_FRAME_TOKENS)
     return per_block
@@ -162,6 +161,18 @@ def _json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _at(settings: object, *keys: str) -> object:
+    """``settings[keys[0]][keys[1]]...``, or None where a level is missing or not a mapping: a model
+    directory's JSON is the client's, and an odd value in it must not fail the request."""
+    for key in keys:
+        settings = settings.get(key) if isinstance(settings, dict) else None
+    return settings
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def fit_images(dataset: DatasetSection, max_images: int, per_image: int, sent: set[str] | None = None) -> list[str]:

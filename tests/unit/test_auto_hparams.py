@@ -181,3 +181,10 @@ def test_length_limits_left_unset_grow_to_fit_the_records_images(tmp_path):
     assert auto_hparams.image_tokens(str(smolvlm)) == 17 * (64 + auto_hparams.TILE_FRAME_TOKENS)
     (smolvlm / "preprocessor_config.json").write_text(json.dumps(reader | {"do_image_splitting": False}))
     assert auto_hparams.image_tokens(str(smolvlm)) == 64
+    # Odd values in a client's model directory are read as unsaid, not raised.
+    (smolvlm / "preprocessor_config.json").write_text(json.dumps({"do_image_splitting": True, "size": 2048}))
+    assert auto_hparams.image_tokens(str(smolvlm)) == 64
+    odd = {"model_type": "llava", "vision_config": {"patch_size": "14", "image_size": 336}}
+    (smolvlm / "config.json").write_text(json.dumps(odd))
+    (smolvlm / "processor_config.json").write_text(json.dumps({"image_processor": []}))
+    assert auto_hparams.image_tokens(str(smolvlm)) is None
