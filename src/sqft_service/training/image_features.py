@@ -75,16 +75,10 @@ def cache_image_features(
                 chunk.append(with_images[done + len(chunk)])
                 n += len(chunk[-1].images)
             inputs = images.per_example(chunk)  # decoded side by side (ImageInputs' thread pool)
-            start = 0
-            while start < len(chunk):  # tower passes of up to IMAGES_PER_PASS blocks (Idefics3: tiles)
-                end, blocks = start + 1, _blocks(inputs[start])
-                while end < len(chunk) and blocks + _blocks(inputs[end]) <= IMAGES_PER_PASS:
-                    blocks += _blocks(inputs[end])
-                    end += 1
-                if why := _features(body, images, chunk[start:end], inputs[start:end], device, autocast):
+            for part in _tower_passes(inputs):
+                if why := _features(body, images, chunk[part], inputs[part], device, autocast):
                     _forget(with_images)
                     return why
-                start = end
             done += len(chunk)
     finally:
         model.train(was_training)
@@ -120,10 +114,18 @@ def _features(
     return None
 
 
-def _blocks(inputs: dict[str, torch.Tensor]) -> int:
-    """Images the tower sees in an example's inputs: images and crops (``[n, 3, H, W]``), or tiles of a row
-    (Idefics3's ``[1, tiles, 3, H, W]``)."""
-    return inputs["pixel_values"].shape[:-3].numel()
+def _tower_passes(inputs: list[dict[str, torch.Tensor]]) -> list[slice]:
+    """Consecutive examples whose images the tower sees together: up to :data:`IMAGES_PER_PASS` images
+    and crops (``pixel_values`` of ``[n, 3, H, W]``) or tiles (Idefics3's ``[1, tiles, 3, H, W]``), and an
+    example with more alone."""
+    passes, start, blocks = [], 0, 0
+    for end, example in enumerate(inputs):
+        n = example["pixel_values"].shape[:-3].numel()
+        if end > start and blocks + n > IMAGES_PER_PASS:
+            passes.append(slice(start, end))
+            start, blocks = end, 0
+        blocks += n
+    return [*passes, slice(start, len(inputs))] if inputs else passes
 
 
 def _autocast_on(autocast: Callable[[], AbstractContextManager], device: torch.device) -> bool:
