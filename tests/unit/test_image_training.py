@@ -292,6 +292,22 @@ def test_checkpointed_training_runs_no_backward_through_the_vision_tower(vlm_dir
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_checkpointed_job_on_images_drops_the_towers_input_grad_hooks(vlm_dir, tmp_path, monkeypatch):
+    """The job calls ``text_input_grads_only`` when it checkpoints a model that reads images, and it finds
+    the hooks transformers and peft put on the tower's embeddings."""
+    from sqft_service.training import recipe
+    from sqft_service.training.images import text_input_grads_only
+
+    removed = []
+    monkeypatch.setattr(recipe, "text_input_grads_only", lambda model: removed.append(text_input_grads_only(model)))
+    monkeypatch.setattr(image_features, "CACHE_BYTES", 0)  # batches read pixels through the tower
+    train = write_jsonl(tmp_path / "colours.jsonl", colour_records(4))
+    cfg = make_cfg(vlm_dir, train, max_train_steps=1)
+    cfg.General.enable_gradient_checkpointing = True
+    assert run_training(cfg, tmp_path / "out", MemorySink()).steps == 1
+    assert len(removed) == 1 and removed[0] >= 1
+
+
 # Image-text models AutoModelForCausalLM does not load, and the feature rows the test's four images give:
 # LLaVA's tower a 4-token block per image; Idefics3's (SmolVLM's) a row's tiles, 5 blocks of 4 tokens for a
 # 28-pixel image (a 2 x 2 split beside the whole), 3 for a 200 x 60 one (1 x 2), 1 at low detail.
