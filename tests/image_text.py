@@ -205,3 +205,61 @@ def image_record(urls: list[str], answer: str, text: str = COLOUR_QUESTION, deta
 def colour_records(n: int, seed: int = 0) -> list[dict]:
     names = list(COLOURS)
     return [image_record([colour_url(COLOURS[names[i % 2]], seed + i)], names[i % 2]) for i in range(n)]
+
+
+def save_qwen2_vl_model(
+    out: Path, tokenizer_dir: Path, *, seed: int = 0, version: str = "2", max_pixels: int = 112 * 112
+) -> Path:
+    """A random ``Qwen2VLForConditionalGeneration`` (``version="2.5"``: ``Qwen2_5_VL...``, its windowed
+    tower) with its processor at ``out``, saved as the hub's are (an image processor, a video processor's
+    config beside it): a ViT over 14-pixel patches, 2 x 2 of them merged into one token, images resized
+    to between 56 x 56 pixels and ``max_pixels`` (by default 112 x 112: 4 to 16 tokens), a decoder with
+    multimodal rotary positions (an image token's position is its time, row and column);
+    ``<|vision_start|><|image_pad|><|vision_end|>`` in the template."""
+    import json
+
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLProcessor as Processor
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLProcessor as Processor
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    extra = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    template = TEMPLATE.replace("<start_of_image>", "<|vision_start|><|image_pad|><|vision_end|>")
+    tokenizer.chat_template = template
+    pixels = dict(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessorPil(**pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    text |= dict(num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    text |= dict(rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, bos_token_id=tokenizer.bos_token_id)
+    text |= dict(eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, in_chans=3)
+    if version == "2":
+        vision |= dict(embed_dim=32, mlp_ratio=2)
+    else:
+        vision |= dict(intermediate_size=64, out_hidden_size=32, window_size=56, fullatt_block_indexes=[1])
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in zip(
+            ("vision_start_token_id", "image_token_id", "video_token_id"), extra[0:1] + extra[2:4], strict=True
+        )
+    }
+    config = Config(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(seed)
+    Model(config).eval().save_pretrained(out)
+    # The processor's files as the hub has them (its video half's class needs torchvision: written by hand).
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(template)
+    video = image_processor.to_dict() | {"video_processor_type": "Qwen2VLVideoProcessor"}
+    video.pop("image_processor_type", None)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": Processor.__name__}))
+    return out

@@ -136,7 +136,8 @@ def image_tokens(model_dir: str | None) -> int | None:
     """Tokens one image can take in a prompt of an image-text model directory, from its ``config.json`` or
     processor settings: Gemma 3's ``mm_tokens_per_image`` (256); LLaVA-1.5's tower patches (576);
     Idefics3/SmolVLM's ``image_seq_len`` a tile, for as many tiles as its largest image splits into beside
-    the whole (SmolVLM-256M: 17 x 64). None when the directory does not say."""
+    the whole (SmolVLM-256M: 17 x 64); Qwen2-VL's largest image (``max_pixels``) in merged patches (by
+    default 16,384). None when the directory does not say."""
     if not model_dir or not Path(model_dir).is_dir():
         return None
     config, processor = _json(Path(model_dir) / "config.json"), _json(Path(model_dir) / "processor_config.json")
@@ -144,10 +145,14 @@ def image_tokens(model_dir: str | None) -> int | None:
     patch, size = _at(config, "vision_config", "patch_size"), _at(config, "vision_config", "image_size")
     if per_block is None and config.get("model_type") == "llava" and _positive(patch) and _positive(size):
         per_block = (size // patch) ** 2  # a CLIP tower's patches
-    if not _positive(per_block):
-        return None
     # transformers 5 saves the image processor's settings in processor_config.json, earlier ones beside it.
     reader = processor.get("image_processor") or _json(Path(model_dir) / "preprocessor_config.json")
+    merge, pixels = _at(reader, "merge_size"), _at(reader, "max_pixels") or _at(reader, "size", "longest_edge")
+    if per_block is None and _positive(merge) and _positive(_at(reader, "patch_size")) and _positive(pixels):
+        # Qwen2-VL: an image resized to at most max_pixels, a token per merge x merge patches.
+        return pixels // (reader["patch_size"] * merge) ** 2
+    if not _positive(per_block):
+        return None
     largest, tile = _at(reader, "size", "longest_edge"), _at(reader, "max_image_size", "longest_edge")
     if _at(reader, "do_image_splitting") and _positive(largest) and _positive(tile):
         side = math.ceil(largest / tile)

@@ -27,6 +27,10 @@ GGUF_MODEL_TYPES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "qwen2",
+    # Qwen2-VL's and Qwen2.5-VL's decoders: a Qwen2's, whose multimodal rotary positions are plain ones
+    # for text (a token's time, row and column all its index).
+    "qwen2_vl_text": "qwen2",
+    "qwen2_5_vl_text": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",

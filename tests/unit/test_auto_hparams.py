@@ -188,3 +188,16 @@ def test_length_limits_left_unset_grow_to_fit_the_records_images(tmp_path):
     (smolvlm / "config.json").write_text(json.dumps(odd))
     (smolvlm / "processor_config.json").write_text(json.dumps({"image_processor": []}))
     assert auto_hparams.image_tokens(str(smolvlm)) is None
+    # Qwen2-VL-2B-Instruct's preprocessor_config.json (images up to 12,845,056 pixels, a token per 28 x 28),
+    # and transformers 5's way of saving the same budget; a non-number budget is unsaid.
+    qwen = tmp_path / "qwen2-vl"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    reader = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2}
+    (qwen / "preprocessor_config.json").write_text(json.dumps(reader))
+    assert auto_hparams.image_tokens(str(qwen)) == 16384
+    saved = {"size": {"shortest_edge": 3136, "longest_edge": 1003520}, "patch_size": 14, "merge_size": 2}
+    (qwen / "preprocessor_config.json").write_text(json.dumps(saved))
+    assert auto_hparams.image_tokens(str(qwen)) == 1280
+    (qwen / "preprocessor_config.json").write_text(json.dumps(reader | {"max_pixels": "many"}))
+    assert auto_hparams.image_tokens(str(qwen)) is None

@@ -15,10 +15,10 @@ from sqft_service.config import LoraSection
 from sqft_service.errors import UserError
 from sqft_service.inference.answer import chat_renderer
 from sqft_service.inference.engine import InferenceEngine
-from sqft_service.inference.images import MAX_PIXELS, read_image
+from sqft_service.inference.images import MAX_PIXELS, load_processor, read_image
 from sqft_service.inference.spec import ModelSpec, Sampling
 from sqft_service.model_ops import merge, sparsify
-from tests.image_text import image_data_url, save_idefics3_model, save_image_text_model
+from tests.image_text import image_data_url, save_idefics3_model, save_image_text_model, save_qwen2_vl_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +31,12 @@ def vlm_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def idefics3_dir(tmp_path_factory, tokenizer_dir):
     return save_idefics3_model(tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
+    """Images resized to at most 1024 x 1024 pixels: more than OpenAI's low detail reads."""
+    return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir, max_pixels=1024 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +60,9 @@ def _answer(engine, spec, messages, sampling) -> tuple[int, list]:
 def _transformers(model_dir, url: str, max_new_tokens: int, **options) -> tuple[int, str]:
     """The prompt's length and the greedy answer, by transformers alone from the model's processor
     (``options``: the processor's, e.g. ``do_image_splitting``)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(str(model_dir))
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     image = read_image(url)
     turns = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, {"type": "image"}]}]
@@ -82,12 +88,13 @@ def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine)
     assert answers[0] != answers[1]  # the image, not only the text, decides the answer
 
 
-@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir"])
+@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir", "qwen2_vl_dir"])
 def test_image_prompts_generated_together_answer_as_each_alone(family, engine, request):
     """A batch's rows (``generate_together``, batch jobs and eval runs): prompts with one image, two images
     or none, of different lengths, left-padded into one generation, each answered as it is alone. Gemma 3
     reads every image as one block; Idefics3 (SmolVLM) splits images of different shapes into different
-    numbers of tiles, padded across the rows."""
+    numbers of tiles, padded across the rows; Qwen2-VL reads each at its own size, its tokens' rotary
+    positions their rows' and columns' (left padding shifts none)."""
     spec = ModelSpec("vlm", str(request.getfixturevalue(family)))
     two = _messages(image_data_url(6, (200, 60)), "Compare:")
     two[0]["content"].append(_messages(image_data_url(7))[0]["content"][1])
@@ -117,6 +124,24 @@ def test_an_idefics3_image_is_read_in_tiles_and_whole_at_low_detail(idefics3_dir
     assert (n_tiles, tiled[0].text) == _transformers(idefics3_dir, url, 6)
     assert (n_whole, whole[0].text) == _transformers(idefics3_dir, url, 6, do_image_splitting=False)
     assert n_tiles - n_whole >= 4 * 4  # four tiles of 4 image tokens more
+
+
+def test_a_qwen2_vl_image_is_read_within_512_x_512_pixels_at_low_detail(qwen2_vl_dir, engine):
+    """Qwen2-VL reads an image at up to its processor's pixel budget (high detail already: ``high`` is
+    taken); ``detail: low`` reads it within 512 x 512 pixels, as OpenAI's low detail does: each as
+    transformers answers with the processor set so."""
+    spec = ModelSpec("qwen2-vl", str(qwen2_vl_dir))
+    url = image_data_url(9, (700, 600))
+    low, high = _messages(url), _messages(url)
+    low[0]["content"][1]["detail"], high[0]["content"][1]["detail"] = "low", "high"
+    n_full, full = _answer(engine, spec, _messages(url), Sampling(6, temperature=0.0))
+    n_high, sharp = _answer(engine, spec, high, Sampling(6, temperature=0.0))
+    n_low, small = _answer(engine, spec, low, Sampling(6, temperature=0.0))
+    assert (n_full, full[0].text) == (n_high, sharp[0].text) == _transformers(qwen2_vl_dir, url, 6)
+    budget = {"shortest_edge": 56 * 56, "longest_edge": 512 * 512}
+    assert (n_low, small[0].text) == _transformers(qwen2_vl_dir, url, 6, size=budget)
+    # 700 x 600 pixels are 25 x 21 merged patches of 28 pixels; within 512 x 512 pixels, 532 x 448: 19 x 16.
+    assert n_full - n_low == 25 * 21 - 19 * 16
 
 
 def test_every_copy_of_a_sampled_request_sees_its_image(vlm_dir, engine):

@@ -6,6 +6,7 @@ what only the image tells."""
 from __future__ import annotations
 
 import base64
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from sqft_service import auto_hparams
 from sqft_service.config import DatasetSection, LoraSection
 from sqft_service.evaluation import run_evaluation
-from sqft_service.inference.images import MAX_IMAGES, read_image
+from sqft_service.inference.images import MAX_IMAGES, load_processor, read_image
 from sqft_service.jobs.kinds import EvalCandidate, EvaluateParams
 from sqft_service.training import image_features
 from sqft_service.training.batching import Collator
@@ -36,6 +37,7 @@ from tests.image_text import (
     save_idefics3_model,
     save_image_text_model,
     save_llava_model,
+    save_qwen2_vl_model,
 )
 from tests.unit.test_recipe import losses, make_cfg, model_dir, sqft_lora  # noqa: F401 (a fixture)
 
@@ -311,7 +313,15 @@ def test_a_checkpointed_job_on_images_drops_the_towers_input_grad_hooks(vlm_dir,
 # Image-text models AutoModelForCausalLM does not load, and the feature rows the test's four images give:
 # LLaVA's tower a 4-token block per image; Idefics3's (SmolVLM's) a row's tiles, 5 blocks of 4 tokens for a
 # 28-pixel image (a 2 x 2 split beside the whole), 3 for a 200 x 60 one (1 x 2), 1 at low detail.
-OTHER_FAMILIES = {"llava": (save_llava_model, 4 * 4), "idefics3": (save_idefics3_model, (5 + 2 * 3 + 1) * 4)}
+# Qwen2-VL's and Qwen2.5-VL's a token per 2 x 2 patches of 14 pixels, images resized to between 56 x 56
+# and 112 x 112 in steps of 28: 56 x 56 (4 tokens), 56 x 196 (14) twice, 56 x 84 (6).
+QWEN_ROWS = 4 + 2 * 14 + 6
+OTHER_FAMILIES = {
+    "llava": (save_llava_model, 4 * 4),
+    "idefics3": (save_idefics3_model, (5 + 2 * 3 + 1) * 4),
+    "qwen2_vl": (save_qwen2_vl_model, QWEN_ROWS),
+    "qwen2_5_vl": (partial(save_qwen2_vl_model, version="2.5"), QWEN_ROWS),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(OTHER_FAMILIES))
@@ -320,13 +330,14 @@ def family(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, int]:
     return save(tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer_dir), rows
 
 
-def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(family, tmp_path, monkeypatch):
-    """LLaVA and Idefics3/SmolVLM (loaded as image-text models; features a block per image, or per row of
-    tiles padded across the batch): a batch scores as transformers scores it, from pixels and from cached
+def test_other_image_text_families_train_on_images_and_answer_as_transformers(family, tmp_path, monkeypatch):
+    """LLaVA, Idefics3/SmolVLM, Qwen2-VL and Qwen2.5-VL (loaded as image-text models; features a block per
+    image, or per row of tiles padded across the batch; Qwen's rotary positions from each image's grid, with
+    pixels or cached features alike): a batch scores as transformers scores it, from pixels and from cached
     features; the job trains, and the engine's answers with the adapter, and from its merge, are
-    transformers' and peft's own; the merge's GGUF is its Llama text decoder."""
+    transformers' and peft's own; the merge's GGUF is its text decoder."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from sqft_service.api.inference.protocol import Message
     from sqft_service.inference.answer import chat_renderer
@@ -378,7 +389,7 @@ def test_llava_and_idefics3_models_train_on_images_and_answer_as_transformers(fa
         return engine.generate(spec, ids, Sampling(4, temperature=0.0))[0].text
 
     tuned = answer(ModelSpec("ft", str(family_dir), adapter=result.adapter_dir, data_format="chat"))
-    processor = AutoProcessor.from_pretrained(family_dir)
+    processor = load_processor(str(family_dir))  # Qwen's without its video half (torchvision)
     turns = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"}, {"type": "image"}]}]
     text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     inputs = processor(

@@ -156,7 +156,16 @@ def merge_adapter(
 def save_processor(source: str | Path, out: str | Path) -> None:
     """An image-text model's processor (its images' size and tokens) saved from ``source`` at ``out``, so
     the merged or pruned model takes images as its base did (``inference/images.py``); nothing for others."""
-    from transformers import AutoProcessor
+    import shutil
+
+    from ..inference.images import PROCESSOR_FILES, load_processor
 
     if any((Path(source) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
-        AutoProcessor.from_pretrained(str(source)).save_pretrained(str(out))
+        processor = load_processor(str(source))
+        if getattr(processor, "video_processor", True) is not None:
+            processor.save_pretrained(str(out))
+            return
+        # Built without its video half (no torchvision here): the source's own files, as they were.
+        for name in PROCESSOR_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, Path(out) / name)

@@ -146,11 +146,11 @@ class InferenceEngine:
             return None
         source = spec.tokenizer or resolve_model_dir(spec.model, self.model_cache_dir)
         if source not in self._processors:
-            from transformers import AutoProcessor
+            from .images import load_processor
 
             try:
-                processor = AutoProcessor.from_pretrained(source)
-            except (OSError, ValueError, TypeError) as exc:  # no processor saved beside the weights
+                processor = load_processor(source)
+            except (OSError, ValueError, TypeError, ImportError) as exc:  # no processor saved beside the weights
                 log.warning("no image processor for %s: %s", source, exc)
                 processor = None
             self._processors[source] = processor if takes_images(model, processor) else None

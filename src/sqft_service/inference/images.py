@@ -1,5 +1,5 @@
-"""Images in chat prompts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM; fine-tuned on
-text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
+"""Images in chat prompts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM, Qwen2-VL,
+Qwen2.5-VL; fine-tuned on text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
 
 * Only ``data:`` URLs (base64): a self-hosted service that fetched any ``http(s)`` URL a caller named
   would reach, from the host, whatever the host reaches (an SSRF); the caller sends the bytes instead.
@@ -95,6 +95,56 @@ def stack_inputs(tensors: list[Any]) -> Any:
     return torch.cat(tensors)
 
 
+# What a processor is saved as beside a model's weights (AutoProcessor's files), tokenizer aside.
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def load_processor(source: str, **kwargs: Any) -> Any:
+    """An image-text model's processor (``AutoProcessor``), or, where transformers builds it only with its
+    video half and that needs torchvision (Qwen2-VL, Qwen2.5-VL: not installed here, images only), the
+    same processor class without it. Errors as ``AutoProcessor`` raises them."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        return _without_video(source, exc, **kwargs)
+
+
+def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
+    import json
+    from pathlib import Path
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = Path(source) / "processor_config.json"
+    name = json.loads(path.read_text()).get("processor_class") if path.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or "video_processor" not in cls.get_attributes():
+        raise exc
+
+    class ImageOnly(cls):  # the class's own tokenization and image tokens; a prompt's videos are refused
+        video_processor = None
+
+        @classmethod
+        def get_attributes(klass) -> list[str]:
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = name
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    images = AutoImageProcessor.from_pretrained(source, **kwargs)  # the PIL one without torchvision
+    return ImageOnly(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
 def takes_images(model: Any, processor: Any) -> bool:
     config = getattr(model, "config", None)
     return (
@@ -105,6 +155,8 @@ def takes_images(model: Any, processor: Any) -> bool:
 
 
 NO_HIGH_DETAIL = "`detail: high`: this model's processor has no high-detail mode"
+# OpenAI's low detail reads an image within 512 x 512 pixels; so do processors that resize to a pixel budget.
+LOW_DETAIL_PIXELS = 512 * 512
 
 
 def detail_options(processor: Any, details: Any) -> dict[str, Any]:
@@ -115,18 +167,36 @@ def detail_options(processor: Any, details: Any) -> dict[str, Any]:
     * Idefics3 (SmolVLM), which splits an image into tiles beside a downscaled whole by default:
       ``detail: low`` on every one reads each as the downscaled whole only (OpenAI's low detail: one
       block of tokens an image).
+    * Qwen2-VL and Qwen2.5-VL, which resize an image to a pixel budget (by default up to 12.8 M pixels,
+      16,384 tokens) and read it at that resolution (high detail already): ``detail: low`` on every one
+      reads each within :data:`LOW_DETAIL_PIXELS` (at most 334 tokens), as OpenAI's low detail does.
     * A ValueError (:data:`NO_HIGH_DETAIL`) for ``high`` where the processor has no high-detail mode."""
     details = list(details)
     reader = processor.image_processor
-    if details and all(detail == "low" for detail in details) and getattr(reader, "do_image_splitting", False):
-        return {"do_image_splitting": False}
+    budget = _pixel_budget(reader)
+    if details and all(detail == "low" for detail in details):
+        if getattr(reader, "do_image_splitting", False):
+            return {"do_image_splitting": False}
+        if budget is not None and budget[1] > LOW_DETAIL_PIXELS:
+            low = min(budget[0], LOW_DETAIL_PIXELS)
+            return {"size": {"shortest_edge": low, "longest_edge": LOW_DETAIL_PIXELS}}
     if not any(detail == "high" for detail in details):
         return {}
     if hasattr(reader, "do_pan_and_scan"):
         return {"do_pan_and_scan": True}
-    if getattr(reader, "do_image_splitting", False):
-        return {}  # tiles already
+    if getattr(reader, "do_image_splitting", False) or budget is not None:
+        return {}  # tiles, or full resolution, already
     raise ValueError(NO_HIGH_DETAIL)
+
+
+def _pixel_budget(reader: Any) -> tuple[int, int] | None:
+    """``(least, most)`` pixels an image is resized to, for a processor that resizes to a pixel budget
+    (Qwen2-VL's: its ``size`` edges are pixel counts, patches merged ``merge_size`` a side); else None."""
+    size = getattr(reader, "size", None)
+    least, most = (getattr(size, key, None) for key in ("shortest_edge", "longest_edge"))
+    if getattr(reader, "merge_size", None) is None or not isinstance(most, int):
+        return None
+    return (least if isinstance(least, int) else 0), most
 
 
 def image_prompt(processor: Any, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Prompt:

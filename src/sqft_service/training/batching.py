@@ -136,14 +136,16 @@ class Collator:
             media = {"image_features": torch.cat([ex.image_features for ex in with_images])}
             if self.images.features_as_list:
                 media["image_features_as_list"] = True
+            for key in with_images[0].image_layout or {}:  # Qwen2-VL's image_grid_thw: its rotary positions
+                media[key] = torch.cat([ex.image_layout[key] for ex in with_images])
         else:
             media = self.images.model_inputs(examples)
-        if self.images.token_types:
+        if self.images.token_types is not None:
             types = torch.zeros((len(examples), width), dtype=torch.long)
             for row, ex in enumerate(examples):
                 if ex.image_tokens is not None:
                     k = len(ex.image_tokens)
                     sl = slice(0, k) if self.padding_side == "right" else slice(width - k, width)
                     types[row, sl] = torch.tensor(ex.image_tokens, dtype=torch.long)
-            media["token_type_ids"] = types
+            media[self.images.token_types] = types
         return media

@@ -109,18 +109,21 @@ def _features(
     need = [sum(ex.image_tokens or ()) for ex in examples]
     if flat.shape[0] != sum(need):  # a tower whose features are laid out otherwise (per patch, merged later)
         return "the tower's features do not match the image tokens one for one"
-    for ex, part in zip(examples, flat.split(need), strict=True):
+    for ex, part, x in zip(examples, flat.split(need), inputs, strict=True):
         ex.image_features = part.to("cpu", copy=True)
+        # What the body still reads beside the features: Qwen2-VL's patch grid an image (rotary positions).
+        ex.image_layout = {key: value for key, value in x.items() if key.endswith("_grid_thw")} or None
     return None
 
 
 def _tower_passes(inputs: list[dict[str, torch.Tensor]]) -> list[slice]:
     """Consecutive examples whose images the tower sees together: up to :data:`IMAGES_PER_PASS` images
-    and crops (``pixel_values`` of ``[n, 3, H, W]``) or tiles (Idefics3's ``[1, tiles, 3, H, W]``), and an
-    example with more alone."""
+    and crops (``pixel_values`` of ``[n, 3, H, W]``), tiles (Idefics3's ``[1, tiles, 3, H, W]``) or images
+    as rows of patches (Qwen2-VL's, an ``image_grid_thw`` row each), and an example with more alone."""
     passes, start, blocks = [], 0, 0
     for end, example in enumerate(inputs):
-        n = example["pixel_values"].shape[:-3].numel()
+        grid = example.get("image_grid_thw")
+        n = len(grid) if grid is not None else example["pixel_values"].shape[:-3].numel()
         if end > start and blocks + n > IMAGES_PER_PASS:
             passes.append(slice(start, end))
             start, blocks = end, 0
@@ -135,4 +138,4 @@ def _autocast_on(autocast: Callable[[], AbstractContextManager], device: torch.d
 
 def _forget(examples: Sequence[TokenizedExample]) -> None:
     for ex in examples:
-        ex.image_features = None
+        ex.image_features = ex.image_layout = None

@@ -1,6 +1,6 @@
 """Training on images (OpenAI's vision fine-tuning): chat records whose user messages hold ``image_url``
-parts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM), read by the model's own
-processor as serving reads them (``inference/images.py``).
+parts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL), read by
+the model's own processor as serving reads them (``inference/images.py``).
 
 * Tokenization: a chat template writes an image part as the processor's placeholder (Gemma 3's
   ``<start_of_image>``); the pieces holding placeholders are tokenized by the processor with their images,
@@ -12,7 +12,9 @@ processor as serving reads them (``inference/images.py``).
   Idefics3's rows of tiles zero-padded to the batch's most, as the processor pads them).
 * The model: the batch's image inputs go to the image-text model's body (``base_model``), which puts
   the vision tower's features where the image tokens are and, for Gemma 3, lets an image's tokens see
-  each other (``token_type_ids``); adapters train the text decoder only (``adapters/lora.py``).
+  each other (``token_type_ids``), for Qwen2-VL gives them rotary positions from their image's patch
+  grid (``mm_token_type_ids``, ``image_grid_thw``); adapters train the text decoder only
+  (``adapters/lora.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from .tokenization import TokenizedExample
 
 # Per-token inputs the collator builds itself; the processor's other inputs are per image.
-_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
+_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
 
 
 class ImageInputs:
@@ -41,8 +43,10 @@ class ImageInputs:
         self.processor = processor
         self.placeholder: str = processor.image_token  # what a chat template writes for an image part
         names = set(getattr(processor, "model_input_names", ()))
-        # Gemma 3's image tokens see one another (a bidirectional block); models without it are causal.
-        self.token_types = "token_type_ids" in names
+        # A flag per token, 1 on image tokens, where the model body reads one: Gemma 3's image tokens see
+        # one another (``token_type_ids``, a bidirectional block), Qwen2-VL's take their rotary positions
+        # from their image's grid (``mm_token_type_ids``); None: a causal model that finds them by id.
+        self.token_types = next((k for k in ("token_type_ids", "mm_token_type_ids") if k in names), None)
         self.media_keys = names - _TEXT_INPUTS - set(getattr(processor, "unused_input_names", ()))
         self.workers = min(8, os.cpu_count() or 1)
         self.features_as_list = False  # the model body takes cached features as a block per image (LLaVA)
@@ -124,17 +128,19 @@ def text_input_grads_only(model: torch.nn.Module) -> int:
 
 def load_image_inputs(model_dir: str, *, trust_remote_code: bool, token: str | None) -> ImageInputs:
     """The processor of an image-text model's directory; a DataValidationError when it reads text only."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
+
+    from ..inference.images import load_processor
 
     why = "reads text only"
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, token=token)
         if getattr(config, "vision_config", None) is not None:
-            processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code, token=token)
+            processor = load_processor(model_dir, trust_remote_code=trust_remote_code, token=token)
             if getattr(processor, "image_processor", None) is not None and hasattr(processor, "image_token"):
                 return ImageInputs(processor)
             why = "has no image processor saved beside its weights"
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, ImportError) as exc:
         why = f"has no image processor ({exc})"
     raise DataValidationError(
         f"the training data has images, and this model {why}: train an image-text model (such as Gemma 3 4B) "

@@ -37,6 +37,7 @@ class TokenizedExample:
     image_options: dict[str, Any] = field(default_factory=dict)
     image_tokens: list[int] | None = None
     image_features: Any = None  # the images' features, once computed (training/image_features.py)
+    image_layout: Any = None  # with them, the per-image inputs the model body still reads (image_grid_thw)
 
     def __len__(self) -> int:
         return len(self.input_ids)
