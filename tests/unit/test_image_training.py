@@ -259,14 +259,22 @@ def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
 
 
-def test_checkpointed_training_runs_no_backward_through_the_vision_tower(vlm_dir):
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
+    return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir)
+
+
+@pytest.mark.parametrize(("family", "tower_name"), [("vlm_dir", "vision_tower"), ("qwen2_vl_dir", "visual")])
+def test_checkpointed_training_runs_no_backward_through_the_vision_tower(family, tower_name, request):
     """With gradient checkpointing, transformers and peft make every sub-model's input embeddings require
     grad; ``text_input_grads_only`` leaves only the text's, so a batch read from pixels builds no graph in
-    the frozen tower, and the adapter's gradients are the same as without checkpointing."""
+    the frozen tower, and the adapter's gradients are the same as without checkpointing (Gemma 3, and
+    Qwen2-VL, whose tower reads patches, not images)."""
     from sqft_service.adapters.lora import build_peft_model
     from sqft_service.training.images import text_input_grads_only
     from sqft_service.training.models import load_base_model
 
+    vlm_dir = request.getfixturevalue(family)
     images = load_image_inputs(str(vlm_dir), trust_remote_code=False, token=None)
     records = [image_record([colour_url(COLOURS["red"], 1)], "red"), image_record([image_data_url(2)], "noise")]
     examples = tokenize_records(records, images.processor.tokenizer, DatasetSection(), images=images).examples
@@ -281,7 +289,7 @@ def test_checkpointed_training_runs_no_backward_through_the_vision_tower(vlm_dir
         if checkpointed:
             assert text_input_grads_only(base) >= 1
         tower = []
-        base.model.vision_tower.register_forward_hook(lambda m, i, out: tower.append(out[0].requires_grad))
+        getattr(base.model, tower_name).register_forward_hook(lambda m, i, out: tower.append(out[0].requires_grad))
         model.train()
         causal_lm_loss(model, batch).loss_sum.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, tower[0]
