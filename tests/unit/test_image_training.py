@@ -247,8 +247,16 @@ def test_media_of_a_batch_is_none_without_images(vlm_dir):
     assert "media" not in Collator(0, images=images)(examples)
 
 
-def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
-    """An NLS super-adapter with SparsePEFT and QA-SparsePEFT at once, on image records."""
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
+    return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir)
+
+
+@pytest.mark.parametrize("family", ["vlm_dir", "qwen2_vl_dir"])
+def test_every_sqft_method_trains_on_images(family, tmp_path, request):
+    """An NLS super-adapter with SparsePEFT and QA-SparsePEFT at once, on image records (Gemma 3; Qwen2-VL,
+    whose q/k/v have biases)."""
+    vlm_dir = request.getfixturevalue(family)
     groups = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
     train = write_jsonl(tmp_path / "colours.jsonl", colour_records(16))
     sink = MemorySink()
@@ -257,11 +265,6 @@ def test_every_sqft_method_trains_on_images(vlm_dir, tmp_path):
     curve = losses(sink)
     assert result.steps == 8 and sum(curve[-2:]) < sum(curve[:2]), curve
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
-
-
-@pytest.fixture(scope="module")
-def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
-    return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir)
 
 
 @pytest.mark.parametrize(("family", "tower_name"), [("vlm_dir", "vision_tower"), ("qwen2_vl_dir", "visual")])

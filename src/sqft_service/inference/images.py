@@ -120,14 +120,17 @@ def load_processor(source: str, **kwargs: Any) -> Any:
 
 
 def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
-    import json
+    import inspect
     from pathlib import Path
 
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    path = Path(source) / "processor_config.json"
-    name = json.loads(path.read_text()).get("processor_class") if path.is_file() else None
+    root = Path(source)
+    saved = _json(root / "processor_config.json")  # transformers 5's; the hub's older ones name it beside
+    name = saved.get("processor_class") or _json(root / "preprocessor_config.json").get("processor_class")
+    name = name or PROCESSOR_MAPPING_NAMES.get(_json(root / "config.json").get("model_type"))
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or "video_processor" not in cls.get_attributes():
         raise exc
@@ -142,7 +145,23 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     ImageOnly.__name__ = ImageOnly.__qualname__ = name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     images = AutoImageProcessor.from_pretrained(source, **kwargs)  # the PIL one without torchvision
-    return ImageOnly(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    template = _json(root / "chat_template.json").get("chat_template")
+    if template is None and (root / "chat_template.jinja").is_file():
+        template = (root / "chat_template.jinja").read_text()
+    # The processor's own saved settings (SmolVLM's image_seq_len), as AutoProcessor passes them.
+    takes = inspect.signature(cls.__init__).parameters
+    settings = {k: v for k, v in saved.items() if k in takes and k not in cls.get_attributes() and k != "chat_template"}
+    return ImageOnly(images, tokenizer, chat_template=template or tokenizer.chat_template, **settings)
+
+
+def _json(path: Any) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def takes_images(model: Any, processor: Any) -> bool:
