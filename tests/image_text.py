@@ -124,20 +124,29 @@ def save_idefics3_model(
     tile: int = 56,
     longest: int = 112,
     scale_factor: int = 2,
+    smolvlm2: bool = False,
 ) -> Path:
     """A random ``Idefics3ForConditionalGeneration`` (SmolVLM's layout: a SigLIP tower, pixel shuffle, a
     Llama decoder) with its processor at ``out``: an image is resized to ``longest`` pixels on its longer
     side and split into ``tile``-pixel tiles beside a downscaled whole, each ``(tile / 14)² / scale_factor²``
     tokens (by default up to 2 x 2 tiles of 4 tokens), framed by ``<fake_token_around_image>``,
     ``<row_i_col_j>`` and ``<global-img>``; rows' ``pixel_values`` are ``[1, tiles, 3, tile, tile]``.
-    ``text_shape`` / ``vision_shape`` override the configs' sizes (benchmarks)."""
-    from transformers import (
-        AutoTokenizer,
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    ``text_shape`` / ``vision_shape`` override the configs' sizes (benchmarks). ``smolvlm2``: the same as
+    ``SmolVLMForConditionalGeneration`` (SmolVLM2's classes), its processor's files written as the hub has
+    them (its video half's class needs torchvision)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    if smolvlm2:
+        from transformers import SmolVLMConfig as Config
+        from transformers import SmolVLMForConditionalGeneration as Model
+        from transformers import SmolVLMImageProcessorPil as ImageProcessor
+    else:
+        from transformers import Idefics3Config as Config
+        from transformers import Idefics3ForConditionalGeneration as Model
+        from transformers import Idefics3ImageProcessorPil as ImageProcessor
+    from transformers import Idefics3Processor
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -145,7 +154,7 @@ def save_idefics3_model(
     tokenizer.add_special_tokens({"additional_special_tokens": extra})
     template = TEMPLATE.replace("<start_of_image>", "<image>")
     tokenizer.chat_template = template
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"longest_edge": longest},
         max_image_size={"longest_edge": tile},
         image_mean=[0.5] * 3,
@@ -157,16 +166,25 @@ def save_idefics3_model(
     processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=per_tile, chat_template=template)
     text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64)
     text |= dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
-    config = Idefics3Config(
+    config = Config(
         text_config=text | (text_shape or {}),
         vision_config=vision,
         image_token_id=processor.image_token_id,
         scale_factor=scale_factor,
     )
     torch.manual_seed(seed)
-    Idefics3ForConditionalGeneration(config).eval().save_pretrained(out)
-    processor.save_pretrained(out)
+    Model(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if not smolvlm2:
+        processor.save_pretrained(out)
+        return out
+    image_processor.save_pretrained(out)  # SmolVLM2-256M-Video-Instruct's layout
+    (out / "processor_config.json").write_text(
+        json.dumps({"image_seq_len": per_tile, "processor_class": "SmolVLMProcessor"})
+    )
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    video = {"video_processor_type": "SmolVLMVideoProcessor", "num_frames": 64, "fps": 1}
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video))
     return out
 
 

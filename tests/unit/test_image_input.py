@@ -34,6 +34,11 @@ def idefics3_dir(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def smolvlm2_dir(tmp_path_factory, tokenizer_dir):
+    return save_idefics3_model(tmp_path_factory.mktemp("tiny-smolvlm2"), tokenizer_dir, smolvlm2=True)
+
+
+@pytest.fixture(scope="module")
 def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
     """Images resized to at most 1024 x 1024 pixels: more than OpenAI's low detail reads."""
     return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir, max_pixels=1024 * 1024)
@@ -88,7 +93,7 @@ def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine)
     assert answers[0] != answers[1]  # the image, not only the text, decides the answer
 
 
-@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir", "qwen2_vl_dir"])
+@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir", "smolvlm2_dir", "qwen2_vl_dir"])
 def test_image_prompts_generated_together_answer_as_each_alone(family, engine, request):
     """A batch's rows (``generate_together``, batch jobs and eval runs): prompts with one image, two images
     or none, of different lengths, left-padded into one generation, each answered as it is alone. Gemma 3
@@ -112,9 +117,11 @@ def test_image_prompts_generated_together_answer_as_each_alone(family, engine, r
     assert len({c.text for c in alone}) > 1  # the rows differ: each kept its own image
 
 
-def test_an_idefics3_image_is_read_in_tiles_and_whole_at_low_detail(idefics3_dir, engine):
-    """Idefics3 (SmolVLM) splits an image into tiles beside a downscaled whole; ``detail: low`` reads the
-    whole only (OpenAI's low detail): each as transformers answers with the processor set so."""
+@pytest.mark.parametrize("family", ["idefics3_dir", "smolvlm2_dir"])
+def test_an_idefics3_image_is_read_in_tiles_and_whole_at_low_detail(family, engine, request):
+    """Idefics3 (SmolVLM) and SmolVLM2 split an image into tiles beside a downscaled whole; ``detail: low``
+    reads the whole only (OpenAI's low detail): each as transformers answers with the processor set so."""
+    idefics3_dir = request.getfixturevalue(family)
     spec = ModelSpec("smolvlm", str(idefics3_dir))
     url = image_data_url(9)
     low = _messages(url)

@@ -330,6 +330,7 @@ QWEN_ROWS = 4 + 2 * 14 + 6
 OTHER_FAMILIES = {
     "llava": (save_llava_model, 4 * 4),
     "idefics3": (save_idefics3_model, (5 + 2 * 3 + 1) * 4),
+    "smolvlm2": (partial(save_idefics3_model, smolvlm2=True), (5 + 2 * 3 + 1) * 4),  # Idefics3's tiles
     "qwen2_vl": (save_qwen2_vl_model, QWEN_ROWS),
     "qwen2_5_vl": (partial(save_qwen2_vl_model, version="2.5"), QWEN_ROWS),
 }

@@ -162,7 +162,7 @@ def save_processor(source: str | Path, out: str | Path) -> None:
 
     if any((Path(source) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         processor = load_processor(str(source))
-        if getattr(processor, "video_processor", True) is not None:
+        if not getattr(processor, "without_video", False):
             processor.save_pretrained(str(out))
             return
         # Built without its video half (no torchvision here): the source's own files, as they were.

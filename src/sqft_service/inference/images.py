@@ -1,4 +1,4 @@
-"""Images in chat prompts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM, Qwen2-VL,
+"""Images in chat prompts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM(2), Qwen2-VL,
 Qwen2.5-VL; fine-tuned on text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
 
 * Only ``data:`` URLs (base64): a self-hosted service that fetched any ``http(s)`` URL a caller named
@@ -107,8 +107,8 @@ PROCESSOR_FILES = (
 
 def load_processor(source: str, **kwargs: Any) -> Any:
     """An image-text model's processor (``AutoProcessor``), or, where transformers builds it only with its
-    video half and that needs torchvision (Qwen2-VL, Qwen2.5-VL: not installed here, images only), the
-    same processor class without it. Errors as ``AutoProcessor`` raises them."""
+    video half and that needs torchvision (Qwen2-VL, Qwen2.5-VL, SmolVLM2: not installed here, images
+    only), the same processor class without it (``without_video``). Errors as ``AutoProcessor`` raises them."""
     from transformers import AutoProcessor
 
     try:
@@ -122,6 +122,7 @@ def load_processor(source: str, **kwargs: Any) -> Any:
 def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     import inspect
     from pathlib import Path
+    from types import SimpleNamespace
 
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -134,9 +135,13 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or "video_processor" not in cls.get_attributes():
         raise exc
+    video_settings = _json(root / "video_preprocessor_config.json")
 
     class ImageOnly(cls):  # the class's own tokenization and image tokens; a prompt's videos are refused
-        video_processor = None
+        # The video half's saved settings, which some processors read to render any chat (SmolVLM2's
+        # frames and fps); nothing here reads a video.
+        video_processor = SimpleNamespace(**(saved.get("video_processor") or video_settings))
+        without_video = True
 
         @classmethod
         def get_attributes(klass) -> list[str]:
@@ -151,7 +156,8 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     # The processor's own saved settings (SmolVLM's image_seq_len), as AutoProcessor passes them.
     takes = inspect.signature(cls.__init__).parameters
     settings = {k: v for k, v in saved.items() if k in takes and k not in cls.get_attributes() and k != "chat_template"}
-    return ImageOnly(images, tokenizer, chat_template=template or tokenizer.chat_template, **settings)
+    template = template or tokenizer.chat_template
+    return ImageOnly(images, tokenizer, video_processor=None, chat_template=template, **settings)
 
 
 def _json(path: Any) -> dict[str, Any]:
