@@ -145,7 +145,7 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
 
         @classmethod
         def get_attributes(klass) -> list[str]:
-            return [name for name in super().get_attributes() if name != "video_processor"]
+            return [attribute for attribute in super().get_attributes() if attribute != "video_processor"]
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
