@@ -236,12 +236,12 @@ def save_qwen2_vl_model(
     vision_shape: dict | None = None,
 ) -> Path:
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2.5"``: ``Qwen2_5_VL...``, its windowed
-    tower) with its processor at ``out``, saved as the hub's are (an image processor, a video processor's
-    config beside it): a ViT over 14-pixel patches, 2 x 2 of them merged into one token, images resized
-    to between 56 x 56 pixels and ``max_pixels`` (by default 112 x 112: 4 to 16 tokens), a decoder with
-    multimodal rotary positions (an image token's position is its time, row and column);
-    ``<|vision_start|><|image_pad|><|vision_end|>`` in the template. ``text_shape`` / ``vision_shape``
-    override the configs' sizes (benchmarks)."""
+    tower; ``"3"``: ``Qwen3VL...``, deepstack features) with its processor at ``out``, saved as the hub's
+    are (an image processor, a video processor's config beside it): a ViT over 14-pixel patches, 2 x 2 of
+    them merged into one token, images resized to between 56 x 56 pixels and ``max_pixels`` (by default
+    112 x 112: 4 to 16 tokens), a decoder with multimodal rotary positions (an image token's position is
+    its time, row and column); ``<|vision_start|><|image_pad|><|vision_end|>`` in the template.
+    ``text_shape`` / ``vision_shape`` override the configs' sizes (benchmarks)."""
     import json
 
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
@@ -250,10 +250,14 @@ def save_qwen2_vl_model(
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
         from transformers import Qwen2VLProcessor as Processor
-    else:
+    elif version == "2.5":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
         from transformers import Qwen2_5_VLProcessor as Processor
+    else:
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLProcessor as Processor
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     extra = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -269,8 +273,14 @@ def save_qwen2_vl_model(
     vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, in_chans=3)
     if version == "2":
         vision |= dict(embed_dim=32, mlp_ratio=2)
-    else:
+    elif version == "2.5":
         vision |= dict(intermediate_size=64, out_hidden_size=32, window_size=56, fullatt_block_indexes=[1])
+    else:  # Qwen3-VL: an early block's features also added to the decoder's first layers (deepstack)
+        vision |= dict(intermediate_size=64, out_hidden_size=32, num_position_embeddings=64)
+        vision |= dict(deepstack_visual_indexes=[0])
+        # Qwen3-VL's own head width and rotary sections (transformers' GGUF reader assumes Qwen3's 128).
+        rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+        text |= dict(head_dim=128, rope_scaling=rope)
     ids = {
         name: tokenizer.convert_tokens_to_ids(token)
         for name, token in zip(

@@ -32,6 +32,7 @@ GGUF_MODEL_TYPES = {
     "qwen2_vl_text": "qwen2",
     "qwen2_5_vl_text": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_vl_text": "qwen3",  # Qwen3-VL's decoder: deepstack features are added at image tokens only
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "smollm3": "smollm3",

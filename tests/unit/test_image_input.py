@@ -39,6 +39,11 @@ def smolvlm2_dir(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def qwen3_vl_dir(tmp_path_factory, tokenizer_dir):
+    return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen3-vl"), tokenizer_dir, version="3")
+
+
+@pytest.fixture(scope="module")
 def qwen2_vl_dir(tmp_path_factory, tokenizer_dir):
     """Images resized to at most 1024 x 1024 pixels: more than OpenAI's low detail reads."""
     return save_qwen2_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"), tokenizer_dir, max_pixels=1024 * 1024)
@@ -93,13 +98,14 @@ def test_an_image_prompt_is_answered_as_transformers_answers_it(vlm_dir, engine)
     assert answers[0] != answers[1]  # the image, not only the text, decides the answer
 
 
-@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir", "smolvlm2_dir", "qwen2_vl_dir"])
+@pytest.mark.parametrize("family", ["vlm_dir", "idefics3_dir", "smolvlm2_dir", "qwen2_vl_dir", "qwen3_vl_dir"])
 def test_image_prompts_generated_together_answer_as_each_alone(family, engine, request):
     """A batch's rows (``generate_together``, batch jobs and eval runs): prompts with one image, two images
     or none, of different lengths, left-padded into one generation, each answered as it is alone. Gemma 3
     reads every image as one block; Idefics3 (SmolVLM) splits images of different shapes into different
-    numbers of tiles, padded across the rows; Qwen2-VL reads each at its own size, its tokens' rotary
-    positions their rows' and columns' (left padding shifts none)."""
+    numbers of tiles, padded across the rows; Qwen2-VL and Qwen3-VL read each at its own size, their tokens'
+    rotary positions their rows' and columns' (left padding shifts none; Qwen3-VL's deepstack features
+    added at each row's own image tokens)."""
     spec = ModelSpec("vlm", str(request.getfixturevalue(family)))
     two = _messages(image_data_url(6, (200, 60)), "Compare:")
     two[0]["content"].append(_messages(image_data_url(7))[0]["content"][1])

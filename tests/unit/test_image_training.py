@@ -333,6 +333,7 @@ OTHER_FAMILIES = {
     "smolvlm2": (partial(save_idefics3_model, smolvlm2=True), (5 + 2 * 3 + 1) * 4),  # Idefics3's tiles
     "qwen2_vl": (save_qwen2_vl_model, QWEN_ROWS),
     "qwen2_5_vl": (partial(save_qwen2_vl_model, version="2.5"), QWEN_ROWS),
+    "qwen3_vl": (partial(save_qwen2_vl_model, version="3"), 2 * QWEN_ROWS),  # and a deepstack level's
 }
 
 

@@ -1,5 +1,5 @@
 """Images in chat prompts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM(2), Qwen2-VL,
-Qwen2.5-VL; fine-tuned on text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
+Qwen2.5-VL, Qwen3-VL; fine-tuned on text or not): OpenAI's ``image_url`` content parts, read from ``data:`` URLs.
 
 * Only ``data:`` URLs (base64): a self-hosted service that fetched any ``http(s)`` URL a caller named
   would reach, from the host, whatever the host reaches (an SSRF); the caller sends the bytes instead.

@@ -133,7 +133,8 @@ class Collator:
             raise ValueError("a batch with images needs the model's image inputs (Collator images=)")
         with_images = [ex for ex in examples if ex.images]
         if all(ex.image_features is not None for ex in with_images):  # computed once (training/image_features.py)
-            media = {"image_features": torch.cat([ex.image_features for ex in with_images])}
+            # Token rows are the features' second-to-last dimension (Qwen3-VL's deepstack levels before it).
+            media = {"image_features": torch.cat([ex.image_features for ex in with_images], dim=-2)}
             if self.images.features_as_list:
                 media["image_features_as_list"] = True
             for key in with_images[0].image_layout or {}:  # Qwen2-VL's image_grid_thw: its rotary positions

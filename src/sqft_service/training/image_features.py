@@ -35,12 +35,17 @@ def image_body(model: torch.nn.Module) -> Any:
 
 
 def encoder_outputs(features: torch.Tensor, as_list: bool = False) -> dict[str, Any]:
-    """Cached features (``[image tokens, hidden]``, in token order) as the model body's
-    ``mm_encoder_outputs``: one tensor (Gemma 3), or a one-block list where its tower gives a list (``as_list``:
-    LLaVA and Idefics3 concatenate the blocks)."""
+    """Cached features (``[image tokens, hidden]``, in token order; ``[1 + levels, image tokens, hidden]``
+    with Qwen3-VL's deepstack levels after the pooled ones) as the model body's ``mm_encoder_outputs``: one
+    tensor (Gemma 3), or a one-block list where its tower gives a list (``as_list``: LLaVA, Idefics3 and
+    Qwen concatenate the blocks)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"image": BaseModelOutputWithPooling(pooler_output=[features] if as_list else features)}
+    pooled, deep = (features[0], features[1:]) if features.dim() == 3 else (features, None)
+    out = BaseModelOutputWithPooling(pooler_output=[pooled] if as_list else pooled)
+    if deep is not None:  # a list of levels, each a list of blocks, as Qwen3-VL's tower gives them
+        out.deepstack_features = [[level] for level in deep]
+    return {"image": out}
 
 
 @torch.no_grad()
@@ -59,8 +64,10 @@ def cache_image_features(
     if body is None or "pixel_values" not in images.media_keys:
         return "this model's body takes no precomputed image features"
     with_images = [ex for ex in examples if ex.images]
-    hidden = causal_lm_of(model).config.get_text_config().hidden_size
-    rows = sum(sum(ex.image_tokens or ()) for ex in with_images)
+    config = causal_lm_of(model).config
+    hidden = config.get_text_config().hidden_size
+    levels = 1 + len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or ())
+    rows = levels * sum(sum(ex.image_tokens or ()) for ex in with_images)
     dtype = torch.get_autocast_dtype(device.type) if _autocast_on(autocast, device) else torch.float32
     size = rows * hidden * torch.finfo(dtype).bits // 8
     if size > budget:
@@ -98,22 +105,28 @@ def _features(
     """Give ``examples`` their features from one pass of the tower over their ``inputs``; None, or why not."""
     batch = {key: stack_inputs([x[key] for x in inputs]).to(device) for key in inputs[0]}
     with autocast():
-        features = body.get_image_features(**batch).pooler_output
+        output = body.get_image_features(**batch)
+    features = output.pooler_output
     if isinstance(features, (list, tuple)):  # LLaVA a block per image, Idefics3 per row: a list back
         images.features_as_list = True
-    else:
-        features = [features]
     # In image-token order, one row per token, whatever blocks the tower gives them in (Gemma 3 an image's
-    # or crop's, LLaVA an image's, Idefics3 a row's tiles): split by the examples' image tokens.
-    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    # or crop's, LLaVA an image's, Idefics3 a row's tiles): split by the examples' image tokens. Qwen3-VL's
+    # deepstack levels (features of earlier blocks, added to the decoder's first layers) go beside them.
+    levels = [_flat(features)] + [_flat(level) for level in getattr(output, "deepstack_features", None) or ()]
     need = [sum(ex.image_tokens or ()) for ex in examples]
-    if flat.shape[0] != sum(need):  # a tower whose features are laid out otherwise (per patch, merged later)
+    if any(level.shape[0] != sum(need) for level in levels):  # laid out otherwise (per patch, merged later)
         return "the tower's features do not match the image tokens one for one"
-    for ex, part, x in zip(examples, flat.split(need), inputs, strict=True):
+    stacked = torch.stack(levels) if len(levels) > 1 else levels[0]
+    for ex, part, x in zip(examples, stacked.split(need, dim=-2), inputs, strict=True):
         ex.image_features = part.to("cpu", copy=True)
         # What the body still reads beside the features: Qwen2-VL's patch grid an image (rotary positions).
         ex.image_layout = {key: value for key, value in x.items() if key.endswith("_grid_thw")} or None
     return None
+
+
+def _flat(features: Any) -> torch.Tensor:
+    blocks = features if isinstance(features, (list, tuple)) else [features]
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in blocks])
 
 
 def _tower_passes(inputs: list[dict[str, torch.Tensor]]) -> list[slice]:

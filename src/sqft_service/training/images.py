@@ -1,5 +1,5 @@
 """Training on images (OpenAI's vision fine-tuning): chat records whose user messages hold ``image_url``
-parts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL), read by
+parts, for image-text models (Gemma 3 4B and up, LLaVA, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), read by
 the model's own processor as serving reads them (``inference/images.py``).
 
 * Tokenization: a chat template writes an image part as the processor's placeholder (Gemma 3's
