@@ -140,13 +140,14 @@ def image_tokens(model_dir: str | None) -> int | None:
     default 16,384). None when the directory does not say."""
     if not model_dir or not Path(model_dir).is_dir():
         return None
-    config, processor = _json(Path(model_dir) / "config.json"), _json(Path(model_dir) / "processor_config.json")
+    root = Path(model_dir)
+    config, processor = json_object(root / "config.json"), json_object(root / "processor_config.json")
     per_block = config.get("mm_tokens_per_image") or processor.get("image_seq_length") or processor.get("image_seq_len")
     patch, size = _at(config, "vision_config", "patch_size"), _at(config, "vision_config", "image_size")
     if per_block is None and config.get("model_type") == "llava" and _positive(patch) and _positive(size):
         per_block = (size // patch) ** 2  # a CLIP tower's patches
     # transformers 5 saves the image processor's settings in processor_config.json, earlier ones beside it.
-    reader = processor.get("image_processor") or _json(Path(model_dir) / "preprocessor_config.json")
+    reader = processor.get("image_processor") or json_object(root / "preprocessor_config.json")
     merge, pixels = _at(reader, "merge_size"), _at(reader, "max_pixels") or _at(reader, "size", "longest_edge")
     if per_block is None and _positive(merge) and _positive(_at(reader, "patch_size")) and _positive(pixels):
         # Qwen2-VL: an image resized to at most max_pixels, a token per merge x merge patches.
@@ -160,7 +161,9 @@ def image_tokens(model_dir: str | None) -> int | None:
     return per_block
 
 
-def _json(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a model directory's settings), or {} where it is missing, unreadable or
+    not an object: the directory is the client's, and an odd file in it must not fail the request."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):

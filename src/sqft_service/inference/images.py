@@ -128,6 +128,8 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+    from ..auto_hparams import json_object as _json
+
     root = Path(source)
     saved = _json(root / "processor_config.json")  # transformers 5's; the hub's older ones name it beside
     name = saved.get("processor_class") or _json(root / "preprocessor_config.json").get("processor_class")
@@ -160,16 +162,6 @@ def _without_video(source: str, exc: ImportError, **kwargs: Any) -> Any:
     return ImageOnly(images, tokenizer, video_processor=None, chat_template=template, **settings)
 
 
-def _json(path: Any) -> dict[str, Any]:
-    import json
-
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def takes_images(model: Any, processor: Any) -> bool:
     config = getattr(model, "config", None)
     return (
@@ -192,7 +184,7 @@ def detail_options(processor: Any, details: Any) -> dict[str, Any]:
     * Idefics3 (SmolVLM), which splits an image into tiles beside a downscaled whole by default:
       ``detail: low`` on every one reads each as the downscaled whole only (OpenAI's low detail: one
       block of tokens an image).
-    * Qwen2-VL and Qwen2.5-VL, which resize an image to a pixel budget (by default up to 12.8 M pixels,
+    * Qwen2-VL, Qwen2.5-VL and Qwen3-VL, which resize an image to a pixel budget (by default up to 12.8 M pixels,
       16,384 tokens) and read it at that resolution (high detail already): ``detail: low`` on every one
       reads each within :data:`LOW_DETAIL_PIXELS` (at most 334 tokens), as OpenAI's low detail does.
     * A ValueError (:data:`NO_HIGH_DETAIL`) for ``high`` where the processor has no high-detail mode."""
