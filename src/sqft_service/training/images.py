@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
     from .tokenization import TokenizedExample
 
+# A flag per token, 1 on image tokens, as the model bodies that read one name it (Gemma 3, Qwen-VL).
+_TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")
 # Per-token inputs the collator builds itself; the processor's other inputs are per image.
-_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
+_TEXT_INPUTS = {"input_ids", "attention_mask", *_TOKEN_TYPES}
 
 
 class ImageInputs:
@@ -46,7 +48,7 @@ class ImageInputs:
         # A flag per token, 1 on image tokens, where the model body reads one: Gemma 3's image tokens see
         # one another (``token_type_ids``, a bidirectional block), Qwen2-VL's take their rotary positions
         # from their image's grid (``mm_token_type_ids``); None: a causal model that finds them by id.
-        self.token_types = next((k for k in ("token_type_ids", "mm_token_type_ids") if k in names), None)
+        self.token_types = next((k for k in _TOKEN_TYPES if k in names), None)
         self.media_keys = names - _TEXT_INPUTS - set(getattr(processor, "unused_input_names", ()))
         self.workers = min(8, os.cpu_count() or 1)
         self.features_as_list = False  # the model body takes cached features as a block per image (LLaVA)
@@ -63,7 +65,7 @@ class ImageInputs:
         except ValueError as exc:  # e.g. a message that writes the placeholder itself
             raise DataValidationError(f"a message's images could not be placed in its text: {exc}") from None
         ids = list(out["input_ids"][0])
-        kinds = next((out[key] for key in ("token_type_ids", "mm_token_type_ids") if out.get(key) is not None), None)
+        kinds = next((out[key] for key in _TOKEN_TYPES if out.get(key) is not None), None)
         if kinds is None:
             image_id = getattr(self.processor, "image_token_id", None)
             return ids, [int(i == image_id) for i in ids]
