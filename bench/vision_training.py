@@ -63,8 +63,7 @@ SMOLVLM_TEXT |= dict(num_attention_heads=9, num_key_value_heads=3, max_position_
 
 # Qwen2-VL-2B's vision config; its merger's output is the decoder's width.
 QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=576)
-QWEN2_VL_TEXT = SMOLVLM_TEXT | dict(num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
-QWEN2_VL_TEXT |= dict(rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, rope_theta=1e6)
+QWEN2_VL_TEXT = SMOLVLM_TEXT | dict(rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, rope_theta=1e6)
 
 
 def build(root: Path, family: str) -> Path:
